@@ -1,0 +1,21 @@
+"""halserve: a portable LLM inference and serving engine.
+
+Public API: ``LLM``, ``AsyncLLM``, ``SamplingParams``, ``__version__``. Imports are lazy so
+``halserve --help`` and ``halserve probe`` start fast.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("LLM", "AsyncLLM"):
+        from halserve.engine import llm
+
+        return getattr(llm, name)
+    if name == "SamplingParams":
+        from halserve.engine.sampling import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'halserve' has no attribute {name!r}")

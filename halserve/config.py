@@ -1,0 +1,60 @@
+"""EngineConfig: one dataclass, filled from CLI flags or ``LLM(**kwargs)``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+class ConfigError(ValueError):
+    """A bad user-supplied setting; the message names the value and what is valid."""
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str = ""
+    tokenizer: str | None = None
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    backend: str | None = None  # None: highest probe score; else e.g. "native", "cuda:1"
+    seed: int = 0
+    kv_cache_memory: int | None = None  # bytes for the KV cache (CPU default: 1 GiB)
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    quantization: str | None = None  # None | fp8 | int8
+    kv_cache_dtype: str = "auto"
+    enforce_eager: bool = False
+    batch_invariant: bool = False
+    served_model_name: str | None = None
+    # KV offload tiers (engine/offload.py)
+    kv_offload_host_bytes: int = 0
+    kv_offload_dir: str | None = None
+    kv_offload_disk_bytes: int = 16 << 30
+    # speculative decoding (engine/spec_decode.py)
+    speculative_config: dict | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"):
+            raise ConfigError(f"dtype={self.dtype!r} is not valid; use auto, float32, bfloat16 or float16")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ConfigError(f"max_model_len={self.max_model_len} must be a positive integer")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ConfigError(f"kv_cache_memory={self.kv_cache_memory} must be a positive number of bytes")
+        if self.quantization not in (None, "fp8", "int8"):
+            raise ConfigError(f"quantization={self.quantization!r} is not valid; use fp8 or int8")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(f"unknown engine argument(s): {', '.join(unknown)}; "
+                              f"valid: {', '.join(sorted(names))}")
+        return cls(**kwargs)

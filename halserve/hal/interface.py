@@ -1,0 +1,282 @@
+"""The HAL contract: the Backend base class, its data types and op signatures.
+
+A backend is a subclass of ``NativeBackend`` (``halserve.hal.native``). It overrides the ops
+it accelerates and inherits the rest, so every backend runs every model from day one.
+
+Mandatory surface (everything else has a working default):
+
+- ``name``: short string used by ``HALSERVE_BACKEND`` and ``halserve probe``.
+- ``probe()`` (classmethod): cheap, never raises; score 0 means "cannot run here".
+
+Optional, with defaults in ``Backend``/``NativeBackend``:
+
+- ``capabilities``: what the backend can do (dtypes, quant schemes, KV dtypes, graphs, ...).
+- ``supports(op, **spec)``: ``True`` when the op runs accelerated on this backend, otherwise a
+  string reason: ``"native fallback: ..."`` when the inherited pure-torch op runs, or
+  ``"refused: ..."`` when the op cannot run at all. The default says native fallback for
+  every op a subclass did not override.
+- ``kv_cache_shape``: the backend owns the KV layout; default ``[2, blocks, block_size, kv_heads, head_dim]``.
+- ``pack_weight``: repack a weight once at load (default: keep as is, or quantize).
+- ``memory_info``, ``synchronize``: device facts; defaults for a CPU.
+- ``capture_graph``: optional graph capture for decode; default returns None (run eagerly).
+
+Every op writes into a caller-provided ``out`` tensor where it takes one, and takes plain
+tensors and ints, so the same call works from torch, Triton, Gluon or cffi.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # keep `import halserve.hal` free of torch at import time
+    import torch
+
+OPS: tuple[str, ...] = (
+    "linear",
+    "rms_norm",
+    "rotary",
+    "silu_and_mul",
+    "write_kv",
+    "attention",
+    "moe",
+    "swap_blocks",
+    "copy_blocks",
+    "sample",
+)
+
+
+@dataclass(slots=True)
+class ProbeResult:
+    """Outcome of a backend probe: score 0 means 'not on this machine'; reason says why."""
+
+    score: int
+    reason: str
+    device: str = "cpu"
+
+
+@dataclass(slots=True)
+class Capabilities:
+    dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
+    quant_schemes: tuple[str, ...] = ("none", "int8", "fp8")
+    fp8_formats: tuple[str, ...] = ("e4m3",)
+    fp4_formats: tuple[str, ...] = ()
+    kv_dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
+    graphs: bool = False
+    batch_invariant: bool = True
+
+
+@dataclass(slots=True)
+class PackedWeight:
+    """A linear weight as the backend stores it. ``weight`` is [N, K] for scheme 'none'.
+
+    scheme: 'none' | 'fp8' | 'int8'. For quantized schemes ``weight`` holds the quantized
+    values ([N, K]) and ``scale`` the dequantization scale: shape [1] (per-tensor) or [N]
+    (per-channel). ``act_scheme`` is how activations are quantized at run time for W8A8:
+    'none' (weight-only: dequantize then GEMM), 'per_tensor' or 'per_token'.
+    ``extra`` holds backend-private layouts (AMX tiles, RVV panels, ...).
+    """
+
+    weight: "torch.Tensor"
+    scheme: str = "none"
+    scale: "torch.Tensor | None" = None
+    act_scheme: str = "none"
+    out_features: int = 0
+    in_features: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Describes one flat batch of query tokens for ``write_kv`` and ``attention``.
+
+    The batch holds ``num_seqs`` sequences; sequence i contributes query tokens
+    ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` which are the *last* ``query_len`` positions of a
+    context of ``seq_lens[i]`` tokens (so a prefill with a cached prefix, a chunked prefill
+    and a decode are all the same case). Attention is causal: query token at absolute
+    position p sees keys 0..p. Keys and values for every context token, including the new
+    ones, are read from the paged cache through ``block_tables`` (``write_kv`` runs first).
+
+    Device tensors (int32 unless noted):
+      cu_seqlens_q [num_seqs + 1], seq_lens [num_seqs], block_tables [num_seqs, max_blocks]
+      (padding entries are 0 and must not be read past seq_lens), slot_mapping [num_tokens]
+      int64 (-1 = do not write). Host copies (python lists) of the query and context lengths
+      let pure-torch paths avoid device->host syncs.
+    """
+
+    cu_seqlens_q: "torch.Tensor"
+    seq_lens: "torch.Tensor"
+    block_tables: "torch.Tensor"
+    slot_mapping: "torch.Tensor"
+    max_seqlen_q: int
+    max_seqlen_k: int
+    query_lens_host: list[int]
+    seq_lens_host: list[int]
+    block_size: int
+    num_decode_seqs: int = 0  # leading sequences with query_len == 1 (decode-only prefix)
+    sliding_window: int | None = None  # None: full attention
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens_host)
+
+
+@dataclass(slots=True)
+class SamplingTensors:
+    """Per-row sampling parameters for ``sample``, already on the device.
+
+    temperature [B] float32 (0 = greedy), top_k [B] int32 (0 or >= vocab = off),
+    top_p [B] float32 (1 = off), min_p [B] float32 (0 = off), seeds [B] int64 and
+    steps [B] int64: the random draw for row b depends only on (seeds[b], steps[b]) and the
+    logits row, never on the rest of the batch, so seeded requests are reproducible.
+    ``all_greedy`` / ``no_top_k`` / ``no_top_p`` / ``no_min_p`` are host-side hints that let
+    a backend skip work; they must be consistent with the tensors.
+    """
+
+    temperature: "torch.Tensor"
+    top_k: "torch.Tensor"
+    top_p: "torch.Tensor"
+    min_p: "torch.Tensor"
+    seeds: "torch.Tensor"
+    steps: "torch.Tensor"
+    all_greedy: bool = False
+    all_random: bool = False
+    no_top_k: bool = True
+    no_top_p: bool = True
+    no_min_p: bool = True
+
+
+@dataclass(slots=True)
+class MoeSpec:
+    """Routing of a mixture-of-experts layer.
+
+    scoring: 'softmax' (Mixtral, Qwen3-MoE) or 'sigmoid' (DeepSeek-V3 style).
+    renormalize: divide the top-k weights by their sum.
+    num_expert_group / topk_group: grouped routing: experts are split into
+    ``num_expert_group`` groups, a group's score is the sum of its top-2 expert scores
+    (sigmoid with ``correction_bias``) or its max (softmax), and only experts of the best
+    ``topk_group`` groups are eligible. ``correction_bias`` [E] is added to the scores for
+    choosing experts only (weights use the unbiased scores). ``routed_scaling_factor``
+    multiplies the final weights.
+    """
+
+    top_k: int
+    scoring: str = "softmax"
+    renormalize: bool = True
+    num_expert_group: int = 1
+    topk_group: int = 1
+    correction_bias: "torch.Tensor | None" = None
+    routed_scaling_factor: float = 1.0
+
+
+class Backend:
+    """Abstract base: see the module docstring. Concrete backends derive from NativeBackend."""
+
+    name: ClassVar[str] = "abstract"
+    # Ops this class implements itself (overrides); the default `supports` reads it.
+    accelerated_ops: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, device: "str | torch.device | None" = None, batch_invariant: bool = False):
+        self.device = device
+        self.batch_invariant = batch_invariant
+
+    # ---- discovery -------------------------------------------------------------------
+    @classmethod
+    def probe(cls) -> ProbeResult:  # mandatory
+        raise NotImplementedError
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
+
+    def supports(self, op: str, **spec: Any) -> "bool | str":
+        """True if ``op`` with this spec runs accelerated here, else a reason string
+        starting with 'native fallback:' or 'refused:'."""
+        if op not in OPS:
+            return f"refused: unknown op {op!r}; ops are {', '.join(OPS)}"
+        if op in self.accelerated_ops:
+            return True
+        return f"native fallback: {self.name} has no {op} kernel"
+
+    def describe(self) -> str:
+        """One line for the start-up log: which kernels run accelerated."""
+        acc = [op for op in OPS if self.supports(op) is True]
+        return f"backend={self.name} device={self.device} accelerated=[{', '.join(acc) or 'none'}]"
+
+    # ---- memory, layout ---------------------------------------------------------------
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
+                       head_dim: int) -> tuple[int, ...]:
+        """Shape of one layer's KV cache; dim 0 must be 2 (k, v) and dim 1 the block index."""
+        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+    def pack_weight(self, weight: "torch.Tensor", scheme: str = "none") -> PackedWeight:
+        raise NotImplementedError
+
+    def memory_info(self) -> tuple[int, int]:
+        """(free_bytes, total_bytes) of the memory this backend allocates from."""
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        """Wait for queued device work. Default: nothing to wait for."""
+
+    def capture_graph(self, fn, *args):  # optional
+        """Optional graph capture of ``fn(*args)`` for replay; default None (run eagerly)."""
+        return None
+
+    # ---- ops (signatures; NativeBackend implements them all) ----------------------------
+    def linear(self, x: "torch.Tensor", w: PackedWeight, bias: "torch.Tensor | None" = None,
+               out: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """y = x @ W^T (+ bias); x [M, K] -> [M, N]."""
+        raise NotImplementedError
+
+    def rms_norm(self, x: "torch.Tensor", weight: "torch.Tensor", eps: float,
+                 residual: "torch.Tensor | None" = None, out: "torch.Tensor | None" = None):
+        """Without residual: returns norm(x) * weight. With residual: h = x + residual;
+        returns (norm(h) * weight, h). Computed in float32, stored in x's dtype."""
+        raise NotImplementedError
+
+    def rotary(self, positions: "torch.Tensor", q: "torch.Tensor", k: "torch.Tensor",
+               cos_sin_cache: "torch.Tensor", is_neox: bool = True) -> None:
+        """In place on q [T, Hq, D] and k [T, Hk, D]. cos_sin_cache [max_pos, rot_dim]
+        (first half cos, second half sin, float32); rotates the first rot_dim dims.
+        neox style rotates halves; gpt-j style rotates interleaved pairs."""
+        raise NotImplementedError
+
+    def silu_and_mul(self, x: "torch.Tensor", out: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """x [T, 2I] -> silu(x[:, :I]) * x[:, I:]."""
+        raise NotImplementedError
+
+    def write_kv(self, key: "torch.Tensor", value: "torch.Tensor", kv_cache: "torch.Tensor",
+                 slot_mapping: "torch.Tensor") -> None:
+        """Scatter key/value [T, Hk, D] into kv_cache at slot_mapping (slot = block*bs + off);
+        slot -1 is skipped."""
+        raise NotImplementedError
+
+    def attention(self, q: "torch.Tensor", kv_cache: "torch.Tensor", meta: AttentionMetadata,
+                  scale: float, out: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """Paged causal GQA attention. q [T, Hq, D] -> out [T, Hq, D]."""
+        raise NotImplementedError
+
+    def moe(self, x: "torch.Tensor", router_logits: "torch.Tensor", w13: PackedWeight,
+            w2: PackedWeight, spec: MoeSpec, out: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """x [T, H], router_logits [T, E]; w13.weight [E, 2I, H] (gate rows then up rows),
+        w2.weight [E, H, I]. Returns sum_k w_k * W2_e(silu(G_e x) * U_e x)."""
+        raise NotImplementedError
+
+    def swap_blocks(self, src: "torch.Tensor", dst: "torch.Tensor",
+                    block_mapping: "torch.Tensor") -> None:
+        """Copy blocks src[:, i] -> dst[:, j] for rows (i, j) of block_mapping [n, 2] int64
+        (a CPU tensor); src and dst may be on different devices. Bit-exact."""
+        raise NotImplementedError
+
+    def copy_blocks(self, kv_caches: "list[torch.Tensor]", block_mapping: "torch.Tensor") -> None:
+        """Within each layer cache, copy block i -> j for rows (i, j) of block_mapping."""
+        raise NotImplementedError
+
+    def sample(self, logits: "torch.Tensor", params: SamplingTensors,
+               out: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """logits [B, V] float32 (already penalised) -> token ids [B] int64, no host sync."""
+        raise NotImplementedError
