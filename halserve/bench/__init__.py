@@ -1,0 +1,34 @@
+"""``halserve bench NAME``: each benchmark is a module here with add_arguments + main."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHES = {
+    "serve": "stream against a running server: TTFT, TPOT, ITL, throughput",
+    "latency": "batch-1 decode latency vs the bandwidth roofline and HF transformers",
+    "throughput": "offline throughput vs HF transformers generate",
+    "startup": "process start to first answered request of `halserve serve`",
+    "offload": "TTFT of a long prompt: recompute vs host-tier vs filesystem-tier hit",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench", metavar="BENCH")
+    import sys
+
+    chosen = next((a for a in sys.argv[2:] if not a.startswith("-")), None)
+    for name, help_ in BENCHES.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        if name == chosen:
+            mod = importlib.import_module(f"halserve.bench.{name}")
+            mod.add_arguments(sp)
+            sp.set_defaults(_bench_run=mod.main)
+
+
+def main(args: argparse.Namespace) -> int:
+    run = getattr(args, "_bench_run", None)
+    if run is None:
+        print("usage: halserve bench {" + ",".join(BENCHES) + "} ...")
+        return 2
+    return int(run(args) or 0)
