@@ -32,8 +32,13 @@ def _module(spec: str):
     return add, run
 
 
+ARGV: list[str] = []  # the argv being parsed, for subcommands with their own sub-subcommands
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     from halserve import __version__
+
+    ARGV[:] = argv
 
     parser = argparse.ArgumentParser(prog="halserve", description="Portable LLM inference and serving engine.")
     parser.add_argument("--version", action="version", version=f"halserve {__version__}")

@@ -15,9 +15,10 @@ BENCHES = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench", metavar="BENCH")
-    import sys
+    from halserve.cli import ARGV
 
-    chosen = next((a for a in sys.argv[2:] if not a.startswith("-")), None)
+    positional = [a for a in ARGV if not a.startswith("-")]
+    chosen = positional[1] if len(positional) > 1 else None
     for name, help_ in BENCHES.items():
         sp = sub.add_parser(name, help=help_, description=help_)
         if name == chosen:
