@@ -219,6 +219,13 @@ class Backend:
         """(free_bytes, total_bytes) of the memory this backend allocates from."""
         raise NotImplementedError
 
+    def default_kv_cache_bytes(self, gpu_memory_utilization: float, profile=None) -> int:
+        """KV cache bytes when the user sets no ``kv_cache_memory``. ``profile()`` runs one
+        worst-case forward step (device backends call it to measure peak activation memory
+        before sizing). Default, for host memory: 1 GiB, at most a quarter of what is free."""
+        free, _total = self.memory_info()
+        return max(min(1 << 30, free // 4), 1 << 20)
+
     def synchronize(self) -> None:
         """Wait for queued device work. Default: nothing to wait for."""
 

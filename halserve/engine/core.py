@@ -1,0 +1,255 @@
+"""The step loop: schedule -> run -> sample -> output. Synchronous; AsyncLLM drives it from
+a background thread."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from halserve.config import EngineConfig
+from halserve.engine.kv_cache import KVCacheManager
+from halserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from halserve.engine.runner import ModelRunner
+from halserve.engine.sampling import Logprob, SamplingParams
+from halserve.engine.scheduler import Scheduler
+from halserve.engine.sequence import Sequence, SeqStatus
+
+logger = logging.getLogger("halserve")
+
+Prompt = "str | list[int] | dict[str, Any]"
+
+
+@dataclass(slots=True)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+def resolve_dtype(name: str) -> torch.dtype | None:
+    return {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+            "fp16": torch.float16, "half": torch.float16}[name]
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig):
+        from halserve import hal
+        from halserve.engine.tokenizer import Tokenizer
+        from halserve.models.loader import load_model
+
+        self.config = config
+        t0 = time.monotonic()
+        self.hal = hal.select(config.backend, batch_invariant=config.batch_invariant)
+        self.model, self.model_config = load_model(config.model, self.hal, dtype=config.dtype,
+                                                   quantization=config.quantization)
+        mc = self.model_config
+        self.tokenizer = Tokenizer.from_dir(config.tokenizer or config.model)
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings={mc.max_position_embeddings}")
+        self.eos_token_ids = tuple(mc.eos_token_ids or (self.tokenizer.eos_token_ids if self.tokenizer else []))
+        device = self.hal.device or "cpu"
+        self.runner = ModelRunner(self.hal, self.model, mc, config.block_size, device, mc.dtype)
+        max_useful = config.max_num_seqs * -(-self.max_model_len // config.block_size) + 1
+        if config.num_gpu_blocks_override:
+            budget = config.num_gpu_blocks_override * self.runner.bytes_per_block()
+        elif config.kv_cache_memory:
+            budget = config.kv_cache_memory
+        else:
+            budget = self.hal.default_kv_cache_bytes(config.gpu_memory_utilization, None)
+        num_blocks = self.runner.allocate_kv_cache(budget, max_useful)
+        fp = hashlib.sha256(f"{mc.architecture}|{mc.path}|{mc.dtype}|{config.block_size}".encode()).digest()
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, fp)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self._rng = random.Random(config.seed)
+        self._next_seq_id = 0
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        logger.info("engine ready in %.2fs: %s; model %s (%s, %s), max_model_len %d",
+                    time.monotonic() - t0, self.hal.describe(), mc.architecture, mc.path,
+                    str(mc.dtype).removeprefix("torch."), self.max_model_len)
+
+    # ---- requests -----------------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: Any) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.config.model} has no tokenizer.json: pass prompts as token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError("a prompt is a str, a list of token ids, or {'prompt_token_ids': [...]}")
+
+    def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        text, ids = self.tokenize_prompt(prompt)
+        vocab = self.model_config.vocab_size
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if any(t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; this model's max_model_len is "
+                             f"{self.max_model_len} (prompt plus at least one generated token)")
+        if self.kv.blocks_needed(len(ids) + 1) > self.kv.num_blocks:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the KV cache holds only "
+                             f"{self.kv.num_blocks * self.kv.block_size}; raise kv_cache_memory")
+        params = params.clone(_eos_token_ids=self.eos_token_ids)
+        req = Request(request_id, text, ids, params)
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        for i in range(params.n):
+            seed = (base_seed + i * 0x9E3779B97F4A7C15) & ((1 << 62) - 1)
+            seq = Sequence(self._next_seq_id, request_id, i, list(ids), len(ids), params, seed,
+                           arrival_time=req.arrival_time)
+            self._next_seq_id += 1
+            if self.tokenizer is not None:
+                from halserve.engine.tokenizer import IncrementalDetokenizer
+
+                seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+            if params.logprobs is not None:
+                seq.logprobs = []
+            req.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        self.prompt_tokens_total += len(ids)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                seq.status = SeqStatus.FINISHED
+                seq.finish_reason = "abort"
+        return self._make_output(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        so = self.scheduler.schedule()
+        if so.empty:
+            return []
+        result = self.runner.execute(so)
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        j = 0
+        for s in so.scheduled:
+            seq = s.seq
+            samples = s.samples
+            seq.num_computed_tokens += s.num_new_tokens
+            self.kv.commit(seq)
+            if not samples:
+                continue
+            tok = result.tokens[j]
+            lp = result.logprobs[j]
+            j += 1
+            self._append_token(seq, tok, lp, now)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        outs = []
+        for req in touched.values():
+            outs.append(self._make_output(req))
+            if req.finished:
+                del self.requests[req.request_id]
+        return outs
+
+    def _append_token(self, seq: Sequence, tok: int, lp, now: float) -> None:
+        p = seq.params
+        seq.token_ids.append(tok)
+        self.generation_tokens_total += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        if lp is not None:
+            chosen, rank, top_ids, top_lps = lp
+            d = {tid: Logprob(v, r + 1, self._decode_one(tid)) for r, (tid, v) in enumerate(zip(top_ids, top_lps))}
+            d[tok] = Logprob(chosen, rank, self._decode_one(tok))
+            seq.logprobs.append(d)
+            seq.cumulative_logprob += chosen
+        if seq.detok is not None:
+            seq.text += seq.detok.add(tok)
+        n_out = seq.num_output_tokens
+        reason = stop = None
+        if not p.ignore_eos and tok in self.eos_token_ids and n_out >= p.min_tokens:
+            reason, stop = "stop", None
+        elif tok in p.stop_token_ids and n_out >= p.min_tokens:
+            reason, stop = "stop", tok
+        elif p.stop and n_out >= p.min_tokens and (hit := self._find_stop(seq)) is not None:
+            reason, stop = "stop", hit
+        elif p.max_tokens is not None and n_out >= p.max_tokens:
+            reason = "length"
+        elif seq.num_tokens >= self.max_model_len or self.kv.blocks_needed(seq.num_tokens + 1) > self.kv.num_blocks:
+            reason = "length"  # the context is full (model limit, or the whole KV cache)
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason, stop
+            seq.status = SeqStatus.FINISHED
+            self.scheduler.remove(seq)
+
+    def _find_stop(self, seq: Sequence) -> str | None:
+        # search only the tail the last token can have completed
+        longest = max(len(s) for s in seq.params.stop)
+        start = max(0, len(seq.text) - longest - 16)
+        best = None
+        for s in seq.params.stop:
+            i = seq.text.find(s, start)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is None:
+            return None
+        i, s = best
+        seq.text = seq.text[: i + len(s)] if seq.params.include_stop_str_in_output else seq.text[:i]
+        return s
+
+    def _decode_one(self, tok: int) -> str | None:
+        return self.tokenizer.decode([tok], skip_special_tokens=False) if self.tokenizer else None
+
+    def _make_output(self, req: Request) -> RequestOutput:
+        outs = [CompletionOutput(s.index, s.text, s.output_token_ids,
+                                 s.cumulative_logprob if s.logprobs is not None else None,
+                                 list(s.logprobs) if s.logprobs is not None else None,
+                                 s.finish_reason, s.stop_reason) for s in req.seqs]
+        first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
+        cached = req.seqs[0].num_cached_tokens if req.seqs else 0
+        metrics = RequestMetrics(req.arrival_time, min(first) if first else None,
+                                 time.monotonic() if req.finished else None, cached)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
+                             metrics=metrics, num_cached_tokens=cached)
+
+    # ---- metrics --------------------------------------------------------------------------------
+    def get_metrics(self) -> dict[str, Any]:
+        sch = self.scheduler
+        return {
+            "num_requests_running": len({s.request_id for s in sch.running}),
+            "num_requests_waiting": len({s.request_id for s in sch.waiting} - {s.request_id for s in sch.running}),
+            "kv_cache_usage": self.kv.usage,
+            "prefix_cache_queries": self.kv.stats.queries,
+            "prefix_cache_hits": self.kv.stats.hits,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+            "num_preemptions_total": sch.num_preemptions,
+            "num_kv_blocks": self.kv.num_blocks,
+        }

@@ -1,0 +1,127 @@
+"""The only place that touches device tensors: KV cache allocation, the flat batch and
+attention metadata, the model call, logits processing and sampling."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from halserve.engine.sampling import SamplingRow, compute_logprobs, sample
+from halserve.engine.scheduler import SchedulerOutput
+from halserve.hal.interface import AttentionMetadata, Backend
+
+logger = logging.getLogger("halserve")
+
+
+@dataclass(slots=True)
+class StepResult:
+    """Per scheduled sequence that sampled (in scheduling order): the new token, and its
+    logprob data when requested."""
+
+    tokens: list[int]
+    logprobs: list[tuple[float, int, list[int], list[float]] | None]
+
+
+class ModelRunner:
+    def __init__(self, hal: Backend, model, model_config, block_size: int, device,
+                 dtype: torch.dtype):
+        self.hal = hal
+        self.model = model
+        self.mc = model_config
+        self.block_size = block_size
+        self.device = device
+        self.dtype = dtype
+        self.kv_caches: list[torch.Tensor] = []
+        self.num_blocks = 0
+
+    # ---- KV cache ---------------------------------------------------------------------------
+    def bytes_per_block(self) -> int:
+        shape = self.hal.kv_cache_shape(1, self.block_size, self.mc.num_kv_heads, self.mc.head_dim)
+        n = 1
+        for d in shape:
+            n *= d
+        return n * self.mc.num_layers * torch.empty((), dtype=self.dtype).element_size()
+
+    def allocate_kv_cache(self, budget_bytes: int, max_useful_blocks: int) -> int:
+        per = self.bytes_per_block()
+        num_blocks = min(max(budget_bytes // per, 0), max_useful_blocks)
+        if num_blocks < 1:
+            raise ValueError(f"KV cache budget of {budget_bytes} bytes holds no block of {per} bytes; "
+                             "raise kv_cache_memory / gpu_memory_utilization")
+        shape = self.hal.kv_cache_shape(num_blocks, self.block_size, self.mc.num_kv_heads, self.mc.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(self.mc.num_layers)]
+        self.num_blocks = num_blocks
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
+                    num_blocks * per / 2**20)
+        return num_blocks
+
+    # ---- one step -----------------------------------------------------------------------------
+    def _prepare(self, so: SchedulerOutput):
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        for s in so.scheduled:
+            seq = s.seq
+            start = seq.num_computed_tokens
+            end = start + s.num_new_tokens
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            bt = seq.block_ids
+            slots.extend(bt[p // bs] * bs + p % bs for p in range(start, end))
+            query_lens.append(s.num_new_tokens)
+            seq_lens.append(end)
+        max_blocks = max(len(s.seq.block_ids) for s in so.scheduled)
+        table = [s.seq.block_ids + [0] * (max_blocks - len(s.seq.block_ids)) for s in so.scheduled]
+        cu = [0]
+        for q in query_lens:
+            cu.append(cu[-1] + q)
+        dev = self.device
+        meta = AttentionMetadata(
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(table, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            max_seqlen_q=max(query_lens),
+            max_seqlen_k=max(seq_lens),
+            query_lens_host=query_lens,
+            seq_lens_host=seq_lens,
+            block_size=bs,
+            num_decode_seqs=so.num_decodes,
+            sliding_window=getattr(self.mc, "sliding_window", None),
+        )
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
+        return ids, pos, meta, cu
+
+    @torch.inference_mode()
+    def execute(self, so: SchedulerOutput) -> StepResult:
+        ids, pos, meta, cu = self._prepare(so)
+        hidden = self.model.forward(ids, pos, self.kv_caches, meta)
+        rows_idx = [i for i, s in enumerate(so.scheduled) if s.samples]
+        if not rows_idx:
+            return StepResult([], [])
+        last = torch.tensor([cu[i + 1] - 1 for i in rows_idx], dtype=torch.int64, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, last)).float()
+        rows = []
+        for i in rows_idx:
+            seq = so.scheduled[i].seq
+            rows.append(SamplingRow(seq.params, seq.seed, seq.num_output_tokens,
+                                    seq.prompt_token_ids, seq.output_token_ids))
+        want_lp = [r.params.logprobs is not None for r in rows]
+        raw = logits.clone() if any(want_lp) else None
+        tokens = sample(self.hal, logits, rows)
+        lp_out: list = [None] * len(rows)
+        if raw is not None:
+            k = max(r.params.logprobs or 0 for r in rows)
+            chosen, rank, top_ids, top_lp = compute_logprobs(raw, tokens, k)
+            chosen, rank, top_ids, top_lp = chosen.tolist(), rank.tolist(), top_ids.tolist(), top_lp.tolist()
+            for j, r in enumerate(rows):
+                if want_lp[j]:
+                    n = r.params.logprobs
+                    lp_out[j] = (chosen[j], rank[j], top_ids[j][:n], top_lp[j][:n])
+        return StepResult(tokens.tolist(), lp_out)

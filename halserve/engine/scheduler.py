@@ -1,0 +1,129 @@
+"""Continuous batching under a token budget: decodes first, then chunked prefills;
+preemption by recompute when blocks run out. Pure Python, no device code.
+
+Every sequence is one case: it has ``num_computed_tokens`` of ``num_tokens`` in the KV
+cache, and a step computes the next ``num_new_tokens`` of them (1 for a decode, a chunk for
+a prefill). A step that reaches the last token samples.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from halserve.engine.kv_cache import KVCacheManager
+from halserve.engine.sequence import Sequence, SeqStatus
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)  # decodes first
+    preempted: list[Sequence] = field(default_factory=list)
+    num_decodes: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        scheduled: set[int] = set()
+        # 1. running sequences: decodes first, then unfinished prefills, oldest first
+        order = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens != 1)
+        for seq in order:
+            if budget <= 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.kv.allocate(seq, seq.num_computed_tokens + n):
+                victim = next((s for s in reversed(self.running) if s.seq_id not in scheduled), None)
+                if victim is None:
+                    break
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING or len(seq.block_ids) * self.kv.block_size < seq.num_computed_tokens + n:
+                continue
+            out.scheduled.append(ScheduledSeq(seq, n))
+            scheduled.add(seq.seq_id)
+            budget -= n
+        # 2. waiting sequences, unless this step already had to preempt
+        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hit: list[int] = []
+            if seq.num_computed_tokens == 0 and not seq.block_ids:
+                hit = self.kv.match_prefix(seq)
+            computed = len(hit) * self.kv.block_size
+            n = min(seq.num_tokens - computed, budget)
+            need = self.kv.blocks_needed(computed + n) - len(hit)
+            # blocks with ref 0 among the hits are counted in the free queue: reserve them too
+            reusable = sum(1 for b in hit if self.kv.blocks[b].ref_count == 0)
+            if not self.kv.can_allocate(need + reusable):
+                break
+            self.waiting.popleft()
+            self.kv.touch(hit)
+            self.kv.record_lookup(seq, len(hit))
+            seq.block_ids = list(hit)
+            seq.num_computed_tokens = computed
+            seq.num_cached_tokens = computed
+            ok = self.kv.allocate(seq, computed + n)
+            assert ok
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, n))
+            scheduled.add(seq.seq_id)
+            budget -= n
+        # the runner wants decode rows (one query token, sampling) first
+        out.scheduled.sort(key=lambda s: not (s.num_new_tokens == 1 and s.samples))
+        out.num_decodes = sum(1 for s in out.scheduled if s.num_new_tokens == 1 and s.samples)
+        return out
