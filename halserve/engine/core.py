@@ -190,6 +190,7 @@ class EngineCore:
             d[tok] = Logprob(chosen, rank, self._decode_one(tok))
             seq.logprobs.append(d)
             seq.cumulative_logprob += chosen
+        text_before = len(seq.text)
         if seq.detok is not None:
             seq.text += seq.detok.add(tok)
         n_out = seq.num_output_tokens
@@ -198,29 +199,26 @@ class EngineCore:
             reason, stop = "stop", None
         elif tok in p.stop_token_ids and n_out >= p.min_tokens:
             reason, stop = "stop", tok
-        elif p.stop and n_out >= p.min_tokens and (hit := self._find_stop(seq)) is not None:
+        elif p.stop and n_out >= p.min_tokens and (hit := self._find_stop(seq, text_before)) is not None:
             reason, stop = "stop", hit
         elif p.max_tokens is not None and n_out >= p.max_tokens:
             reason = "length"
         elif seq.num_tokens >= self.max_model_len or self.kv.blocks_needed(seq.num_tokens + 1) > self.kv.num_blocks:
             reason = "length"  # the context is full (model limit, or the whole KV cache)
         if reason is not None:
+            if seq.detok is not None and not isinstance(stop, str):
+                seq.text += seq.detok.flush()  # release a held-back partial character
             seq.finish_reason, seq.stop_reason = reason, stop
             seq.status = SeqStatus.FINISHED
             self.scheduler.remove(seq)
 
-    def _find_stop(self, seq: Sequence) -> str | None:
-        # search only the tail the last token can have completed
-        longest = max(len(s) for s in seq.params.stop)
-        start = max(0, len(seq.text) - longest - 16)
-        best = None
-        for s in seq.params.stop:
-            i = seq.text.find(s, start)
-            if i >= 0 and (best is None or i < best[0]):
-                best = (i, s)
-        if best is None:
+    def _find_stop(self, seq: Sequence, start: int) -> str | None:
+        from halserve.engine.tokenizer import find_stop
+
+        hit = find_stop(seq.text, seq.params.stop, start)
+        if hit is None:
             return None
-        i, s = best
+        i, s = hit
         seq.text = seq.text[: i + len(s)] if seq.params.include_stop_str_in_output else seq.text[:i]
         return s
 

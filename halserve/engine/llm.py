@@ -90,9 +90,8 @@ class LLM:
         if tok is None:
             raise ValueError("this model has no tokenizer, so chat is not available")
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [{"prompt_token_ids": tok.encode(tok.apply_chat_template(c, add_generation_prompt=True,
-                                                                           **(chat_template_kwargs or {})),
-                                                   add_special_tokens=False)} for c in convs]
+        prompts = [{"prompt_token_ids": tok.encode_chat(c, add_generation_prompt=True,
+                                                        **(chat_template_kwargs or {}))} for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
 
