@@ -1,0 +1,684 @@
+"""The OpenAI-compatible FastAPI app: completions, chat, models, tokenize, health, metrics.
+
+``build_app(engine, served_model_names=[...], api_key=None)`` takes any object with
+``AsyncLLM``'s surface (``generate``, ``abort``, ``tokenizer``, ``max_model_len``,
+``model_config``, ``get_metrics``, ``is_running``), so the protocol can be tested with a fake.
+
+Flow of one request: parse and validate (400 on any bad field) -> tokenize in a worker thread
+-> check lengths -> ``engine.generate`` per prompt, merged when a completion has several
+prompts -> wait for the first output (so engine-side rejections are still a clean 4xx) ->
+JSON body or SSE chunks whose text is the difference between successive cumulative
+``RequestOutput``s. A request whose client goes away is aborted, which frees its KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from contextlib import aclosing
+from typing import Any, AsyncIterator
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from halserve.server import protocol as P
+from halserve.server.metrics import CONTENT_TYPE, ServerMetrics
+
+logger = logging.getLogger("halserve.server")
+
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+_THREAD_TEXT_LEN = 2048  # encode longer texts off the event loop
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before the response was ready."""
+
+
+# ---- app -------------------------------------------------------------------------------------
+
+def build_app(engine: Any, served_model_names: list[str], api_key: str | None = None,
+              sampling_params_cls: type | None = None, model_root: str | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` under ``served_model_names`` (the first is the default)."""
+    server = OpenAIServer(engine, served_model_names, sampling_params_cls, model_root)
+    app = FastAPI(title="halserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    _install_error_handlers(app)
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/models", server.list_models, methods=["GET"])
+    app.add_api_route("/v1/models/{model:path}", server.get_model, methods=["GET"])
+    app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", server.detokenize, methods=["POST"])
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/version", server.version, methods=["GET"])
+    app.add_api_route("/metrics", server.metrics_endpoint, methods=["GET"])
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(P.OpenAIError)
+    async def _openai(_: Request, e: P.OpenAIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_: Request, e: ClientGone):
+        return Response(status_code=499)  # nobody reads it: the client has left
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError):
+        err = P.validation_error(list(e.errors()))
+        return JSONResponse(err.body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        msg = f"{e.detail}: {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        return JSONResponse(P.error_body(msg, "invalid_request_error", None, code), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        logger.error("internal error on %s %s: %s: %s", request.method, request.url.path,
+                     type(e).__name__, e, exc_info=e)
+        return JSONResponse(P.error_body(f"internal server error ({type(e).__name__}); see the server log",
+                                         "server_error", None, "internal_error"), status_code=500)
+
+
+class ApiKeyMiddleware:
+    """401 for /v1/*, /tokenize and /detokenize without ``Authorization: Bearer <key>``.
+
+    Pure ASGI (not BaseHTTPMiddleware) so streaming responses and disconnects pass through
+    untouched, and it runs before the body is read: a bad key wins over a bad body."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" \
+                and scope["path"].startswith(PROTECTED_PREFIXES):
+            got = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(got, self._expected):
+                msg = ("missing API key: send 'Authorization: Bearer <key>'" if not got
+                       else "incorrect API key provided")
+                resp = JSONResponse(P.error_body(msg, "invalid_request_error", None, "invalid_api_key"),
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class SSEResponse(StreamingResponse):
+    """A StreamingResponse that always closes its generator, even when cancelled by a client
+    disconnect, so the generator's ``finally`` (which aborts the engine request) runs now
+    rather than whenever the garbage collector gets to it."""
+
+    def __init__(self, content: AsyncIterator[str]):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+# ---- the server -------------------------------------------------------------------------------
+
+class OpenAIServer:
+    def __init__(self, engine: Any, served_model_names: list[str], sampling_params_cls: type | None,
+                 model_root: str | None):
+        if not served_model_names:
+            raise ValueError("served_model_names must name at least one model")
+        self.engine = engine
+        self.names = list(served_model_names)
+        self.model_root = model_root
+        self.tokenizer = engine.tokenizer
+        self.max_model_len: int = engine.max_model_len
+        mc = getattr(engine, "model_config", None)
+        self.vocab_size: int | None = getattr(mc, "vocab_size", None)
+        if sampling_params_cls is None:
+            from halserve.engine.sampling import SamplingParams as sampling_params_cls
+        self.SamplingParams = sampling_params_cls
+        self.metrics = ServerMetrics(engine.get_metrics, self.names[0])
+
+    # ---- shared checks -------------------------------------------------------------------
+    def _model_name(self, requested: str | None) -> str:
+        if requested is None or requested == "":
+            return self.names[0]
+        if requested not in self.names:
+            raise P.OpenAIError(f"The model `{requested}` does not exist. Served: {', '.join(self.names)}",
+                                404, param="model", code="model_not_found")
+        return requested
+
+    def _need_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise P.OpenAIError(f"this model has no tokenizer.json, so {what} is not available; "
+                                "send prompts as token ids", param="prompt", code="no_tokenizer")
+        return self.tokenizer
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        if not ids:
+            raise P.OpenAIError(f"{param} is empty after tokenization", param=param, code="empty_prompt")
+        if self.vocab_size is not None:
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise P.OpenAIError(f"{param}: token id {bad} is out of range; valid ids are "
+                                    f"0..{self.vocab_size - 1}", param=param, code="invalid_token_id")
+
+    def _max_tokens(self, n_prompt: int, requested: int | None, explicit: bool, param: str) -> int | None:
+        """max_tokens for the engine; a 400 if the prompt (plus an explicit max_tokens) does not fit."""
+        limit = self.max_model_len
+        if n_prompt >= limit:
+            raise P.OpenAIError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                f"{n_prompt} tokens, which leaves no room for the completion. Shorten the prompt.",
+                param="messages" if param == "max_completion_tokens" else "prompt",
+                code="context_length_exceeded")
+        room = limit - n_prompt
+        if requested is None:
+            return room
+        if requested > room:
+            if explicit:
+                raise P.OpenAIError(
+                    f"This model's maximum context length is {limit} tokens. However, you requested "
+                    f"{n_prompt + requested} tokens ({n_prompt} in the prompt, {requested} for the "
+                    f"completion). Reduce the prompt or {param} (at most {room} here).",
+                    param=param, code="context_length_exceeded")
+            return room
+        return requested
+
+    def _params(self, kw: dict[str, Any]):
+        try:
+            return self.SamplingParams(**kw)
+        except (ValueError, TypeError) as e:
+            msg = str(e)
+            param = msg.split("=", 1)[0] if "=" in msg.split(" ", 1)[0] else None
+            raise P.OpenAIError(msg, param=param, code="invalid_parameter") from None
+
+    async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        tok = self._need_tokenizer("a text prompt")
+        if len(text) > _THREAD_TEXT_LEN:
+            return await anyio.to_thread.run_sync(tok.encode, text, add_special_tokens)
+        return tok.encode(text, add_special_tokens)
+
+    async def _encode_chat(self, messages: list[dict], add_generation_prompt: bool,
+                           continue_final_message: bool, kwargs: dict | None) -> tuple[str, list[int]]:
+        tok = self._need_tokenizer("chat")
+
+        def render() -> tuple[str, list[int]]:
+            text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                           continue_final_message=continue_final_message, **(kwargs or {}))
+            return text, tok.encode(text, add_special_tokens=False)
+
+        try:
+            return await anyio.to_thread.run_sync(render)
+        except P.OpenAIError:
+            raise
+        except Exception as e:  # template errors (no template, raise_exception(...), bad kwargs)
+            raise P.OpenAIError(f"messages: the chat template failed: {e}", param="messages",
+                                code="chat_template_error") from None
+
+    # ---- generation --------------------------------------------------------------------------
+    async def _abort(self, request_id: str) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.engine.abort(request_id)
+            except Exception:
+                logger.exception("abort of %s failed", request_id)
+
+    async def _outputs(self, prompts: list[tuple[str | None, list[int]]], params, base_id: str
+                       ) -> AsyncIterator[tuple[int, Any]]:
+        """(prompt index, cumulative RequestOutput) for every engine step, all prompts merged."""
+        ids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
+        trackers = [self.metrics.track() for _ in prompts]
+        finished: set[int] = set()
+
+        def engine_prompt(i: int) -> dict:
+            text, token_ids = prompts[i]
+            return {"prompt_token_ids": token_ids, "prompt": text}
+
+        tasks: list[asyncio.Task] = []
+        try:
+            if len(prompts) == 1:
+                async with aclosing(self.engine.generate(engine_prompt(0), params, ids[0])) as gen:
+                    async for out in gen:
+                        trackers[0].on_output(out)
+                        if out.finished:
+                            finished.add(0)
+                        yield 0, out
+                return
+            queue: asyncio.Queue = asyncio.Queue()
+
+            async def pump(i: int) -> None:
+                try:
+                    async with aclosing(self.engine.generate(engine_prompt(i), params, ids[i])) as gen:
+                        async for out in gen:
+                            queue.put_nowait((i, out))
+                    queue.put_nowait((i, None))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    queue.put_nowait((i, e))
+
+            tasks = [asyncio.create_task(pump(i)) for i in range(len(prompts))]
+            live = len(prompts)
+            while live:
+                i, item = await queue.get()
+                if item is None:
+                    live -= 1
+                    continue
+                if isinstance(item, Exception):
+                    raise item
+                trackers[i].on_output(item)
+                if item.finished:
+                    finished.add(i)
+                yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            for i, rid in enumerate(ids):
+                if i not in finished:
+                    trackers[i].abort()
+                    await self._abort(rid)
+
+    async def _start(self, request: Request, gen: AsyncIterator) -> Any:
+        """The first output of ``gen``; engine rejections become 4xx, a disconnect aborts."""
+        try:
+            return await _until_disconnect(request, gen.__anext__())
+        except StopAsyncIteration:
+            raise P.OpenAIError("the engine returned no output", 500, type="server_error",
+                                code="internal_error") from None
+        except BaseException as e:
+            await gen.aclose()
+            if isinstance(e, ValueError):
+                raise P.OpenAIError(str(e), code="invalid_request") from None
+            raise
+
+    async def _collect(self, request: Request, gen: AsyncIterator, first: tuple[int, Any],
+                       num_prompts: int) -> list[Any]:
+        """The final RequestOutput per prompt; the request is aborted if the client leaves."""
+        final: list[Any] = [None] * num_prompts
+
+        async def drain():
+            i, out = first
+            final[i] = out
+            async for i, out in gen:
+                final[i] = out
+
+        try:
+            await _until_disconnect(request, drain())
+        finally:
+            await gen.aclose()
+        return final
+
+    # ---- /v1/completions ---------------------------------------------------------------------
+    async def completions(self, request: Request):
+        req: P.CompletionRequest = P.parse(P.CompletionRequest, await request.body())
+        model = self._model_name(req.model)
+        prompts: list[tuple[str | None, list[int]]] = []
+        for i, p in enumerate(req.prompts()):
+            param = "prompt" if len(req.prompts()) == 1 else f"prompt[{i}]"
+            if isinstance(p, str):
+                ids = await self._encode(p, req.add_special_tokens)
+                text = p
+            else:
+                ids, text = list(p), None
+            self._check_ids(ids, param)
+            prompts.append((text, ids))
+        explicit = "max_tokens" in req.model_fields_set and req.max_tokens is not None
+        longest = max(len(ids) for _, ids in prompts)
+        max_tokens = self._max_tokens(longest, req.max_tokens, explicit, "max_tokens")
+        params = self._params(req.sampling_kwargs(max_tokens, req.logprobs))
+        rid = req.request_id or P.random_id("cmpl")
+        created = P.now()
+        if req.echo:
+            tok = self.tokenizer
+            prompts = [(t if t is not None else (tok.decode(ids) if tok else ""), ids) for t, ids in prompts]
+        gen = self._outputs(prompts, params, rid)
+        first = await self._start(request, gen)
+        if req.stream:
+            return SSEResponse(self._completion_stream(req, model, rid, created, prompts, gen, first))
+        final = await self._collect(request, gen, first, len(prompts))
+        choices, n_prompt, n_gen = [], 0, 0
+        for i, out in enumerate(final):
+            n_prompt += len(out.prompt_token_ids)
+            for c in out.outputs:
+                n_gen += len(c.token_ids)
+                text = (prompts[i][0] or "") + c.text if req.echo else c.text
+                choices.append({
+                    "index": i * req.n + c.index, "text": text,
+                    "logprobs": self._completion_logprobs(c.logprobs, req.logprobs, 0) if req.logprobs is not None
+                    else None,
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                })
+        return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                             "choices": choices, "usage": P.usage(n_prompt, n_gen)})
+
+    async def _completion_stream(self, req: P.CompletionRequest, model: str, rid: str, created: int,
+                                 prompts, gen: AsyncIterator, first) -> AsyncIterator[str]:
+        states: dict[int, _ChoiceState] = {}
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        n_prompt = {}
+
+        def chunk(choices: list[dict], usage: dict | None = None) -> str:
+            body = {"id": rid, "object": "text_completion", "created": created, "model": model,
+                    "choices": choices}
+            if req.include_usage:
+                body["usage"] = usage
+            return sse(body)
+
+        def usage_now() -> dict:
+            return P.usage(sum(n_prompt.values()), sum(s.num_tokens for s in states.values()))
+
+        async def items():
+            yield first
+            async for item in gen:
+                yield item
+
+        try:
+            async for i, out in items():
+                n_prompt[i] = len(out.prompt_token_ids)
+                for c in out.outputs:
+                    idx = i * req.n + c.index
+                    st = states.setdefault(idx, _ChoiceState())
+                    delta, new_lps = st.advance(c, stops if not req.include_stop_str_in_output else [])
+                    if st.num_sent_chunks == 0 and req.echo:
+                        delta = (prompts[i][0] or "") + delta
+                    if not delta and not new_lps and not st.finish_now:
+                        continue
+                    lp = None
+                    if req.logprobs is not None:
+                        lp = self._completion_logprobs(new_lps, req.logprobs, st.offset_before)
+                    st.num_sent_chunks += 1
+                    cont = usage_now() if req.stream_options and req.stream_options.continuous_usage_stats else None
+                    yield chunk([{"index": idx, "text": delta, "logprobs": lp,
+                                  "finish_reason": c.finish_reason if st.finish_now else None,
+                                  "stop_reason": c.stop_reason if st.finish_now else None}], cont)
+            if req.include_usage:
+                yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                           "choices": [], "usage": usage_now()})
+        except Exception as e:  # headers are out: report in-band, as OpenAI does
+            yield sse(_stream_error(e))
+        finally:
+            await gen.aclose()
+        yield SSE_DONE
+
+    def _completion_logprobs(self, lps: list[dict] | None, k: int, offset: int) -> dict:
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for d in lps or []:
+            chosen_id, chosen = _chosen(d)
+            tok = self._token_str(chosen_id, chosen)
+            out["tokens"].append(tok)
+            out["token_logprobs"].append(_finite(chosen.logprob))
+            top = {self._token_str(t, lp): _finite(lp.logprob) for t, lp in _top(d, k)}
+            top.setdefault(tok, _finite(chosen.logprob))
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(offset)
+            offset += len(tok)
+        return out
+
+    def _token_str(self, token_id: int, lp: Any) -> str:
+        s = getattr(lp, "decoded_token", None)
+        if s is None and self.tokenizer is not None:
+            s = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return s if s is not None else f"token_id:{token_id}"
+
+    # ---- /v1/chat/completions ----------------------------------------------------------------
+    async def chat_completions(self, request: Request):
+        req: P.ChatCompletionRequest = P.parse(P.ChatCompletionRequest, await request.body())
+        model = self._model_name(req.model)
+        messages = [m.as_dict() for m in req.messages]
+        text, ids = await self._encode_chat(messages, req.add_generation_prompt and not req.continue_final_message,
+                                            req.continue_final_message, req.chat_template_kwargs)
+        self._check_ids(ids, "messages")
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        requested = req.requested_max_tokens
+        max_tokens = self._max_tokens(len(ids), requested, requested is not None, param)
+        params = self._params(req.sampling_kwargs(max_tokens, req.num_logprobs))
+        rid = req.request_id or P.random_id("chatcmpl")
+        created = P.now()
+        gen = self._outputs([(text, ids)], params, rid)
+        first = await self._start(request, gen)
+        if req.stream:
+            return SSEResponse(self._chat_stream(req, model, rid, created, gen, first))
+        (out,) = await self._collect(request, gen, first, 1)
+        choices = []
+        for c in out.outputs:
+            choices.append({
+                "index": c.index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": {"content": self._chat_logprobs(c.logprobs, req.top_logprobs or 0)}
+                if req.logprobs else None,
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+            })
+        n_gen = sum(len(c.token_ids) for c in out.outputs)
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,
+                             "choices": choices, "usage": P.usage(len(out.prompt_token_ids), n_gen)})
+
+    async def _chat_stream(self, req: P.ChatCompletionRequest, model: str, rid: str, created: int,
+                           gen: AsyncIterator, first) -> AsyncIterator[str]:
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        states = {i: _ChoiceState() for i in range(req.n)}
+        n_prompt = len(first[1].prompt_token_ids)
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+
+        def usage_now() -> dict:
+            return P.usage(n_prompt, sum(s.num_tokens for s in states.values()))
+
+        def chunk(choice: dict) -> str:
+            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [choice]}
+            if req.include_usage:
+                body["usage"] = usage_now() if continuous else None
+            return sse(body)
+
+        async def items():
+            yield first
+            async for item in gen:
+                yield item
+
+        try:
+            for i in range(req.n):
+                yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None})
+            async for _, out in items():
+                for c in out.outputs:
+                    st = states[c.index]
+                    delta, new_lps = st.advance(c, stops if not req.include_stop_str_in_output else [])
+                    if not delta and not new_lps and not st.finish_now:
+                        continue
+                    choice = {"index": c.index, "delta": {"content": delta} if delta or not st.finish_now else {},
+                              "logprobs": {"content": self._chat_logprobs(new_lps, req.top_logprobs or 0)}
+                              if req.logprobs else None,
+                              "finish_reason": c.finish_reason if st.finish_now else None}
+                    if st.finish_now:
+                        choice["stop_reason"] = c.stop_reason
+                    yield chunk(choice)
+            if req.include_usage:
+                yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [], "usage": usage_now()})
+        except Exception as e:
+            yield sse(_stream_error(e))
+        finally:
+            await gen.aclose()
+        yield SSE_DONE
+
+    def _chat_logprobs(self, lps: list[dict] | None, k: int) -> list[dict]:
+        content = []
+        for d in lps or []:
+            chosen_id, chosen = _chosen(d)
+            tok = self._token_str(chosen_id, chosen)
+            content.append({
+                "token": tok, "logprob": _finite(chosen.logprob), "bytes": list(tok.encode("utf-8")),
+                "top_logprobs": [{"token": (s := self._token_str(t, lp)), "logprob": _finite(lp.logprob),
+                                  "bytes": list(s.encode("utf-8"))} for t, lp in _top(d, k)],
+            })
+        return content
+
+    # ---- small endpoints ---------------------------------------------------------------------
+    async def list_models(self):
+        return {"object": "list", "data": [self._model_card(n) for n in self.names]}
+
+    async def get_model(self, model: str):
+        return self._model_card(self._model_name(model))
+
+    def _model_card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": P.now(), "owned_by": "halserve",
+                "root": self.model_root or name, "parent": None, "max_model_len": self.max_model_len}
+
+    async def tokenize(self, request: Request):
+        req: P.TokenizeRequest = P.parse(P.TokenizeRequest, await request.body())
+        self._model_name(req.model)
+        if req.messages is not None:
+            add = False if req.add_special_tokens is None else req.add_special_tokens
+            text, ids = await self._encode_chat([m.as_dict() for m in req.messages], req.add_generation_prompt,
+                                                False, None)
+            if add:
+                ids = await self._encode(text, True)
+        else:
+            add = True if req.add_special_tokens is None else req.add_special_tokens
+            ids = await self._encode(req.prompt, add)
+        body = {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
+        if req.return_token_strs:
+            body["token_strs"] = [self.tokenizer.id_to_token(t) for t in ids]
+        return body
+
+    async def detokenize(self, request: Request):
+        req: P.DetokenizeRequest = P.parse(P.DetokenizeRequest, await request.body())
+        self._model_name(req.model)
+        tok = self._need_tokenizer("detokenize")
+        if req.tokens:
+            self._check_ids(req.tokens, "tokens")
+        return {"prompt": tok.decode(req.tokens)}
+
+    async def health(self):
+        alive = getattr(self.engine, "is_running", True)
+        if not alive:
+            return JSONResponse(P.error_body("the engine has stopped", "server_error", None, "engine_dead"),
+                                status_code=503)
+        return Response(status_code=200)
+
+    async def version(self):
+        from halserve import __version__
+
+        return {"version": __version__}
+
+    async def metrics_endpoint(self):
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+
+# ---- streaming state ----------------------------------------------------------------------------
+
+class _ChoiceState:
+    """What one choice has streamed so far, to turn cumulative outputs into deltas."""
+
+    __slots__ = ("text_sent", "num_tokens", "finished", "finish_now", "num_sent_chunks", "offset_before")
+
+    def __init__(self):
+        self.text_sent = 0
+        self.num_tokens = 0
+        self.finished = False
+        self.finish_now = False
+        self.num_sent_chunks = 0
+        self.offset_before = 0
+
+    def advance(self, c: Any, stops: list[str]) -> tuple[str, list]:
+        """(new text, new per-token logprobs) for output ``c``; sets ``finish_now`` once."""
+        self.finish_now = False
+        if self.finished:
+            return "", []
+        new_lps = list(c.logprobs[self.num_tokens:]) if c.logprobs is not None else []
+        self.num_tokens = len(c.token_ids)
+        done = c.finish_reason is not None
+        text = c.text
+        # Hold back a tail that may be the start of a stop string: the engine truncates the
+        # text when the stop completes, and streamed text cannot be taken back.
+        end = len(text) if done else len(text) - _partial_stop_len(text, stops)
+        delta = text[self.text_sent:end] if end > self.text_sent else ""
+        self.offset_before = self.text_sent
+        self.text_sent = max(self.text_sent, end)
+        if done:
+            self.finished = self.finish_now = True
+        return delta, new_lps
+
+
+def _partial_stop_len(text: str, stops: list[str]) -> int:
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def _chosen(d: dict) -> tuple[int, Any]:
+    # The sampled token is the entry whose rank is not one of the top-k slots it may also
+    # occupy; the engine writes it last, so the dict's last key is the sampled token.
+    tid = next(reversed(d))
+    return tid, d[tid]
+
+
+def _top(d: dict, k: int) -> list[tuple[int, Any]]:
+    ranked = sorted(((t, lp) for t, lp in d.items() if lp.rank is not None and lp.rank <= k),
+                    key=lambda x: x[1].rank)
+    return ranked[:k]
+
+
+def _finite(x: float) -> float:
+    return x if x == x and abs(x) != float("inf") else -9999.0
+
+
+def _stream_error(e: Exception) -> dict:
+    if isinstance(e, P.OpenAIError):
+        return e.body()
+    if isinstance(e, ValueError):
+        return P.error_body(str(e), "invalid_request_error", None, "invalid_request")
+    logger.error("stream failed: %s: %s", type(e).__name__, e, exc_info=e)
+    return P.error_body(f"internal server error ({type(e).__name__}); see the server log",
+                        "server_error", None, "internal_error")
+
+
+async def _until_disconnect(request: Request, awaitable) -> Any:
+    """Await ``awaitable`` unless the client disconnects first (then cancel it, raise ClientGone)."""
+    work = asyncio.ensure_future(awaitable)
+
+    async def listen():
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                return
+
+    watch = asyncio.ensure_future(listen())
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        work.cancel()
+        watch.cancel()
+        raise
+    if work in done:
+        watch.cancel()
+        return work.result()
+    work.cancel()
+    try:
+        await work
+    except BaseException:
+        pass
+    raise ClientGone()
+
