@@ -70,7 +70,9 @@ class EngineCore:
         elif config.kv_cache_memory:
             budget = config.kv_cache_memory
         else:
-            budget = self.hal.default_kv_cache_bytes(config.gpu_memory_utilization, None)
+            budget = self.hal.default_kv_cache_bytes(config.gpu_memory_utilization,
+                                                     lambda: self.runner.profile_run(config.max_num_batched_tokens,
+                                                                                     config.max_num_seqs))
         num_blocks = self.runner.allocate_kv_cache(budget, max_useful)
         fp = hashlib.sha256(f"{mc.architecture}|{mc.path}|{mc.dtype}|{config.block_size}".encode()).digest()
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, fp)
@@ -117,6 +119,8 @@ class EngineCore:
         if self.kv.blocks_needed(len(ids) + 1) > self.kv.num_blocks:
             raise ValueError(f"the prompt has {len(ids)} tokens but the KV cache holds only "
                              f"{self.kv.num_blocks * self.kv.block_size}; raise kv_cache_memory")
+        if params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs is not supported yet; leave it unset")
         params = params.clone(_eos_token_ids=self.eos_token_ids)
         req = Request(request_id, text, ids, params)
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)

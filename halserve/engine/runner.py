@@ -57,6 +57,28 @@ class ModelRunner:
                     num_blocks * per / 2**20)
         return num_blocks
 
+    @torch.inference_mode()
+    def profile_run(self, num_tokens: int, num_seqs: int) -> None:
+        """One worst-case step (a ``num_tokens`` prefill, ``num_seqs`` sampled rows) on a
+        scratch KV cache, so device backends can measure peak activation memory."""
+        bs = self.block_size
+        nb = -(-num_tokens // bs)
+        shape = self.hal.kv_cache_shape(nb, bs, self.mc.num_kv_heads, self.mc.head_dim)
+        caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.mc.num_layers)]
+        dev = self.device
+        meta = AttentionMetadata(
+            cu_seqlens_q=torch.tensor([0, num_tokens], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=dev),
+            block_tables=torch.arange(nb, dtype=torch.int32, device=dev)[None],
+            slot_mapping=torch.arange(num_tokens, dtype=torch.int64, device=dev),
+            max_seqlen_q=num_tokens, max_seqlen_k=num_tokens, query_lens_host=[num_tokens],
+            seq_lens_host=[num_tokens], block_size=bs)
+        ids = torch.randint(0, self.mc.vocab_size, (num_tokens,), device=dev)
+        hidden = self.model.forward(ids, torch.arange(num_tokens, device=dev), caches, meta)
+        self.model.compute_logits(hidden[-min(num_seqs, num_tokens):])
+        del caches
+        self.hal.synchronize()
+
     # ---- one step -----------------------------------------------------------------------------
     def _prepare(self, so: SchedulerOutput):
         bs = self.block_size
