@@ -39,7 +39,8 @@ PRESETS: dict[str, tuple[str, dict, str | None]] = {
         tie_word_embeddings=True,
         rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
                              high_freq_factor=4.0, original_max_position_embeddings=32)), None),
-    "mistral": ("MistralForCausalLM", dict(sliding_window=None), None),
+    # multi-query attention, and a window shorter than the tests' sequences
+    "mistral": ("MistralForCausalLM", dict(num_key_value_heads=1, sliding_window=32), None),
     "qwen2": ("Qwen2ForCausalLM", dict(use_sliding_window=False), "100KB"),
     "qwen3": ("Qwen3ForCausalLM", dict(head_dim=32, use_sliding_window=False), None),
     "mixtral": ("MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None),

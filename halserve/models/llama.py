@@ -1,0 +1,101 @@
+"""Llama family decoder: Llama (1-3.x), Mistral, Qwen2, and the base of Qwen3 and the MoE models.
+
+Pre-norm decoder layers (RMSNorm -> attention -> RMSNorm -> MLP) with the residual add fused
+into the norms. Biases are loaded wherever the checkpoint has them (Qwen2's q/k/v bias,
+Llama's ``attention_bias`` / ``mlp_bias``), so one class serves all three.
+
+A model is built from ``(hf_config: dict, hal, weights)``; ``weights`` is the loader's lazy
+checkpoint view (``get``, ``maybe``, ``first``, ``experts``, ``scheme``, ``device``).
+"""
+from __future__ import annotations
+
+import torch
+
+from halserve.hal.interface import AttentionMetadata, Backend
+from halserve.models.layers import MLP, Attention, Embedding, Linear, RMSNorm, RotaryEmbedding
+
+
+def head_dim_of(cfg: dict) -> int:
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
+def make_rotary(cfg: dict, hal: Backend, device) -> RotaryEmbedding:
+    from halserve.hal.native import rope_params_from_hf_config
+
+    base, scaling = rope_params_from_hf_config(cfg)
+    head_dim = head_dim_of(cfg)
+    rope = cfg.get("rope_parameters") or {}
+    partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    return RotaryEmbedding(hal, head_dim, int(head_dim * partial), cfg["max_position_embeddings"],
+                           base, scaling, is_neox=True, device=device)
+
+
+class LlamaDecoderLayer:
+    def __init__(self, cfg: dict, hal: Backend, w, prefix: str, rotary: RotaryEmbedding, mlp,
+                 qk_norm: bool = False):
+        eps, d = cfg["rms_norm_eps"], head_dim_of(cfg)
+        a = prefix + "self_attn."
+        qkv = Linear(hal, [w.get(a + f"{n}_proj.weight") for n in "qkv"],
+                     [w.maybe(a + f"{n}_proj.bias") for n in "qkv"], w.scheme)
+        o_proj = Linear(hal, w.get(a + "o_proj.weight"), w.maybe(a + "o_proj.bias"), w.scheme)
+        q_norm = RMSNorm(hal, w.get(a + "q_norm.weight"), eps) if qk_norm else None
+        k_norm = RMSNorm(hal, w.get(a + "k_norm.weight"), eps) if qk_norm else None
+        self.self_attn = Attention(hal, qkv, o_proj, cfg["num_attention_heads"],
+                                   cfg.get("num_key_value_heads") or cfg["num_attention_heads"], d,
+                                   rotary, q_norm, k_norm)
+        self.input_layernorm = RMSNorm(hal, w.get(prefix + "input_layernorm.weight"), eps)
+        self.post_attention_layernorm = RMSNorm(hal, w.get(prefix + "post_attention_layernorm.weight"), eps)
+        self.mlp = mlp
+
+    def __call__(self, positions, h, residual, kv_cache, meta):
+        if residual is None:
+            residual, h = h, self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(positions, h, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class LlamaForCausalLM:
+    qk_norm = False  # Qwen3 sets it: per-head RMSNorm on q and k before rotary
+
+    def __init__(self, cfg: dict, hal: Backend, w):
+        self.hal = hal
+        self.embed_tokens = Embedding(w.get("model.embed_tokens.weight"))
+        rotary = make_rotary(cfg, hal, w.device)
+        self.layers = [
+            LlamaDecoderLayer(cfg, hal, w, f"model.layers.{i}.", rotary,
+                              self.make_mlp(cfg, hal, w, i, f"model.layers.{i}.mlp."), self.qk_norm)
+            for i in range(cfg["num_hidden_layers"])
+        ]
+        self.norm = RMSNorm(hal, w.get("model.norm.weight"), cfg["rms_norm_eps"])
+        if cfg.get("tie_word_embeddings"):
+            w.maybe("lm_head.weight")  # some tied checkpoints store a copy: mark it used
+            lm_head = self.embed_tokens.weight
+        else:
+            lm_head = w.get("lm_head.weight")
+        self.lm_head = Linear(hal, lm_head)  # logits stay unquantized, as in vLLM
+
+    def make_mlp(self, cfg: dict, hal: Backend, w, layer: int, prefix: str):
+        return dense_mlp(hal, w, prefix)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        h, residual = self.embed_tokens(input_ids), None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            h, residual = layer(positions, h, residual, kv_cache, meta)
+        h, _ = self.norm(h, residual)
+        return h
+
+    __call__ = forward
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+
+def dense_mlp(hal: Backend, w, prefix: str) -> MLP:
+    gate_up = Linear(hal, [w.get(prefix + "gate_proj.weight"), w.get(prefix + "up_proj.weight")],
+                     [w.maybe(prefix + "gate_proj.bias"), w.maybe(prefix + "up_proj.bias")], w.scheme)
+    down = Linear(hal, w.get(prefix + "down_proj.weight"), w.maybe(prefix + "down_proj.bias"), w.scheme)
+    return MLP(hal, gate_up, down)

@@ -1,0 +1,231 @@
+"""Load an HF checkpoint directory: config.json, (sharded) safetensors, generation_config.json.
+
+Tensors are read one at a time from memory-mapped safetensors files, cast to the model dtype,
+moved to the backend's device and packed by the backend, so a weight is never held twice
+beyond the layer being built.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from halserve.errors import ModelLoadError
+from halserve.hal.interface import Backend
+from halserve.models import registry
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+_SCHEMES = ("none", "fp8", "int8")
+# tensors a checkpoint may carry that no model here reads
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    path: str
+    architecture: str
+    hf_config: dict
+    dtype: torch.dtype
+    max_position_embeddings: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    bos_token_id: int | None
+    sliding_window: int | None
+
+
+def load_model(path, hal: Backend, dtype="auto", quantization: str | None = None):
+    """Build the model in ``path`` on ``hal``; returns ``(model, ModelConfig)``.
+
+    ``dtype``: 'auto' (the checkpoint's own dtype), a name like 'bfloat16', or a torch.dtype.
+    ``quantization``: None, 'fp8' or 'int8'; linear weights are quantized by
+    ``hal.pack_weight`` at load. Raises ModelLoadError for anything the user can fix.
+    """
+    start = time.perf_counter()
+    config = load_config(path, dtype)
+    scheme = _scheme(quantization, hal)
+    model_cls = registry.resolve(config.architecture)
+    root = Path(config.path)
+    weights = Weights(root, _weight_files(root), config.dtype, hal.device or "cpu", scheme)
+    with torch.inference_mode():
+        model = model_cls(config.hf_config, hal, weights)
+    unused = weights.unused()
+    if unused:
+        logger.warning("%s: %d checkpoint tensors unused, e.g. %s", config.path, len(unused), unused[:3])
+    logger.info("loaded %s (%s) dtype=%s quantization=%s in %.2fs", config.path, config.architecture,
+                str(config.dtype).removeprefix("torch."), scheme, time.perf_counter() - start)
+    return model, config
+
+
+def load_config(path, dtype="auto") -> ModelConfig:
+    """Read config.json and generation_config.json into a ModelConfig (no weights)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ModelLoadError(f"model path {str(path)!r} is not a directory "
+                             f"(expected one with config.json and *.safetensors)")
+    cfg = _read_json(root / "config.json", required=True)
+    archs = cfg.get("architectures") or []
+    if not archs:
+        raise ModelLoadError(f"{root / 'config.json'} has no 'architectures' entry; "
+                             f"supported: {', '.join(registry.supported_architectures())}")
+    if cfg.get("quantization_config"):
+        raise ModelLoadError(f"{root}: pre-quantized checkpoints are not supported; load the "
+                             f"unquantized one with quantization='fp8' or 'int8'")
+    registry.resolve(archs[0])  # fail early, naming what is supported
+    gen = _read_json(root / "generation_config.json", required=False)
+    use_window = cfg.get("use_sliding_window", True)  # Qwen2/3 carry a window they do not use
+    return ModelConfig(
+        path=str(root),
+        architecture=archs[0],
+        hf_config=cfg,
+        dtype=_dtype(dtype, cfg),
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        num_layers=cfg["num_hidden_layers"],
+        num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+        vocab_size=cfg["vocab_size"],
+        eos_token_ids=_ids(cfg.get("eos_token_id"), gen.get("eos_token_id")),
+        bos_token_id=next((b for b in (cfg.get("bos_token_id"), gen.get("bos_token_id")) if b is not None), None),
+        sliding_window=cfg.get("sliding_window") if use_window else None,
+    )
+
+
+class Weights:
+    """Lazy view of a checkpoint's tensors. ``get`` reads one tensor from the mmap, casts it
+    to the model dtype and device, and records it as used."""
+
+    def __init__(self, root: Path, files: dict[str, Path], dtype: torch.dtype, device, scheme: str):
+        from safetensors import safe_open
+
+        self.root = root
+        self.dtype, self.device, self.scheme = dtype, torch.device(device), scheme
+        self._file_of = files
+        self._handles = {f: safe_open(str(f), framework="pt", device="cpu") for f in set(files.values())}
+        self._used: set[str] = set()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._file_of:
+            raise ModelLoadError(f"{self.root} lacks tensor {name!r}")
+        self._used.add(name)
+        t = self._handles[self._file_of[name]].get_tensor(name)
+        return t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
+
+    def maybe(self, name: str) -> torch.Tensor | None:
+        return self.get(name) if name in self else None
+
+    def first(self, *names: str) -> str:
+        """The first of ``names`` the checkpoint holds (the last one if none, so ``get``
+        names it in its error)."""
+        return next((n for n in names if n in self), names[-1])
+
+    def experts(self, prefixes: list[str], names: tuple[str, str, str], num_experts: int, hidden: int):
+        """Expert weights stacked as w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I].
+
+        Reads per-expert tensors ``{prefix}{e}.{gate|up|down}.weight`` or, where a checkpoint
+        was saved already fused, ``{prefix}gate_up_proj`` / ``{prefix}down_proj``."""
+        gate, up, down = names
+        for p in prefixes:
+            if f"{p}0.{gate}.weight" in self:
+                w13 = torch.stack([torch.cat([self.get(f"{p}{e}.{gate}.weight"), self.get(f"{p}{e}.{up}.weight")])
+                                   for e in range(num_experts)])
+                w2 = torch.stack([self.get(f"{p}{e}.{down}.weight") for e in range(num_experts)])
+                return w13, w2
+            if f"{p}gate_up_proj" in self:
+                return self._fused(p, num_experts, hidden)
+        raise ModelLoadError(f"{self.root} lacks expert weights {prefixes[0]}0.{gate}.weight "
+                             f"(or a fused {prefixes[0]}gate_up_proj)")
+
+    def _fused(self, p: str, num_experts: int, hidden: int):
+        w13, w2 = self.get(p + "gate_up_proj"), self.get(p + "down_proj")
+        if w13.shape[0] != num_experts:
+            raise ModelLoadError(f"{p}gate_up_proj has {w13.shape[0]} experts, config says {num_experts}")
+        # transformers 5 fuses as [E, 2I, H] / [E, H, I]; older fused checkpoints stored the
+        # transposes. Where both read the same (2I == H or I == H) the first is assumed.
+        if w13.shape[2] != hidden:
+            w13 = w13.transpose(1, 2).contiguous()
+        if w2.shape[1] != hidden:
+            w2 = w2.transpose(1, 2).contiguous()
+        return w13, w2
+
+    def unused(self) -> list[str]:
+        return sorted(n for n in self._file_of if n not in self._used and not n.endswith(_IGNORED_SUFFIXES))
+
+
+def _weight_files(root: Path) -> dict[str, Path]:
+    """tensor name -> file, from model.safetensors.index.json or every *.safetensors file."""
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index, required=True).get("weight_map") or {}
+        missing = sorted({f for f in weight_map.values() if not (root / f).is_file()})
+        if missing:
+            raise ModelLoadError(f"{index} names shard(s) that are missing: {', '.join(missing)}")
+        return {name: root / f for name, f in weight_map.items()}
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        other = sorted(p.name for p in root.glob("*.bin")) + sorted(p.name for p in root.glob("*.pt"))
+        hint = f" (found {', '.join(other[:3])}: only safetensors are supported)" if other else ""
+        raise ModelLoadError(f"{root} has no *.safetensors weight files{hint}")
+    from safetensors import safe_open
+
+    out: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            out.update((k, f) for k in h.keys())
+    return out
+
+
+def _read_json(path: Path, required: bool) -> dict:
+    if not path.is_file():
+        if required:
+            raise ModelLoadError(f"{path.parent} has no {path.name} (not an HF model directory?)")
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from e
+
+
+def _dtype(dtype, cfg: dict) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        # no dtype in the config: float32, the dtype transformers would load it in
+        dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not supported; use auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _scheme(quantization: str | None, hal: Backend) -> str:
+    scheme = quantization or "none"
+    if scheme not in _SCHEMES:
+        raise ModelLoadError(f"quantization {quantization!r} is not supported; use None, fp8 or int8")
+    if scheme not in hal.capabilities.quant_schemes:
+        raise ModelLoadError(f"backend {hal.name} cannot run quantization {scheme!r}; "
+                             f"it supports {', '.join(hal.capabilities.quant_schemes)}")
+    return scheme
+
+
+def _ids(*values) -> list[int]:
+    """Merge int / list / None token id fields, keeping first-seen order."""
+    out: list[int] = []
+    for v in values:
+        for i in ([v] if isinstance(v, int) else v or []):
+            if i not in out:
+                out.append(i)
+    return out
