@@ -133,6 +133,29 @@ def llama3_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def spm_dir(tmp_path_factory):
+    """Llama-2/Mistral style: Metaspace pre-tokenizer, BPE with byte fallback, bos by post-processor."""
+    tk = RustTokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tk.train_from_iterator([t for t in CORPUS if t.isascii()] * 20, trainer=trainer)
+    spec = json.loads(tk.to_str())
+    vocab = spec["model"]["vocab"]
+    for b in range(256):  # the <0xNN> pieces byte fallback decodes through
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    spec["model"]["byte_fallback"] = True
+    spec["model"]["fuse_unk"] = True
+    tk = RustTokenizer.from_str(json.dumps(spec))
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B:1",
+                                                      special_tokens=[("<s>", tk.token_to_id("<s>"))])
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+           "unk_token": "<unk>", "chat_template": SIMPLE_TEMPLATE}
+    return _write(tmp_path_factory.mktemp("spm"), tk, cfg)
+
+
 def _hf(path):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(path))
@@ -140,7 +163,7 @@ def _hf(path):
 
 # ---- encode / decode against HF -------------------------------------------------------------
 
-@pytest.mark.parametrize("which", ["byte_bpe_dir", "llama3_dir"])
+@pytest.mark.parametrize("which", ["byte_bpe_dir", "llama3_dir", "spm_dir"])
 def test_encode_decode_match_hf(which, request):
     path = request.getfixturevalue(which)
     ours, hf = Tokenizer.from_dir(path), _hf(path)
@@ -274,8 +297,20 @@ def test_incremental_matches_full_decode(byte_bpe_dir, skip):
             assert "" in pieces  # at least one token only carried part of a character
 
 
-def test_incremental_with_prompt(byte_bpe_dir, llama3_dir):
-    for d in (byte_bpe_dir, llama3_dir):
+def test_incremental_spm_spaces_and_byte_fallback(spm_dir):
+    tok = Tokenizer.from_dir(spm_dir)
+    for text in STREAM_TEXTS + [" two  spaces and a leading one", "Hello world"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        detok = IncrementalDetokenizer(tok)
+        pieces = [detok.add(i) for i in ids]
+        assert "".join(pieces) + detok.flush() == tok.decode(ids)
+        assert not any("\ufffd" in p for p in pieces)
+    ids = tok.encode("日本", add_special_tokens=False)
+    assert all(tok.id_to_token(i).startswith("<0x") for i in ids[1:])  # byte fallback, 6 pieces
+
+
+def test_incremental_with_prompt(byte_bpe_dir, llama3_dir, spm_dir):
+    for d in (byte_bpe_dir, llama3_dir, spm_dir):
         tok = Tokenizer.from_dir(d)
         prompt = tok.encode("User said: 你好 👋 and")
         gen = tok.encode(" then 😀 ok 中文.", add_special_tokens=False)
