@@ -364,8 +364,8 @@ class OpenAIServer:
                 text = (prompts[i][0] or "") + c.text if req.echo else c.text
                 choices.append({
                     "index": i * req.n + c.index, "text": text,
-                    "logprobs": self._completion_logprobs(c.logprobs, req.logprobs, 0) if req.logprobs is not None
-                    else None,
+                    "logprobs": self._completion_logprobs(c.logprobs, c.token_ids, req.logprobs, 0)
+                    if req.logprobs is not None else None,
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
                 })
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model,
@@ -398,6 +398,7 @@ class OpenAIServer:
                 for c in out.outputs:
                     idx = i * req.n + c.index
                     st = states.setdefault(idx, _ChoiceState())
+                    tokens_before = st.num_tokens
                     delta, new_lps = st.advance(c, stops if not req.include_stop_str_in_output else [])
                     if st.num_sent_chunks == 0 and req.echo:
                         delta = (prompts[i][0] or "") + delta
@@ -405,7 +406,8 @@ class OpenAIServer:
                         continue
                     lp = None
                     if req.logprobs is not None:
-                        lp = self._completion_logprobs(new_lps, req.logprobs, st.offset_before)
+                        lp = self._completion_logprobs(new_lps, c.token_ids[tokens_before:], req.logprobs,
+                                                       st.offset_before)
                     st.num_sent_chunks += 1
                     cont = usage_now() if req.stream_options and req.stream_options.continuous_usage_stats else None
                     yield chunk([{"index": idx, "text": delta, "logprobs": lp,
@@ -420,10 +422,10 @@ class OpenAIServer:
             await gen.aclose()
         yield SSE_DONE
 
-    def _completion_logprobs(self, lps: list[dict] | None, k: int, offset: int) -> dict:
+    def _completion_logprobs(self, lps: list[dict] | None, token_ids: list[int], k: int, offset: int) -> dict:
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for d in lps or []:
-            chosen_id, chosen = _chosen(d)
+        for d, chosen_id in zip(lps or [], token_ids):
+            chosen = d[chosen_id]
             tok = self._token_str(chosen_id, chosen)
             out["tokens"].append(tok)
             out["token_logprobs"].append(_finite(chosen.logprob))
@@ -463,7 +465,7 @@ class OpenAIServer:
         for c in out.outputs:
             choices.append({
                 "index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": {"content": self._chat_logprobs(c.logprobs, req.top_logprobs or 0)}
+                "logprobs": {"content": self._chat_logprobs(c.logprobs, c.token_ids, req.top_logprobs or 0)}
                 if req.logprobs else None,
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
             })
@@ -500,11 +502,13 @@ class OpenAIServer:
             async for _, out in items():
                 for c in out.outputs:
                     st = states[c.index]
+                    tokens_before = st.num_tokens
                     delta, new_lps = st.advance(c, stops if not req.include_stop_str_in_output else [])
                     if not delta and not new_lps and not st.finish_now:
                         continue
                     choice = {"index": c.index, "delta": {"content": delta} if delta or not st.finish_now else {},
-                              "logprobs": {"content": self._chat_logprobs(new_lps, req.top_logprobs or 0)}
+                              "logprobs": {"content": self._chat_logprobs(new_lps, c.token_ids[tokens_before:],
+                                                                          req.top_logprobs or 0)}
                               if req.logprobs else None,
                               "finish_reason": c.finish_reason if st.finish_now else None}
                     if st.finish_now:
@@ -519,10 +523,10 @@ class OpenAIServer:
             await gen.aclose()
         yield SSE_DONE
 
-    def _chat_logprobs(self, lps: list[dict] | None, k: int) -> list[dict]:
+    def _chat_logprobs(self, lps: list[dict] | None, token_ids: list[int], k: int) -> list[dict]:
         content = []
-        for d in lps or []:
-            chosen_id, chosen = _chosen(d)
+        for d, chosen_id in zip(lps or [], token_ids):
+            chosen = d[chosen_id]
             tok = self._token_str(chosen_id, chosen)
             content.append({
                 "token": tok, "logprob": _finite(chosen.logprob), "bytes": list(tok.encode("utf-8")),
@@ -626,13 +630,6 @@ def _partial_stop_len(text: str, stops: list[str]) -> int:
                 best = k
                 break
     return best
-
-
-def _chosen(d: dict) -> tuple[int, Any]:
-    # The sampled token is the entry whose rank is not one of the top-k slots it may also
-    # occupy; the engine writes it last, so the dict's last key is the sampled token.
-    tid = next(reversed(d))
-    return tid, d[tid]
 
 
 def _top(d: dict, k: int) -> list[tuple[int, Any]]:
