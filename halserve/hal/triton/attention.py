@@ -1,0 +1,234 @@
+"""Paged, varlen, causal GQA attention over the KV cache, driven by AttentionMetadata.
+
+One kernel serves prefill chunks (with a cached prefix) and decode: a program takes
+``BLOCK_Q`` query tokens of one sequence and all ``G = Hq / Hk`` query heads that share one
+KV head, packed as ``BLOCK_M = BLOCK_Q * G`` rows (GQA packing: each K/V tile is loaded once
+for the whole group). Programs map to sequences by a binary search over ``cu_seqlens_q``, so
+the grid needs no host-side tile table and a captured graph stays valid as lengths change.
+
+Split-KV (decode of long contexts at small batch): ``NUM_SPLITS > 1`` gives each program an
+equal share of the key range and writes an unnormalised partial result; ``_merge_kernel``
+combines them. Key tiles are aligned to absolute positions, and a tile that is fully masked
+for a row leaves that row's state bit-for-bit unchanged, so with one split a row's result
+does not depend on which other rows share its program: batch-invariant mode uses one split
+and one fixed config.
+
+KV cache layout: [2, num_blocks, block_size, Hk, D] (the HAL default).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from halserve.hal.triton import configs
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _find_seq(cu_q_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
+    # largest i with cu_q[i] // BLOCK_Q + i <= pid: sequence i owns q-blocks from that start
+    lo = 0
+    hi = num_seqs
+    while lo < hi - 1:
+        mid = (lo + hi) // 2
+        start = tl.load(cu_q_ptr + mid) // BLOCK_Q + mid
+        if start <= pid:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@triton.jit
+def _attn_kernel(
+    q_ptr, q_st, q_sh, k_ptr, v_ptr, c_sb, c_st, c_sh,
+    o_ptr, o_st, o_sh, part_o_ptr, part_ml_ptr,
+    cu_q_ptr, seq_lens_ptr, bt_ptr, bt_stride,
+    scale_log2, num_seqs, window, HQ,
+    G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    DECODE_ONLY: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    if DECODE_ONLY:
+        seq = pid
+        qb = 0
+    else:
+        seq = _find_seq(cu_q_ptr, pid, num_seqs, BLOCK_Q)
+        qb = pid - (tl.load(cu_q_ptr + seq) // BLOCK_Q + seq)
+    q_start = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    if qb * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_len = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    qi = rows // G
+    head = kvh * G + rows % G
+    q_idx = qb * BLOCK_Q + qi  # index inside this sequence's query tokens
+    row_ok = (qi < BLOCK_Q) & (q_idx < q_len)
+    pos = ctx_len + q_idx  # absolute position of each row's token
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_D
+    tok = (q_start + q_idx).to(tl.int64)
+
+    q = tl.load(q_ptr + tok[:, None] * q_st + head[:, None] * q_sh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if IEEE:
+        q = q.to(tl.float32)
+
+    # key range of this program: up to the last row's position; absolute tile alignment
+    last_pos = ctx_len + tl.minimum((qb + 1) * BLOCK_Q, q_len) - 1
+    kv_hi = tl.minimum(last_pos + 1, seq_len)
+    kv_lo = 0
+    if SLIDING:
+        first_pos = ctx_len + qb * BLOCK_Q
+        kv_lo = tl.maximum(first_pos - window + 1, 0)
+        kv_lo = (kv_lo // BLOCK_N) * BLOCK_N
+    n_tiles = tl.cdiv(kv_hi - kv_lo, BLOCK_N)
+    if NUM_SPLITS > 1:
+        per = tl.cdiv(n_tiles, NUM_SPLITS)
+        t0 = split * per
+        t1 = tl.minimum(t0 + per, n_tiles)
+    else:
+        t0 = 0
+        t1 = n_tiles
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    bt_row = bt_ptr + seq.to(tl.int64) * bt_stride
+    for t in range(t0, t1):
+        kpos = kv_lo + t * BLOCK_N + offs_n
+        k_ok = kpos < kv_hi
+        blk = tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
+        coff = blk * c_sb + (kpos % PAGE) * c_st + kvh * c_sh
+        kt = tl.load(k_ptr + coff[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, kt.to(tl.float32), input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        s = s * scale_log2
+        ok = (kpos[None, :] <= pos[:, None]) & k_ok[None, :]
+        if SLIDING:
+            ok = ok & (kpos[None, :] > pos[:, None] - window)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + coff[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    if NUM_SPLITS > 1:
+        # partials: o [T, HQ, S, D] fp32 unnormalised, ml [T, HQ, S, 2]
+        prow = (tok * HQ + head) * NUM_SPLITS + split
+        tl.store(part_o_ptr + prow[:, None] * HEAD_D + d[None, :], acc,
+                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(part_ml_ptr + prow * 2, m_i, mask=row_ok)
+        tl.store(part_ml_ptr + prow * 2 + 1, l_i, mask=row_ok)
+    else:
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        tl.store(o_ptr + tok[:, None] * o_st + head[:, None] * o_sh + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_kernel(part_o_ptr, part_ml_ptr, o_ptr, o_st, o_sh, HQ,
+                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    s = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    base = (tok * HQ + head) * NUM_SPLITS
+    m = tl.load(part_ml_ptr + (base + s) * 2)
+    l = tl.load(part_ml_ptr + (base + s) * 2 + 1)
+    m_max = tl.max(m, axis=0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_safe)  # splits that saw no key have m=-inf -> weight 0
+    l_tot = tl.sum(l * w, axis=0)
+    po = tl.load(part_o_ptr + (base + s)[:, None] * HEAD_D + d[None, :], mask=(d < HEAD_D)[None, :], other=0.0)
+    acc = tl.sum(po * w[:, None], axis=0)
+    l_tot = tl.where(l_tot == 0.0, 1.0, l_tot)
+    tl.store(o_ptr + tok * o_st + head * o_sh + d, (acc / l_tot).to(o_ptr.dtype.element_ty), mask=d < HEAD_D)
+
+
+def _num_splits(num_seqs: int, hk: int, max_seqlen_k: int | None, block_n: int) -> int:
+    """Split the key range only when the grid would leave most of the chip idle."""
+    if configs.interpreting():
+        return 2 if (max_seqlen_k or 0) > 2 * block_n else 1
+    progs = num_seqs * hk
+    sms = configs.num_sms()
+    if progs >= sms:
+        return 1
+    splits = 1
+    while splits < 32 and progs * splits * 2 <= 2 * sms:
+        splits *= 2
+    if max_seqlen_k is not None:  # eager: no more splits than key tiles
+        tiles = triton.cdiv(max_seqlen_k, block_n)
+        while splits > 1 and splits > tiles:
+            splits //= 2
+    return splits
+
+
+def attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+              block_tables: torch.Tensor, block_size: int, max_seqlen_q: int, max_seqlen_k: int | None,
+              scale: float, sliding_window: int | None = None, out: torch.Tensor | None = None,
+              batch_invariant: bool = False) -> torch.Tensor:
+    """q [T, Hq, D] -> out [T, Hq, D]. ``max_seqlen_k=None`` means 'unknown' (graph capture):
+    the split count then depends on the batch shape only."""
+    T, HQ, D = q.shape
+    HK = kv_cache.shape[-2]
+    G = HQ // HK
+    num_seqs = seq_lens.shape[0]
+    if out is None:
+        out = torch.empty_like(q)
+    if T == 0 or num_seqs == 0:
+        return out
+    assert q.stride(-1) == 1 and out.stride(-1) == 1 and kv_cache.is_contiguous()
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    decode = max_seqlen_q == 1 and not batch_invariant
+    cfg = configs.attn_config(decode)
+    if decode:
+        block_q = 1
+        block_m = max(16, triton.next_power_of_2(G))
+    else:
+        block_m = max(cfg["block_m"], triton.next_power_of_2(G))
+        block_q = max(block_m // triton.next_power_of_2(G), 1)
+        if max_seqlen_q < block_q and not batch_invariant:  # short chunks: don't waste rows
+            block_q = triton.next_power_of_2(max_seqlen_q)
+            block_m = max(16, triton.next_power_of_2(block_q * G))
+    block_n = cfg["block_n"]
+    splits = 1 if batch_invariant or not decode else _num_splits(num_seqs, HK, max_seqlen_k, block_n)
+    grid0 = num_seqs if decode else T // block_q + num_seqs
+    if splits > 1:
+        part_o = torch.empty((T, HQ, splits, D), dtype=torch.float32, device=q.device)
+        part_ml = torch.empty((T, HQ, splits, 2), dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_ml = out
+    ieee = q.dtype == torch.float32
+    _attn_kernel[(grid0, HK, splits)](
+        q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        out, out.stride(0), out.stride(1), part_o, part_ml,
+        cu_seqlens_q, seq_lens, block_tables, block_tables.stride(0),
+        float(scale) * _LOG2E, num_seqs, int(sliding_window or 0), HQ,
+        G=G, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=int(block_size), HEAD_D=D,
+        BLOCK_D=triton.next_power_of_2(D), NUM_SPLITS=splits, DECODE_ONLY=decode,
+        SLIDING=bool(sliding_window), IEEE=ieee, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if splits > 1:
+        _merge_kernel[(T, HQ)](part_o, part_ml, out, out.stride(0), out.stride(1), HQ,
+                               HEAD_D=D, BLOCK_D=triton.next_power_of_2(D), NUM_SPLITS=splits, num_warps=4)
+    return out

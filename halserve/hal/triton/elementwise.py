@@ -1,0 +1,168 @@
+"""Small memory-bound kernels: rms_norm (+residual), rotary, silu_and_mul, write_kv.
+
+One program per token row; every reduction is over one row in a fixed order, so all of them
+are batch-invariant as written. Values are upcast to fp32 right after loading.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+# ---- rms_norm -----------------------------------------------------------------------------------
+@triton.jit
+def _rms_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_stride,
+                     h_ptr, h_stride, H, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        h = (x + r).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + row * h_stride + cols, h, mask=mask)
+        x = h.to(tl.float32)
+    var = tl.sum(x * x, axis=0) / H
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * out_stride + cols, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             out: torch.Tensor | None = None):
+    shape = x.shape
+    H = shape[-1]
+    x2 = x.reshape(-1, H)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    T = x2.shape[0]
+    o = out.view(-1, H) if out is not None else torch.empty((T, H), dtype=x.dtype, device=x.device)
+    if residual is not None:
+        r2 = residual.reshape(-1, H)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
+        h = torch.empty((T, H), dtype=x.dtype, device=x.device)
+    else:
+        r2, h = x2, o  # unused
+    if T:
+        BLOCK = _pow2(H)
+        _rms_norm_kernel[(T,)](x2, x2.stride(0), r2, r2.stride(0), weight, o, o.stride(0), h, h.stride(0),
+                               H, float(eps), HAS_RES=residual is not None, BLOCK=BLOCK,
+                               num_warps=min(max(BLOCK // 256, 1), 16))
+    o = o.view(shape)
+    if residual is not None:
+        return o, h.view(shape)
+    return o
+
+
+# ---- rotary -------------------------------------------------------------------------------------
+@triton.jit
+def _rotate(base, t_stride, h_stride, row, cos, sin, NH, HALF, NEOX: tl.constexpr,
+            BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    i = tl.arange(0, BLOCK_R)[None, :]
+    mask = (heads < NH) & (i < HALF)
+    if NEOX:
+        off1 = i
+        off2 = i + HALF
+    else:
+        off1 = 2 * i
+        off2 = 2 * i + 1
+    p = base + row * t_stride + heads * h_stride
+    x1 = tl.load(p + off1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(p + off2, mask=mask, other=0.0).to(tl.float32)
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    tl.store(p + off1, o1.to(base.dtype.element_ty), mask=mask)
+    tl.store(p + off2, o2.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(pos_ptr, q_ptr, q_st, q_sh, k_ptr, k_st, k_sh, cache_ptr, cache_stride,
+                   HQ, HK, HALF, NEOX: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + row).to(tl.int64)
+    i = tl.arange(0, BLOCK_R)[None, :]
+    cmask = i < HALF
+    cos = tl.load(cache_ptr + pos * cache_stride + i, mask=cmask, other=0.0).to(tl.float32)
+    sin = tl.load(cache_ptr + pos * cache_stride + HALF + i, mask=cmask, other=0.0).to(tl.float32)
+    _rotate(q_ptr, q_st, q_sh, row, cos, sin, HQ, HALF, NEOX, BLOCK_HQ, BLOCK_R)
+    _rotate(k_ptr, k_st, k_sh, row, cos, sin, HK, HALF, NEOX, BLOCK_HK, BLOCK_R)
+
+
+def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+           is_neox: bool = True) -> None:
+    T = q.shape[0]
+    assert q.stride(-1) == 1 and k.stride(-1) == 1, "rotary needs the head dim contiguous"
+    HQ, HK = q.shape[1], k.shape[1]
+    half = cos_sin_cache.shape[-1] // 2
+    if T == 0:
+        return
+    _rotary_kernel[(T,)](positions, q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1),
+                         cos_sin_cache, cos_sin_cache.stride(0), HQ, HK, half, NEOX=bool(is_neox),
+                         BLOCK_HQ=_pow2(HQ), BLOCK_HK=_pow2(HK), BLOCK_R=_pow2(half), num_warps=4)
+
+
+# ---- silu_and_mul -------------------------------------------------------------------------------
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, x_stride, out_ptr, out_stride, I, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < I
+    g = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * x_stride + I + cols, mask=mask, other=0.0).to(tl.float32)
+    y = g / (1.0 + tl.exp(-g)) * u
+    tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    shape = x.shape
+    I = shape[-1] // 2
+    x2 = x.reshape(-1, 2 * I)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    T = x2.shape[0]
+    o = out if out is not None else torch.empty((*shape[:-1], I), dtype=x.dtype, device=x.device)
+    o2 = o.view(-1, I)
+    if T:
+        BLOCK = min(_pow2(I), 1024)
+        _silu_and_mul_kernel[(T, triton.cdiv(I, BLOCK))](x2, x2.stride(0), o2, o2.stride(0), I,
+                                                          BLOCK=BLOCK, num_warps=4)
+    return o
+
+
+# ---- write_kv -----------------------------------------------------------------------------------
+@triton.jit
+def _write_kv_kernel(k_ptr, k_st, k_sh, v_ptr, v_st, v_sh, cache_ptr, v_off, slot_ptr,
+                     HK, D, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + row).to(tl.int64)
+    if slot >= 0:
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        mask = (h < HK) & (d < D)
+        # cache is [2, blocks, block_size, HK, D] contiguous: token slot s starts at s * HK * D
+        dst = cache_ptr + slot * HK * D + h * D + d
+        kk = tl.load(k_ptr + row * k_st + h * k_sh + d, mask=mask)
+        vv = tl.load(v_ptr + row * v_st + h * v_sh + d, mask=mask)
+        tl.store(dst, kk.to(cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + v_off, vv.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    T, HK, D = key.shape
+    assert kv_cache.is_contiguous() and kv_cache.shape[-2:] == (HK, D), \
+        f"kv_cache {tuple(kv_cache.shape)} must be contiguous [2, blocks, block_size, {HK}, {D}]"
+    assert key.stride(-1) == 1 and value.stride(-1) == 1
+    if T == 0:
+        return
+    v_off = kv_cache[0].numel()
+    _write_kv_kernel[(T,)](key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),
+                           kv_cache, v_off, slot_mapping, HK, D, BLOCK_H=_pow2(HK), BLOCK_D=_pow2(D),
+                           num_warps=4)

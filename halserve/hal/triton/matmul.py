@@ -1,0 +1,187 @@
+"""GEMMs in Triton: the persistent fixed-tile matmul of batch-invariant mode, and FP8 W8A8.
+
+Persistent matmul: ``NUM_SMS`` programs walk the output tiles in a fixed order; tiles come
+from ``configs.matmul_fixed_config(N, K)`` (weight shape only), and K is reduced in one
+program in ascending BLOCK_K steps (no split-K), so row i of ``x @ W^T`` is bitwise the same
+whatever else is in the batch.
+
+FP8: ``a`` [M, K] e4m3 with scale [1] (per-tensor) or [M] (per-token), ``b`` [N, K] e4m3
+with scale [1] or [N] (per-channel); fp32 accumulation, scales applied once at the end.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from halserve.hal.triton import configs
+
+FP8_MAX = 448.0  # e4m3fn
+
+
+@triton.jit
+def _persistent_mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, s_am, s_ak, s_bn, s_bk, s_cm, s_cn,
+                          NUM_PROGS, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    total = num_m * num_n
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile in range(pid, total, NUM_PROGS):
+        # neighbouring programs share a weight tile (m fastest), so it is read from HBM once
+        pm = tile % num_m
+        pn = tile // num_m
+        rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+        a_rows = a_ptr + rm[:, None].to(tl.int64) * s_am
+        b_cols = b_ptr + rn[None, :].to(tl.int64) * s_bn
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            a = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+            b = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+            if IEEE:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(c_ptr + rm[:, None].to(tl.int64) * s_cm + rn[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def persistent_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ w[N, K]^T (+ bias) with batch-invariant fixed tiles."""
+    M, K = x.shape
+    N = w.shape[0]
+    if out is None:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out
+    cfg = configs.matmul_fixed_config(N, K)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    progs = min(tiles, configs.num_sms() * 2)
+    _persistent_mm_kernel[(progs,)](
+        x, w, out, bias if bias is not None else x, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        out.stride(0), out.stride(1), progs, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+# ---- FP8 ----------------------------------------------------------------------------------------
+@triton.jit
+def _fp8_mm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, s_am, s_bn, s_cm,
+                   A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                   UPCAST: tl.constexpr, W_ONLY: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    gid = pid // group
+    first_m = gid * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pm = first_m + (pid % group) % gsize
+    pn = (pid % group) // gsize
+    rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_p = a_ptr + rm[:, None].to(tl.int64) * s_am + rk[None, :]
+    b_p = b_ptr + rn[None, :].to(tl.int64) * s_bn + rk[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_p, mask=(rm[:, None] < M) & (rk[None, :] + k0 < K), other=0.0)
+        b = tl.load(b_p, mask=(rk[:, None] + k0 < K) & (rn[None, :] < N), other=0.0)
+        if W_ONLY:  # a is bf16/fp16/fp32: upcast the fp8 weight tile
+            if UPCAST:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b.to(a.dtype), acc)
+        elif UPCAST:  # interpreter / pre-sm_89: no fp8 dot
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_p += BLOCK_K
+        b_p += BLOCK_K
+    if W_ONLY:
+        sa = 1.0
+    elif A_PER_ROW:
+        sa = tl.load(as_ptr + rm, mask=rm < M, other=0.0)[:, None]
+    else:
+        sa = tl.load(as_ptr)
+    if B_PER_COL:
+        sb = tl.load(bs_ptr + rn, mask=rn < N, other=0.0)[None, :]
+    else:
+        sb = tl.load(bs_ptr)
+    acc = acc * sa * sb
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + rm[:, None].to(tl.int64) * s_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.Tensor, b_scale: torch.Tensor,
+               out_dtype: torch.dtype, bias: torch.Tensor | None = None,
+               out: torch.Tensor | None = None, fixed: bool = False) -> torch.Tensor:
+    """a_scale None: ``a`` is not quantized (weight-only fp8: the weight tile is upcast).
+    ``fixed``: one config for every M (batch-invariant mode)."""
+    M, K = a.shape
+    N = b.shape[0]
+    assert a.stride(1) == 1 and b.stride(1) == 1
+    if out is None:
+        out = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    if M == 0:
+        return out
+    cfg = configs.fp8_matmul_config(64 if fixed else M, N, K)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    upcast = configs.interpreting() or configs.arch() in ("sm80", "sm86", "sm87")
+    w_only = a_scale is None
+    _fp8_mm_kernel[grid](a, b, out, b_scale if w_only else a_scale, b_scale,
+                         bias if bias is not None else out, M, N, K,
+                         a.stride(0), b.stride(0), out.stride(0), W_ONLY=w_only,
+                         A_PER_ROW=not w_only and a_scale.numel() > 1, B_PER_COL=b_scale.numel() > 1, HAS_BIAS=bias is not None,
+                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], UPCAST=upcast,
+                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+@triton.jit
+def _quant_per_token_kernel(x_ptr, s_x, q_ptr, s_q, scale_ptr, K, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    amax = 0.0
+    for k0 in range(0, K, BLOCK):
+        cols = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * s_x + cols, mask=cols < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
+    scale = tl.maximum(amax, 1e-12) / 448.0
+    tl.store(scale_ptr + row, scale)
+    for k0 in range(0, K, BLOCK):
+        cols = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * s_x + cols, mask=cols < K, other=0.0).to(tl.float32)
+        qv = tl.clamp(x / scale, -448.0, 448.0)
+        tl.store(q_ptr + row * s_q + cols, qv.to(q_ptr.dtype.element_ty), mask=cols < K)
+
+
+def quant_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], scale [M] fp32) with x ~= q * scale[:, None]."""
+    M, K = x.shape
+    if configs.interpreting():  # the interpreter rounds fp8 wrongly at binade edges
+        s = (x.float().abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX)
+        return (x.float() / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s
+    q = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((M,), dtype=torch.float32, device=x.device)
+    if M:
+        BLOCK = min(triton.next_power_of_2(K), 4096)
+        _quant_per_token_kernel[(M,)](x, x.stride(0), q, q.stride(0), s, K, BLOCK=BLOCK, num_warps=8)
+    return q, s
+
+
+def quant_fp8_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-tensor quantization without a host sync."""
+    s = (x.abs().amax().float().clamp(min=1e-12) / FP8_MAX).reshape(1)
+    q = (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, s
