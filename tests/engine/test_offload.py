@@ -1,0 +1,197 @@
+"""KV offload tiers: layout probing, host and filesystem tiers (LRU, budgets, file checks,
+restart), the manager's lookup/prefetch, and end to end through the engine."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from halserve.engine.offload import (
+    FileSystemTier,
+    HostMemoryTier,
+    KVLayout,
+    OffloadManager,
+    encode_block_file,
+)
+from halserve.hal.native import NativeBackend
+
+BS, HK, D, L = 4, 2, 8, 3
+SHAPE = (2, L, BS, HK, D)
+
+
+class TransposedBackend(NativeBackend):
+    """Native ops over a different KV layout, [2, blocks, kv_heads, block_size, head_dim],
+    to prove that stored blocks do not depend on a backend's layout."""
+
+    name = "native_kvt"
+
+    def kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_dim):
+        return (2, num_blocks, num_kv_heads, block_size, head_dim)
+
+    def write_kv(self, key, value, kv_cache, slot_mapping):
+        nat = kv_cache.transpose(2, 3).contiguous()
+        super().write_kv(key, value, nat, slot_mapping)
+        kv_cache.copy_(nat.transpose(2, 3))
+
+    def attention(self, q, kv_cache, meta, scale, out=None):
+        return super().attention(q, kv_cache.transpose(2, 3).contiguous(), meta, scale, out)
+
+
+def h(i: int) -> bytes:
+    return i.to_bytes(32, "little")
+
+
+def block(seed: int, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(SHAPE, generator=g).to(dtype)
+
+
+def toks(i: int) -> tuple[int, ...]:
+    return tuple(range(i * BS, (i + 1) * BS))
+
+
+# ---- layout --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_layout_probe_and_cross_backend_copy(dtype):
+    nat, tr = NativeBackend(), TransposedBackend()
+    a = KVLayout(nat, BS, HK, D, dtype, "cpu")
+    b = KVLayout(tr, BS, HK, D, dtype, "cpu")
+    assert a.identity and not b.identity
+    src = [torch.randn(nat.kv_cache_shape(6, BS, HK, D)).to(dtype) for _ in range(L)]
+    dst = [torch.zeros(tr.kv_cache_shape(5, BS, HK, D), dtype=dtype) for _ in range(L)]
+    ma = OffloadManager(nat, a, L, b"fp")
+    mb = OffloadManager(tr, b, L, b"fp")
+    assert ma.fingerprint == mb.fingerprint  # the layout is not part of the key
+    blocks = ma.gather(src, [4, 1])
+    mb.scatter(dst, [0, 3], list(blocks))
+    for layer in range(L):
+        assert torch.equal(dst[layer][:, 0].transpose(1, 2), src[layer][:, 4])
+        assert torch.equal(dst[layer][:, 3].transpose(1, 2), src[layer][:, 1])
+    assert torch.equal(mb.gather(dst, [0, 3]), blocks)
+
+
+# ---- host tier -----------------------------------------------------------------------------
+
+def test_host_tier_lru_and_budget():
+    t = HostMemoryTier(SHAPE, torch.float32, 3 * block(0).numel() * 4 + 100)
+    assert t.num_slots == 3
+    for i in range(3):
+        t.store(h(i), block(i), toks(i))
+    assert t.load(h(0))[0].equal(block(0))  # 0 is now the most recent
+    t.store(h(3), block(3), toks(3))  # evicts 1, the least recently used
+    assert not t.lookup(h(1)) and t.lookup(h(0)) and t.lookup(h(3))
+    got, tk = t.load(h(3))
+    assert got.equal(block(3)) and tk == toks(3)
+    assert t.load(h(1)) is None
+    s = t.stats_dict()
+    assert (s["hits"], s["misses"], s["evictions"], s["blocks"]) == (2, 1, 1, 3)
+    with pytest.raises(ValueError, match="kv_offload_host_bytes"):
+        HostMemoryTier(SHAPE, torch.float32, 10)
+
+
+# ---- filesystem tier ------------------------------------------------------------------------
+
+def disk(tmp_path, fp=b"f" * 32, budget=1 << 20, dtype=torch.float32):
+    return FileSystemTier(tmp_path, fp, SHAPE, dtype, budget)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_disk_roundtrip_and_restart(tmp_path, dtype):
+    t = disk(tmp_path, dtype=dtype)
+    for i in range(4):
+        t.store(h(i), block(i, dtype), toks(i))
+    t.close()
+    assert not list(tmp_path.rglob("*.tmp"))
+    t2 = disk(tmp_path, dtype=dtype)  # a restart: the index comes from the directory
+    assert len(t2) == 4
+    for i in range(4):
+        got, tk = t2.load(h(i))
+        assert got.dtype == dtype and got.equal(block(i, dtype)) and tk == toks(i)
+    assert t2.stats.hits == 4 and t2.stats.bad_files == 0
+    other = disk(tmp_path, fp=b"g" * 32, dtype=dtype)  # another model: another directory
+    assert len(other) == 0
+    t2.close(), other.close()
+
+
+def _corrupt(path, how):
+    data = bytearray(path.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0x40
+    elif how == "truncate":
+        data = data[: len(data) - 7]
+    elif how == "magic":
+        data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "magic", "fingerprint", "empty"])
+def test_bad_files_are_misses_and_removed(tmp_path, how):
+    fp = b"f" * 32
+    t = disk(tmp_path, fp=fp)
+    t.store(h(1), block(1), toks(1))
+    t.flush()
+    p = t.path(h(1))
+    if how == "fingerprint":  # a well-formed file with a valid checksum, for another model
+        p.write_bytes(encode_block_file(b"x" * 32, h(1), block(1), toks(1)))
+    elif how == "empty":
+        p.write_bytes(b"")
+    else:
+        _corrupt(p, how)
+    assert t.load(h(1)) is None
+    assert t.stats.bad_files == 1 and not p.exists() and not t.lookup(h(1))
+    t.close()
+
+
+def test_disk_budget_holds(tmp_path):
+    one = len(encode_block_file(b"f" * 32, h(0), block(0), toks(0)))
+    t = disk(tmp_path, budget=int(one * 3.5))
+    for i in range(10):
+        t.store(h(i), block(i), toks(i))
+        if i == 1:
+            t.flush()
+            t.load(h(0))  # 0 becomes recent: 1 goes first
+    t.flush()
+    on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*.kv"))
+    assert on_disk <= int(one * 3.5) and len(t) == 3 and t.used_bytes() == on_disk
+    assert [t.lookup(h(i)) for i in range(10)] == [False] * 7 + [True] * 3
+    assert t.stats.evictions == 7
+    t.close()
+
+
+# ---- manager --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("async_disk", [False, True])
+def test_manager_write_through_lookup_and_promotion(tmp_path, async_disk):
+    nat = NativeBackend()
+    lay = KVLayout(nat, BS, HK, D, torch.float32, "cpu")
+    caches = [torch.randn(nat.kv_cache_shape(8, BS, HK, D)) for _ in range(L)]
+    m = OffloadManager(nat, lay, L, b"model", host_bytes=lay.numel * 2 * L * 4 * 2,  # 2 blocks
+                       disk_dir=str(tmp_path), async_disk=async_disk)
+    m.save(caches, [(i, h(i), toks(i)) for i in range(4)])
+    m.flush()
+    assert len(m.host) == 2 and len(m.disk) == 4
+    hashes = [h(i) for i in range(5)]  # block 4 is nowhere
+    res = m.lookup(hashes, toks)
+    while res.pending:
+        m.wait_pending(1.0)
+        res = m.lookup(hashes, toks)
+    assert [x for x, _ in res.blocks] == hashes[:4]
+    ref = m.gather(caches, [0, 1, 2, 3])
+    assert all(torch.equal(b, ref[i]) for i, (_, b) in enumerate(res.blocks))
+    # 0 and 1 came from disk and were promoted to host, pushing out older host blocks
+    assert m.disk.stats.hits >= 2 and m.host.stats.stores > 4 and len(m.host) == 2
+    # a token mismatch (a hash collision, in theory) stops the prefix
+    res = m.lookup(hashes, lambda i: toks(i + 1) if i == 1 else toks(i))
+    while res.pending:
+        m.wait_pending(1.0)
+        res = m.lookup(hashes, lambda i: toks(i + 1) if i == 1 else toks(i))
+    assert len(res.blocks) == 1 and m.token_mismatches == 1
+    fresh = [torch.zeros_like(c) for c in caches]
+    m.scatter(fresh, [5, 6], [ref[0], ref[3]])
+    for c, f in zip(caches, fresh):
+        assert torch.equal(f[:, 5], c[:, 0]) and torch.equal(f[:, 6], c[:, 3])
+    st = m.stats()
+    assert st["blocks_saved"] == 4 and st["blocks_loaded"] == 2 and st["disk"]["stores"] == 4
+    m.close()
