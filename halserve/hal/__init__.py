@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from halserve.hal.interface import Backend
 
 __all__ = ["KNOWN_BACKENDS", "PREFERENCE", "OPS", "ProbeResult", "available", "select", "current",
-           "register", "backend_class", "parse_backend_name"]
+           "register", "create", "backend_class", "interpreter_ok", "parse_backend_name"]
 
 logger = logging.getLogger("halserve")
 
@@ -163,22 +163,10 @@ def select(name: str | None = None, batch_invariant: bool = False) -> "Backend":
     forced = name or os.environ.get(ENV_VAR) or None
     rows = available()
     if forced:
-        bname, index = parse_backend_name(forced)
-        match = [r for r in rows if r[0] == bname]
-        if not match:
-            raise BackendUnavailable(f"unknown backend {bname!r}; known: {', '.join(r[0] for r in rows)}")
-        _, cls, result = match[0]
-        device = _device(result.device, index)
-        if cls is not None and result.score <= 0 and _interpreter_ok(cls):
-            device = "cpu"
-            why = f"forced ({forced}); probe says {result.reason!r} but it runs in interpreter mode"
-        elif cls is None or result.score <= 0:
-            raise BackendUnavailable(f"backend {bname!r} cannot run here: {result.reason}")
-        else:
-            why = f"forced by {'argument' if name else ENV_VAR}={forced}; probe: {result.reason}"
-        backend = _start(bname, cls, device, batch_invariant)
-        if isinstance(backend, str):
-            raise BackendUnavailable(backend)
+        backend, why = _create(forced, rows, batch_invariant)
+        bname, device = parse_backend_name(forced)[0], backend.device
+        if not name:
+            why = f"{ENV_VAR}={forced}; {why}"
     else:
         usable = sorted((r for r in rows if r[1] is not None and r[2].score > 0),
                         key=lambda r: (-r[2].score, _rank(r[0])))
@@ -198,6 +186,40 @@ def select(name: str | None = None, batch_invariant: bool = False) -> "Backend":
     logger.info("HAL backend %s on %s (%s) [others: %s]", bname, device, why, others or "none")
     _current = backend
     return backend
+
+
+def create(name: str, batch_invariant: bool = False) -> "Backend":
+    """An instance of the named backend ('name' or 'name:index') without making it
+    current: the forced path of ``select``. Raises ``BackendUnavailable`` with the probe's
+    reason when it cannot run here (unless its class says ``interpreter_ok()``)."""
+    return _create(name, available(), batch_invariant)[0]
+
+
+def _create(forced: str, rows, batch_invariant: bool) -> "tuple[Backend, str]":
+    from halserve.errors import BackendUnavailable
+
+    bname, index = parse_backend_name(forced)
+    match = [r for r in rows if r[0] == bname]
+    if not match:
+        raise BackendUnavailable(f"unknown backend {bname!r}; known: {', '.join(r[0] for r in rows)}")
+    _, cls, result = match[0]
+    device = _device(result.device, index)
+    if cls is not None and result.score <= 0 and _interpreter_ok(cls):
+        device = "cpu"
+        why = f"forced; probe says {result.reason!r} but it runs in interpreter mode"
+    elif cls is None or result.score <= 0:
+        raise BackendUnavailable(f"backend {bname!r} cannot run here: {result.reason}")
+    else:
+        why = f"forced; probe: {result.reason}"
+    backend = _start(bname, cls, device, batch_invariant)
+    if isinstance(backend, str):
+        raise BackendUnavailable(backend)
+    return backend, why
+
+
+def interpreter_ok(cls: type) -> bool:
+    """True when a backend class can run its kernels in an interpreter on the CPU."""
+    return _interpreter_ok(cls)
 
 
 def _start(name: str, cls: type, device: str, batch_invariant: bool) -> "Backend | str":
