@@ -1,0 +1,58 @@
+"""The CLI as a user runs it: probe, generate, and one-line errors without tracebacks."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.checkpoints import make_checkpoint
+
+
+def halserve(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "halserve.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_probe_names_native_with_reasons():
+    r = halserve("probe", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    text = json.dumps(data)
+    assert "native" in text
+    r = halserve("probe")
+    assert r.returncode == 0
+    lines = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.strip()}
+    assert "*" in lines["native"]
+    for name in ("cuda", "rocm", "cpu_amx", "riscv_rvv"):
+        assert name in lines and len(lines[name].split()) > 2  # every other backend has a reason
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint("llama", tmp_path_factory.mktemp("cli"))
+
+
+def test_generate_matches_llm(ckpt):
+    from halserve import LLM, SamplingParams
+
+    r = halserve("generate", str(ckpt), "--prompt", "the cat", "--max-tokens", "12", "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    want = LLM(str(ckpt), dtype="float32").generate(["the cat"], SamplingParams(temperature=0, max_tokens=12))
+    assert r.stdout.rstrip("\n") == "the cat" + want[0].outputs[0].text
+    assert "backend" in r.stderr  # the start-up line names the backend
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["generate", "/no/such/dir"], "not a directory"),
+    (["generate", "{ckpt}", "--temperature", "-1"], "temperature"),
+    (["generate", "{ckpt}", "--dtype", "int3"], "dtype"),
+    (["generate", "{ckpt}", "--backend", "riscv_rvv"], "riscv_rvv"),
+])
+def test_errors_are_one_line(ckpt, args, needle):
+    r = halserve(*[a.format(ckpt=ckpt) for a in args])
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    err = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert len(err) == 1 and needle in err[0]
