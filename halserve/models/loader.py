@@ -32,6 +32,9 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 @dataclass(slots=True)
 class ModelConfig:
+    """What the engine needs to know about a checkpoint; ``hf_config`` is config.json as is.
+    ``eos_token_ids`` merges config.json's and generation_config.json's (int or list)."""
+
     path: str
     architecture: str
     hf_config: dict

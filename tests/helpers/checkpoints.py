@@ -46,8 +46,9 @@ PRESETS: dict[str, tuple[str, dict, str | None]] = {
     "mixtral": ("MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
                 "150KB"),
     "qwen3_moe": ("Qwen3MoeForCausalLM", dict(
-        head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
-        decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False), None),
+        # Mixtral covers renormalised top-k; layer 0 keeps a dense MLP
+        head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False,
+        decoder_sparse_step=1, mlp_only_layers=[0], use_sliding_window=False), None),
 }
 DEFAULT_PRESET = {arch: name for name, (arch, _, _) in reversed(PRESETS.items())}
 
@@ -62,6 +63,7 @@ def make_checkpoint(arch: str, path, seed: int = 0, *, dtype: str = "float32",
     import torch
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     hf_arch, preset, shard = PRESETS[DEFAULT_PRESET.get(arch, arch)]
     config_cls = getattr(transformers, hf_arch.replace("ForCausalLM", "Config"))
     config = config_cls(**{**_COMMON, **preset, **config_overrides})
