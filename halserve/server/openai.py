@@ -182,14 +182,15 @@ class OpenAIServer:
                 raise P.OpenAIError(f"{param}: token id {bad} is out of range; valid ids are "
                                     f"0..{self.vocab_size - 1}", param=param, code="invalid_token_id")
 
-    def _max_tokens(self, n_prompt: int, requested: int | None, explicit: bool, param: str) -> int | None:
+    def _max_tokens(self, n_prompt: int, requested: int | None, explicit: bool, param: str,
+                    prompt_param: str = "prompt") -> int | None:
         """max_tokens for the engine; a 400 if the prompt (plus an explicit max_tokens) does not fit."""
         limit = self.max_model_len
         if n_prompt >= limit:
             raise P.OpenAIError(
                 f"This model's maximum context length is {limit} tokens. However, your prompt has "
                 f"{n_prompt} tokens, which leaves no room for the completion. Shorten the prompt.",
-                param="messages" if param == "max_completion_tokens" else "prompt",
+                param=prompt_param,
                 code="context_length_exceeded")
         room = limit - n_prompt
         if requested is None:
@@ -452,7 +453,7 @@ class OpenAIServer:
         self._check_ids(ids, "messages")
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.requested_max_tokens
-        max_tokens = self._max_tokens(len(ids), requested, requested is not None, param)
+        max_tokens = self._max_tokens(len(ids), requested, requested is not None, param, "messages")
         params = self._params(req.sampling_kwargs(max_tokens, req.num_logprobs))
         rid = req.request_id or P.random_id("chatcmpl")
         created = P.now()

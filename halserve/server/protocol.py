@@ -161,7 +161,7 @@ class _Sampling(_Request):
 
 class CompletionRequest(_Sampling):
     # str | list[str] | list[int] | list[list[int]]; checked by hand for one clear message
-    prompt: Any = None
+    prompt: Any = Field(...)
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
