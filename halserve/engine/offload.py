@@ -20,6 +20,7 @@ model, dtype and block geometry match; the tier fingerprint says so.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -507,11 +508,14 @@ class LookupResult:
     ``pending``: more of the prefix is being read from disk; ask again next step."""
 
     blocks: list[tuple[bytes, torch.Tensor]] = field(default_factory=list)
+    tokens: list[tuple[int, ...]] = field(default_factory=list)
     pending: bool = False
 
 
 class OffloadManager:
     """Tiers in order (host, then disk) plus the device copies, for one engine."""
+
+    READY_TTL_S = 60.0  # prefetched blocks nobody asked for again (aborted requests) expire
 
     def __init__(self, hal: "Backend", layout: KVLayout, num_layers: int, model_fingerprint: bytes, *,
                  host_bytes: int = 0, disk_dir: str | None = None, disk_bytes: int = 16 << 30,
@@ -534,7 +538,9 @@ class OffloadManager:
         self.async_disk = async_disk
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="halserve-kv-prefetch") if async_disk else None
         self._inflight: dict[bytes, Future] = {}
-        self._ready: OrderedDict[bytes, tuple[torch.Tensor, tuple[int, ...]]] = OrderedDict()
+        # read by the prefetch thread (or given back), waiting for the next lookup: hash ->
+        # (block, tokens, when); entries of abandoned requests age out
+        self._ready: OrderedDict[bytes, tuple[torch.Tensor, tuple[int, ...], float]] = OrderedDict()
         self._lock = threading.Lock()
         # engine-side counters
         self.blocks_saved = 0
@@ -616,6 +622,8 @@ class OffloadManager:
             with self._lock:
                 got = self._ready.pop(h, None)
                 inflight = h in self._inflight
+            if got is not None:
+                got = got[:2]
             if got is None and inflight:
                 res.pending = True
                 break
@@ -645,16 +653,21 @@ class OffloadManager:
                 self.token_mismatches += 1
                 break
             res.blocks.append((h, block))
+            res.tokens.append(toks)
         if to_fetch:
             self._submit(to_fetch)
         if res.pending:
             self.deferred += 1
             # keep what is already found for the next try; nothing is lost
-            with self._lock:
-                for h, b in res.blocks:
-                    self._ready[h] = (b, tuple(tokens(hashes.index(h))))
-            res.blocks = []
+            self.give_back(res)
+            res.blocks, res.tokens = [], []
         return res
+
+    def give_back(self, res: LookupResult) -> None:
+        """Keep looked-up blocks that could not be used this step for the next lookup."""
+        with self._lock:
+            for (h, b), t in zip(res.blocks, res.tokens):
+                self._ready[h] = (b, t, time.monotonic())
 
     def _promote(self, h: bytes) -> "tuple[torch.Tensor, tuple[int, ...]] | None":
         got = self.disk.load(h)
@@ -664,6 +677,9 @@ class OffloadManager:
 
     def _submit(self, hashes: list[bytes]) -> None:
         with self._lock:
+            old = time.monotonic() - self.READY_TTL_S
+            while self._ready and next(iter(self._ready.values()))[2] < old:
+                self._ready.popitem(last=False)
             new = [h for h in hashes if h not in self._inflight]
             if not new:
                 return
@@ -677,9 +693,7 @@ class OffloadManager:
                 got = self._promote(h)
                 with self._lock:
                     if got is not None:
-                        self._ready[h] = got
-                        while len(self._ready) > 4096:  # abandoned prefetches (aborted requests)
-                            self._ready.popitem(last=False)
+                        self._ready[h] = (*got, time.monotonic())
                 if got is None:
                     break  # the rest of the prefix is unusable without this block
         finally:
@@ -698,6 +712,19 @@ class OffloadManager:
             except Exception:
                 pass
             return
+
+    def blocks_to_save(self, seq, new: list[tuple[int, bytes]], block_size: int
+                       ) -> list[tuple[int, bytes, tuple[int, ...]]]:
+        """Of the blocks ``KVCacheManager.commit`` just registered for ``seq``, those to
+        write through: prompt blocks (and generated ones with ``offload_generated``)."""
+        limit = None if self.offload_generated else seq.num_prompt_tokens // block_size
+        index = {h: i for i, h in enumerate(seq.block_hashes[:limit])}
+        out = []
+        for bid, h in new:
+            i = index.get(h)
+            if i is not None:
+                out.append((bid, h, tuple(seq.token_ids[i * block_size:(i + 1) * block_size])))
+        return out
 
     # ---- housekeeping -----------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -724,3 +751,25 @@ class OffloadManager:
                  lookups=self.lookups, deferred_admissions=self.deferred,
                  bad_files=sum(t.stats.bad_files for t in self.tiers))
         return d
+
+
+def build_offload(config, hal: "Backend", model_config, device, model_fingerprint: bytes
+                  ) -> "OffloadManager | None":
+    """The engine's offload manager from ``EngineConfig``, or None when no tier is set."""
+    if not (config.kv_offload_host_bytes or config.kv_offload_dir):
+        return None
+    if not config.enable_prefix_caching:
+        logger.warning("KV offload needs the prefix cache (block hashes); it is off, so offload is off")
+        return None
+    mc = model_config
+    layout = KVLayout(hal, config.block_size, mc.num_kv_heads, mc.head_dim, mc.dtype, device)
+    m = OffloadManager(hal, layout, mc.num_layers, model_fingerprint,
+                       host_bytes=config.kv_offload_host_bytes, disk_dir=config.kv_offload_dir,
+                       disk_bytes=config.kv_offload_disk_bytes)
+    atexit.register(m.flush)  # queued disk writes land before the process exits
+    logger.info("KV offload: host %s, disk %s (%s); %d bytes a block, %s layout",
+                f"{m.host.num_slots} blocks" if m.host else "off",
+                m.disk.dir if m.disk else "off",
+                f"{len(m.disk)} blocks found" if m.disk else "-", m.block_bytes,
+                "native" if layout.identity else "permuted")
+    return m

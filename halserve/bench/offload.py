@@ -1,0 +1,192 @@
+"""``halserve bench offload``: time to first token of one long prompt when its KV is
+recomputed, loaded from the host tier, and loaded from the filesystem tier (page cache warm,
+and cold: the files dropped from the page cache first), as ratios to recompute.
+
+The model is a random-weight Llama written at bench time (safetensors + config.json, no
+download, no transformers). ``--reuse-backend`` adds a row where the files written on
+``--backend`` are read by another backend after a restart (e.g. written on cuda, read on
+native), which is the hardware-neutral path.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-len", type=int, default=8192, help="prompt tokens (default 8192)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=704)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--dtype", default="float32", help="model and KV dtype")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per case; the median is reported")
+    p.add_argument("--backend", default=None, help="HAL backend (default: the probe's choice)")
+    p.add_argument("--reuse-backend", default=None,
+                   help="also time a restart on this backend reading the files written on --backend")
+    p.add_argument("--dir", default=None, help="filesystem tier directory (default: a temp dir, removed)")
+    p.add_argument("--model-dir", default=None, help="where to write the random model (default: temp)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def write_random_llama(path: Path, args, seed: int = 0) -> Path:
+    """A random LlamaForCausalLM checkpoint the engine's loader reads like any HF one."""
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    h, hd = args.hidden, args.hidden // args.heads
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).contiguous()
+
+    w = {"model.embed_tokens.weight": rnd(args.vocab, h), "model.norm.weight": torch.ones(h),
+         "lm_head.weight": rnd(args.vocab, h)}
+    for i in range(args.layers):
+        p = f"model.layers.{i}."
+        w.update({
+            p + "self_attn.q_proj.weight": rnd(args.heads * hd, h),
+            p + "self_attn.k_proj.weight": rnd(args.kv_heads * hd, h),
+            p + "self_attn.v_proj.weight": rnd(args.kv_heads * hd, h),
+            p + "self_attn.o_proj.weight": rnd(h, args.heads * hd),
+            p + "mlp.gate_proj.weight": rnd(args.intermediate, h),
+            p + "mlp.up_proj.weight": rnd(args.intermediate, h),
+            p + "mlp.down_proj.weight": rnd(h, args.intermediate),
+            p + "input_layernorm.weight": torch.ones(h),
+            p + "post_attention_layernorm.weight": torch.ones(h),
+        })
+    dtype = getattr(torch, args.dtype)
+    save_file({k: v.to(dtype) for k, v in w.items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
+        "intermediate_size": args.intermediate, "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads,
+        "vocab_size": args.vocab, "max_position_embeddings": args.prompt_len + 64,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": args.dtype,
+    }, indent=2))
+    return path
+
+
+def _drop_page_cache(root: Path) -> bool:
+    """Ask the OS to forget the tier's files (no root needed: fsync, then DONTNEED)."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for p in root.rglob("*.kv"):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def _ttft(llm, prompt) -> tuple[float, list[int], int]:
+    from halserve import SamplingParams
+
+    sp = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    t0 = time.perf_counter()
+    out = llm.generate([prompt], sp)[0]
+    return time.perf_counter() - t0, out.outputs[0].token_ids, out.num_cached_tokens
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from halserve import LLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="halserve-bench-offload-"))
+    model = Path(args.model_dir) if args.model_dir else tmp / "model"
+    tier_dir = Path(args.dir) if args.dir else tmp / "kv"
+    try:
+        t0 = time.perf_counter()
+        write_random_llama(model, args)
+        print(f"random llama: {args.layers} layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} heads, "
+              f"{args.dtype}, written in {time.perf_counter() - t0:.1f}s")
+        common = dict(dtype=args.dtype, block_size=args.block_size,
+                      max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=4)
+        kv_bytes = 2 * args.layers * args.kv_heads * (args.hidden // args.heads) * args.prompt_len * (
+            4 if args.dtype in ("float32", "fp32") else 2)
+        host_bytes = kv_bytes * 2 + (64 << 20)
+        base = 1000
+
+        def prompt(i):  # distinct prompts: nothing is shared between timed runs by accident
+            return [(base + 7919 * i + 31 * t) % (args.vocab - 3) + 3 for t in range(args.prompt_len)]
+
+        rows: dict[str, list[float]] = {}
+        llm = LLM(str(model), backend=args.backend, kv_offload_host_bytes=host_bytes,
+                  kv_offload_dir=str(tier_dir), kv_offload_disk_bytes=kv_bytes * (args.repeats + 2) * 2,
+                  **common)
+        backend = llm.engine.hal.name
+        _ttft(llm, prompt(10_000)[:256])  # warm-up
+        ref: dict[int, list[int]] = {}
+        for r in range(args.repeats):
+            dt, toks, cached = _ttft(llm, prompt(r))  # recompute; writes through to host and disk
+            assert cached == 0
+            rows.setdefault("recompute", []).append(dt)
+            ref[r] = toks
+        llm.engine.offload.flush()
+        for r in range(args.repeats):
+            llm.engine.kv.reset_prefix_cache()  # drop the device copy: the host tier must serve it
+            dt, toks, cached = _ttft(llm, prompt(r))
+            assert toks == ref[r] and cached > 0, (toks, ref[r], cached)
+            rows.setdefault("host tier hit", []).append(dt)
+        stats_host = llm.get_metrics()["offload"]
+        del llm
+
+        def restart(name, backend_name, cold):
+            llm = LLM(str(model), backend=backend_name, kv_offload_dir=str(tier_dir),
+                      kv_offload_disk_bytes=kv_bytes * (args.repeats + 2) * 2, **common)
+            _ttft(llm, prompt(10_001)[:256])
+            for r in range(args.repeats):
+                if cold:
+                    _drop_page_cache(tier_dir)
+                dt, toks, cached = _ttft(llm, prompt(r))
+                assert toks == ref[r] and cached > 0, (toks, ref[r], cached)
+                rows.setdefault(name, []).append(dt)
+                llm.engine.kv.reset_prefix_cache()
+            return llm.get_metrics()["offload"]
+
+        stats_disk = restart("filesystem tier hit (page cache warm)", args.backend, cold=False)
+        restart("filesystem tier hit (page cache dropped)", args.backend, cold=True)
+        if args.reuse_backend:
+            restart(f"filesystem tier hit on {args.reuse_backend} (written on {backend})",
+                    args.reuse_backend, cold=False)
+
+        rec = statistics.median(rows["recompute"])
+        machine = f"{platform.machine()} {platform.processor() or ''}".strip()
+        print(f"\nTTFT, {args.prompt_len}-token prompt, backend {backend}, {os.cpu_count()} cpus ({machine}), "
+              f"{torch.get_num_threads()} torch threads, "
+              f"median of {args.repeats}; KV {kv_bytes / 2**20:.1f} MiB")
+        print(f"{'case':<58} {'TTFT s':>9} {'speed-up':>9}")
+        result = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "backend": backend, "prompt_len": args.prompt_len,
+                  "kv_mib": kv_bytes / 2**20, "cases": {}}
+        for name, v in rows.items():
+            med = statistics.median(v)
+            print(f"{name:<58} {med:>9.3f} {rec / med:>8.1f}x")
+            result["cases"][name] = {"ttft_s": med, "speedup_vs_recompute": rec / med, "runs": v}
+        print(f"\nhost tier: {stats_host['host']['hits']} block hits, "
+              f"{stats_host['bytes_to_device'] / 2**20:.0f} MiB to device; "
+              f"disk tier (restart): {stats_disk['disk']['hits']} hits, "
+              f"{stats_disk['disk']['load_seconds']:.2f}s reading, bad files {stats_disk['bad_files']}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
