@@ -174,7 +174,10 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def counter_uniform(seeds: torch.Tensor, steps: torch.Tensor, n: int) -> torch.Tensor:
-    """Uniforms [B, n] float32 in (0, 1), a pure function of (seeds[b], steps[b], column)."""
+    """Uniforms [B, n] float32 in (0, 1), a pure function of (seeds[b], steps[b], column).
+
+    This exact bit recipe is shared with the Triton sampler (``hal/triton/sample.py``), so
+    seeded draws agree across backends: change both together or neither."""
     seeds, steps = seeds.to(torch.int64), steps.to(torch.int64)
     h = _mix32((seeds & _M32) ^ 0x9E3779B9)
     h = _mix32(h ^ ((seeds >> 32) & _M32))
@@ -435,7 +438,8 @@ class NativeBackend(Backend):
             inter = g_u.shape[-1] // 2
             h = (F.silu(g_u[:, :inter]) * g_u[:, inter:]).to(x.dtype)
             y = F.linear(h, _expert_weight(w2, e, x.dtype)).float()
-            acc.index_add_(0, tok, y * topk_w.flatten()[hit][:, None])
+            # a token picks an expert at most once, so plain indexing accumulates safely
+            acc[tok] += y * topk_w.flatten()[hit][:, None]
         if out is None:
             return acc.to(x.dtype)
         out.copy_(acc)

@@ -61,21 +61,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
            is_neox: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate each pair (a, b) of the first rot_dim dims by the position's angle: neox pairs
+    dim j with j + rot/2, gpt-j pairs 2j with 2j + 1."""
     rot = cos_sin_cache.shape[-1]
     half = rot // 2
+    table = cos_sin_cache.cpu().to(F64)[positions.cpu().long()]  # [T, rot]
     results = []
     for t in (q, k):
-        t = t.to(F64).clone()
-        src = t.clone()
-        for i, pos in enumerate(positions.tolist()):
-            cos = cos_sin_cache[pos, :half].to(F64)
-            sin = cos_sin_cache[pos, half:].to(F64)
-            for j in range(half):
-                a, b = (j, j + half) if is_neox else (2 * j, 2 * j + 1)
-                xa, xb = src[i, :, a], src[i, :, b]
-                t[i, :, a] = xa * cos[j] - xb * sin[j]
-                t[i, :, b] = xb * cos[j] + xa * sin[j]
-        results.append(t)
+        src = t.cpu().to(F64)
+        res = src.clone()
+        for j in range(half):
+            a, b = (j, j + half) if is_neox else (2 * j, 2 * j + 1)
+            cos, sin = table[:, None, j], table[:, None, half + j]
+            xa, xb = src[:, :, a], src[:, :, b]
+            res[:, :, a] = xa * cos - xb * sin
+            res[:, :, b] = xb * cos + xa * sin
+        results.append(res)
     return results[0], results[1]
 
 
@@ -195,18 +196,19 @@ def sampling_probs(logits: torch.Tensor, params: SamplingTensors) -> torch.Tenso
             probs[r, int(lg[r].argmax())] = 1.0
             continue
         p = torch.softmax(lg[r] / temp, dim=0)
-        order = sorted(range(v), key=lambda i: -float(p[i]))
+        order = torch.argsort(p, descending=True, stable=True).tolist()
         allowed = order
         k = int(params.top_k[r])
         if 0 < k < v:
             allowed = allowed[:k]
         top_p = float(params.top_p[r])
         if top_p < 1.0:
-            mass = sum(float(p[i]) for i in allowed)
+            pl = p.tolist()
+            mass = sum(pl[i] for i in allowed)
             kept, acc = [], 0.0
             for i in allowed:
                 kept.append(i)
-                acc += float(p[i]) / mass
+                acc += pl[i] / mass
                 if acc >= top_p:
                     break
             allowed = kept
@@ -214,8 +216,8 @@ def sampling_probs(logits: torch.Tensor, params: SamplingTensors) -> torch.Tenso
         if min_p > 0:
             pmax = float(p[allowed[0]])
             allowed = [i for i in allowed if float(p[i]) >= min_p * pmax]
-        for i in allowed:
-            probs[r, i] = p[i]
+        idx = torch.tensor(allowed, dtype=torch.long)
+        probs[r, idx] = p[idx]
         probs[r] /= probs[r].sum()
     return probs
 
