@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -133,9 +134,13 @@ def _load_engine(model: str, kwargs: dict, log: _LoadLog):
 
 def _startup_line(engine, log: _LoadLog) -> str:
     desc = getattr(engine, "backend_description", "") or ""
-    if log.hal_choice:
-        return f"backend {log.hal_choice}; kernels: {desc}"
-    return f"backend: {desc}"
+    if not log.hal_choice:
+        return f"backend: {desc}"
+    # "native on cpu (why) [others: ...]" + "backend=native device=cpu accelerated=[...]"
+    choice, _, others = log.hal_choice.partition(" [others: ")
+    kernels = re.sub(r"^backend=\S+ device=\S+ ?", "", desc)
+    line = f"backend {choice}; kernels {kernels or desc}"
+    return line + (f"; not chosen: {others.removesuffix(']')}" if others else "")
 
 
 def _model_line(engine) -> str:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 
 import httpx
 import openai
 import pytest
 
-from tests.server.server_proc import API_KEY, MODEL_NAME
+from tests.server.server_proc import API_KEY, MODEL_NAME, ROOT
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Then"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about foxes."}]
@@ -215,10 +218,10 @@ def _abort_count(server) -> float:
 
 def test_32_concurrent_streams(server, llm):
     prompts = [f"Request number {i}: the {['red', 'green', 'blue', 'old'][i % 4]} fox said" for i in range(32)]
-    refs = [o.outputs[0].text for o in llm.generate(prompts, greedy(12, ignore_eos=True))]
+    refs = [o.outputs[0].text for o in llm.generate(prompts, greedy(8, ignore_eos=True))]
 
     async def one(c: openai.AsyncOpenAI, i: int) -> tuple[str, set[str]]:
-        stream = await c.completions.create(model=MODEL_NAME, prompt=prompts[i], max_tokens=12, temperature=0,
+        stream = await c.completions.create(model=MODEL_NAME, prompt=prompts[i], max_tokens=8, temperature=0,
                                             stream=True, extra_body={"ignore_eos": True})
         text, ids = "", set()
         async for ch in stream:
@@ -258,3 +261,23 @@ def test_metrics_names(server):
                  "halserve:time_to_first_token_seconds_bucket", "halserve:inter_token_latency_seconds_bucket",
                  "halserve:e2e_request_latency_seconds_bucket", "halserve:request_success_total"):
         assert name in text, name
+
+
+def _serve_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "halserve.cli", "serve", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def test_cli_user_errors_are_one_line(server, tiny_model):
+    r = _serve_cli("/no/such/model", "--port", "0")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    port = server.url.rsplit(":", 1)[1]  # already taken by the running server
+    r = _serve_cli(str(tiny_model), "--host", "127.0.0.1", "--port", port)
+    assert r.returncode == 2 and "cannot listen" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_startup_line_names_backend_and_why(server):
+    log = server.log()
+    line = next(ln for ln in log.splitlines() if ln.startswith("halserve serve: backend "))
+    assert "kernels" in line and "(" in line  # the reason, from the probe
+    assert sum(ln.startswith("halserve serve: backend") for ln in log.splitlines()) == 1
