@@ -230,7 +230,7 @@ def encode_block_file(fingerprint: bytes, h: bytes, block: torch.Tensor, tokens:
     return body + _CRC.pack(zlib.crc32(body))
 
 
-def decode_block_file(data: bytes, fingerprint: bytes, h: bytes, dtype: torch.dtype,
+def decode_block_file(data: "bytes | bytearray", fingerprint: bytes, h: bytes, dtype: torch.dtype,
                       shape: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Parse and check a block file; raises BadBlockFile naming the first problem."""
     if len(data) < _PREFIX.size + _CRC.size:
@@ -257,8 +257,9 @@ def decode_block_file(data: bytes, fingerprint: bytes, h: bytes, dtype: torch.dt
     if header.get("dtype") != dtype_name(dtype) or tuple(header.get("shape", ())) != tuple(shape):
         raise BadBlockFile(f"dtype/shape {header.get('dtype')}{header.get('shape')} != {dtype_name(dtype)}{list(shape)}")
     start = _PREFIX.size + hlen
-    buf = bytearray(memoryview(data)[start:start + nbytes])
-    block = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
+    if not isinstance(data, bytearray):
+        data = bytearray(data)
+    block = torch.frombuffer(data, dtype=torch.uint8, offset=start, count=nbytes).view(dtype).reshape(shape)
     return block, tuple(int(t) for t in header.get("tokens", ()))
 
 
@@ -329,7 +330,9 @@ class FileSystemTier(KVTier):
         t0 = time.perf_counter()
         p = self.path(h)
         try:
-            data = p.read_bytes()
+            with open(p, "rb") as f:  # into a bytearray the block tensor can share, no copy
+                data = bytearray(os.fstat(f.fileno()).st_size)
+                del data[f.readinto(data):]  # a file that shrank under us reads short
         except FileNotFoundError:  # removed by another engine sharing the directory
             with self.lock:
                 self.stats.misses += 1
