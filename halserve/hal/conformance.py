@@ -891,10 +891,10 @@ def main(args: argparse.Namespace) -> int:
     out = sys.stdout
     reports = []
     for name, how in targets:
-        if not args.json:
-            print(f"== {name} ({how}) ==", file=out, flush=True)
-        stream = None if args.json else (lambda r: print(r.line(), file=out, flush=True))
         backend = hal.create(name)
+        if not args.json:
+            print(f"== {name} on {backend.device} ({how}) ==", file=out, flush=True)
+        stream = None if args.json else (lambda r: print(r.line(), file=out, flush=True))
         ceilings = None
         if args.perf:
             ceilings = measure_ceilings(backend.device)
