@@ -306,6 +306,9 @@ class FileSystemTier(KVTier):
         for _mtime, h, size in sorted(found):
             self.index[h] = size
             self.total_bytes += size
+        while self.total_bytes > self.capacity_bytes and self.index:  # the budget may have shrunk
+            self._drop(next(iter(self.index)))
+            self.stats.evictions += 1
 
     def __len__(self) -> int:
         return len(self.index)

@@ -158,6 +158,9 @@ def test_disk_budget_holds(tmp_path):
     assert [t.lookup(h(i)) for i in range(10)] == [False] * 7 + [True] * 3
     assert t.stats.evictions == 7
     t.close()
+    smaller = disk(tmp_path, budget=one * 2 + 64)  # a restart with a smaller budget trims at once
+    assert len(smaller) == 2 and smaller.lookup(h(9)) and smaller.used_bytes() <= one * 2 + 64
+    smaller.close()
 
 
 # ---- manager --------------------------------------------------------------------------------
