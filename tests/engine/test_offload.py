@@ -91,6 +91,20 @@ def test_host_tier_lru_and_budget():
         HostMemoryTier(SHAPE, torch.float32, 10)
 
 
+def test_host_buffers_come_from_the_backend():
+    class PoolBackend(NativeBackend):
+        name = "native_pool"
+        calls = 0
+
+        def empty_host(self, shape, dtype):
+            PoolBackend.calls += 1
+            return torch.empty(shape, dtype=dtype)
+
+    t = HostMemoryTier(SHAPE, torch.float32, 2 * block(0).numel() * 4, PoolBackend())
+    assert PoolBackend.calls == 1 and t.pool.shape == (2, *SHAPE)
+    assert not HostMemoryTier(SHAPE, torch.float32, block(0).numel() * 4, NativeBackend()).pool.is_pinned()
+
+
 # ---- filesystem tier ------------------------------------------------------------------------
 
 def disk(tmp_path, fp=b"f" * 32, budget=1 << 20, dtype=torch.float32):
