@@ -554,6 +554,7 @@ class OffloadManager:
         self.bytes_to_device = 0
         self.bytes_from_device = 0
         self.load_seconds = 0.0  # device-side copy-in time
+        self.load_count = 0  # copy-ins (one per admitted sequence that found blocks below)
         self.token_mismatches = 0
         self.lookups = 0
         self.deferred = 0
@@ -594,6 +595,7 @@ class OffloadManager:
             self.hal.swap_blocks(staging, cache, mapping)
         self.hal.synchronize()
         self.blocks_loaded += n
+        self.load_count += 1
         self.bytes_to_device += n * self.block_bytes
         self.load_seconds += time.perf_counter() - t0
 
@@ -753,7 +755,7 @@ class OffloadManager:
         d: dict[str, Any] = {t.name: t.stats_dict() for t in self.tiers}
         d.update(blocks_saved=self.blocks_saved, blocks_loaded=self.blocks_loaded,
                  bytes_to_device=self.bytes_to_device, bytes_from_device=self.bytes_from_device,
-                 load_seconds=self.load_seconds, token_mismatches=self.token_mismatches,
+                 load_seconds=self.load_seconds, load_count=self.load_count, token_mismatches=self.token_mismatches,
                  lookups=self.lookups, deferred_admissions=self.deferred,
                  bad_files=sum(t.stats.bad_files for t in self.tiers))
         return d
