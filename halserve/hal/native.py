@@ -232,6 +232,25 @@ def _quantize(weight: torch.Tensor, qtype: str, granularity: str) -> tuple[torch
     return q, scale.to(torch.float32)
 
 
+BATCH_INVARIANT_ROWS = 16
+
+
+def _gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, batch_invariant: bool) -> torch.Tensor:
+    """F.linear; in batch-invariant mode every row goes through a GEMM of the same fixed
+    shape ([16, K], zero-padded), because CPU BLAS picks different kernels (and reduction
+    orders) by M: a row's result then never depends on how many rows came with it."""
+    if not batch_invariant:
+        return F.linear(x, w, bias)
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    pad = (-m) % BATCH_INVARIANT_ROWS
+    if pad:
+        x2 = torch.cat([x2, x2.new_zeros(pad, k)])
+    y = torch.cat([F.linear(c, w, bias) for c in x2.split(BATCH_INVARIANT_ROWS)])
+    return y[:m].reshape(*lead, -1)
+
+
 def _read_meminfo() -> tuple[int, int] | None:
     try:
         vals = {}
@@ -323,12 +342,13 @@ class NativeBackend(Backend):
     # ---- ops ------------------------------------------------------------------------------
     def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
+        bi = self.batch_invariant
         if w.scheme == "none":
-            y = F.linear(x, w.weight, bias)
+            y = _gemm(x, w.weight, bias, bi)
         elif w.scheme == "int8" or w.act_scheme == "none":
-            y = F.linear(x, _dequant(w, x.dtype), bias)
+            y = _gemm(x, _dequant(w, x.dtype), bias, bi)
         elif w.scheme == "fp8":
-            y = F.linear(_quant_act_fp8(x, w.act_scheme), _dequant(w, torch.float32))
+            y = _gemm(_quant_act_fp8(x, w.act_scheme), _dequant(w, torch.float32), None, bi)
             if bias is not None:
                 y = y + bias.float()
             y = y.to(x.dtype)
@@ -434,10 +454,10 @@ class NativeBackend(Backend):
             hit = (flat_ids == e).nonzero().squeeze(1)
             tok = hit // spec.top_k
             xe = x.index_select(0, tok)
-            g_u = F.linear(xe, _expert_weight(w13, e, x.dtype)).float()
+            g_u = _gemm(xe, _expert_weight(w13, e, x.dtype), None, self.batch_invariant).float()
             inter = g_u.shape[-1] // 2
             h = (F.silu(g_u[:, :inter]) * g_u[:, inter:]).to(x.dtype)
-            y = F.linear(h, _expert_weight(w2, e, x.dtype)).float()
+            y = _gemm(h, _expert_weight(w2, e, x.dtype), None, self.batch_invariant).float()
             # a token picks an expert at most once, so plain indexing accumulates safely
             acc[tok] += y * topk_w.flatten()[hit][:, None]
         if out is None:

@@ -414,3 +414,30 @@ def test_sample_stays_in_allowed_set(hal, kw):
     # and it matches the target distribution (total variation, loose for n=2000)
     freq = torch.bincount(tok, minlength=300).double() / n
     assert 0.5 * float((freq - target).abs().sum()) < 0.1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_invariant_linear_and_moe(dtype):
+    hal = NativeBackend(batch_invariant=True)
+    g = gen(12)
+    w = hal.pack_weight((torch.randn(1031, 769, generator=g) / 28).to(dtype))
+    x = torch.randn(70, 769, generator=g).to(dtype)
+    alone = hal.linear(x[5:6], w)[0]
+    for lo, hi in ((4, 6), (3, 40), (5, 70), (0, 70)):
+        assert torch.equal(hal.linear(x[lo:hi], w)[5 - lo], alone)
+    xm, logits, w13, w2, spec = _moe_case(8, 2, t=40)
+    xm = xm.to(dtype)
+    p13, p2 = hal.pack_weight(w13.to(dtype)), hal.pack_weight(w2.to(dtype))
+    one = hal.moe(xm[7:8], logits[7:8], p13, p2, spec)[0]
+    for lo, hi in ((0, 8), (7, 40), (0, 40)):
+        assert torch.equal(hal.moe(xm[lo:hi], logits[lo:hi], p13, p2, spec)[7 - lo], one)
+
+
+def test_batch_invariant_attention():
+    hal = NativeBackend(batch_invariant=True)
+    q, kv, meta = make_attention_case([45, 1, 70, 19], [1, 1, 23, 19], 16, 8, 2, 64)
+    full = hal.attention(q, kv, meta, 0.125)
+    q1, m1 = q[0:1], AttentionMetadata(
+        meta.cu_seqlens_q[:2], meta.seq_lens[:1], meta.block_tables[:1], meta.slot_mapping[:1], 1, 45,
+        [1], [45], 16, 1)
+    assert torch.equal(hal.attention(q1, kv, m1, 0.125)[0], full[0])
