@@ -100,7 +100,7 @@ class Result:
 
     def line(self) -> str:
         if self.metric == "nmse":
-            m = f"NMSE={self.value:.2e} (<= {self.limit:.0e})"
+            m = f"NMSE={self.value:.2e} (<= {self.limit:.1e})"
         elif self.metric == "exact":
             m = "exact" if self.value == 0 else f"{int(self.value)} mismatches"
         elif self.metric == "chi2_z":
