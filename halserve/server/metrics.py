@@ -55,6 +55,35 @@ class _EngineCollector:
             fam = cls(name, help_, labels=["model_name"])
             fam.add_metric([self._model], float(values.get(key, 0) or 0))
             yield fam
+        offload = values.get("offload")
+        if isinstance(offload, dict):
+            yield from self._offload(offload)
+
+    def _offload(self, o: dict):
+        """KV offload tiers (engine/offload.py), when configured."""
+        m = self._model
+        tiers = [t for t in ("host", "disk") if isinstance(o.get(t), dict)]
+        for key, name, kind, help_ in (
+                ("hits", "halserve:kv_offload_hits", "counter", "KV blocks found in an offload tier."),
+                ("misses", "halserve:kv_offload_misses", "counter", "KV block lookups an offload tier missed."),
+                ("used_bytes", "halserve:kv_offload_used_bytes", "gauge", "Bytes held by an offload tier.")):
+            fam = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
+                name, help_, labels=["model_name", "tier"])
+            for t in tiers:
+                fam.add_metric([m, t], float(o[t].get(key, 0) or 0))
+            yield fam
+        fam = CounterMetricFamily("halserve:kv_offload_bytes", "KV bytes moved between the device and the tiers.",
+                                  labels=["model_name", "direction"])
+        fam.add_metric([m, "to_device"], float(o.get("bytes_to_device", 0) or 0))
+        fam.add_metric([m, "from_device"], float(o.get("bytes_from_device", 0) or 0))
+        yield fam
+        for key, name, help_ in (
+                ("load_seconds", "halserve:kv_offload_load_seconds", "Seconds spent copying KV blocks in."),
+                ("load_count", "halserve:kv_offload_loads", "KV block copy-ins (mean latency = seconds / loads)."),
+                ("bad_files", "halserve:kv_offload_bad_files", "Offload files rejected (corrupt or foreign).")):
+            fam = CounterMetricFamily(name, help_, labels=["model_name"])
+            fam.add_metric([m], float(o.get(key, 0) or 0))
+            yield fam
 
 
 class ServerMetrics:

@@ -260,3 +260,21 @@ def test_metrics_and_version(http):
     assert "halserve:time_to_first_token_seconds_count" in text
     assert "halserve:inter_token_latency_seconds_count{model_name=\"fake\"} 2.0" in text
     assert http.get("/version").json()["version"]
+
+
+def test_offload_metrics_when_configured(engine):
+    base = engine.get_metrics
+
+    def with_offload():
+        return base() | {"offload": {"host": {"hits": 3, "misses": 1, "used_bytes": 4096},
+                                     "disk": {"hits": 2, "misses": 5, "used_bytes": 8192},
+                                     "bytes_to_device": 100, "bytes_from_device": 200, "load_seconds": 0.5,
+                                     "load_count": 4, "bad_files": 1}}
+
+    engine.get_metrics = with_offload
+    with TestClient(build_app(engine, ["fake"])) as c:
+        text = c.get("/metrics").text
+    assert 'halserve:kv_offload_hits_total{model_name="fake",tier="host"} 3.0' in text
+    assert 'halserve:kv_offload_used_bytes{model_name="fake",tier="disk"} 8192.0' in text
+    assert 'halserve:kv_offload_bytes_total{direction="to_device",model_name="fake"} 100.0' in text
+    assert 'halserve:kv_offload_loads_total{model_name="fake"} 4.0' in text
