@@ -35,6 +35,11 @@ DEFAULT_OUT = REPO / "halserve" / "demo_model"
 SKIP_DIRS = {"test", "tests", "idle_test", "idlelib", "turtledemo", "site-packages", "dist-packages",
              "__pycache__", "lib2to3", "ensurepip"}
 MAX_FILE_BYTES = 200_000  # pydoc_data/topics.py and a few generated tables would dominate
+# Codec maps (encodings/cp437.py ...), html.entities, stringprep: a first run spent its
+# capacity on these low-entropy tables and answered "def " with one. A file with this share
+# of lines holding hex/escape literals is data, not code.
+TABLE_LINE = re.compile(r"0x[0-9a-fA-F]{2}|\\u[0-9a-fA-F]{4}|\\x[0-9a-fA-F]{2}")
+MAX_TABLE_SHARE = 0.3
 SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
 SYSTEM_PROMPT = "You are a helpful assistant who knows the Python standard library."
 QUESTIONS = ["What does `{}` do?", "What is `{}` for?", "Explain `{}`.", "Tell me about `{}`."]
@@ -91,11 +96,16 @@ def stdlib_files() -> list[tuple[str, Path]]:
 
 
 def read_source(path: Path) -> str | None:
+    """The file's text; None if it cannot be decoded or is mostly a data table."""
     try:
         with tokenize.open(path) as f:  # honours PEP 263 coding cookies
-            return f.read()
+            text = f.read()
     except (SyntaxError, UnicodeDecodeError):
         return None
+    lines = text.splitlines()
+    if lines and sum(1 for line in lines if TABLE_LINE.search(line)) > MAX_TABLE_SHARE * len(lines):
+        return None
+    return text
 
 
 def first_paragraph(doc: str, limit: int = 300) -> str | None:
