@@ -359,3 +359,24 @@ def test_partial_stop_len():
     assert partial_stop_len("the end", ["<|eos|>"]) == 0
     assert partial_stop_len("a\n\n", ["\n\n\n", "x"]) == 2
     assert partial_stop_len("", ["abc"]) == 0
+
+
+# ---- the shipped demo model's tokenizer ------------------------------------------------------
+
+def test_demo_model_tokenizer():
+    from pathlib import Path
+
+    import halserve
+    path = Path(halserve.__file__).resolve().parent / "demo_model"
+    if not (path / "tokenizer.json").is_file():
+        pytest.skip("halserve/demo_model is not built (tools/make_demo_model.py)")
+    ours, hf = Tokenizer.from_dir(path), _hf(path)
+    assert ours.vocab_size == len(hf) == 4096
+    assert ours.eos_token_ids == [hf.eos_token_id] and ours.bos_token_id == hf.bos_token_id
+    code = 'def join(a, *p):\n    """Join two or more pathname components."""\n'
+    assert ours.encode(code)[0] == ours.bos_token_id and ours.encode(code) == hf.encode(code)
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does `os.path.join` do?"}]
+    assert ours.apply_chat_template(conv) == hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    assert ours.apply_chat_template(conv).endswith("<|user|>\nWhat does `os.path.join` do?<|eos|>\n<|assistant|>\n")
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url"}]}]
+    assert ours.apply_chat_template(parts) == "<|bos|><|user|>\nhi<|eos|>\n<|assistant|>\n"
