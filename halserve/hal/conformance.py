@@ -44,6 +44,10 @@ OP_CLASS = {"linear": "matmul", "attention": "matmul", "moe": "moe",
             "rms_norm": "elementwise", "rotary": "elementwise", "silu_and_mul": "elementwise"}
 # How far pack_weight's quantized weight may be from the original (NMSE): catches bad scales.
 PACK_LIMITS = {"int8": 1e-4, "fp8": 2e-3}
+# The Triton interpreter (TRITON_INTERPRET=1) converts float32 -> bfloat16 by truncation,
+# not round-to-nearest, which quadruples the mean-square rounding error of every bf16 store;
+# bf16 NMSE limits are multiplied by this for backends running in it (never on hardware).
+INTERPRETER_BF16_FACTOR = 4.0
 SAMPLE_Z_LIMIT = 4.5  # chi-square goodness of fit as a z-score (one-sided p ~ 3e-6)
 EXACT_OPS = ("write_kv", "swap_blocks", "copy_blocks")
 
@@ -717,6 +721,17 @@ def supports_spec(case: Case) -> dict[str, Any]:
     return spec
 
 
+def interpreted(backend: Backend) -> bool:
+    """True when ``backend`` runs its kernels in the Triton interpreter on the CPU."""
+    import os
+
+    from halserve import hal
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return False
+    return torch.device(backend.device).type == "cpu" and hal.interpreter_ok(type(backend))
+
+
 def _how(backend: Backend, case: Case) -> str:
     from halserve.hal.native import NativeBackend
 
@@ -725,7 +740,9 @@ def _how(backend: Backend, case: Case) -> str:
     except Exception as e:
         return f"refused: supports() raised {type(e).__name__}: {e}"
     if s is True:
-        return "native" if type(backend) is NativeBackend else "accelerated"
+        if type(backend) is NativeBackend:
+            return "native"
+        return "accelerated (interpreter)" if interpreted(backend) else "accelerated"
     s = str(s)
     if s.startswith("native fallback"):
         return "native fallback"
@@ -808,6 +825,8 @@ def run_case(backend: Backend, case: Case, seed: int = 0, perf: bool = False,
     except Exception as e:
         res.status, res.detail = "FAIL", f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return res
+    if outcome.metric == "nmse" and case.params.get("dtype") == "bfloat16" and interpreted(backend):
+        outcome.limit *= INTERPRETER_BF16_FACTOR
     res.metric, res.value, res.limit = outcome.metric, float(outcome.value), float(outcome.limit)
     res.status = "PASS" if outcome.ok else "FAIL"
     problems = list(outcome.errors)

@@ -223,6 +223,7 @@ def _cli(capsys, *argv):
 
 
 def test_cli_report_and_exit_codes(capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     rc, out = _cli(capsys, "--quick", "--backend", "native", "--op", "silu_and_mul,write_kv")
     assert rc == 0
     assert "native: 6/6 passed" in out
@@ -242,3 +243,35 @@ def test_cli_report_and_exit_codes(capsys, monkeypatch):
     assert data[0]["results"][0]["how"] == "accelerated"
     # not forced: an interpreter-capable backend is run too, alongside native
     assert "broken_attn" in [n for n, _ in C.runnable_backends()]
+
+
+class TruncatingBf16(NativeBackend):
+    """Rounds fp32 -> bf16 toward zero, as the Triton interpreter does."""
+
+    name = "truncating"
+    accelerated_ops = frozenset({"silu_and_mul"})
+
+    @classmethod
+    def probe(cls):
+        return ProbeResult(0, "test double")
+
+    @classmethod
+    def interpreter_ok(cls):
+        return True
+
+    def silu_and_mul(self, x, out=None):
+        i = x.shape[-1] // 2
+        y = torch.nn.functional.silu(x[..., :i].float()) * x[..., i:].float()
+        if x.dtype == torch.bfloat16:
+            y = (y.view(torch.int32) & ~0xFFFF).view(torch.float32)
+        out.copy_(y)
+        return out
+
+
+def test_interpreter_bf16_allowance(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    bf16 = [r for r in C.run(TruncatingBf16(), ops=["silu_and_mul"], quick=True).results if "bfloat16" in r.case]
+    assert bf16 and all(r.status == "FAIL" and r.how == "accelerated" for r in bf16)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    report = C.run(TruncatingBf16(), ops=["silu_and_mul"], quick=True)
+    assert report.ok and all(r.how == "accelerated (interpreter)" for r in report.results)
