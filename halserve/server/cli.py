@@ -208,6 +208,11 @@ def main(args: argparse.Namespace) -> int:
 
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
+    # A server shares its cores: the event loop, tokenization and clients run beside the
+    # engine. OpenMP threads that spin at every barrier then starve them, and are themselves
+    # descheduled mid-region; on 2 shared cores that cost 16x in throughput (docs/performance.md).
+    # Must be set before torch (libgomp) loads, i.e. before the engine is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     # SIGTERM while loading: stop like Ctrl-C (uvicorn takes the signals over once serving).
     def _interrupt(signum, frame):
