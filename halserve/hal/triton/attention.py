@@ -218,7 +218,7 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tenso
         part_ml = torch.empty((T, HQ, splits, 2), dtype=torch.float32, device=q.device)
     else:
         part_o = part_ml = out
-    ieee = q.dtype == torch.float32
+    ieee = q.dtype == torch.float32 or configs.interpreting()  # interpreter: no bf16 dot
     _attn_kernel[(grid0, HK, splits)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out, out.stride(0), out.stride(1), part_o, part_ml,

@@ -14,6 +14,13 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+def _interp_bf16(t: torch.Tensor) -> bool:
+    """The interpreter truncates when storing bf16: run such calls in fp32, round in torch."""
+    from halserve.hal.triton import configs
+
+    return t.dtype == torch.bfloat16 and configs.interpreting()
+
+
 # ---- rms_norm -----------------------------------------------------------------------------------
 @triton.jit
 def _rms_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_stride,
@@ -35,6 +42,11 @@ def _rms_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_s
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
              out: torch.Tensor | None = None):
+    if _interp_bf16(x):
+        res = rms_norm(x.float(), weight, eps, None if residual is None else residual.float())
+        y, h = (res, None) if residual is None else res
+        y = y.to(x.dtype) if out is None else out.copy_(y)
+        return y if residual is None else (y, h.to(x.dtype))
     shape = x.shape
     H = shape[-1]
     x2 = x.reshape(-1, H)
@@ -98,6 +110,12 @@ def _rotary_kernel(pos_ptr, q_ptr, q_st, q_sh, k_ptr, k_st, k_sh, cache_ptr, cac
 
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
            is_neox: bool = True) -> None:
+    if _interp_bf16(q):
+        qf, kf = q.float(), k.float()
+        rotary(positions, qf, kf, cos_sin_cache, is_neox)
+        q.copy_(qf)
+        k.copy_(kf)
+        return
     T = q.shape[0]
     assert q.stride(-1) == 1 and k.stride(-1) == 1, "rotary needs the head dim contiguous"
     HQ, HK = q.shape[1], k.shape[1]
@@ -122,6 +140,9 @@ def _silu_and_mul_kernel(x_ptr, x_stride, out_ptr, out_stride, I, BLOCK: tl.cons
 
 
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    if _interp_bf16(x):
+        y = silu_and_mul(x.float())
+        return y.to(x.dtype) if out is None else out.copy_(y)
     shape = x.shape
     I = shape[-1] // 2
     x2 = x.reshape(-1, 2 * I)

@@ -66,7 +66,7 @@ def persistent_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     progs = min(tiles, configs.num_sms() * 2)
     _persistent_mm_kernel[(progs,)](
         x, w, out, bias if bias is not None else x, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        out.stride(0), out.stride(1), progs, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+        out.stride(0), out.stride(1), progs, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32 or configs.interpreting(),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 

@@ -93,7 +93,7 @@ def _grouped_gemm(a, b, b_scale, c, sorted_ids, block_expert, topw, num_pairs: i
         a, a.stride(0), b, b.stride(0), b.stride(1), b_scale if has_scale else c,
         b_scale.stride(0) if per_col else 0, c, c.stride(0), sorted_ids, block_expert,
         topw if topw is not None else c, N, K, num_pairs,
-        A_DIV=a_div, MUL_W=mul_w, B_SCALE=has_scale, B_PER_COL=per_col, IEEE=a.dtype == torch.float32,
+        A_DIV=a_div, MUL_W=mul_w, B_SCALE=has_scale, B_PER_COL=per_col, IEEE=a.dtype == torch.float32 or configs.interpreting(),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
