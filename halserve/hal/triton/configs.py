@@ -21,9 +21,8 @@ def arch(device_index: int = 0) -> str:
     import torch
 
     props = torch.cuda.get_device_properties(device_index)
-    gcn = getattr(props, "gcnArchName", "") or ""
-    if gcn:
-        return gcn.split(":")[0]
+    if getattr(torch.version, "hip", None):  # CUDA builds also have gcnArchName (the card's name)
+        return (getattr(props, "gcnArchName", "") or "gfx").split(":")[0]
     return f"sm{props.major}{props.minor}"
 
 
