@@ -108,8 +108,9 @@ class ServerMetrics:
         self.finished = Counter("halserve:request_success", "Finished requests by finish reason.",
                                 labelnames=["model_name", "finished_reason"], registry=self.registry)
 
-    def track(self) -> "RequestTracker":
-        return RequestTracker(self)
+    def track(self, arrival: float | None = None) -> "RequestTracker":
+        """A tracker for one engine request; ``arrival`` is a ``time.perf_counter()`` value."""
+        return RequestTracker(self, arrival)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -120,9 +121,9 @@ class RequestTracker:
 
     __slots__ = ("m", "arrival", "last", "num_tokens", "done")
 
-    def __init__(self, m: ServerMetrics):
+    def __init__(self, m: ServerMetrics, arrival: float | None = None):
         self.m = m
-        self.arrival = time.perf_counter()
+        self.arrival = time.perf_counter() if arrival is None else arrival
         self.last: float | None = None
         self.num_tokens = 0
         self.done = False

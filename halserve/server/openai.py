@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import secrets
+import time
 from contextlib import aclosing
 from typing import Any, AsyncIterator
 
@@ -244,11 +245,11 @@ class OpenAIServer:
             except Exception:
                 logger.exception("abort of %s failed", request_id)
 
-    async def _outputs(self, prompts: list[tuple[str | None, list[int]]], params, base_id: str
-                       ) -> AsyncIterator[tuple[int, Any]]:
+    async def _outputs(self, prompts: list[tuple[str | None, list[int]]], params, base_id: str,
+                       arrival: float) -> AsyncIterator[tuple[int, Any]]:
         """(prompt index, cumulative RequestOutput) for every engine step, all prompts merged."""
         ids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
-        trackers = [self.metrics.track() for _ in prompts]
+        trackers = [self.metrics.track(arrival) for _ in prompts]
         finished: set[int] = set()
 
         def engine_prompt(i: int) -> dict:
@@ -331,6 +332,7 @@ class OpenAIServer:
 
     # ---- /v1/completions ---------------------------------------------------------------------
     async def completions(self, request: Request):
+        arrival = time.perf_counter()
         req: P.CompletionRequest = P.parse(P.CompletionRequest, await request.body())
         model = self._model_name(req.model)
         prompts: list[tuple[str | None, list[int]]] = []
@@ -352,7 +354,7 @@ class OpenAIServer:
         if req.echo:
             tok = self.tokenizer
             prompts = [(t if t is not None else (tok.decode(ids) if tok else ""), ids) for t, ids in prompts]
-        gen = self._outputs(prompts, params, rid)
+        gen = self._outputs(prompts, params, rid, arrival)
         first = await self._start(request, gen)
         if req.stream:
             return SSEResponse(self._completion_stream(req, model, rid, created, prompts, gen, first))
@@ -445,6 +447,7 @@ class OpenAIServer:
 
     # ---- /v1/chat/completions ----------------------------------------------------------------
     async def chat_completions(self, request: Request):
+        arrival = time.perf_counter()
         req: P.ChatCompletionRequest = P.parse(P.ChatCompletionRequest, await request.body())
         model = self._model_name(req.model)
         messages = [m.as_dict() for m in req.messages]
@@ -457,7 +460,7 @@ class OpenAIServer:
         params = self._params(req.sampling_kwargs(max_tokens, req.num_logprobs))
         rid = req.request_id or P.random_id("chatcmpl")
         created = P.now()
-        gen = self._outputs([(text, ids)], params, rid)
+        gen = self._outputs([(text, ids)], params, rid, arrival)
         first = await self._start(request, gen)
         if req.stream:
             return SSEResponse(self._chat_stream(req, model, rid, created, gen, first))
