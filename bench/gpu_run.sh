@@ -4,7 +4,7 @@
 #   bench/gpu_run.sh check          # env facts, full conformance (cuda), kernel + GPU pytest
 #   bench/gpu_run.sh bench          # all benchmarks: lat1b lat8b latmoe thr1b thr8b
 #   bench/gpu_run.sh all            # both
-#   bench/gpu_run.sh check lat1b    # stages can be listed
+#   bench/gpu_run.sh check lat1b    # stages can be listed; qcheck = pytest + linear conformance
 #
 # Logs go to $OUT (default ./gpu_out): check.log, conformance.txt, pytest.txt, bench.log and
 # results.json (every benchmark's JSON merged). Run from the repository root.
@@ -37,16 +37,22 @@ check() {
 
 L=(--input-len 1024 --output-len 128)
 NP="${NUM_PROMPTS:-1000}"
-lat1b() { hs bench latency --preset llama-1b "${L[@]}" --variants bf16,fp8,bf16-bi,bf16-eager --hf-peer --json "$OUT/.json/lat_1b.json"; }
+lat1b() { hs bench latency --preset llama-1b "${L[@]}" --variants "${LAT1B_VARIANTS:-bf16,fp8,bf16-bi,bf16-eager}" --hf-peer --json "$OUT/.json/lat_1b.json"; }
 lat8b() { hs bench latency --preset llama-8b "${L[@]}" --variants bf16,fp8,bf16-bi,fp8-bi --hf-peer --json "$OUT/.json/lat_8b.json"; }
 latmoe() { hs bench latency --preset qwen3-moe "${L[@]}" --variants bf16,fp8 --hf-peer --json "$OUT/.json/lat_moe.json"; }
 thr1b() { hs bench throughput --preset llama-1b "${L[@]}" --num-prompts "$NP" --variants bf16,fp8,bf16-bi --hf-peer --hf-batch 64 --same-batch --json "$OUT/.json/thr_1b.json"; }
 thr8b() { hs bench throughput --preset llama-8b "${L[@]}" --num-prompts "$NP" --variants bf16,fp8 --hf-peer --hf-batch 64 --json "$OUT/.json/thr_8b.json"; }
 BENCHES=(lat1b lat8b latmoe thr1b thr8b)
 
-run_bench() { { stamp "$1"; "$1"; } 2>&1 | tee -a "$OUT/bench.log"; }
+run_bench() { { stamp "$1"; "$1"; } 2>&1 | tee -a "$OUT/bench.log"; merge_json; }
 
-merge_json() {
+qcheck() {  # after a kernel change: kernel tests, GPU tests, linear conformance
+  { stamp "pytest (quick check)"
+    "$PY" -m pytest -q -rs --timeout=600 tests/hal/test_triton_kernels.py tests/gpu -p no:cacheprovider 2>&1 | tail -25
+    stamp "conformance linear"; hs conformance --backend cuda --op linear 2>&1 | tail -3; } 2>&1 | tee -a "$OUT/check.log"
+}
+
+merge_json() {  # results.json accumulates every benchmark run so far
   "$PY" -c '
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
@@ -61,6 +67,7 @@ old.write_text(json.dumps(merged, indent=1))
 for stage in "$@"; do
   case "$stage" in
     check) check ;;
+    qcheck) qcheck ;;
     lat1b|lat8b|latmoe|thr1b|thr8b) run_bench "$stage" ;;
     bench) for b in "${BENCHES[@]}"; do run_bench "$b"; done ;;
     all) check; for b in "${BENCHES[@]}"; do run_bench "$b"; done ;;

@@ -202,13 +202,17 @@ class CudaBackend(NativeBackend):
 
         if w.act_scheme == "none":
             return mm.fp8_matmul(x, None, w.weight, w.scale, x.dtype, bias, fixed=self.batch_invariant)
+        M = x.shape[0]
+        if M <= 16 and not self.batch_invariant and x.dtype in (torch.bfloat16, torch.float16) \
+                and self.device.type == "cuda":
+            return mm.fp8_matmul_fused_quant(x, w.act_scheme == "per_token", w.weight, w.scale, bias)
         if w.act_scheme == "per_token":
             xq, xs = mm.quant_fp8_per_token(x)
         else:
             xq, xs = mm.quant_fp8_per_tensor(x)
         if self.batch_invariant or self.device.type != "cuda":
             return mm.fp8_matmul(xq, xs, w.weight, w.scale, x.dtype, bias, fixed=self.batch_invariant)
-        M, K = x.shape
+        K = x.shape[1]
         N = w.weight.shape[0]
         if x.dtype != torch.bfloat16 or K % 16 or N % 16:
             impl = "triton"

@@ -77,7 +77,7 @@ def matmul_fixed_config(n: int, k: int) -> dict:
     while bn > 32 and (n + bn - 1) // bn < sms:
         bn //= 2
     stages = 4 if fam == "hopper+" else 3
-    return dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=64, num_warps=4, num_stages=stages)
+    return dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=stages)
 
 
 # ---- fp8 GEMM --------------------------------------------------------------------------------
@@ -86,10 +86,19 @@ def fp8_matmul_config(m: int, n: int, k: int) -> dict:
     if fam == "interp":
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=4, num_warps=1, num_stages=1)
     if m <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4)
+        bn = 64 if (n + 63) // 64 >= 2 * num_sms() else 32
+        return dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4)
     if m <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def fp8_small_m_config(n: int, k: int) -> dict:
+    """Decode-sized fp8 GEMM (M <= 16): one row of column tiles, at least ~one per SM."""
+    if _family(arch()) == "interp":
+        return dict(BLOCK_N=16, BLOCK_K=32, num_warps=1, num_stages=1)
+    bn = 64 if (n + 63) // 64 >= 2 * num_sms() else 32
+    return dict(BLOCK_N=bn, BLOCK_K=256, num_warps=4, num_stages=4)
 
 
 # ---- fused MoE ---------------------------------------------------------------------------------

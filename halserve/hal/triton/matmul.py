@@ -76,7 +76,7 @@ def persistent_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
 def _fp8_mm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, s_am, s_bn, s_cm,
                    A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   UPCAST: tl.constexpr, W_ONLY: tl.constexpr):
+                   UPCAST: tl.constexpr, W_ONLY: tl.constexpr, QUANT: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -92,11 +92,23 @@ def _fp8_mm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, s_am,
     a_p = a_ptr + rm[:, None].to(tl.int64) * s_am + rk[None, :]
     b_p = b_ptr + rn[None, :].to(tl.int64) * s_bn + rk[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if QUANT:
+        # dynamic activation quantization fused in (small M, one M tile): every program
+        # computes the same scales from the tiny activation block, read from L2
+        amax = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_p + k0, mask=(rm[:, None] < M) & (rk[None, :] + k0 < K), other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(a), axis=1))
+        if not A_PER_ROW:
+            amax = tl.zeros([BLOCK_M], tl.float32) + tl.max(amax, axis=0)
+        qs = tl.maximum(amax, 1e-12) / 448.0
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_p, mask=(rm[:, None] < M) & (rk[None, :] + k0 < K), other=0.0)
         b = tl.load(b_p, mask=(rk[:, None] + k0 < K) & (rn[None, :] < N), other=0.0)
+        if QUANT:
+            a = tl.clamp(a.to(tl.float32) / qs[:, None], -448.0, 448.0).to(b.dtype)
         if W_ONLY:  # a is bf16/fp16/fp32: upcast the fp8 weight tile
-            if UPCAST:
+            if UPCAST or IEEE:
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, b.to(a.dtype), acc)
@@ -108,6 +120,8 @@ def _fp8_mm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, s_am,
         b_p += BLOCK_K
     if W_ONLY:
         sa = 1.0
+    elif QUANT:
+        sa = qs[:, None]
     elif A_PER_ROW:
         sa = tl.load(as_ptr + rm, mask=rm < M, other=0.0)[:, None]
     else:
@@ -142,7 +156,8 @@ def fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.Tensor, b
     w_only = a_scale is None
     _fp8_mm_kernel[grid](a, b, out, b_scale if w_only else a_scale, b_scale,
                          bias if bias is not None else out, M, N, K,
-                         a.stride(0), b.stride(0), out.stride(0), W_ONLY=w_only,
+                         a.stride(0), b.stride(0), out.stride(0), W_ONLY=w_only, QUANT=False,
+                         IEEE=a.dtype == torch.float32,
                          A_PER_ROW=not w_only and a_scale.numel() > 1, B_PER_COL=b_scale.numel() > 1, HAS_BIAS=bias is not None,
                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], UPCAST=upcast,
                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -185,3 +200,22 @@ def quant_fp8_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = (x.abs().amax().float().clamp(min=1e-12) / FP8_MAX).reshape(1)
     q = (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, s
+
+
+def fp8_matmul_fused_quant(x: torch.Tensor, per_token: bool, b: torch.Tensor, b_scale: torch.Tensor,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8 for small M (decode): x [M<=16, K] bf16/fp16 is quantized inside the GEMM
+    (per-token or per-tensor, same formula as ``quant_fp8_per_token``), saving a launch and
+    a round trip per linear. Config: enough column tiles to keep every SM streaming B."""
+    M, K = x.shape
+    N = b.shape[0]
+    assert M <= 16 and x.stride(1) == 1 and b.stride(1) == 1
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    cfg = configs.fp8_small_m_config(N, K)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
+    _fp8_mm_kernel[grid](x, b, out, b_scale, b_scale, bias if bias is not None else out, M, N, K,
+                         x.stride(0), b.stride(0), out.stride(0), A_PER_ROW=per_token,
+                         B_PER_COL=b_scale.numel() > 1, HAS_BIAS=bias is not None, BLOCK_M=16,
+                         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=1, UPCAST=False, W_ONLY=False,
+                         QUANT=True, IEEE=False, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
