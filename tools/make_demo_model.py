@@ -13,8 +13,9 @@ chat data are question/answer pairs made from their docstrings ("What does
 same Python version, torch version and ``--threads``, the run is reproducible bit for bit:
 seeds are fixed and file order is sorted.
 
-Run time: about 14 minutes on one thread of a shared AMD EPYC core (see docs/demo_model.md
-for the last run's numbers). Needs torch, tokenizers, transformers, safetensors, tqdm.
+Run time: about 20 minutes on one thread of a busy shared AMD EPYC (18.8 min of it
+training at 2.5 s/step; about 13 min at 1.7 s/step on a quiet core). docs/demo_model.md
+has the last run's numbers, loss curve and samples. Needs torch, tokenizers, transformers, safetensors, tqdm.
 """
 from __future__ import annotations
 
