@@ -5,6 +5,12 @@ Public API: ``LLM``, ``AsyncLLM``, ``SamplingParams``, ``__version__``. Imports 
 """
 from __future__ import annotations
 
+import os
+
+# Spinning OpenMP barriers starve other threads (the server's event loop, the engine thread)
+# and collapse throughput on shared or small CPUs; only effective if torch is not loaded yet.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"
 __all__ = ["LLM", "AsyncLLM", "SamplingParams", "__version__"]
 

@@ -74,5 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run the imported module so subcommands see the same ARGV
+    from halserve.cli import main as _main
+
+    sys.exit(_main())
