@@ -265,6 +265,53 @@ def _read_meminfo() -> tuple[int, int] | None:
 
 # ---- the backend -------------------------------------------------------------------------
 
+def _gather_kv(cache: torch.Tensor, table: torch.Tensor, nblk: int) -> torch.Tensor:
+    """[..., nblk] block ids -> [..., hk, nblk * block_size, d] float32 (keys or values)."""
+    x = cache[table[..., :nblk].to(torch.int64)]  # [..., nblk, bs, hk, d]
+    x = x.flatten(-4, -3)  # [..., L, hk, d]
+    return x.transpose(-3, -2).float()
+
+
+def _attend_one(q: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor, slen: int, bs: int,
+                window: int | None, scale: float) -> torch.Tensor:
+    """One sequence: q [qlen, hq, d] are the last qlen positions of a slen-token context.
+    GQA without copying K/V per query head: the query heads of one KV head are packed
+    along the query axis."""
+    qlen, hq, d = q.shape
+    nblk = (slen + bs - 1) // bs
+    k = _gather_kv(kv_cache[0], table, nblk)[:, :slen]  # [hk, slen, d]
+    v = _gather_kv(kv_cache[1], table, nblk)[:, :slen]
+    hk = k.shape[0]
+    group = hq // hk
+    qg = q.float().view(qlen, hk, group, d).permute(1, 2, 0, 3).reshape(hk, group * qlen, d)
+    qpos = torch.arange(slen - qlen, slen, device=q.device)[:, None]
+    kpos = torch.arange(slen, device=q.device)[None, :]
+    allowed = kpos <= qpos
+    if window is not None:
+        allowed = allowed & (kpos > qpos - window)
+    mask = allowed.expand(group, qlen, slen).reshape(group * qlen, slen)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [hk, group*qlen, d]
+    return o.view(hk, group, qlen, d).permute(2, 0, 1, 3).reshape(qlen, hq, d)
+
+
+def _decode_batch(q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor, seq_lens: torch.Tensor,
+                  max_len: int, bs: int, window: int | None, scale: float, out: torch.Tensor) -> None:
+    """B decode rows at once over contexts padded to max_len (masked)."""
+    b, hq, d = q.shape
+    nblk = (max_len + bs - 1) // bs
+    k = _gather_kv(kv_cache[0], tables, nblk)  # [B, hk, L, d]
+    v = _gather_kv(kv_cache[1], tables, nblk)
+    hk, length = k.shape[1], k.shape[2]
+    kpos = torch.arange(length, device=q.device)[None, :]
+    last = seq_lens.to(torch.int64)[:, None] - 1
+    allowed = kpos <= last
+    if window is not None:
+        allowed = allowed & (kpos > last - window)
+    qg = q.float().view(b, hk, hq // hk, d)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=allowed[:, None, None, :], scale=scale)
+    out.copy_(o.reshape(b, hq, d))
+
+
 class NativeBackend(Backend):
     """Every op in pure torch on any torch device (float32, bfloat16, float16)."""
 
@@ -416,31 +463,23 @@ class NativeBackend(Backend):
                   scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
         if out is None:
             out = torch.empty_like(q)
-        hq, d = q.shape[1], q.shape[2]
-        hk = kv_cache.shape[-2]
-        group = hq // hk
         bs = meta.block_size
-        start = 0
-        for i, (qlen, slen) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
+        window = meta.sliding_window
+        # Decode rows (one query each) run as one padded batch; batch-invariant mode keeps
+        # them per sequence so a row's reduction never depends on its batch mates.
+        ndec = 0 if self.batch_invariant else meta.num_decode_seqs
+        if ndec > 1:
+            _decode_batch(q[:ndec], kv_cache, meta.block_tables[:ndec], meta.seq_lens[:ndec],
+                          max(meta.seq_lens_host[:ndec]), bs, window, scale, out[:ndec])
+        else:
+            ndec = 0
+        start = ndec
+        for i in range(ndec, meta.num_seqs):
+            qlen, slen = meta.query_lens_host[i], meta.seq_lens_host[i]
             if qlen == 0:
                 continue
-            nblk = (slen + bs - 1) // bs
-            blocks = meta.block_tables[i, :nblk].to(torch.int64)
-            k = kv_cache[0].index_select(0, blocks).reshape(-1, hk, d)[:slen].float()
-            v = kv_cache[1].index_select(0, blocks).reshape(-1, hk, d)[:slen].float()
-            if group > 1:
-                k = k.repeat_interleave(group, dim=1)
-                v = v.repeat_interleave(group, dim=1)
-            qs = q[start:start + qlen].float()
-            scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
-            qpos = torch.arange(slen - qlen, slen, device=q.device)[:, None]
-            kpos = torch.arange(slen, device=q.device)[None, :]
-            masked = kpos > qpos
-            if meta.sliding_window is not None:
-                masked = masked | (kpos <= qpos - meta.sliding_window)
-            scores.masked_fill_(masked[None], float("-inf"))
-            probs = torch.softmax(scores, dim=-1)
-            out[start:start + qlen] = torch.einsum("hqk,khd->qhd", probs, v).to(out.dtype)
+            out[start:start + qlen] = _attend_one(q[start:start + qlen], kv_cache, meta.block_tables[i],
+                                                  slen, bs, window, scale).to(out.dtype)
             start += qlen
         return out
 
