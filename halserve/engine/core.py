@@ -76,7 +76,12 @@ class EngineCore:
         num_blocks = self.runner.allocate_kv_cache(budget, max_useful)
         fp = hashlib.sha256(f"{mc.architecture}|{mc.path}|{mc.dtype}|{config.block_size}".encode()).digest()
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, fp)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        from halserve.engine.offload import build_offload
+
+        self.offload = build_offload(config, self.hal, mc, device, fp)
+        self.runner.offload = self.offload
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
+                                   offload=self.offload)
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(config.seed)
         self._next_seq_id = 0
@@ -158,16 +163,21 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         so = self.scheduler.schedule()
         if so.empty:
+            if self.offload is not None:
+                self.offload.wait_pending()  # a prompt's KV is being read from disk
             return []
         result = self.runner.execute(so)
         now = time.monotonic()
         touched: dict[str, Request] = {}
+        to_save: list = []
         j = 0
         for s in so.scheduled:
             seq = s.seq
             samples = s.samples
             seq.num_computed_tokens += s.num_new_tokens
-            self.kv.commit(seq)
+            new = self.kv.commit(seq)
+            if new and self.offload is not None:
+                to_save.extend(self.offload.blocks_to_save(seq, new, self.kv.block_size))
             if not samples:
                 continue
             tok = result.tokens[j]
@@ -175,6 +185,9 @@ class EngineCore:
             j += 1
             self._append_token(seq, tok, lp, now)
             touched[seq.request_id] = self.requests[seq.request_id]
+        if to_save:  # write-through, while the blocks still hold this step's KV
+            self.runner.save_blocks(to_save)
+        self.kv.evicted_hashes.clear()  # write-through already holds them below
         outs = []
         for req in touched.values():
             outs.append(self._make_output(req))
@@ -254,4 +267,5 @@ class EngineCore:
             "generation_tokens_total": self.generation_tokens_total,
             "num_preemptions_total": sch.num_preemptions,
             "num_kv_blocks": self.kv.num_blocks,
+            **({"offload": self.offload.stats()} if self.offload is not None else {}),
         }

@@ -33,6 +33,7 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.kv_caches: list[torch.Tensor] = []
+        self.offload = None  # engine.offload.OffloadManager: KV block copies to/from its tiers
         self.num_blocks = 0
 
     # ---- KV cache ---------------------------------------------------------------------------
@@ -120,8 +121,14 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.int64, device=dev)
         return ids, pos, meta, cu
 
+    def save_blocks(self, blocks: list[tuple[int, bytes, tuple[int, ...]]]) -> None:
+        """Write newly committed blocks through to the offload tiers."""
+        self.offload.save(self.kv_caches, blocks)
+
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> StepResult:
+        if so.loads:  # KV promoted from the offload tiers, in place before the forward reads it
+            self.offload.scatter(self.kv_caches, [b for b, _ in so.loads], [x for _, x in so.loads])
         ids, pos, meta, cu = self._prepare(so)
         hidden = self.model.forward(ids, pos, self.kv_caches, meta)
         rows_idx = [i for i, s in enumerate(so.scheduled) if s.samples]

@@ -29,6 +29,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)  # decodes first
     preempted: list[Sequence] = field(default_factory=list)
     num_decodes: int = 0
+    # KV found in the offload tiers: (device block id, canonical host block), copied in
+    # by the runner before the forward that reads it
+    loads: list = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -40,8 +43,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 offload=None):
         self.kv = kv
+        self.offload = offload  # engine.offload.OffloadManager or None
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -73,6 +78,12 @@ class Scheduler:
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
 
+    def _lookup_offload(self, seq: Sequence, start: int):
+        bs = self.kv.block_size
+        stop = min((seq.num_tokens - 1) // bs, len(seq.block_hashes))  # keep a token to compute
+        return self.offload.lookup(seq.block_hashes[start:stop],
+                                   lambda i: tuple(seq.token_ids[(start + i) * bs:(start + i + 1) * bs]))
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
@@ -101,19 +112,33 @@ class Scheduler:
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hit: list[int] = []
+            found = None  # blocks below the device that continue the prefix hit
             if seq.num_computed_tokens == 0 and not seq.block_ids:
                 hit = self.kv.match_prefix(seq)
-            computed = len(hit) * self.kv.block_size
+                if self.offload is not None and self.kv.enable_prefix_caching:
+                    found = self._lookup_offload(seq, len(hit))
+                    if found.pending:  # being read from disk; running sequences go on
+                        break
+            num_loaded = len(found.blocks) if found is not None else 0
+            computed = (len(hit) + num_loaded) * self.kv.block_size
             n = min(seq.num_tokens - computed, budget)
             need = self.kv.blocks_needed(computed + n) - len(hit)
             # blocks with ref 0 among the hits are counted in the free queue: reserve them too
             reusable = sum(1 for b in hit if self.kv.blocks[b].ref_count == 0)
             if not self.kv.can_allocate(need + reusable):
+                if num_loaded:
+                    self.offload.give_back(found)
                 break
             self.waiting.popleft()
             self.kv.touch(hit)
             self.kv.record_lookup(seq, len(hit))
             seq.block_ids = list(hit)
+            if num_loaded:
+                fresh = self.kv.allocate_fresh(num_loaded)  # after touch: the hits stay put
+                for bid, (h, blk), toks in zip(fresh, found.blocks, found.tokens):
+                    self.kv.register_loaded(bid, h, toks)
+                    out.loads.append((bid, blk))
+                seq.block_ids += fresh
             seq.num_computed_tokens = computed
             seq.num_cached_tokens = computed
             ok = self.kv.allocate(seq, computed + n)

@@ -212,3 +212,197 @@ def test_manager_write_through_lookup_and_promotion(tmp_path, async_disk):
     st = m.stats()
     assert st["blocks_saved"] == 4 and st["blocks_loaded"] == 2 and st["disk"]["stores"] == 4
     m.close()
+
+
+# ---- through the engine ----------------------------------------------------------------------
+
+from halserve import LLM, SamplingParams  # noqa: E402
+from halserve import hal as hal_registry  # noqa: E402
+from tests.helpers.checkpoints import make_checkpoint  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+LONG = [list(range(30, 130)), list(range(200, 290)) + [7] * 10]  # 100 tokens: 6 full blocks each
+HOST = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return str(make_checkpoint("llama", tmp_path_factory.mktemp("llama")))
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    llm = LLM(ckpt, dtype="float32", enable_prefix_caching=False)
+    cache = {}
+
+    def ref(prompts):
+        key = tuple(map(tuple, prompts))
+        if key not in cache:
+            cache[key] = tokens_of(llm.generate(prompts, GREEDY))
+        return cache[key]
+
+    return ref
+
+
+@pytest.fixture
+def transposed_backend():
+    hal_registry.register(TransposedBackend)
+    yield TransposedBackend.name
+    hal_registry._registered.pop(TransposedBackend.name, None)
+
+
+def tokens_of(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def offload_llm(ckpt, tmp_path, **kw):
+    kw.setdefault("kv_offload_host_bytes", HOST)
+    return LLM(ckpt, dtype="float32", kv_offload_dir=str(tmp_path), **kw)
+
+
+def test_outputs_identical_with_offload_on_and_off(ckpt, reference, tmp_path):
+    prompts = [LONG[0], LONG[0][:70] + [9, 8, 7], LONG[1], [5, 6, 7]]
+    llm = offload_llm(ckpt, tmp_path)
+    assert tokens_of(llm.generate(prompts, GREEDY)) == reference(prompts)
+    assert tokens_of(llm.generate(prompts, GREEDY)) == reference(prompts)
+    llm.engine.offload.flush()
+    m = llm.get_metrics()["offload"]
+    assert m["blocks_saved"] >= 12 and m["disk"]["stores"] == m["blocks_saved"]
+    assert m["bad_files"] == 0
+
+
+def test_device_evicted_blocks_come_back_from_host_then_disk(ckpt, reference, tmp_path):
+    llm = offload_llm(ckpt, tmp_path)
+    ref = reference([LONG[0]])
+    assert tokens_of(llm.generate([LONG[0]], GREEDY)) == ref
+    eng = llm.engine
+    eng.offload.flush()
+    eng.kv.reset_prefix_cache()  # the device copy is gone
+    out = llm.generate([LONG[0]], GREEDY)
+    assert tokens_of(out) == ref and out[0].num_cached_tokens == 96
+    m = llm.get_metrics()["offload"]
+    assert m["host"]["hits"] == 6 and m["disk"]["hits"] == 0 and m["blocks_loaded"] == 6
+    eng.kv.reset_prefix_cache()
+    eng.offload.host.clear()  # and the host copy too: only the files are left
+    out = llm.generate([LONG[0]], GREEDY)
+    assert tokens_of(out) == ref and out[0].num_cached_tokens == 96
+    m = llm.get_metrics()["offload"]
+    assert m["disk"]["hits"] == 6 and m["blocks_loaded"] == 12 and m["bytes_to_device"] > 0
+
+
+def test_device_pressure_evicts_then_host_serves(ckpt, reference, tmp_path):
+    # 10 device blocks: the second long prompt pushes the first one's blocks out
+    llm = offload_llm(ckpt, tmp_path, num_gpu_blocks_override=10)
+    for p in (LONG[0], LONG[1], LONG[0]):
+        out = llm.generate([p], GREEDY)
+        assert tokens_of(out) == reference([p])
+    # blocks 0-2 stayed on the device (tails are evicted first), 3-5 came back from host
+    assert out[0].num_cached_tokens == 96 and llm.get_metrics()["offload"]["host"]["hits"] == 3
+
+
+def test_restart_serves_from_disk(ckpt, reference, tmp_path):
+    first = offload_llm(ckpt, tmp_path, kv_offload_host_bytes=0)
+    assert tokens_of(first.generate(LONG, GREEDY)) == reference(LONG)
+    first.engine.offload.flush()
+    again = offload_llm(ckpt, tmp_path, kv_offload_host_bytes=0)  # a new process, in effect
+    out = again.generate(LONG, GREEDY)
+    assert tokens_of(out) == reference(LONG)
+    assert [o.num_cached_tokens for o in out] == [96, 96]
+    m = again.get_metrics()["offload"]
+    assert m["disk"]["hits"] == 12 and m["deferred_admissions"] >= 1  # read off the engine thread
+
+
+def test_cross_backend_layouts_share_files(ckpt, reference, tmp_path, transposed_backend):
+    native = offload_llm(ckpt, tmp_path, backend="native")
+    assert tokens_of(native.generate(LONG, GREEDY)) == reference(LONG)
+    native.engine.offload.flush()
+    other = offload_llm(ckpt, tmp_path, backend=transposed_backend)
+    assert not other.engine.offload.layout.identity
+    out = other.generate(LONG, GREEDY)
+    assert tokens_of(out) == reference(LONG) and [o.num_cached_tokens for o in out] == [96, 96]
+    assert other.get_metrics()["offload"]["disk"]["hits"] == 12
+    # and back: the transposed backend's write-through loads on native
+    other.generate([LONG[0][:50] + [1, 2, 3]], GREEDY)
+    other.engine.offload.flush()
+    again = offload_llm(ckpt, tmp_path, backend="native", kv_offload_host_bytes=0)
+    p = [LONG[0][:50] + [1, 2, 3]]
+    assert tokens_of(again.generate(p, GREEDY)) == reference(p)
+
+
+def test_corrupt_files_are_recomputed_and_counted(ckpt, reference, tmp_path):
+    prompts = [LONG[0], LONG[1], list(range(300, 340))]
+    first = offload_llm(ckpt, tmp_path, kv_offload_host_bytes=0)
+    assert tokens_of(first.generate(prompts, GREEDY)) == reference(prompts)
+    off = first.engine.offload
+    off.flush()
+    seqs_hashes = []
+    for p in prompts:  # each prompt's first block, damaged a different way
+        from halserve.engine.kv_cache import ROOT_HASH, block_hash
+
+        seqs_hashes.append(block_hash(ROOT_HASH, p[:16], first.engine.kv.fingerprint))
+    _corrupt(off.disk.path(seqs_hashes[0]), "flip")
+    _corrupt(off.disk.path(seqs_hashes[1]), "truncate")
+    wrong = encode_block_file(b"x" * 32, seqs_hashes[2], torch.zeros(off.block_shape), tuple(prompts[2][:16]))
+    off.disk.path(seqs_hashes[2]).write_bytes(wrong)
+    again = offload_llm(ckpt, tmp_path, kv_offload_host_bytes=0)
+    out = again.generate(prompts, GREEDY)
+    assert tokens_of(out) == reference(prompts)
+    assert [o.num_cached_tokens for o in out] == [0, 0, 0]
+    m = again.get_metrics()["offload"]
+    assert m["bad_files"] == 3 and m["disk"]["bad_files"] == 3
+    again.engine.offload.flush()  # recomputed blocks are written again, whole
+    assert all(again.engine.offload.disk.path(h).exists() for h in seqs_hashes)
+    third = offload_llm(ckpt, tmp_path, kv_offload_host_bytes=0)
+    out = third.generate(prompts, GREEDY)
+    assert tokens_of(out) == reference(prompts) and [o.num_cached_tokens for o in out] == [96, 96, 32]
+
+
+def test_concurrent_requests_sharing_prefixes(ckpt, reference, tmp_path):
+    shared = list(range(40, 104))  # 4 full blocks
+    prompts = [shared + [i, i + 1, i + 2] for i in range(6)] + [shared[:40] + [9] * 30]
+    warm = offload_llm(ckpt, tmp_path, kv_offload_host_bytes=0)
+    warm.generate([shared + [500]], GREEDY)
+    warm.engine.offload.flush()
+    llm = offload_llm(ckpt, tmp_path, max_num_batched_tokens=32)  # chunked, interleaved
+    out = llm.generate(prompts, GREEDY)
+    assert tokens_of(out) == reference(prompts)
+    assert out[0].num_cached_tokens == 64
+    m = llm.get_metrics()["offload"]
+    assert m["disk"]["hits"] >= 4 and m["bad_files"] == 0
+
+
+def test_disk_budget_holds_under_the_engine(ckpt, tmp_path):
+    probe = offload_llm(ckpt, tmp_path / "probe", kv_offload_host_bytes=0)
+    probe.generate([LONG[0]], GREEDY)
+    probe.engine.offload.flush()
+    one = max(p.stat().st_size for p in (tmp_path / "probe").rglob("*.kv"))
+    budget = one * 8
+    llm = offload_llm(ckpt, tmp_path / "d", kv_offload_disk_bytes=budget)
+    for k in range(4):
+        llm.generate([[k + 10] * 3 + list(range(100 + k, 180 + k))], GREEDY)
+    llm.engine.offload.flush()
+    files = list((tmp_path / "d").rglob("*.kv"))
+    assert sum(p.stat().st_size for p in files) <= budget and len(files) == 8
+    m = llm.get_metrics()["offload"]["disk"]
+    assert m["evictions"] > 0 and m["used_bytes"] <= budget
+
+
+def test_disk_reads_do_not_stall_running_requests(ckpt, reference, tmp_path):
+    warm = offload_llm(ckpt, tmp_path, kv_offload_host_bytes=0)
+    warm.generate([LONG[0]], GREEDY)
+    warm.engine.offload.flush()
+    llm = offload_llm(ckpt, tmp_path, kv_offload_host_bytes=0)
+    eng = llm.engine
+    eng.add_request("a", [3, 4, 5], GREEDY)
+    eng.step()  # a's prefill
+    eng.add_request("b", LONG[0], GREEDY)
+    outs = {o.request_id: o for o in eng.step()}  # b's blocks are being read: a decodes alone
+    assert len(outs["a"].outputs[0].token_ids) == 2 and "b" not in outs
+    assert [s.request_id for s in eng.scheduler.waiting] == ["b"]
+    done = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o
+    assert tokens_of([done["a"], done["b"]]) == reference([[3, 4, 5], LONG[0]])
+    assert done["b"].num_cached_tokens == 96
