@@ -74,6 +74,8 @@ class EngineCore:
                                                      lambda: self.runner.profile_run(config.max_num_batched_tokens,
                                                                                      config.max_num_seqs))
         num_blocks = self.runner.allocate_kv_cache(budget, max_useful)
+        if not config.enforce_eager:
+            self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
         fp = hashlib.sha256(f"{mc.architecture}|{mc.path}|{mc.dtype}|{config.block_size}".encode()).digest()
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, fp)
         from halserve.engine.offload import build_offload

@@ -35,6 +35,8 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.offload = None  # engine.offload.OffloadManager: KV block copies to/from its tiers
         self.num_blocks = 0
+        self.graphs: dict[int, object] = {}  # decode batch bucket -> captured step
+        self._static: dict[str, torch.Tensor] = {}
 
     # ---- KV cache ---------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -79,6 +81,74 @@ class ModelRunner:
         self.model.compute_logits(hidden[-min(num_seqs, num_tokens):])
         del caches
         self.hal.synchronize()
+
+    # ---- decode graphs --------------------------------------------------------------------------
+    @staticmethod
+    def graph_buckets(max_num_seqs: int) -> list[int]:
+        sizes = [1, 2, 4, 8] + list(range(16, max_num_seqs + 16, 16))
+        return sorted({min(b, max_num_seqs) for b in sizes})
+
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> int:
+        """Capture one decode step (forward + logits) per batch bucket, largest first, on
+        static input buffers; returns how many were captured (0 where the backend has no
+        graphs). Padding rows write to slot -1 and read a 1-token context from block 0."""
+        if not self.hal.capabilities.graphs:
+            return 0
+        from tqdm import tqdm
+
+        dev, bmax = self.device, max_num_seqs
+        max_blocks = -(-max_model_len // self.block_size)
+        st = self._static = {
+            "ids": torch.zeros(bmax, dtype=torch.int64, device=dev),
+            "pos": torch.zeros(bmax, dtype=torch.int64, device=dev),
+            "slots": torch.full((bmax,), -1, dtype=torch.int64, device=dev),
+            "seq_lens": torch.ones(bmax, dtype=torch.int32, device=dev),
+            "tables": torch.zeros(bmax, max_blocks, dtype=torch.int32, device=dev),
+            "cu": torch.arange(bmax + 1, dtype=torch.int32, device=dev),
+        }
+        for b in tqdm(self.graph_buckets(bmax)[::-1], desc="capturing decode graphs", unit="graph"):
+            meta = AttentionMetadata(
+                cu_seqlens_q=st["cu"][:b + 1], seq_lens=st["seq_lens"][:b], block_tables=st["tables"][:b],
+                slot_mapping=st["slots"][:b], max_seqlen_q=1, max_seqlen_k=max_model_len,
+                query_lens_host=[1] * b, seq_lens_host=[max_model_len] * b, block_size=self.block_size,
+                num_decode_seqs=b, sliding_window=getattr(self.mc, "sliding_window", None))
+
+            def step(b=b, meta=meta):
+                return self.model.compute_logits(self.model.forward(st["ids"][:b], st["pos"][:b],
+                                                                    self.kv_caches, meta))
+
+            graph = self.hal.capture_graph(step)
+            if graph is None:
+                return 0
+            self.graphs[b] = graph
+        return len(self.graphs)
+
+    def _replay_decode(self, so: SchedulerOutput) -> torch.Tensor | None:
+        n = len(so.scheduled)
+        if not self.graphs or so.num_decodes != n or n > max(self.graphs):
+            return None
+        b = min(x for x in self.graphs if x >= n)
+        st, bs = self._static, self.block_size
+        ids, pos, slots, lens = [], [], [], []
+        width = max(len(s.seq.block_ids) for s in so.scheduled)
+        rows = []
+        for s in so.scheduled:
+            seq = s.seq
+            p = seq.num_computed_tokens
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(seq.block_ids[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            rows.append(seq.block_ids + [0] * (width - len(seq.block_ids)))
+        pad = b - n
+        rows.extend([[0] * width] * pad)
+        # columns past `width` keep stale but valid block ids: nothing reads past seq_lens
+        st["ids"][:b].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
+        st["pos"][:b].copy_(torch.tensor(pos + [0] * pad), non_blocking=True)
+        st["slots"][:b].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
+        st["seq_lens"][:b].copy_(torch.tensor(lens + [1] * pad, dtype=torch.int32), non_blocking=True)
+        st["tables"][:b, :width].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
+        return self.graphs[b].replay()[:n]
 
     # ---- one step -----------------------------------------------------------------------------
     def _prepare(self, so: SchedulerOutput):
@@ -129,13 +199,17 @@ class ModelRunner:
     def execute(self, so: SchedulerOutput) -> StepResult:
         if so.loads:  # KV promoted from the offload tiers, in place before the forward reads it
             self.offload.scatter(self.kv_caches, [b for b, _ in so.loads], [x for _, x in so.loads])
-        ids, pos, meta, cu = self._prepare(so)
-        hidden = self.model.forward(ids, pos, self.kv_caches, meta)
         rows_idx = [i for i, s in enumerate(so.scheduled) if s.samples]
-        if not rows_idx:
-            return StepResult([], [])
-        last = torch.tensor([cu[i + 1] - 1 for i in rows_idx], dtype=torch.int64, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, last)).float()
+        logits = self._replay_decode(so)
+        if logits is not None:
+            logits = logits.float().clone()  # the graph's output buffer is reused next step
+        else:
+            ids, pos, meta, cu = self._prepare(so)
+            hidden = self.model.forward(ids, pos, self.kv_caches, meta)
+            if not rows_idx:
+                return StepResult([], [])
+            last = torch.tensor([cu[i + 1] - 1 for i in rows_idx], dtype=torch.int64, device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, last)).float()
         rows = []
         for i in rows_idx:
             seq = so.scheduled[i].seq

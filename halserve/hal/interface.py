@@ -100,7 +100,9 @@ class AttentionMetadata:
       cu_seqlens_q [num_seqs + 1], seq_lens [num_seqs], block_tables [num_seqs, max_blocks]
       (padding entries are 0 and must not be read past seq_lens), slot_mapping [num_tokens]
       int64 (-1 = do not write). Host copies (python lists) of the query and context lengths
-      let pure-torch paths avoid device->host syncs.
+      let pure-torch paths avoid device->host syncs. In a captured decode graph the host
+      copies keep their capture-time values (max_seqlen_k = max_model_len): graph-capable
+      backends must take per-row lengths from the device tensors.
     """
 
     cu_seqlens_q: "torch.Tensor"

@@ -468,7 +468,7 @@ class NativeBackend(Backend):
         # Decode rows (one query each) run as one padded batch; batch-invariant mode keeps
         # them per sequence so a row's reduction never depends on its batch mates.
         ndec = 0 if self.batch_invariant else meta.num_decode_seqs
-        if ndec > 1:
+        if ndec >= 1:  # reads lengths from the device tensors only, so it also replays in graphs
             _decode_batch(q[:ndec], kv_cache, meta.block_tables[:ndec], meta.seq_lens[:ndec],
                           max(meta.seq_lens_host[:ndec]), bs, window, scale, out[:ndec])
         else:
