@@ -48,7 +48,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig):
         from halserve import hal
         from halserve.engine.tokenizer import Tokenizer
-        from halserve.models.loader import load_model
+        from halserve.models.loader import checkpoint_fingerprint, load_model
 
         self.config = config
         t0 = time.monotonic()
@@ -76,7 +76,9 @@ class EngineCore:
         num_blocks = self.runner.allocate_kv_cache(budget, max_useful)
         if not config.enforce_eager:
             self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
-        fp = hashlib.sha256(f"{mc.architecture}|{mc.path}|{mc.dtype}|{config.block_size}".encode()).digest()
+        # content, not path: KV blocks cached by one server load on another with the same model
+        fp = hashlib.sha256(checkpoint_fingerprint(mc.path)
+                            + f"|{mc.dtype}|{config.block_size}|{config.quantization}".encode()).digest()
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, fp)
         from halserve.engine.offload import build_offload
 

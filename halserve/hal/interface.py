@@ -63,6 +63,7 @@ class Capabilities:
     kv_dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
     graphs: bool = False
     batch_invariant: bool = True
+    pin_memory: bool = False  # host staging buffers (KV offload) should be page-locked
 
 
 @dataclass(slots=True)

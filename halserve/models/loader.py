@@ -6,6 +6,8 @@ beyond the layer being built.
 """
 from __future__ import annotations
 
+import hashlib
+
 import json
 import logging
 import time
@@ -75,7 +77,11 @@ def load_model(path, hal: Backend, dtype="auto", quantization: str | None = None
 def load_config(path, dtype="auto") -> ModelConfig:
     """Read config.json and generation_config.json into a ModelConfig (no weights)."""
     root = Path(path)
-    if not root.is_dir():
+    try:
+        is_dir = root.is_dir()
+    except OSError:  # e.g. a prompt passed where the model path goes: name too long
+        is_dir = False
+    if not is_dir:
         raise ModelLoadError(f"model path {str(path)!r} is not a directory "
                              f"(expected one with config.json and *.safetensors)")
     cfg = _read_json(root / "config.json", required=True)
@@ -232,3 +238,22 @@ def _ids(*values) -> list[int]:
             if i not in out:
                 out.append(i)
     return out
+
+
+def checkpoint_fingerprint(path) -> bytes:
+    """A content fingerprint of a checkpoint, the same wherever the directory sits: config.json
+    plus, for each safetensors file, its name, size, header and samples of its data. Two
+    random checkpoints of one shape differ in their sampled bytes, so KV never crosses them."""
+    root = Path(path)
+    h = hashlib.sha256((root / "config.json").read_bytes())
+    for f in sorted(root.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            h.update(fh.read(min(n, 1 << 20)))
+            for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+                fh.seek(max(0, min(size - 4096, 8 + n + int((size - 8 - n) * frac))))
+                h.update(fh.read(4096))
+    return h.digest()

@@ -121,3 +121,17 @@ def test_fused_expert_layout_on_disk(checkpoint, tmp_path, preset, transposed):
             continue
         assert torch.equal(a.mlp.w13.weight, b.mlp.w13.weight) and torch.equal(a.mlp.w2.weight, b.mlp.w2.weight)
         assert torch.equal(a.mlp.router.weight.weight, b.mlp.router.weight.weight)
+
+
+def test_checkpoint_fingerprint_follows_content_not_path(tmp_path):
+    import shutil
+
+    from halserve.models.loader import checkpoint_fingerprint
+    from tests.helpers.checkpoints import make_checkpoint
+
+    a = make_checkpoint("llama", tmp_path / "a", seed=0)
+    b = tmp_path / "elsewhere"
+    shutil.copytree(a, b)
+    c = make_checkpoint("llama", tmp_path / "c", seed=1)  # same shapes, other weights
+    assert checkpoint_fingerprint(a) == checkpoint_fingerprint(b)
+    assert checkpoint_fingerprint(a) != checkpoint_fingerprint(c)

@@ -108,6 +108,7 @@ class CudaBackend(NativeBackend):
             fp4_formats=(),  # NVFP4 kernels: not yet (and never below sm_100)
             graphs=self.device.type == "cuda",
             batch_invariant=True,
+            pin_memory=self.device.type == "cuda",
         )
 
     def supports(self, op: str, **spec: Any) -> "bool | str":
