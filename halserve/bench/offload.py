@@ -123,7 +123,7 @@ def main(args: argparse.Namespace) -> int:
                       max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=4)
         kv_bytes = 2 * args.layers * args.kv_heads * (args.hidden // args.heads) * args.prompt_len * (
             4 if args.dtype in ("float32", "fp32") else 2)
-        host_bytes = kv_bytes * 2 + (64 << 20)
+        host_bytes = kv_bytes * (args.repeats + 2)  # every timed prompt stays in the host tier
         base = 1000
 
         def prompt(i):  # distinct prompts: nothing is shared between timed runs by accident

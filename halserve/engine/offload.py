@@ -574,12 +574,20 @@ class OffloadManager:
         n = len(block_ids)
         mapping = torch.tensor([[b, i] for i, b in enumerate(block_ids)], dtype=torch.int64)
         out = torch.empty((n, *self.block_shape), dtype=self.dtype)
-        staging = host_empty(self.hal, self.layout.backend_shape(n), self.dtype)
+        staging = self._staging(n)
         for layer, cache in enumerate(kv_caches):
             self.hal.swap_blocks(cache, staging, mapping)
             self.hal.synchronize()
             out[:, :, layer] = self.layout.to_canonical(staging, n).transpose(0, 1)
         return out
+
+    def _staging(self, n: int) -> torch.Tensor:
+        """A reusable host buffer (pinned where the HAL asks) for n blocks of one layer."""
+        shape = self.layout.backend_shape(n)
+        buf = getattr(self, "_stage_buf", None)
+        if buf is None or buf.numel() < math.prod(shape):
+            buf = self._stage_buf = host_empty(self.hal, (math.prod(shape),), self.dtype)
+        return buf[:math.prod(shape)].view(shape)
 
     @torch.inference_mode()
     def scatter(self, kv_caches: list[torch.Tensor], block_ids: list[int], blocks: list[torch.Tensor]) -> None:
@@ -589,11 +597,14 @@ class OffloadManager:
             return
         t0 = time.perf_counter()
         mapping = torch.tensor([[i, b] for i, b in enumerate(block_ids)], dtype=torch.int64)
-        stacked = torch.stack(blocks)  # [n, 2, L, bs, hk, d]
         for layer, cache in enumerate(kv_caches):
-            staging = self.layout.from_canonical(stacked[:, :, layer].transpose(0, 1), n)
+            staging = self._staging(n)
+            if self.layout.identity:  # copy each block's layer slice straight into the staging buffer
+                torch.stack([b[:, layer] for b in blocks], dim=1, out=staging.view(2, n, *self.layout.canonical))
+            else:
+                staging.copy_(self.layout.from_canonical(torch.stack([b[:, layer] for b in blocks], dim=1), n))
             self.hal.swap_blocks(staging, cache, mapping)
-        self.hal.synchronize()
+            self.hal.synchronize()  # the staging buffer is reused by the next layer
         self.blocks_loaded += n
         self.load_count += 1
         self.bytes_to_device += n * self.block_bytes

@@ -507,9 +507,15 @@ class NativeBackend(Backend):
     def swap_blocks(self, src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tensor) -> None:
         if block_mapping.numel() == 0:
             return
-        src_idx = block_mapping[:, 0].to(src.device)
-        dst_idx = block_mapping[:, 1].to(dst.device)
-        dst.index_copy_(1, dst_idx, src.index_select(1, src_idx).to(dst.device))
+        n = block_mapping.shape[0]
+        src_idx = block_mapping[:, 0]
+        if torch.equal(src_idx.cpu(), torch.arange(n)):  # a staging buffer: move it as one piece
+            moved = src[:, :n]
+        else:
+            moved = src.index_select(1, src_idx.to(src.device))
+        if moved.device != dst.device:
+            moved = moved.to(dst.device, non_blocking=moved.is_pinned())
+        dst.index_copy_(1, block_mapping[:, 1].to(dst.device), moved)
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], block_mapping: torch.Tensor) -> None:
         if block_mapping.numel() == 0:
