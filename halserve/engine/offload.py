@@ -573,6 +573,15 @@ class OffloadManager:
         """Device blocks -> canonical host blocks ``[n, 2, layers, bs, hk, d]``."""
         n = len(block_ids)
         mapping = torch.tensor([[b, i] for i, b in enumerate(block_ids)], dtype=torch.int64)
+        if self.layout.identity:
+            # gather every layer's blocks on the device, then one copy to the host
+            dev = kv_caches[0].device
+            on_dev = torch.empty((n, *self.block_shape), dtype=self.dtype, device=dev)
+            for layer, cache in enumerate(kv_caches):
+                self.hal.swap_blocks(cache, on_dev[:, :, layer].transpose(0, 1), mapping)
+            out = on_dev.to("cpu")
+            self.hal.synchronize()
+            return out
         out = torch.empty((n, *self.block_shape), dtype=self.dtype)
         staging = self._staging(n)
         for layer, cache in enumerate(kv_caches):
@@ -589,6 +598,14 @@ class OffloadManager:
             buf = self._stage_buf = host_empty(self.hal, (math.prod(shape),), self.dtype)
         return buf[:math.prod(shape)].view(shape)
 
+    def _staging_blocks(self, n: int) -> torch.Tensor:
+        """A reusable host buffer for n canonical blocks ``[n, 2, layers, bs, hk, d]``."""
+        buf = getattr(self, "_stage_all", None)
+        need = n * math.prod(self.block_shape)
+        if buf is None or buf.numel() < need:
+            buf = self._stage_all = host_empty(self.hal, (need,), self.dtype)
+        return buf[:need].view(n, *self.block_shape)
+
     @torch.inference_mode()
     def scatter(self, kv_caches: list[torch.Tensor], block_ids: list[int], blocks: list[torch.Tensor]) -> None:
         """Canonical host blocks -> the device blocks ``block_ids`` (one swap per layer)."""
@@ -597,14 +614,21 @@ class OffloadManager:
             return
         t0 = time.perf_counter()
         mapping = torch.tensor([[i, b] for i, b in enumerate(block_ids)], dtype=torch.int64)
-        for layer, cache in enumerate(kv_caches):
-            staging = self._staging(n)
-            if self.layout.identity:  # copy each block's layer slice straight into the staging buffer
-                torch.stack([b[:, layer] for b in blocks], dim=1, out=staging.view(2, n, *self.layout.canonical))
-            else:
+        if self.layout.identity:
+            # one host pass into the (pinned) staging buffer, one copy to the device, then
+            # each layer's blocks are placed by a device-side swap_blocks
+            whole = self._staging_blocks(n)
+            torch.stack(blocks, out=whole)
+            on_dev = whole.to(kv_caches[0].device, non_blocking=True)
+            for layer, cache in enumerate(kv_caches):
+                self.hal.swap_blocks(on_dev[:, :, layer].transpose(0, 1), cache, mapping)
+            self.hal.synchronize()  # the staging buffer is reused by the next load
+        else:
+            for layer, cache in enumerate(kv_caches):
+                staging = self._staging(n)
                 staging.copy_(self.layout.from_canonical(torch.stack([b[:, layer] for b in blocks], dim=1), n))
-            self.hal.swap_blocks(staging, cache, mapping)
-            self.hal.synchronize()  # the staging buffer is reused by the next layer
+                self.hal.swap_blocks(staging, cache, mapping)
+                self.hal.synchronize()  # the staging buffer is reused by the next layer
         self.blocks_loaded += n
         self.load_count += 1
         self.bytes_to_device += n * self.block_bytes
