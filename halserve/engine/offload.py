@@ -579,9 +579,12 @@ class OffloadManager:
             on_dev = torch.empty((n, *self.block_shape), dtype=self.dtype, device=dev)
             for layer, cache in enumerate(kv_caches):
                 self.hal.swap_blocks(cache, on_dev[:, :, layer].transpose(0, 1), mapping)
-            out = on_dev.to("cpu")
+            if on_dev.device.type == "cpu":
+                return on_dev
+            staging = self._staging_blocks(n)  # pinned where the HAL asks: a fast copy down
+            staging.copy_(on_dev, non_blocking=True)
             self.hal.synchronize()
-            return out
+            return staging.clone()  # tiers keep their own copy; the staging buffer is reused
         out = torch.empty((n, *self.block_shape), dtype=self.dtype)
         staging = self._staging(n)
         for layer, cache in enumerate(kv_caches):
