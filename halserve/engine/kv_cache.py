@@ -140,6 +140,7 @@ class KVCacheManager:
         for bid in reversed(seq.block_ids):
             self.release(bid)
         seq.block_ids = []
+        seq.num_committed_blocks = 0
 
     def release(self, bid: int) -> None:
         blk = self.blocks[bid]
@@ -157,7 +158,9 @@ class KVCacheManager:
         self.update_hashes(seq, seq.num_computed_tokens)
         new: list[tuple[int, bytes]] = []
         bs = self.block_size
-        for i in range(min(seq.num_computed_tokens // bs, len(seq.block_hashes), len(seq.block_ids))):
+        end = min(seq.num_computed_tokens // bs, len(seq.block_hashes), len(seq.block_ids))
+        start, seq.num_committed_blocks = seq.num_committed_blocks, end  # each block is looked at once
+        for i in range(start, end):
             h = seq.block_hashes[i]
             bid = seq.block_ids[i]
             blk = self.blocks[bid]

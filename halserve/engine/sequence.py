@@ -31,6 +31,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at admission
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks so far
+    num_committed_blocks: int = 0  # leading blocks already offered to the prefix cache
     num_preemptions: int = 0
     finish_reason: str | None = None
     stop_reason: Any = None
