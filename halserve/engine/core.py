@@ -128,8 +128,6 @@ class EngineCore:
         if self.kv.blocks_needed(len(ids) + 1) > self.kv.num_blocks:
             raise ValueError(f"the prompt has {len(ids)} tokens but the KV cache holds only "
                              f"{self.kv.num_blocks * self.kv.block_size}; raise kv_cache_memory")
-        if params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported yet; leave it unset")
         params = params.clone(_eos_token_ids=self.eos_token_ids)
         req = Request(request_id, text, ids, params)
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
@@ -144,6 +142,8 @@ class EngineCore:
                 seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
             if params.logprobs is not None:
                 seq.logprobs = []
+            if params.prompt_logprobs is not None:
+                seq.prompt_logprobs = [None]  # the first prompt token has no logprob
             req.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
@@ -177,6 +177,8 @@ class EngineCore:
         j = 0
         for s in so.scheduled:
             seq = s.seq
+            if result.prompt_logprobs and seq.seq_id in result.prompt_logprobs:
+                self._add_prompt_logprobs(seq, *result.prompt_logprobs[seq.seq_id])
             samples = s.samples
             seq.num_computed_tokens += s.num_new_tokens
             new = self.kv.commit(seq)
@@ -233,6 +235,16 @@ class EngineCore:
             seq.status = SeqStatus.FINISHED
             self.scheduler.remove(seq)
 
+    def _add_prompt_logprobs(self, seq: Sequence, first: int, rows: list) -> None:
+        for j, (chosen, rank, top_ids, top_lps) in enumerate(rows):
+            pos = first + j
+            if pos != len(seq.prompt_logprobs):  # recomputed after a preemption: have it already
+                continue
+            tok = seq.token_ids[pos]
+            d = {tid: Logprob(v, r + 1, self._decode_one(tid)) for r, (tid, v) in enumerate(zip(top_ids, top_lps))}
+            d[tok] = Logprob(chosen, rank, self._decode_one(tok))
+            seq.prompt_logprobs.append(d)
+
     def _find_stop(self, seq: Sequence, start: int) -> str | None:
         from halserve.engine.tokenizer import find_stop
 
@@ -255,7 +267,9 @@ class EngineCore:
         cached = req.seqs[0].num_cached_tokens if req.seqs else 0
         metrics = RequestMetrics(req.arrival_time, min(first) if first else None,
                                  time.monotonic() if req.finished else None, cached)
+        plp = req.seqs[0].prompt_logprobs if req.seqs else None
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
+                             prompt_logprobs=list(plp) if plp is not None else None,
                              metrics=metrics, num_cached_tokens=cached)
 
     # ---- metrics --------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ class StepResult:
 
     tokens: list[int]
     logprobs: list[tuple[float, int, list[int], list[float]] | None]
+    # seq_id -> (first prompt position scored, [(logprob, rank, top_ids, top_lps)] per position)
+    prompt_logprobs: dict[int, tuple[int, list]] | None = None
 
 
 class ModelRunner:
@@ -201,13 +203,15 @@ class ModelRunner:
             self.offload.scatter(self.kv_caches, [b for b, _ in so.loads], [x for _, x in so.loads])
         rows_idx = [i for i, s in enumerate(so.scheduled) if s.samples]
         logits = self._replay_decode(so)
+        plp = None
         if logits is not None:
             logits = logits.float().clone()  # the graph's output buffer is reused next step
         else:
             ids, pos, meta, cu = self._prepare(so)
             hidden = self.model.forward(ids, pos, self.kv_caches, meta)
+            plp = self._prompt_logprobs(so, hidden, cu)
             if not rows_idx:
-                return StepResult([], [])
+                return StepResult([], [], plp)
             last = torch.tensor([cu[i + 1] - 1 for i in rows_idx], dtype=torch.int64, device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, last)).float()
         rows = []
@@ -227,4 +231,23 @@ class ModelRunner:
                 if want_lp[j]:
                     n = r.params.logprobs
                     lp_out[j] = (chosen[j], rank[j], top_ids[j][:n], top_lp[j][:n])
-        return StepResult(tokens.tolist(), lp_out)
+        return StepResult(tokens.tolist(), lp_out, plp)
+
+    def _prompt_logprobs(self, so: SchedulerOutput, hidden: torch.Tensor, cu: list[int]):
+        """For sequences that asked for prompt_logprobs: the log-probability of every prompt
+        token this step's chunk predicts (position p scores token p + 1), with its rank and
+        the top alternatives."""
+        out: dict[int, tuple[int, list]] = {}
+        for i, s in enumerate(so.scheduled):
+            seq = s.seq
+            k = seq.params.prompt_logprobs
+            start = seq.num_computed_tokens
+            stop = min(start + s.num_new_tokens, seq.num_prompt_tokens - 1)
+            if k is None or stop <= start:
+                continue
+            rows = torch.arange(cu[i], cu[i] + stop - start, device=self.device)
+            targets = torch.tensor(seq.token_ids[start + 1:stop + 1], dtype=torch.int64, device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, rows)).float()
+            chosen, rank, top_ids, top_lp = (t.tolist() for t in compute_logprobs(logits, targets, k))
+            out[seq.seq_id] = (start + 1, list(zip(chosen, rank, top_ids, top_lp)))
+        return out or None

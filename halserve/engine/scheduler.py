@@ -113,7 +113,8 @@ class Scheduler:
             seq = self.waiting[0]
             hit: list[int] = []
             found = None  # blocks below the device that continue the prefix hit
-            if seq.num_computed_tokens == 0 and not seq.block_ids:
+            # prompt_logprobs needs logits at every prompt position: no prefix-cache reuse
+            if seq.num_computed_tokens == 0 and not seq.block_ids and seq.params.prompt_logprobs is None:
                 hit = self.kv.match_prefix(seq)
                 if self.offload is not None and self.kv.enable_prefix_caching:
                     found = self._lookup_offload(seq, len(hit))

@@ -39,6 +39,7 @@ class Sequence:
     text: str = ""
     detok: Any = None
     logprobs: list | None = None
+    prompt_logprobs: list | None = None
     cumulative_logprob: float = 0.0
     first_token_time: float | None = None
 

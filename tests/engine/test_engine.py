@@ -181,3 +181,25 @@ def test_async_streaming_and_abort(ckpts):
         asyncio.run(run())
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("chunk", [64, 8])  # 8: the prompt is scored across several chunks
+def test_prompt_logprobs_match_transformers(ckpts, chunk):
+    from transformers import AutoModelForCausalLM
+
+    path = ckpts("llama")
+    prompt = PROMPTS[1]
+    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=chunk)
+    llm.generate([prompt], GREEDY.clone(max_tokens=2))  # cached now: must not skip scoring
+    out = llm.generate([prompt], GREEDY.clone(max_tokens=2, prompt_logprobs=2))[0]
+    plp = out.prompt_logprobs
+    assert len(plp) == len(prompt) and plp[0] is None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0].double(), -1)
+    for p in range(1, len(prompt)):
+        tok = prompt[p]
+        got = plp[p]
+        assert got[tok].logprob == pytest.approx(ref[p - 1, tok].item(), abs=1e-4)
+        assert got[tok].rank == int((ref[p - 1] > ref[p - 1, tok]).sum()) + 1
+        assert len(got) in (2, 3)  # top-2 plus the prompt token when it is not among them
