@@ -42,43 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def write_random_llama(path: Path, args, seed: int = 0) -> Path:
-    """A random LlamaForCausalLM checkpoint the engine's loader reads like any HF one."""
-    import torch
-    from safetensors.torch import save_file
+    """A random LlamaForCausalLM checkpoint of the bench's shape (the start-up bench's writer)."""
+    from halserve.bench.startup import write_random_llama as write
 
-    path.mkdir(parents=True, exist_ok=True)
-    h, hd = args.hidden, args.hidden // args.heads
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape):
-        return (torch.randn(*shape, generator=g) * 0.02).contiguous()
-
-    w = {"model.embed_tokens.weight": rnd(args.vocab, h), "model.norm.weight": torch.ones(h),
-         "lm_head.weight": rnd(args.vocab, h)}
-    for i in range(args.layers):
-        p = f"model.layers.{i}."
-        w.update({
-            p + "self_attn.q_proj.weight": rnd(args.heads * hd, h),
-            p + "self_attn.k_proj.weight": rnd(args.kv_heads * hd, h),
-            p + "self_attn.v_proj.weight": rnd(args.kv_heads * hd, h),
-            p + "self_attn.o_proj.weight": rnd(h, args.heads * hd),
-            p + "mlp.gate_proj.weight": rnd(args.intermediate, h),
-            p + "mlp.up_proj.weight": rnd(args.intermediate, h),
-            p + "mlp.down_proj.weight": rnd(h, args.intermediate),
-            p + "input_layernorm.weight": torch.ones(h),
-            p + "post_attention_layernorm.weight": torch.ones(h),
-        })
-    dtype = getattr(torch, args.dtype)
-    save_file({k: v.to(dtype) for k, v in w.items()}, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
-        "intermediate_size": args.intermediate, "num_hidden_layers": args.layers,
-        "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads,
-        "vocab_size": args.vocab, "max_position_embeddings": args.prompt_len + 64,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": args.dtype,
-    }, indent=2))
-    return path
+    shape = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                 num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+                 max_position_embeddings=args.prompt_len + 64)
+    return write(path, shape, seed=seed, num_shards=1, dtype=args.dtype)
 
 
 def _drop_page_cache(root: Path) -> bool:

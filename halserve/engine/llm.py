@@ -9,7 +9,7 @@ import logging
 import queue
 import threading
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator
 
 from halserve.config import EngineConfig
 from halserve.engine.core import EngineCore

@@ -110,7 +110,7 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
 def attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
               scale: float) -> torch.Tensor:
     """Causal paged GQA attention in float64; keys are fetched slot by slot."""
-    hq, d = q.shape[1], q.shape[2]
+    hq = q.shape[1]
     hk = kv_cache.shape[-2]
     bs = meta.block_size
     out = torch.zeros(q.shape, dtype=F64)

@@ -2,7 +2,6 @@
 restart), the manager's lookup/prefetch, and end to end through the engine."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as RustTokenizer
 
 from halserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop, partial_stop_len

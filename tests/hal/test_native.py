@@ -1,7 +1,6 @@
 """NativeBackend against the float64 oracles (reference.py) and plain-torch ground truth."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
