@@ -6,7 +6,8 @@ import importlib
 
 BENCHES = {
     "serve": "stream against a running server: TTFT, TPOT, ITL, throughput",
-    "latency": "batch-1 decode latency vs the bandwidth roofline and HF transformers",
+    "latency": "batch-1 decode latency vs the bandwidth roofline and HF transformers (CUDA graphs)",
+    "decode": "batch-1 decode ms/token on any backend (CPU too) vs the roofline and HF transformers",
     "throughput": "offline throughput vs HF transformers generate",
     "startup": "process start to first answered request of `halserve serve`",
     "offload": "TTFT of a long prompt: recompute vs host-tier vs filesystem-tier hit",
