@@ -465,11 +465,19 @@ SCENARIOS: dict[str, tuple[list[int], list[int]]] = {
 
 
 def attention_inputs(p: dict, g: torch.Generator, kv_shape: Callable[..., tuple[int, ...]]):
-    """(q, kv_cache, meta) on the CPU for an attention case: shuffled block tables, block 0
-    never used by a sequence (padding entries point at it), one spare padding column."""
-    dt = DTYPES[p["dtype"]]
+    """(q, kv_cache, meta) on the CPU for an attention case of the table."""
     seq_lens, query_lens = SCENARIOS[p["scenario"]]
-    hq, hk, d, bs = p["Hq"], p["Hk"], p["D"], p["bs"]
+    return paged_attention_case(seq_lens, query_lens, p["bs"], p["Hq"], p["Hk"], p["D"], DTYPES[p["dtype"]], g,
+                                kv_shape, p.get("window"))
+
+
+def paged_attention_case(seq_lens: list[int], query_lens: list[int], bs: int, hq: int, hk: int, d: int,
+                         dt: torch.dtype, g: torch.Generator,
+                         kv_shape: Callable[..., tuple[int, ...]] = lambda n, bs, hk, d: (2, n, bs, hk, d),
+                         window: int | None = None):
+    """(q, kv_cache, meta) on the CPU: random cache, shuffled block tables, block 0 never used
+    by a sequence (padding entries point at it), one spare padding column; the query tokens
+    are the last query_len positions of each sequence."""
     nblk = [(s + bs - 1) // bs for s in seq_lens]
     total = sum(nblk) + 2
     kv = _randn(g, *kv_shape(total, bs, hk, d)).to(dt)
@@ -487,7 +495,7 @@ def attention_inputs(p: dict, g: torch.Generator, kv_shape: Callable[..., tuple[
         cu_seqlens_q=cu, seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=tables,
         slot_mapping=torch.full((sum(query_lens),), -1, dtype=torch.int64), max_seqlen_q=max(query_lens),
         max_seqlen_k=max(seq_lens), query_lens_host=list(query_lens), seq_lens_host=list(seq_lens),
-        block_size=bs, num_decode_seqs=ndec, sliding_window=p.get("window"))
+        block_size=bs, num_decode_seqs=ndec, sliding_window=window)
     q = _randn(g, sum(query_lens), hq, d).to(dt)
     return q, kv, meta
 

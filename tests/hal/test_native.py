@@ -225,27 +225,10 @@ def test_write_kv(hal, dtype):
 
 def make_attention_case(seq_lens, query_lens, bs, hq, hk, d, dtype=torch.float32, seed=0,
                         sliding_window=None):
-    """Random paged cache with shuffled block tables (padding entries point at block 0)."""
-    g = gen(seed)
-    nblk = [(s + bs - 1) // bs for s in seq_lens]
-    total = sum(nblk) + 3
-    kv = torch.randn(2, total, bs, hk, d, generator=g).to(dtype)
-    perm = torch.randperm(total - 1, generator=g) + 1  # block 0 is never used by a sequence
-    bt = torch.zeros(len(seq_lens), max(nblk) + 1, dtype=torch.int32)
-    c = 0
-    for i, n in enumerate(nblk):
-        bt[i, :n] = perm[c:c + n]
-        c += n
-    cu = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(), dtype=torch.int32)
-    meta = AttentionMetadata(
-        cu_seqlens_q=cu, seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=bt,
-        slot_mapping=torch.full((sum(query_lens),), -1, dtype=torch.int64),
-        max_seqlen_q=max(query_lens), max_seqlen_k=max(seq_lens), query_lens_host=list(query_lens),
-        seq_lens_host=list(seq_lens), block_size=bs,
-        num_decode_seqs=sum(1 for _ in __import__("itertools").takewhile(lambda q: q == 1, query_lens)),
-        sliding_window=sliding_window)
-    q = torch.randn(sum(query_lens), hq, d, generator=g).to(dtype)
-    return q, kv, meta
+    """Random paged cache with shuffled block tables (the conformance suite's builder)."""
+    from halserve.hal.conformance import paged_attention_case
+
+    return paged_attention_case(seq_lens, query_lens, bs, hq, hk, d, dtype, gen(seed), window=sliding_window)
 
 
 def _sdpa_truth(q, kv, meta, scale):
