@@ -115,6 +115,7 @@ ATTN_CASES = [
     ([9, 1, 17], [9, 40, 30], None),  # prefill, decode, prefill with cached prefix
     ([1, 1, 1], [3, 70, 33], None),  # decode only (split-KV)
     ([3, 20], [50, 20], 8),  # sliding window
+    ([4, 2], [250, 200], None),  # short chunks over long cached prefixes (split-KV prefill)
 ]
 
 

@@ -6,9 +6,10 @@ KV head, packed as ``BLOCK_M = BLOCK_Q * G`` rows (GQA packing: each K/V tile is
 for the whole group). Programs map to sequences by a binary search over ``cu_seqlens_q``, so
 the grid needs no host-side tile table and a captured graph stays valid as lengths change.
 
-Split-KV (decode of long contexts at small batch): ``NUM_SPLITS > 1`` gives each program an
-equal share of the key range and writes an unnormalised partial result; ``_merge_kernel``
-combines them. Key tiles are aligned to absolute positions, and a tile that is fully masked
+Split-KV (decode of long contexts at small batch, and short prefill chunks over a long
+cached prefix, e.g. the tail of a prompt whose prefix was a cache hit): ``NUM_SPLITS > 1``
+gives each program an equal share of the key range and writes an unnormalised partial
+result; ``_merge_kernel`` combines them. Key tiles are aligned to absolute positions, and a tile that is fully masked
 for a row leaves that row's state bit-for-bit unchanged, so with one split a row's result
 does not depend on which other rows share its program: batch-invariant mode uses one split
 and one fixed config.
@@ -211,8 +212,13 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tenso
             block_q = triton.next_power_of_2(max_seqlen_q)
             block_m = max(16, triton.next_power_of_2(block_q * G))
     block_n = cfg["block_n"]
-    splits = 1 if batch_invariant or not decode else _num_splits(num_seqs, HK, max_seqlen_k, block_n)
     grid0 = num_seqs if decode else T // block_q + num_seqs
+    if batch_invariant:
+        splits = 1
+    elif decode:
+        splits = _num_splits(num_seqs, HK, max_seqlen_k, block_n)
+    else:  # a short chunk over a long cached prefix (a prefix hit) would leave the chip idle
+        splits = _num_splits(grid0, HK, max_seqlen_k, block_n) if max_seqlen_k is not None else 1
     if splits > 1:
         part_o = torch.empty((T, HQ, splits, D), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((T, HQ, splits, 2), dtype=torch.float32, device=q.device)
