@@ -7,6 +7,7 @@ confirmed token for token before it is reused.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ def block_hash(parent: bytes, tokens: "list[int] | tuple[int, ...]", fingerprint
     h = hashlib.sha256(parent)
     h.update(fingerprint)
     h.update(len(tokens).to_bytes(4, "little"))
-    h.update(b"".join(int(t).to_bytes(4, "little", signed=True) for t in tokens))
+    h.update(struct.pack(f"<{len(tokens)}i", *tokens))
     return h.digest()
 
 
