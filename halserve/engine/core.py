@@ -82,7 +82,7 @@ class EngineCore:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, fp)
         from halserve.engine.offload import build_offload
 
-        self.offload = build_offload(config, self.hal, mc, device, fp)
+        self.offload = build_offload(config, self.hal, mc, device, fp, self.max_model_len)
         self.runner.offload = self.offload
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    offload=self.offload)
@@ -120,7 +120,7 @@ class EngineCore:
         vocab = self.model_config.vocab_size
         if not ids:
             raise ValueError("the prompt is empty")
-        if any(t < 0 or t >= vocab for t in ids):
+        if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; this model's max_model_len is "

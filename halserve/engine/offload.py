@@ -21,6 +21,8 @@ model, dtype and block geometry match; the tier fingerprint says so.
 from __future__ import annotations
 
 import atexit
+import functools
+import heapq
 import json
 import logging
 import math
@@ -32,6 +34,7 @@ import time
 import zlib
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -149,7 +152,16 @@ class KVTier:
 
 
 class HostMemoryTier(KVTier):
-    """Blocks in one preallocated host pool (``host_empty``: pinned where the HAL asks)."""
+    """Blocks in one preallocated host pool (``host_empty``: pinned where the HAL asks).
+
+    Slots can be *pinned* (reference-counted): ``acquire`` hands out a view of a slot with
+    no copy, ``reserve`` hands out an empty slot to fill in place (a device copy or a file
+    read lands straight in it), and ``release`` drops the pin. A pinned slot is never
+    reused: eviction takes the least recently used unpinned entry, and an entry evicted
+    while pinned frees its slot on the last release. Free slots are handed out lowest
+    first, so a prompt written through in order lands in consecutive slots and is copied
+    to the device in few large transfers.
+    """
 
     name = "host"
 
@@ -161,8 +173,13 @@ class HostMemoryTier(KVTier):
             raise ValueError(f"kv_offload_host_bytes={capacity_bytes} holds no KV block of "
                              f"{self.block_bytes} bytes; use at least {self.block_bytes} (or 0 to disable)")
         self.pool = host_empty(hal, (self.num_slots, *self.block_shape), dtype)
+        self.pool_bytes = _block_bytes(self.pool)  # slot i: [i * block_bytes, (i + 1) * block_bytes)
+        self.slots = self.pool.unbind(0)  # a view of each slot, made once
         self.entries: OrderedDict[bytes, tuple[int, tuple[int, ...]]] = OrderedDict()  # LRU first
-        self.free_slots = list(range(self.num_slots - 1, -1, -1))
+        self.free_slots = list(range(self.num_slots))  # a heap: lowest slot first
+        self.refs = [0] * self.num_slots  # pins
+        self.orphans: set[int] = set()  # pinned slots outside ``entries``: freed on the last release
+        self.skipped = 0  # stores dropped because every slot was pinned
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -171,7 +188,29 @@ class HostMemoryTier(KVTier):
         with self.lock:
             return h in self.entries
 
-    def load(self, h: bytes):
+    def _take_slot(self) -> int | None:
+        """A slot to write (lock held): a free one, else the LRU unpinned entry's."""
+        if self.free_slots:
+            return heapq.heappop(self.free_slots)
+        for old, (slot, _) in self.entries.items():
+            if not self.refs[slot]:
+                del self.entries[old]
+                self.stats.evictions += 1
+                return slot
+        self.skipped += 1
+        return None
+
+    def _free(self, slot: int) -> None:
+        if self.refs[slot]:
+            self.orphans.add(slot)
+        else:
+            heapq.heappush(self.free_slots, slot)
+
+    def slot_bytes(self, slot: int) -> memoryview:
+        return self.pool_bytes[slot * self.block_bytes:(slot + 1) * self.block_bytes]
+
+    def acquire(self, h: bytes) -> "tuple[torch.Tensor, tuple[int, ...], int] | None":
+        """(slot view, tokens, slot) with the slot pinned until ``release(slot)``; None on a miss."""
         t0 = time.perf_counter()
         with self.lock:
             e = self.entries.get(h)
@@ -180,22 +219,86 @@ class HostMemoryTier(KVTier):
                 return None
             self.entries.move_to_end(h)
             slot, tokens = e
-            block = self.pool[slot].clone()  # the slot may be reused once the lock drops
+            self.refs[slot] += 1
             self.stats.hits += 1
             self.stats.bytes_read += self.block_bytes
             self.stats.load_seconds += time.perf_counter() - t0
-            return block, tokens
+            return self.slots[slot], tokens, slot
+
+    def acquire_run(self, hashes: list[bytes]) -> "list[tuple[torch.Tensor, tuple[int, ...], int]]":
+        """``acquire`` for each of ``hashes`` up to the first miss, under one lock (a long
+        prompt's blocks are found in one go); the miss, if any, is counted."""
+        t0 = time.perf_counter()
+        out = []
+        with self.lock:
+            for h in hashes:
+                e = self.entries.get(h)
+                if e is None:
+                    self.stats.misses += 1
+                    break
+                self.entries.move_to_end(h)
+                slot, tokens = e
+                self.refs[slot] += 1
+                out.append((self.slots[slot], tokens, slot))
+            self.stats.hits += len(out)
+            self.stats.bytes_read += len(out) * self.block_bytes
+            self.stats.load_seconds += time.perf_counter() - t0
+        return out
+
+    def release(self, *slots: int) -> None:
+        """Drop one pin from each of ``slots``."""
+        with self.lock:
+            for slot in slots:
+                self.refs[slot] -= 1
+                assert self.refs[slot] >= 0, f"host slot {slot} released more often than pinned"
+                if not self.refs[slot] and slot in self.orphans:
+                    self.orphans.discard(slot)
+                    heapq.heappush(self.free_slots, slot)
+
+    def reserve(self) -> int | None:
+        """An empty slot, pinned, for the caller to fill and then ``commit`` (or ``release``
+        to give it back); None when every slot is pinned."""
+        with self.lock:
+            slot = self._take_slot()
+            if slot is not None:
+                self.refs[slot] = 1
+                self.orphans.add(slot)
+            return slot
+
+    def commit(self, h: bytes, slot: int, tokens: tuple[int, ...]) -> int:
+        """Publish a filled reserved slot under ``h``; the caller keeps a pin on the returned
+        slot. If ``h`` was stored meanwhile, that slot is pinned and returned instead."""
+        with self.lock:
+            e = self.entries.get(h)
+            if e is not None:
+                self.entries.move_to_end(h)
+                self.refs[e[0]] += 1
+                self.release(slot)
+                return e[0]
+            self.orphans.discard(slot)
+            self.entries[h] = (slot, tuple(tokens))
+            self.stats.stores += 1
+            self.stats.bytes_written += self.block_bytes
+            return slot
+
+    def load(self, h: bytes):
+        got = self.acquire(h)
+        if got is None:
+            return None
+        view, tokens, slot = got
+        try:
+            return view.clone(), tokens
+        finally:
+            self.release(slot)
 
     def store(self, h: bytes, block: torch.Tensor, tokens: tuple[int, ...]) -> None:
         with self.lock:
             if h in self.entries:
                 self.entries.move_to_end(h)
                 return
-            if not self.free_slots:
-                old, (slot, _) = self.entries.popitem(last=False)
-                self.free_slots.append(slot)
-                self.stats.evictions += 1
-            slot = self.free_slots.pop()
+            slot = self._take_slot()
+            if slot is None:
+                return
             self.pool[slot].copy_(block.reshape(self.block_shape))
             self.entries[h] = (slot, tuple(tokens))
             self.stats.stores += 1
@@ -206,7 +309,7 @@ class HostMemoryTier(KVTier):
             e = self.entries.pop(h, None)
             if e is None:
                 return False
-            self.free_slots.append(e[0])
+            self._free(e[0])
             self.stats.evictions += 1
             return True
 
@@ -215,39 +318,57 @@ class HostMemoryTier(KVTier):
             for h in list(self.entries):
                 self.evict(h)
 
+    def stats_dict(self) -> dict[str, Any]:
+        d = super().stats_dict()
+        with self.lock:
+            d["pinned"] = sum(1 for r in self.refs if r)
+            d["skipped_stores"] = self.skipped
+        return d
+
 
 class BadBlockFile(Exception):
     """A block file that must not be used; the message says why."""
 
 
-def encode_block_file(fingerprint: bytes, h: bytes, block: torch.Tensor, tokens: tuple[int, ...]) -> bytes:
+def _block_bytes(block: torch.Tensor) -> memoryview:
+    """A contiguous host tensor's bytes, without a copy."""
+    return memoryview(block.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def block_file_head(fingerprint: bytes, h: bytes, block: torch.Tensor, tokens: tuple[int, ...]) -> bytes:
+    """Everything a block file holds before the payload: magic, version, JSON header."""
     header = json.dumps({
         "fingerprint": fingerprint.hex(), "hash": h.hex(), "dtype": dtype_name(block.dtype),
         "shape": list(block.shape), "tokens": list(tokens),
     }, separators=(",", ":")).encode()
-    payload = block.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
-    body = _PREFIX.pack(MAGIC, VERSION, len(header)) + header + payload
-    return body + _CRC.pack(zlib.crc32(body))
+    return _PREFIX.pack(MAGIC, VERSION, len(header)) + header
 
 
-def decode_block_file(data: "bytes | bytearray", fingerprint: bytes, h: bytes, dtype: torch.dtype,
-                      shape: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Parse and check a block file; raises BadBlockFile naming the first problem."""
-    if len(data) < _PREFIX.size + _CRC.size:
-        raise BadBlockFile(f"truncated: {len(data)} bytes")
-    magic, version, hlen = _PREFIX.unpack_from(data)
+def encode_block_file(fingerprint: bytes, h: bytes, block: torch.Tensor, tokens: tuple[int, ...]) -> bytes:
+    head = block_file_head(fingerprint, h, block, tokens)
+    payload = _block_bytes(block.contiguous())
+    return head + bytes(payload) + _CRC.pack(zlib.crc32(payload, zlib.crc32(head)))
+
+
+def check_block_file(head: "bytes | bytearray", payload, crc: bytes, fingerprint: bytes, h: bytes,
+                     dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Check a block file split into head / payload / CRC; returns the block's tokens or
+    raises BadBlockFile naming the first problem."""
+    if len(head) < _PREFIX.size:
+        raise BadBlockFile(f"truncated: {len(head)}-byte head")
+    magic, version, hlen = _PREFIX.unpack_from(head)
     if magic != MAGIC:
         raise BadBlockFile(f"bad magic {magic!r}")
     if version != VERSION:
         raise BadBlockFile(f"version {version}, expected {VERSION}")
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if len(data) != _PREFIX.size + hlen + nbytes + _CRC.size:
-        raise BadBlockFile(f"size {len(data)} does not match header length {hlen} + payload {nbytes}")
-    (crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
-    if zlib.crc32(memoryview(data)[:len(data) - _CRC.size]) != crc:
+    if len(head) != _PREFIX.size + hlen or len(payload) != nbytes or len(crc) != _CRC.size:
+        raise BadBlockFile(f"size {len(head) + len(payload) + len(crc)} does not match header length "
+                           f"{hlen} + payload {nbytes}")
+    if zlib.crc32(payload, zlib.crc32(head)) != _CRC.unpack(crc)[0]:
         raise BadBlockFile("checksum mismatch")
     try:
-        header = json.loads(data[_PREFIX.size:_PREFIX.size + hlen])
+        header = json.loads(bytes(head[_PREFIX.size:]))
     except ValueError as e:
         raise BadBlockFile(f"unreadable header: {e}") from None
     if header.get("fingerprint") != fingerprint.hex():
@@ -256,11 +377,22 @@ def decode_block_file(data: "bytes | bytearray", fingerprint: bytes, h: bytes, d
         raise BadBlockFile("block hash mismatch")
     if header.get("dtype") != dtype_name(dtype) or tuple(header.get("shape", ())) != tuple(shape):
         raise BadBlockFile(f"dtype/shape {header.get('dtype')}{header.get('shape')} != {dtype_name(dtype)}{list(shape)}")
-    start = _PREFIX.size + hlen
+    return tuple(int(t) for t in header.get("tokens", ()))
+
+
+def decode_block_file(data: "bytes | bytearray", fingerprint: bytes, h: bytes, dtype: torch.dtype,
+                      shape: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Parse and check a whole block file; raises BadBlockFile naming the first problem."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if len(data) < _PREFIX.size + nbytes + _CRC.size:
+        raise BadBlockFile(f"truncated: {len(data)} bytes")
     if not isinstance(data, bytearray):
         data = bytearray(data)
+    mv = memoryview(data)
+    start, end = len(data) - nbytes - _CRC.size, len(data) - _CRC.size
+    tokens = check_block_file(mv[:start], mv[start:end], bytes(mv[end:]), fingerprint, h, dtype, shape)
     block = torch.frombuffer(data, dtype=torch.uint8, offset=start, count=nbytes).view(dtype).reshape(shape)
-    return block, tuple(int(t) for t in header.get("tokens", ()))
+    return block, tokens
 
 
 class FileSystemTier(KVTier):
@@ -268,7 +400,9 @@ class FileSystemTier(KVTier):
 
     Writes go through a background thread (``flush`` waits for them); the file index is
     rebuilt from the directory at start-up, oldest mtime first, so a restarted engine finds
-    what an earlier one wrote and keeps the LRU order.
+    what an earlier one wrote and keeps the LRU order. ``read_into`` reads a block straight
+    into a caller's buffer (one ``preadv``: head, payload, CRC) and checks it there; it is
+    thread-safe, so several reads can run at once.
     """
 
     name = "disk"
@@ -279,6 +413,7 @@ class FileSystemTier(KVTier):
         self.fingerprint = fingerprint
         self.dir = Path(root) / fingerprint.hex()[:16]
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._dir = str(self.dir)
         self.file_bytes = len(encode_block_file(fingerprint, b"\0" * 32,
                                                 torch.zeros(block_shape, dtype=dtype), ()))
         self.index: OrderedDict[bytes, int] = OrderedDict()  # hash -> file size, LRU first
@@ -329,13 +464,37 @@ class FileSystemTier(KVTier):
         except FileNotFoundError:
             pass
 
-    def load(self, h: bytes):
-        t0 = time.perf_counter()
-        p = self.path(h)
+    def _read(self, path: str, payload: memoryview) -> tuple[bytearray, bytes, int]:
+        """Read file ``path`` as head | payload (into ``payload``) | CRC, in one call."""
+        fd = os.open(path, os.O_RDONLY)
         try:
-            with open(p, "rb") as f:  # into a bytearray the block tensor can share, no copy
-                data = bytearray(os.fstat(f.fileno()).st_size)
-                del data[f.readinto(data):]  # a file that shrank under us reads short
+            size = os.fstat(fd).st_size
+            head_len = size - len(payload) - _CRC.size
+            if not _PREFIX.size <= head_len <= 1 << 20:
+                raise BadBlockFile(f"size {size} does not fit a {len(payload)}-byte block")
+            head, crc = bytearray(head_len), bytearray(_CRC.size)
+            if hasattr(os, "preadv"):
+                got = os.preadv(fd, [head, payload, crc], 0)
+            else:
+                got = sum(os.readv(fd, [b]) for b in (head, payload, crc))
+        finally:
+            os.close(fd)
+        if got != size:
+            raise BadBlockFile(f"truncated: read {got} of {size} bytes")
+        return head, bytes(crc), size
+
+    def read_into(self, h: bytes, out: "torch.Tensor | memoryview") -> "tuple[int, ...] | None":
+        """Read block ``h`` into ``out`` (a contiguous host tensor of the block's shape and
+        dtype, or a memoryview of its bytes) and check it; returns its tokens, or None on a
+        miss (a bad file is removed and counted). ``out`` holds garbage after a miss.
+        Thread-safe; the file read and the CRC run without the GIL."""
+        t0 = time.perf_counter()
+        x = h.hex()
+        path = os.path.join(self._dir, x[:2], x + FILE_SUFFIX)
+        payload = out if isinstance(out, memoryview) else _block_bytes(out)
+        try:
+            head, crc, size = self._read(path, payload)
+            tokens = check_block_file(head, payload, crc, self.fingerprint, h, self.dtype, self.block_shape)
         except FileNotFoundError:  # removed by another engine sharing the directory
             with self.lock:
                 self.stats.misses += 1
@@ -343,10 +502,8 @@ class FileSystemTier(KVTier):
                 if size is not None:
                     self.total_bytes -= size
             return None
-        try:
-            block, tokens = decode_block_file(data, self.fingerprint, h, self.dtype, self.block_shape)
         except BadBlockFile as e:
-            logger.warning("KV offload: removing bad block file %s: %s", p, e)
+            logger.warning("KV offload: removing bad block file %s: %s", path, e)
             with self.lock:
                 self.stats.bad_files += 1
                 self.stats.misses += 1
@@ -356,26 +513,47 @@ class FileSystemTier(KVTier):
             if h in self.index:
                 self.index.move_to_end(h)
             self.stats.hits += 1
-            self.stats.bytes_read += len(data)
+            self.stats.bytes_read += size
             self.stats.load_seconds += time.perf_counter() - t0
+        self._touch(path)
+        return tokens
+
+    def _touch(self, path: str) -> None:
+        """Bump the file's mtime (the LRU order a restart reads back), off the read path
+        when there is a writer thread: a metadata write can take longer than the read."""
+        if self._queue is not None:
+            self._queue.put(path)
+            return
         try:
-            os.utime(p)  # LRU order that survives a restart
+            os.utime(path)
         except OSError:
             pass
-        return block, tokens
 
-    def store(self, h: bytes, block: torch.Tensor, tokens: tuple[int, ...]) -> None:
+    def load(self, h: bytes):
+        block = torch.empty(self.block_shape, dtype=self.dtype)
+        tokens = self.read_into(h, block)
+        return None if tokens is None else (block, tokens)
+
+    def store(self, h: bytes, block: torch.Tensor, tokens: tuple[int, ...],
+              release: "Callable[[], None] | None" = None) -> None:
+        """Write ``block`` (queued when async). With ``release``, the block is borrowed, not
+        copied: ``release()`` is called once the file is written (or skipped)."""
         with self.lock:
+            skip = h in self.index or h in self._pending or self.file_bytes > self.capacity_bytes
             if h in self.index:
                 self.index.move_to_end(h)
-                return
-            if h in self._pending or self.file_bytes > self.capacity_bytes:
-                return
-            self._pending.add(h)
+            if not skip:
+                self._pending.add(h)
+        if skip:
+            if release is not None:
+                release()
+            return
         if self._queue is None:
-            self._write(h, block, tokens)
+            self._write(h, block, tokens, release)
         else:
-            self._queue.put((h, block.detach().to("cpu", copy=True), tuple(tokens)))
+            if release is None:
+                block = block.detach().to("cpu", copy=True)
+            self._queue.put((h, block, tuple(tokens), release))
 
     def _write_loop(self) -> None:
         while True:
@@ -383,26 +561,39 @@ class FileSystemTier(KVTier):
             try:
                 if item is None:
                     return
+                if isinstance(item, str):  # a touch
+                    try:
+                        os.utime(item)
+                    except OSError:
+                        pass
+                    continue
                 self._write(*item)
             except Exception:  # a full disk must not kill the engine; the block stays uncached
                 logger.exception("KV offload: writing a block file failed")
             finally:
                 self._queue.task_done()
 
-    def _write(self, h: bytes, block: torch.Tensor, tokens: tuple[int, ...]) -> None:
+    def _write(self, h: bytes, block: torch.Tensor, tokens: tuple[int, ...],
+               release: "Callable[[], None] | None" = None) -> None:
         try:
-            data = encode_block_file(self.fingerprint, h, block, tokens)
+            block = block.contiguous()
+            head = block_file_head(self.fingerprint, h, block, tokens)
+            payload = _block_bytes(block)
+            crc = _CRC.pack(zlib.crc32(payload, zlib.crc32(head)))
+            size = len(head) + len(payload) + len(crc)
             p = self.path(h)
             p.parent.mkdir(exist_ok=True)
             tmp = p.with_name(f"{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             with open(tmp, "wb") as f:
-                f.write(data)
+                f.write(head)
+                f.write(payload)
+                f.write(crc)
             os.replace(tmp, p)
             with self.lock:
-                self.index[h] = len(data)
-                self.total_bytes += len(data)
+                self.index[h] = size
+                self.total_bytes += size
                 self.stats.stores += 1
-                self.stats.bytes_written += len(data)
+                self.stats.bytes_written += size
                 while self.total_bytes > self.capacity_bytes and self.index:
                     old = next(iter(self.index))
                     self._drop(old)
@@ -410,6 +601,8 @@ class FileSystemTier(KVTier):
         finally:
             with self.lock:
                 self._pending.discard(h)
+            if release is not None:
+                release()
 
     def evict(self, h: bytes) -> bool:
         with self.lock:
@@ -510,22 +703,33 @@ class KVLayout:
 
 @dataclass(slots=True)
 class LookupResult:
-    """Blocks found below the device, in prefix order: (hash, canonical block) pairs.
+    """Blocks found below the device, in prefix order: (hash, canonical host block) pairs,
+    their tokens, and the host-tier slot each one lives in (pinned until the manager's
+    ``scatter``, ``give_back`` or ``release``; -1: the block owns its memory).
     ``pending``: more of the prefix is being read from disk; ask again next step."""
 
     blocks: list[tuple[bytes, torch.Tensor]] = field(default_factory=list)
     tokens: list[tuple[int, ...]] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
     pending: bool = False
 
 
 class OffloadManager:
-    """Tiers in order (host, then disk) plus the device copies, for one engine."""
+    """Tiers in order (host, then disk) plus the device copies, for one engine.
+
+    The fast path moves blocks between the device and pinned host-tier slots with no host
+    copy in between: a device staging buffer of ``STAGE_BYTES`` takes a chunk of blocks
+    (``swap_blocks`` per layer on the device), and runs of consecutive slots cross the bus
+    in one copy each. Disk reads land straight in reserved host slots, on ``io_threads``
+    threads at once.
+    """
 
     READY_TTL_S = 60.0  # prefetched blocks nobody asked for again (aborted requests) expire
+    STAGE_BYTES = 256 << 20  # device staging for block moves (a chunk of whole blocks)
 
     def __init__(self, hal: "Backend", layout: KVLayout, num_layers: int, model_fingerprint: bytes, *,
                  host_bytes: int = 0, disk_dir: str | None = None, disk_bytes: int = 16 << 30,
-                 offload_generated: bool = False, async_disk: bool = True):
+                 offload_generated: bool = False, async_disk: bool = True, io_threads: int | None = None):
         self.hal = hal
         self.layout = layout
         self.num_layers = num_layers
@@ -542,12 +746,16 @@ class OffloadManager:
                                        disk_bytes, write_async=async_disk)
         self.tiers: list[KVTier] = [t for t in (self.host, self.disk) if t is not None]
         self.async_disk = async_disk
-        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="halserve-kv-prefetch") if async_disk else None
+        self.io_threads = io_threads or min(8, os.cpu_count() or 1)
+        self._prefetch = (ThreadPoolExecutor(self.io_threads, thread_name_prefix="halserve-kv-prefetch")
+                          if async_disk and self.disk is not None else None)
         self._inflight: dict[bytes, Future] = {}
-        # read by the prefetch thread (or given back), waiting for the next lookup: hash ->
-        # (block, tokens, when); entries of abandoned requests age out
-        self._ready: OrderedDict[bytes, tuple[torch.Tensor, tuple[int, ...], float]] = OrderedDict()
+        # read by the prefetch threads (or given back), waiting for the next lookup: hash ->
+        # (block, tokens, host slot or -1, when); entries of abandoned requests age out
+        self._ready: OrderedDict[bytes, tuple[torch.Tensor, tuple[int, ...], int, float]] = OrderedDict()
         self._lock = threading.Lock()
+        self._loading: list[tuple[list[int], list[torch.Tensor]]] = []  # scatters not yet waited for
+        self.stage_blocks = max(1, self.STAGE_BYTES // self.block_bytes)
         # engine-side counters
         self.blocks_saved = 0
         self.blocks_loaded = 0
@@ -568,24 +776,61 @@ class OffloadManager:
         return math.prod(self.block_shape) * torch.empty((), dtype=self.dtype).element_size()
 
     # ---- device <-> host ----------------------------------------------------------------------
+    def _device_stage(self, n: int, device) -> torch.Tensor:
+        """``[min(n, stage_blocks), *block_shape]`` on the device, where blocks change layout:
+        a transient buffer (like an activation; work queued on the stream keeps it valid)."""
+        return torch.empty((min(n, self.stage_blocks), *self.block_shape), dtype=self.dtype, device=device)
+
+    def _runs(self, blocks: list[torch.Tensor], slots: list[int], pool: "torch.Tensor | None"):
+        """(start, end, host view): runs of consecutive ``pool`` slots, other blocks alone."""
+        i, n = 0, len(blocks)
+        while i < n:
+            j = i + 1
+            if slots[i] >= 0:
+                while j < n and slots[j] == slots[j - 1] + 1:
+                    j += 1
+                yield i, j, pool[slots[i]:slots[i] + j - i]
+            else:
+                yield i, j, blocks[i].reshape(1, *self.block_shape)
+            i = j
+
+    def _to_host(self, kv_caches: list[torch.Tensor], block_ids: list[int], blocks: list[torch.Tensor],
+                 slots: list[int], pool: "torch.Tensor | None") -> None:
+        """Device blocks -> host blocks (canonical layout, identity backends), then sync."""
+        stage = self._device_stage(len(block_ids), kv_caches[0].device)
+        for a in range(0, len(block_ids), self.stage_blocks):
+            ids = block_ids[a:a + self.stage_blocks]
+            mapping = torch.tensor([[b, i] for i, b in enumerate(ids)], dtype=torch.int64)
+            for layer, cache in enumerate(kv_caches):
+                self.hal.swap_blocks(cache, stage[:len(ids), :, layer].transpose(0, 1), mapping)
+            for i, j, host in self._runs(blocks[a:a + len(ids)], slots[a:a + len(ids)], pool):
+                host.copy_(stage[i:j], non_blocking=True)  # the next chunk's swaps queue behind it
+        self.hal.synchronize()
+
+    def _to_device(self, kv_caches: list[torch.Tensor], block_ids: list[int], blocks: list[torch.Tensor],
+                   slots: list[int], pool: "torch.Tensor | None", wait: bool = True) -> None:
+        """Host blocks (canonical layout, identity backends) -> device blocks; with ``wait``
+        the copies are finished on return, else only queued on the device's stream."""
+        stage = self._device_stage(len(block_ids), kv_caches[0].device)
+        for a in range(0, len(block_ids), self.stage_blocks):
+            ids = block_ids[a:a + self.stage_blocks]
+            for i, j, host in self._runs(blocks[a:a + len(ids)], slots[a:a + len(ids)], pool):
+                stage[i:j].copy_(host, non_blocking=True)
+            mapping = torch.tensor([[i, b] for i, b in enumerate(ids)], dtype=torch.int64)
+            for layer, cache in enumerate(kv_caches):
+                self.hal.swap_blocks(stage[:len(ids), :, layer].transpose(0, 1), cache, mapping)
+        if wait:
+            self.hal.synchronize()  # the host blocks may be reused once this returns
+
     @torch.inference_mode()
     def gather(self, kv_caches: list[torch.Tensor], block_ids: list[int]) -> torch.Tensor:
-        """Device blocks -> canonical host blocks ``[n, 2, layers, bs, hk, d]``."""
+        """Device blocks -> canonical host blocks ``[n, 2, layers, bs, hk, d]`` (a new tensor)."""
         n = len(block_ids)
-        mapping = torch.tensor([[b, i] for i, b in enumerate(block_ids)], dtype=torch.int64)
-        if self.layout.identity:
-            # gather every layer's blocks on the device, then one copy to the host
-            dev = kv_caches[0].device
-            on_dev = torch.empty((n, *self.block_shape), dtype=self.dtype, device=dev)
-            for layer, cache in enumerate(kv_caches):
-                self.hal.swap_blocks(cache, on_dev[:, :, layer].transpose(0, 1), mapping)
-            if on_dev.device.type == "cpu":
-                return on_dev
-            staging = self._staging_blocks(n)  # pinned where the HAL asks: a fast copy down
-            staging.copy_(on_dev, non_blocking=True)
-            self.hal.synchronize()
-            return staging.clone()  # tiers keep their own copy; the staging buffer is reused
         out = torch.empty((n, *self.block_shape), dtype=self.dtype)
+        if self.layout.identity:
+            self._to_host(kv_caches, block_ids, list(out), list(range(n)), out)
+            return out
+        mapping = torch.tensor([[b, i] for i, b in enumerate(block_ids)], dtype=torch.int64)
         staging = self._staging(n)
         for layer, cache in enumerate(kv_caches):
             self.hal.swap_blocks(cache, staging, mapping)
@@ -594,90 +839,149 @@ class OffloadManager:
         return out
 
     def _staging(self, n: int) -> torch.Tensor:
-        """A reusable host buffer (pinned where the HAL asks) for n blocks of one layer."""
+        """A reusable host buffer (pinned where the HAL asks) for n blocks of one layer in
+        the backend's layout (non-identity layouts only)."""
         shape = self.layout.backend_shape(n)
         buf = getattr(self, "_stage_buf", None)
         if buf is None or buf.numel() < math.prod(shape):
             buf = self._stage_buf = host_empty(self.hal, (math.prod(shape),), self.dtype)
         return buf[:math.prod(shape)].view(shape)
 
-    def _staging_blocks(self, n: int) -> torch.Tensor:
-        """A reusable host buffer for n canonical blocks ``[n, 2, layers, bs, hk, d]``."""
-        buf = getattr(self, "_stage_all", None)
-        need = n * math.prod(self.block_shape)
-        if buf is None or buf.numel() < need:
-            buf = self._stage_all = host_empty(self.hal, (need,), self.dtype)
-        return buf[:need].view(n, *self.block_shape)
-
     @torch.inference_mode()
-    def scatter(self, kv_caches: list[torch.Tensor], block_ids: list[int], blocks: list[torch.Tensor]) -> None:
-        """Canonical host blocks -> the device blocks ``block_ids`` (one swap per layer)."""
+    def scatter(self, kv_caches: list[torch.Tensor], block_ids: list[int], blocks: list[torch.Tensor],
+                slots: "list[int] | None" = None, wait: bool = True) -> None:
+        """Canonical host blocks -> the device blocks ``block_ids``. ``slots``: the host-tier
+        slot of each block (from ``lookup``), released once copied; -1 or None: none.
+
+        ``wait=False`` only queues the copies on the device's stream (work queued after them,
+        like the forward that reads the blocks, runs after them), so the host goes on
+        launching while they run; the caller then calls ``loads_done()`` once the device
+        has caught up, and the host blocks are released there."""
         n = len(block_ids)
         if n == 0:
             return
+        slots = list(slots) if slots is not None else [-1] * n
         t0 = time.perf_counter()
-        mapping = torch.tensor([[i, b] for i, b in enumerate(block_ids)], dtype=torch.int64)
-        if self.layout.identity:
-            # one host pass into the (pinned) staging buffer, one copy to the device, then
-            # each layer's blocks are placed by a device-side swap_blocks
-            whole = self._staging_blocks(n)
-            torch.stack(blocks, out=whole)
-            on_dev = whole.to(kv_caches[0].device, non_blocking=True)
-            for layer, cache in enumerate(kv_caches):
-                self.hal.swap_blocks(on_dev[:, :, layer].transpose(0, 1), cache, mapping)
-            self.hal.synchronize()  # the staging buffer is reused by the next load
-        else:
-            for layer, cache in enumerate(kv_caches):
-                staging = self._staging(n)
-                staging.copy_(self.layout.from_canonical(torch.stack([b[:, layer] for b in blocks], dim=1), n))
-                self.hal.swap_blocks(staging, cache, mapping)
-                self.hal.synchronize()  # the staging buffer is reused by the next layer
+        if not wait and self.layout.identity:
+            self._to_device(kv_caches, block_ids, blocks, slots,
+                            self.host.pool if self.host is not None else None, wait=False)
+            self._loading.append((slots, blocks))  # the memory must outlive the copies
+            self._count_load(n, t0)
+            return
+        try:
+            if self.layout.identity:
+                self._to_device(kv_caches, block_ids, blocks, slots,
+                                self.host.pool if self.host is not None else None)
+            else:
+                mapping = torch.tensor([[i, b] for i, b in enumerate(block_ids)], dtype=torch.int64)
+                for layer, cache in enumerate(kv_caches):
+                    staging = self._staging(n)
+                    staging.copy_(self.layout.from_canonical(torch.stack([b[:, layer] for b in blocks], dim=1), n))
+                    self.hal.swap_blocks(staging, cache, mapping)
+                    self.hal.synchronize()  # the staging buffer is reused by the next layer
+        finally:
+            self._release_slots(slots)
+        self._count_load(n, t0)
+
+    def _count_load(self, n: int, t0: float) -> None:
         self.blocks_loaded += n
         self.load_count += 1
         self.bytes_to_device += n * self.block_bytes
         self.load_seconds += time.perf_counter() - t0
 
+    def loads_done(self) -> None:
+        """After ``scatter(wait=False)``: wait for the device (a no-op when the caller has
+        already synchronised) and release the host blocks."""
+        if not self._loading:
+            return
+        self.hal.synchronize()
+        loading, self._loading = self._loading, []
+        for slots, _ in loading:
+            self._release_slots(slots)
+
+    def _release_slots(self, slots: list[int]) -> None:
+        pinned = [s for s in slots if s >= 0]
+        if pinned:
+            self.host.release(*pinned)
+
     # ---- write-through --------------------------------------------------------------------------
+    @torch.inference_mode()
     def save(self, kv_caches: list[torch.Tensor], blocks: list[tuple[int, bytes, tuple[int, ...]]]) -> None:
         """Copy newly committed device blocks (block_id, hash, tokens) into every tier that
-        lacks them. Disk writes are queued; ``flush`` waits for them."""
+        lacks them. With a host tier (and a backend in the canonical layout) they are copied
+        straight into reserved host slots, and the disk writer reads them from there. Disk
+        writes are queued; ``flush`` waits for them."""
         todo = [(b, h, t) for b, h, t in blocks if any(not tier.lookup(h) for tier in self.tiers)]
         if not todo:
             return
-        data = self.gather(kv_caches, [b for b, _, _ in todo])
         self.blocks_saved += len(todo)
         self.bytes_from_device += len(todo) * self.block_bytes
-        for (_, h, tokens), block in zip(todo, data):
-            for tier in self.tiers:
-                tier.store(h, block, tokens)
+        ids = [b for b, _, _ in todo]
+        if self.host is None or not self.layout.identity:
+            data = self.gather(kv_caches, ids)
+            for (_, h, tokens), block in zip(todo, data):
+                if self.host is not None:
+                    self.host.store(h, block, tokens)
+                if self.disk is not None:  # ``data`` is ours alone: lend it, no copy
+                    self.disk.store(h, block, tokens, release=_noop)
+            return
+        slots = [self.host.reserve() for _ in todo]
+        views = [self.host.slots[s] if s is not None else torch.empty(self.block_shape, dtype=self.dtype)
+                 for s in slots]
+        slots = [-1 if s is None else s for s in slots]
+        self._to_host(kv_caches, ids, views, slots, self.host.pool)
+        for (_, h, tokens), view, slot in zip(todo, views, slots):
+            if slot >= 0:
+                slot = self.host.commit(h, slot, tokens)  # pinned until the disk writer is done
+                view = self.host.slots[slot]
+            if self.disk is None:
+                self._release_slots([slot])
+            else:
+                self.disk.store(h, view, tokens,
+                                release=_noop if slot < 0 else functools.partial(self.host.release, slot))
 
     # ---- lookup and promotion ----------------------------------------------------------------------
     def lookup(self, hashes: list[bytes], tokens: Callable[[int], tuple[int, ...]]) -> LookupResult:
         """Continue a device prefix miss: the longest run of ``hashes`` found below the
         device, checked token for token (``tokens(i)`` gives block i's tokens).
 
-        Host hits are returned at once. Disk hits are read by the prefetch thread (or inline
-        when async is off); while any are in flight ``pending`` is set and the caller
-        should retry next step, so a disk read never stalls running requests."""
+        Host hits are returned at once, as pinned views of their slots (no copy). Disk hits
+        are read by the prefetch threads (or inline when async is off) into host slots; while
+        any are in flight ``pending`` is set and the caller should retry next step, so a disk
+        read never stalls running requests. The caller hands the result to ``scatter``,
+        ``give_back`` or ``release``."""
         res = LookupResult()
         if not self.tiers or not hashes:
             return res
         self.lookups += 1
-        to_fetch: list[bytes] = []
-        for i, h in enumerate(hashes):
-            with self._lock:
-                got = self._ready.pop(h, None)
-                inflight = h in self._inflight
-            if got is not None:
-                got = got[:2]
-            if got is None and inflight:
+        with self._lock:  # still reading this prefix from disk: nothing to do until it is read
+            if self._inflight and any(h in self._inflight for h in hashes):
                 res.pending = True
-                break
-            if got is None and self.host is not None:
-                if self.host.lookup(h):
-                    got = self.host.load(h)
-                else:
-                    self.host.stats.misses += 1
+        if res.pending:
+            self.deferred += 1
+            return res
+        to_fetch: list[bytes] = []
+        run: list = []  # host hits acquired ahead, in order
+        for i, h in enumerate(hashes):
+            got = None
+            if run:
+                got = run.pop()
+            else:
+                with self._lock:
+                    # nothing prefetched or in flight: the host hits can be taken in one go
+                    busy = bool(self._ready or self._inflight)
+                    if busy:
+                        got = self._ready.pop(h, None)
+                    inflight = h in self._inflight
+                if got is not None:
+                    got = got[:3]
+                if got is None and inflight:
+                    res.pending = True
+                    break
+                if got is None and self.host is not None:
+                    run = self.host.acquire_run(hashes[i:i + 1] if busy else hashes[i:])
+                    run.reverse()
+                    got = run.pop() if run else None
             if got is None and self.disk is not None:
                 if not self.disk.lookup(h):
                     self.disk.stats.misses += 1
@@ -694,70 +998,87 @@ class OffloadManager:
                     break
             if got is None:
                 break
-            block, toks = got
+            block, toks, slot = got
             if toks != tuple(tokens(i)):
                 self.token_mismatches += 1
+                self._release_slots([slot])
                 break
             res.blocks.append((h, block))
             res.tokens.append(toks)
+            res.slots.append(slot)
+        self._release_slots([slot for _, _, slot in run])  # acquired past a mismatch
         if to_fetch:
             self._submit(to_fetch)
         if res.pending:
             self.deferred += 1
             # keep what is already found for the next try; nothing is lost
             self.give_back(res)
-            res.blocks, res.tokens = [], []
+            res.blocks, res.tokens, res.slots = [], [], []
+        else:  # blocks read past the end of the usable prefix serve nobody: let them go
+            stale = []
+            with self._lock:
+                for x in hashes[len(res.blocks) + 1:]:
+                    e = self._ready.pop(x, None)
+                    if e is not None:
+                        stale.append(e[2])
+            self._release_slots(stale)
         return res
 
     def give_back(self, res: LookupResult) -> None:
-        """Keep looked-up blocks that could not be used this step for the next lookup."""
+        """Keep looked-up blocks that could not be used this step for the next lookup
+        (their slots stay pinned until then, or until they expire)."""
+        now = time.monotonic()
         with self._lock:
-            for (h, b), t in zip(res.blocks, res.tokens):
-                self._ready[h] = (b, t, time.monotonic())
+            for (h, b), t, s in zip(res.blocks, res.tokens, res.slots):
+                self._ready[h] = (b, t, s, now)
 
-    def _promote(self, h: bytes) -> "tuple[torch.Tensor, tuple[int, ...]] | None":
-        got = self.disk.load(h)
-        if got is not None and self.host is not None:
-            self.host.store(h, got[0], got[1])
-        return got
+    def release(self, res: LookupResult) -> None:
+        """Drop a lookup's blocks unused."""
+        self._release_slots(res.slots)
+        res.blocks, res.tokens, res.slots = [], [], []
+
+    def _promote(self, h: bytes) -> "tuple[torch.Tensor, tuple[int, ...], int] | None":
+        """Read block ``h`` from disk: into a reserved host slot (published in the host tier
+        and returned pinned), or into its own tensor when there is no host slot to have."""
+        slot = self.host.reserve() if self.host is not None else None
+        if slot is None:
+            got = self.disk.load(h)
+            return None if got is None else (got[0], got[1], -1)
+        toks = self.disk.read_into(h, self.host.slot_bytes(slot))
+        if toks is None:
+            self.host.release(slot)
+            return None
+        slot = self.host.commit(h, slot, toks)
+        return self.host.slots[slot], toks, slot
 
     def _submit(self, hashes: list[bytes]) -> None:
+        expired = []
         with self._lock:
             old = time.monotonic() - self.READY_TTL_S
-            while self._ready and next(iter(self._ready.values()))[2] < old:
-                self._ready.popitem(last=False)
-            new = [h for h in hashes if h not in self._inflight]
-            if not new:
-                return
-            fut = self._prefetch.submit(self._fetch_many, new)
-            for h in new:
-                self._inflight[h] = fut
+            while self._ready and next(iter(self._ready.values()))[3] < old:
+                expired.append(self._ready.popitem(last=False)[1][2])
+            for h in hashes:  # one task a block: the reads (and CRC checks) run side by side
+                if h not in self._inflight and h not in self._ready:
+                    self._inflight[h] = self._prefetch.submit(self._fetch_one, h)
+        self._release_slots(expired)
 
-    def _fetch_many(self, hashes: list[bytes]) -> None:
+    def _fetch_one(self, h: bytes) -> None:
         try:
-            for h in hashes:
-                got = self._promote(h)
+            got = self._promote(h)
+            if got is not None:
                 with self._lock:
-                    if got is not None:
-                        self._ready[h] = (*got, time.monotonic())
-                if got is None:
-                    break  # the rest of the prefix is unusable without this block
+                    self._ready[h] = (*got, time.monotonic())
         finally:
             with self._lock:
-                for h in hashes:
-                    self._inflight.pop(h, None)
+                self._inflight.pop(h, None)
 
     def wait_pending(self, timeout: float = 0.05) -> None:
-        """Block briefly until a prefetch finishes (the engine calls this when a step had
-        nothing else to do)."""
+        """Block briefly until in-flight disk reads finish (the engine calls this when a step
+        had nothing else to do)."""
         with self._lock:
             futs = set(self._inflight.values())
-        for f in futs:
-            try:
-                f.result(timeout=timeout)
-            except Exception:
-                pass
-            return
+        if futs:
+            futures_wait(futs, timeout=timeout)
 
     def blocks_to_save(self, seq, new: list[tuple[int, bytes]], block_size: int
                        ) -> list[tuple[int, bytes, tuple[int, ...]]]:
@@ -786,6 +1107,10 @@ class OffloadManager:
         self.flush()
         if self._prefetch is not None:
             self._prefetch.shutdown(wait=True)
+        with self._lock:
+            slots = [e[2] for e in self._ready.values()]
+            self._ready.clear()
+        self._release_slots(slots)
         for tier in self.tiers:
             tier.close()
 
@@ -799,8 +1124,23 @@ class OffloadManager:
         return d
 
 
-def build_offload(config, hal: "Backend", model_config, device, model_fingerprint: bytes
-                  ) -> "OffloadManager | None":
+def _noop() -> None:
+    pass
+
+
+LANDING_MAX_BYTES = 4 << 30
+
+
+def landing_host_bytes(block_bytes: int, block_size: int, max_model_len: int) -> int:
+    """The host tier a filesystem tier gets when none is configured: disk reads land in
+    host memory on their way to the device (pinned where the backend asks), so there is
+    always one; room for two of the longest prompts, at most ``LANDING_MAX_BYTES``."""
+    blocks = 2 * -(-max_model_len // block_size)
+    return max(block_bytes, min(blocks * block_bytes, LANDING_MAX_BYTES // block_bytes * block_bytes))
+
+
+def build_offload(config, hal: "Backend", model_config, device, model_fingerprint: bytes,
+                  max_model_len: int | None = None) -> "OffloadManager | None":
     """The engine's offload manager from ``EngineConfig``, or None when no tier is set."""
     if not (config.kv_offload_host_bytes or config.kv_offload_dir):
         return None
@@ -809,8 +1149,15 @@ def build_offload(config, hal: "Backend", model_config, device, model_fingerprin
         return None
     mc = model_config
     layout = KVLayout(hal, config.block_size, mc.num_kv_heads, mc.head_dim, mc.dtype, device)
+    host_bytes = config.kv_offload_host_bytes
+    if config.kv_offload_dir and not host_bytes:
+        block_bytes = 2 * mc.num_layers * layout.numel * torch.empty((), dtype=mc.dtype).element_size()
+        host_bytes = landing_host_bytes(block_bytes, config.block_size,
+                                        max_model_len or mc.max_position_embeddings)
+        logger.info("KV offload: no host tier set; the filesystem tier reads into a %.2f GiB host tier",
+                    host_bytes / 2**30)
     m = OffloadManager(hal, layout, mc.num_layers, model_fingerprint,
-                       host_bytes=config.kv_offload_host_bytes, disk_dir=config.kv_offload_dir,
+                       host_bytes=host_bytes, disk_dir=config.kv_offload_dir,
                        disk_bytes=config.kv_offload_disk_bytes)
     atexit.register(m.flush)  # queued disk writes land before the process exits
     logger.info("KV offload: host %s, disk %s (%s); %d bytes a block, %s layout",

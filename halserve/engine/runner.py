@@ -199,15 +199,28 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> StepResult:
-        if so.loads:  # KV promoted from the offload tiers, in place before the forward reads it
-            self.offload.scatter(self.kv_caches, [b for b, _ in so.loads], [x for _, x in so.loads])
+        if not so.loads:
+            return self._execute(so)
+        # KV promoted from the offload tiers: the copies are queued ahead of the forward that
+        # reads them, and run while the host launches it (the step's inputs go up first: a
+        # pageable upload would wait for the copies); their host memory is held until the
+        # step has synchronised
+        prepared = self._prepare(so)
+        bids, blocks, slots = zip(*so.loads)
+        self.offload.scatter(self.kv_caches, list(bids), list(blocks), list(slots), wait=False)
+        try:
+            return self._execute(so, prepared)
+        finally:
+            self.offload.loads_done()
+
+    def _execute(self, so: SchedulerOutput, prepared=None) -> StepResult:
         rows_idx = [i for i, s in enumerate(so.scheduled) if s.samples]
-        logits = self._replay_decode(so)
+        logits = self._replay_decode(so) if prepared is None else None
         plp = None
         if logits is not None:
             logits = logits.float().clone()  # the graph's output buffer is reused next step
         else:
-            ids, pos, meta, cu = self._prepare(so)
+            ids, pos, meta, cu = prepared or self._prepare(so)
             hidden = self.model.forward(ids, pos, self.kv_caches, meta)
             plp = self._prompt_logprobs(so, hidden, cu)
             if not rows_idx:

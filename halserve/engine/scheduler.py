@@ -29,8 +29,8 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)  # decodes first
     preempted: list[Sequence] = field(default_factory=list)
     num_decodes: int = 0
-    # KV found in the offload tiers: (device block id, canonical host block), copied in
-    # by the runner before the forward that reads it
+    # KV found in the offload tiers: (device block id, canonical host block, host-tier slot
+    # or -1), copied in by the runner before the forward that reads it
     loads: list = field(default_factory=list)
 
     @property
@@ -136,9 +136,9 @@ class Scheduler:
             seq.block_ids = list(hit)
             if num_loaded:
                 fresh = self.kv.allocate_fresh(num_loaded)  # after touch: the hits stay put
-                for bid, (h, blk), toks in zip(fresh, found.blocks, found.tokens):
+                for bid, (h, blk), toks, slot in zip(fresh, found.blocks, found.tokens, found.slots):
                     self.kv.register_loaded(bid, h, toks)
-                    out.loads.append((bid, blk))
+                    out.loads.append((bid, blk, slot))
                 seq.block_ids += fresh
             seq.num_computed_tokens = computed
             seq.num_cached_tokens = computed

@@ -90,6 +90,50 @@ def test_host_tier_lru_and_budget():
         HostMemoryTier(SHAPE, torch.float32, 10)
 
 
+def test_host_slots_pinned_are_never_reused():
+    t = HostMemoryTier(SHAPE, torch.float32, 2 * block(0).numel() * 4)
+    t.store(h(0), block(0), toks(0))
+    t.store(h(1), block(1), toks(1))
+    view, tk, slot = t.acquire(h(0))  # a view of the slot, no copy
+    assert tk == toks(0) and view.data_ptr() == t.pool[slot].data_ptr() and view.equal(block(0))
+    t.acquire(h(1))
+    t.store(h(2), block(2), toks(2))  # every slot pinned: the store is skipped, nothing is overwritten
+    assert not t.lookup(h(2)) and view.equal(block(0)) and t.stats_dict()["skipped_stores"] == 1
+    assert t.reserve() is None
+    assert t.evict(h(0)) and not t.lookup(h(0))  # evicted while pinned: its slot stays ours
+    t.store(h(3), block(3), toks(3))
+    assert not t.lookup(h(3)) and view.equal(block(0))
+    t.release(slot)  # the last pin: the slot is free again
+    s = t.reserve()
+    assert s == slot
+    t.pool[s].copy_(block(4))
+    assert t.commit(h(4), s, toks(4)) == s  # published; the reserver still holds a pin
+    assert t.load(h(4))[0].equal(block(4)) and t.stats_dict()["pinned"] == 2
+    r = t.reserve()  # none free: the LRU unpinned entry's slot would go, but all are pinned
+    assert r is None
+    t.release(s)
+    r = t.reserve()
+    assert r == s and not t.lookup(h(4))  # h(4) was the LRU unpinned entry
+    t.pool[r].copy_(block(1))
+    s1 = t.commit(h(1), r, toks(1))  # h(1) is already there: that slot is pinned instead
+    assert s1 != r and t.refs[s1] == 2 and t.stats_dict()["pinned"] == 1  # acquired above, and now
+    with pytest.raises(AssertionError, match="released more often"):
+        t.release(r)
+
+
+def test_host_acquire_run_stops_at_the_first_miss():
+    t = HostMemoryTier(SHAPE, torch.float32, 4 * block(0).numel() * 4)
+    for i in (0, 1, 3):
+        t.store(h(i), block(i), toks(i))
+    run = t.acquire_run([h(0), h(1), h(2), h(3)])
+    assert [tk for _, tk, _ in run] == [toks(0), toks(1)] and run[1][0].equal(block(1))
+    s = t.stats_dict()
+    assert (s["hits"], s["misses"], s["pinned"]) == (2, 1, 2)
+    for _, _, slot in run:
+        t.release(slot)
+    assert t.stats_dict()["pinned"] == 0
+
+
 def test_host_buffers_come_from_the_backend():
     class PoolBackend(NativeBackend):
         name = "native_pool"
@@ -196,20 +240,45 @@ def test_manager_write_through_lookup_and_promotion(tmp_path, async_disk):
     assert [x for x, _ in res.blocks] == hashes[:4]
     ref = m.gather(caches, [0, 1, 2, 3])
     assert all(torch.equal(b, ref[i]) for i, (_, b) in enumerate(res.blocks))
-    # 0 and 1 came from disk and were promoted to host, pushing out older host blocks
-    assert m.disk.stats.hits >= 2 and m.host.stats.stores > 4 and len(m.host) == 2
+    # the host kept the first two blocks (pinned views, no copy); 2 and 3 came from disk
+    assert res.slots[:2] == [0, 1] and res.slots[2:] == [-1, -1]
+    assert m.host.stats.hits == 2 and m.disk.stats.hits == 2 and len(m.host) == 2
+    assert m.host.stats_dict()["pinned"] == 2
+    m.release(res)
+    assert m.host.stats_dict()["pinned"] == 0
+    # with the host slots free again, a disk read lands in the host tier (LRU goes)
+    m.host.clear()
+    res = m.lookup(hashes, toks)
+    while res.pending:
+        m.wait_pending(1.0)
+        res = m.lookup(hashes, toks)
+    assert len(res.blocks) == 4 and sorted(res.slots[:2]) == [0, 1] and res.slots[2:] == [-1, -1]
+    assert all(torch.equal(b, ref[i]) for i, (_, b) in enumerate(res.blocks))
+    assert m.host.lookup(h(0)) and m.host.lookup(h(1)) and m.host.stats.stores == 4
+    m.release(res)
     # a token mismatch (a hash collision, in theory) stops the prefix
     res = m.lookup(hashes, lambda i: toks(i + 1) if i == 1 else toks(i))
     while res.pending:
         m.wait_pending(1.0)
         res = m.lookup(hashes, lambda i: toks(i + 1) if i == 1 else toks(i))
     assert len(res.blocks) == 1 and m.token_mismatches == 1
+    m.release(res)
+    assert m.host.stats_dict()["pinned"] == 0  # the mismatched block's pin went too
     fresh = [torch.zeros_like(c) for c in caches]
     m.scatter(fresh, [5, 6], [ref[0], ref[3]])
     for c, f in zip(caches, fresh):
         assert torch.equal(f[:, 5], c[:, 0]) and torch.equal(f[:, 6], c[:, 3])
+    # host hits straight from pinned slots, the copy queued: the pins go at loads_done()
+    res = m.lookup(hashes[:2], toks)
+    assert res.slots == [0, 1] and not res.pending
+    m.scatter(fresh, [1, 2], [b for _, b in res.blocks], res.slots, wait=False)
+    assert m.host.stats_dict()["pinned"] == 2
+    m.loads_done()
+    assert m.host.stats_dict()["pinned"] == 0
+    for c, f in zip(caches, fresh):
+        assert torch.equal(f[:, 1], c[:, 0]) and torch.equal(f[:, 2], c[:, 1])
     st = m.stats()
-    assert st["blocks_saved"] == 4 and st["blocks_loaded"] == 2 and st["disk"]["stores"] == 4
+    assert st["blocks_saved"] == 4 and st["blocks_loaded"] == 4 and st["disk"]["stores"] == 4
     m.close()
 
 
