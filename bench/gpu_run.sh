@@ -5,6 +5,7 @@
 #   bench/gpu_run.sh bench          # all benchmarks: lat1b lat8b latmoe thr1b thr8b
 #   bench/gpu_run.sh all            # both
 #   bench/gpu_run.sh check lat1b    # stages can be listed; qcheck = pytest + linear conformance
+#   bench/gpu_run.sh offtest offload  # KV offload: its tests on the GPU, then its benchmark
 #
 # Logs go to $OUT (default ./gpu_out): check.log, conformance.txt, pytest.txt, bench.log and
 # results.json (every benchmark's JSON merged). Run from the repository root.
@@ -42,6 +43,20 @@ lat8b() { hs bench latency --preset llama-8b "${L[@]}" --variants bf16,fp8,bf16-
 latmoe() { hs bench latency --preset qwen3-moe "${L[@]}" --variants bf16,fp8 --hf-peer --json "$OUT/.json/lat_moe.json"; }
 thr1b() { hs bench throughput --preset llama-1b "${L[@]}" --num-prompts "$NP" --variants bf16,fp8,bf16-bi --hf-peer --hf-batch 64 --same-batch --json "$OUT/.json/thr_1b.json"; }
 thr8b() { hs bench throughput --preset llama-8b "${L[@]}" --num-prompts "$NP" --variants bf16,fp8 --hf-peer --hf-batch 64 --json "$OUT/.json/thr_8b.json"; }
+# KV offload: TTFT of an 8k prompt, recompute vs host / filesystem tier hits (and the files read on the CPU)
+offload() {
+  "$PY" -c 'import zlib, sys; print("python", sys.version.split()[0], "zlib", zlib.ZLIB_RUNTIME_VERSION)'
+  df -h "${TMPDIR:-/tmp}" | tail -1
+  hs bench offload --backend cuda --dtype bfloat16 --layers 16 --hidden 2048 --heads 16 --kv-heads 8 \
+    --intermediate 5632 --max-num-batched-tokens 4096 --reuse-backend native --json "$OUT/.json/offload.json"
+}
+# the same in Llama-3-8B's shape (32 layers, hidden 4096, 32/8 heads): KV 1 GiB for the 8k prompt
+offload8b() {
+  hs bench offload --backend cuda --dtype bfloat16 --layers 32 --hidden 4096 --heads 32 --kv-heads 8 \
+    --intermediate 14336 --max-num-batched-tokens 4096 --json "$OUT/.json/offload_8b.json"
+}
+# the offload tests, on the GPU too
+offtest() { "$PY" -m pytest -q -rs --timeout=600 tests/engine/test_offload.py tests/gpu/test_engine_gpu.py -p no:cacheprovider 2>&1 | tail -15; }
 BENCHES=(lat1b lat8b latmoe thr1b thr8b)
 
 run_bench() { { stamp "$1"; "$1"; } 2>&1 | tee -a "$OUT/bench.log"; merge_json; }
@@ -68,10 +83,10 @@ for stage in "$@"; do
   case "$stage" in
     check) check ;;
     qcheck) qcheck ;;
-    lat1b|lat8b|latmoe|thr1b|thr8b) run_bench "$stage" ;;
+    lat1b|lat8b|latmoe|thr1b|thr8b|offload|offload8b|offtest) run_bench "$stage" ;;
     bench) for b in "${BENCHES[@]}"; do run_bench "$b"; done ;;
     all) check; for b in "${BENCHES[@]}"; do run_bench "$b"; done ;;
-    *) echo "usage: bench/gpu_run.sh [check|bench|all|lat1b|lat8b|latmoe|thr1b|thr8b]..."; exit 2 ;;
+    *) echo "usage: bench/gpu_run.sh [check|qcheck|bench|all|lat1b|lat8b|latmoe|thr1b|thr8b|offload|offload8b|offtest]..."; exit 2 ;;
   esac
 done
 merge_json
