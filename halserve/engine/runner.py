@@ -39,6 +39,11 @@ class ModelRunner:
         self.num_blocks = 0
         self.graphs: dict[int, object] = {}  # decode batch bucket -> captured step
         self._static: dict[str, torch.Tensor] = {}
+        # one sequence's short prefill chunk that samples (the tail of a prompt whose prefix
+        # was a cache hit, the last piece of a chunked prefill): query-length bucket -> step
+        self.tail_graphs: dict[int, object] = {}
+        self._tail: dict[str, torch.Tensor] = {}
+        self._tail_meta: dict[int, AttentionMetadata] = {}
 
     # ---- KV cache ---------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -90,10 +95,20 @@ class ModelRunner:
         sizes = [1, 2, 4, 8] + list(range(16, max_num_seqs + 16, 16))
         return sorted({min(b, max_num_seqs) for b in sizes})
 
+    def tail_buckets(self) -> list[int]:
+        """Query lengths of the tail graphs: powers of two from 2 up to one block (a full
+        prefix hit leaves 1..block_size tokens to compute; 1 is a decode row)."""
+        out, b = [], 2
+        while b < self.block_size:
+            out.append(b)
+            b *= 2
+        return out + [b]
+
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> int:
         """Capture one decode step (forward + logits) per batch bucket, largest first, on
-        static input buffers; returns how many were captured (0 where the backend has no
-        graphs). Padding rows write to slot -1 and read a 1-token context from block 0."""
+        static input buffers, then the tail steps (``tail_buckets``); returns how many
+        decode graphs were captured (0 where the backend has no graphs). Padding rows write
+        to slot -1 and read a 1-token context from block 0."""
         if not self.hal.capabilities.graphs:
             return 0
         from tqdm import tqdm
@@ -123,9 +138,80 @@ class ModelRunner:
             if graph is None:
                 return 0
             self.graphs[b] = graph
+        self._capture_tail_graphs(max_blocks, max_model_len)
         return len(self.graphs)
 
-    def _replay_decode(self, so: SchedulerOutput) -> torch.Tensor | None:
+    def _capture_tail_graphs(self, max_blocks: int, max_model_len: int) -> None:
+        """One sequence, ``b`` query tokens (the first ``cu[1]`` real), the last real one
+        sampled: forward + logits of that row. Eager, such a step is bound by the host's
+        kernel launches, not by the device."""
+        from tqdm import tqdm
+
+        dev, tmax = self.device, self.tail_buckets()[-1]
+        st = self._tail = {
+            "ids": torch.zeros(tmax, dtype=torch.int64, device=dev),
+            "pos": torch.arange(tmax, dtype=torch.int64, device=dev),
+            "slots": torch.full((tmax,), -1, dtype=torch.int64, device=dev),
+            "seq_lens": torch.full((1,), tmax, dtype=torch.int32, device=dev),
+            "tables": torch.zeros(1, max_blocks, dtype=torch.int32, device=dev),
+            "cu": torch.tensor([0, tmax], dtype=torch.int32, device=dev),
+            "last": torch.zeros(1, dtype=torch.int64, device=dev),
+        }
+        for b in tqdm(self.tail_buckets()[::-1], desc="capturing prefill-tail graphs", unit="graph"):
+            st["cu"][1] = b
+            st["seq_lens"][0] = b
+            meta = AttentionMetadata(
+                cu_seqlens_q=st["cu"], seq_lens=st["seq_lens"], block_tables=st["tables"],
+                slot_mapping=st["slots"][:b], max_seqlen_q=b, max_seqlen_k=max_model_len,
+                query_lens_host=[b], seq_lens_host=[max_model_len], block_size=self.block_size,
+                num_decode_seqs=0, sliding_window=getattr(self.mc, "sliding_window", None))
+
+            def step(b=b, meta=meta):
+                hidden = self.model.forward(st["ids"][:b], st["pos"][:b], self.kv_caches, meta)
+                return self.model.compute_logits(hidden.index_select(0, st["last"]))
+
+            graph = self.hal.capture_graph(step)
+            if graph is None:
+                return
+            self.tail_graphs[b] = graph
+            self._tail_meta[b] = meta
+
+    def _stage_graph(self, so: SchedulerOutput):
+        """The captured step that runs ``so``, its inputs copied into its static buffers
+        (and the number of rows it returns), or None when ``so`` runs eagerly."""
+        staged = self._stage_decode(so)
+        return staged if staged is not None else self._stage_tail(so)
+
+    def _stage_tail(self, so: SchedulerOutput):
+        if not self.tail_graphs or len(so.scheduled) != 1:
+            return None
+        s = so.scheduled[0]
+        seq, n = s.seq, s.num_new_tokens
+        if n < 2 or n > max(self.tail_graphs) or not s.samples or seq.params.prompt_logprobs is not None:
+            return None
+        b = min(x for x in self.tail_graphs if x >= n)
+        st, bs = self._tail, self.block_size
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        pad = b - n
+        bt = seq.block_ids
+        # padding rows: beyond the sequence's query length (no attention output read), a
+        # valid position, and slot -1 (nothing written)
+        st["ids"][:b].copy_(torch.tensor(seq.token_ids[start:end] + [0] * pad), non_blocking=True)
+        st["pos"][:b].copy_(torch.tensor(list(range(start, end)) + [end - 1] * pad), non_blocking=True)
+        st["slots"][:b].copy_(torch.tensor([bt[p // bs] * bs + p % bs for p in range(start, end)] + [-1] * pad),
+                              non_blocking=True)
+        st["seq_lens"].copy_(torch.tensor([end], dtype=torch.int32), non_blocking=True)
+        st["cu"].copy_(torch.tensor([0, n], dtype=torch.int32), non_blocking=True)
+        st["last"].copy_(torch.tensor([n - 1]), non_blocking=True)
+        # columns past the table keep stale but valid block ids: nothing reads past seq_len
+        st["tables"][0, :len(bt)].copy_(torch.tensor(bt, dtype=torch.int32), non_blocking=True)
+        # a captured graph ignores the host lengths; a backend whose 'graph' calls the step
+        # again reads them, so they are kept true
+        meta = self._tail_meta[b]
+        meta.query_lens_host[0], meta.seq_lens_host[0] = n, end
+        return self.tail_graphs[b], 1
+
+    def _stage_decode(self, so: SchedulerOutput):
         n = len(so.scheduled)
         if not self.graphs or so.num_decodes != n or n > max(self.graphs):
             return None
@@ -150,7 +236,7 @@ class ModelRunner:
         st["slots"][:b].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
         st["seq_lens"][:b].copy_(torch.tensor(lens + [1] * pad, dtype=torch.int32), non_blocking=True)
         st["tables"][:b, :width].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
-        return self.graphs[b].replay()[:n]
+        return self.graphs[b], n
 
     # ---- one step -----------------------------------------------------------------------------
     def _prepare(self, so: SchedulerOutput):
@@ -199,26 +285,28 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> StepResult:
+        # the step's inputs go up first: with offload loads below, a pageable upload would
+        # wait for their copies
+        staged = self._stage_graph(so)
         if not so.loads:
-            return self._execute(so)
+            return self._execute(so, staged)
         # KV promoted from the offload tiers: the copies are queued ahead of the forward that
-        # reads them, and run while the host launches it (the step's inputs go up first: a
-        # pageable upload would wait for the copies); their host memory is held until the
-        # step has synchronised
-        prepared = self._prepare(so)
+        # reads them, and run while the host launches it; their host memory is held until
+        # the step has synchronised
+        prepared = self._prepare(so) if staged is None else None
         bids, blocks, slots = zip(*so.loads)
-        self.offload.scatter(self.kv_caches, list(bids), list(blocks), list(slots), wait=False)
         try:
-            return self._execute(so, prepared)
+            self.offload.scatter(self.kv_caches, list(bids), list(blocks), list(slots), wait=False)
+            return self._execute(so, staged, prepared)
         finally:
             self.offload.loads_done()
 
-    def _execute(self, so: SchedulerOutput, prepared=None) -> StepResult:
+    def _execute(self, so: SchedulerOutput, staged=None, prepared=None) -> StepResult:
         rows_idx = [i for i, s in enumerate(so.scheduled) if s.samples]
-        logits = self._replay_decode(so) if prepared is None else None
         plp = None
-        if logits is not None:
-            logits = logits.float().clone()  # the graph's output buffer is reused next step
+        if staged is not None:
+            graph, n = staged
+            logits = graph.replay()[:n].float().clone()  # the graph's output buffer is reused next step
         else:
             ids, pos, meta, cu = prepared or self._prepare(so)
             hidden = self.model.forward(ids, pos, self.kv_caches, meta)

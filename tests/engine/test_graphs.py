@@ -8,10 +8,13 @@ from halserve.hal.native import NativeBackend
 
 
 class ReplayGraph:
+    replays = 0
+
     def __init__(self, fn):
         self.fn = fn
 
     def replay(self):
+        ReplayGraph.replays += 1
         return self.fn()  # reads the static buffers as they are now, like a real graph
 
 
@@ -45,9 +48,33 @@ def test_graph_decode_matches_eager(checkpoint):
     ref = [o.outputs[0].token_ids for o in eager.generate(prompts, sp)]
     g = LLM(str(path), dtype="float32", max_num_seqs=16, backend="test_replay_graphs")
     assert sorted(g.engine.runner.graphs) == [1, 2, 4, 8, 16]
-    assert ReplayGraphBackend.captured == 5
+    assert sorted(g.engine.runner.tail_graphs) == [2, 4, 8, 16]
+    assert ReplayGraphBackend.captured == 9
     # 5 running rows replay the 8-row graph with 3 padding rows; then fewer as they finish
     assert [o.outputs[0].token_ids for o in g.generate(prompts, sp)] == ref
     assert [o.outputs[0].token_ids for o in g.generate(prompts[:1], sp)] == ref[:1]
     off = LLM(str(path), dtype="float32", max_num_seqs=16, backend="test_replay_graphs", enforce_eager=True)
     assert not off.engine.runner.graphs
+
+
+def test_tail_graph_matches_eager(checkpoint, tmp_path):
+    """A single sequence's short prefill chunk that samples (the tail after a prefix hit,
+    here from the device cache and from the host offload tier) runs as a captured step."""
+    hal.register(ReplayGraphBackend)
+    path = checkpoint("llama")
+    long = list(range(20, 120))  # 6 full blocks + 4 tokens
+    prompts = [long, long + [7, 8, 9], long[:48] + [5] * 9, [3, 1, 4, 1, 5]]
+    sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    eager = LLM(str(path), dtype="float32", enforce_eager=True)
+    ref = [eager.generate([p], sp)[0].outputs[0].token_ids for p in prompts]
+    g = LLM(str(path), dtype="float32", backend="test_replay_graphs", kv_offload_host_bytes=1 << 22)
+    assert [g.generate([p], sp)[0].outputs[0].token_ids for p in prompts] == ref
+    before = ReplayGraph.replays
+    outs = [g.generate([p], sp)[0] for p in prompts[:3]]  # prefix hits: tails of 4, 7 and 9 tokens
+    assert [o.outputs[0].token_ids for o in outs] == ref[:3]
+    assert [o.num_cached_tokens for o in outs] == [96, 96, 48]
+    assert ReplayGraph.replays - before == 3 * 6  # each: one tail step + 5 decode steps
+    g.engine.kv.reset_prefix_cache()  # the host tier serves the prefix; the copy-in precedes the tail
+    out = g.generate([prompts[1]], sp)[0]
+    assert out.outputs[0].token_ids == ref[1] and out.num_cached_tokens == 96
+    assert g.get_metrics()["offload"]["host"]["hits"] >= 6

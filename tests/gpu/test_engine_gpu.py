@@ -26,6 +26,26 @@ def test_graphs_match_eager_and_cpu(checkpoint, preset):
     assert tokens(eager.generate(PROMPTS, GREEDY)) == cpu
     assert tokens(graphs.generate(PROMPTS, GREEDY)) == cpu
     assert tokens(graphs.generate(PROMPTS[1:2], GREEDY)) == cpu[1:2]
+    assert sorted(graphs.engine.runner.tail_graphs) == [2, 4, 8, 16]
+
+
+@pytest.mark.parametrize("preset", ["llama", "mixtral"])
+def test_prefix_hit_tail_graphs_match_eager(checkpoint, tmp_path, preset):
+    """The tail after a prefix hit (device cache or host offload tier) runs as a captured
+    tail graph, with its split-KV attention; tokens equal eager and the CPU."""
+    path = str(checkpoint(preset))
+    long = list(range(20, 212))  # 12 full blocks; tails of 16, 3, 9 and 2 tokens below
+    prompts = [long, long + [7, 8, 9], long[:160] + [5] * 9, long[:64] + [1, 2]]
+    cpu_llm = LLM(path, dtype="float32", backend="native", enable_prefix_caching=False)
+    cpu = [tokens(cpu_llm.generate([p], GREEDY))[0] for p in prompts]
+    for eager in (True, False):
+        llm = LLM(path, dtype="float32", backend="cuda", enforce_eager=eager, kv_offload_host_bytes=1 << 26)
+        assert [tokens(llm.generate([p], GREEDY))[0] for p in prompts] == cpu
+        outs = [llm.generate([p], GREEDY)[0] for p in prompts]  # device prefix hits
+        assert tokens(outs) == cpu and [o.num_cached_tokens for o in outs] == [176, 192, 160, 64]
+        llm.engine.kv.reset_prefix_cache()  # the host tier serves them
+        outs = [llm.generate([p], GREEDY)[0] for p in prompts]
+        assert tokens(outs) == cpu and [o.num_cached_tokens for o in outs] == [176, 192, 160, 64]
 
 
 def test_blocks_cached_on_gpu_load_on_cpu(checkpoint, tmp_path):

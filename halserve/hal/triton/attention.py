@@ -218,7 +218,7 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tenso
     elif decode:
         splits = _num_splits(num_seqs, HK, max_seqlen_k, block_n)
     else:  # a short chunk over a long cached prefix (a prefix hit) would leave the chip idle
-        splits = _num_splits(grid0, HK, max_seqlen_k, block_n) if max_seqlen_k is not None else 1
+        splits = _num_splits(grid0, HK, max_seqlen_k, block_n)
     if splits > 1:
         part_o = torch.empty((T, HQ, splits, D), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((T, HQ, splits, 2), dtype=torch.float32, device=q.device)
