@@ -174,7 +174,7 @@ class HostMemoryTier(KVTier):
                              f"{self.block_bytes} bytes; use at least {self.block_bytes} (or 0 to disable)")
         self.pool = host_empty(hal, (self.num_slots, *self.block_shape), dtype)
         self.pool_bytes = _block_bytes(self.pool)  # slot i: [i * block_bytes, (i + 1) * block_bytes)
-        self.slots = self.pool.unbind(0)  # a view of each slot, made once
+        self._views: list[torch.Tensor | None] = [None] * self.num_slots  # slot views, made once
         self.entries: OrderedDict[bytes, tuple[int, tuple[int, ...]]] = OrderedDict()  # LRU first
         self.free_slots = list(range(self.num_slots))  # a heap: lowest slot first
         self.refs = [0] * self.num_slots  # pins
@@ -206,6 +206,13 @@ class HostMemoryTier(KVTier):
         else:
             heapq.heappush(self.free_slots, slot)
 
+    def view(self, slot: int) -> torch.Tensor:
+        """Slot ``slot`` as a block tensor (no copy)."""
+        v = self._views[slot]
+        if v is None:
+            v = self._views[slot] = self.pool[slot]
+        return v
+
     def slot_bytes(self, slot: int) -> memoryview:
         return self.pool_bytes[slot * self.block_bytes:(slot + 1) * self.block_bytes]
 
@@ -223,7 +230,7 @@ class HostMemoryTier(KVTier):
             self.stats.hits += 1
             self.stats.bytes_read += self.block_bytes
             self.stats.load_seconds += time.perf_counter() - t0
-            return self.slots[slot], tokens, slot
+            return self.view(slot), tokens, slot
 
     def acquire_run(self, hashes: list[bytes]) -> "list[tuple[torch.Tensor, tuple[int, ...], int]]":
         """``acquire`` for each of ``hashes`` up to the first miss, under one lock (a long
@@ -239,7 +246,7 @@ class HostMemoryTier(KVTier):
                 self.entries.move_to_end(h)
                 slot, tokens = e
                 self.refs[slot] += 1
-                out.append((self.slots[slot], tokens, slot))
+                out.append((self.view(slot), tokens, slot))
             self.stats.hits += len(out)
             self.stats.bytes_read += len(out) * self.block_bytes
             self.stats.load_seconds += time.perf_counter() - t0
@@ -254,6 +261,15 @@ class HostMemoryTier(KVTier):
                 if not self.refs[slot] and slot in self.orphans:
                     self.orphans.discard(slot)
                     heapq.heappush(self.free_slots, slot)
+
+    def pin(self, h: bytes) -> int | None:
+        """Pin ``h``'s slot (no stats, no LRU change): for lending it to a writer."""
+        with self.lock:
+            e = self.entries.get(h)
+            if e is None:
+                return None
+            self.refs[e[0]] += 1
+            return e[0]
 
     def reserve(self) -> int | None:
         """An empty slot, pinned, for the caller to fill and then ``commit`` (or ``release``
@@ -371,6 +387,8 @@ def check_block_file(head: "bytes | bytearray", payload, crc: bytes, fingerprint
         header = json.loads(bytes(head[_PREFIX.size:]))
     except ValueError as e:
         raise BadBlockFile(f"unreadable header: {e}") from None
+    if not isinstance(header, dict):
+        raise BadBlockFile("the header is not an object")
     if header.get("fingerprint") != fingerprint.hex():
         raise BadBlockFile("fingerprint mismatch (other model, dtype or block geometry)")
     if header.get("hash") != h.hex():
@@ -406,6 +424,7 @@ class FileSystemTier(KVTier):
     """
 
     name = "disk"
+    MAX_QUEUED_BYTES = 2 << 30
 
     def __init__(self, root: str | os.PathLike, fingerprint: bytes, block_shape: tuple[int, ...],
                  dtype: torch.dtype, capacity_bytes: int, write_async: bool = True):
@@ -418,6 +437,8 @@ class FileSystemTier(KVTier):
                                                 torch.zeros(block_shape, dtype=dtype), ()))
         self.index: OrderedDict[bytes, int] = OrderedDict()  # hash -> file size, LRU first
         self.total_bytes = 0
+        self._queued_bytes = 0  # blocks handed to the writer thread, not yet written
+        self.skipped_writes = 0
         self._scan()
         self._queue: queue.Queue | None = None
         self._pending: set[bytes] = set()
@@ -509,6 +530,15 @@ class FileSystemTier(KVTier):
                 self.stats.misses += 1
                 self._drop(h)
             return None
+        except OSError as e:  # unreadable (EIO, EACCES, ...): a miss; forget it, keep the file
+            logger.warning("KV offload: cannot read block file %s: %s", path, e)
+            with self.lock:
+                self.stats.bad_files += 1
+                self.stats.misses += 1
+                size = self.index.pop(h, None)
+                if size is not None:
+                    self.total_bytes -= size
+            return None
         with self.lock:
             if h in self.index:
                 self.index.move_to_end(h)
@@ -537,13 +567,20 @@ class FileSystemTier(KVTier):
     def store(self, h: bytes, block: torch.Tensor, tokens: tuple[int, ...],
               release: "Callable[[], None] | None" = None) -> None:
         """Write ``block`` (queued when async). With ``release``, the block is borrowed, not
-        copied: ``release()`` is called once the file is written (or skipped)."""
+        copied: ``release()`` is called once the file is written (or skipped). A write is
+        skipped when the writer is ``MAX_QUEUED_BYTES`` behind: write-through is best-effort,
+        and a slow disk must not hold the host tier's slots (or memory) without bound."""
         with self.lock:
             skip = h in self.index or h in self._pending or self.file_bytes > self.capacity_bytes
             if h in self.index:
                 self.index.move_to_end(h)
+            if not skip and self._queue is not None and self._queued_bytes >= self.MAX_QUEUED_BYTES:
+                skip = True
+                self.skipped_writes += 1
             if not skip:
                 self._pending.add(h)
+                if self._queue is not None:
+                    self._queued_bytes += self.file_bytes
         if skip:
             if release is not None:
                 release()
@@ -601,6 +638,8 @@ class FileSystemTier(KVTier):
         finally:
             with self.lock:
                 self._pending.discard(h)
+                if self._queue is not None:
+                    self._queued_bytes -= self.file_bytes
             if release is not None:
                 release()
 
@@ -611,6 +650,13 @@ class FileSystemTier(KVTier):
             self._drop(h)
             self.stats.evictions += 1
             return True
+
+    def stats_dict(self) -> dict[str, Any]:
+        d = super().stats_dict()
+        with self.lock:
+            d["skipped_writes"] = self.skipped_writes
+            d["queued_bytes"] = self._queued_bytes
+        return d
 
     def flush(self) -> None:
         if self._queue is not None:
@@ -863,9 +909,9 @@ class OffloadManager:
         slots = list(slots) if slots is not None else [-1] * n
         t0 = time.perf_counter()
         if not wait and self.layout.identity:
+            self._loading.append((slots, blocks))  # the memory must outlive the copies
             self._to_device(kv_caches, block_ids, blocks, slots,
                             self.host.pool if self.host is not None else None, wait=False)
-            self._loading.append((slots, blocks))  # the memory must outlive the copies
             self._count_load(n, t0)
             return
         try:
@@ -925,15 +971,29 @@ class OffloadManager:
                 if self.disk is not None:  # ``data`` is ours alone: lend it, no copy
                     self.disk.store(h, block, tokens, release=_noop)
             return
-        slots = [self.host.reserve() for _ in todo]
-        views = [self.host.slots[s] if s is not None else torch.empty(self.block_shape, dtype=self.dtype)
-                 for s in slots]
-        slots = [-1 if s is None else s for s in slots]
-        self._to_host(kv_caches, ids, views, slots, self.host.pool)
-        for (_, h, tokens), view, slot in zip(todo, views, slots):
-            if slot >= 0:
-                slot = self.host.commit(h, slot, tokens)  # pinned until the disk writer is done
-                view = self.host.slots[slot]
+        # blocks the host tier already has (only the disk lacks them) are lent from there
+        have = [self.host.pin(h) for _, h, _ in todo]
+        copy = [k for k, s in enumerate(have) if s is None]
+        slots = [-1] * len(todo)
+        views: list[torch.Tensor | None] = [None] * len(todo)
+        try:
+            for k in copy:
+                s = self.host.reserve()
+                slots[k] = -1 if s is None else s
+                views[k] = self.host.view(s) if s is not None else torch.empty(self.block_shape, dtype=self.dtype)
+            self._to_host(kv_caches, [ids[k] for k in copy], [views[k] for k in copy],
+                          [slots[k] for k in copy], self.host.pool)
+        except BaseException:
+            self._release_slots([s for s in slots + have if s is not None])
+            raise
+        for k, (_, h, tokens) in enumerate(todo):
+            if have[k] is not None:
+                slot = have[k]
+            elif slots[k] >= 0:
+                slot = self.host.commit(h, slots[k], tokens)  # pinned until the disk writer is done
+            else:
+                slot = -1
+            view = self.host.view(slot) if slot >= 0 else views[k]
             if self.disk is None:
                 self._release_slots([slot])
             else:
@@ -954,14 +1014,11 @@ class OffloadManager:
         if not self.tiers or not hashes:
             return res
         self.lookups += 1
-        with self._lock:  # still reading this prefix from disk: nothing to do until it is read
-            if self._inflight and any(h in self._inflight for h in hashes):
-                res.pending = True
-        if res.pending:
-            self.deferred += 1
-            return res
+        if self._ready:
+            self._expire()
         to_fetch: list[bytes] = []
         run: list = []  # host hits acquired ahead, in order
+        host_miss = -1  # index of the block the last run stopped at (a counted host miss)
         for i, h in enumerate(hashes):
             got = None
             if run:
@@ -978,13 +1035,15 @@ class OffloadManager:
                 if got is None and inflight:
                     res.pending = True
                     break
-                if got is None and self.host is not None:
+                if got is None and self.host is not None and i != host_miss:
                     run = self.host.acquire_run(hashes[i:i + 1] if busy else hashes[i:])
+                    host_miss = i + len(run)
                     run.reverse()
                     got = run.pop() if run else None
             if got is None and self.disk is not None:
                 if not self.disk.lookup(h):
-                    self.disk.stats.misses += 1
+                    with self.disk.lock:
+                        self.disk.stats.misses += 1
                 elif self._prefetch is None:
                     got = self._promote(h)
                 else:
@@ -1044,27 +1103,44 @@ class OffloadManager:
         if slot is None:
             got = self.disk.load(h)
             return None if got is None else (got[0], got[1], -1)
-        toks = self.disk.read_into(h, self.host.slot_bytes(slot))
+        try:
+            toks = self.disk.read_into(h, self.host.slot_bytes(slot))
+        except BaseException:
+            self.host.release(slot)
+            raise
         if toks is None:
             self.host.release(slot)
             return None
         slot = self.host.commit(h, slot, toks)
-        return self.host.slots[slot], toks, slot
+        return self.host.view(slot), toks, slot
 
-    def _submit(self, hashes: list[bytes]) -> None:
+    def _expire(self) -> None:
+        """Let prefetched blocks nobody came back for (aborted requests) go after a while."""
         expired = []
         with self._lock:
             old = time.monotonic() - self.READY_TTL_S
             while self._ready and next(iter(self._ready.values()))[3] < old:
                 expired.append(self._ready.popitem(last=False)[1][2])
+        self._release_slots(expired)
+
+    def _submit(self, hashes: list[bytes]) -> None:
+        with self._lock:
             for h in hashes:  # one task a block: the reads (and CRC checks) run side by side
                 if h not in self._inflight and h not in self._ready:
                     self._inflight[h] = self._prefetch.submit(self._fetch_one, h)
-        self._release_slots(expired)
 
     def _fetch_one(self, h: bytes) -> None:
         try:
-            got = self._promote(h)
+            try:
+                got = self._promote(h)
+            except Exception:  # never lose the slot or stall the request: a miss, recomputed
+                logger.exception("KV offload: reading block %s failed", h.hex())
+                with self.disk.lock:
+                    self.disk.stats.misses += 1
+                    size = self.disk.index.pop(h, None)
+                    if size is not None:
+                        self.disk.total_bytes -= size
+                got = None
             if got is not None:
                 with self._lock:
                     self._ready[h] = (*got, time.monotonic())
@@ -1075,6 +1151,8 @@ class OffloadManager:
     def wait_pending(self, timeout: float = 0.05) -> None:
         """Block briefly until in-flight disk reads finish (the engine calls this when a step
         had nothing else to do)."""
+        if self._ready:
+            self._expire()
         with self._lock:
             futs = set(self._inflight.values())
         if futs:

@@ -282,6 +282,69 @@ def test_manager_write_through_lookup_and_promotion(tmp_path, async_disk):
     m.close()
 
 
+def test_blocks_given_back_and_never_taken_expire():
+    nat = NativeBackend()
+    lay = KVLayout(nat, BS, HK, D, torch.float32, "cpu")
+    caches = [torch.randn(nat.kv_cache_shape(4, BS, HK, D)) for _ in range(L)]
+    m = OffloadManager(nat, lay, L, b"model", host_bytes=lay.numel * 2 * L * 4 * 4)
+    m.save(caches, [(i, h(i), toks(i)) for i in range(2)])
+    res = m.lookup([h(0), h(1)], toks)
+    assert res.slots == [0, 1]
+    m.give_back(res)  # e.g. the request could not be admitted, then was aborted
+    assert m.host.stats_dict()["pinned"] == 2
+    m.lookup([h(7)], toks)  # within the TTL: kept for the next try
+    assert m.host.stats_dict()["pinned"] == 2
+    m.READY_TTL_S = 0.0
+    m.lookup([h(7)], toks)
+    assert m.host.stats_dict()["pinned"] == 0 and not m._ready
+    m.close()
+
+
+def test_unreadable_file_is_a_miss_not_a_stall(tmp_path):
+    nat = NativeBackend()
+    lay = KVLayout(nat, BS, HK, D, torch.float32, "cpu")
+    caches = [torch.randn(nat.kv_cache_shape(4, BS, HK, D)) for _ in range(L)]
+    m = OffloadManager(nat, lay, L, b"model", host_bytes=lay.numel * 2 * L * 4 * 4, disk_dir=str(tmp_path))
+    m.save(caches, [(i, h(i), toks(i)) for i in range(2)])
+    m.flush()
+    m.host.clear()
+
+    def eio(path, payload):
+        raise OSError(5, "Input/output error")
+
+    m.disk._read = eio
+    res = m.lookup([h(0), h(1)], toks)
+    assert res.pending
+    m.wait_pending(5.0)
+    res = m.lookup([h(0), h(1)], toks)  # the read failed: a miss, the block is recomputed
+    assert not res.pending and not res.blocks
+    st = m.stats()
+    assert st["host"]["pinned"] == 0 and st["disk"]["bad_files"] >= 1 and not m.disk.lookup(h(0))
+    m.close()
+
+
+def test_write_through_lends_host_blocks_and_bounds_the_disk_queue(tmp_path):
+    nat = NativeBackend()
+    lay = KVLayout(nat, BS, HK, D, torch.float32, "cpu")
+    caches = [torch.randn(nat.kv_cache_shape(4, BS, HK, D)) for _ in range(L)]
+    m = OffloadManager(nat, lay, L, b"model", host_bytes=lay.numel * 2 * L * 4 * 2, disk_dir=str(tmp_path))
+    m.save(caches, [(i, h(i), toks(i)) for i in range(2)])
+    m.flush()
+    assert m.disk.evict(h(0))
+    stores = m.host.stats.stores
+    m.save(caches, [(0, h(0), toks(0))])  # only the disk lacks it: written from the host slot
+    m.flush()
+    assert m.disk.lookup(h(0)) and m.host.lookup(h(1)) and m.host.stats.stores == stores
+    assert m.host.stats.evictions == 0 and m.stats()["host"]["pinned"] == 0
+    assert torch.equal(m.disk.load(h(0))[0], m.gather(caches, [0])[0])
+    m.disk.MAX_QUEUED_BYTES = 0  # the writer is "behind": new writes are skipped, not queued
+    m.save(caches, [(2, h(2), toks(2))])
+    m.flush()
+    assert not m.disk.lookup(h(2)) and m.stats()["disk"]["skipped_writes"] == 1
+    assert m.stats()["host"]["pinned"] == 0
+    m.close()
+
+
 # ---- through the engine ----------------------------------------------------------------------
 
 from halserve import LLM, SamplingParams  # noqa: E402
