@@ -47,6 +47,10 @@ class EngineConfig:
             raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ConfigError(f"kv_cache_memory={self.kv_cache_memory} must be a positive number of bytes")
+        if self.kv_offload_host_bytes < 0:
+            raise ConfigError(f"kv_offload_host_bytes={self.kv_offload_host_bytes} must be >= 0 (0: no host tier)")
+        if self.kv_offload_disk_bytes <= 0:
+            raise ConfigError(f"kv_offload_disk_bytes={self.kv_offload_disk_bytes} must be a positive number of bytes")
         if self.quantization not in (None, "fp8", "int8"):
             raise ConfigError(f"quantization={self.quantization!r} is not valid; use fp8 or int8")
 

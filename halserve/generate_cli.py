@@ -25,6 +25,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-invariant", action="store_true")
     p.add_argument("--kv-offloading-size", type=float, default=0.0, help="host KV tier size in GiB")
     p.add_argument("--kv-offload-dir", default=None, help="filesystem KV tier directory")
+    p.add_argument("--kv-offload-disk-size", type=float, default=16.0,
+                   help="filesystem KV tier budget in GiB (default 16)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -40,6 +42,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kw["kv_offload_host_bytes"] = int(args.kv_offloading_size * (1 << 30))
     if args.kv_offload_dir:
         kw["kv_offload_dir"] = args.kv_offload_dir
+        kw["kv_offload_disk_bytes"] = int(args.kv_offload_disk_size * (1 << 30))
     return kw
 
 

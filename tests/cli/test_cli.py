@@ -49,6 +49,7 @@ def test_generate_matches_llm(ckpt):
     (["generate", "{ckpt}", "--temperature", "-1"], "temperature"),
     (["generate", "{ckpt}", "--dtype", "int3"], "dtype"),
     (["generate", "{ckpt}", "--backend", "riscv_rvv"], "riscv_rvv"),
+    (["generate", "{ckpt}", "--kv-offload-dir", "{ckpt}/kv", "--kv-offload-disk-size", "0"], "kv_offload_disk_bytes"),
 ])
 def test_errors_are_one_line(ckpt, args, needle):
     r = halserve(*[a.format(ckpt=ckpt) for a in args])
@@ -56,3 +57,17 @@ def test_errors_are_one_line(ckpt, args, needle):
     assert "Traceback" not in r.stderr
     err = [ln for ln in r.stderr.splitlines() if "error" in ln]
     assert len(err) == 1 and needle in err[0]
+
+
+def test_offload_flags_map_to_engine_arguments(tmp_path):
+    import argparse
+
+    from halserve.generate_cli import add_engine_arguments, engine_kwargs
+
+    p = argparse.ArgumentParser()
+    add_engine_arguments(p)
+    kw = engine_kwargs(p.parse_args(["m", "--kv-offloading-size", "1.5", "--kv-offload-dir", str(tmp_path),
+                                     "--kv-offload-disk-size", "0.25"]))
+    assert (kw["kv_offload_host_bytes"], kw["kv_offload_dir"], kw["kv_offload_disk_bytes"]) == (
+        3 << 29, str(tmp_path), 1 << 28)
+    assert "kv_offload_dir" not in engine_kwargs(p.parse_args(["m"]))
