@@ -84,6 +84,18 @@ class _EngineCollector:
             fam = CounterMetricFamily(name, help_, labels=["model_name"])
             fam.add_metric([m], float(o.get(key, 0) or 0))
             yield fam
+        host, disk = o.get("host"), o.get("disk")
+        if isinstance(host, dict):
+            fam = GaugeMetricFamily("halserve:kv_offload_pinned_blocks",
+                                    "Host-tier blocks held by a copy in flight or a disk write.", labels=["model_name"])
+            fam.add_metric([m], float(host.get("pinned", 0) or 0))
+            yield fam
+        if isinstance(disk, dict):
+            fam = CounterMetricFamily("halserve:kv_offload_skipped_writes",
+                                      "Blocks not written to disk because the writer was too far behind.",
+                                      labels=["model_name"])
+            fam.add_metric([m], float(disk.get("skipped_writes", 0) or 0))
+            yield fam
 
 
 class ServerMetrics:
