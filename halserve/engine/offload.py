@@ -351,19 +351,22 @@ def _block_bytes(block: torch.Tensor) -> memoryview:
     return memoryview(block.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
-def block_file_head(fingerprint: bytes, h: bytes, block: torch.Tensor, tokens: tuple[int, ...]) -> bytes:
-    """Everything a block file holds before the payload: magic, version, JSON header."""
+def block_file_parts(fingerprint: bytes, h: bytes, block: torch.Tensor, tokens: tuple[int, ...]
+                     ) -> tuple[bytes, memoryview, bytes]:
+    """A block file as (head, payload, CRC): magic, version and JSON header; the block's
+    bytes (no copy; ``block`` must be contiguous); a CRC32 of both."""
     header = json.dumps({
         "fingerprint": fingerprint.hex(), "hash": h.hex(), "dtype": dtype_name(block.dtype),
         "shape": list(block.shape), "tokens": list(tokens),
     }, separators=(",", ":")).encode()
-    return _PREFIX.pack(MAGIC, VERSION, len(header)) + header
+    head = _PREFIX.pack(MAGIC, VERSION, len(header)) + header
+    payload = _block_bytes(block)
+    return head, payload, _CRC.pack(zlib.crc32(payload, zlib.crc32(head)))
 
 
 def encode_block_file(fingerprint: bytes, h: bytes, block: torch.Tensor, tokens: tuple[int, ...]) -> bytes:
-    head = block_file_head(fingerprint, h, block, tokens)
-    payload = _block_bytes(block.contiguous())
-    return head + bytes(payload) + _CRC.pack(zlib.crc32(payload, zlib.crc32(head)))
+    head, payload, crc = block_file_parts(fingerprint, h, block.contiguous(), tokens)
+    return head + bytes(payload) + crc
 
 
 def check_block_file(head: "bytes | bytearray", payload, crc: bytes, fingerprint: bytes, h: bytes,
@@ -395,7 +398,10 @@ def check_block_file(head: "bytes | bytearray", payload, crc: bytes, fingerprint
         raise BadBlockFile("block hash mismatch")
     if header.get("dtype") != dtype_name(dtype) or tuple(header.get("shape", ())) != tuple(shape):
         raise BadBlockFile(f"dtype/shape {header.get('dtype')}{header.get('shape')} != {dtype_name(dtype)}{list(shape)}")
-    return tuple(int(t) for t in header.get("tokens", ()))
+    try:
+        return tuple(int(t) for t in header.get("tokens", ()))
+    except (TypeError, ValueError):
+        raise BadBlockFile("unreadable tokens in the header") from None
 
 
 def decode_block_file(data: "bytes | bytearray", fingerprint: bytes, h: bytes, dtype: torch.dtype,
@@ -476,10 +482,19 @@ class FileSystemTier(KVTier):
         with self.lock:
             return h in self.index
 
-    def _drop(self, h: bytes) -> None:
+    def forget(self, h: bytes) -> None:
+        """Take ``h`` out of the index (its file, if any, stays); counts a miss."""
+        with self.lock:
+            self.stats.misses += 1
+            self._unindex(h)
+
+    def _unindex(self, h: bytes) -> None:
         size = self.index.pop(h, None)
         if size is not None:
             self.total_bytes -= size
+
+    def _drop(self, h: bytes) -> None:
+        self._unindex(h)
         try:
             self.path(h).unlink()
         except FileNotFoundError:
@@ -517,11 +532,7 @@ class FileSystemTier(KVTier):
             head, crc, size = self._read(path, payload)
             tokens = check_block_file(head, payload, crc, self.fingerprint, h, self.dtype, self.block_shape)
         except FileNotFoundError:  # removed by another engine sharing the directory
-            with self.lock:
-                self.stats.misses += 1
-                size = self.index.pop(h, None)
-                if size is not None:
-                    self.total_bytes -= size
+            self.forget(h)
             return None
         except BadBlockFile as e:
             logger.warning("KV offload: removing bad block file %s: %s", path, e)
@@ -534,10 +545,7 @@ class FileSystemTier(KVTier):
             logger.warning("KV offload: cannot read block file %s: %s", path, e)
             with self.lock:
                 self.stats.bad_files += 1
-                self.stats.misses += 1
-                size = self.index.pop(h, None)
-                if size is not None:
-                    self.total_bytes -= size
+            self.forget(h)
             return None
         with self.lock:
             if h in self.index:
@@ -613,10 +621,7 @@ class FileSystemTier(KVTier):
     def _write(self, h: bytes, block: torch.Tensor, tokens: tuple[int, ...],
                release: "Callable[[], None] | None" = None) -> None:
         try:
-            block = block.contiguous()
-            head = block_file_head(self.fingerprint, h, block, tokens)
-            payload = _block_bytes(block)
-            crc = _CRC.pack(zlib.crc32(payload, zlib.crc32(head)))
+            head, payload, crc = block_file_parts(self.fingerprint, h, block.contiguous(), tokens)
             size = len(head) + len(payload) + len(crc)
             p = self.path(h)
             p.parent.mkdir(exist_ok=True)
@@ -791,7 +796,6 @@ class OffloadManager:
             self.disk = FileSystemTier(disk_dir, self.fingerprint, self.block_shape, self.dtype,
                                        disk_bytes, write_async=async_disk)
         self.tiers: list[KVTier] = [t for t in (self.host, self.disk) if t is not None]
-        self.async_disk = async_disk
         self.io_threads = io_threads or min(8, os.cpu_count() or 1)
         self._prefetch = (ThreadPoolExecutor(self.io_threads, thread_name_prefix="halserve-kv-prefetch")
                           if async_disk and self.disk is not None else None)
@@ -908,16 +912,13 @@ class OffloadManager:
             return
         slots = list(slots) if slots is not None else [-1] * n
         t0 = time.perf_counter()
-        if not wait and self.layout.identity:
+        defer = not wait and self.layout.identity  # other layouts go through a reused buffer
+        if defer:
             self._loading.append((slots, blocks))  # the memory must outlive the copies
-            self._to_device(kv_caches, block_ids, blocks, slots,
-                            self.host.pool if self.host is not None else None, wait=False)
-            self._count_load(n, t0)
-            return
         try:
             if self.layout.identity:
                 self._to_device(kv_caches, block_ids, blocks, slots,
-                                self.host.pool if self.host is not None else None)
+                                self.host.pool if self.host is not None else None, wait=not defer)
             else:
                 mapping = torch.tensor([[i, b] for i, b in enumerate(block_ids)], dtype=torch.int64)
                 for layer, cache in enumerate(kv_caches):
@@ -926,10 +927,8 @@ class OffloadManager:
                     self.hal.swap_blocks(staging, cache, mapping)
                     self.hal.synchronize()  # the staging buffer is reused by the next layer
         finally:
-            self._release_slots(slots)
-        self._count_load(n, t0)
-
-    def _count_load(self, n: int, t0: float) -> None:
+            if not defer:
+                self._release_slots(slots)
         self.blocks_loaded += n
         self.load_count += 1
         self.bytes_to_device += n * self.block_bytes
@@ -1073,7 +1072,7 @@ class OffloadManager:
             # keep what is already found for the next try; nothing is lost
             self.give_back(res)
             res.blocks, res.tokens, res.slots = [], [], []
-        else:  # blocks read past the end of the usable prefix serve nobody: let them go
+        elif self._ready:  # blocks read past the end of the usable prefix serve nobody: let them go
             stale = []
             with self._lock:
                 for x in hashes[len(res.blocks) + 1:]:
@@ -1135,11 +1134,7 @@ class OffloadManager:
                 got = self._promote(h)
             except Exception:  # never lose the slot or stall the request: a miss, recomputed
                 logger.exception("KV offload: reading block %s failed", h.hex())
-                with self.disk.lock:
-                    self.disk.stats.misses += 1
-                    size = self.disk.index.pop(h, None)
-                    if size is not None:
-                        self.disk.total_bytes -= size
+                self.disk.forget(h)
                 got = None
             if got is not None:
                 with self._lock:

@@ -222,13 +222,19 @@ def test_disk_budget_holds(tmp_path):
 
 # ---- manager --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("async_disk", [False, True])
-def test_manager_write_through_lookup_and_promotion(tmp_path, async_disk):
+def manager(host_blocks: int, disk_dir=None, device_blocks: int = 4, async_disk: bool = True):
+    """A native-backend manager over random device caches: (manager, caches)."""
     nat = NativeBackend()
     lay = KVLayout(nat, BS, HK, D, torch.float32, "cpu")
-    caches = [torch.randn(nat.kv_cache_shape(8, BS, HK, D)) for _ in range(L)]
-    m = OffloadManager(nat, lay, L, b"model", host_bytes=lay.numel * 2 * L * 4 * 2,  # 2 blocks
-                       disk_dir=str(tmp_path), async_disk=async_disk)
+    caches = [torch.randn(nat.kv_cache_shape(device_blocks, BS, HK, D)) for _ in range(L)]
+    m = OffloadManager(nat, lay, L, b"model", host_bytes=lay.numel * 2 * L * 4 * host_blocks,
+                       disk_dir=None if disk_dir is None else str(disk_dir), async_disk=async_disk)
+    return m, caches
+
+
+@pytest.mark.parametrize("async_disk", [False, True])
+def test_manager_write_through_lookup_and_promotion(tmp_path, async_disk):
+    m, caches = manager(2, tmp_path, device_blocks=8, async_disk=async_disk)
     m.save(caches, [(i, h(i), toks(i)) for i in range(4)])
     m.flush()
     assert len(m.host) == 2 and len(m.disk) == 4
@@ -283,10 +289,7 @@ def test_manager_write_through_lookup_and_promotion(tmp_path, async_disk):
 
 
 def test_blocks_given_back_and_never_taken_expire():
-    nat = NativeBackend()
-    lay = KVLayout(nat, BS, HK, D, torch.float32, "cpu")
-    caches = [torch.randn(nat.kv_cache_shape(4, BS, HK, D)) for _ in range(L)]
-    m = OffloadManager(nat, lay, L, b"model", host_bytes=lay.numel * 2 * L * 4 * 4)
+    m, caches = manager(4)
     m.save(caches, [(i, h(i), toks(i)) for i in range(2)])
     res = m.lookup([h(0), h(1)], toks)
     assert res.slots == [0, 1]
@@ -301,10 +304,7 @@ def test_blocks_given_back_and_never_taken_expire():
 
 
 def test_unreadable_file_is_a_miss_not_a_stall(tmp_path):
-    nat = NativeBackend()
-    lay = KVLayout(nat, BS, HK, D, torch.float32, "cpu")
-    caches = [torch.randn(nat.kv_cache_shape(4, BS, HK, D)) for _ in range(L)]
-    m = OffloadManager(nat, lay, L, b"model", host_bytes=lay.numel * 2 * L * 4 * 4, disk_dir=str(tmp_path))
+    m, caches = manager(4, tmp_path)
     m.save(caches, [(i, h(i), toks(i)) for i in range(2)])
     m.flush()
     m.host.clear()
@@ -324,10 +324,7 @@ def test_unreadable_file_is_a_miss_not_a_stall(tmp_path):
 
 
 def test_write_through_lends_host_blocks_and_bounds_the_disk_queue(tmp_path):
-    nat = NativeBackend()
-    lay = KVLayout(nat, BS, HK, D, torch.float32, "cpu")
-    caches = [torch.randn(nat.kv_cache_shape(4, BS, HK, D)) for _ in range(L)]
-    m = OffloadManager(nat, lay, L, b"model", host_bytes=lay.numel * 2 * L * 4 * 2, disk_dir=str(tmp_path))
+    m, caches = manager(2, tmp_path)
     m.save(caches, [(i, h(i), toks(i)) for i in range(2)])
     m.flush()
     assert m.disk.evict(h(0))

@@ -40,6 +40,7 @@ def test_prefix_hit_tail_graphs_match_eager(checkpoint, tmp_path, preset):
     cpu = [tokens(cpu_llm.generate([p], GREEDY))[0] for p in prompts]
     for eager in (True, False):
         llm = LLM(path, dtype="float32", backend="cuda", enforce_eager=eager, kv_offload_host_bytes=1 << 26)
+        assert bool(llm.engine.runner.tail_graphs) is not eager
         assert [tokens(llm.generate([p], GREEDY))[0] for p in prompts] == cpu
         outs = [llm.generate([p], GREEDY)[0] for p in prompts]  # device prefix hits
         assert tokens(outs) == cpu and [o.num_cached_tokens for o in outs] == [176, 192, 160, 64]
