@@ -3,6 +3,7 @@ a background thread."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import random
 import time
@@ -108,7 +109,7 @@ class EngineCore:
             if self.tokenizer is None:
                 raise ValueError(f"{self.config.model} has no tokenizer.json: pass prompts as token ids")
             return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        if isinstance(prompt, (list, tuple)) and all(map(isinstance, prompt, itertools.repeat(int))):
             return None, list(prompt)
         raise ValueError("a prompt is a str, a list of token ids, or {'prompt_token_ids': [...]}")
 
@@ -165,6 +166,9 @@ class EngineCore:
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.offload is not None:
+            # last step's write-through, before this step can reuse or overwrite any block
+            self.offload.save_pending()
         so = self.scheduler.schedule()
         if so.empty:
             if self.offload is not None:
@@ -191,7 +195,7 @@ class EngineCore:
             j += 1
             self._append_token(seq, tok, lp, now)
             touched[seq.request_id] = self.requests[seq.request_id]
-        if to_save:  # write-through, while the blocks still hold this step's KV
+        if to_save:  # write-through, once the outputs are out (at the next step, or a flush)
             self.runner.save_blocks(to_save)
         self.kv.evicted_hashes.clear()  # write-through already holds them below
         outs = []

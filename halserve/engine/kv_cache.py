@@ -70,10 +70,21 @@ class KVCacheManager:
         """Extend seq.block_hashes over every full block among its first ``upto_tokens``."""
         n = seq.num_tokens if upto_tokens is None else upto_tokens
         bs = self.block_size
-        while (len(seq.block_hashes) + 1) * bs <= n:
-            i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
-            seq.block_hashes.append(block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs], self.fingerprint))
+        first, last = len(seq.block_hashes), n // bs
+        if last <= first:
+            return
+        # block_hash for each new block, with the tokens packed in one go (a long prompt has
+        # hundreds of blocks, and this runs before its first step)
+        packed = memoryview(struct.pack(f"<{(last - first) * bs}i", *seq.token_ids[first * bs:last * bs]))
+        head = self.fingerprint + bs.to_bytes(4, "little")
+        parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
+        step = 4 * bs
+        for k in range(last - first):
+            h = hashlib.sha256(parent)
+            h.update(head)
+            h.update(packed[k * step:(k + 1) * step])
+            parent = h.digest()
+            seq.block_hashes.append(parent)
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding a prefix of seq's tokens. At least one token is always left

@@ -158,6 +158,8 @@ class AsyncLLM:
             except queue.Empty:
                 pass
             if not self.engine.has_unfinished():
+                if self.engine.offload is not None:
+                    self.engine.offload.save_pending()  # idle: finish the last write-through
                 self._metrics = self.engine.get_metrics()
                 continue
             try:

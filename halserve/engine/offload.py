@@ -1,19 +1,22 @@
 """KV offload tiers under the prefix cache: host memory, then the filesystem.
 
 Every tier holds whole KV blocks keyed by their prefix-cache block hash, in one canonical,
-backend-neutral layout: ``[2, layers, block_size, kv_heads, head_dim]`` in the model dtype.
+backend-neutral layout: ``[layers, 2, block_size, kv_heads, head_dim]`` in the model dtype.
 A block written by one backend (any ``kv_cache_shape`` layout) loads on another when the
 model, dtype and block geometry match; the tier fingerprint says so.
 
-- ``HostMemoryTier``: a fixed pool of host buffers (pinned where the HAL says so), LRU.
+- ``HostMemoryTier``: a fixed pool of host buffers (pinned where the HAL says so), LRU,
+  layer-major so that the device can take a prompt's blocks a layer at a time.
 - ``FileSystemTier``: one file per block under ``<dir>/<fingerprint>/``, LRU by mtime so the
   order survives restarts; a header and a CRC32 guard every file, writes are atomic
   (temp file + rename) and run on a background thread. A corrupt, truncated or mismatched
   file is a miss: it is removed and counted, and the block is recomputed.
 - ``OffloadManager``: what the engine talks to. ``save`` copies newly committed device
   blocks down (write-through), ``lookup`` continues a device prefix hit through the tiers
-  (disk reads run on a prefetch thread; the sequence waits while others keep running), and
-  ``load`` copies found blocks into fresh device blocks through ``hal.swap_blocks``.
+  (disk reads run on prefetch threads; the sequence waits while others keep running), and
+  ``scatter`` copies found blocks into fresh device blocks through ``hal.swap_blocks``, a
+  layer at a time on the HAL's copy stream, so the forward that reads them starts on
+  layer 0 while the later layers are still crossing the bus.
 - ``KVLayout``: converts between a backend's block layout and the canonical one. It learns
   the layout by writing known values through the backend's own ``write_kv``, so it needs no
   knowledge of any backend.
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -47,7 +51,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("halserve")
 
 MAGIC = b"HSKVBLK\x00"
-VERSION = 1
+VERSION = 2  # 2: blocks are [layers, 2, ...] (1 was [2, layers, ...])
 _PREFIX = struct.Struct("<8sHI")  # magic, version, header length
 _CRC = struct.Struct("<I")
 FILE_SUFFIX = ".kv"
@@ -74,7 +78,7 @@ def tier_fingerprint(model_fingerprint: bytes, dtype: torch.dtype, shape: tuple[
     """Model identity + dtype + canonical block shape: what a stored block must match."""
     import hashlib
 
-    h = hashlib.sha256(b"halserve-kv-tier-v1")
+    h = hashlib.sha256(b"halserve-kv-tier-v2")
     h.update(model_fingerprint)
     h.update(dtype_name(dtype).encode())
     h.update(",".join(map(str, shape)).encode())
@@ -154,6 +158,11 @@ class KVTier:
 class HostMemoryTier(KVTier):
     """Blocks in one preallocated host pool (``host_empty``: pinned where the HAL asks).
 
+    The pool is layer-major, ``[layers, slots, ...]``: a slot is one piece per layer, and a
+    run of consecutive slots is one contiguous piece per layer, so a long prompt's blocks
+    go to the device a layer at a time in a few large copies. ``view(slot)`` is the block
+    (a strided view), ``slot_array(slot)`` its bytes as a strided numpy array.
+
     Slots can be *pinned* (reference-counted): ``acquire`` hands out a view of a slot with
     no copy, ``reserve`` hands out an empty slot to fill in place (a device copy or a file
     read lands straight in it), and ``release`` drops the pin. A pinned slot is never
@@ -172,8 +181,10 @@ class HostMemoryTier(KVTier):
         if self.num_slots < 1:
             raise ValueError(f"kv_offload_host_bytes={capacity_bytes} holds no KV block of "
                              f"{self.block_bytes} bytes; use at least {self.block_bytes} (or 0 to disable)")
-        self.pool = host_empty(hal, (self.num_slots, *self.block_shape), dtype)
-        self.pool_bytes = _block_bytes(self.pool)  # slot i: [i * block_bytes, (i + 1) * block_bytes)
+        layers = self.block_shape[0]
+        self.pool = host_empty(hal, (layers, self.num_slots, *self.block_shape[1:]), dtype)
+        self.layer_bytes = self.block_bytes // layers  # one slot's piece of one layer
+        self._bytes = self.pool.view(torch.uint8).reshape(layers, self.num_slots, self.layer_bytes).numpy()
         self._views: list[torch.Tensor | None] = [None] * self.num_slots  # slot views, made once
         self.entries: OrderedDict[bytes, tuple[int, tuple[int, ...]]] = OrderedDict()  # LRU first
         self.free_slots = list(range(self.num_slots))  # a heap: lowest slot first
@@ -207,14 +218,15 @@ class HostMemoryTier(KVTier):
             heapq.heappush(self.free_slots, slot)
 
     def view(self, slot: int) -> torch.Tensor:
-        """Slot ``slot`` as a block tensor (no copy)."""
+        """Slot ``slot`` as a block tensor (a strided view, no copy)."""
         v = self._views[slot]
         if v is None:
-            v = self._views[slot] = self.pool[slot]
+            v = self._views[slot] = self.pool[:, slot]
         return v
 
-    def slot_bytes(self, slot: int) -> memoryview:
-        return self.pool_bytes[slot * self.block_bytes:(slot + 1) * self.block_bytes]
+    def slot_array(self, slot: int) -> np.ndarray:
+        """The slot's bytes, ``[layers, layer_bytes]`` uint8 (strided, no copy), in file order."""
+        return self._bytes[:, slot]
 
     def acquire(self, h: bytes) -> "tuple[torch.Tensor, tuple[int, ...], int] | None":
         """(slot view, tokens, slot) with the slot pinned until ``release(slot)``; None on a miss."""
@@ -315,7 +327,7 @@ class HostMemoryTier(KVTier):
             slot = self._take_slot()
             if slot is None:
                 return
-            self.pool[slot].copy_(block.reshape(self.block_shape))
+            self.view(slot).copy_(block.reshape(self.block_shape))
             self.entries[h] = (slot, tuple(tokens))
             self.stats.stores += 1
             self.stats.bytes_written += self.block_bytes
@@ -346,33 +358,51 @@ class BadBlockFile(Exception):
     """A block file that must not be used; the message says why."""
 
 
-def _block_bytes(block: torch.Tensor) -> memoryview:
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
     """A contiguous host tensor's bytes, without a copy."""
-    return memoryview(block.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    assert t.is_contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def block_bytes_parts(block: torch.Tensor) -> list[memoryview]:
+    """A host block's bytes in order, without a copy: one piece when it is contiguous, one
+    per layer when it is a host-tier slot (each layer's piece is contiguous)."""
+    if block.is_contiguous():
+        return [_tensor_bytes(block)]
+    if all(x.is_contiguous() for x in block):
+        return [_tensor_bytes(x) for x in block]
+    return [_tensor_bytes(block.contiguous())]
+
+
+def _crc(head: "bytes | bytearray", parts: list) -> int:
+    crc = zlib.crc32(head)
+    for p in parts:
+        crc = zlib.crc32(p, crc)
+    return crc
 
 
 def block_file_parts(fingerprint: bytes, h: bytes, block: torch.Tensor, tokens: tuple[int, ...]
-                     ) -> tuple[bytes, memoryview, bytes]:
-    """A block file as (head, payload, CRC): magic, version and JSON header; the block's
-    bytes (no copy; ``block`` must be contiguous); a CRC32 of both."""
+                     ) -> tuple[bytes, list[memoryview], bytes]:
+    """A block file as (head, payload pieces, CRC): magic, version and JSON header; the
+    block's bytes (no copy, see ``block_bytes_parts``); a CRC32 of both."""
     header = json.dumps({
         "fingerprint": fingerprint.hex(), "hash": h.hex(), "dtype": dtype_name(block.dtype),
         "shape": list(block.shape), "tokens": list(tokens),
     }, separators=(",", ":")).encode()
     head = _PREFIX.pack(MAGIC, VERSION, len(header)) + header
-    payload = _block_bytes(block)
-    return head, payload, _CRC.pack(zlib.crc32(payload, zlib.crc32(head)))
+    parts = block_bytes_parts(block)
+    return head, parts, _CRC.pack(_crc(head, parts))
 
 
 def encode_block_file(fingerprint: bytes, h: bytes, block: torch.Tensor, tokens: tuple[int, ...]) -> bytes:
-    head, payload, crc = block_file_parts(fingerprint, h, block.contiguous(), tokens)
-    return head + bytes(payload) + crc
+    head, parts, crc = block_file_parts(fingerprint, h, block.contiguous(), tokens)
+    return head + b"".join(parts) + crc
 
 
-def check_block_file(head: "bytes | bytearray", payload, crc: bytes, fingerprint: bytes, h: bytes,
+def check_block_file(head: "bytes | bytearray", payload: list, crc: bytes, fingerprint: bytes, h: bytes,
                      dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Check a block file split into head / payload / CRC; returns the block's tokens or
-    raises BadBlockFile naming the first problem."""
+    """Check a block file split into head / payload pieces / CRC; returns the block's
+    tokens or raises BadBlockFile naming the first problem."""
     if len(head) < _PREFIX.size:
         raise BadBlockFile(f"truncated: {len(head)}-byte head")
     magic, version, hlen = _PREFIX.unpack_from(head)
@@ -381,10 +411,11 @@ def check_block_file(head: "bytes | bytearray", payload, crc: bytes, fingerprint
     if version != VERSION:
         raise BadBlockFile(f"version {version}, expected {VERSION}")
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if len(head) != _PREFIX.size + hlen or len(payload) != nbytes or len(crc) != _CRC.size:
-        raise BadBlockFile(f"size {len(head) + len(payload) + len(crc)} does not match header length "
+    size = sum(len(p) for p in payload)
+    if len(head) != _PREFIX.size + hlen or size != nbytes or len(crc) != _CRC.size:
+        raise BadBlockFile(f"size {len(head) + size + len(crc)} does not match header length "
                            f"{hlen} + payload {nbytes}")
-    if zlib.crc32(payload, zlib.crc32(head)) != _CRC.unpack(crc)[0]:
+    if _crc(head, payload) != _CRC.unpack(crc)[0]:
         raise BadBlockFile("checksum mismatch")
     try:
         header = json.loads(bytes(head[_PREFIX.size:]))
@@ -414,7 +445,7 @@ def decode_block_file(data: "bytes | bytearray", fingerprint: bytes, h: bytes, d
         data = bytearray(data)
     mv = memoryview(data)
     start, end = len(data) - nbytes - _CRC.size, len(data) - _CRC.size
-    tokens = check_block_file(mv[:start], mv[start:end], bytes(mv[end:]), fingerprint, h, dtype, shape)
+    tokens = check_block_file(mv[:start], [mv[start:end]], bytes(mv[end:]), fingerprint, h, dtype, shape)
     block = torch.frombuffer(data, dtype=torch.uint8, offset=start, count=nbytes).view(dtype).reshape(shape)
     return block, tokens
 
@@ -448,6 +479,7 @@ class FileSystemTier(KVTier):
         self._scan()
         self._queue: queue.Queue | None = None
         self._pending: set[bytes] = set()
+        self._tls = threading.local()
         if write_async:
             self._queue = queue.Queue()
             self._writer = threading.Thread(target=self._write_loop, name="halserve-kv-disk", daemon=True)
@@ -519,18 +551,24 @@ class FileSystemTier(KVTier):
             raise BadBlockFile(f"truncated: read {got} of {size} bytes")
         return head, bytes(crc), size
 
-    def read_into(self, h: bytes, out: "torch.Tensor | memoryview") -> "tuple[int, ...] | None":
+    def read_into(self, h: bytes, out: "torch.Tensor | np.ndarray") -> "tuple[int, ...] | None":
         """Read block ``h`` into ``out`` (a contiguous host tensor of the block's shape and
-        dtype, or a memoryview of its bytes) and check it; returns its tokens, or None on a
-        miss (a bad file is removed and counted). ``out`` holds garbage after a miss.
-        Thread-safe; the file read and the CRC run without the GIL."""
+        dtype, or the block's bytes as a uint8 array, strided or not) and check it; returns
+        its tokens, or None on a miss (a bad file is removed and counted). ``out`` holds
+        garbage after a miss. Thread-safe; the read, the CRC and the copy out of a bounce
+        buffer (strided ``out``) are one call each, all without the GIL: with a dozen
+        threads reading, every return to Python waits for the GIL."""
         t0 = time.perf_counter()
         x = h.hex()
         path = os.path.join(self._dir, x[:2], x + FILE_SUFFIX)
-        payload = out if isinstance(out, memoryview) else _block_bytes(out)
+        arr = out if isinstance(out, np.ndarray) else out.reshape(-1).view(torch.uint8).numpy()
+        direct = arr.flags.c_contiguous
+        payload = memoryview(arr).cast("B") if direct else self._bounce(arr.nbytes)
         try:
             head, crc, size = self._read(path, payload)
-            tokens = check_block_file(head, payload, crc, self.fingerprint, h, self.dtype, self.block_shape)
+            tokens = check_block_file(head, [payload], crc, self.fingerprint, h, self.dtype, self.block_shape)
+            if not direct:
+                np.copyto(arr, np.frombuffer(payload, dtype=np.uint8).reshape(arr.shape))
         except FileNotFoundError:  # removed by another engine sharing the directory
             self.forget(h)
             return None
@@ -555,6 +593,14 @@ class FileSystemTier(KVTier):
             self.stats.load_seconds += time.perf_counter() - t0
         self._touch(path)
         return tokens
+
+    def _bounce(self, n: int) -> memoryview:
+        """This thread's contiguous buffer of ``n`` bytes (a read lands there, then is copied
+        to a strided destination in one go)."""
+        buf = getattr(self._tls, "buf", None)
+        if buf is None or len(buf) != n:
+            buf = self._tls.buf = bytearray(n)
+        return memoryview(buf)
 
     def _touch(self, path: str) -> None:
         """Bump the file's mtime (the LRU order a restart reads back), off the read path
@@ -621,14 +667,15 @@ class FileSystemTier(KVTier):
     def _write(self, h: bytes, block: torch.Tensor, tokens: tuple[int, ...],
                release: "Callable[[], None] | None" = None) -> None:
         try:
-            head, payload, crc = block_file_parts(self.fingerprint, h, block.contiguous(), tokens)
-            size = len(head) + len(payload) + len(crc)
+            head, parts, crc = block_file_parts(self.fingerprint, h, block, tokens)
+            size = len(head) + sum(len(x) for x in parts) + len(crc)
             p = self.path(h)
             p.parent.mkdir(exist_ok=True)
             tmp = p.with_name(f"{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             with open(tmp, "wb") as f:
                 f.write(head)
-                f.write(payload)
+                for x in parts:
+                    f.write(x)
                 f.write(crc)
             os.replace(tmp, p)
             with self.lock:
@@ -769,14 +816,16 @@ class OffloadManager:
     """Tiers in order (host, then disk) plus the device copies, for one engine.
 
     The fast path moves blocks between the device and pinned host-tier slots with no host
-    copy in between: a device staging buffer of ``STAGE_BYTES`` takes a chunk of blocks
-    (``swap_blocks`` per layer on the device), and runs of consecutive slots cross the bus
-    in one copy each. Disk reads land straight in reserved host slots, on ``io_threads``
+    copy in between, a layer at a time: runs of consecutive slots cross the bus in one
+    copy each into a device staging buffer (at most ``STAGE_BYTES``), and ``swap_blocks``
+    moves them into the layer's cache. Loads run on the HAL's copy stream and mark each
+    layer done (``Backend.event``), so the forward reading them waits per layer, not for
+    the whole prompt. Disk reads land straight in reserved host slots, on ``io_threads``
     threads at once.
     """
 
     READY_TTL_S = 60.0  # prefetched blocks nobody asked for again (aborted requests) expire
-    STAGE_BYTES = 256 << 20  # device staging for block moves (a chunk of whole blocks)
+    STAGE_BYTES = 256 << 20  # device staging for block moves (one layer of a chunk of blocks)
 
     def __init__(self, hal: "Backend", layout: KVLayout, num_layers: int, model_fingerprint: bytes, *,
                  host_bytes: int = 0, disk_dir: str | None = None, disk_bytes: int = 16 << 30,
@@ -784,7 +833,7 @@ class OffloadManager:
         self.hal = hal
         self.layout = layout
         self.num_layers = num_layers
-        self.block_shape = (2, num_layers, *layout.canonical)
+        self.block_shape = (num_layers, 2, *layout.canonical)
         self.dtype = layout.dtype
         self.fingerprint = tier_fingerprint(model_fingerprint, self.dtype, self.block_shape)
         self.offload_generated = offload_generated
@@ -796,7 +845,9 @@ class OffloadManager:
             self.disk = FileSystemTier(disk_dir, self.fingerprint, self.block_shape, self.dtype,
                                        disk_bytes, write_async=async_disk)
         self.tiers: list[KVTier] = [t for t in (self.host, self.disk) if t is not None]
-        self.io_threads = io_threads or min(8, os.cpu_count() or 1)
+        # reads + CRC scale to about a dozen threads (measured on a 16-core host); more starve
+        # the engine thread
+        self.io_threads = io_threads or min(12, os.cpu_count() or 1)
         self._prefetch = (ThreadPoolExecutor(self.io_threads, thread_name_prefix="halserve-kv-prefetch")
                           if async_disk and self.disk is not None else None)
         self._inflight: dict[bytes, Future] = {}
@@ -804,14 +855,16 @@ class OffloadManager:
         # (block, tokens, host slot or -1, when); entries of abandoned requests age out
         self._ready: OrderedDict[bytes, tuple[torch.Tensor, tuple[int, ...], int, float]] = OrderedDict()
         self._lock = threading.Lock()
-        self._loading: list[tuple[list[int], list[torch.Tensor]]] = []  # scatters not yet waited for
-        self.stage_blocks = max(1, self.STAGE_BYTES // self.block_bytes)
+        self._loading: list[tuple[list[int], list]] = []  # scatters not yet waited for
+        self._ring: list | None = None  # (copied, moved) events of the two staging buffers
+        self._unsaved: list = []  # write-through queued by save_later
+        self.stage_blocks = max(1, self.STAGE_BYTES * num_layers // self.block_bytes)
         # engine-side counters
         self.blocks_saved = 0
         self.blocks_loaded = 0
         self.bytes_to_device = 0
         self.bytes_from_device = 0
-        self.load_seconds = 0.0  # device-side copy-in time
+        self.load_seconds = 0.0  # host time to queue (or, waited, finish) the copy-ins
         self.load_count = 0  # copy-ins (one per admitted sequence that found blocks below)
         self.token_mismatches = 0
         self.lookups = 0
@@ -826,67 +879,116 @@ class OffloadManager:
         return math.prod(self.block_shape) * torch.empty((), dtype=self.dtype).element_size()
 
     # ---- device <-> host ----------------------------------------------------------------------
-    def _device_stage(self, n: int, device) -> torch.Tensor:
-        """``[min(n, stage_blocks), *block_shape]`` on the device, where blocks change layout:
-        a transient buffer (like an activation; work queued on the stream keeps it valid)."""
-        return torch.empty((min(n, self.stage_blocks), *self.block_shape), dtype=self.dtype, device=device)
+    def _chunks(self, block_ids: list[int], slots: list[int], device_first: bool):
+        """Chunks of at most ``stage_blocks`` blocks: (offset, count, mapping between the
+        device blocks and staging rows (a host tensor, pinned where the HAL pins), runs of
+        consecutive host slots (start, end, first slot or -1) within the chunk)."""
+        for a in range(0, len(block_ids), self.stage_blocks):
+            ids = block_ids[a:a + self.stage_blocks]
+            cols = [torch.tensor(ids, dtype=torch.int64), torch.arange(len(ids), dtype=torch.int64)]
+            mapping = host_empty(self.hal, (len(ids), 2), torch.int64)
+            torch.stack(cols if device_first else cols[::-1], dim=1, out=mapping)
+            yield a, len(ids), mapping, list(self._runs(slots[a:a + len(ids)]))
 
-    def _runs(self, blocks: list[torch.Tensor], slots: list[int], pool: "torch.Tensor | None"):
-        """(start, end, host view): runs of consecutive ``pool`` slots, other blocks alone."""
-        i, n = 0, len(blocks)
+    @staticmethod
+    def _runs(slots: list[int]):
+        """(start, end, first slot) of each run of consecutive host-tier slots; a block with
+        no slot (-1) is a run of its own."""
+        i, n = 0, len(slots)
         while i < n:
             j = i + 1
             if slots[i] >= 0:
                 while j < n and slots[j] == slots[j - 1] + 1:
                     j += 1
-                yield i, j, pool[slots[i]:slots[i] + j - i]
-            else:
-                yield i, j, blocks[i].reshape(1, *self.block_shape)
+            yield i, j, slots[i]
             i = j
+
+    @staticmethod
+    def _host_part(blocks: list[torch.Tensor], pool: "torch.Tensor | None", i: int, j: int, slot: int,
+                   layer: int) -> torch.Tensor:
+        """Layer ``layer`` of blocks ``i:j`` in host memory, ``[j - i, 2, bs, hk, d]``."""
+        if slot >= 0:
+            return pool[layer, slot:slot + j - i]
+        return blocks[i][layer].unsqueeze(0)
+
+    def _stage(self, n: int, device) -> torch.Tensor:
+        """``[min(n, stage_blocks), 2, bs, hk, d]`` on the device: one layer of a chunk of
+        blocks (a transient buffer, like an activation; work queued on its stream keeps it
+        valid)."""
+        return torch.empty((min(n, self.stage_blocks), *self.block_shape[1:]), dtype=self.dtype, device=device)
 
     def _to_host(self, kv_caches: list[torch.Tensor], block_ids: list[int], blocks: list[torch.Tensor],
                  slots: list[int], pool: "torch.Tensor | None") -> None:
         """Device blocks -> host blocks (canonical layout, identity backends), then sync."""
-        stage = self._device_stage(len(block_ids), kv_caches[0].device)
-        for a in range(0, len(block_ids), self.stage_blocks):
-            ids = block_ids[a:a + self.stage_blocks]
-            mapping = torch.tensor([[b, i] for i, b in enumerate(ids)], dtype=torch.int64)
+        stage = self._stage(len(block_ids), kv_caches[0].device)
+        for a, m, mapping, runs in self._chunks(block_ids, slots, device_first=True):
             for layer, cache in enumerate(kv_caches):
-                self.hal.swap_blocks(cache, stage[:len(ids), :, layer].transpose(0, 1), mapping)
-            for i, j, host in self._runs(blocks[a:a + len(ids)], slots[a:a + len(ids)], pool):
-                host.copy_(stage[i:j], non_blocking=True)  # the next chunk's swaps queue behind it
+                self.hal.swap_blocks(cache, stage[:m].transpose(0, 1), mapping)
+                for i, j, slot in runs:  # the next layer's swap queues behind these copies
+                    self._host_part(blocks, pool, a + i, a + j, slot, layer).copy_(stage[i:j], non_blocking=True)
         self.hal.synchronize()
 
     def _to_device(self, kv_caches: list[torch.Tensor], block_ids: list[int], blocks: list[torch.Tensor],
-                   slots: list[int], pool: "torch.Tensor | None", wait: bool = True) -> None:
-        """Host blocks (canonical layout, identity backends) -> device blocks; with ``wait``
-        the copies are finished on return, else only queued on the device's stream."""
-        stage = self._device_stage(len(block_ids), kv_caches[0].device)
-        for a in range(0, len(block_ids), self.stage_blocks):
-            ids = block_ids[a:a + self.stage_blocks]
-            for i, j, host in self._runs(blocks[a:a + len(ids)], slots[a:a + len(ids)], pool):
-                stage[i:j].copy_(host, non_blocking=True)
-            mapping = torch.tensor([[i, b] for i, b in enumerate(ids)], dtype=torch.int64)
+                   slots: list[int], pool: "torch.Tensor | None", events: "list | None" = None) -> list:
+        """Host blocks (canonical layout, identity backends) -> device blocks, queued a layer
+        at a time. With ``events`` they run on the HAL's copy stream and ``events[l]``
+        marks layer l done; else on the current stream. Returns what must outlive them."""
+        chunks = list(self._chunks(block_ids, slots, device_first=False))
+        dev = kv_caches[0].device
+
+        def copy_in(stage, layer, a, runs):
+            for i, j, slot in runs:
+                stage[i:j].copy_(self._host_part(blocks, pool, a + i, a + j, slot, layer), non_blocking=True)
+
+        if events is None:  # in order, on the current stream
+            stage = self._stage(len(block_ids), dev)
             for layer, cache in enumerate(kv_caches):
-                self.hal.swap_blocks(stage[:len(ids), :, layer].transpose(0, 1), cache, mapping)
-        if wait:
-            self.hal.synchronize()  # the host blocks may be reused once this returns
+                for a, m, mapping, runs in chunks:
+                    copy_in(stage, layer, a, runs)
+                    self.hal.swap_blocks(stage[:m].transpose(0, 1), cache, mapping)
+            return [c[2] for c in chunks]
+        # beside the forward: the bus copies one after another on lane 0, into two staging
+        # buffers in turn; each moved into its layer's cache on lane 1 once copied, while the
+        # next one crosses the bus (two copies at once would share the bus, not add to it)
+        if self._ring is None:
+            self._ring = [[self.hal.event() for _ in range(2)] for _ in range(2)]  # copied, moved
+        copied, moved = self._ring
+        with self.hal.copy_stream(0):
+            stages = [self._stage(len(block_ids), dev) for _ in range(2)]
+        piece = 0
+        for layer, cache in enumerate(kv_caches):
+            for c, (a, m, mapping, runs) in enumerate(chunks):
+                k = piece % 2
+                with self.hal.copy_stream(0):
+                    if piece >= 2:
+                        moved[k].wait()  # staging buffer k is free again
+                    copy_in(stages[k], layer, a, runs)
+                    copied[k].record()
+                with self.hal.copy_stream(1):
+                    copied[k].wait()
+                    self.hal.swap_blocks(stages[k][:m].transpose(0, 1), cache, mapping)
+                    moved[k].record()
+                    if c == len(chunks) - 1:
+                        events[layer].record()  # the layer is in its cache
+                piece += 1
+        return [c[2] for c in chunks] + stages  # lane 1 reads the staging buffers of lane 0
 
     @torch.inference_mode()
     def gather(self, kv_caches: list[torch.Tensor], block_ids: list[int]) -> torch.Tensor:
-        """Device blocks -> canonical host blocks ``[n, 2, layers, bs, hk, d]`` (a new tensor)."""
+        """Device blocks -> canonical host blocks ``[n, layers, 2, bs, hk, d]`` (a new
+        tensor, layer-major underneath: each block's layers are contiguous pieces)."""
         n = len(block_ids)
-        out = torch.empty((n, *self.block_shape), dtype=self.dtype)
+        out = torch.empty((self.num_layers, n, *self.block_shape[1:]), dtype=self.dtype)
         if self.layout.identity:
-            self._to_host(kv_caches, block_ids, list(out), list(range(n)), out)
-            return out
+            self._to_host(kv_caches, block_ids, [], list(range(n)), out)
+            return out.transpose(0, 1)
         mapping = torch.tensor([[b, i] for i, b in enumerate(block_ids)], dtype=torch.int64)
         staging = self._staging(n)
         for layer, cache in enumerate(kv_caches):
             self.hal.swap_blocks(cache, staging, mapping)
             self.hal.synchronize()
-            out[:, :, layer] = self.layout.to_canonical(staging, n).transpose(0, 1)
-        return out
+            out[layer] = self.layout.to_canonical(staging, n).transpose(0, 1)
+        return out.transpose(0, 1)
 
     def _staging(self, n: int) -> torch.Tensor:
         """A reusable host buffer (pinned where the HAL asks) for n blocks of one layer in
@@ -899,35 +1001,44 @@ class OffloadManager:
 
     @torch.inference_mode()
     def scatter(self, kv_caches: list[torch.Tensor], block_ids: list[int], blocks: list[torch.Tensor],
-                slots: "list[int] | None" = None, wait: bool = True) -> None:
+                slots: "list[int] | None" = None, wait: bool = True, events: "list | None" = None) -> None:
         """Canonical host blocks -> the device blocks ``block_ids``. ``slots``: the host-tier
         slot of each block (from ``lookup``), released once copied; -1 or None: none.
 
-        ``wait=False`` only queues the copies on the device's stream (work queued after them,
-        like the forward that reads the blocks, runs after them), so the host goes on
-        launching while they run; the caller then calls ``loads_done()`` once the device
-        has caught up, and the host blocks are released there."""
+        ``wait=False`` only queues the copies, so the host goes on launching while they run;
+        the caller then calls ``loads_done()`` once the device has caught up, and the host
+        blocks are released there. With ``events`` (one ``Backend.event()`` a layer) the
+        copies run beside the caller's stream and ``events[l]`` marks layer l copied: work
+        that reads layer l waits on it (``AttentionMetadata.layer_ready``); without, they
+        are queued on the current stream, ahead of what is queued next."""
         n = len(block_ids)
         if n == 0:
             return
         slots = list(slots) if slots is not None else [-1] * n
         t0 = time.perf_counter()
         defer = not wait and self.layout.identity  # other layouts go through a reused buffer
-        if defer:
-            self._loading.append((slots, blocks))  # the memory must outlive the copies
+        queued = False
         try:
             if self.layout.identity:
-                self._to_device(kv_caches, block_ids, blocks, slots,
-                                self.host.pool if self.host is not None else None, wait=not defer)
+                keep = self._to_device(kv_caches, block_ids, blocks, slots,
+                                       self.host.pool if self.host is not None else None,
+                                       events if defer else None)
+                if defer:  # the host memory must outlive the copies
+                    self._loading.append((slots, [blocks, keep]))
+                    queued = True
+                else:
+                    self.hal.synchronize()  # the host blocks may be reused once this returns
             else:
                 mapping = torch.tensor([[i, b] for i, b in enumerate(block_ids)], dtype=torch.int64)
                 for layer, cache in enumerate(kv_caches):
                     staging = self._staging(n)
-                    staging.copy_(self.layout.from_canonical(torch.stack([b[:, layer] for b in blocks], dim=1), n))
+                    staging.copy_(self.layout.from_canonical(torch.stack([b[layer] for b in blocks], dim=1), n))
                     self.hal.swap_blocks(staging, cache, mapping)
                     self.hal.synchronize()  # the staging buffer is reused by the next layer
         finally:
-            if not defer:
+            if not queued:
+                if defer:  # failed part-way: let what was queued finish first
+                    self.hal.synchronize()
                 self._release_slots(slots)
         self.blocks_loaded += n
         self.load_count += 1
@@ -950,6 +1061,17 @@ class OffloadManager:
             self.host.release(*pinned)
 
     # ---- write-through --------------------------------------------------------------------------
+    def save_later(self, kv_caches: list[torch.Tensor], blocks: list[tuple[int, bytes, tuple[int, ...]]]) -> None:
+        """Queue ``save``: it runs at ``save_pending``, which the engine calls before the
+        next step touches a device block (and ``flush`` calls), while the blocks still hold
+        the KV they were committed with."""
+        self._unsaved.append((kv_caches, blocks))
+
+    def save_pending(self) -> None:
+        unsaved, self._unsaved = self._unsaved, []
+        for kv_caches, blocks in unsaved:
+            self.save(kv_caches, blocks)
+
     @torch.inference_mode()
     def save(self, kv_caches: list[torch.Tensor], blocks: list[tuple[int, bytes, tuple[int, ...]]]) -> None:
         """Copy newly committed device blocks (block_id, hash, tokens) into every tier that
@@ -1103,7 +1225,7 @@ class OffloadManager:
             got = self.disk.load(h)
             return None if got is None else (got[0], got[1], -1)
         try:
-            toks = self.disk.read_into(h, self.host.slot_bytes(slot))
+            toks = self.disk.read_into(h, self.host.slot_array(slot))
         except BaseException:
             self.host.release(slot)
             raise
@@ -1124,7 +1246,7 @@ class OffloadManager:
 
     def _submit(self, hashes: list[bytes]) -> None:
         with self._lock:
-            for h in hashes:  # one task a block: the reads (and CRC checks) run side by side
+            for h in hashes:  # one task a block: the reads (and checks) run side by side, balanced
                 if h not in self._inflight and h not in self._ready:
                     self._inflight[h] = self._prefetch.submit(self._fetch_one, h)
 
@@ -1168,7 +1290,9 @@ class OffloadManager:
 
     # ---- housekeeping -----------------------------------------------------------------------------------
     def flush(self) -> None:
-        """Wait for queued disk writes and in-flight prefetches (tests, shutdown)."""
+        """Finish queued write-through, then wait for disk writes and in-flight prefetches
+        (tests, shutdown)."""
+        self.save_pending()
         with self._lock:
             futs = set(self._inflight.values())
         for f in futs:
@@ -1199,6 +1323,13 @@ class OffloadManager:
 
 def _noop() -> None:
     pass
+
+
+def _flush_at_exit(m: OffloadManager) -> None:
+    try:
+        m.flush()
+    except Exception:  # the device may be gone already: the blocks are only not cached
+        logger.warning("KV offload: write-through at exit failed", exc_info=True)
 
 
 LANDING_MAX_BYTES = 4 << 30
@@ -1232,7 +1363,7 @@ def build_offload(config, hal: "Backend", model_config, device, model_fingerprin
     m = OffloadManager(hal, layout, mc.num_layers, model_fingerprint,
                        host_bytes=host_bytes, disk_dir=config.kv_offload_dir,
                        disk_bytes=config.kv_offload_disk_bytes)
-    atexit.register(m.flush)  # queued disk writes land before the process exits
+    atexit.register(_flush_at_exit, m)  # queued write-through lands before the process exits
     logger.info("KV offload: host %s, disk %s (%s); %d bytes a block, %s layout",
                 f"{m.host.num_slots} blocks" if m.host else "off",
                 m.disk.dir if m.disk else "off",

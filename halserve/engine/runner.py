@@ -44,6 +44,7 @@ class ModelRunner:
         self.tail_graphs: dict[int, object] = {}
         self._tail: dict[str, torch.Tensor] = {}
         self._tail_meta: dict[int, AttentionMetadata] = {}
+        self._layer_events: list | None = None  # see layer_events()
 
     # ---- KV cache ---------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -88,6 +89,14 @@ class ModelRunner:
         self.model.compute_logits(hidden[-min(num_seqs, num_tokens):])
         del caches
         self.hal.synchronize()
+
+    def layer_events(self) -> list | None:
+        """One ``hal.event()`` a layer, made once: offload loads mark each layer copied in on
+        them and the forward waits per layer (in the tail graphs too); None where the
+        backend runs device work in order."""
+        if self._layer_events is None and self.hal.event() is not None:
+            self._layer_events = [self.hal.event() for _ in range(self.mc.num_layers)]
+        return self._layer_events
 
     # ---- decode graphs --------------------------------------------------------------------------
     @staticmethod
@@ -164,7 +173,8 @@ class ModelRunner:
                 cu_seqlens_q=st["cu"], seq_lens=st["seq_lens"], block_tables=st["tables"],
                 slot_mapping=st["slots"][:b], max_seqlen_q=b, max_seqlen_k=max_model_len,
                 query_lens_host=[b], seq_lens_host=[max_model_len], block_size=self.block_size,
-                num_decode_seqs=0, sliding_window=getattr(self.mc, "sliding_window", None))
+                num_decode_seqs=0, sliding_window=getattr(self.mc, "sliding_window", None),
+                layer_ready=self.layer_events())  # the tail after a prefix hit may be loading
 
             def step(b=b, meta=meta):
                 hidden = self.model.forward(st["ids"][:b], st["pos"][:b], self.kv_caches, meta)
@@ -239,7 +249,7 @@ class ModelRunner:
         return self.graphs[b], n
 
     # ---- one step -----------------------------------------------------------------------------
-    def _prepare(self, so: SchedulerOutput):
+    def _prepare(self, so: SchedulerOutput, layer_ready: list | None = None):
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -274,29 +284,41 @@ class ModelRunner:
             block_size=bs,
             num_decode_seqs=so.num_decodes,
             sliding_window=getattr(self.mc, "sliding_window", None),
+            layer_ready=layer_ready,
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         pos = torch.tensor(positions, dtype=torch.int64, device=dev)
         return ids, pos, meta, cu
 
     def save_blocks(self, blocks: list[tuple[int, bytes, tuple[int, ...]]]) -> None:
-        """Write newly committed blocks through to the offload tiers."""
-        self.offload.save(self.kv_caches, blocks)
+        """Write newly committed blocks through to the offload tiers: queued, and copied off
+        the device at the start of the next step (or a flush), so that a step's outputs do
+        not wait for it."""
+        self.offload.save_later(self.kv_caches, blocks)
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> StepResult:
-        # the step's inputs go up first: with offload loads below, a pageable upload would
-        # wait for their copies
-        staged = self._stage_graph(so)
         if not so.loads:
-            return self._execute(so, staged)
-        # KV promoted from the offload tiers: the copies are queued ahead of the forward that
-        # reads them, and run while the host launches it; their host memory is held until
-        # the step has synchronised
-        prepared = self._prepare(so) if staged is None else None
+            return self._execute(so, self._stage_graph(so))
+        # KV promoted from the offload tiers, copied in while the host launches the forward
+        # that reads it; the host memory is held until the step has synchronised. With
+        # per-layer events the copies run on the HAL's copy stream and go first, and the
+        # forward waits for each layer's copy; else they are queued on the compute stream
+        # after the step's inputs (an upload queued behind them would wait for them all).
+        events = self.layer_events()
         bids, blocks, slots = zip(*so.loads)
+
+        def load():
+            self.offload.scatter(self.kv_caches, list(bids), list(blocks), list(slots), wait=False,
+                                 events=events)
+
         try:
-            self.offload.scatter(self.kv_caches, list(bids), list(blocks), list(slots), wait=False)
+            if events is not None:
+                load()
+            staged = self._stage_graph(so)
+            prepared = self._prepare(so, events) if staged is None else None
+            if events is None:
+                load()
             return self._execute(so, staged, prepared)
         finally:
             self.offload.loads_done()

@@ -19,12 +19,15 @@ Optional, with defaults in ``Backend``/``NativeBackend``:
 - ``pack_weight``: repack a weight once at load (default: keep as is, or quantize).
 - ``memory_info``, ``synchronize``: device facts; defaults for a CPU.
 - ``capture_graph``: optional graph capture for decode; default returns None (run eagerly).
+- ``copy_stream``, ``event``: a second stream for block copies that run beside the model
+  (KV offload loads), and markers between streams; default: none, copies run in order.
 
 Every op writes into a caller-provided ``out`` tensor where it takes one, and takes plain
 tensors and ints, so the same call works from torch, Triton, Gluon or cffi.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -117,6 +120,9 @@ class AttentionMetadata:
     block_size: int
     num_decode_seqs: int = 0  # leading sequences with query_len == 1 (decode-only prefix)
     sliding_window: int | None = None  # None: full attention
+    # KV copied in beside the forward (offload loads on a copy stream): the model waits on
+    # layer i's marker (``Backend.event``) before it runs layer i; None: nothing in flight
+    layer_ready: "list | None" = None
 
     @property
     def num_seqs(self) -> int:
@@ -236,6 +242,21 @@ class Backend:
         """Optional graph capture of ``fn(*args)`` for replay; default None (run eagerly)."""
         return None
 
+    def copy_stream(self, lane: int = 0):  # optional
+        """A context manager under which device work is queued on a copy stream, after the
+        work queued so far on the current one, and runs beside what is queued next (KV
+        blocks copied in while the model runs). Each ``lane`` is its own stream, so one
+        lane's copy can run while another lane's next step waits on it. Default: one
+        stream (a null context)."""
+        return contextlib.nullcontext()
+
+    def event(self):  # optional
+        """A marker between streams, or None (the default) where device work runs in order:
+        ``record()`` marks the work queued on the current stream so far; ``wait()`` holds
+        the current stream's later work until that is done. ``wait()`` may be captured in a
+        graph: a replay then waits for the marker's latest ``record()``."""
+        return None
+
     # ---- ops (signatures; NativeBackend implements them all) ----------------------------
     def linear(self, x: "torch.Tensor", w: PackedWeight, bias: "torch.Tensor | None" = None,
                out: "torch.Tensor | None" = None) -> "torch.Tensor":
@@ -279,7 +300,8 @@ class Backend:
     def swap_blocks(self, src: "torch.Tensor", dst: "torch.Tensor",
                     block_mapping: "torch.Tensor") -> None:
         """Copy blocks src[:, i] -> dst[:, j] for rows (i, j) of block_mapping [n, 2] int64
-        (a CPU tensor); src and dst may be on different devices. Bit-exact."""
+        (a CPU tensor, pinned where the backend pins host buffers, so that the call need
+        not wait for the device); src and dst may be on different devices. Bit-exact."""
         raise NotImplementedError
 
     def copy_blocks(self, kv_caches: "list[torch.Tensor]", block_mapping: "torch.Tensor") -> None:

@@ -509,15 +509,16 @@ class NativeBackend(Backend):
             return
         n = block_mapping.shape[0]
         src_idx = block_mapping[:, 0]
-        # the index moves are asynchronous (a pageable source is staged at once), so a chain
-        # of calls queues up behind one device copy instead of waiting for it each time
+        # the index moves are asynchronous (whole, contiguous rows: a pinned mapping is not
+        # staged through pageable memory), so a chain of calls queues up behind one device
+        # copy instead of waiting for it each time
         if torch.equal(src_idx.cpu(), torch.arange(n)):  # a staging buffer: move it as one piece
             moved = src[:, :n]
         else:
-            moved = src.index_select(1, src_idx.to(src.device, non_blocking=True))
+            moved = src.index_select(1, block_mapping.to(src.device, non_blocking=True)[:, 0])
         if moved.device != dst.device:
             moved = moved.to(dst.device, non_blocking=moved.is_pinned())
-        dst.index_copy_(1, block_mapping[:, 1].to(dst.device, non_blocking=True), moved)
+        dst.index_copy_(1, block_mapping.to(dst.device, non_blocking=True)[:, 1], moved)
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], block_mapping: torch.Tensor) -> None:
         if block_mapping.numel() == 0:

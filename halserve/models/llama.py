@@ -83,7 +83,10 @@ class LlamaForCausalLM:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        ready = meta.layer_ready
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            if ready is not None:
+                ready[i].wait()
             h, residual = layer(positions, h, residual, kv_cache, meta)
         h, _ = self.norm(h, residual)
         return h

@@ -16,7 +16,7 @@ from halserve.engine.offload import (
 from halserve.hal.native import NativeBackend
 
 BS, HK, D, L = 4, 2, 8, 3
-SHAPE = (2, L, BS, HK, D)
+SHAPE = (L, 2, BS, HK, D)  # canonical: [layers, k|v, block_size, kv_heads, head_dim]
 
 
 class TransposedBackend(NativeBackend):
@@ -95,7 +95,7 @@ def test_host_slots_pinned_are_never_reused():
     t.store(h(0), block(0), toks(0))
     t.store(h(1), block(1), toks(1))
     view, tk, slot = t.acquire(h(0))  # a view of the slot, no copy
-    assert tk == toks(0) and view.data_ptr() == t.pool[slot].data_ptr() and view.equal(block(0))
+    assert tk == toks(0) and view.data_ptr() == t.view(slot).data_ptr() and view.equal(block(0))
     t.acquire(h(1))
     t.store(h(2), block(2), toks(2))  # every slot pinned: the store is skipped, nothing is overwritten
     assert not t.lookup(h(2)) and view.equal(block(0)) and t.stats_dict()["skipped_stores"] == 1
@@ -106,7 +106,7 @@ def test_host_slots_pinned_are_never_reused():
     t.release(slot)  # the last pin: the slot is free again
     s = t.reserve()
     assert s == slot
-    t.pool[s].copy_(block(4))
+    t.view(s).copy_(block(4))
     assert t.commit(h(4), s, toks(4)) == s  # published; the reserver still holds a pin
     assert t.load(h(4))[0].equal(block(4)) and t.stats_dict()["pinned"] == 2
     r = t.reserve()  # none free: the LRU unpinned entry's slot would go, but all are pinned
@@ -114,7 +114,7 @@ def test_host_slots_pinned_are_never_reused():
     t.release(s)
     r = t.reserve()
     assert r == s and not t.lookup(h(4))  # h(4) was the LRU unpinned entry
-    t.pool[r].copy_(block(1))
+    t.view(r).copy_(block(1))
     s1 = t.commit(h(1), r, toks(1))  # h(1) is already there: that slot is pinned instead
     assert s1 != r and t.refs[s1] == 2 and t.stats_dict()["pinned"] == 1  # acquired above, and now
     with pytest.raises(AssertionError, match="released more often"):
@@ -144,7 +144,7 @@ def test_host_buffers_come_from_the_backend():
             return torch.empty(shape, dtype=dtype)
 
     t = HostMemoryTier(SHAPE, torch.float32, 2 * block(0).numel() * 4, PoolBackend())
-    assert PoolBackend.calls == 1 and t.pool.shape == (2, *SHAPE)
+    assert PoolBackend.calls == 1 and t.pool.shape == (SHAPE[0], 2, *SHAPE[1:])  # layer-major
     assert not HostMemoryTier(SHAPE, torch.float32, block(0).numel() * 4, NativeBackend()).pool.is_pinned()
 
 
@@ -399,6 +399,20 @@ def test_outputs_identical_with_offload_on_and_off(ckpt, reference, tmp_path):
     assert m["bad_files"] == 0
 
 
+def test_write_through_runs_after_the_outputs(ckpt, reference, tmp_path):
+    """A step's outputs do not wait for its write-through: it runs before the next step
+    (which may reuse the blocks) or at a flush, with the KV the blocks were committed with."""
+    llm = offload_llm(ckpt, tmp_path)
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)  # a single step
+    assert tokens_of(llm.generate([LONG[0]], one)) == [reference([LONG[0]])[0][:1]]
+    assert llm.get_metrics()["offload"]["blocks_saved"] == 0
+    llm.engine.offload.flush()
+    assert llm.get_metrics()["offload"]["blocks_saved"] == 6
+    llm.engine.kv.reset_prefix_cache()
+    out = llm.generate([LONG[0]], GREEDY)
+    assert tokens_of(out) == reference([LONG[0]]) and out[0].num_cached_tokens == 96
+
+
 def test_device_evicted_blocks_come_back_from_host_then_disk(ckpt, reference, tmp_path):
     llm = offload_llm(ckpt, tmp_path)
     ref = reference([LONG[0]])
@@ -534,3 +548,126 @@ def test_disk_reads_do_not_stall_running_requests(ckpt, reference, tmp_path):
                 done[o.request_id] = o
     assert tokens_of([done["a"], done["b"]]) == reference([[3, 4, 5], LONG[0]])
     assert done["b"].num_cached_tokens == 96
+
+
+class DeferredCopyBackend(NativeBackend):
+    """Native ops, but block copies queued under ``copy_stream(lane)`` run only when someone
+    waits for them: the forward, on a layer's event (``AttentionMetadata.layer_ready``), or
+    ``synchronize``. Each lane is its own queue, as each copy stream is. A forward that read
+    a layer before waiting for it would see stale KV. ``graphs``: also 'capture' steps
+    (replayed by calling them again), for the tail graphs."""
+
+    name = "test_deferred_copies"
+    graphs = False
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.queues: dict[int, list] = {}
+        self.done: dict[int, int] = {}
+        self.lane: int | None = None
+        self.issued = self.deferred_waits = 0
+
+    @classmethod
+    def probe(cls):
+        from halserve.hal.interface import ProbeResult
+
+        return ProbeResult(0, "test backend: only when forced")
+
+    @classmethod
+    def interpreter_ok(cls) -> bool:
+        return True
+
+    @property
+    def capabilities(self):
+        from halserve.hal.interface import Capabilities
+
+        return Capabilities(graphs=self.graphs)
+
+    def capture_graph(self, fn, *args):
+        if not self.graphs:
+            return None
+
+        class Replay:
+            def replay(self):
+                return fn(*args)
+
+        return Replay()
+
+    def copy_stream(self, lane: int = 0):
+        import contextlib
+
+        @contextlib.contextmanager
+        def side():
+            self.lane = lane
+            try:
+                yield
+            finally:
+                self.lane = None
+
+        return side()
+
+    def swap_blocks(self, src, dst, block_mapping):
+        if self.lane is None:
+            return super().swap_blocks(src, dst, block_mapping)
+        src, m = src.clone(), block_mapping.clone()  # the staging buffer is reused: keep this copy's
+        self.queues.setdefault(self.lane, []).append(lambda: NativeBackend.swap_blocks(self, src, dst, m))
+        self.issued += 1
+
+    def run_until(self, lane: int, n: int) -> None:
+        q = self.queues.get(lane, [])
+        done = self.done.get(lane, 0)
+        if done < n:
+            self.deferred_waits += 1
+        while done < n:
+            q.pop(0)()
+            done += 1
+        self.done[lane] = done
+
+    def synchronize(self):
+        for lane, q in self.queues.items():
+            self.run_until(lane, self.done.get(lane, 0) + len(q))
+
+    def event(self):
+        hal = self
+
+        class Event:
+            lane, at = 0, 0
+
+            def record(self):
+                self.lane = hal.lane
+                self.at = hal.done.get(self.lane, 0) + len(hal.queues.get(self.lane, []))
+
+            def wait(self):
+                if hal.lane is None:  # the compute stream (a copy lane's waits: see swap_blocks' clone)
+                    hal.run_until(self.lane, self.at)
+
+        return Event()
+
+
+@pytest.mark.parametrize("graphs,stage_blocks", [(False, None), (True, None), (False, 1)],
+                         ids=["eager", "tail-graph", "block-a-chunk"])
+def test_host_hit_loads_layer_by_layer_beside_the_forward(ckpt, reference, tmp_path, graphs, stage_blocks,
+                                                          monkeypatch):
+    """Loads queued on the copy streams, each layer waited for by the forward just before
+    it runs that layer: the tokens match, and the forward did wait on copies in flight.
+    ``stage_blocks=1``: staging holds one block, so each layer is copied in 6 pieces."""
+    monkeypatch.setattr(DeferredCopyBackend, "graphs", graphs)
+    if stage_blocks:
+        monkeypatch.setattr(OffloadManager, "STAGE_BYTES", 1)
+    hal_registry.register(DeferredCopyBackend)
+    try:
+        llm = LLM(ckpt, dtype="float32", kv_offload_host_bytes=HOST, backend=DeferredCopyBackend.name,
+                  enforce_eager=not graphs)
+        hal = llm.engine.hal
+        assert bool(llm.engine.runner.tail_graphs) == graphs
+        p = [LONG[0][:96] + [3, 1, 4]]  # 6 full blocks, then a 3-token tail (a tail graph)
+        ref = reference(p)
+        assert tokens_of(llm.generate(p, GREEDY)) == ref
+        llm.engine.kv.reset_prefix_cache()
+        out = llm.generate(p, GREEDY)
+        assert tokens_of(out) == ref and out[0].num_cached_tokens == 96
+        layers = llm.engine.model_config.num_layers
+        assert hal.issued == layers * (6 if stage_blocks else 1)
+        assert hal.deferred_waits == layers  # one wait a layer, in order
+    finally:
+        hal_registry._registered.pop(DeferredCopyBackend.name, None)

@@ -10,6 +10,7 @@ Triton kernels can be checked by the conformance suite without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -71,6 +72,7 @@ class CudaBackend(NativeBackend):
             self.capability = (9, 0)
             self.device_name = "triton-interpreter (cpu)"
         self._graph_pool = None
+        self._copy_streams: dict[int, torch.cuda.Stream] = {}
         self._graph_mode = False  # True while warming up / capturing a graph
         self._fp8_choice: dict[tuple, str] = {}
 
@@ -173,6 +175,25 @@ class CudaBackend(NativeBackend):
         finally:
             self._graph_mode = False
         return CudaGraph(graph, output)
+
+    def copy_stream(self, lane: int = 0):
+        """Block copies on a CUDA stream of their own (one per lane), ordered after the work
+        queued so far on the current stream."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        s = self._copy_streams.get(lane)
+        if s is None:
+            s = self._copy_streams[lane] = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        return torch.cuda.stream(s)
+
+    def event(self):
+        if self.device.type != "cuda":
+            return None
+        # external: a wait captured in a graph waits on the event's record made outside it
+        ev = torch.cuda.Event(external=True)
+        ev.record()  # created now (torch makes events lazily, and a capture skips a wait on none)
+        return ev
 
     # ---- ops ------------------------------------------------------------------------------
     def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None,
