@@ -34,6 +34,7 @@ import queue
 import struct
 import threading
 import time
+import weakref
 import zlib
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -858,6 +859,7 @@ class OffloadManager:
         self._loading: list[tuple[list[int], list]] = []  # scatters not yet waited for
         self._ring: list | None = None  # (copied, moved) events of the two staging buffers
         self._unsaved: list = []  # write-through queued by save_later
+        self._saver = threading.current_thread()  # the thread that queued it (steps the engine)
         self.stage_blocks = max(1, self.STAGE_BYTES * num_layers // self.block_bytes)
         # engine-side counters
         self.blocks_saved = 0
@@ -1064,13 +1066,24 @@ class OffloadManager:
     def save_later(self, kv_caches: list[torch.Tensor], blocks: list[tuple[int, bytes, tuple[int, ...]]]) -> None:
         """Queue ``save``: it runs at ``save_pending``, which the engine calls before the
         next step touches a device block (and ``flush`` calls), while the blocks still hold
-        the KV they were committed with."""
-        self._unsaved.append((kv_caches, blocks))
+        the KV they were committed with. The cache is held weakly: a dropped engine's
+        pending blocks are dropped with it."""
+        self._saver = threading.current_thread()
+        self._unsaved.append(([weakref.ref(t) for t in kv_caches], blocks))
 
     def save_pending(self) -> None:
+        """Run the queued write-through. Only the thread that steps the engine may: from
+        another one (an exit hook while the engine thread still runs) it is left alone,
+        since a step may be reusing those blocks right then."""
+        if not self._unsaved:
+            return
+        if self._saver is not threading.current_thread() and self._saver.is_alive():
+            return
         unsaved, self._unsaved = self._unsaved, []
-        for kv_caches, blocks in unsaved:
-            self.save(kv_caches, blocks)
+        for refs, blocks in unsaved:
+            kv_caches = [r() for r in refs]
+            if all(t is not None for t in kv_caches):
+                self.save(kv_caches, blocks)
 
     @torch.inference_mode()
     def save(self, kv_caches: list[torch.Tensor], blocks: list[tuple[int, bytes, tuple[int, ...]]]) -> None:
@@ -1325,7 +1338,10 @@ def _noop() -> None:
     pass
 
 
-def _flush_at_exit(m: OffloadManager) -> None:
+def _flush_at_exit(ref: "weakref.ref[OffloadManager]") -> None:
+    m = ref()  # held weakly: the hook must not keep a dropped engine (and its cache) alive
+    if m is None:
+        return
     try:
         m.flush()
     except Exception:  # the device may be gone already: the blocks are only not cached
@@ -1363,7 +1379,7 @@ def build_offload(config, hal: "Backend", model_config, device, model_fingerprin
     m = OffloadManager(hal, layout, mc.num_layers, model_fingerprint,
                        host_bytes=host_bytes, disk_dir=config.kv_offload_dir,
                        disk_bytes=config.kv_offload_disk_bytes)
-    atexit.register(_flush_at_exit, m)  # queued write-through lands before the process exits
+    atexit.register(_flush_at_exit, weakref.ref(m))  # queued write-through lands before the process exits
     logger.info("KV offload: host %s, disk %s (%s); %d bytes a block, %s layout",
                 f"{m.host.num_slots} blocks" if m.host else "off",
                 m.disk.dir if m.disk else "off",

@@ -315,7 +315,13 @@ class ModelRunner:
         try:
             if events is not None:
                 load()
-            staged = self._stage_graph(so)
+            staged = self._stage_decode(so)
+            if staged is not None and events is not None:
+                # a decode graph has no per-layer waits (a one-token tail after a prefix hit):
+                # the whole load first (lane 1 moves the layers in order: the last covers all)
+                events[-1].wait()
+            if staged is None:
+                staged = self._stage_tail(so)
             prepared = self._prepare(so, events) if staged is None else None
             if events is None:
                 load()

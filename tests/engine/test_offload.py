@@ -402,12 +402,15 @@ def test_outputs_identical_with_offload_on_and_off(ckpt, reference, tmp_path):
 def test_write_through_runs_after_the_outputs(ckpt, reference, tmp_path):
     """A step's outputs do not wait for its write-through: it runs before the next step
     (which may reuse the blocks) or at a flush, with the KV the blocks were committed with."""
-    llm = offload_llm(ckpt, tmp_path)
+    llm = offload_llm(ckpt, tmp_path, num_gpu_blocks_override=8)  # a prompt takes 7 blocks
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)  # a single step
     assert tokens_of(llm.generate([LONG[0]], one)) == [reference([LONG[0]])[0][:1]]
     assert llm.get_metrics()["offload"]["blocks_saved"] == 0
+    # the next prompt takes over those device blocks and writes its KV into them: the
+    # queued write-through must have copied them off first
+    assert tokens_of(llm.generate([LONG[1]], one)) == [reference([LONG[1]])[0][:1]]
     llm.engine.offload.flush()
-    assert llm.get_metrics()["offload"]["blocks_saved"] == 6
+    assert llm.get_metrics()["offload"]["blocks_saved"] == 12
     llm.engine.kv.reset_prefix_cache()
     out = llm.generate([LONG[0]], GREEDY)
     assert tokens_of(out) == reference([LONG[0]]) and out[0].num_cached_tokens == 96
@@ -551,11 +554,12 @@ def test_disk_reads_do_not_stall_running_requests(ckpt, reference, tmp_path):
 
 
 class DeferredCopyBackend(NativeBackend):
-    """Native ops, but block copies queued under ``copy_stream(lane)`` run only when someone
-    waits for them: the forward, on a layer's event (``AttentionMetadata.layer_ready``), or
-    ``synchronize``. Each lane is its own queue, as each copy stream is. A forward that read
-    a layer before waiting for it would see stale KV. ``graphs``: also 'capture' steps
-    (replayed by calling them again), for the tail graphs."""
+    """Native ops, but ``swap_blocks`` queued under ``copy_stream(lane)`` runs only when
+    someone waits for it: the forward, on a layer's event (``AttentionMetadata.layer_ready``),
+    another lane, on an event of this lane, or ``synchronize``. Each lane is its own queue,
+    as each copy stream is. A forward that read a layer before waiting for it would see stale
+    KV; a staging buffer refilled before the move out of it ran would be moved with the
+    wrong blocks. ``graphs``: also 'capture' steps (replayed by calling them again)."""
 
     name = "test_deferred_copies"
     graphs = False
@@ -609,14 +613,14 @@ class DeferredCopyBackend(NativeBackend):
     def swap_blocks(self, src, dst, block_mapping):
         if self.lane is None:
             return super().swap_blocks(src, dst, block_mapping)
-        src, m = src.clone(), block_mapping.clone()  # the staging buffer is reused: keep this copy's
+        m = block_mapping.clone()  # src is read when the move runs, as a device would
         self.queues.setdefault(self.lane, []).append(lambda: NativeBackend.swap_blocks(self, src, dst, m))
         self.issued += 1
 
-    def run_until(self, lane: int, n: int) -> None:
+    def run_until(self, lane: int, n: int, compute: bool = False) -> None:
         q = self.queues.get(lane, [])
         done = self.done.get(lane, 0)
-        if done < n:
+        if done < n and compute:
             self.deferred_waits += 1
         while done < n:
             q.pop(0)()
@@ -637,20 +641,23 @@ class DeferredCopyBackend(NativeBackend):
                 self.lane = hal.lane
                 self.at = hal.done.get(self.lane, 0) + len(hal.queues.get(self.lane, []))
 
-            def wait(self):
-                if hal.lane is None:  # the compute stream (a copy lane's waits: see swap_blocks' clone)
-                    hal.run_until(self.lane, self.at)
+            def wait(self):  # the waiting stream goes on once the event's lane got there
+                if self.lane is not None and self.lane != hal.lane:
+                    hal.run_until(self.lane, self.at, compute=hal.lane is None)
 
         return Event()
 
 
-@pytest.mark.parametrize("graphs,stage_blocks", [(False, None), (True, None), (False, 1)],
-                         ids=["eager", "tail-graph", "block-a-chunk"])
-def test_host_hit_loads_layer_by_layer_beside_the_forward(ckpt, reference, tmp_path, graphs, stage_blocks,
+@pytest.mark.parametrize("graphs,stage_blocks,tail", [(False, None, 3), (True, None, 3), (False, 1, 3),
+                                                     (True, 1, 3), (True, None, 1)],
+                         ids=["eager", "tail-graph", "block-a-chunk", "tail-graph-block-a-chunk", "decode-graph"])
+def test_host_hit_loads_layer_by_layer_beside_the_forward(ckpt, reference, tmp_path, graphs, stage_blocks, tail,
                                                           monkeypatch):
     """Loads queued on the copy streams, each layer waited for by the forward just before
     it runs that layer: the tokens match, and the forward did wait on copies in flight.
-    ``stage_blocks=1``: staging holds one block, so each layer is copied in 6 pieces."""
+    ``stage_blocks=1``: staging holds one block, so each layer is copied in 6 pieces through
+    the two staging buffers in turn. A one-token tail runs as a decode graph, which has no
+    per-layer waits: it waits for the whole load."""
     monkeypatch.setattr(DeferredCopyBackend, "graphs", graphs)
     if stage_blocks:
         monkeypatch.setattr(OffloadManager, "STAGE_BYTES", 1)
@@ -660,7 +667,7 @@ def test_host_hit_loads_layer_by_layer_beside_the_forward(ckpt, reference, tmp_p
                   enforce_eager=not graphs)
         hal = llm.engine.hal
         assert bool(llm.engine.runner.tail_graphs) == graphs
-        p = [LONG[0][:96] + [3, 1, 4]]  # 6 full blocks, then a 3-token tail (a tail graph)
+        p = [LONG[0][:96] + [3, 1, 4][:tail]]  # 6 full blocks, then the tail
         ref = reference(p)
         assert tokens_of(llm.generate(p, GREEDY)) == ref
         llm.engine.kv.reset_prefix_cache()
@@ -668,6 +675,21 @@ def test_host_hit_loads_layer_by_layer_beside_the_forward(ckpt, reference, tmp_p
         assert tokens_of(out) == ref and out[0].num_cached_tokens == 96
         layers = llm.engine.model_config.num_layers
         assert hal.issued == layers * (6 if stage_blocks else 1)
-        assert hal.deferred_waits == layers  # one wait a layer, in order
+        # one wait a layer, in order; with one block a piece the two staging buffers hold the
+        # copies back (a refill waits for the move out), so only the last layer's is in flight
+        assert hal.deferred_waits == (1 if tail == 1 or stage_blocks else layers)
     finally:
         hal_registry._registered.pop(DeferredCopyBackend.name, None)
+
+
+def test_pending_write_through_does_not_keep_a_dropped_engine(ckpt, tmp_path):
+    import gc
+    import weakref
+
+    llm = offload_llm(ckpt, tmp_path)
+    llm.generate([LONG[0]], SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    assert llm.engine.offload._unsaved  # queued, not yet written
+    cache = weakref.ref(llm.engine.runner.kv_caches[0])
+    del llm
+    gc.collect()
+    assert cache() is None
