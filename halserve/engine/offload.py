@@ -1071,6 +1071,13 @@ class OffloadManager:
         self._saver = threading.current_thread()
         self._unsaved.append(([weakref.ref(t) for t in kv_caches], blocks))
 
+    def idle(self) -> None:
+        """Housekeeping while the engine has nothing to step: finish the queued
+        write-through and let expired prefetched blocks go (their slots unpinned)."""
+        self.save_pending()
+        if self._ready:
+            self._expire()
+
     def save_pending(self) -> None:
         """Run the queued write-through. Only the thread that steps the engine may: from
         another one (an exit hook while the engine thread still runs) it is left alone,

@@ -300,6 +300,10 @@ def test_blocks_given_back_and_never_taken_expire():
     m.READY_TTL_S = 0.0
     m.lookup([h(7)], toks)
     assert m.host.stats_dict()["pinned"] == 0 and not m._ready
+    m.give_back(m.lookup([h(0)], toks))
+    assert m.host.stats_dict()["pinned"] == 1
+    m.idle()  # an idle server lets them go too, with no lookup
+    assert m.host.stats_dict()["pinned"] == 0 and not m._ready
     m.close()
 
 
