@@ -16,12 +16,27 @@ from halserve.engine.sequence import Sequence
 ROOT_HASH = b"halserve-kv-v1"
 
 
+def chain_hashes(parent: bytes, tokens: "list[int] | tuple[int, ...]", block_size: int,
+                 fingerprint: bytes) -> list[bytes]:
+    """The hash chain of the full blocks of ``tokens`` after ``parent``: each block's hash is
+    sha256(parent hash || fingerprint || block size || token ids as int32). The tokens are
+    packed in one go (a long prompt has hundreds of blocks, hashed before its first step)."""
+    n = len(tokens) // block_size
+    packed = memoryview(struct.pack(f"<{n * block_size}i", *tokens[:n * block_size]))
+    head = fingerprint + block_size.to_bytes(4, "little")
+    step = 4 * block_size
+    out = []
+    for k in range(n):
+        h = hashlib.sha256(parent)
+        h.update(head)
+        h.update(packed[k * step:(k + 1) * step])
+        parent = h.digest()
+        out.append(parent)
+    return out
+
+
 def block_hash(parent: bytes, tokens: "list[int] | tuple[int, ...]", fingerprint: bytes) -> bytes:
-    h = hashlib.sha256(parent)
-    h.update(fingerprint)
-    h.update(len(tokens).to_bytes(4, "little"))
-    h.update(struct.pack(f"<{len(tokens)}i", *tokens))
-    return h.digest()
+    return chain_hashes(parent, tokens, len(tokens), fingerprint)[0]
 
 
 @dataclass(slots=True)
@@ -71,20 +86,9 @@ class KVCacheManager:
         n = seq.num_tokens if upto_tokens is None else upto_tokens
         bs = self.block_size
         first, last = len(seq.block_hashes), n // bs
-        if last <= first:
-            return
-        # block_hash for each new block, with the tokens packed in one go (a long prompt has
-        # hundreds of blocks, and this runs before its first step)
-        packed = memoryview(struct.pack(f"<{(last - first) * bs}i", *seq.token_ids[first * bs:last * bs]))
-        head = self.fingerprint + bs.to_bytes(4, "little")
-        parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
-        step = 4 * bs
-        for k in range(last - first):
-            h = hashlib.sha256(parent)
-            h.update(head)
-            h.update(packed[k * step:(k + 1) * step])
-            parent = h.digest()
-            seq.block_hashes.append(parent)
+        if last > first:
+            parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
+            seq.block_hashes += chain_hashes(parent, seq.token_ids[first * bs:last * bs], bs, self.fingerprint)
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding a prefix of seq's tokens. At least one token is always left

@@ -1075,8 +1075,7 @@ class OffloadManager:
         """Housekeeping while the engine has nothing to step: finish the queued
         write-through and let expired prefetched blocks go (their slots unpinned)."""
         self.save_pending()
-        if self._ready:
-            self._expire()
+        self._expire()
 
     def save_pending(self) -> None:
         """Run the queued write-through. Only the thread that steps the engine may: from
@@ -1155,8 +1154,7 @@ class OffloadManager:
         if not self.tiers or not hashes:
             return res
         self.lookups += 1
-        if self._ready:
-            self._expire()
+        self._expire()
         to_fetch: list[bytes] = []
         run: list = []  # host hits acquired ahead, in order
         host_miss = -1  # index of the block the last run stopped at (a counted host miss)
@@ -1257,6 +1255,8 @@ class OffloadManager:
 
     def _expire(self) -> None:
         """Let prefetched blocks nobody came back for (aborted requests) go after a while."""
+        if not self._ready:
+            return
         expired = []
         with self._lock:
             old = time.monotonic() - self.READY_TTL_S
@@ -1288,8 +1288,7 @@ class OffloadManager:
     def wait_pending(self, timeout: float = 0.05) -> None:
         """Block briefly until in-flight disk reads finish (the engine calls this when a step
         had nothing else to do)."""
-        if self._ready:
-            self._expire()
+        self._expire()
         with self._lock:
             futs = set(self._inflight.values())
         if futs:

@@ -94,8 +94,10 @@ class ModelRunner:
         """One ``hal.event()`` a layer, made once: offload loads mark each layer copied in on
         them and the forward waits per layer (in the tail graphs too); None where the
         backend runs device work in order."""
-        if self._layer_events is None and self.hal.event() is not None:
-            self._layer_events = [self.hal.event() for _ in range(self.mc.num_layers)]
+        if self._layer_events is None:
+            first = self.hal.event()
+            if first is not None:
+                self._layer_events = [first] + [self.hal.event() for _ in range(self.mc.num_layers - 1)]
         return self._layer_events
 
     # ---- decode graphs --------------------------------------------------------------------------
@@ -187,8 +189,9 @@ class ModelRunner:
             self._tail_meta[b] = meta
 
     def _stage_graph(self, so: SchedulerOutput):
-        """The captured step that runs ``so``, its inputs copied into its static buffers
-        (and the number of rows it returns), or None when ``so`` runs eagerly."""
+        """The captured step that runs ``so``, its inputs copied into its static buffers:
+        (graph, rows it returns, whether it waits per layer on ``layer_events``), or None
+        when ``so`` runs eagerly."""
         staged = self._stage_decode(so)
         return staged if staged is not None else self._stage_tail(so)
 
@@ -219,7 +222,7 @@ class ModelRunner:
         # again reads them, so they are kept true
         meta = self._tail_meta[b]
         meta.query_lens_host[0], meta.seq_lens_host[0] = n, end
-        return self.tail_graphs[b], 1
+        return self.tail_graphs[b], 1, True
 
     def _stage_decode(self, so: SchedulerOutput):
         n = len(so.scheduled)
@@ -246,7 +249,7 @@ class ModelRunner:
         st["slots"][:b].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
         st["seq_lens"][:b].copy_(torch.tensor(lens + [1] * pad, dtype=torch.int32), non_blocking=True)
         st["tables"][:b, :width].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
-        return self.graphs[b], n
+        return self.graphs[b], n, False  # decode graphs wait on no layer (hot path)
 
     # ---- one step -----------------------------------------------------------------------------
     def _prepare(self, so: SchedulerOutput, layer_ready: list | None = None):
@@ -315,13 +318,11 @@ class ModelRunner:
         try:
             if events is not None:
                 load()
-            staged = self._stage_decode(so)
-            if staged is not None and events is not None:
-                # a decode graph has no per-layer waits (a one-token tail after a prefix hit):
-                # the whole load first (lane 1 moves the layers in order: the last covers all)
+            staged = self._stage_graph(so)
+            if staged is not None and events is not None and not staged[2]:
+                # a graph with no per-layer waits (a decode graph: a one-token tail after a
+                # prefix hit) waits for the whole load (lane 1 moves the layers in order)
                 events[-1].wait()
-            if staged is None:
-                staged = self._stage_tail(so)
             prepared = self._prepare(so, events) if staged is None else None
             if events is None:
                 load()
@@ -333,7 +334,7 @@ class ModelRunner:
         rows_idx = [i for i, s in enumerate(so.scheduled) if s.samples]
         plp = None
         if staged is not None:
-            graph, n = staged
+            graph, n, _ = staged
             logits = graph.replay()[:n].float().clone()  # the graph's output buffer is reused next step
         else:
             ids, pos, meta, cu = prepared or self._prepare(so)
