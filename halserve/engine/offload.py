@@ -37,8 +37,7 @@ import time
 import weakref
 import zlib
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -804,13 +803,43 @@ class KVLayout:
 class LookupResult:
     """Blocks found below the device, in prefix order: (hash, canonical host block) pairs,
     their tokens, and the host-tier slot each one lives in (pinned until the manager's
-    ``scatter``, ``give_back`` or ``release``; -1: the block owns its memory).
-    ``pending``: more of the prefix is being read from disk; ask again next step."""
+    ``scatter``, ``start_load`` or ``release``; -1: the block owns its memory).
+    ``disk``: the hashes that continue the run on disk (or in the host tier) still to be
+    read, by a ``start_load`` job. ``pending``: part of the prefix is being loaded for
+    another request right now; ask again once that is done."""
 
     blocks: list[tuple[bytes, torch.Tensor]] = field(default_factory=list)
     tokens: list[tuple[int, ...]] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
+    disk: list[bytes] = field(default_factory=list)
     pending: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class LoadJob:
+    """Blocks below the device being brought into device blocks that a waiting request
+    holds, before it runs (``OffloadManager.start_load``). Per block: ``got`` is None while
+    it is being read, then (host block, tokens, host slot or -1), or False for a miss, a
+    bad file or other tokens; ``queued`` once its copy to the device is issued. ``end``:
+    the usable prefix is at most this many blocks (the first failure so far)."""
+
+    block_ids: list[int]
+    hashes: list[bytes]
+    expect: list[tuple[int, ...]]
+    got: list
+    queued: list[bool]
+    end: int
+    uploads: list = field(default_factory=list)  # (event or None, what must outlive the copies, slots)
+    futures: list = field(default_factory=list)
+    unsent: int = 0  # read, not yet sent to the device
+    resolved: int = 0  # got[:resolved] are all settled (read or failed)
+    closed: bool = False
+
+    def read_all(self) -> bool:
+        """Every block of the usable prefix is read (or failed). Under the manager's lock."""
+        while self.resolved < self.end and self.got[self.resolved] is not None:
+            self.resolved += 1
+        return self.resolved >= self.end
 
 
 class OffloadManager:
@@ -822,11 +851,14 @@ class OffloadManager:
     moves them into the layer's cache. Loads run on the HAL's copy stream and mark each
     layer done (``Backend.event``), so the forward reading them waits per layer, not for
     the whole prompt. Disk reads land straight in reserved host slots, on ``io_threads``
-    threads at once.
+    threads at once, for a ``LoadJob``: the request waits holding its device blocks while
+    the blocks read so far go to the device in batches of ``PUMP_BYTES`` (on the copy
+    streams, beside other requests' steps), so the reads and the bus overlap; it runs once
+    all are there.
     """
 
-    READY_TTL_S = 60.0  # prefetched blocks nobody asked for again (aborted requests) expire
     STAGE_BYTES = 256 << 20  # device staging for block moves (one layer of a chunk of blocks)
+    PUMP_BYTES = 96 << 20  # a load job sends what it has read to the device in batches of this
 
     def __init__(self, hal: "Backend", layout: KVLayout, num_layers: int, model_fingerprint: bytes, *,
                  host_bytes: int = 0, disk_dir: str | None = None, disk_bytes: int = 16 << 30,
@@ -851,16 +883,17 @@ class OffloadManager:
         self.io_threads = io_threads or min(12, os.cpu_count() or 1)
         self._prefetch = (ThreadPoolExecutor(self.io_threads, thread_name_prefix="halserve-kv-prefetch")
                           if async_disk and self.disk is not None else None)
-        self._inflight: dict[bytes, Future] = {}
-        # read by the prefetch threads (or given back), waiting for the next lookup: hash ->
-        # (block, tokens, host slot or -1, when); entries of abandoned requests age out
-        self._ready: OrderedDict[bytes, tuple[torch.Tensor, tuple[int, ...], int, float]] = OrderedDict()
+        self._jobs: list[LoadJob] = []  # load jobs not yet finished or cancelled
+        self._job_hashes: dict[bytes, LoadJob] = {}  # what they are bringing in
+        self._wake = threading.Event()  # set by a read thread: a job has a batch to send (or is read)
+        self._caches: list | None = None  # weak refs to the device KV cache (``bind``)
         self._lock = threading.Lock()
         self._loading: list[tuple[list[int], list]] = []  # scatters not yet waited for
         self._ring: list | None = None  # (copied, moved) events of the two staging buffers
         self._unsaved: list = []  # write-through queued by save_later
         self._saver = threading.current_thread()  # the thread that queued it (steps the engine)
         self.stage_blocks = max(1, self.STAGE_BYTES * num_layers // self.block_bytes)
+        self.pump_blocks = max(1, self.PUMP_BYTES // self.block_bytes)
         # engine-side counters
         self.blocks_saved = 0
         self.blocks_loaded = 0
@@ -870,7 +903,7 @@ class OffloadManager:
         self.load_count = 0  # copy-ins (one per admitted sequence that found blocks below)
         self.token_mismatches = 0
         self.lookups = 0
-        self.deferred = 0
+        self.load_jobs = 0  # admissions that waited for blocks read from disk
 
     @property
     def enabled(self) -> bool:
@@ -931,10 +964,12 @@ class OffloadManager:
         self.hal.synchronize()
 
     def _to_device(self, kv_caches: list[torch.Tensor], block_ids: list[int], blocks: list[torch.Tensor],
-                   slots: list[int], pool: "torch.Tensor | None", events: "list | None" = None) -> list:
+                   slots: list[int], pool: "torch.Tensor | None", events: "list | None" = None,
+                   lanes: bool | None = None) -> list:
         """Host blocks (canonical layout, identity backends) -> device blocks, queued a layer
-        at a time. With ``events`` they run on the HAL's copy stream and ``events[l]``
-        marks layer l done; else on the current stream. Returns what must outlive them."""
+        at a time. With ``lanes`` (default: when ``events`` are given) they run on the HAL's
+        copy streams, and ``events[l]`` (if given) marks layer l done; else on the current
+        stream. Returns what must outlive them."""
         chunks = list(self._chunks(block_ids, slots, device_first=False))
         dev = kv_caches[0].device
 
@@ -942,7 +977,7 @@ class OffloadManager:
             for i, j, slot in runs:
                 stage[i:j].copy_(self._host_part(blocks, pool, a + i, a + j, slot, layer), non_blocking=True)
 
-        if events is None:  # in order, on the current stream
+        if not (events is not None if lanes is None else lanes):  # in order, on the current stream
             stage = self._stage(len(block_ids), dev)
             for layer, cache in enumerate(kv_caches):
                 for a, m, mapping, runs in chunks:
@@ -970,7 +1005,7 @@ class OffloadManager:
                     copied[k].wait()
                     self.hal.swap_blocks(stages[k][:m].transpose(0, 1), cache, mapping)
                     moved[k].record()
-                    if c == len(chunks) - 1:
+                    if events is not None and c == len(chunks) - 1:
                         events[layer].record()  # the layer is in its cache
                 piece += 1
         return [c[2] for c in chunks] + stages  # lane 1 reads the staging buffers of lane 0
@@ -1072,10 +1107,8 @@ class OffloadManager:
         self._unsaved.append(([weakref.ref(t) for t in kv_caches], blocks))
 
     def idle(self) -> None:
-        """Housekeeping while the engine has nothing to step: finish the queued
-        write-through and let expired prefetched blocks go (their slots unpinned)."""
+        """Housekeeping while the engine has nothing to step: finish the queued write-through."""
         self.save_pending()
-        self._expire()
 
     def save_pending(self) -> None:
         """Run the queued write-through. Only the thread that steps the engine may: from
@@ -1145,40 +1178,30 @@ class OffloadManager:
         """Continue a device prefix miss: the longest run of ``hashes`` found below the
         device, checked token for token (``tokens(i)`` gives block i's tokens).
 
-        Host hits are returned at once, as pinned views of their slots (no copy). Disk hits
-        are read by the prefetch threads (or inline when async is off) into host slots; while
-        any are in flight ``pending`` is set and the caller should retry next step, so a disk
-        read never stalls running requests. The caller hands the result to ``scatter``,
-        ``give_back`` or ``release``."""
+        Host hits are returned at once, as pinned views of their slots (no copy). Where the
+        run goes on below the host tier: with prefetch threads, ``disk`` lists the hashes
+        that continue it, for a ``start_load`` job to read (so a disk read never stalls the
+        running requests); without, they are read here, into host slots. ``pending``: a
+        load job is bringing part of this prefix in right now. The caller hands the result
+        to ``scatter``, ``start_load`` or ``release``."""
         res = LookupResult()
         if not self.tiers or not hashes:
             return res
         self.lookups += 1
-        self._expire()
-        to_fetch: list[bytes] = []
         run: list = []  # host hits acquired ahead, in order
         host_miss = -1  # index of the block the last run stopped at (a counted host miss)
         for i, h in enumerate(hashes):
+            if h in self._job_hashes:
+                res.pending = True
+                break
             got = None
             if run:
                 got = run.pop()
-            else:
-                with self._lock:
-                    # nothing prefetched or in flight: the host hits can be taken in one go
-                    busy = bool(self._ready or self._inflight)
-                    if busy:
-                        got = self._ready.pop(h, None)
-                    inflight = h in self._inflight
-                if got is not None:
-                    got = got[:3]
-                if got is None and inflight:
-                    res.pending = True
-                    break
-                if got is None and self.host is not None and i != host_miss:
-                    run = self.host.acquire_run(hashes[i:i + 1] if busy else hashes[i:])
-                    host_miss = i + len(run)
-                    run.reverse()
-                    got = run.pop() if run else None
+            elif self.host is not None and i != host_miss:
+                run = self.host.acquire_run(hashes[i:])
+                host_miss = i + len(run)
+                run.reverse()
+                got = run.pop() if run else None
             if got is None and self.disk is not None:
                 if not self.disk.lookup(h):
                     with self.disk.lock:
@@ -1186,13 +1209,11 @@ class OffloadManager:
                 elif self._prefetch is None:
                     got = self._promote(h)
                 else:
-                    for x in hashes[i:]:  # the contiguous run still below the device
-                        if self.host is not None and self.host.lookup(x):
-                            continue
-                        if not self.disk.lookup(x):
+                    for x in hashes[i:]:  # the run still below the device, read by a load job
+                        if x in self._job_hashes or not (
+                                self.disk.lookup(x) or (self.host is not None and self.host.lookup(x))):
                             break
-                        to_fetch.append(x)
-                    res.pending = True
+                        res.disk.append(x)
                     break
             if got is None:
                 break
@@ -1205,30 +1226,10 @@ class OffloadManager:
             res.tokens.append(toks)
             res.slots.append(slot)
         self._release_slots([slot for _, _, slot in run])  # acquired past a mismatch
-        if to_fetch:
-            self._submit(to_fetch)
-        if res.pending:
-            self.deferred += 1
-            # keep what is already found for the next try; nothing is lost
-            self.give_back(res)
-            res.blocks, res.tokens, res.slots = [], [], []
-        elif self._ready:  # blocks read past the end of the usable prefix serve nobody: let them go
-            stale = []
-            with self._lock:
-                for x in hashes[len(res.blocks) + 1:]:
-                    e = self._ready.pop(x, None)
-                    if e is not None:
-                        stale.append(e[2])
-            self._release_slots(stale)
+        if res.pending:  # come back when the other job is done; keep nothing pinned meanwhile
+            self.release(res)
+            res.disk = []
         return res
-
-    def give_back(self, res: LookupResult) -> None:
-        """Keep looked-up blocks that could not be used this step for the next lookup
-        (their slots stay pinned until then, or until they expire)."""
-        now = time.monotonic()
-        with self._lock:
-            for (h, b), t, s in zip(res.blocks, res.tokens, res.slots):
-                self._ready[h] = (b, t, s, now)
 
     def release(self, res: LookupResult) -> None:
         """Drop a lookup's blocks unused."""
@@ -1253,46 +1254,149 @@ class OffloadManager:
         slot = self.host.commit(h, slot, toks)
         return self.host.view(slot), toks, slot
 
-    def _expire(self) -> None:
-        """Let prefetched blocks nobody came back for (aborted requests) go after a while."""
-        if not self._ready:
-            return
-        expired = []
-        with self._lock:
-            old = time.monotonic() - self.READY_TTL_S
-            while self._ready and next(iter(self._ready.values()))[3] < old:
-                expired.append(self._ready.popitem(last=False)[1][2])
-        self._release_slots(expired)
+    # ---- load jobs: disk -> host -> device while the request waits -----------------------------------
+    def bind(self, kv_caches: list[torch.Tensor]) -> None:
+        """The device KV cache that load jobs copy into (held weakly, like ``save_later``)."""
+        self._caches = [weakref.ref(t) for t in kv_caches]
 
-    def _submit(self, hashes: list[bytes]) -> None:
-        with self._lock:
-            for h in hashes:  # one task a block: the reads (and checks) run side by side, balanced
-                if h not in self._inflight and h not in self._ready:
-                    self._inflight[h] = self._prefetch.submit(self._fetch_one, h)
+    def start_load(self, block_ids: list[int], found: LookupResult,
+                   tokens: Callable[[int], tuple[int, ...]]) -> LoadJob:
+        """Bring ``found`` (its host hits, then the blocks of ``found.disk``) into the device
+        blocks ``block_ids``, one each in order, for a request that waits meanwhile: the
+        prefetch threads read the disk blocks into host slots (each checked: CRC, header,
+        then its tokens against ``tokens(i)``), and each ``PUMP_BYTES`` read so far goes to
+        the device on the copy streams. The engine asks ``poll`` each step, or ``cancel``s."""
+        hashes = [h for h, _ in found.blocks] + list(found.disk)
+        assert len(block_ids) == len(hashes) and self._prefetch is not None
+        got = [(b, t, s) for (_, b), t, s in zip(found.blocks, found.tokens, found.slots)]
+        n_host = len(got)
+        job = LoadJob(list(block_ids), hashes, [tuple(tokens(i)) for i in range(len(hashes))],
+                      got + [None] * len(found.disk), [False] * len(hashes), len(hashes))
+        job.unsent = n_host
+        found.blocks, found.tokens, found.slots, found.disk = [], [], [], []  # the job holds them now
+        self.load_jobs += 1
+        self._jobs.append(job)
+        for h in hashes:
+            self._job_hashes[h] = job
+        for i in range(n_host, len(hashes)):  # one task a block: the reads run side by side, balanced
+            job.futures.append(self._prefetch.submit(self._read_for, job, i))
+        self._pump(job)
+        return job
 
-    def _fetch_one(self, h: bytes) -> None:
+    def _read_for(self, job: LoadJob, i: int) -> None:
+        """Prefetch thread: read block i of ``job`` (from the host tier if it is there by now)."""
+        h = job.hashes[i]
+        got = None
         try:
-            try:
-                got = self._promote(h)
-            except Exception:  # never lose the slot or stall the request: a miss, recomputed
-                logger.exception("KV offload: reading block %s failed", h.hex())
-                self.disk.forget(h)
-                got = None
-            if got is not None:
-                with self._lock:
-                    self._ready[h] = (*got, time.monotonic())
-        finally:
-            with self._lock:
-                self._inflight.pop(h, None)
+            if not job.closed and i < job.end:
+                got = (self.host.acquire(h) if self.host is not None else None) or self._promote(h)
+        except Exception:  # never lose the slot or stall the request: a miss, recomputed
+            logger.exception("KV offload: reading block %s failed", h.hex())
+            self.disk.forget(h)
+            got = None
+        drop = None
+        with self._lock:
+            if got is not None and got[1] != job.expect[i]:
+                self.token_mismatches += 1
+                drop, got = got, None
+            elif got is not None and (job.closed or i >= job.end):
+                drop, got = got, None
+            job.got[i] = False if got is None else got
+            if got is None:
+                job.end = min(job.end, i)
+            else:
+                job.unsent += 1
+            if job.unsent >= self.pump_blocks or job.read_all():
+                self._wake.set()
+        if drop is not None:
+            self._release_slots([drop[2]])
+
+    def _pump(self, job: LoadJob) -> None:
+        """Send what ``job`` has read to the device, once there is a batch (or all is read)."""
+        with self._lock:
+            if job.closed:
+                return
+            ready = [i for i in range(job.end) if job.got[i] and not job.queued[i]]
+            if not ready or (len(ready) < self.pump_blocks and not job.read_all()):
+                return
+            for i in ready:
+                job.queued[i] = True
+            job.unsent = 0
+        ready.sort(key=lambda i: job.got[i][2])  # consecutive host slots cross the bus as one piece
+        ids = [job.block_ids[i] for i in ready]
+        blocks = [job.got[i][0] for i in ready]
+        slots = [job.got[i][2] for i in ready]
+        caches = [r() for r in self._caches or ()]
+        if not caches or any(c is None for c in caches):
+            raise RuntimeError("KV offload: start_load before bind(kv_caches)")
+        with torch.inference_mode():
+            if not self.layout.identity:  # through the reused staging buffer, synchronously
+                self.scatter(caches, ids, blocks, [-1] * len(ids))
+                job.uploads.append((None, [], slots))
+                return
+            t0 = time.perf_counter()
+            ev = self.hal.event()
+            keep = self._to_device(caches, ids, blocks, slots, self.host.pool if self.host is not None else None,
+                                   lanes=ev is not None)
+            if ev is not None:
+                with self.hal.copy_stream(1):
+                    ev.record()  # lane 1 moves last: the batch is in the cache
+            else:
+                self.hal.synchronize()
+        job.uploads.append((ev, [blocks, keep], slots))
+        self.blocks_loaded += len(ids)
+        self.bytes_to_device += len(ids) * self.block_bytes
+        self.load_seconds += time.perf_counter() - t0
+
+    def poll(self, job: LoadJob) -> int | None:
+        """None while ``job`` is loading (sending what was read meanwhile); else how many of
+        its blocks, from the first, are in their device blocks: the rest failed (a miss, a
+        bad file, other tokens) and hold nothing. The job is over then."""
+        self._pump(job)
+        with self._lock:
+            if not job.read_all() or not all(job.queued[:job.end]):
+                return None
+        if any(ev is not None and not ev.query() for ev, _, _ in job.uploads):
+            return None
+        self._close(job)
+        self.load_count += 1
+        return job.end
+
+    def cancel(self, job: LoadJob) -> None:
+        """Drop ``job`` (its request was aborted): its device blocks may be reused once this
+        returns."""
+        if job.uploads:
+            self.hal.synchronize()
+        self._close(job)
+
+    def _close(self, job: LoadJob) -> None:
+        with self._lock:
+            job.closed = True  # reads still running release their own slots
+            slots = [g[2] for g in job.got if g]
+            job.got = [False] * len(job.got)
+            job.uploads = []
+        self._release_slots(slots)
+        if job in self._jobs:
+            self._jobs.remove(job)
+        for h in job.hashes:
+            if self._job_hashes.get(h) is job:
+                del self._job_hashes[h]
 
     def wait_pending(self, timeout: float = 0.05) -> None:
-        """Block briefly until in-flight disk reads finish (the engine calls this when a step
-        had nothing else to do)."""
-        self._expire()
+        """Block briefly while load jobs run (the engine calls this when a step had nothing
+        else to do): send what was read, then wait for the next batch of reads, or for the
+        copies when everything is read."""
+        if not self._jobs:
+            return
+        self._wake.clear()
+        for job in list(self._jobs):
+            self._pump(job)
         with self._lock:
-            futs = set(self._inflight.values())
-        if futs:
-            futures_wait(futs, timeout=timeout)
+            reading = any(not job.read_all() for job in self._jobs)
+        if reading:
+            self._wake.wait(timeout)
+        else:
+            self.hal.synchronize()
 
     def blocks_to_save(self, seq, new: list[tuple[int, bytes]], block_size: int
                        ) -> list[tuple[int, bytes, tuple[int, ...]]]:
@@ -1312,21 +1416,17 @@ class OffloadManager:
         """Finish queued write-through, then wait for disk writes and in-flight prefetches
         (tests, shutdown)."""
         self.save_pending()
-        with self._lock:
-            futs = set(self._inflight.values())
-        for f in futs:
+        for f in [f for job in list(self._jobs) for f in job.futures]:
             f.result()
         for tier in self.tiers:
             tier.flush()
 
     def close(self) -> None:
         self.flush()
+        for job in list(self._jobs):
+            self.cancel(job)
         if self._prefetch is not None:
             self._prefetch.shutdown(wait=True)
-        with self._lock:
-            slots = [e[2] for e in self._ready.values()]
-            self._ready.clear()
-        self._release_slots(slots)
         for tier in self.tiers:
             tier.close()
 
@@ -1335,7 +1435,7 @@ class OffloadManager:
         d.update(blocks_saved=self.blocks_saved, blocks_loaded=self.blocks_loaded,
                  bytes_to_device=self.bytes_to_device, bytes_from_device=self.bytes_from_device,
                  load_seconds=self.load_seconds, load_count=self.load_count, token_mismatches=self.token_mismatches,
-                 lookups=self.lookups, deferred_admissions=self.deferred,
+                 lookups=self.lookups, load_jobs=self.load_jobs,
                  bad_files=sum(t.stats.bad_files for t in self.tiers))
         return d
 

@@ -1,6 +1,11 @@
 """Continuous batching under a token budget: decodes first, then chunked prefills;
 preemption by recompute when blocks run out. Pure Python, no device code.
 
+A waiting sequence whose prefix continues on disk (the offload tiers) is admitted to
+``loading`` instead: it holds device blocks while a load job reads the blocks and copies
+them in, and the others keep running. Once the job is done the loaded blocks join the
+prefix cache and the sequence waits again at the front, where its prefix now hits.
+
 Every sequence is one case: it has ``num_computed_tokens`` of ``num_tokens`` in the KV
 cache, and a step computes the next ``num_new_tokens`` of them (1 for a decode, a chunk for
 a prefill). A step that reaches the last token samples.
@@ -51,6 +56,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.loading: list[Sequence] = []  # KV being read from the offload tiers (load jobs)
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -63,10 +69,31 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        elif seq in self.loading:
+            self.loading.remove(seq)
+            self.offload.cancel(seq.load_job)  # waits for copies in flight into its blocks
+            seq.load_job = None
         self.kv.free(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
+
+    def _finish_loads(self) -> None:
+        """Sequences whose load job is done: the loaded blocks become cached blocks, the
+        sequence lets its blocks go and waits again, at the front (its prefix now hits)."""
+        back = []
+        for seq in list(self.loading):
+            n = self.offload.poll(seq.load_job)
+            if n is None:
+                continue
+            job, seq.load_job = seq.load_job, None
+            for bid, h, toks in zip(job.block_ids[:n], job.hashes[:n], job.expect[:n]):
+                self.kv.register_loaded(bid, h, toks)
+            self.loading.remove(seq)
+            self.kv.free(seq)  # cached blocks stay cached, last in the eviction order
+            seq.status = SeqStatus.WAITING
+            back.append(seq)
+        self.waiting.extendleft(reversed(back))
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
@@ -84,8 +111,30 @@ class Scheduler:
         return self.offload.lookup(seq.block_hashes[start:stop],
                                    lambda i: tuple(seq.token_ids[(start + i) * bs:(start + i + 1) * bs]))
 
+    def _start_load(self, seq: Sequence, hit: list[int], found) -> bool:
+        """Admit waiting ``seq`` (the queue's head) to ``loading``: device blocks for its prefix
+        hit plus a load job filling fresh blocks with ``found``. False (nothing held) when
+        the blocks are short."""
+        n = len(found.blocks) + len(found.disk)
+        reusable = sum(1 for b in hit if self.kv.blocks[b].ref_count == 0)
+        if not self.kv.can_allocate(n + reusable):
+            self.offload.release(found)
+            return False
+        self.waiting.popleft()
+        self.kv.touch(hit)
+        fresh = self.kv.allocate_fresh(n)  # after touch: the hits stay put
+        seq.block_ids = list(hit) + fresh
+        bs, start = self.kv.block_size, len(hit)
+        seq.load_job = self.offload.start_load(
+            fresh, found, lambda i: tuple(seq.token_ids[(start + i) * bs:(start + i + 1) * bs]))
+        seq.status = SeqStatus.LOADING
+        self.loading.append(seq)
+        return True
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self.loading:
+            self._finish_loads()
         budget = self.max_num_batched_tokens
         scheduled: set[int] = set()
         # 1. running sequences: decodes first, then unfinished prefills, oldest first
@@ -118,7 +167,11 @@ class Scheduler:
                 hit = self.kv.match_prefix(seq)
                 if self.offload is not None and self.kv.enable_prefix_caching:
                     found = self._lookup_offload(seq, len(hit))
-                    if found.pending:  # being read from disk; running sequences go on
+                    if found.pending:  # being loaded for another sequence; running ones go on
+                        break
+                    if found.disk:
+                        if self._start_load(seq, hit, found):
+                            continue
                         break
             num_loaded = len(found.blocks) if found is not None else 0
             computed = (len(hit) + num_loaded) * self.kv.block_size
@@ -128,7 +181,7 @@ class Scheduler:
             reusable = sum(1 for b in hit if self.kv.blocks[b].ref_count == 0)
             if not self.kv.can_allocate(need + reusable):
                 if num_loaded:
-                    self.offload.give_back(found)
+                    self.offload.release(found)
                 break
             self.waiting.popleft()
             self.kv.touch(hit)

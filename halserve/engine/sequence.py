@@ -14,6 +14,7 @@ class SeqStatus(enum.Enum):
     WAITING = 0
     RUNNING = 1
     FINISHED = 2
+    LOADING = 3  # holds device blocks that KV from the offload tiers is being copied into
 
 
 @dataclass(slots=True, eq=False)
@@ -33,6 +34,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks so far
     num_committed_blocks: int = 0  # leading blocks already offered to the prefix cache
     num_preemptions: int = 0
+    load_job: Any = None  # engine.offload.LoadJob while LOADING
     finish_reason: str | None = None
     stop_reason: Any = None
     # output state

@@ -253,8 +253,9 @@ class Backend:
     def event(self):  # optional
         """A marker between streams, or None (the default) where device work runs in order:
         ``record()`` marks the work queued on the current stream so far; ``wait()`` holds
-        the current stream's later work until that is done. ``wait()`` may be captured in a
-        graph: a replay then waits for the marker's latest ``record()``."""
+        the current stream's later work until that is done; ``query()`` says (without
+        waiting) whether it is done. ``wait()`` may be captured in a graph: a replay then
+        waits for the marker's latest ``record()``."""
         return None
 
     # ---- ops (signatures; NativeBackend implements them all) ----------------------------

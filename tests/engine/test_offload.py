@@ -232,18 +232,16 @@ def manager(host_blocks: int, disk_dir=None, device_blocks: int = 4, async_disk:
     return m, caches
 
 
-@pytest.mark.parametrize("async_disk", [False, True])
-def test_manager_write_through_lookup_and_promotion(tmp_path, async_disk):
-    m, caches = manager(2, tmp_path, device_blocks=8, async_disk=async_disk)
+def test_manager_write_through_lookup_and_promotion(tmp_path):
+    """Without prefetch threads a lookup reads disk blocks itself (into host slots, or its
+    own tensors when every slot is pinned)."""
+    m, caches = manager(2, tmp_path, device_blocks=8, async_disk=False)
     m.save(caches, [(i, h(i), toks(i)) for i in range(4)])
     m.flush()
     assert len(m.host) == 2 and len(m.disk) == 4
     hashes = [h(i) for i in range(5)]  # block 4 is nowhere
     res = m.lookup(hashes, toks)
-    while res.pending:
-        m.wait_pending(1.0)
-        res = m.lookup(hashes, toks)
-    assert [x for x, _ in res.blocks] == hashes[:4]
+    assert [x for x, _ in res.blocks] == hashes[:4] and not res.disk and not res.pending
     ref = m.gather(caches, [0, 1, 2, 3])
     assert all(torch.equal(b, ref[i]) for i, (_, b) in enumerate(res.blocks))
     # the host kept the first two blocks (pinned views, no copy); 2 and 3 came from disk
@@ -255,18 +253,12 @@ def test_manager_write_through_lookup_and_promotion(tmp_path, async_disk):
     # with the host slots free again, a disk read lands in the host tier (LRU goes)
     m.host.clear()
     res = m.lookup(hashes, toks)
-    while res.pending:
-        m.wait_pending(1.0)
-        res = m.lookup(hashes, toks)
     assert len(res.blocks) == 4 and sorted(res.slots[:2]) == [0, 1] and res.slots[2:] == [-1, -1]
     assert all(torch.equal(b, ref[i]) for i, (_, b) in enumerate(res.blocks))
     assert m.host.lookup(h(0)) and m.host.lookup(h(1)) and m.host.stats.stores == 4
     m.release(res)
     # a token mismatch (a hash collision, in theory) stops the prefix
     res = m.lookup(hashes, lambda i: toks(i + 1) if i == 1 else toks(i))
-    while res.pending:
-        m.wait_pending(1.0)
-        res = m.lookup(hashes, lambda i: toks(i + 1) if i == 1 else toks(i))
     assert len(res.blocks) == 1 and m.token_mismatches == 1
     m.release(res)
     assert m.host.stats_dict()["pinned"] == 0  # the mismatched block's pin went too
@@ -288,22 +280,58 @@ def test_manager_write_through_lookup_and_promotion(tmp_path, async_disk):
     m.close()
 
 
-def test_blocks_given_back_and_never_taken_expire():
-    m, caches = manager(4)
-    m.save(caches, [(i, h(i), toks(i)) for i in range(2)])
-    res = m.lookup([h(0), h(1)], toks)
-    assert res.slots == [0, 1]
-    m.give_back(res)  # e.g. the request could not be admitted, then was aborted
-    assert m.host.stats_dict()["pinned"] == 2
-    m.lookup([h(7)], toks)  # within the TTL: kept for the next try
-    assert m.host.stats_dict()["pinned"] == 2
-    m.READY_TTL_S = 0.0
-    m.lookup([h(7)], toks)
-    assert m.host.stats_dict()["pinned"] == 0 and not m._ready
-    m.give_back(m.lookup([h(0)], toks))
-    assert m.host.stats_dict()["pinned"] == 1
-    m.idle()  # an idle server lets them go too, with no lookup
-    assert m.host.stats_dict()["pinned"] == 0 and not m._ready
+def run_job(m, job, timeout: float = 10.0) -> int:
+    """Step a load job the way the engine does (poll each step, wait when idle)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while (n := m.poll(job)) is None:
+        assert time.monotonic() < end, "load job did not finish"
+        m.wait_pending(0.5)
+    return n
+
+
+@pytest.mark.parametrize("pump_bytes", [None, 1])
+def test_load_job_reads_disk_into_device_blocks(tmp_path, pump_bytes, monkeypatch):
+    """With prefetch threads, a lookup names the disk part of the run and a load job reads
+    it and fills the device blocks the request holds, host hits first (``pump_bytes=1``:
+    each block read goes to the device on its own)."""
+    if pump_bytes:
+        monkeypatch.setattr(OffloadManager, "PUMP_BYTES", pump_bytes)
+    m, caches = manager(2, tmp_path, device_blocks=8)
+    m.save(caches, [(i, h(i), toks(i)) for i in range(4)])
+    m.flush()
+    dev = [torch.zeros_like(c) for c in caches]
+    m.bind(dev)
+    hashes = [h(i) for i in range(5)]  # block 4 is nowhere
+    res = m.lookup(hashes, toks)
+    assert [x for x, _ in res.blocks] == hashes[:2] and res.disk == hashes[2:4] and not res.pending
+    job = m.start_load([7, 6, 5, 4], res, toks)
+    assert m.lookup(hashes, toks).pending  # a request sharing the prefix waits for this job
+    assert m.host.stats_dict()["pinned"] >= 2  # the host hits stay pinned until copied
+    assert run_job(m, job) == 4
+    for c, d in zip(caches, dev):
+        for i, b in enumerate([7, 6, 5, 4]):
+            assert torch.equal(d[:, b], c[:, i])
+    assert m.host.stats_dict()["pinned"] == 0 and m.disk.stats.hits == 2 and not m._jobs
+    assert m.stats()["load_jobs"] == 1 and m.stats()["blocks_loaded"] == 4
+    # the disk reads landed in the host tier; a token mismatch stops the prefix at block 2
+    m.host.clear()
+    res = m.lookup(hashes, toks)
+    assert not res.blocks and res.disk == hashes[:4]
+    job = m.start_load([0, 1, 2, 3], res, lambda i: toks(i + 1) if i == 2 else toks(i))
+    assert run_job(m, job) == 2 and m.token_mismatches == 1
+    for f in job.futures:
+        f.result()
+    assert m.host.stats_dict()["pinned"] == 0
+    # a job dropped part-way (its request aborted) lets everything go
+    m.host.clear()
+    res = m.lookup(hashes, toks)
+    job = m.start_load([0, 1, 2, 3], res, toks)
+    m.cancel(job)
+    for f in job.futures:
+        f.result()
+    assert m.host.stats_dict()["pinned"] == 0 and not m._jobs and not m._job_hashes
     m.close()
 
 
@@ -312,16 +340,15 @@ def test_unreadable_file_is_a_miss_not_a_stall(tmp_path):
     m.save(caches, [(i, h(i), toks(i)) for i in range(2)])
     m.flush()
     m.host.clear()
+    m.bind([torch.zeros_like(c) for c in caches])
 
     def eio(path, payload):
         raise OSError(5, "Input/output error")
 
     m.disk._read = eio
     res = m.lookup([h(0), h(1)], toks)
-    assert res.pending
-    m.wait_pending(5.0)
-    res = m.lookup([h(0), h(1)], toks)  # the read failed: a miss, the block is recomputed
-    assert not res.pending and not res.blocks
+    assert res.disk == [h(0), h(1)]
+    assert run_job(m, m.start_load([0, 1], res, toks)) == 0  # the read failed: a miss, recomputed
     st = m.stats()
     assert st["host"]["pinned"] == 0 and st["disk"]["bad_files"] >= 1 and not m.disk.lookup(h(0))
     m.close()
@@ -458,7 +485,7 @@ def test_restart_serves_from_disk(ckpt, reference, tmp_path):
     assert tokens_of(out) == reference(LONG)
     assert [o.num_cached_tokens for o in out] == [96, 96]
     m = again.get_metrics()["offload"]
-    assert m["disk"]["hits"] == 12 and m["deferred_admissions"] >= 1  # read off the engine thread
+    assert m["disk"]["hits"] == 12 and m["load_jobs"] >= 1  # read off the engine thread
 
 
 def test_cross_backend_layouts_share_files(ckpt, reference, tmp_path, transposed_backend):
@@ -547,7 +574,7 @@ def test_disk_reads_do_not_stall_running_requests(ckpt, reference, tmp_path):
     eng.add_request("b", LONG[0], GREEDY)
     outs = {o.request_id: o for o in eng.step()}  # b's blocks are being read: a decodes alone
     assert len(outs["a"].outputs[0].token_ids) == 2 and "b" not in outs
-    assert [s.request_id for s in eng.scheduler.waiting] == ["b"]
+    assert [s.request_id for s in eng.scheduler.loading] == ["b"]
     done = {}
     while eng.has_unfinished():
         for o in eng.step():
@@ -649,6 +676,11 @@ class DeferredCopyBackend(NativeBackend):
                 if self.lane is not None and self.lane != hal.lane:
                     hal.run_until(self.lane, self.at, compute=hal.lane is None)
 
+            def query(self):  # asked from the host: the device gets there meanwhile
+                if self.lane is not None:
+                    hal.run_until(self.lane, self.at)
+                return True
+
         return Event()
 
 
@@ -697,3 +729,48 @@ def test_pending_write_through_does_not_keep_a_dropped_engine(ckpt, tmp_path):
     del llm
     gc.collect()
     assert cache() is None
+
+
+@pytest.mark.parametrize("pump_bytes", [None, 1], ids=["one-batch", "block-a-batch"])
+def test_disk_hit_loads_on_the_copy_streams(ckpt, reference, tmp_path, pump_bytes, monkeypatch):
+    """A restarted engine's disk hit goes through a load job: reads on the prefetch threads,
+    copies on the copy streams (deferred until waited for, as a device would run them), the
+    request admitted only once the job's copies are done; the tokens match."""
+    if pump_bytes:
+        monkeypatch.setattr(OffloadManager, "PUMP_BYTES", pump_bytes)
+    warm = offload_llm(ckpt, tmp_path)
+    warm.generate([LONG[0]], GREEDY)
+    warm.engine.offload.flush()
+    hal_registry.register(DeferredCopyBackend)
+    try:
+        llm = offload_llm(ckpt, tmp_path, backend=DeferredCopyBackend.name, enforce_eager=True)
+        out = llm.generate([LONG[0]], GREEDY)
+        assert tokens_of(out) == reference([LONG[0]]) and out[0].num_cached_tokens == 96
+        st = llm.engine.offload.stats()
+        assert st["load_jobs"] == 1 and st["disk"]["hits"] == 6 and st["blocks_loaded"] == 6
+        layers = llm.engine.model_config.num_layers
+        hal = llm.engine.hal
+        assert hal.issued >= layers and hal.issued % layers == 0  # a move a layer for each batch
+        assert st["host"]["pinned"] == 0
+    finally:
+        hal_registry._registered.pop(DeferredCopyBackend.name, None)
+
+
+def test_abort_while_loading_lets_everything_go(ckpt, reference, tmp_path):
+    warm = offload_llm(ckpt, tmp_path)
+    warm.generate([LONG[0]], GREEDY)
+    warm.engine.offload.flush()
+    llm = offload_llm(ckpt, tmp_path, kv_offload_host_bytes=0)
+    eng = llm.engine
+    free = eng.kv.num_free_blocks
+    eng.add_request("b", LONG[0], GREEDY)
+    eng.step()
+    assert [s.request_id for s in eng.scheduler.loading] == ["b"]
+    job = eng.scheduler.loading[0].load_job
+    assert eng.kv.num_free_blocks == free - 6
+    eng.abort_request("b")
+    for f in job.futures:
+        f.result()
+    assert not eng.scheduler.loading and not eng.offload._jobs and eng.kv.num_free_blocks == free
+    assert eng.offload.stats()["host"]["pinned"] == 0
+    assert tokens_of(llm.generate([LONG[0]], GREEDY)) == reference([LONG[0]])  # and it loads again
