@@ -54,11 +54,11 @@ def write_random_llama(path: Path, args, seed: int = 0) -> Path:
     return write(path, shape, seed=seed, num_shards=1, dtype=args.dtype)
 
 
-def _drop_page_cache(root: Path) -> bool:
+def _drop_page_cache(root: Path, pattern: str = "*.kv") -> bool:
     """Ask the OS to forget the tier's files (no root needed: fsync, then DONTNEED)."""
     if not hasattr(os, "posix_fadvise"):
         return False
-    for p in root.rglob("*.kv"):
+    for p in root.rglob(pattern):
         fd = os.open(p, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -206,6 +206,9 @@ def main(args: argparse.Namespace) -> int:
                       kv_offload_disk_bytes=disk_bytes, kv_offload_host_bytes=host_bytes if host else 0,
                       **common)
             _ttft(llm, prompt(10_001)[:256])
+            # the checkpoint was read once, at load: its pages would only crowd the tier's
+            # files out of the page cache where memory is tight
+            _drop_page_cache(model, "*.safetensors")
             for r in range(args.repeats):
                 if cold:
                     _drop_page_cache(tier_dir)

@@ -834,6 +834,7 @@ class LoadJob:
     unsent: int = 0  # read, not yet sent to the device
     resolved: int = 0  # got[:resolved] are all settled (read or failed)
     closed: bool = False
+    landing: list = field(default_factory=list)  # host slot reserved for each read, until it runs
 
     def read_all(self) -> bool:
         """Every block of the usable prefix is read (or failed). Under the manager's lock."""
@@ -1236,10 +1237,12 @@ class OffloadManager:
         self._release_slots(res.slots)
         res.blocks, res.tokens, res.slots = [], [], []
 
-    def _promote(self, h: bytes) -> "tuple[torch.Tensor, tuple[int, ...], int] | None":
-        """Read block ``h`` from disk: into a reserved host slot (published in the host tier
-        and returned pinned), or into its own tensor when there is no host slot to have."""
-        slot = self.host.reserve() if self.host is not None else None
+    def _promote(self, h: bytes, slot: int | None = None) -> "tuple[torch.Tensor, tuple[int, ...], int] | None":
+        """Read block ``h`` from disk: into a reserved host slot (``slot``, else one reserved
+        here; published in the host tier and returned pinned), or into its own tensor when
+        there is no host slot to have. A reserved slot is used or released."""
+        if slot is None and self.host is not None:
+            slot = self.host.reserve()
         if slot is None:
             got = self.disk.load(h)
             return None if got is None else (got[0], got[1], -1)
@@ -1273,6 +1276,10 @@ class OffloadManager:
         job = LoadJob(list(block_ids), hashes, [tuple(tokens(i)) for i in range(len(hashes))],
                       got + [None] * len(found.disk), [False] * len(hashes), len(hashes))
         job.unsent = n_host
+        # host slots for the reads, reserved now and in order: the lowest free first, so the
+        # blocks read lie in consecutive slots and each batch crosses the bus in one piece a layer
+        job.landing = [None] * n_host + [self.host.reserve() if self.host is not None else None
+                                         for _ in found.disk]
         found.blocks, found.tokens, found.slots, found.disk = [], [], [], []  # the job holds them now
         self.load_jobs += 1
         self._jobs.append(job)
@@ -1287,9 +1294,15 @@ class OffloadManager:
         """Prefetch thread: read block i of ``job`` (from the host tier if it is there by now)."""
         h = job.hashes[i]
         got = None
+        slot, job.landing[i] = job.landing[i], None
         try:
-            if not job.closed and i < job.end:
-                got = (self.host.acquire(h) if self.host is not None else None) or self._promote(h)
+            if job.closed or i >= job.end:
+                pass
+            elif self.host is not None and self.host.lookup(h):  # stored meanwhile, or never on disk
+                got = self.host.acquire(h)
+            else:
+                mine, slot = slot, None  # _promote uses it or lets it go
+                got = self._promote(h, mine)
         except Exception:  # never lose the slot or stall the request: a miss, recomputed
             logger.exception("KV offload: reading block %s failed", h.hex())
             self.disk.forget(h)
@@ -1308,8 +1321,7 @@ class OffloadManager:
                 job.unsent += 1
             if job.unsent >= self.pump_blocks or job.read_all():
                 self._wake.set()
-        if drop is not None:
-            self._release_slots([drop[2]])
+        self._release_slots([s for s in (slot, drop[2] if drop is not None else None) if s is not None])
 
     def _pump(self, job: LoadJob) -> None:
         """Send what ``job`` has read to the device, once there is a batch (or all is read)."""
