@@ -3,6 +3,7 @@ restart), the manager's lookup/prefetch, and end to end through the engine."""
 from __future__ import annotations
 
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,9 @@ from halserve.engine.offload import (
     HostMemoryTier,
     KVLayout,
     OffloadManager,
+    block_rows,
     encode_block_file,
+    payload_checksum,
 )
 from halserve.hal.native import NativeBackend
 
@@ -176,6 +179,9 @@ def _corrupt(path, how):
     data = bytearray(path.read_bytes())
     if how == "flip":
         data[len(data) // 2] ^= 0x40
+    elif how == "flip-head":  # a token id in the JSON header: still valid JSON
+        i = data.index(b'"tokens":[') + len(b'"tokens":[')
+        data[i] = ord("9") if data[i] != ord("9") else ord("8")
     elif how == "truncate":
         data = data[: len(data) - 7]
     elif how == "magic":
@@ -183,7 +189,32 @@ def _corrupt(path, how):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("how", ["flip", "truncate", "magic", "fingerprint", "empty"])
+def test_payload_checksum_against_python_integers():
+    """The file check is sum(w_k * (2k + 1)) mod 2**64 over the payload's little-endian
+    64-bit words in file order (layer by layer), also for a strided host-tier slot; it
+    changes for any flipped bit and for two words swapped."""
+    import random
+
+    rng = random.Random(0)
+    rows = np.frombuffer(bytes(rng.getrandbits(8) for _ in range(3 * 64)), dtype=np.uint8).reshape(3, 64).copy()
+    words = [int.from_bytes(rows.tobytes()[i:i + 8], "little") for i in range(0, rows.nbytes, 8)]
+    ref = sum(w * (2 * k + 1) for k, w in enumerate(words)) % 2**64
+    assert payload_checksum(rows) == ref
+    pool = np.zeros((3, 5, 64), dtype=np.uint8)  # layer-major, like the host tier's pool
+    pool[:, 2] = rows
+    assert not pool[:, 2].flags.c_contiguous and payload_checksum(pool[:, 2]) == ref
+    for bit in range(0, rows.nbytes * 8, 37):
+        bad = rows.copy()
+        bad.reshape(-1)[bit // 8] ^= 1 << (bit % 8)
+        assert payload_checksum(bad) != ref
+    swapped = rows.copy().reshape(-1).view(np.uint64)
+    swapped[[1, 6]] = swapped[[6, 1]]
+    assert payload_checksum(swapped.view(np.uint8).reshape(3, 64)) != ref
+    t = block(3, torch.bfloat16)  # a tensor's rows are its layers, without a copy
+    assert block_rows(t).shape == (L, t[0].numel() * 2) and np.shares_memory(block_rows(t), t.view(torch.uint8).numpy())
+
+
+@pytest.mark.parametrize("how", ["flip", "flip-head", "truncate", "magic", "fingerprint", "empty"])
 def test_bad_files_are_misses_and_removed(tmp_path, how):
     fp = b"f" * 32
     t = disk(tmp_path, fp=fp)
