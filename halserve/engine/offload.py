@@ -186,6 +186,7 @@ class HostMemoryTier(KVTier):
         self.layer_bytes = self.block_bytes // layers  # one slot's piece of one layer
         self._bytes = self.pool.view(torch.uint8).reshape(layers, self.num_slots, self.layer_bytes).numpy()
         self._views: list[torch.Tensor | None] = [None] * self.num_slots  # slot views, made once
+        self._bufs: list[list | None] = [None] * self.num_slots  # slot_bufs, made once
         self.entries: OrderedDict[bytes, tuple[int, tuple[int, ...]]] = OrderedDict()  # LRU first
         self.free_slots = list(range(self.num_slots))  # a heap: lowest slot first
         self.refs = [0] * self.num_slots  # pins
@@ -227,6 +228,14 @@ class HostMemoryTier(KVTier):
     def slot_array(self, slot: int) -> np.ndarray:
         """The slot's bytes, ``[layers, layer_bytes]`` uint8 (strided, no copy), in file order."""
         return self._bytes[:, slot]
+
+    def slot_bufs(self, slot: int) -> list[np.ndarray]:
+        """``slot_array(slot)``'s layer pieces (each contiguous), made once: what a file read
+        lands in."""
+        b = self._bufs[slot]
+        if b is None:
+            b = self._bufs[slot] = list(self._bytes[:, slot])
+        return b
 
     def acquire(self, h: bytes) -> "tuple[torch.Tensor, tuple[int, ...], int] | None":
         """(slot view, tokens, slot) with the slot pinned until ``release(slot)``; None on a miss."""
@@ -412,10 +421,20 @@ def encode_block_file(fingerprint: bytes, h: bytes, block: torch.Tensor, tokens:
     return head + rows.tobytes() + trailer
 
 
+def header_prefix(fingerprint: bytes, h: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    """What a good file's JSON header holds before its tokens (``block_file_parts`` writes
+    the keys in this order, with no spaces)."""
+    return b'{"fingerprint":"%s","hash":"%s","dtype":"%s","shape":[%s],"tokens":[' % (
+        fingerprint.hex().encode(), h.hex().encode(), dtype_name(dtype).encode(), ",".join(map(str, shape)).encode())
+
+
 def check_block_file(head: "bytes | bytearray", rows: np.ndarray, trailer: "bytes | bytearray",
-                     fingerprint: bytes, h: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[int, ...]:
+                     fingerprint: bytes, h: bytes, dtype: torch.dtype, shape: tuple[int, ...],
+                     check_payload: bool = True) -> tuple[tuple[int, ...], int]:
     """Check a block file split into head / payload rows / trailer; returns the block's
-    tokens or raises BadBlockFile naming the first problem."""
+    tokens and its payload checksum, or raises BadBlockFile naming the first problem.
+    ``check_payload=False`` leaves the payload to the caller (checked where it is copied
+    to, e.g. on the device)."""
     if len(head) < _PREFIX.size:
         raise BadBlockFile(f"truncated: {len(head)}-byte head")
     magic, version, hlen = _PREFIX.unpack_from(head)
@@ -423,17 +442,25 @@ def check_block_file(head: "bytes | bytearray", rows: np.ndarray, trailer: "byte
         raise BadBlockFile(f"bad magic {magic!r}")
     if version != VERSION:
         raise BadBlockFile(f"version {version}, expected {VERSION}")
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if len(head) != _PREFIX.size + hlen or rows.nbytes != nbytes or len(trailer) != _TRAILER.size:
         raise BadBlockFile(f"size {len(head) + rows.nbytes + len(trailer)} does not match header length "
                            f"{hlen} + payload {nbytes}")
     head_crc, payload_sum = _TRAILER.unpack(trailer)
     if zlib.crc32(head) != head_crc:
         raise BadBlockFile("header checksum mismatch")
-    if payload_checksum(rows) != payload_sum:
+    if check_payload and payload_checksum(rows) != payload_sum:
         raise BadBlockFile("payload checksum mismatch")
+    raw = bytes(head[_PREFIX.size:])
+    pre = header_prefix(fingerprint, h, dtype, shape)
+    if raw.startswith(pre) and raw.endswith(b"]}"):  # the usual case, without a JSON parse
+        body = raw[len(pre):-2]
+        try:
+            return (tuple(map(int, body.split(b","))) if body else ()), payload_sum
+        except ValueError:
+            pass  # the full parse below says what is wrong
     try:
-        header = json.loads(bytes(head[_PREFIX.size:]))
+        header = json.loads(raw)
     except ValueError as e:
         raise BadBlockFile(f"unreadable header: {e}") from None
     if not isinstance(header, dict):
@@ -445,7 +472,7 @@ def check_block_file(head: "bytes | bytearray", rows: np.ndarray, trailer: "byte
     if header.get("dtype") != dtype_name(dtype) or tuple(header.get("shape", ())) != tuple(shape):
         raise BadBlockFile(f"dtype/shape {header.get('dtype')}{header.get('shape')} != {dtype_name(dtype)}{list(shape)}")
     try:
-        return tuple(int(t) for t in header.get("tokens", ()))
+        return tuple(int(t) for t in header.get("tokens", ())), payload_sum
     except (TypeError, ValueError):
         raise BadBlockFile("unreadable tokens in the header") from None
 
@@ -460,7 +487,7 @@ def decode_block_file(data: "bytes | bytearray", fingerprint: bytes, h: bytes, d
         data = bytearray(data)
     start, end = len(data) - nbytes - _TRAILER.size, len(data) - _TRAILER.size
     rows = np.frombuffer(data, dtype=np.uint8, count=nbytes, offset=start).reshape(shape[0], -1)
-    tokens = check_block_file(memoryview(data)[:start], rows, bytes(data[end:]), fingerprint, h, dtype, shape)
+    tokens, _ = check_block_file(memoryview(data)[:start], rows, bytes(data[end:]), fingerprint, h, dtype, shape)
     block = torch.frombuffer(data, dtype=torch.uint8, offset=start, count=nbytes).view(dtype).reshape(shape)
     return block, tokens
 
@@ -546,9 +573,9 @@ class FileSystemTier(KVTier):
         except FileNotFoundError:
             pass
 
-    def _read(self, path: str, rows: np.ndarray) -> tuple[bytearray, bytearray, int]:
-        """Read file ``path`` as head | payload (straight into ``rows``, a layer a piece) |
-        trailer, in one call."""
+    def _read(self, path: str, rows: np.ndarray, bufs: list | None = None) -> tuple[bytearray, bytearray, int]:
+        """Read file ``path`` as head | payload (straight into ``rows``, a layer a piece;
+        ``bufs``: those pieces, if the caller has them) | trailer, in one call."""
         fd = os.open(path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
@@ -556,7 +583,7 @@ class FileSystemTier(KVTier):
             if not _PREFIX.size <= head_len <= 1 << 20:
                 raise BadBlockFile(f"size {size} does not fit a {rows.nbytes}-byte block")
             head, trailer = bytearray(head_len), bytearray(_TRAILER.size)
-            bufs = [head, *rows, trailer]
+            bufs = [head, *(rows if bufs is None else bufs), trailer]
             if hasattr(os, "preadv"):
                 got = os.preadv(fd, bufs, 0)
             else:
@@ -567,20 +594,26 @@ class FileSystemTier(KVTier):
             raise BadBlockFile(f"truncated: read {got} of {size} bytes")
         return head, trailer, size
 
-    def read_into(self, h: bytes, out: "torch.Tensor | np.ndarray") -> "tuple[int, ...] | None":
+    def read_into(self, h: bytes, out: "torch.Tensor | np.ndarray", bufs: list | None = None,
+                  check: bool = True, touch: bool = True):
         """Read block ``h`` into ``out`` (a host tensor of the block's shape and dtype, each
         layer's piece contiguous, or those bytes as ``[layers, layer_bytes]`` uint8, e.g. a
         host-tier slot) and check it; returns its tokens, or None on a miss (a bad file is
         removed and counted). ``out`` holds garbage after a miss. Thread-safe; the read (one
         ``preadv`` straight into ``out``) and the payload check are one call each, both
-        without the GIL: with a dozen threads reading, every return to Python waits for it."""
+        without the GIL: with a dozen threads reading, every return to Python waits for it.
+        ``bufs``: ``out``'s layer pieces, made once by the caller (``slot_bufs``).
+        ``check=False``: the payload is not checked here, and (tokens, the file's payload
+        checksum) is returned for the caller to check it; the head always is. ``touch``:
+        bump the file in the LRU order (else the caller does, ``touch_many``)."""
         t0 = time.perf_counter()
         x = h.hex()
         path = os.path.join(self._dir, x[:2], x + FILE_SUFFIX)
         rows = block_rows(out)
         try:
-            head, trailer, size = self._read(path, rows)
-            tokens = check_block_file(head, rows, trailer, self.fingerprint, h, self.dtype, self.block_shape)
+            head, trailer, size = self._read(path, rows, bufs)
+            tokens, psum = check_block_file(head, rows, trailer, self.fingerprint, h, self.dtype, self.block_shape,
+                                            check_payload=check)
         except FileNotFoundError:  # removed by another engine sharing the directory
             self.forget(h)
             return None
@@ -603,8 +636,28 @@ class FileSystemTier(KVTier):
             self.stats.hits += 1
             self.stats.bytes_read += size
             self.stats.load_seconds += time.perf_counter() - t0
-        self._touch(path)
-        return tokens
+        if touch:
+            self._touch(path)
+        return tokens if check else (tokens, psum)
+
+    def reject(self, h: bytes, why: str) -> None:
+        """A block read unchecked (``read_into(check=False)``) failed its check elsewhere:
+        the file is bad; remove and count it."""
+        logger.warning("KV offload: removing bad block file %s: %s", self.path(h), why)
+        with self.lock:
+            self.stats.bad_files += 1
+            self.stats.hits -= 1
+            self.stats.misses += 1
+            self._drop(h)
+
+    def touch_many(self, hashes: list[bytes]) -> None:
+        """``_touch`` for blocks read with ``touch=False``, in one go."""
+        paths = [str(self.path(h)) for h in hashes]
+        if self._queue is not None:
+            self._queue.put(paths)
+            return
+        for p in paths:
+            self._touch(p)
 
     def _touch(self, path: str) -> None:
         """Bump the file's mtime (the LRU order a restart reads back), off the read path
@@ -656,11 +709,12 @@ class FileSystemTier(KVTier):
             try:
                 if item is None:
                     return
-                if isinstance(item, str):  # a touch
-                    try:
-                        os.utime(item)
-                    except OSError:
-                        pass
+                if isinstance(item, (str, list)):  # touches
+                    for path in [item] if isinstance(item, str) else item:
+                        try:
+                            os.utime(path)
+                        except OSError:
+                            pass
                     continue
                 self._write(*item)
             except Exception:  # a full disk must not kill the engine; the block stays uncached
@@ -899,6 +953,11 @@ class OffloadManager:
         self._saver = threading.current_thread()  # the thread that queued it (steps the engine)
         self.stage_blocks = max(1, self.STAGE_BYTES * num_layers // self.block_bytes)
         self.pump_blocks = max(1, self.PUMP_BYTES // self.block_bytes)
+        # where the copies run beside the host (copy streams), a load job checks the payload
+        # of the blocks it reads on the device, after the copy, instead of on the reader
+        # threads: the reads then run at page-cache speed
+        self.device_check = self.layout.identity and self.hal.event() is not None
+        self._weights: dict = {}  # payload_checksum weights on the device
         # engine-side counters
         self.blocks_saved = 0
         self.blocks_loaded = 0
@@ -1251,7 +1310,7 @@ class OffloadManager:
             got = self.disk.load(h)
             return None if got is None else (got[0], got[1], -1)
         try:
-            toks = self.disk.read_into(h, self.host.slot_array(slot))
+            toks = self.disk.read_into(h, self.host.slot_array(slot), self.host.slot_bufs(slot))
         except BaseException:
             self.host.release(slot)
             raise
@@ -1305,8 +1364,8 @@ class OffloadManager:
             elif self.host is not None and self.host.lookup(h):  # stored meanwhile, or never on disk
                 got = self.host.acquire(h)
             else:
-                mine, slot = slot, None  # _promote uses it or lets it go
-                got = self._promote(h, mine)
+                mine, slot = slot, None  # used or let go below
+                got = self._read_unchecked(h, mine) if self.device_check else self._promote(h, mine)
         except Exception:  # never lose the slot or stall the request: a miss, recomputed
             logger.exception("KV offload: reading block %s failed", h.hex())
             self.disk.forget(h)
@@ -1327,6 +1386,71 @@ class OffloadManager:
                 self._wake.set()
         self._release_slots([s for s in (slot, drop[2] if drop is not None else None) if s is not None])
 
+    def _read_unchecked(self, h: bytes, slot: int | None):
+        """Read block ``h`` into reserved host slot ``slot`` with its payload unchecked:
+        (view, tokens, slot still reserved, the file's payload checksum); the device checks
+        it (``_send_checked``) and ``poll`` publishes it in the host tier. With no slot to
+        have, ``_promote`` reads and checks it here."""
+        if slot is None and self.host is not None:
+            slot = self.host.reserve()
+        if slot is None:
+            return self._promote(h)
+        try:
+            got = self.disk.read_into(h, self.host.slot_array(slot), self.host.slot_bufs(slot),
+                                      check=False, touch=False)
+        except BaseException:
+            self.host.release(slot)
+            raise
+        if got is None:
+            self.host.release(slot)
+            return None
+        return self.host.view(slot), got[0], slot, got[1]
+
+    def _device_weights(self, device) -> torch.Tensor:
+        """``payload_checksum``'s weights, ``[layers, 1, words a layer]`` int64 on ``device``."""
+        w = self._weights.get(str(device))
+        if w is None:
+            n = self.block_shape[0]
+            w = torch.arange(self.block_bytes // 8, dtype=torch.int64).mul_(2).add_(1).view(n, 1, -1)
+            w = self._weights[str(device)] = w.to(device)
+        return w
+
+    def _send_checked(self, caches: list[torch.Tensor], ids: list[int], blocks: list, slots: list[int],
+                      sums: list) -> tuple:
+        """Host blocks -> device blocks ``ids`` on copy lane 0, checked there on the way:
+        a layer at a time into one device buffer ``[layers, n, ...]``, the payload checksum
+        of each block with a ``sums`` entry (the file's; None: nothing to check) computed
+        over it, then each layer moved into its cache. Returns (event marking it done,
+        what must outlive it, per-block ok flags in host memory, valid once it is done)."""
+        dev = caches[0].device
+        n, layers = len(ids), self.block_shape[0]
+        pool = self.host.pool if self.host is not None else None
+        want = host_empty(self.hal, (n,), torch.int64)
+        mask = host_empty(self.hal, (n,), torch.bool)
+        want.copy_(torch.tensor([0 if v is None else v - (1 << 64) if v >= 1 << 63 else v  # same bits, signed
+                                 for v in sums], dtype=torch.int64))
+        mask.copy_(torch.tensor([v is not None for v in sums]))
+        mapping = host_empty(self.hal, (n, 2), torch.int64)
+        torch.stack([torch.arange(n, dtype=torch.int64), torch.tensor(ids, dtype=torch.int64)], dim=1, out=mapping)
+        flags = host_empty(self.hal, (n,), torch.bool)
+        ev = self.hal.event()
+        with self.hal.copy_stream(0):
+            buf = torch.empty((layers, n, *self.block_shape[1:]), dtype=self.dtype, device=dev)
+            for layer in range(layers):
+                for i, j, slot in self._runs(slots):
+                    buf[layer, i:j].copy_(self._host_part(blocks, pool, i, j, slot, layer), non_blocking=True)
+            if bool(mask.any()):
+                words = buf.view(layers, n, -1).view(torch.int64)
+                got = words.mul(self._device_weights(dev)).sum(dim=(0, 2))  # wraps, as the file's sum did
+                ok = (got == want.to(dev, non_blocking=True)) | ~mask.to(dev, non_blocking=True)
+                flags.copy_(ok, non_blocking=True)
+            else:
+                flags.fill_(True)
+            for layer, cache in enumerate(caches):
+                self.hal.swap_blocks(buf[layer].transpose(0, 1), cache, mapping)
+            ev.record()
+        return ev, [blocks, buf, want, mask, mapping], flags
+
     def _pump(self, job: LoadJob) -> None:
         """Send what ``job`` has read to the device, once there is a batch (or all is read)."""
         with self._lock:
@@ -1346,20 +1470,19 @@ class OffloadManager:
         if not caches or any(c is None for c in caches):
             raise RuntimeError("KV offload: start_load before bind(kv_caches)")
         with torch.inference_mode():
+            t0 = time.perf_counter()
             if not self.layout.identity:  # through the reused staging buffer, synchronously
                 self.scatter(caches, ids, blocks, [-1] * len(ids))
-                job.uploads.append((None, [], slots))
+                job.uploads.append((None, [], ready, None))
                 return
-            t0 = time.perf_counter()
-            ev = self.hal.event()
-            keep = self._to_device(caches, ids, blocks, slots, self.host.pool if self.host is not None else None,
-                                   lanes=ev is not None)
-            if ev is not None:
-                with self.hal.copy_stream(1):
-                    ev.record()  # lane 1 moves last: the batch is in the cache
-            else:
+            if self.device_check:
+                sums = [job.got[i][3] if len(job.got[i]) > 3 else None for i in ready]
+                ev, keep, flags = self._send_checked(caches, ids, blocks, slots, sums)
+            else:  # in order on the one stream: done when queued
+                keep, ev, flags = self._to_device(caches, ids, blocks, slots,
+                                                  self.host.pool if self.host is not None else None), None, None
                 self.hal.synchronize()
-        job.uploads.append((ev, [blocks, keep], slots))
+        job.uploads.append((ev, keep, ready, flags))
         self.blocks_loaded += len(ids)
         self.bytes_to_device += len(ids) * self.block_bytes
         self.load_seconds += time.perf_counter() - t0
@@ -1372,11 +1495,31 @@ class OffloadManager:
         with self._lock:
             if not job.read_all() or not all(job.queued[:job.end]):
                 return None
-        if any(ev is not None and not ev.query() for ev, _, _ in job.uploads):
+        if any(ev is not None and not ev.query() for ev, *_ in job.uploads):
             return None
+        self._settle(job)
         self._close(job)
         self.load_count += 1
         return job.end
+
+    def _settle(self, job: LoadJob) -> None:
+        """A job's copies are done: blocks the device found damaged end the usable prefix
+        (their files go), and the blocks read for it join the host tier."""
+        for _, _, idx, flags in job.uploads:
+            if flags is not None:
+                for i, ok in zip(idx, flags.tolist()):
+                    if not ok:
+                        self.disk.reject(job.hashes[i], "payload checksum mismatch (checked on the device)")
+                        job.end = min(job.end, i)
+        read = []
+        for i in range(len(job.got)):
+            g = job.got[i]
+            if g and len(g) > 3 and g[3] is not None and i < job.end:  # read unchecked, now checked
+                slot = self.host.commit(job.hashes[i], g[2], g[1])
+                job.got[i] = (self.host.view(slot), g[1], slot)
+                read.append(job.hashes[i])
+        if read:
+            self.disk.touch_many(read)
 
     def cancel(self, job: LoadJob) -> None:
         """Drop ``job`` (its request was aborted): its device blocks may be reused once this

@@ -373,7 +373,7 @@ def test_unreadable_file_is_a_miss_not_a_stall(tmp_path):
     m.host.clear()
     m.bind([torch.zeros_like(c) for c in caches])
 
-    def eio(path, payload):
+    def eio(path, rows, bufs=None):
         raise OSError(5, "Input/output error")
 
     m.disk._read = eio
@@ -808,3 +808,47 @@ def test_abort_while_loading_lets_everything_go(ckpt, reference, tmp_path):
     assert not eng.scheduler.loading and not eng.offload._jobs and eng.kv.num_free_blocks == free
     assert eng.offload.stats()["host"]["pinned"] == 0
     assert tokens_of(llm.generate([LONG[0]], GREEDY)) == reference([LONG[0]])  # and it loads again
+
+
+def test_disk_hit_with_a_damaged_payload_is_caught_on_the_device(ckpt, reference, tmp_path):
+    """Where copies run on copy streams, the reader threads check only the head and the
+    device checks the payload after the copy: a flipped payload byte in the third block is
+    caught there before the request runs; the prefix stops at it, the file goes, counted."""
+    warm = offload_llm(ckpt, tmp_path)
+    warm.generate([LONG[0]], GREEDY)
+    warm.engine.offload.flush()
+    from halserve.engine.kv_cache import ROOT_HASH, chain_hashes
+
+    hashes = chain_hashes(ROOT_HASH, LONG[0][:96], 16, warm.engine.kv.fingerprint)
+    path = warm.engine.offload.disk.path(hashes[2])
+    _corrupt(path, "flip")
+    hal_registry.register(DeferredCopyBackend)
+    try:
+        llm = offload_llm(ckpt, tmp_path, backend=DeferredCopyBackend.name, enforce_eager=True)
+        assert llm.engine.offload.device_check
+        out = llm.generate([LONG[0]], GREEDY)
+        assert tokens_of(out) == reference([LONG[0]]) and out[0].num_cached_tokens == 32
+        st = llm.engine.offload.stats()
+        assert st["disk"]["bad_files"] == 1 and st["load_jobs"] == 1 and st["host"]["pinned"] == 0
+        assert not path.exists() or path.read_bytes() != b""  # removed (then written again, whole)
+        llm.engine.offload.flush()
+        assert llm.engine.offload.disk.read_into(hashes[2], torch.empty(llm.engine.offload.block_shape)) is not None
+    finally:
+        hal_registry._registered.pop(DeferredCopyBackend.name, None)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_device_payload_check_matches_the_file_checksum(device, tmp_path):
+    """The device's check (int64 multiply-adds that wrap) gives ``payload_checksum``'s bits."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    m, _ = manager(1)
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(-2**62, 2**62, (5, m.block_bytes // 8), generator=g, dtype=torch.int64)
+    blocks[0] = -1  # every bit set: the largest words
+    rows = blocks.view(torch.uint8).view(5, L, -1).numpy()
+    want = [payload_checksum(r) for r in rows]
+    words = blocks.view(5, L, -1).transpose(0, 1).to(device)  # [layers, blocks, words], as the job's buffer
+    got = words.mul(m._device_weights(torch.device(device))).sum(dim=(0, 2)).tolist()
+    assert [x % 2**64 for x in got] == want
+    m.close()
