@@ -8,12 +8,14 @@ model, dtype and block geometry match; the tier fingerprint says so.
 - ``HostMemoryTier``: a fixed pool of host buffers (pinned where the HAL says so), LRU,
   layer-major so that the device can take a prompt's blocks a layer at a time.
 - ``FileSystemTier``: one file per block under ``<dir>/<fingerprint>/``, LRU by mtime so the
-  order survives restarts; a header and a CRC32 guard every file, writes are atomic
+  order survives restarts; a header (with a CRC32) and a payload checksum guard every
+  file, writes are atomic
   (temp file + rename) and run on a background thread. A corrupt, truncated or mismatched
   file is a miss: it is removed and counted, and the block is recomputed.
 - ``OffloadManager``: what the engine talks to. ``save`` copies newly committed device
   blocks down (write-through), ``lookup`` continues a device prefix hit through the tiers
-  (disk reads run on prefetch threads; the sequence waits while others keep running), and
+  (disk reads run as a ``LoadJob`` on prefetch threads, copied to the device in batches
+  as they land; the sequence waits while others keep running), and
   ``scatter`` copies found blocks into fresh device blocks through ``hal.swap_blocks``, a
   layer at a time on the HAL's copy stream, so the forward that reads them starts on
   layer 0 while the later layers are still crossing the bus.
@@ -498,8 +500,9 @@ class FileSystemTier(KVTier):
     Writes go through a background thread (``flush`` waits for them); the file index is
     rebuilt from the directory at start-up, oldest mtime first, so a restarted engine finds
     what an earlier one wrote and keeps the LRU order. ``read_into`` reads a block straight
-    into a caller's buffer (one ``preadv``: head, payload, CRC) and checks it there; it is
-    thread-safe, so several reads can run at once.
+    into a caller's buffer (one ``preadv``: head, payload, trailer) and checks it there (or
+    leaves the payload check to the caller); it is thread-safe, so several reads can run
+    at once.
     """
 
     name = "disk"
@@ -937,8 +940,8 @@ class OffloadManager:
             self.disk = FileSystemTier(disk_dir, self.fingerprint, self.block_shape, self.dtype,
                                        disk_bytes, write_async=async_disk)
         self.tiers: list[KVTier] = [t for t in (self.host, self.disk) if t is not None]
-        # reads + CRC scale to about a dozen threads (measured on a 16-core host); more starve
-        # the engine thread
+        # reads scale to about a dozen threads (measured on a 16-core host); more starve the
+        # engine thread
         self.io_threads = io_threads or min(12, os.cpu_count() or 1)
         self._prefetch = (ThreadPoolExecutor(self.io_threads, thread_name_prefix="halserve-kv-prefetch")
                           if async_disk and self.disk is not None else None)
@@ -1329,9 +1332,11 @@ class OffloadManager:
                    tokens: Callable[[int], tuple[int, ...]]) -> LoadJob:
         """Bring ``found`` (its host hits, then the blocks of ``found.disk``) into the device
         blocks ``block_ids``, one each in order, for a request that waits meanwhile: the
-        prefetch threads read the disk blocks into host slots (each checked: CRC, header,
-        then its tokens against ``tokens(i)``), and each ``PUMP_BYTES`` read so far goes to
-        the device on the copy streams. The engine asks ``poll`` each step, or ``cancel``s."""
+        prefetch threads read the disk blocks into reserved host slots (each file's head
+        checked, then its tokens against ``tokens(i)``; the payload there too, or with
+        ``device_check`` on the device after the copy), and each ``PUMP_BYTES`` read so far
+        goes to the device on the copy streams. The engine asks ``poll`` each step, or
+        ``cancel``s."""
         hashes = [h for h, _ in found.blocks] + list(found.disk)
         assert len(block_ids) == len(hashes) and self._prefetch is not None
         got = [(b, t, s) for (_, b), t, s in zip(found.blocks, found.tokens, found.slots)]
