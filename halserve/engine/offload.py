@@ -1303,25 +1303,31 @@ class OffloadManager:
         self._release_slots(res.slots)
         res.blocks, res.tokens, res.slots = [], [], []
 
-    def _promote(self, h: bytes, slot: int | None = None) -> "tuple[torch.Tensor, tuple[int, ...], int] | None":
+    def _promote(self, h: bytes, slot: int | None = None, check: bool = True):
         """Read block ``h`` from disk: into a reserved host slot (``slot``, else one reserved
         here; published in the host tier and returned pinned), or into its own tensor when
-        there is no host slot to have. A reserved slot is used or released."""
+        there is no host slot to have. A reserved slot is used or released. ``check=False``
+        (a load job's read with ``device_check``): the payload is left unchecked and the
+        slot stays reserved, unpublished: (view, tokens, slot, the file's payload checksum),
+        for the device to check and ``_settle`` to publish."""
         if slot is None and self.host is not None:
             slot = self.host.reserve()
-        if slot is None:
+        if slot is None:  # its own memory, checked here
             got = self.disk.load(h)
             return None if got is None else (got[0], got[1], -1)
         try:
-            toks = self.disk.read_into(h, self.host.slot_array(slot), self.host.slot_bufs(slot))
+            got = self.disk.read_into(h, self.host.slot_array(slot), self.host.slot_bufs(slot),
+                                      check=check, touch=check)
         except BaseException:
             self.host.release(slot)
             raise
-        if toks is None:
+        if got is None:
             self.host.release(slot)
             return None
-        slot = self.host.commit(h, slot, toks)
-        return self.host.view(slot), toks, slot
+        if not check:
+            return self.host.view(slot), got[0], slot, got[1]
+        slot = self.host.commit(h, slot, got)
+        return self.host.view(slot), got, slot
 
     # ---- load jobs: disk -> host -> device while the request waits -----------------------------------
     def bind(self, kv_caches: list[torch.Tensor]) -> None:
@@ -1370,7 +1376,7 @@ class OffloadManager:
                 got = self.host.acquire(h)
             else:
                 mine, slot = slot, None  # used or let go below
-                got = self._read_unchecked(h, mine) if self.device_check else self._promote(h, mine)
+                got = self._promote(h, mine, check=not self.device_check)
         except Exception:  # never lose the slot or stall the request: a miss, recomputed
             logger.exception("KV offload: reading block %s failed", h.hex())
             self.disk.forget(h)
@@ -1390,26 +1396,6 @@ class OffloadManager:
             if job.unsent >= self.pump_blocks or job.read_all():
                 self._wake.set()
         self._release_slots([s for s in (slot, drop[2] if drop is not None else None) if s is not None])
-
-    def _read_unchecked(self, h: bytes, slot: int | None):
-        """Read block ``h`` into reserved host slot ``slot`` with its payload unchecked:
-        (view, tokens, slot still reserved, the file's payload checksum); the device checks
-        it (``_send_checked``) and ``poll`` publishes it in the host tier. With no slot to
-        have, ``_promote`` reads and checks it here."""
-        if slot is None and self.host is not None:
-            slot = self.host.reserve()
-        if slot is None:
-            return self._promote(h)
-        try:
-            got = self.disk.read_into(h, self.host.slot_array(slot), self.host.slot_bufs(slot),
-                                      check=False, touch=False)
-        except BaseException:
-            self.host.release(slot)
-            raise
-        if got is None:
-            self.host.release(slot)
-            return None
-        return self.host.view(slot), got[0], slot, got[1]
 
     def _device_weights(self, device) -> torch.Tensor:
         """``payload_checksum``'s weights, ``[layers, 1, words a layer]`` int64 on ``device``."""
