@@ -920,7 +920,6 @@ class OffloadManager:
     """
 
     STAGE_BYTES = 256 << 20  # device staging for block moves (one layer of a chunk of blocks)
-    RING_BYTES, RING_MAX = 256 << 20, 4  # staging buffers of a layered load: up to 4, 256 MiB in all
     PUMP_BYTES = 96 << 20  # a load job sends what it has read to the device in batches of this
 
     def __init__(self, hal: "Backend", layout: KVLayout, num_layers: int, model_fingerprint: bytes, *,
@@ -952,7 +951,7 @@ class OffloadManager:
         self._caches: list | None = None  # weak refs to the device KV cache (``bind``)
         self._lock = threading.Lock()
         self._loading: list[tuple[list[int], list]] = []  # scatters not yet waited for
-        self._ring: list | None = None  # (copied, moved) events of the staging ring
+        self._ring: list | None = None  # (copied, moved) events of the two staging buffers
         self._unsaved: list = []  # write-through queued by save_later
         self._saver = threading.current_thread()  # the thread that queued it (steps the engine)
         self.stage_blocks = max(1, self.STAGE_BYTES * num_layers // self.block_bytes)
@@ -1052,24 +1051,20 @@ class OffloadManager:
                     copy_in(stage, layer, a, runs)
                     self.hal.swap_blocks(stage[:m].transpose(0, 1), cache, mapping)
             return [c[2] for c in chunks]
-        # beside the forward: the bus copies one after another on lane 0, into a ring of
-        # staging buffers in turn; each moved into its layer's cache on lane 1 once copied,
-        # while the next ones cross the bus (two copies at once would share the bus, not add
-        # to it). Up to RING_BYTES of staging: a copy then waits on the move of a piece copied
-        # several pieces earlier, long done, not on the one just before.
-        piece_bytes = min(len(block_ids), self.stage_blocks) * self.block_bytes // self.num_layers
-        n = max(2, min(self.RING_MAX, self.RING_BYTES // max(1, piece_bytes)))
-        if self._ring is None or len(self._ring[0]) < n:
-            self._ring = [[self.hal.event() for _ in range(n)] for _ in range(2)]  # copied, moved
+        # beside the forward: the bus copies one after another on lane 0, into two staging
+        # buffers in turn; each moved into its layer's cache on lane 1 once copied, while the
+        # next one crosses the bus (two copies at once would share the bus, not add to it)
+        if self._ring is None:
+            self._ring = [[self.hal.event() for _ in range(2)] for _ in range(2)]  # copied, moved
         copied, moved = self._ring
         with self.hal.copy_stream(0):
-            stages = [self._stage(len(block_ids), dev) for _ in range(n)]
+            stages = [self._stage(len(block_ids), dev) for _ in range(2)]
         piece = 0
         for layer, cache in enumerate(kv_caches):
             for c, (a, m, mapping, runs) in enumerate(chunks):
-                k = piece % n
+                k = piece % 2
                 with self.hal.copy_stream(0):
-                    if piece >= n:
+                    if piece >= 2:
                         moved[k].wait()  # staging buffer k is free again
                     copy_in(stages[k], layer, a, runs)
                     copied[k].record()

@@ -726,7 +726,7 @@ def test_host_hit_loads_layer_by_layer_beside_the_forward(ckpt, reference, tmp_p
     """Loads queued on the copy streams, each layer waited for by the forward just before
     it runs that layer: the tokens match, and the forward did wait on copies in flight.
     ``stage_blocks=1``: staging holds one block, so each layer is copied in 6 pieces through
-    a ring of four staging buffers in turn. A one-token tail runs as a decode graph, which has no
+    the two staging buffers in turn. A one-token tail runs as a decode graph, which has no
     per-layer waits: it waits for the whole load."""
     monkeypatch.setattr(DeferredCopyBackend, "graphs", graphs)
     if stage_blocks:
@@ -745,7 +745,7 @@ def test_host_hit_loads_layer_by_layer_beside_the_forward(ckpt, reference, tmp_p
         assert tokens_of(out) == ref and out[0].num_cached_tokens == 96
         layers = llm.engine.model_config.num_layers
         assert hal.issued == layers * (6 if stage_blocks else 1)
-        # one wait a layer, in order; with one block a piece the staging ring holds the
+        # one wait a layer, in order; with one block a piece the two staging buffers hold the
         # copies back (a refill waits for the move out), so only the last layer's is in flight
         assert hal.deferred_waits == (1 if tail == 1 or stage_blocks else layers)
     finally:
