@@ -283,7 +283,9 @@ class EngineCore:
         sch = self.scheduler
         return {
             "num_requests_running": len({s.request_id for s in sch.running}),
-            "num_requests_waiting": len({s.request_id for s in sch.waiting} - {s.request_id for s in sch.running}),
+            # waiting: queued, or loading their prefix from the offload tiers
+            "num_requests_waiting": len({s.request_id for s in (*sch.waiting, *sch.loading)}
+                                        - {s.request_id for s in sch.running}),
             "kv_cache_usage": self.kv.usage,
             "prefix_cache_queries": self.kv.stats.queries,
             "prefix_cache_hits": self.kv.stats.hits,

@@ -895,6 +895,7 @@ class LoadJob:
     unsent: int = 0  # read, not yet sent to the device
     resolved: int = 0  # got[:resolved] are all settled (read or failed)
     closed: bool = False
+    failed: bool = False  # a copy to the device raised: nothing of it is used
     landing: list = field(default_factory=list)  # host slot reserved for each read, until it runs
 
     def read_all(self) -> bool:
@@ -921,6 +922,7 @@ class OffloadManager:
 
     STAGE_BYTES = 256 << 20  # device staging for block moves (one layer of a chunk of blocks)
     PUMP_BYTES = 96 << 20  # a load job sends what it has read to the device in batches of this
+    CHECK_BYTES = 256 << 20  # at most this much of a batch at once in the device buffer it is checked in
 
     def __init__(self, hal: "Backend", layout: KVLayout, num_layers: int, model_fingerprint: bytes, *,
                  host_bytes: int = 0, disk_dir: str | None = None, disk_bytes: int = 16 << 30,
@@ -1359,15 +1361,19 @@ class OffloadManager:
         self._jobs.append(job)
         for h in hashes:
             self._job_hashes[h] = job
-        for i in range(n_host, len(hashes)):  # one task a block: the reads run side by side, balanced
-            job.futures.append(self._prefetch.submit(self._read_for, job, i))
-        self._pump(job)
-        return job
+        try:
+            for i in range(n_host, len(hashes)):  # one task a block: the reads run side by side, balanced
+                job.futures.append(self._prefetch.submit(self._read_for, job, i))
+        except BaseException:  # shutting down: drop it whole
+            self.cancel(job)
+            raise
+        return job  # what is read goes to the device at the next poll or wait_pending
 
     def _read_for(self, job: LoadJob, i: int) -> None:
         """Prefetch thread: read block i of ``job`` (from the host tier if it is there by now)."""
         h = job.hashes[i]
         got = None
+        from_disk = False
         slot, job.landing[i] = job.landing[i], None
         try:
             if job.closed or i >= job.end:
@@ -1375,27 +1381,32 @@ class OffloadManager:
             elif self.host is not None and self.host.lookup(h):  # stored meanwhile, or never on disk
                 got = self.host.acquire(h)
             else:
-                mine, slot = slot, None  # used or let go below
+                mine, slot, from_disk = slot, None, True  # the slot is used or let go below
                 got = self._promote(h, mine, check=not self.device_check)
         except Exception:  # never lose the slot or stall the request: a miss, recomputed
             logger.exception("KV offload: reading block %s failed", h.hex())
             self.disk.forget(h)
             got = None
-        drop = None
+        drop = mismatch = None
         with self._lock:
             if got is not None and got[1] != job.expect[i]:
                 self.token_mismatches += 1
-                drop, got = got, None
+                drop, got, mismatch = got, None, from_disk
             elif got is not None and (job.closed or i >= job.end):
                 drop, got = got, None
             job.got[i] = False if got is None else got
             if got is None:
-                job.end = min(job.end, i)
+                if i < job.end:  # only ever lowered (the engine thread lowers it too)
+                    job.end = i
             else:
                 job.unsent += 1
             if job.unsent >= self.pump_blocks or job.read_all():
                 self._wake.set()
         self._release_slots([s for s in (slot, drop[2] if drop is not None else None) if s is not None])
+        if mismatch:  # the file holds other tokens under this hash: never read it again
+            self.disk.reject(h, "its tokens are not the prompt's")
+            if self.host is not None:
+                self.host.evict(h)
 
     def _device_weights(self, device) -> torch.Tensor:
         """``payload_checksum``'s weights, ``[layers, 1, words a layer]`` int64 on ``device``."""
@@ -1466,14 +1477,17 @@ class OffloadManager:
                 self.scatter(caches, ids, blocks, [-1] * len(ids))
                 job.uploads.append((None, [], ready, None))
                 return
-            if self.device_check:
-                sums = [job.got[i][3] if len(job.got[i]) > 3 else None for i in ready]
-                ev, keep, flags = self._send_checked(caches, ids, blocks, slots, sums)
+            if self.device_check:  # in pieces of at most CHECK_BYTES (plus as much for the check)
+                step = max(1, self.CHECK_BYTES // self.block_bytes)
+                for a in range(0, len(ready), step):
+                    sl = slice(a, a + step)
+                    sums = [job.got[i][3] if len(job.got[i]) > 3 else None for i in ready[sl]]
+                    ev, keep, flags = self._send_checked(caches, ids[sl], blocks[sl], slots[sl], sums)
+                    job.uploads.append((ev, keep, ready[sl], flags))
             else:  # in order on the one stream: done when queued
-                keep, ev, flags = self._to_device(caches, ids, blocks, slots,
-                                                  self.host.pool if self.host is not None else None), None, None
+                self._to_device(caches, ids, blocks, slots, self.host.pool if self.host is not None else None)
                 self.hal.synchronize()
-        job.uploads.append((ev, keep, ready, flags))
+                job.uploads.append((None, [], ready, None))
         self.blocks_loaded += len(ids)
         self.bytes_to_device += len(ids) * self.block_bytes
         self.load_seconds += time.perf_counter() - t0
@@ -1482,7 +1496,10 @@ class OffloadManager:
         """None while ``job`` is loading (sending what was read meanwhile); else how many of
         its blocks, from the first, are in their device blocks: the rest failed (a miss, a
         bad file, other tokens) and hold nothing. The job is over then."""
-        self._pump(job)
+        self._send(job)
+        if job.failed:
+            self._close(job)
+            return 0
         with self._lock:
             if not job.read_all() or not all(job.queued[:job.end]):
                 return None
@@ -1493,6 +1510,21 @@ class OffloadManager:
         self.load_count += 1
         return job.end
 
+    def _send(self, job: LoadJob) -> None:
+        """``_pump``; if a copy to the device fails (out of device memory, say), the job fails
+        as a whole, its blocks recomputed, and the engine goes on."""
+        try:
+            self._pump(job)
+        except Exception:
+            logger.exception("KV offload: copying a prefix read from disk to the device failed; "
+                             "it is recomputed")
+            try:
+                self.hal.synchronize()  # what was queued before the failure runs out first
+            except Exception:
+                pass
+            with self._lock:
+                job.failed, job.end = True, 0
+
     def _settle(self, job: LoadJob) -> None:
         """A job's copies are done: blocks the device found damaged end the usable prefix
         (their files go), and the blocks read for it join the host tier."""
@@ -1501,7 +1533,8 @@ class OffloadManager:
                 for i, ok in zip(idx, flags.tolist()):
                     if not ok:
                         self.disk.reject(job.hashes[i], "payload checksum mismatch (checked on the device)")
-                        job.end = min(job.end, i)
+                        with self._lock:  # reader threads still running may lower it too
+                            job.end = min(job.end, i)
         read = []
         for i in range(len(job.got)):
             g = job.got[i]
@@ -1515,7 +1548,7 @@ class OffloadManager:
     def cancel(self, job: LoadJob) -> None:
         """Drop ``job`` (its request was aborted): its device blocks may be reused once this
         returns."""
-        if job.uploads:
+        if any(job.queued):  # marked before it is issued: copies may be in flight
             self.hal.synchronize()
         self._close(job)
 
@@ -1540,7 +1573,7 @@ class OffloadManager:
             return
         self._wake.clear()
         for job in list(self._jobs):
-            self._pump(job)
+            self._send(job)
         with self._lock:
             reading = any(not job.read_all() for job in self._jobs)
         if reading:

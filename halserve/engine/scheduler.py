@@ -87,6 +87,7 @@ class Scheduler:
             if n is None:
                 continue
             job, seq.load_job = seq.load_job, None
+            seq.load_failed = job.failed  # else a retry would find the same blocks and fail again
             for bid, h, toks in zip(job.block_ids[:n], job.hashes[:n], job.expect[:n]):
                 self.kv.register_loaded(bid, h, toks)
             self.loading.remove(seq)
@@ -120,13 +121,17 @@ class Scheduler:
         if not self.kv.can_allocate(n + reusable):
             self.offload.release(found)
             return False
-        self.waiting.popleft()
         self.kv.touch(hit)
         fresh = self.kv.allocate_fresh(n)  # after touch: the hits stay put
         seq.block_ids = list(hit) + fresh
         bs, start = self.kv.block_size, len(hit)
-        seq.load_job = self.offload.start_load(
-            fresh, found, lambda i: tuple(seq.token_ids[(start + i) * bs:(start + i + 1) * bs]))
+        try:
+            seq.load_job = self.offload.start_load(
+                fresh, found, lambda i: tuple(seq.token_ids[(start + i) * bs:(start + i + 1) * bs]))
+        except BaseException:  # nothing was copied into the blocks: the sequence just waits on
+            self.kv.free(seq)
+            raise
+        self.waiting.popleft()
         seq.status = SeqStatus.LOADING
         self.loading.append(seq)
         return True
@@ -165,7 +170,7 @@ class Scheduler:
             # prompt_logprobs needs logits at every prompt position: no prefix-cache reuse
             if seq.num_computed_tokens == 0 and not seq.block_ids and seq.params.prompt_logprobs is None:
                 hit = self.kv.match_prefix(seq)
-                if self.offload is not None and self.kv.enable_prefix_caching:
+                if self.offload is not None and self.kv.enable_prefix_caching and not seq.load_failed:
                     found = self._lookup_offload(seq, len(hit))
                     if found.pending:  # being loaded for another sequence; running ones go on
                         break

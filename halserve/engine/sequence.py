@@ -35,6 +35,7 @@ class Sequence:
     num_committed_blocks: int = 0  # leading blocks already offered to the prefix cache
     num_preemptions: int = 0
     load_job: Any = None  # engine.offload.LoadJob while LOADING
+    load_failed: bool = False  # its load job could not copy to the device: recompute, no retry
     finish_reason: str | None = None
     stop_reason: Any = None
     # output state

@@ -355,9 +355,14 @@ def test_load_job_reads_disk_into_device_blocks(tmp_path, pump_bytes, monkeypatc
     for f in job.futures:
         f.result()
     assert m.host.stats_dict()["pinned"] == 0
+    # a file whose tokens are not the prompt's goes (else the next lookup would load it again)
+    assert not m.disk.lookup(h(2)) and m.disk.stats.bad_files == 1
+    m.save(caches, [(2, h(2), toks(2))])
+    m.flush()
     # a job dropped part-way (its request aborted) lets everything go
     m.host.clear()
     res = m.lookup(hashes, toks)
+    assert res.disk == hashes[:4]
     job = m.start_load([0, 1, 2, 3], res, toks)
     m.cancel(job)
     for f in job.futures:
@@ -852,3 +857,61 @@ def test_device_payload_check_matches_the_file_checksum(device, tmp_path):
     got = words.mul(m._device_weights(torch.device(device))).sum(dim=(0, 2)).tolist()
     assert [x % 2**64 for x in got] == want
     m.close()
+
+
+def generate_within(llm, prompt, steps: int = 500):
+    """``llm.generate([prompt], GREEDY)``, but failing (not hanging) if the request is still
+    unfinished after ``steps`` engine steps (e.g. sent back to load the same blocks forever)."""
+    eng = llm.engine
+    eng.add_request("r", prompt, GREEDY)
+    for _ in range(steps):
+        for o in eng.step():
+            if o.finished:
+                return [o]
+    raise AssertionError(f"unfinished after {steps} steps: {eng.offload.stats()}")
+
+
+def test_a_file_with_other_tokens_is_read_once(ckpt, reference, tmp_path):
+    """A well-formed file whose tokens are not the prompt's (a hash collision, in theory)
+    ends the loaded prefix and goes: the request is not sent back to load it again."""
+    warm = offload_llm(ckpt, tmp_path)
+    warm.generate([LONG[0]], GREEDY)
+    off = warm.engine.offload
+    off.flush()
+    from halserve.engine.kv_cache import ROOT_HASH, chain_hashes
+
+    hashes = chain_hashes(ROOT_HASH, LONG[0][:96], 16, warm.engine.kv.fingerprint)
+    other = tuple(LONG[1][:16])
+    off.disk.path(hashes[2]).write_bytes(encode_block_file(off.fingerprint, hashes[2], off.disk.load(hashes[2])[0], other))
+    hal_registry.register(DeferredCopyBackend)
+    try:
+        llm = offload_llm(ckpt, tmp_path, backend=DeferredCopyBackend.name, enforce_eager=True)
+        out = generate_within(llm, LONG[0])
+        assert tokens_of(out) == reference([LONG[0]]) and out[0].num_cached_tokens == 32
+        st = llm.engine.offload.stats()
+        assert st["load_jobs"] == 1 and st["token_mismatches"] == 1 and st["disk"]["bad_files"] == 1
+        assert st["host"]["pinned"] == 0
+    finally:
+        hal_registry._registered.pop(DeferredCopyBackend.name, None)
+
+
+def test_a_failed_copy_to_the_device_is_recomputed(ckpt, reference, tmp_path, monkeypatch):
+    """A load job whose copy to the device raises (out of device memory, say) fails whole:
+    the request recomputes its prefix, once, and nothing stays pinned."""
+    warm = offload_llm(ckpt, tmp_path)
+    warm.generate([LONG[0]], GREEDY)
+    warm.engine.offload.flush()
+    hal_registry.register(DeferredCopyBackend)
+
+    def boom(*a, **k):
+        raise RuntimeError("out of device memory")
+
+    try:
+        llm = offload_llm(ckpt, tmp_path, backend=DeferredCopyBackend.name, enforce_eager=True)
+        monkeypatch.setattr(llm.engine.offload, "_send_checked", boom)
+        out = generate_within(llm, LONG[0])
+        assert tokens_of(out) == reference([LONG[0]]) and out[0].num_cached_tokens == 0
+        st = llm.engine.offload.stats()
+        assert st["load_jobs"] == 1 and st["host"]["pinned"] == 0 and not llm.engine.offload._jobs
+    finally:
+        hal_registry._registered.pop(DeferredCopyBackend.name, None)
