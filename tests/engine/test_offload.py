@@ -770,13 +770,17 @@ def test_pending_write_through_does_not_keep_a_dropped_engine(ckpt, tmp_path):
     assert cache() is None
 
 
-@pytest.mark.parametrize("pump_bytes", [None, 1], ids=["one-batch", "block-a-batch"])
-def test_disk_hit_loads_on_the_copy_streams(ckpt, reference, tmp_path, pump_bytes, monkeypatch):
+@pytest.mark.parametrize("pump_bytes,check_bytes", [(None, None), (1, None), (None, 1)],
+                         ids=["one-batch", "block-a-batch", "block-a-check"])
+def test_disk_hit_loads_on_the_copy_streams(ckpt, reference, tmp_path, pump_bytes, check_bytes, monkeypatch):
     """A restarted engine's disk hit goes through a load job: reads on the prefetch threads,
     copies on the copy streams (deferred until waited for, as a device would run them), the
-    request admitted only once the job's copies are done; the tokens match."""
+    request admitted only once the job's copies are done; the tokens match. ``check_bytes=1``:
+    the device checks a batch one block at a time."""
     if pump_bytes:
         monkeypatch.setattr(OffloadManager, "PUMP_BYTES", pump_bytes)
+    if check_bytes:
+        monkeypatch.setattr(OffloadManager, "CHECK_BYTES", check_bytes)
     warm = offload_llm(ckpt, tmp_path)
     warm.generate([LONG[0]], GREEDY)
     warm.engine.offload.flush()
