@@ -159,7 +159,7 @@ class AsyncLLM:
                 pass
             if not self.engine.has_unfinished():
                 if self.engine.offload is not None:
-                    self.engine.offload.idle()  # the last write-through, expired prefetches
+                    self.engine.offload.idle()  # the last write-through
                 self._metrics = self.engine.get_metrics()
                 continue
             try:

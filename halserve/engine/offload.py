@@ -383,6 +383,24 @@ def block_rows(block: "torch.Tensor | np.ndarray") -> np.ndarray:
 _WEIGHTS: dict[tuple[int, int], np.ndarray] = {}
 
 
+def checksum_weights(layers: int, row_bytes: int) -> np.ndarray:
+    """``payload_checksum``'s weights, 2k + 1 for word k, ``[layers, row_bytes // 8]`` uint64."""
+    if row_bytes % 8:
+        raise ValueError(f"KV block layer piece of {row_bytes} bytes is not a whole number of 64-bit words")
+    w = _WEIGHTS.get((layers, row_bytes))
+    if w is None:
+        w = _WEIGHTS[(layers, row_bytes)] = (np.arange(layers * (row_bytes // 8), dtype=np.uint64) * 2 + 1
+                                             ).reshape(layers, -1)
+    return w
+
+
+def device_checksums(words: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``payload_checksum`` of n blocks at once on their device: ``words`` ``[layers, n,
+    words a layer]`` int64, ``weights`` ``checksum_weights`` as int64 ``[layers, 1, ...]``;
+    returns ``[n]`` int64 holding the checksums' bits (multiply-adds wrap mod 2**64)."""
+    return words.mul(weights).sum(dim=(0, 2))
+
+
 def payload_checksum(rows: np.ndarray) -> int:
     """The payload check of a block file: the block's bytes (``[layers, layer_bytes]``, rows
     contiguous) as little-endian 64-bit words w_k in file order, sum of w_k * (2k + 1)
@@ -391,13 +409,7 @@ def payload_checksum(rows: np.ndarray) -> int:
     (2**-64), any random damage; it is one pass of multiply-adds (``np.einsum``, which runs
     without the GIL), many times faster than zlib's CRC32, so a dozen reader threads can
     check a prompt's blocks as fast as the page cache hands them over."""
-    n, row = rows.shape
-    if row % 8:
-        raise ValueError(f"KV block layer piece of {row} bytes is not a whole number of 64-bit words")
-    w = _WEIGHTS.get((n, row))
-    if w is None:
-        w = _WEIGHTS[(n, row)] = (np.arange(n * (row // 8), dtype=np.uint64) * 2 + 1).reshape(n, -1)
-    return int(np.einsum("ij,ij->", rows.view("<u8"), w))
+    return int(np.einsum("ij,ij->", rows.view("<u8"), checksum_weights(*rows.shape)))
 
 
 def _trailer(head: "bytes | bytearray", rows: np.ndarray) -> bytes:
@@ -409,10 +421,8 @@ def block_file_parts(fingerprint: bytes, h: bytes, block: torch.Tensor, tokens: 
     """A block file as (head, payload rows, trailer): magic, version and JSON header; the
     block's bytes (``block_rows``, no copy); a CRC32 of the head and the payload's
     ``payload_checksum``."""
-    header = json.dumps({
-        "fingerprint": fingerprint.hex(), "hash": h.hex(), "dtype": dtype_name(block.dtype),
-        "shape": list(block.shape), "tokens": list(tokens),
-    }, separators=(",", ":")).encode()
+    header = header_prefix(fingerprint, h, block.dtype, tuple(block.shape)) + b",".join(
+        b"%d" % t for t in tokens) + b"]}"  # JSON: what json.dumps writes with no spaces
     head = _PREFIX.pack(MAGIC, VERSION, len(header)) + header
     rows = block_rows(block)
     return head, rows, _trailer(head, rows)
@@ -424,8 +434,8 @@ def encode_block_file(fingerprint: bytes, h: bytes, block: torch.Tensor, tokens:
 
 
 def header_prefix(fingerprint: bytes, h: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
-    """What a good file's JSON header holds before its tokens (``block_file_parts`` writes
-    the keys in this order, with no spaces)."""
+    """A block file's JSON header up to its tokens: the one definition of the header's form,
+    which ``block_file_parts`` writes and ``check_block_file`` compares without a JSON parse."""
     return b'{"fingerprint":"%s","hash":"%s","dtype":"%s","shape":[%s],"tokens":[' % (
         fingerprint.hex().encode(), h.hex().encode(), dtype_name(dtype).encode(), ",".join(map(str, shape)).encode())
 
@@ -880,19 +890,20 @@ class LookupResult:
 class LoadJob:
     """Blocks below the device being brought into device blocks that a waiting request
     holds, before it runs (``OffloadManager.start_load``). Per block: ``got`` is None while
-    it is being read, then (host block, tokens, host slot or -1), or False for a miss, a
-    bad file or other tokens; ``queued`` once its copy to the device is issued. ``end``:
-    the usable prefix is at most this many blocks (the first failure so far)."""
+    it is being read, then (host block, tokens, host slot or -1, the file's payload
+    checksum still to check on the device, or None), or False for a miss, a bad file or
+    other tokens. ``unsent``: blocks read, not yet sent to the device. ``end``: the usable
+    prefix is at most this many blocks (the first failure so far)."""
 
     block_ids: list[int]
     hashes: list[bytes]
     expect: list[tuple[int, ...]]
     got: list
-    queued: list[bool]
     end: int
-    uploads: list = field(default_factory=list)  # (event or None, what must outlive the copies, slots)
+    unsent: list = field(default_factory=list)
+    sent: bool = False  # a copy to the device was issued (or started to be)
+    uploads: list = field(default_factory=list)  # (event or None, what must outlive it, block indices, flags)
     futures: list = field(default_factory=list)
-    unsent: int = 0  # read, not yet sent to the device
     resolved: int = 0  # got[:resolved] are all settled (read or failed)
     closed: bool = False
     failed: bool = False  # a copy to the device raised: nothing of it is used
@@ -989,10 +1000,14 @@ class OffloadManager:
         consecutive host slots (start, end, first slot or -1) within the chunk)."""
         for a in range(0, len(block_ids), self.stage_blocks):
             ids = block_ids[a:a + self.stage_blocks]
-            cols = [torch.tensor(ids, dtype=torch.int64), torch.arange(len(ids), dtype=torch.int64)]
-            mapping = host_empty(self.hal, (len(ids), 2), torch.int64)
-            torch.stack(cols if device_first else cols[::-1], dim=1, out=mapping)
-            yield a, len(ids), mapping, list(self._runs(slots[a:a + len(ids)]))
+            yield a, len(ids), self._mapping(ids, device_first), list(self._runs(slots[a:a + len(ids)]))
+
+    def _mapping(self, ids: list[int], device_first: bool) -> torch.Tensor:
+        """``swap_blocks``'s mapping between device blocks ``ids`` and rows 0.. of a staging
+        buffer (a host tensor, pinned where the HAL pins)."""
+        cols = [torch.tensor(ids, dtype=torch.int64), torch.arange(len(ids), dtype=torch.int64)]
+        mapping = host_empty(self.hal, (len(ids), 2), torch.int64)
+        return torch.stack(cols if device_first else cols[::-1], dim=1, out=mapping)
 
     @staticmethod
     def _runs(slots: list[int]):
@@ -1347,11 +1362,10 @@ class OffloadManager:
         ``cancel``s."""
         hashes = [h for h, _ in found.blocks] + list(found.disk)
         assert len(block_ids) == len(hashes) and self._prefetch is not None
-        got = [(b, t, s) for (_, b), t, s in zip(found.blocks, found.tokens, found.slots)]
+        got = [(b, t, s, None) for (_, b), t, s in zip(found.blocks, found.tokens, found.slots)]
         n_host = len(got)
         job = LoadJob(list(block_ids), hashes, [tuple(tokens(i)) for i in range(len(hashes))],
-                      got + [None] * len(found.disk), [False] * len(hashes), len(hashes))
-        job.unsent = n_host
+                      got + [None] * len(found.disk), len(hashes), unsent=list(range(n_host)))
         # host slots for the reads, reserved now and in order: the lowest free first, so the
         # blocks read lie in consecutive slots and each batch crosses the bus in one piece a layer
         job.landing = [None] * n_host + [self.host.reserve() if self.host is not None else None
@@ -1383,6 +1397,8 @@ class OffloadManager:
             else:
                 mine, slot, from_disk = slot, None, True  # the slot is used or let go below
                 got = self._promote(h, mine, check=not self.device_check)
+            if got is not None and len(got) == 3:  # checked already
+                got = (*got, None)
         except Exception:  # never lose the slot or stall the request: a miss, recomputed
             logger.exception("KV offload: reading block %s failed", h.hex())
             self.disk.forget(h)
@@ -1399,8 +1415,8 @@ class OffloadManager:
                 if i < job.end:  # only ever lowered (the engine thread lowers it too)
                     job.end = i
             else:
-                job.unsent += 1
-            if job.unsent >= self.pump_blocks or job.read_all():
+                job.unsent.append(i)
+            if len(job.unsent) >= self.pump_blocks or job.read_all():
                 self._wake.set()
         self._release_slots([s for s in (slot, drop[2] if drop is not None else None) if s is not None])
         if mismatch:  # the file holds other tokens under this hash: never read it again
@@ -1409,11 +1425,11 @@ class OffloadManager:
                 self.host.evict(h)
 
     def _device_weights(self, device) -> torch.Tensor:
-        """``payload_checksum``'s weights, ``[layers, 1, words a layer]`` int64 on ``device``."""
+        """``checksum_weights`` for this block shape, ``[layers, 1, words a layer]`` int64 on ``device``."""
         w = self._weights.get(str(device))
         if w is None:
             n = self.block_shape[0]
-            w = torch.arange(self.block_bytes // 8, dtype=torch.int64).mul_(2).add_(1).view(n, 1, -1)
+            w = torch.from_numpy(checksum_weights(n, self.block_bytes // n).view(np.int64)).unsqueeze(1)
             w = self._weights[str(device)] = w.to(device)
         return w
 
@@ -1432,8 +1448,7 @@ class OffloadManager:
         want.copy_(torch.tensor([0 if v is None else v - (1 << 64) if v >= 1 << 63 else v  # same bits, signed
                                  for v in sums], dtype=torch.int64))
         mask.copy_(torch.tensor([v is not None for v in sums]))
-        mapping = host_empty(self.hal, (n, 2), torch.int64)
-        torch.stack([torch.arange(n, dtype=torch.int64), torch.tensor(ids, dtype=torch.int64)], dim=1, out=mapping)
+        mapping = self._mapping(ids, device_first=False)
         flags = host_empty(self.hal, (n,), torch.bool)
         ev = self.hal.event()
         with self.hal.copy_stream(0):
@@ -1443,7 +1458,7 @@ class OffloadManager:
                     buf[layer, i:j].copy_(self._host_part(blocks, pool, i, j, slot, layer), non_blocking=True)
             if bool(mask.any()):
                 words = buf.view(layers, n, -1).view(torch.int64)
-                got = words.mul(self._device_weights(dev)).sum(dim=(0, 2))  # wraps, as the file's sum did
+                got = device_checksums(words, self._device_weights(dev))
                 ok = (got == want.to(dev, non_blocking=True)) | ~mask.to(dev, non_blocking=True)
                 flags.copy_(ok, non_blocking=True)
             else:
@@ -1458,12 +1473,14 @@ class OffloadManager:
         with self._lock:
             if job.closed:
                 return
-            ready = [i for i in range(job.end) if job.got[i] and not job.queued[i]]
-            if not ready or (len(ready) < self.pump_blocks and not job.read_all()):
+            ready = [i for i in job.unsent if i < job.end]  # past a failure: not needed
+            if len(ready) < self.pump_blocks and not job.read_all():
+                job.unsent = ready
                 return
-            for i in ready:
-                job.queued[i] = True
-            job.unsent = 0
+            job.unsent = []
+            if not ready:
+                return
+            job.sent = True
         ready.sort(key=lambda i: job.got[i][2])  # consecutive host slots cross the bus as one piece
         ids = [job.block_ids[i] for i in ready]
         blocks = [job.got[i][0] for i in ready]
@@ -1481,7 +1498,7 @@ class OffloadManager:
                 step = max(1, self.CHECK_BYTES // self.block_bytes)
                 for a in range(0, len(ready), step):
                     sl = slice(a, a + step)
-                    sums = [job.got[i][3] if len(job.got[i]) > 3 else None for i in ready[sl]]
+                    sums = [job.got[i][3] for i in ready[sl]]
                     ev, keep, flags = self._send_checked(caches, ids[sl], blocks[sl], slots[sl], sums)
                     job.uploads.append((ev, keep, ready[sl], flags))
             else:  # in order on the one stream: done when queued
@@ -1501,7 +1518,7 @@ class OffloadManager:
             self._close(job)
             return 0
         with self._lock:
-            if not job.read_all() or not all(job.queued[:job.end]):
+            if not job.read_all() or job.unsent:  # (all read: _send sent the rest)
                 return None
         if any(ev is not None and not ev.query() for ev, *_ in job.uploads):
             return None
@@ -1538,9 +1555,9 @@ class OffloadManager:
         read = []
         for i in range(len(job.got)):
             g = job.got[i]
-            if g and len(g) > 3 and g[3] is not None and i < job.end:  # read unchecked, now checked
+            if g and g[3] is not None and i < job.end:  # read unchecked, now checked
                 slot = self.host.commit(job.hashes[i], g[2], g[1])
-                job.got[i] = (self.host.view(slot), g[1], slot)
+                job.got[i] = (self.host.view(slot), g[1], slot, None)
                 read.append(job.hashes[i])
         if read:
             self.disk.touch_many(read)
@@ -1548,7 +1565,7 @@ class OffloadManager:
     def cancel(self, job: LoadJob) -> None:
         """Drop ``job`` (its request was aborted): its device blocks may be reused once this
         returns."""
-        if any(job.queued):  # marked before it is issued: copies may be in flight
+        if job.sent:  # copies may be in flight
             self.hal.synchronize()
         self._close(job)
 

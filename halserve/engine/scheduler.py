@@ -106,28 +106,33 @@ class Scheduler:
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
 
-    def _lookup_offload(self, seq: Sequence, start: int):
+    def _block_tokens(self, seq: Sequence, start: int):
+        """Block ``start + i``'s tokens of ``seq``, as a function of i."""
         bs = self.kv.block_size
-        stop = min((seq.num_tokens - 1) // bs, len(seq.block_hashes))  # keep a token to compute
-        return self.offload.lookup(seq.block_hashes[start:stop],
-                                   lambda i: tuple(seq.token_ids[(start + i) * bs:(start + i + 1) * bs]))
+        return lambda i: tuple(seq.token_ids[(start + i) * bs:(start + i + 1) * bs])
+
+    def _lookup_offload(self, seq: Sequence, start: int):
+        stop = min((seq.num_tokens - 1) // self.kv.block_size, len(seq.block_hashes))  # keep a token to compute
+        return self.offload.lookup(seq.block_hashes[start:stop], self._block_tokens(seq, start))
+
+    def _can_admit(self, hit: list[int], n: int) -> bool:
+        """Whether ``n`` fresh blocks can be had besides the prefix ``hit`` (hits with no
+        other holder sit in the free queue: they count against it too)."""
+        return self.kv.can_allocate(n + sum(1 for b in hit if self.kv.blocks[b].ref_count == 0))
 
     def _start_load(self, seq: Sequence, hit: list[int], found) -> bool:
         """Admit waiting ``seq`` (the queue's head) to ``loading``: device blocks for its prefix
         hit plus a load job filling fresh blocks with ``found``. False (nothing held) when
         the blocks are short."""
         n = len(found.blocks) + len(found.disk)
-        reusable = sum(1 for b in hit if self.kv.blocks[b].ref_count == 0)
-        if not self.kv.can_allocate(n + reusable):
+        if not self._can_admit(hit, n):
             self.offload.release(found)
             return False
         self.kv.touch(hit)
         fresh = self.kv.allocate_fresh(n)  # after touch: the hits stay put
         seq.block_ids = list(hit) + fresh
-        bs, start = self.kv.block_size, len(hit)
         try:
-            seq.load_job = self.offload.start_load(
-                fresh, found, lambda i: tuple(seq.token_ids[(start + i) * bs:(start + i + 1) * bs]))
+            seq.load_job = self.offload.start_load(fresh, found, self._block_tokens(seq, len(hit)))
         except BaseException:  # nothing was copied into the blocks: the sequence just waits on
             self.kv.free(seq)
             raise
@@ -182,9 +187,7 @@ class Scheduler:
             computed = (len(hit) + num_loaded) * self.kv.block_size
             n = min(seq.num_tokens - computed, budget)
             need = self.kv.blocks_needed(computed + n) - len(hit)
-            # blocks with ref 0 among the hits are counted in the free queue: reserve them too
-            reusable = sum(1 for b in hit if self.kv.blocks[b].ref_count == 0)
-            if not self.kv.can_allocate(need + reusable):
+            if not self._can_admit(hit, need):
                 if num_loaded:
                     self.offload.release(found)
                 break

@@ -512,13 +512,15 @@ class NativeBackend(Backend):
         # the index moves are asynchronous (whole, contiguous rows: a pinned mapping is not
         # staged through pageable memory), so a chain of calls queues up behind one device
         # copy instead of waiting for it each time
+        on_dst = block_mapping.to(dst.device, non_blocking=True)  # uploaded once where both sides share a device
         if torch.equal(src_idx.cpu(), torch.arange(n)):  # a staging buffer: move it as one piece
             moved = src[:, :n]
         else:
-            moved = src.index_select(1, block_mapping.to(src.device, non_blocking=True)[:, 0])
+            on_src = on_dst if src.device == dst.device else block_mapping.to(src.device, non_blocking=True)
+            moved = src.index_select(1, on_src[:, 0])
         if moved.device != dst.device:
             moved = moved.to(dst.device, non_blocking=moved.is_pinned())
-        dst.index_copy_(1, block_mapping.to(dst.device, non_blocking=True)[:, 1], moved)
+        dst.index_copy_(1, on_dst[:, 1], moved)
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], block_mapping: torch.Tensor) -> None:
         if block_mapping.numel() == 0:
