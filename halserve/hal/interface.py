@@ -302,7 +302,9 @@ class Backend:
                     block_mapping: "torch.Tensor") -> None:
         """Copy blocks src[:, i] -> dst[:, j] for rows (i, j) of block_mapping [n, 2] int64
         (a CPU tensor, pinned where the backend pins host buffers, so that the call need
-        not wait for the device); src and dst may be on different devices. Bit-exact."""
+        not wait for the device); src and dst may be on different devices. Bit-exact.
+        The caller does not change a mapping once passed: a backend may keep it, and its
+        upload, for the next call (one mapping moving every layer of a batch in turn)."""
         raise NotImplementedError
 
     def copy_blocks(self, kv_caches: "list[torch.Tensor]", block_mapping: "torch.Tensor") -> None:

@@ -316,6 +316,20 @@ def test_moe_quantized_int8(hal):
     assert R.nmse(y, R.moe(x, logits, p13, p2, spec)) < 1e-10
 
 
+def test_swap_blocks_reuses_one_mapping_for_many_layers(hal):
+    """One mapping moving every layer in turn is uploaded once; another mapping (the same
+    shape, other rows), or a staging-buffer one (source rows 0..n-1), is not confused with it."""
+    g = gen(9)
+    layers = [torch.randn(2, 8, 4, 2, 8, generator=g) for _ in range(3)]
+    a, b, staged = torch.tensor([[7, 0], [2, 3]]), torch.tensor([[1, 4], [6, 2]]), torch.tensor([[0, 1], [1, 0]])
+    for m in (a, a, b, a, staged, staged, b):
+        for src in layers:
+            dst = torch.randn(2, 5, 4, 2, 8, generator=g)
+            expected = R.swap_blocks(src, dst, m)
+            hal.swap_blocks(src, dst, m)
+            assert torch.equal(dst, expected)
+
+
 def test_swap_and_copy_blocks(hal):
     g = gen(8)
     src = torch.randn(2, 8, 16, 2, 8, generator=g).to(torch.bfloat16)
