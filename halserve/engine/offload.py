@@ -421,9 +421,7 @@ def block_file_parts(fingerprint: bytes, h: bytes, block: torch.Tensor, tokens: 
     """A block file as (head, payload rows, trailer): magic, version and JSON header; the
     block's bytes (``block_rows``, no copy); a CRC32 of the head and the payload's
     ``payload_checksum``."""
-    header = header_prefix(fingerprint, h, block.dtype, tuple(block.shape)) + b",".join(
-        b"%d" % t for t in tokens) + b"]}"  # JSON: what json.dumps writes with no spaces
-    head = _PREFIX.pack(MAGIC, VERSION, len(header)) + header
+    head = file_head(header_prefix(fingerprint, h, block.dtype, tuple(block.shape)), tokens)
     rows = block_rows(block)
     return head, rows, _trailer(head, rows)
 
@@ -433,11 +431,25 @@ def encode_block_file(fingerprint: bytes, h: bytes, block: torch.Tensor, tokens:
     return head + rows.tobytes() + trailer
 
 
+def header_parts(fingerprint: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, bytes]:
+    """A block file's JSON header up to its tokens, before and after the block hash (hex):
+    the one definition of the header's form, which ``block_file_parts`` writes and
+    ``check_block_file`` compares without a JSON parse."""
+    return (b'{"fingerprint":"%s","hash":"' % fingerprint.hex().encode(),
+            b'","dtype":"%s","shape":[%s],"tokens":[' % (dtype_name(dtype).encode(), ",".join(map(str, shape)).encode()))
+
+
 def header_prefix(fingerprint: bytes, h: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
-    """A block file's JSON header up to its tokens: the one definition of the header's form,
-    which ``block_file_parts`` writes and ``check_block_file`` compares without a JSON parse."""
-    return b'{"fingerprint":"%s","hash":"%s","dtype":"%s","shape":[%s],"tokens":[' % (
-        fingerprint.hex().encode(), h.hex().encode(), dtype_name(dtype).encode(), ",".join(map(str, shape)).encode())
+    """``header_parts`` around the hash ``h``."""
+    a, b = header_parts(fingerprint, dtype, shape)
+    return a + h.hex().encode() + b
+
+
+def file_head(prefix: bytes, tokens: "tuple[int, ...] | list[int]") -> bytes:
+    """A block file's head (magic, version, header length, JSON header) from its header's
+    ``header_prefix`` and the block's tokens (JSON as ``json.dumps`` writes it, no spaces)."""
+    header = prefix + b",".join(b"%d" % t for t in tokens) + b"]}"
+    return _PREFIX.pack(MAGIC, VERSION, len(header)) + header
 
 
 def check_block_file(head: "bytes | bytearray", rows: np.ndarray, trailer: "bytes | bytearray",
@@ -527,6 +539,7 @@ class FileSystemTier(KVTier):
         self._dir = str(self.dir)
         self.file_bytes = len(encode_block_file(fingerprint, b"\0" * 32,
                                                 torch.zeros(block_shape, dtype=dtype), ()))
+        self._header = header_parts(fingerprint, dtype, block_shape)
         self.index: OrderedDict[bytes, int] = OrderedDict()  # hash -> file size, LRU first
         self.total_bytes = 0
         self._queued_bytes = 0  # blocks handed to the writer thread, not yet written
@@ -607,8 +620,33 @@ class FileSystemTier(KVTier):
             raise BadBlockFile(f"truncated: read {got} of {size} bytes")
         return head, trailer, size
 
+    def _read_expected(self, path: str, h: bytes, tokens: tuple[int, ...], rows: np.ndarray,
+                       bufs: list | None, check: bool) -> "tuple[int, int] | None":
+        """The fast read, for a caller that knows the block's tokens and so the file's exact
+        head: one ``preadv`` (no ``fstat``), the head compared as bytes (no parse), the
+        trailer's head CRC and (``check``) the payload checked. Returns the file's payload
+        checksum and size, or None when the file is not exactly what was expected (short, long,
+        another head): the caller then reads it the general way, which says what is wrong."""
+        a, b = self._header
+        head = file_head(a + h.hex().encode() + b, tokens)
+        got_head, trailer, extra = bytearray(len(head)), bytearray(_TRAILER.size), bytearray(1)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            got = os.preadv(fd, [got_head, *(rows if bufs is None else bufs), trailer, extra], 0)
+        finally:
+            os.close(fd)
+        size = len(head) + rows.nbytes + len(trailer)
+        if got != size or got_head != head:
+            return None
+        head_crc, payload_sum = _TRAILER.unpack(trailer)
+        if zlib.crc32(head) != head_crc:
+            raise BadBlockFile("header checksum mismatch")
+        if check and payload_checksum(rows) != payload_sum:
+            raise BadBlockFile("payload checksum mismatch")
+        return payload_sum, size
+
     def read_into(self, h: bytes, out: "torch.Tensor | np.ndarray", bufs: list | None = None,
-                  check: bool = True, touch: bool = True):
+                  check: bool = True, touch: bool = True, expect: "tuple[int, ...] | None" = None):
         """Read block ``h`` into ``out`` (a host tensor of the block's shape and dtype, each
         layer's piece contiguous, or those bytes as ``[layers, layer_bytes]`` uint8, e.g. a
         host-tier slot) and check it; returns its tokens, or None on a miss (a bad file is
@@ -618,15 +656,20 @@ class FileSystemTier(KVTier):
         ``bufs``: ``out``'s layer pieces, made once by the caller (``slot_bufs``).
         ``check=False``: the payload is not checked here, and (tokens, the file's payload
         checksum) is returned for the caller to check it; the head always is. ``touch``:
-        bump the file in the LRU order (else the caller does, ``touch_many``)."""
+        bump the file in the LRU order (else the caller does, ``touch_many``). ``expect``: the
+        tokens the caller expects (a file holding others reads the slow way)."""
         t0 = time.perf_counter()
         x = h.hex()
-        path = os.path.join(self._dir, x[:2], x + FILE_SUFFIX)
+        path = f"{self._dir}/{x[:2]}/{x}{FILE_SUFFIX}"
         rows = block_rows(out)
         try:
-            head, trailer, size = self._read(path, rows, bufs)
-            tokens, psum = check_block_file(head, rows, trailer, self.fingerprint, h, self.dtype, self.block_shape,
-                                            check_payload=check)
+            fast = None if expect is None else self._read_expected(path, h, expect, rows, bufs, check)
+            if fast is not None:
+                tokens, (psum, size) = expect, fast
+            else:
+                head, trailer, size = self._read(path, rows, bufs)
+                tokens, psum = check_block_file(head, rows, trailer, self.fingerprint, h, self.dtype,
+                                                self.block_shape, check_payload=check)
         except FileNotFoundError:  # removed by another engine sharing the directory
             self.forget(h)
             return None
@@ -892,16 +935,16 @@ class LoadJob:
     holds, before it runs (``OffloadManager.start_load``). Per block: ``got`` is None while
     it is being read, then (host block, tokens, host slot or -1, the file's payload
     checksum still to check on the device, or None), or False for a miss, a bad file or
-    other tokens. ``unsent``: blocks read, not yet sent to the device. ``end``: the usable
-    prefix is at most this many blocks (the first failure so far)."""
+    other tokens. ``end``: the usable prefix is at most this many blocks (the first
+    failure so far). Blocks go to the device in order: ``got[:resolved]`` are all read
+    (or failed), ``got[:sent]`` of them were sent."""
 
     block_ids: list[int]
     hashes: list[bytes]
     expect: list[tuple[int, ...]]
     got: list
     end: int
-    unsent: list = field(default_factory=list)
-    sent: bool = False  # a copy to the device was issued (or started to be)
+    sent: int = 0  # blocks handed to the device copies (got[:sent])
     uploads: list = field(default_factory=list)  # (event or None, what must outlive it, block indices, flags)
     futures: list = field(default_factory=list)
     resolved: int = 0  # got[:resolved] are all settled (read or failed)
@@ -932,6 +975,7 @@ class OffloadManager:
     """
 
     STAGE_BYTES = 256 << 20  # device staging for block moves (one layer of a chunk of blocks)
+    READ_RUN = 4  # blocks a read task reads in turn
     PUMP_BYTES = 96 << 20  # a load job sends what it has read to the device in batches of this
     CHECK_BYTES = 256 << 20  # at most this much of a batch at once in the device buffer it is checked in
 
@@ -962,6 +1006,7 @@ class OffloadManager:
         self._job_hashes: dict[bytes, LoadJob] = {}  # what they are bringing in
         self._wake = threading.Event()  # set by a read thread: a job has a batch to send (or is read)
         self._caches: list | None = None  # weak refs to the device KV cache (``bind``)
+        self._stacked = None  # and to the same as one tensor, if it is one
         self._lock = threading.Lock()
         self._loading: list[tuple[list[int], list]] = []  # scatters not yet waited for
         self._ring: list | None = None  # (copied, moved) events of the two staging buffers
@@ -1005,9 +1050,11 @@ class OffloadManager:
     def _mapping(self, ids: list[int], device_first: bool) -> torch.Tensor:
         """``swap_blocks``'s mapping between device blocks ``ids`` and rows 0.. of a staging
         buffer (a host tensor, pinned where the HAL pins)."""
-        cols = [torch.tensor(ids, dtype=torch.int64), torch.arange(len(ids), dtype=torch.int64)]
         mapping = host_empty(self.hal, (len(ids), 2), torch.int64)
-        return torch.stack(cols if device_first else cols[::-1], dim=1, out=mapping)
+        m = mapping.numpy()
+        m[:, 0 if device_first else 1] = ids
+        m[:, 1 if device_first else 0] = np.arange(len(ids))
+        return mapping
 
     @staticmethod
     def _runs(slots: list[int]):
@@ -1024,11 +1071,12 @@ class OffloadManager:
 
     @staticmethod
     def _host_part(blocks: list[torch.Tensor], pool: "torch.Tensor | None", i: int, j: int, slot: int,
-                   layer: int) -> torch.Tensor:
-        """Layer ``layer`` of blocks ``i:j`` in host memory, ``[j - i, 2, bs, hk, d]``."""
+                   layer: "int | None" = None) -> torch.Tensor:
+        """Layer ``layer`` of blocks ``i:j`` in host memory, ``[j - i, 2, bs, hk, d]``; every
+        layer, ``[layers, j - i, ...]``, when ``layer`` is None."""
         if slot >= 0:
-            return pool[layer, slot:slot + j - i]
-        return blocks[i][layer].unsqueeze(0)
+            return pool[:, slot:slot + j - i] if layer is None else pool[layer, slot:slot + j - i]
+        return blocks[i].unsqueeze(1) if layer is None else blocks[i][layer].unsqueeze(0)
 
     def _stage(self, n: int, device) -> torch.Tensor:
         """``[min(n, stage_blocks), 2, bs, hk, d]`` on the device: one layer of a chunk of
@@ -1320,13 +1368,15 @@ class OffloadManager:
         self._release_slots(res.slots)
         res.blocks, res.tokens, res.slots = [], [], []
 
-    def _promote(self, h: bytes, slot: int | None = None, check: bool = True):
+    def _promote(self, h: bytes, slot: int | None = None, check: bool = True,
+                 expect: "tuple[int, ...] | None" = None):
         """Read block ``h`` from disk: into a reserved host slot (``slot``, else one reserved
         here; published in the host tier and returned pinned), or into its own tensor when
         there is no host slot to have. A reserved slot is used or released. ``check=False``
         (a load job's read with ``device_check``): the payload is left unchecked and the
         slot stays reserved, unpublished: (view, tokens, slot, the file's payload checksum),
-        for the device to check and ``_settle`` to publish."""
+        for the device to check and ``_settle`` to publish. ``expect``: the tokens the
+        caller expects (``FileSystemTier.read_into``)."""
         if slot is None and self.host is not None:
             slot = self.host.reserve()
         if slot is None:  # its own memory, checked here
@@ -1334,7 +1384,7 @@ class OffloadManager:
             return None if got is None else (got[0], got[1], -1)
         try:
             got = self.disk.read_into(h, self.host.slot_array(slot), self.host.slot_bufs(slot),
-                                      check=check, touch=check)
+                                      check=check, touch=check, expect=expect)
         except BaseException:
             self.host.release(slot)
             raise
@@ -1347,9 +1397,11 @@ class OffloadManager:
         return self.host.view(slot), got, slot
 
     # ---- load jobs: disk -> host -> device while the request waits -----------------------------------
-    def bind(self, kv_caches: list[torch.Tensor]) -> None:
-        """The device KV cache that load jobs copy into (held weakly, like ``save_later``)."""
+    def bind(self, kv_caches: list[torch.Tensor], stacked: "torch.Tensor | None" = None) -> None:
+        """The device KV cache that load jobs copy into (held weakly, like ``save_later``);
+        ``stacked``: all of it as one tensor whose ``[l]`` is ``kv_caches[l]``, if it is one."""
         self._caches = [weakref.ref(t) for t in kv_caches]
+        self._stacked = None if stacked is None else weakref.ref(stacked)
 
     def start_load(self, block_ids: list[int], found: LookupResult,
                    tokens: Callable[[int], tuple[int, ...]]) -> LoadJob:
@@ -1365,7 +1417,7 @@ class OffloadManager:
         got = [(b, t, s, None) for (_, b), t, s in zip(found.blocks, found.tokens, found.slots)]
         n_host = len(got)
         job = LoadJob(list(block_ids), hashes, [tuple(tokens(i)) for i in range(len(hashes))],
-                      got + [None] * len(found.disk), len(hashes), unsent=list(range(n_host)))
+                      got + [None] * len(found.disk), len(hashes))
         # host slots for the reads, reserved now and in order: the lowest free first, so the
         # blocks read lie in consecutive slots and each batch crosses the bus in one piece a layer
         job.landing = [None] * n_host + [self.host.reserve() if self.host is not None else None
@@ -1375,16 +1427,21 @@ class OffloadManager:
         self._jobs.append(job)
         for h in hashes:
             self._job_hashes[h] = job
-        try:
-            for i in range(n_host, len(hashes)):  # one task a block: the reads run side by side, balanced
-                job.futures.append(self._prefetch.submit(self._read_for, job, i))
+        try:  # a few blocks a task: the reads run side by side, about in order, balanced
+            for a in range(n_host, len(hashes), self.READ_RUN):
+                job.futures.append(self._prefetch.submit(self._read_for, job, a, min(a + self.READ_RUN, len(hashes))))
         except BaseException:  # shutting down: drop it whole
             self.cancel(job)
             raise
         return job  # what is read goes to the device at the next poll or wait_pending
 
-    def _read_for(self, job: LoadJob, i: int) -> None:
-        """Prefetch thread: read block i of ``job`` (from the host tier if it is there by now)."""
+    def _read_for(self, job: LoadJob, a: int, b: int) -> None:
+        """Prefetch thread: read blocks a..b-1 of ``job``, in order."""
+        for i in range(a, b):
+            self._read_block(job, i)
+
+    def _read_block(self, job: LoadJob, i: int) -> None:
+        """Read block i of ``job`` (from the host tier if it is there by now)."""
         h = job.hashes[i]
         got = None
         from_disk = False
@@ -1396,7 +1453,7 @@ class OffloadManager:
                 got = self.host.acquire(h)
             else:
                 mine, slot, from_disk = slot, None, True  # the slot is used or let go below
-                got = self._promote(h, mine, check=not self.device_check)
+                got = self._promote(h, mine, check=not self.device_check, expect=job.expect[i])
             if got is not None and len(got) == 3:  # checked already
                 got = (*got, None)
         except Exception:  # never lose the slot or stall the request: a miss, recomputed
@@ -1411,12 +1468,9 @@ class OffloadManager:
             elif got is not None and (job.closed or i >= job.end):
                 drop, got = got, None
             job.got[i] = False if got is None else got
-            if got is None:
-                if i < job.end:  # only ever lowered (the engine thread lowers it too)
-                    job.end = i
-            else:
-                job.unsent.append(i)
-            if len(job.unsent) >= self.pump_blocks or job.read_all():
+            if got is None and i < job.end:  # only ever lowered (the engine thread lowers it too)
+                job.end = i
+            if job.read_all() or job.resolved - job.sent >= self.pump_blocks:
                 self._wake.set()
         self._release_slots([s for s in (slot, drop[2] if drop is not None else None) if s is not None])
         if mismatch:  # the file holds other tokens under this hash: never read it again
@@ -1434,37 +1488,51 @@ class OffloadManager:
         return w
 
     def _send_checked(self, caches: list[torch.Tensor], ids: list[int], blocks: list, slots: list[int],
-                      sums: list) -> tuple:
+                      sums: list, stacked: "torch.Tensor | None" = None) -> tuple:
         """Host blocks -> device blocks ``ids`` on copy lane 0, checked there on the way:
-        a layer at a time into one device buffer ``[layers, n, ...]``, the payload checksum
-        of each block with a ``sums`` entry (the file's; None: nothing to check) computed
-        over it, then each layer moved into its cache. Returns (event marking it done,
-        what must outlive it, per-block ok flags in host memory, valid once it is done)."""
+        into one device buffer ``[layers, n, ...]``, the payload checksum of each block with
+        a ``sums`` entry (the file's; None: nothing to check) computed over it, then moved
+        into the cache (``stacked``, the whole cache as one tensor: every layer at once).
+        Returns (event marking it done, what must outlive it, per-block ok flags in host
+        memory, valid once it is done).
+
+        It runs while a dozen reader threads contend for the GIL, and each torch call is a
+        trip through it: the host-side inputs are filled through numpy, and the copies are
+        queued by a few calls, not one a layer."""
         dev = caches[0].device
         n, layers = len(ids), self.block_shape[0]
         pool = self.host.pool if self.host is not None else None
         want = host_empty(self.hal, (n,), torch.int64)
-        mask = host_empty(self.hal, (n,), torch.bool)
-        want.copy_(torch.tensor([0 if v is None else v - (1 << 64) if v >= 1 << 63 else v  # same bits, signed
-                                 for v in sums], dtype=torch.int64))
-        mask.copy_(torch.tensor([v is not None for v in sums]))
+        want.numpy().view(np.uint64)[:] = [0 if v is None else v for v in sums]
+        unchecked = [k for k, v in enumerate(sums) if v is None]
+        mask = None
+        if unchecked:
+            mask = host_empty(self.hal, (n,), torch.bool)
+            mask.numpy()[:] = [v is None for v in sums]
         mapping = self._mapping(ids, device_first=False)
         flags = host_empty(self.hal, (n,), torch.bool)
         ev = self.hal.event()
         with self.hal.copy_stream(0):
             buf = torch.empty((layers, n, *self.block_shape[1:]), dtype=self.dtype, device=dev)
-            for layer in range(layers):
-                for i, j, slot in self._runs(slots):
-                    buf[layer, i:j].copy_(self._host_part(blocks, pool, i, j, slot, layer), non_blocking=True)
-            if bool(mask.any()):
+            dst, src = [], []
+            for i, j, slot in self._runs(slots):
+                dst += buf[:, i:j].unbind(0)
+                src += self._host_part(blocks, pool, i, j, slot).unbind(0)
+            torch._foreach_copy_(dst, src, non_blocking=True)
+            if len(unchecked) < n:
                 words = buf.view(layers, n, -1).view(torch.int64)
-                got = device_checksums(words, self._device_weights(dev))
-                ok = (got == want.to(dev, non_blocking=True)) | ~mask.to(dev, non_blocking=True)
+                ok = device_checksums(words, self._device_weights(dev)) == want.to(dev, non_blocking=True)
+                if mask is not None:
+                    ok |= mask.to(dev, non_blocking=True)
                 flags.copy_(ok, non_blocking=True)
             else:
                 flags.fill_(True)
-            for layer, cache in enumerate(caches):
-                self.hal.swap_blocks(buf[layer].transpose(0, 1), cache, mapping)
+            if stacked is not None:  # k then v, every layer at once: [layers, blocks, ...]
+                for kv in range(2):
+                    self.hal.swap_blocks(buf[:, :, kv], stacked[:, kv], mapping)
+            else:
+                for layer, cache in enumerate(caches):
+                    self.hal.swap_blocks(buf[layer].transpose(0, 1), cache, mapping)
             ev.record()
         return ev, [blocks, buf, want, mask, mapping], flags
 
@@ -1473,21 +1541,21 @@ class OffloadManager:
         with self._lock:
             if job.closed:
                 return
-            ready = [i for i in job.unsent if i < job.end]  # past a failure: not needed
-            if len(ready) < self.pump_blocks and not job.read_all():
-                job.unsent = ready
+            done = job.read_all()
+            a, b = job.sent, min(job.resolved, job.end)  # past a failure: not needed
+            if b <= a or (b - a < self.pump_blocks and not done):
                 return
-            job.unsent = []
-            if not ready:
-                return
-            job.sent = True
-        ready.sort(key=lambda i: job.got[i][2])  # consecutive host slots cross the bus as one piece
+            job.sent = b
+        # in order: the reads landed in consecutive host slots, so a batch crosses the bus
+        # in one piece a layer
+        ready = list(range(a, b))
         ids = [job.block_ids[i] for i in ready]
         blocks = [job.got[i][0] for i in ready]
         slots = [job.got[i][2] for i in ready]
         caches = [r() for r in self._caches or ()]
         if not caches or any(c is None for c in caches):
             raise RuntimeError("KV offload: start_load before bind(kv_caches)")
+        stacked = self._stacked() if self._stacked is not None else None
         with torch.inference_mode():
             t0 = time.perf_counter()
             if not self.layout.identity:  # through the reused staging buffer, synchronously
@@ -1499,7 +1567,7 @@ class OffloadManager:
                 for a in range(0, len(ready), step):
                     sl = slice(a, a + step)
                     sums = [job.got[i][3] for i in ready[sl]]
-                    ev, keep, flags = self._send_checked(caches, ids[sl], blocks[sl], slots[sl], sums)
+                    ev, keep, flags = self._send_checked(caches, ids[sl], blocks[sl], slots[sl], sums, stacked)
                     job.uploads.append((ev, keep, ready[sl], flags))
             else:  # in order on the one stream: done when queued
                 self._to_device(caches, ids, blocks, slots, self.host.pool if self.host is not None else None)
@@ -1518,7 +1586,7 @@ class OffloadManager:
             self._close(job)
             return 0
         with self._lock:
-            if not job.read_all() or job.unsent:  # (all read: _send sent the rest)
+            if not job.read_all() or job.sent < job.end:  # (all read: _send sent the rest)
                 return None
         if any(ev is not None and not ev.query() for ev, *_ in job.uploads):
             return None

@@ -61,8 +61,10 @@ class ModelRunner:
             raise ValueError(f"KV cache budget of {budget_bytes} bytes holds no block of {per} bytes; "
                              "raise kv_cache_memory / gpu_memory_utilization")
         shape = self.hal.kv_cache_shape(num_blocks, self.block_size, self.mc.num_kv_heads, self.mc.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                          for _ in range(self.mc.num_layers)]
+        # one allocation: layer l's cache is kv_cache[l] (a batch of blocks moves into every
+        # layer in one call)
+        self.kv_cache = torch.zeros((self.mc.num_layers, *shape), dtype=self.dtype, device=self.device)
+        self.kv_caches = list(self.kv_cache.unbind(0))
         self.num_blocks = num_blocks
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
                     num_blocks * per / 2**20)

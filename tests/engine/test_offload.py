@@ -2,6 +2,7 @@
 restart), the manager's lookup/prefetch, and end to end through the engine."""
 from __future__ import annotations
 
+import os
 
 import numpy as np
 import pytest
@@ -187,6 +188,8 @@ def _corrupt(path, how):
         data = data[: len(data) - 7]
     elif how == "magic":
         data[0] ^= 0xFF
+    elif how == "longer":
+        data += b"\0" * 8
     path.write_bytes(bytes(data))
 
 
@@ -215,8 +218,11 @@ def test_payload_checksum_against_python_integers():
     assert block_rows(t).shape == (L, t[0].numel() * 2) and np.shares_memory(block_rows(t), t.view(torch.uint8).numpy())
 
 
-@pytest.mark.parametrize("how", ["flip", "flip-head", "truncate", "magic", "fingerprint", "empty"])
-def test_bad_files_are_misses_and_removed(tmp_path, how):
+@pytest.mark.parametrize("expect", [False, True], ids=["parsed", "expected-head"])
+@pytest.mark.parametrize("how", ["flip", "flip-head", "truncate", "longer", "magic", "fingerprint", "empty"])
+def test_bad_files_are_misses_and_removed(tmp_path, how, expect):
+    """Both ways of reading a file: parsing its head, and (a caller that knows the tokens)
+    comparing it with the head expected."""
     fp = b"f" * 32
     t = disk(tmp_path, fp=fp)
     t.store(h(1), block(1), toks(1))
@@ -228,8 +234,27 @@ def test_bad_files_are_misses_and_removed(tmp_path, how):
         p.write_bytes(b"")
     else:
         _corrupt(p, how)
-    assert t.load(h(1)) is None
+    if expect:
+        assert t.read_into(h(1), torch.empty(t.block_shape, dtype=t.dtype), expect=toks(1)) is None
+    else:
+        assert t.load(h(1)) is None
     assert t.stats.bad_files == 1 and not p.exists() and not t.lookup(h(1))
+    t.close()
+
+
+def test_read_with_expected_tokens(tmp_path):
+    """The expected-head read returns the block and its tokens as the parsing read does;
+    a file holding other tokens is read the parsing way and its own tokens returned."""
+    t = disk(tmp_path, fp=b"f" * 32)
+    t.store(h(1), block(1), toks(1))
+    t.flush()
+    out = torch.empty(t.block_shape, dtype=t.dtype)
+    assert t.read_into(h(1), out, expect=toks(1)) == toks(1) and out.equal(block(1))
+    tokens, psum = t.read_into(h(1), out, check=False, expect=toks(1))
+    assert tokens == toks(1) and psum == payload_checksum(block_rows(block(1)))
+    out.zero_()
+    assert t.read_into(h(1), out, expect=toks(2)) == toks(1) and out.equal(block(1))
+    assert t.stats.bad_files == 0 and t.stats.hits == 3
     t.close()
 
 
@@ -372,17 +397,18 @@ def test_load_job_reads_disk_into_device_blocks(tmp_path, pump_bytes, monkeypatc
     m.close()
 
 
-def test_unreadable_file_is_a_miss_not_a_stall(tmp_path):
+def test_unreadable_file_is_a_miss_not_a_stall(tmp_path, monkeypatch):
     m, caches = manager(4, tmp_path)
     m.save(caches, [(i, h(i), toks(i)) for i in range(2)])
     m.flush()
     m.host.clear()
-    m.bind([torch.zeros_like(c) for c in caches])
+    dst = [torch.zeros_like(c) for c in caches]
+    m.bind(dst)
 
-    def eio(path, rows, bufs=None):
+    def eio(*args):
         raise OSError(5, "Input/output error")
 
-    m.disk._read = eio
+    monkeypatch.setattr(os, "preadv", eio)  # every read of a block file fails
     res = m.lookup([h(0), h(1)], toks)
     assert res.disk == [h(0), h(1)]
     job = m.start_load([0, 1], res, toks)
