@@ -6,6 +6,7 @@
 #   bench/gpu_run.sh all            # both
 #   bench/gpu_run.sh check lat1b    # stages can be listed; qcheck = pytest + linear conformance
 #   bench/gpu_run.sh offtest offload  # KV offload: its tests on the GPU, then its benchmark
+#   bench/gpu_run.sh loadjob          # a filesystem-tier load job alone, by reader threads
 #
 # Logs go to $OUT (default ./gpu_out): check.log, conformance.txt, pytest.txt, bench.log and
 # results.json (every benchmark's JSON merged). Run from the repository root.
@@ -55,6 +56,8 @@ offload8b() {
   hs bench offload --backend cuda --dtype bfloat16 --layers 32 --hidden 4096 --heads 32 --kv-heads 8 \
     --intermediate 14336 --max-num-batched-tokens 4096 --json "$OUT/.json/offload_8b.json"
 }
+# a load job alone (no engine): reading an 8k prompt's block files and copying them in, by reader threads
+loadjob() { "$PY" bench/offload_load_job.py cuda; }
 # the offload tests, on the GPU too
 offtest() { "$PY" -m pytest -q -rs --timeout=600 tests/engine/test_offload.py tests/gpu/test_engine_gpu.py -p no:cacheprovider 2>&1 | tail -15; }
 BENCHES=(lat1b lat8b latmoe thr1b thr8b)
