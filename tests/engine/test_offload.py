@@ -363,10 +363,14 @@ def test_load_job_reads_disk_into_device_blocks(tmp_path, pump_bytes, monkeypatc
     hashes = [h(i) for i in range(5)]  # block 4 is nowhere
     res = m.lookup(hashes, toks)
     assert [x for x, _ in res.blocks] == hashes[:2] and res.disk == hashes[2:4] and not res.pending
+    sent = []  # the device blocks of each batch, as sent
+    real = m._to_device
+    monkeypatch.setattr(m, "_to_device", lambda caches, ids, *a, **k: sent.append(list(ids)) or real(caches, ids, *a, **k))
     job = m.start_load([7, 6, 5, 4], res, toks)
     assert m.lookup(hashes, toks).pending  # a request sharing the prefix waits for this job
     assert m.host.stats_dict()["pinned"] >= 2  # the host hits stay pinned until copied
     assert run_job(m, job) == 4
+    assert sum(sent, []) == [7, 6, 5, 4]  # in order, each block once: a batch continues the last
     for c, d in zip(caches, dev):
         for i, b in enumerate([7, 6, 5, 4]):
             assert torch.equal(d[:, b], c[:, i])
