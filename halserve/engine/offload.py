@@ -951,6 +951,7 @@ class LoadJob:
     closed: bool = False
     failed: bool = False  # a copy to the device raised: nothing of it is used
     landing: list = field(default_factory=list)  # host slot reserved for each read, until it runs
+    started: float = field(default_factory=time.perf_counter)
 
     def read_all(self) -> bool:
         """Every block of the usable prefix is read (or failed). Under the manager's lock."""
@@ -1029,6 +1030,8 @@ class OffloadManager:
         self.token_mismatches = 0
         self.lookups = 0
         self.load_jobs = 0  # admissions that waited for blocks read from disk
+        self.load_jobs_done = 0  # of them, finished (not cancelled) ...
+        self.load_job_seconds = 0.0  # ... and their time from start to all blocks in place
 
     @property
     def enabled(self) -> bool:
@@ -1593,6 +1596,8 @@ class OffloadManager:
         self._settle(job)
         self._close(job)
         self.load_count += 1
+        self.load_jobs_done += 1
+        self.load_job_seconds += time.perf_counter() - job.started
         return job.end
 
     def _send(self, job: LoadJob) -> None:
@@ -1703,7 +1708,8 @@ class OffloadManager:
         d.update(blocks_saved=self.blocks_saved, blocks_loaded=self.blocks_loaded,
                  bytes_to_device=self.bytes_to_device, bytes_from_device=self.bytes_from_device,
                  load_seconds=self.load_seconds, load_count=self.load_count, token_mismatches=self.token_mismatches,
-                 lookups=self.lookups, load_jobs=self.load_jobs,
+                 lookups=self.lookups, load_jobs=self.load_jobs, load_jobs_done=self.load_jobs_done,
+                 load_job_seconds=self.load_job_seconds,
                  bad_files=sum(t.stats.bad_files for t in self.tiers))
         return d
 

@@ -80,6 +80,9 @@ class _EngineCollector:
         for key, name, help_ in (
                 ("load_seconds", "halserve:kv_offload_load_seconds", "Seconds spent copying KV blocks in."),
                 ("load_count", "halserve:kv_offload_loads", "KV block copy-ins (mean latency = seconds / loads)."),
+                ("load_job_seconds", "halserve:kv_offload_load_job_seconds",
+                 "Seconds from a disk load job's start to its blocks being on the device."),
+                ("load_jobs_done", "halserve:kv_offload_load_jobs", "Disk load jobs finished."),
                 ("bad_files", "halserve:kv_offload_bad_files", "Offload files rejected (corrupt or foreign).")):
             fam = CounterMetricFamily(name, help_, labels=["model_name"])
             fam.add_metric([m], float(o.get(key, 0) or 0))

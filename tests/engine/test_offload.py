@@ -376,6 +376,7 @@ def test_load_job_reads_disk_into_device_blocks(tmp_path, pump_bytes, monkeypatc
             assert torch.equal(d[:, b], c[:, i])
     assert m.host.stats_dict()["pinned"] == 0 and m.disk.stats.hits == 2 and not m._jobs
     assert m.stats()["load_jobs"] == 1 and m.stats()["blocks_loaded"] == 4
+    assert m.stats()["load_jobs_done"] == 1 and m.stats()["load_job_seconds"] > 0
     # the disk reads landed in the host tier; a token mismatch stops the prefix at block 2
     m.host.clear()
     res = m.lookup(hashes, toks)

@@ -269,7 +269,7 @@ def test_offload_metrics_when_configured(engine):
         return base() | {"offload": {"host": {"hits": 3, "misses": 1, "used_bytes": 4096, "pinned": 6},
                                      "disk": {"hits": 2, "misses": 5, "used_bytes": 8192, "skipped_writes": 7},
                                      "bytes_to_device": 100, "bytes_from_device": 200, "load_seconds": 0.5,
-                                     "load_count": 4, "bad_files": 1}}
+                                     "load_count": 4, "bad_files": 1, "load_jobs_done": 2, "load_job_seconds": 0.5}}
 
     engine.get_metrics = with_offload
     with TestClient(build_app(engine, ["fake"])) as c:
@@ -278,5 +278,7 @@ def test_offload_metrics_when_configured(engine):
     assert 'halserve:kv_offload_used_bytes{model_name="fake",tier="disk"} 8192.0' in text
     assert 'halserve:kv_offload_bytes_total{direction="to_device",model_name="fake"} 100.0' in text
     assert 'halserve:kv_offload_loads_total{model_name="fake"} 4.0' in text
+    assert 'halserve:kv_offload_load_jobs_total{model_name="fake"} 2.0' in text
+    assert 'halserve:kv_offload_load_job_seconds_total{model_name="fake"} 0.5' in text
     assert 'halserve:kv_offload_pinned_blocks{model_name="fake"} 6.0' in text
     assert 'halserve:kv_offload_skipped_writes_total{model_name="fake"} 7.0' in text
