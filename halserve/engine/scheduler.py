@@ -4,7 +4,8 @@ preemption by recompute when blocks run out. Pure Python, no device code.
 A waiting sequence whose prefix continues on disk (the offload tiers) is admitted to
 ``loading`` instead: it holds device blocks while a load job reads the blocks and copies
 them in, and the others keep running. Once the job is done the loaded blocks join the
-prefix cache and the sequence waits again at the front, where its prefix now hits.
+prefix cache and the sequence waits again at the front, still holding them (nothing can
+evict them meanwhile), and runs from where they end.
 
 Every sequence is one case: it has ``num_computed_tokens`` of ``num_tokens`` in the KV
 cache, and a step computes the next ``num_new_tokens`` of them (1 for a decode, a chunk for
@@ -79,8 +80,9 @@ class Scheduler:
         return bool(self.waiting or self.running or self.loading)
 
     def _finish_loads(self) -> None:
-        """Sequences whose load job is done: the loaded blocks become cached blocks, the
-        sequence lets its blocks go and waits again, at the front (its prefix now hits)."""
+        """Sequences whose load job is done: the loaded blocks become cached blocks, and the
+        sequence waits again at the front, holding its prefix (the device hit and the
+        blocks loaded; those that failed to load go back), its KV computed that far."""
         back = []
         for seq in list(self.loading):
             n = self.offload.poll(seq.load_job)
@@ -90,8 +92,13 @@ class Scheduler:
             seq.load_failed = job.failed  # else a retry would find the same blocks and fail again
             for bid, h, toks in zip(job.block_ids[:n], job.hashes[:n], job.expect[:n]):
                 self.kv.register_loaded(bid, h, toks)
+            for bid in reversed(job.block_ids[n:]):  # nothing usable in them
+                self.kv.release(bid)
+            held = len(seq.block_ids) - len(job.block_ids) + n
+            del seq.block_ids[held:]
+            seq.num_computed_tokens = seq.num_cached_tokens = held * self.kv.block_size
+            seq.num_committed_blocks = held
             self.loading.remove(seq)
-            self.kv.free(seq)  # cached blocks stay cached, last in the eviction order
             seq.status = SeqStatus.WAITING
             back.append(seq)
         self.waiting.extendleft(reversed(back))
@@ -141,6 +148,37 @@ class Scheduler:
         self.loading.append(seq)
         return True
 
+    def _admit_held(self, seq: Sequence, budget: int, out: SchedulerOutput, scheduled: set[int]) -> bool:
+        """Admit the waiting queue's head that holds its prefix's blocks already (a load
+        job's): the next chunk after them, if the blocks for it can be had."""
+        computed = seq.num_computed_tokens
+        n = min(seq.num_tokens - computed, budget)
+        if not self.kv.can_allocate(self.kv.blocks_needed(computed + n) - len(seq.block_ids)):
+            return False
+        self.waiting.popleft()
+        self.kv.record_lookup(seq, len(seq.block_ids))
+        ok = self.kv.allocate(seq, computed + n)
+        assert ok
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        out.scheduled.append(ScheduledSeq(seq, n))
+        scheduled.add(seq.seq_id)
+        return True
+
+    def _drop_holds(self) -> bool:
+        """The queue's head cannot be admitted. If nothing runs or loads (nothing will free
+        blocks), the other waiting sequences that hold a loaded prefix let it go (its blocks
+        stay cached, so they may still hit when their turn comes): True if any did."""
+        if self.running or self.loading:
+            return False
+        dropped = False
+        for seq in list(self.waiting)[1:]:
+            if seq.block_ids:
+                self.kv.free(seq)
+                seq.num_computed_tokens = seq.num_cached_tokens = 0
+                dropped = True
+        return dropped
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         if self.loading:
@@ -170,6 +208,13 @@ class Scheduler:
         # 2. waiting sequences, unless this step already had to preempt
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.block_ids:  # back from a load job, holding its prefix
+                if not self._admit_held(seq, budget, out, scheduled):
+                    if self._drop_holds():
+                        continue
+                    break
+                budget -= out.scheduled[-1].num_new_tokens
+                continue
             hit: list[int] = []
             found = None  # blocks below the device that continue the prefix hit
             # prompt_logprobs needs logits at every prompt position: no prefix-cache reuse
@@ -180,7 +225,7 @@ class Scheduler:
                     if found.pending:  # being loaded for another sequence; running ones go on
                         break
                     if found.disk:
-                        if self._start_load(seq, hit, found):
+                        if self._start_load(seq, hit, found) or self._drop_holds():
                             continue
                         break
             num_loaded = len(found.blocks) if found is not None else 0
@@ -190,6 +235,8 @@ class Scheduler:
             if not self._can_admit(hit, need):
                 if num_loaded:
                     self.offload.release(found)
+                if self._drop_holds():
+                    continue
                 break
             self.waiting.popleft()
             self.kv.touch(hit)
