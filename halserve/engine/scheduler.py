@@ -157,13 +157,18 @@ class Scheduler:
             return False
         self.waiting.popleft()
         self.kv.record_lookup(seq, len(seq.block_ids))
-        ok = self.kv.allocate(seq, computed + n)
+        self._run(seq, n, out, scheduled)
+        return True
+
+    def _run(self, seq: Sequence, n: int, out: SchedulerOutput, scheduled: set[int]) -> None:
+        """Admitted ``seq`` (out of the waiting queue, its computed prefix in its blocks)
+        runs its next ``n`` tokens this step."""
+        ok = self.kv.allocate(seq, seq.num_computed_tokens + n)
         assert ok
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
         out.scheduled.append(ScheduledSeq(seq, n))
         scheduled.add(seq.seq_id)
-        return True
 
     def _drop_holds(self) -> bool:
         """The queue's head cannot be admitted. If nothing runs or loads (nothing will free
@@ -250,12 +255,7 @@ class Scheduler:
                 seq.block_ids += fresh
             seq.num_computed_tokens = computed
             seq.num_cached_tokens = computed
-            ok = self.kv.allocate(seq, computed + n)
-            assert ok
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, n))
-            scheduled.add(seq.seq_id)
+            self._run(seq, n, out, scheduled)
             budget -= n
         # the runner wants decode rows (one query token, sampling) first
         out.scheduled.sort(key=lambda s: not (s.num_new_tokens == 1 and s.samples))
