@@ -1439,9 +1439,24 @@ class OffloadManager:
         return job  # what is read goes to the device at the next poll or wait_pending
 
     def _read_for(self, job: LoadJob, a: int, b: int) -> None:
-        """Prefetch thread: read blocks a..b-1 of ``job``, in order."""
-        for i in range(a, b):
-            self._read_block(job, i)
+        """Prefetch thread: read blocks a..b-1 of ``job``, in order. Whatever goes wrong,
+        every block of the task ends read or failed, so the job always finishes."""
+        i = a
+        try:
+            for i in range(a, b):
+                self._read_block(job, i)
+        except BaseException:
+            logger.exception("KV offload: a read task failed; the prefix is recomputed from block %d", i)
+            with self._lock:
+                for k in range(i, b):
+                    if job.got[k] is None:
+                        job.got[k] = False
+                job.end = min(job.end, i)
+                left = [job.landing[k] for k in range(i, b) if job.landing[k] is not None]
+                for k in range(i, b):
+                    job.landing[k] = None
+                self._wake.set()
+            self._release_slots(left)
 
     def _read_block(self, job: LoadJob, i: int) -> None:
         """Read block i of ``job`` (from the host tier if it is there by now)."""

@@ -425,6 +425,35 @@ def test_unreadable_file_is_a_miss_not_a_stall(tmp_path, monkeypatch):
     m.close()
 
 
+def test_a_read_task_that_fails_still_ends_the_job(tmp_path, monkeypatch):
+    """An error a read task does not expect (here: posting a block's result) fails the
+    rest of its blocks instead of leaving the job waiting for them; no slot stays pinned."""
+    monkeypatch.setattr(OffloadManager, "READ_RUN", 2)
+    m, caches = manager(6, tmp_path, device_blocks=8)
+    m.save(caches, [(i, h(i), toks(i)) for i in range(4)])
+    m.flush()
+    m.host.clear()
+    dst = [torch.zeros_like(c) for c in caches]
+    m.bind(dst)
+    real = m._read_block
+
+    def flaky(job, i):
+        if i == 2:
+            raise RuntimeError("boom")
+        real(job, i)
+
+    monkeypatch.setattr(m, "_read_block", flaky)
+    res = m.lookup([h(i) for i in range(4)], toks)
+    job = m.start_load([0, 1, 2, 3], res, toks)
+    assert run_job(m, job) == 2  # blocks 0 and 1 loaded; 2 and 3 (the failed task) are not
+    for f in job.futures:
+        f.result()
+    for c, d in zip(caches, dst):
+        assert torch.equal(d[:, 0], c[:, 0]) and torch.equal(d[:, 1], c[:, 1])
+    assert m.host.stats_dict()["pinned"] == 0
+    m.close()
+
+
 def test_write_through_lends_host_blocks_and_bounds_the_disk_queue(tmp_path):
     m, caches = manager(2, tmp_path)
     m.save(caches, [(i, h(i), toks(i)) for i in range(2)])
