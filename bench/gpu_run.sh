@@ -58,6 +58,8 @@ offload8b() {
 }
 # a load job alone (no engine): reading an 8k prompt's block files and copying them in, by reader threads
 loadjob() { "$PY" bench/offload_load_job.py cuda; }
+# a filesystem hit's engine timeline beside its load job (8B KV, thin MLP)
+offprof() { "$PY" bench/offload_timeline.py cuda 2>&1 | grep -v "capturing"; }
 # the offload tests, on the GPU too
 offtest() { "$PY" -m pytest -q -rs --timeout=600 tests/engine/test_offload.py tests/gpu/test_engine_gpu.py -p no:cacheprovider 2>&1 | tail -15; }
 BENCHES=(lat1b lat8b latmoe thr1b thr8b)
