@@ -40,8 +40,7 @@ def main() -> int:
     m.disk.flush()
     paths = [str(m.disk.path(h)) for h in hashes]
     cache = torch.zeros((layers, *hal.kv_cache_shape(nb + 1, 16, 8, 128)), dtype=torch.bfloat16, device=hal.device)
-    caches = list(cache.unbind(0))
-    m.bind(caches, cache)
+    m.bind(cache)
     gib = nb * block_bytes / 2**30
     print(f"backend {hal.name}: {nb} blocks of {block_bytes / 2**20:g} MiB ({gib:.2f} GiB), page cache warm; "
           f"device check: {m.device_check}")

@@ -85,7 +85,7 @@ class EngineCore:
         self.offload = build_offload(config, self.hal, mc, device, fp, self.max_model_len)
         self.runner.offload = self.offload
         if self.offload is not None:
-            self.offload.bind(self.runner.kv_caches, self.runner.kv_cache)  # load jobs copy into it
+            self.offload.bind(self.runner.kv_cache)  # load jobs copy into it
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    offload=self.offload)
         self.requests: dict[str, Request] = {}

@@ -1006,8 +1006,7 @@ class OffloadManager:
         self._jobs: list[LoadJob] = []  # load jobs not yet finished or cancelled
         self._job_hashes: dict[bytes, LoadJob] = {}  # what they are bringing in
         self._wake = threading.Event()  # set by a read thread: a job has a batch to send (or is read)
-        self._caches: list | None = None  # weak refs to the device KV cache (``bind``)
-        self._stacked = None  # and to the same as one tensor, if it is one
+        self._cache = None  # weak ref to the device KV cache, every layer (``bind``)
         self._lock = threading.Lock()
         self._loading: list[tuple[list[int], list]] = []  # scatters not yet waited for
         self._ring: list | None = None  # (copied, moved) events of the two staging buffers
@@ -1400,11 +1399,10 @@ class OffloadManager:
         return self.host.view(slot), got, slot
 
     # ---- load jobs: disk -> host -> device while the request waits -----------------------------------
-    def bind(self, kv_caches: list[torch.Tensor], stacked: "torch.Tensor | None" = None) -> None:
-        """The device KV cache that load jobs copy into (held weakly, like ``save_later``);
-        ``stacked``: all of it as one tensor whose ``[l]`` is ``kv_caches[l]``, if it is one."""
-        self._caches = [weakref.ref(t) for t in kv_caches]
-        self._stacked = None if stacked is None else weakref.ref(stacked)
+    def bind(self, kv_cache: torch.Tensor) -> None:
+        """The device KV cache that load jobs copy into, every layer as one tensor (layer l's
+        cache is ``kv_cache[l]``), held weakly like ``save_later``'s."""
+        self._cache = weakref.ref(kv_cache)
 
     def start_load(self, block_ids: list[int], found: LookupResult,
                    tokens: Callable[[int], tuple[int, ...]]) -> LoadJob:
@@ -1505,19 +1503,19 @@ class OffloadManager:
             w = self._weights[str(device)] = w.to(device)
         return w
 
-    def _send_checked(self, caches: list[torch.Tensor], ids: list[int], blocks: list, slots: list[int],
-                      sums: list, stacked: "torch.Tensor | None" = None) -> tuple:
+    def _send_checked(self, cache: torch.Tensor, ids: list[int], blocks: list, slots: list[int],
+                      sums: list) -> tuple:
         """Host blocks -> device blocks ``ids`` on copy lane 0, checked there on the way:
         into one device buffer ``[layers, n, ...]``, the payload checksum of each block with
         a ``sums`` entry (the file's; None: nothing to check) computed over it, then moved
-        into the cache (``stacked``, the whole cache as one tensor: every layer at once).
+        into ``cache`` (every layer, ``[layers, 2, blocks, ...]``) in one go.
         Returns (event marking it done, what must outlive it, per-block ok flags in host
         memory, valid once it is done).
 
         It runs while a dozen reader threads contend for the GIL, and each torch call is a
         trip through it: the host-side inputs are filled through numpy, and the copies are
         queued by a few calls, not one a layer."""
-        dev = caches[0].device
+        dev = cache.device
         n, layers = len(ids), self.block_shape[0]
         pool = self.host.pool if self.host is not None else None
         want = host_empty(self.hal, (n,), torch.int64)
@@ -1545,12 +1543,8 @@ class OffloadManager:
                 flags.copy_(ok, non_blocking=True)
             else:
                 flags.fill_(True)
-            if stacked is not None:  # k then v, every layer at once: [layers, blocks, ...]
-                for kv in range(2):
-                    self.hal.swap_blocks(buf[:, :, kv], stacked[:, kv], mapping)
-            else:
-                for layer, cache in enumerate(caches):
-                    self.hal.swap_blocks(buf[layer].transpose(0, 1), cache, mapping)
+            for kv in range(2):  # k, then v: every layer at once, [layers, blocks, ...]
+                self.hal.swap_blocks(buf[:, :, kv], cache[:, kv], mapping)
             ev.record()
         return ev, [blocks, buf, want, mask, mapping], flags
 
@@ -1570,10 +1564,10 @@ class OffloadManager:
         ids = [job.block_ids[i] for i in ready]
         blocks = [job.got[i][0] for i in ready]
         slots = [job.got[i][2] for i in ready]
-        caches = [r() for r in self._caches or ()]
-        if not caches or any(c is None for c in caches):
-            raise RuntimeError("KV offload: start_load before bind(kv_caches)")
-        stacked = self._stacked() if self._stacked is not None else None
+        stacked = self._cache() if self._cache is not None else None
+        if stacked is None:
+            raise RuntimeError("KV offload: start_load before bind(kv_cache)")
+        caches = list(stacked.unbind(0))
         with torch.inference_mode():
             t0 = time.perf_counter()
             if not self.layout.identity:  # through the reused staging buffer, synchronously
@@ -1585,7 +1579,7 @@ class OffloadManager:
                 for a in range(0, len(ready), step):
                     sl = slice(a, a + step)
                     sums = [job.got[i][3] for i in ready[sl]]
-                    ev, keep, flags = self._send_checked(caches, ids[sl], blocks[sl], slots[sl], sums, stacked)
+                    ev, keep, flags = self._send_checked(stacked, ids[sl], blocks[sl], slots[sl], sums)
                     job.uploads.append((ev, keep, ready[sl], flags))
             else:  # in order on the one stream: done when queued
                 self._to_device(caches, ids, blocks, slots, self.host.pool if self.host is not None else None)

@@ -358,7 +358,7 @@ def test_load_job_reads_disk_into_device_blocks(tmp_path, pump_bytes, monkeypatc
     m, caches = manager(2, tmp_path, device_blocks=8)
     m.save(caches, [(i, h(i), toks(i)) for i in range(4)])
     m.flush()
-    dev = [torch.zeros_like(c) for c in caches]
+    dev = torch.zeros((L, *caches[0].shape))  # the device cache, every layer
     m.bind(dev)
     hashes = [h(i) for i in range(5)]  # block 4 is nowhere
     res = m.lookup(hashes, toks)
@@ -407,7 +407,7 @@ def test_unreadable_file_is_a_miss_not_a_stall(tmp_path, monkeypatch):
     m.save(caches, [(i, h(i), toks(i)) for i in range(2)])
     m.flush()
     m.host.clear()
-    dst = [torch.zeros_like(c) for c in caches]
+    dst = torch.zeros((L, *caches[0].shape))
     m.bind(dst)
 
     def eio(*args):
@@ -433,7 +433,7 @@ def test_a_read_task_that_fails_still_ends_the_job(tmp_path, monkeypatch):
     m.save(caches, [(i, h(i), toks(i)) for i in range(4)])
     m.flush()
     m.host.clear()
-    dst = [torch.zeros_like(c) for c in caches]
+    dst = torch.zeros((L, *caches[0].shape))
     m.bind(dst)
     real = m._read_block
 
