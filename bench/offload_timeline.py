@@ -55,19 +55,19 @@ def wrap(obj, nm):
     setattr(obj, nm, w)
 for o, names in ((eng, ["add_request", "step"]), (eng.scheduler, ["schedule", "_finish_loads", "_start_load"]),
                  (eng.kv, ["match_prefix", "register_loaded", "free"]), (eng.runner, ["execute"]),
-                 (off, ["lookup", "start_load", "poll", "wait_pending", "_settle", "_pump", "_send_checked", "_close", "save_pending"])):
+                 (off, ["lookup", "start_load", "poll", "wait_pending", "_collect", "_settle", "_pump", "_send_checked", "_close", "save_pending"])):
     for nm in names: wrap(o, nm)
-rd = []
-orig = off._read_for
-def rf(job, x, y):
-    orig(job, x, y); rd.append(time.perf_counter() - T0[0])
-off._read_for = rf
+rd = []  # when reads came back: read tasks on threads, answers from reader processes
+for nm in ("_read_for", "_land"):
+    def track(*x, _f=getattr(off, nm), **k):
+        r = _f(*x, **k); rd.append(time.perf_counter() - T0[0]); return r
+    setattr(off, nm, track)
 for r in range(3):
     _warm_page_cache(kvdir); off.host.clear(); agg.clear(); rd.clear()
     T0[0] = time.perf_counter()
     out = llm.generate([prompt(r)], sp)[0]
     dt = time.perf_counter() - T0[0]
-    print(f"--- fs hit {r}: {dt*1e3:.1f} ms cached {out.num_cached_tokens}; last read task done {max(rd)*1e3:.1f} ms")
+    print(f"--- fs hit {r}: {dt*1e3:.1f} ms cached {out.num_cached_tokens}; last read in {max(rd, default=0)*1e3:.1f} ms; readers: {'processes' if off._procs else 'threads'}")
     for nm, (c, tot, first, last) in sorted(agg.items(), key=lambda kv: kv[1][2]):
         print(f"   {nm:<16} x{c:<4} total {tot*1e3:7.2f} ms  first start {first*1e3:7.2f}  last end {last*1e3:7.2f}")
     eng.kv.reset_prefix_cache()

@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import queue
-import struct
 import threading
 import time
 import weakref
@@ -47,16 +46,16 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
+from halserve.engine import kvfile
+from halserve.engine.kvfile import (FILE_SUFFIX, MAGIC, VERSION, BadBlockFile, checksum_weights,  # noqa: F401
+                                    file_head, payload_checksum)
+from halserve.engine.kvfile import PREFIX as _PREFIX, TRAILER as _TRAILER
+
 if TYPE_CHECKING:
     from halserve.hal.interface import Backend
 
 logger = logging.getLogger("halserve")
 
-MAGIC = b"HSKVBLK\x00"
-VERSION = 3  # 3: CRC32 of the head + payload_checksum; 2: a CRC32 of it all; 1: [2, layers, ...]
-_PREFIX = struct.Struct("<8sHI")  # magic, version, header length
-_TRAILER = struct.Struct("<IQ")  # CRC32 of the head, payload_checksum
-FILE_SUFFIX = ".kv"
 
 
 def host_empty(hal: "Backend | None", shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -177,14 +176,20 @@ class HostMemoryTier(KVTier):
     name = "host"
 
     def __init__(self, block_shape: tuple[int, ...], dtype: torch.dtype, capacity_bytes: int,
-                 hal: "Backend | None" = None):
+                 hal: "Backend | None" = None, shared: bool = False):
         super().__init__(block_shape, dtype, capacity_bytes)
         self.num_slots = capacity_bytes // self.block_bytes
         if self.num_slots < 1:
             raise ValueError(f"kv_offload_host_bytes={capacity_bytes} holds no KV block of "
                              f"{self.block_bytes} bytes; use at least {self.block_bytes} (or 0 to disable)")
         layers = self.block_shape[0]
-        self.pool = host_empty(hal, (layers, self.num_slots, *self.block_shape[1:]), dtype)
+        shape = (layers, self.num_slots, *self.block_shape[1:])
+        self.shm_fd: int | None = None  # ``shared``: the pool's memory, for reader processes to map
+        self._finalizer = None
+        if shared:
+            self.pool = self._shared_pool(hal, shape, dtype)
+        else:
+            self.pool = host_empty(hal, shape, dtype)
         self.layer_bytes = self.block_bytes // layers  # one slot's piece of one layer
         self._bytes = self.pool.view(torch.uint8).reshape(layers, self.num_slots, self.layer_bytes).numpy()
         self._views: list[torch.Tensor | None] = [None] * self.num_slots  # slot views, made once
@@ -197,6 +202,39 @@ class HostMemoryTier(KVTier):
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def _shared_pool(self, hal: "Backend | None", shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The pool in memory other processes can map (``shm_fd``), page-locked by the
+        backend where its copies want that (``Backend.pin_host``); falls back to
+        ``host_empty`` (``shm_fd`` None) if either fails."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        try:
+            fd, mm = kvfile.shared_buffer(nbytes, "halserve-kv-host")
+        except OSError as e:
+            logger.warning("KV offload: no shared memory for the host tier (%s); disk reads run on threads", e)
+            return host_empty(hal, shape, dtype)
+        pool = torch.frombuffer(mm, dtype=torch.uint8).view(dtype).view(shape)
+        unpin = None
+        if hal is not None and getattr(hal.capabilities, "pin_memory", False):
+            t0 = time.perf_counter()
+            try:
+                unpin = hal.pin_host(pool)
+            except Exception as e:  # e.g. over the locked-memory limit
+                logger.warning("KV offload: cannot page-lock a shared host tier (%s); "
+                               "it is allocated by the backend and disk reads run on threads", e)
+                del pool, mm
+                os.close(fd)
+                return host_empty(hal, shape, dtype)
+            logger.info("KV offload: page-locked the %.2f GiB host tier in %.1f s",
+                        nbytes / 2**30, time.perf_counter() - t0)
+        self.shm_fd = fd
+        self._finalizer = weakref.finalize(self, _free_shared, hal, unpin, fd)
+        return pool
+
+    def close(self) -> None:
+        """Unpin a shared pool (after the device is done with it) and close its descriptor."""
+        if self._finalizer is not None:
+            self._finalizer()
 
     def lookup(self, h: bytes) -> bool:
         with self.lock:
@@ -365,8 +403,16 @@ class HostMemoryTier(KVTier):
         return d
 
 
-class BadBlockFile(Exception):
-    """A block file that must not be used; the message says why."""
+def _free_shared(hal, unpin, fd: int) -> None:
+    """A shared host pool's end: the device's copies from it finish, then it is unpinned
+    (the mapping itself goes with the last tensor that views it)."""
+    if unpin is not None:
+        try:
+            hal.synchronize()
+            unpin()
+        except Exception:  # at exit the device may be gone already
+            pass
+    os.close(fd)
 
 
 def block_rows(block: "torch.Tensor | np.ndarray") -> np.ndarray:
@@ -380,36 +426,11 @@ def block_rows(block: "torch.Tensor | np.ndarray") -> np.ndarray:
     return block
 
 
-_WEIGHTS: dict[tuple[int, int], np.ndarray] = {}
-
-
-def checksum_weights(layers: int, row_bytes: int) -> np.ndarray:
-    """``payload_checksum``'s weights, 2k + 1 for word k, ``[layers, row_bytes // 8]`` uint64."""
-    if row_bytes % 8:
-        raise ValueError(f"KV block layer piece of {row_bytes} bytes is not a whole number of 64-bit words")
-    w = _WEIGHTS.get((layers, row_bytes))
-    if w is None:
-        w = _WEIGHTS[(layers, row_bytes)] = (np.arange(layers * (row_bytes // 8), dtype=np.uint64) * 2 + 1
-                                             ).reshape(layers, -1)
-    return w
-
-
 def device_checksums(words: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``payload_checksum`` of n blocks at once on their device: ``words`` ``[layers, n,
     words a layer]`` int64, ``weights`` ``checksum_weights`` as int64 ``[layers, 1, ...]``;
     returns ``[n]`` int64 holding the checksums' bits (multiply-adds wrap mod 2**64)."""
     return words.mul(weights).sum(dim=(0, 2))
-
-
-def payload_checksum(rows: np.ndarray) -> int:
-    """The payload check of a block file: the block's bytes (``[layers, layer_bytes]``, rows
-    contiguous) as little-endian 64-bit words w_k in file order, sum of w_k * (2k + 1)
-    modulo 2**64. A position-weighted sum, like Fletcher's or Adler's rather than a CRC: any
-    change of a single word changes it (the weights are odd), as does, but for chance
-    (2**-64), any random damage; it is one pass of multiply-adds (``np.einsum``, which runs
-    without the GIL), many times faster than zlib's CRC32, so a dozen reader threads can
-    check a prompt's blocks as fast as the page cache hands them over."""
-    return int(np.einsum("ij,ij->", rows.view("<u8"), checksum_weights(*rows.shape)))
 
 
 def _trailer(head: "bytes | bytearray", rows: np.ndarray) -> bytes:
@@ -443,13 +464,6 @@ def header_prefix(fingerprint: bytes, h: bytes, dtype: torch.dtype, shape: tuple
     """``header_parts`` around the hash ``h``."""
     a, b = header_parts(fingerprint, dtype, shape)
     return a + h.hex().encode() + b
-
-
-def file_head(prefix: bytes, tokens: "tuple[int, ...] | list[int]") -> bytes:
-    """A block file's head (magic, version, header length, JSON header) from its header's
-    ``header_prefix`` and the block's tokens (JSON as ``json.dumps`` writes it, no spaces)."""
-    header = prefix + b",".join(b"%d" % t for t in tokens) + b"]}"
-    return _PREFIX.pack(MAGIC, VERSION, len(header)) + header
 
 
 def check_block_file(head: "bytes | bytearray", rows: np.ndarray, trailer: "bytes | bytearray",
@@ -620,30 +634,10 @@ class FileSystemTier(KVTier):
             raise BadBlockFile(f"truncated: read {got} of {size} bytes")
         return head, trailer, size
 
-    def _read_expected(self, path: str, h: bytes, tokens: tuple[int, ...], rows: np.ndarray,
-                       bufs: list | None, check: bool) -> "tuple[int, int] | None":
-        """The fast read, for a caller that knows the block's tokens and so the file's exact
-        head: one ``preadv`` (no ``fstat``), the head compared as bytes (no parse), the
-        trailer's head CRC and (``check``) the payload checked. Returns the file's payload
-        checksum and size, or None when the file is not exactly what was expected (short, long,
-        another head): the caller then reads it the general way, which says what is wrong."""
+    def head(self, h: bytes, tokens: "tuple[int, ...] | list[int]") -> bytes:
+        """The head block ``h``'s file has when it holds ``tokens``."""
         a, b = self._header
-        head = file_head(a + h.hex().encode() + b, tokens)
-        got_head, trailer, extra = bytearray(len(head)), bytearray(_TRAILER.size), bytearray(1)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            got = os.preadv(fd, [got_head, *(rows if bufs is None else bufs), trailer, extra], 0)
-        finally:
-            os.close(fd)
-        size = len(head) + rows.nbytes + len(trailer)
-        if got != size or got_head != head:
-            return None
-        head_crc, payload_sum = _TRAILER.unpack(trailer)
-        if zlib.crc32(head) != head_crc:
-            raise BadBlockFile("header checksum mismatch")
-        if check and payload_checksum(rows) != payload_sum:
-            raise BadBlockFile("payload checksum mismatch")
-        return payload_sum, size
+        return file_head(a + h.hex().encode() + b, tokens)
 
     def read_into(self, h: bytes, out: "torch.Tensor | np.ndarray", bufs: list | None = None,
                   check: bool = True, touch: bool = True, expect: "tuple[int, ...] | None" = None):
@@ -659,11 +653,11 @@ class FileSystemTier(KVTier):
         bump the file in the LRU order (else the caller does, ``touch_many``). ``expect``: the
         tokens the caller expects (a file holding others reads the slow way)."""
         t0 = time.perf_counter()
-        x = h.hex()
-        path = f"{self._dir}/{x[:2]}/{x}{FILE_SUFFIX}"
+        path = kvfile.block_path(self._dir, h)
         rows = block_rows(out)
         try:
-            fast = None if expect is None else self._read_expected(path, h, expect, rows, bufs, check)
+            fast = None if expect is None else kvfile.read_expected(
+                path, self.head(h, expect), rows, rows if bufs is None else bufs, check)
             if fast is not None:
                 tokens, (psum, size) = expect, fast
             else:
@@ -674,27 +668,40 @@ class FileSystemTier(KVTier):
             self.forget(h)
             return None
         except BadBlockFile as e:
-            logger.warning("KV offload: removing bad block file %s: %s", path, e)
-            with self.lock:
-                self.stats.bad_files += 1
-                self.stats.misses += 1
-                self._drop(h)
+            self.bad_file(h, str(e))
             return None
-        except OSError as e:  # unreadable (EIO, EACCES, ...): a miss; forget it, keep the file
-            logger.warning("KV offload: cannot read block file %s: %s", path, e)
-            with self.lock:
-                self.stats.bad_files += 1
-            self.forget(h)
+        except OSError as e:
+            self.unreadable(h, str(e))
             return None
+        self.read_hit(h, size, time.perf_counter() - t0)
+        if touch:
+            self._touch(path)
+        return tokens if check else (tokens, psum)
+
+    def read_hit(self, h: bytes, size: int, seconds: float) -> None:
+        """Count a block read (here or by a reader process) and bump it in the LRU order."""
         with self.lock:
             if h in self.index:
                 self.index.move_to_end(h)
             self.stats.hits += 1
             self.stats.bytes_read += size
-            self.stats.load_seconds += time.perf_counter() - t0
-        if touch:
-            self._touch(path)
-        return tokens if check else (tokens, psum)
+            self.stats.load_seconds += seconds
+
+    def bad_file(self, h: bytes, why: str) -> None:
+        """Block ``h``'s file is damaged (``why``): a miss; it is removed and counted."""
+        logger.warning("KV offload: removing bad block file %s: %s", self.path(h), why)
+        with self.lock:
+            self.stats.bad_files += 1
+            self.stats.misses += 1
+            self._drop(h)
+
+    def unreadable(self, h: bytes, why: str) -> None:
+        """Block ``h``'s file cannot be read (EIO, EACCES, ...): a miss, counted; the file is
+        forgotten but kept."""
+        logger.warning("KV offload: cannot read block file %s: %s", self.path(h), why)
+        with self.lock:
+            self.stats.bad_files += 1
+        self.forget(h)
 
     def reject(self, h: bytes, why: str) -> None:
         """A block read unchecked (``read_into(check=False)``) failed its check elsewhere:
@@ -946,11 +953,12 @@ class LoadJob:
     end: int
     sent: int = 0  # blocks handed to the device copies (got[:sent])
     uploads: list = field(default_factory=list)  # (event or None, what must outlive it, block indices, flags)
-    futures: list = field(default_factory=list)
+    id: int = 0
     resolved: int = 0  # got[:resolved] are all settled (read or failed)
     closed: bool = False
     failed: bool = False  # a copy to the device raised: nothing of it is used
     landing: list = field(default_factory=list)  # host slot reserved for each read, until it runs
+    touched: set = field(default_factory=set)  # blocks whose files a reader process touched (LRU)
     started: float = field(default_factory=time.perf_counter)
 
     def read_all(self) -> bool:
@@ -982,7 +990,8 @@ class OffloadManager:
 
     def __init__(self, hal: "Backend", layout: KVLayout, num_layers: int, model_fingerprint: bytes, *,
                  host_bytes: int = 0, disk_dir: str | None = None, disk_bytes: int = 16 << 30,
-                 offload_generated: bool = False, async_disk: bool = True, io_threads: int | None = None):
+                 offload_generated: bool = False, async_disk: bool = True, io_threads: int | None = None,
+                 io_processes: bool | None = None):
         self.hal = hal
         self.layout = layout
         self.num_layers = num_layers
@@ -992,8 +1001,14 @@ class OffloadManager:
         self.offload_generated = offload_generated
         self.host: HostMemoryTier | None = None
         self.disk: FileSystemTier | None = None
+        # load jobs read on reader processes where they can (``kvfile``), into a host tier in shared memory
+        procs = bool(disk_dir and async_disk and host_bytes and io_processes is not False
+                     and kvfile.processes_supported())
+        if io_processes and not procs:
+            raise ValueError("KV offload: reader processes need a filesystem tier, a host tier, async disk "
+                             "writes and Linux (memfd_create, preadv)")
         if host_bytes:
-            self.host = HostMemoryTier(self.block_shape, self.dtype, host_bytes, hal)
+            self.host = HostMemoryTier(self.block_shape, self.dtype, host_bytes, hal, shared=procs)
         if disk_dir:
             self.disk = FileSystemTier(disk_dir, self.fingerprint, self.block_shape, self.dtype,
                                        disk_bytes, write_async=async_disk)
@@ -1003,9 +1018,19 @@ class OffloadManager:
         self.io_threads = io_threads or min(12, os.cpu_count() or 1)
         self._prefetch = (ThreadPoolExecutor(self.io_threads, thread_name_prefix="halserve-kv-prefetch")
                           if async_disk and self.disk is not None else None)
+        self._procs: kvfile.ReaderProcesses | None = None
+        if procs and self.host.shm_fd is not None:
+            try:
+                self._procs = kvfile.ReaderProcesses(
+                    self.io_threads, self.host.shm_fd, (num_layers, self.host.num_slots, self.host.layer_bytes),
+                    self.disk._dir, self.disk._header, run=self.READ_RUN)
+            except OSError as e:
+                logger.warning("KV offload: cannot start reader processes (%s); disk reads run on threads", e)
+        self._proc_jobs: dict[int, list] = {}  # job id -> [job, blocks the reader processes still owe it]
+        self._threads_busy = 0  # read tasks queued or running on the prefetch threads
         self._jobs: list[LoadJob] = []  # load jobs not yet finished or cancelled
         self._job_hashes: dict[bytes, LoadJob] = {}  # what they are bringing in
-        self._wake = threading.Event()  # set by a read thread: a job has a batch to send (or is read)
+        self._wake = _Waker()  # set by a read thread: a job has a batch to send (or is read)
         self._cache = None  # weak ref to the device KV cache, every layer (``bind``)
         self._lock = threading.Lock()
         self._loading: list[tuple[list[int], list]] = []  # scatters not yet waited for
@@ -1241,8 +1266,10 @@ class OffloadManager:
         self._unsaved.append(([weakref.ref(t) for t in kv_caches], blocks))
 
     def idle(self) -> None:
-        """Housekeeping while the engine has nothing to step: finish the queued write-through."""
+        """Housekeeping while the engine has nothing to step: finish the queued write-through,
+        and let go the host slots of reads that came back after their job ended."""
         self.save_pending()
+        self._collect()
 
     def save_pending(self) -> None:
         """Run the queued write-through. Only the thread that steps the engine may: from
@@ -1425,16 +1452,115 @@ class OffloadManager:
                                          for _ in found.disk]
         found.blocks, found.tokens, found.slots, found.disk = [], [], [], []  # the job holds them now
         self.load_jobs += 1
+        job.id = self.load_jobs
         self._jobs.append(job)
         for h in hashes:
             self._job_hashes[h] = job
-        try:  # a few blocks a task: the reads run side by side, about in order, balanced
-            for a in range(n_host, len(hashes), self.READ_RUN):
-                job.futures.append(self._prefetch.submit(self._read_for, job, a, min(a + self.READ_RUN, len(hashes))))
+        try:
+            if self._procs is not None:
+                self._read_on_processes(job, n_host)
+            else:  # a few blocks a task: the reads run side by side, about in order, balanced
+                for a in range(n_host, len(hashes), self.READ_RUN):
+                    self._read_on_thread(job, a, min(a + self.READ_RUN, len(hashes)))
         except BaseException:  # shutting down: drop it whole
             self.cancel(job)
             raise
         return job  # what is read goes to the device at the next poll or wait_pending
+
+    def _read_on_thread(self, job: LoadJob, a: int, b: int) -> None:
+        with self._lock:
+            self._threads_busy += 1
+        try:
+            self._prefetch.submit(self._read_for, job, a, b)
+        except BaseException:
+            with self._lock:
+                self._threads_busy -= 1
+            raise
+
+    def _read_on_processes(self, job: LoadJob, start: int) -> None:
+        """Deal blocks ``start..`` of ``job`` out to the reader processes (those the host tier
+        has by now are taken from there; one with no host slot to land in goes to a thread)."""
+        items = []
+        for i in range(start, len(job.hashes)):
+            h = job.hashes[i]
+            got = self.host.acquire(h) if self.host.lookup(h) else None  # stored since the lookup
+            if got is not None:
+                slot, job.landing[i] = job.landing[i], None
+                self._resolve(job, i, (*got, None), slot, from_disk=False)
+            elif job.landing[i] is None:
+                self._read_on_thread(job, i, i + 1)
+            else:
+                items.append((i, h, job.expect[i], job.landing[i]))
+        if items:
+            self._proc_jobs[job.id] = [job, len(items)]
+            self._land(self._procs.submit(job.id, items, check=not self.device_check, touch=True))
+
+    def _collect(self) -> None:
+        """Take in what the reader processes have read."""
+        if self._procs is not None and self._proc_jobs:
+            self._land(self._procs.collect())
+
+    def _land(self, answers: list[tuple]) -> None:
+        """The reader processes' answers (``kvfile.ReaderProcesses.collect``) into their jobs."""
+        for job_id, results, seconds in answers:
+            entry = self._proc_jobs.get(job_id)
+            if entry is None:
+                continue
+            job = entry[0]
+            entry[1] -= len(results)
+            if entry[1] <= 0:
+                del self._proc_jobs[job_id]
+            for i, status, psum, size, why in results:
+                h = job.hashes[i]
+                slot, job.landing[i] = job.landing[i], None
+                if status == kvfile.OK:
+                    self.disk.read_hit(h, size, seconds / len(results))
+                    job.touched.add(i)
+                    if self.device_check:  # published once the device has checked it
+                        self._resolve(job, i, (self.host.view(slot), job.expect[i], slot, psum))
+                    else:
+                        slot = self.host.commit(h, slot, job.expect[i])
+                        self._resolve(job, i, (self.host.view(slot), job.expect[i], slot, None))
+                elif status == kvfile.OTHER:  # not the file expected: read the general way, which says why
+                    job.landing[i] = slot
+                    self._read_on_thread(job, i, i + 1)
+                else:
+                    if status == kvfile.MISSING:  # removed by another engine sharing the directory
+                        self.disk.forget(h)
+                    elif status == kvfile.BAD:
+                        self.disk.bad_file(h, why)
+                    else:
+                        self.disk.unreadable(h, why)
+                    self._resolve(job, i, None, slot)
+
+    def wait_ready(self) -> None:
+        """Wait for the reader processes to start (the engine calls this once, at start-up)."""
+        if self._procs is None:
+            return
+        t0 = time.perf_counter()
+        if self._procs.wait_ready():
+            logger.info("KV offload: %d reader processes ready in %.1f s", self._procs.n, time.perf_counter() - t0)
+        else:
+            logger.warning("KV offload: the reader processes did not all start; a lost one's reads are misses")
+
+    def wait_reads(self, timeout: float = 60.0) -> None:
+        """Wait until no read for a load job runs (on threads or processes), finished or
+        cancelled ones' too: every host slot they read into is then let go or in use."""
+        end = time.monotonic() + timeout
+        while True:
+            self._collect()
+            with self._lock:
+                busy = self._threads_busy > 0
+            if not busy and not (self._procs is not None and self._proc_jobs):
+                return
+            if time.monotonic() > end:
+                logger.warning("KV offload: disk reads still running after %.0f s", timeout)
+                return
+            self._wake.clear()
+            if self._procs is not None:
+                self._procs.wait(0.05, also=[self._wake])
+            else:
+                self._wake.wait(0.05)
 
     def _read_for(self, job: LoadJob, a: int, b: int) -> None:
         """Prefetch thread: read blocks a..b-1 of ``job``, in order. Whatever goes wrong,
@@ -1455,6 +1581,11 @@ class OffloadManager:
                     job.landing[k] = None
                 self._wake.set()
             self._release_slots(left)
+        finally:
+            with self._lock:
+                self._threads_busy -= 1
+                if not self._threads_busy:  # for wait_reads
+                    self._wake.set()
 
     def _read_block(self, job: LoadJob, i: int) -> None:
         """Read block i of ``job`` (from the host tier if it is there by now)."""
@@ -1476,6 +1607,14 @@ class OffloadManager:
             logger.exception("KV offload: reading block %s failed", h.hex())
             self.disk.forget(h)
             got = None
+        self._resolve(job, i, got, slot, from_disk)
+
+    def _resolve(self, job: LoadJob, i: int, got, free: int | None = None, from_disk: bool = True) -> None:
+        """Block i of ``job`` is read: ``got`` (host block, tokens, host slot, the payload
+        checksum the device still has to check or None), or None for a miss. ``free``: a host
+        slot to let go. Tokens other than the job's end the prefix (and, ``from_disk``, the
+        file goes)."""
+        h = job.hashes[i]
         drop = mismatch = None
         with self._lock:
             if got is not None and got[1] != job.expect[i]:
@@ -1488,7 +1627,7 @@ class OffloadManager:
                 job.end = i
             if job.read_all() or job.resolved - job.sent >= self.pump_blocks:
                 self._wake.set()
-        self._release_slots([s for s in (slot, drop[2] if drop is not None else None) if s is not None])
+        self._release_slots([s for s in (free, drop[2] if drop is not None else None) if s is not None])
         if mismatch:  # the file holds other tokens under this hash: never read it again
             self.disk.reject(h, "its tokens are not the prompt's")
             if self.host is not None:
@@ -1593,6 +1732,7 @@ class OffloadManager:
         """None while ``job`` is loading (sending what was read meanwhile); else how many of
         its blocks, from the first, are in their device blocks: the rest failed (a miss, a
         bad file, other tokens) and hold nothing. The job is over then."""
+        self._collect()
         self._send(job)
         if job.failed:
             self._close(job)
@@ -1640,7 +1780,8 @@ class OffloadManager:
             if g and g[3] is not None and i < job.end:  # read unchecked, now checked
                 slot = self.host.commit(job.hashes[i], g[2], g[1])
                 job.got[i] = (self.host.view(slot), g[1], slot, None)
-                read.append(job.hashes[i])
+                if i not in job.touched:
+                    read.append(job.hashes[i])
         if read:
             self.disk.touch_many(read)
 
@@ -1669,16 +1810,20 @@ class OffloadManager:
         else to do): send what was read, then wait for the next batch of reads, or for the
         copies when everything is read."""
         if not self._jobs:
+            self._collect()  # a cancelled job's reads still coming back let their slots go
             return
         self._wake.clear()
+        self._collect()
         for job in list(self._jobs):
             self._send(job)
         with self._lock:
             reading = any(not job.read_all() for job in self._jobs)
-        if reading:
-            self._wake.wait(timeout)
-        else:
+        if not reading:
             self.hal.synchronize()
+        elif self._procs is not None:
+            self._procs.wait(timeout, also=[self._wake])
+        else:
+            self._wake.wait(timeout)
 
     def blocks_to_save(self, seq, new: list[tuple[int, bytes]], block_size: int
                        ) -> list[tuple[int, bytes, tuple[int, ...]]]:
@@ -1698,8 +1843,7 @@ class OffloadManager:
         """Finish queued write-through, then wait for disk writes and in-flight prefetches
         (tests, shutdown)."""
         self.save_pending()
-        for f in [f for job in list(self._jobs) for f in job.futures]:
-            f.result()
+        self.wait_reads()
         for tier in self.tiers:
             tier.flush()
 
@@ -1707,6 +1851,9 @@ class OffloadManager:
         self.flush()
         for job in list(self._jobs):
             self.cancel(job)
+        self.wait_reads()
+        if self._procs is not None:
+            self._procs.close()
         if self._prefetch is not None:
             self._prefetch.shutdown(wait=True)
         for tier in self.tiers:
@@ -1725,6 +1872,41 @@ class OffloadManager:
 
 def _noop() -> None:
     pass
+
+
+class _Waker:
+    """``threading.Event``'s set / clear / wait over a pipe, so that one wait covers it and
+    the reader processes' pipes."""
+
+    def __init__(self):
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        weakref.finalize(self, _close_fds, self._r, self._w)
+
+    def fileno(self) -> int:
+        return self._r
+
+    def set(self) -> None:
+        try:
+            os.write(self._w, b"\0")
+        except BlockingIOError:  # the pipe is full: it is set
+            pass
+
+    def clear(self) -> None:
+        try:
+            while os.read(self._r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def wait(self, timeout: float) -> None:
+        kvfile.wait_any([self._r], timeout)
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _flush_at_exit(ref: "weakref.ref[OffloadManager]") -> None:

@@ -250,6 +250,13 @@ class Backend:
         stream (a null context)."""
         return contextlib.nullcontext()
 
+    def pin_host(self, t: "torch.Tensor"):  # optional
+        """Page-lock host memory allocated elsewhere (the KV host tier, in memory shared with
+        reader processes) so that copies between it and the device run asynchronously at
+        full speed, where this backend wants that (``capabilities.pin_memory``). Returns a
+        function that undoes it, or None (the default) where there is nothing to do."""
+        return None
+
     def event(self):  # optional
         """A marker between streams, or None (the default) where device work runs in order:
         ``record()`` marks the work queued on the current stream so far; ``wait()`` holds

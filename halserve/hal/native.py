@@ -367,6 +367,17 @@ class NativeBackend(Backend):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def pin_host(self, t: torch.Tensor):
+        """On a CUDA device: register ``t``'s memory with the driver (cudaHostRegister)."""
+        if self.device.type != "cuda":
+            return None
+        cudart = torch.cuda.cudart()
+        ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+        err = cudart.cudaHostRegister(ptr, nbytes, 0)
+        if int(err) != 0:
+            raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed: {err}")
+        return lambda: cudart.cudaHostUnregister(ptr)
+
     def pack_weight(self, weight: torch.Tensor, scheme: str = "none", *,
                     act_scheme: str | None = None) -> PackedWeight:
         """Scheme 'none' keeps the weight; 'int8' is symmetric per-channel weight-only;

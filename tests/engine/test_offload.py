@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from halserve.engine import kvfile
 from halserve.engine.offload import (
     FileSystemTier,
     HostMemoryTier,
@@ -279,14 +280,26 @@ def test_disk_budget_holds(tmp_path):
 
 # ---- manager --------------------------------------------------------------------------------
 
-def manager(host_blocks: int, disk_dir=None, device_blocks: int = 4, async_disk: bool = True):
+def manager(host_blocks: int, disk_dir=None, device_blocks: int = 4, async_disk: bool = True, **kw):
     """A native-backend manager over random device caches: (manager, caches)."""
     nat = NativeBackend()
     lay = KVLayout(nat, BS, HK, D, torch.float32, "cpu")
     caches = [torch.randn(nat.kv_cache_shape(device_blocks, BS, HK, D)) for _ in range(L)]
     m = OffloadManager(nat, lay, L, b"model", host_bytes=lay.numel * 2 * L * 4 * host_blocks,
-                       disk_dir=None if disk_dir is None else str(disk_dir), async_disk=async_disk)
+                       disk_dir=None if disk_dir is None else str(disk_dir), async_disk=async_disk, **kw)
     return m, caches
+
+
+READERS = pytest.mark.parametrize("procs", [True, False], ids=["processes", "threads"])
+
+
+@pytest.fixture(params=["processes", "threads"])
+def readers(request, monkeypatch):
+    """Engine tests run with load jobs read on reader processes (the default where they
+    can run) and on threads (the fallback)."""
+    if request.param == "threads":
+        monkeypatch.setattr(kvfile, "processes_supported", lambda: False)
+    return request.param
 
 
 def test_manager_write_through_lookup_and_promotion(tmp_path):
@@ -348,14 +361,16 @@ def run_job(m, job, timeout: float = 10.0) -> int:
     return n
 
 
+@READERS
 @pytest.mark.parametrize("pump_bytes", [None, 1])
-def test_load_job_reads_disk_into_device_blocks(tmp_path, pump_bytes, monkeypatch):
-    """With prefetch threads, a lookup names the disk part of the run and a load job reads
-    it and fills the device blocks the request holds, host hits first (``pump_bytes=1``:
-    each block read goes to the device on its own)."""
+def test_load_job_reads_disk_into_device_blocks(tmp_path, pump_bytes, procs, monkeypatch):
+    """With async reads, a lookup names the disk part of the run and a load job reads it
+    (on reader processes or threads) and fills the device blocks the request holds, host
+    hits first (``pump_bytes=1``: each block read goes to the device on its own)."""
     if pump_bytes:
         monkeypatch.setattr(OffloadManager, "PUMP_BYTES", pump_bytes)
-    m, caches = manager(2, tmp_path, device_blocks=8)
+    m, caches = manager(2, tmp_path, device_blocks=8, io_processes=procs)
+    assert (m._procs is not None) == procs
     m.save(caches, [(i, h(i), toks(i)) for i in range(4)])
     m.flush()
     dev = torch.zeros((L, *caches[0].shape))  # the device cache, every layer
@@ -383,8 +398,7 @@ def test_load_job_reads_disk_into_device_blocks(tmp_path, pump_bytes, monkeypatc
     assert not res.blocks and res.disk == hashes[:4]
     job = m.start_load([0, 1, 2, 3], res, lambda i: toks(i + 1) if i == 2 else toks(i))
     assert run_job(m, job) == 2 and m.token_mismatches == 1
-    for f in job.futures:
-        f.result()
+    m.wait_reads()
     assert m.host.stats_dict()["pinned"] == 0
     # a file whose tokens are not the prompt's goes (else the next lookup would load it again)
     assert not m.disk.lookup(h(2)) and m.disk.stats.bad_files == 1
@@ -396,30 +410,28 @@ def test_load_job_reads_disk_into_device_blocks(tmp_path, pump_bytes, monkeypatc
     assert res.disk == hashes[:4]
     job = m.start_load([0, 1, 2, 3], res, toks)
     m.cancel(job)
-    for f in job.futures:
-        f.result()
+    m.wait_reads()
     assert m.host.stats_dict()["pinned"] == 0 and not m._jobs and not m._job_hashes
     m.close()
 
 
-def test_unreadable_file_is_a_miss_not_a_stall(tmp_path, monkeypatch):
-    m, caches = manager(4, tmp_path)
+@READERS
+def test_unreadable_file_is_a_miss_not_a_stall(tmp_path, procs):
+    m, caches = manager(4, tmp_path, io_processes=procs)
     m.save(caches, [(i, h(i), toks(i)) for i in range(2)])
     m.flush()
     m.host.clear()
     dst = torch.zeros((L, *caches[0].shape))
     m.bind(dst)
-
-    def eio(*args):
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(os, "preadv", eio)  # every read of a block file fails
+    for i in range(2):  # a directory where each file was: opened, then every read fails (EISDIR)
+        p = m.disk.path(h(i))
+        p.unlink()
+        p.mkdir()
     res = m.lookup([h(0), h(1)], toks)
     assert res.disk == [h(0), h(1)]
     job = m.start_load([0, 1], res, toks)
     assert run_job(m, job) == 0  # the read failed: a miss, recomputed
-    for f in job.futures:  # a read still running after the job ended lets its slot go itself
-        f.result()
+    m.wait_reads()  # a read still running after the job ended lets its slot go itself
     st = m.stats()
     assert st["host"]["pinned"] == 0 and st["disk"]["bad_files"] >= 1 and not m.disk.lookup(h(0))
     m.close()
@@ -429,7 +441,7 @@ def test_a_read_task_that_fails_still_ends_the_job(tmp_path, monkeypatch):
     """An error a read task does not expect (here: posting a block's result) fails the
     rest of its blocks instead of leaving the job waiting for them; no slot stays pinned."""
     monkeypatch.setattr(OffloadManager, "READ_RUN", 2)
-    m, caches = manager(6, tmp_path, device_blocks=8)
+    m, caches = manager(6, tmp_path, device_blocks=8, io_processes=False)
     m.save(caches, [(i, h(i), toks(i)) for i in range(4)])
     m.flush()
     m.host.clear()
@@ -446,11 +458,38 @@ def test_a_read_task_that_fails_still_ends_the_job(tmp_path, monkeypatch):
     res = m.lookup([h(i) for i in range(4)], toks)
     job = m.start_load([0, 1, 2, 3], res, toks)
     assert run_job(m, job) == 2  # blocks 0 and 1 loaded; 2 and 3 (the failed task) are not
-    for f in job.futures:
-        f.result()
+    m.wait_reads()
     for c, d in zip(caches, dst):
         assert torch.equal(d[:, 0], c[:, 0]) and torch.equal(d[:, 1], c[:, 1])
     assert m.host.stats_dict()["pinned"] == 0
+    m.close()
+
+
+def test_a_reader_process_that_dies_still_ends_the_job(tmp_path, monkeypatch):
+    """A reader process that is gone (killed, say) answers its blocks as misses: the job
+    ends at the first of them, nothing stays pinned, and the next job has it back."""
+    monkeypatch.setattr(OffloadManager, "READ_RUN", 1)
+    m, caches = manager(6, tmp_path, device_blocks=8, io_processes=True, io_threads=2)
+    m.save(caches, [(i, h(i), toks(i)) for i in range(4)])
+    m.flush()
+    m.host.clear()
+    dst = torch.zeros((L, *caches[0].shape))
+    m.bind(dst)
+    victim = m._procs.procs[1]  # blocks 1 and 3 are dealt to it
+    victim.kill()
+    victim.wait()
+    res = m.lookup([h(i) for i in range(4)], toks)
+    assert run_job(m, m.start_load([0, 1, 2, 3], res, toks)) == 1
+    m.wait_reads()
+    assert m.host.stats_dict()["pinned"] == 0 and m.stats()["disk"]["bad_files"] == 2
+    assert not m.disk.lookup(h(1)) and m.disk.path(h(1)).exists()  # forgotten, not removed
+    m.save(caches, [(i, h(i), toks(i)) for i in range(4)])  # written again
+    m.flush()
+    m.host.clear()
+    res = m.lookup([h(i) for i in range(4)], toks)
+    assert run_job(m, m.start_load([0, 1, 2, 3], res, toks)) == 4 and m._procs.restarts == 1
+    for c, d in zip(caches, dst):
+        assert all(torch.equal(d[:, i], c[:, i]) for i in range(4))
     m.close()
 
 
@@ -576,7 +615,7 @@ def test_device_pressure_evicts_then_host_serves(ckpt, reference, tmp_path):
     assert out[0].num_cached_tokens == 96 and llm.get_metrics()["offload"]["host"]["hits"] == 3
 
 
-def test_restart_serves_from_disk(ckpt, reference, tmp_path):
+def test_restart_serves_from_disk(ckpt, reference, tmp_path, readers):
     first = offload_llm(ckpt, tmp_path, kv_offload_host_bytes=0)
     assert tokens_of(first.generate(LONG, GREEDY)) == reference(LONG)
     first.engine.offload.flush()
@@ -605,7 +644,7 @@ def test_cross_backend_layouts_share_files(ckpt, reference, tmp_path, transposed
     assert tokens_of(again.generate(p, GREEDY)) == reference(p)
 
 
-def test_corrupt_files_are_recomputed_and_counted(ckpt, reference, tmp_path):
+def test_corrupt_files_are_recomputed_and_counted(ckpt, reference, tmp_path, readers):
     prompts = [LONG[0], LONG[1], list(range(300, 340))]
     first = offload_llm(ckpt, tmp_path, kv_offload_host_bytes=0)
     assert tokens_of(first.generate(prompts, GREEDY)) == reference(prompts)
@@ -633,7 +672,7 @@ def test_corrupt_files_are_recomputed_and_counted(ckpt, reference, tmp_path):
     assert tokens_of(out) == reference(prompts) and [o.num_cached_tokens for o in out] == [96, 96, 32]
 
 
-def test_concurrent_requests_sharing_prefixes(ckpt, reference, tmp_path):
+def test_concurrent_requests_sharing_prefixes(ckpt, reference, tmp_path, readers):
     shared = list(range(40, 104))  # 4 full blocks
     prompts = [shared + [i, i + 1, i + 2] for i in range(6)] + [shared[:40] + [9] * 30]
     warm = offload_llm(ckpt, tmp_path, kv_offload_host_bytes=0)
@@ -663,7 +702,7 @@ def test_disk_budget_holds_under_the_engine(ckpt, tmp_path):
     assert m["evictions"] > 0 and m["used_bytes"] <= budget
 
 
-def test_disk_reads_do_not_stall_running_requests(ckpt, reference, tmp_path):
+def test_disk_reads_do_not_stall_running_requests(ckpt, reference, tmp_path, readers):
     warm = offload_llm(ckpt, tmp_path, kv_offload_host_bytes=0)
     warm.generate([LONG[0]], GREEDY)
     warm.engine.offload.flush()
@@ -860,7 +899,7 @@ def test_disk_hit_loads_on_the_copy_streams(ckpt, reference, tmp_path, pump_byte
         hal_registry._registered.pop(DeferredCopyBackend.name, None)
 
 
-def test_abort_while_loading_lets_everything_go(ckpt, reference, tmp_path):
+def test_abort_while_loading_lets_everything_go(ckpt, reference, tmp_path, readers):
     warm = offload_llm(ckpt, tmp_path)
     warm.generate([LONG[0]], GREEDY)
     warm.engine.offload.flush()
@@ -873,14 +912,13 @@ def test_abort_while_loading_lets_everything_go(ckpt, reference, tmp_path):
     job = eng.scheduler.loading[0].load_job
     assert eng.kv.num_free_blocks == free - 6
     eng.abort_request("b")
-    for f in job.futures:
-        f.result()
+    eng.offload.wait_reads()
     assert not eng.scheduler.loading and not eng.offload._jobs and eng.kv.num_free_blocks == free
     assert eng.offload.stats()["host"]["pinned"] == 0
     assert tokens_of(llm.generate([LONG[0]], GREEDY)) == reference([LONG[0]])  # and it loads again
 
 
-def test_disk_hit_with_a_damaged_payload_is_caught_on_the_device(ckpt, reference, tmp_path):
+def test_disk_hit_with_a_damaged_payload_is_caught_on_the_device(ckpt, reference, tmp_path, readers):
     """Where copies run on copy streams, the reader threads check only the head and the
     device checks the payload after the copy: a flipped payload byte in the third block is
     caught there before the request runs; the prefix stops at it, the file goes, counted."""
@@ -898,6 +936,7 @@ def test_disk_hit_with_a_damaged_payload_is_caught_on_the_device(ckpt, reference
         assert llm.engine.offload.device_check
         out = llm.generate([LONG[0]], GREEDY)
         assert tokens_of(out) == reference([LONG[0]]) and out[0].num_cached_tokens == 32
+        llm.engine.offload.wait_reads()  # reads that came back after the job ended
         st = llm.engine.offload.stats()
         assert st["disk"]["bad_files"] == 1 and st["load_jobs"] == 1 and st["host"]["pinned"] == 0
         llm.engine.offload.flush()  # the recomputed block was written again, whole
@@ -935,7 +974,7 @@ def generate_within(llm, prompt, steps: int = 500):
     raise AssertionError(f"unfinished after {steps} steps: {eng.offload.stats()}")
 
 
-def test_a_file_with_other_tokens_is_read_once(ckpt, reference, tmp_path):
+def test_a_file_with_other_tokens_is_read_once(ckpt, reference, tmp_path, readers):
     """A well-formed file whose tokens are not the prompt's (a hash collision, in theory)
     ends the loaded prefix and goes: the request is not sent back to load it again."""
     warm = offload_llm(ckpt, tmp_path)
@@ -952,6 +991,7 @@ def test_a_file_with_other_tokens_is_read_once(ckpt, reference, tmp_path):
         llm = offload_llm(ckpt, tmp_path, backend=DeferredCopyBackend.name, enforce_eager=True)
         out = generate_within(llm, LONG[0])
         assert tokens_of(out) == reference([LONG[0]]) and out[0].num_cached_tokens == 32
+        llm.engine.offload.wait_reads()  # reads that came back after the job ended
         st = llm.engine.offload.stats()
         assert st["load_jobs"] == 1 and st["token_mismatches"] == 1 and st["disk"]["bad_files"] == 1
         assert st["host"]["pinned"] == 0
@@ -975,6 +1015,7 @@ def test_a_failed_copy_to_the_device_is_recomputed(ckpt, reference, tmp_path, mo
         monkeypatch.setattr(llm.engine.offload, "_send_checked", boom)
         out = generate_within(llm, LONG[0])
         assert tokens_of(out) == reference([LONG[0]]) and out[0].num_cached_tokens == 0
+        llm.engine.offload.wait_reads()  # reads that came back after the job ended
         st = llm.engine.offload.stats()
         assert st["load_jobs"] == 1 and st["host"]["pinned"] == 0 and not llm.engine.offload._jobs
     finally:
