@@ -86,7 +86,7 @@ class EngineCore:
         self.runner.offload = self.offload
         if self.offload is not None:
             self.offload.bind(self.runner.kv_cache)  # load jobs copy into it
-            self.offload.wait_ready()
+            self.offload.prepare(self.kv.num_free_blocks)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    offload=self.offload)
         self.requests: dict[str, Request] = {}

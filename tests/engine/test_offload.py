@@ -280,9 +280,9 @@ def test_disk_budget_holds(tmp_path):
 
 # ---- manager --------------------------------------------------------------------------------
 
-def manager(host_blocks: int, disk_dir=None, device_blocks: int = 4, async_disk: bool = True, **kw):
+def manager(host_blocks: int, disk_dir=None, device_blocks: int = 4, async_disk: bool = True, hal=None, **kw):
     """A native-backend manager over random device caches: (manager, caches)."""
-    nat = NativeBackend()
+    nat = hal or NativeBackend()
     lay = KVLayout(nat, BS, HK, D, torch.float32, "cpu")
     caches = [torch.randn(nat.kv_cache_shape(device_blocks, BS, HK, D)) for _ in range(L)]
     m = OffloadManager(nat, lay, L, b"model", host_bytes=lay.numel * 2 * L * 4 * host_blocks,
@@ -959,6 +959,25 @@ def test_device_payload_check_matches_the_file_checksum(device, tmp_path):
     words = blocks.view(5, L, -1).transpose(0, 1).to(device)  # [layers, blocks, words], as the job's buffer
     got = device_checksums(words, m._device_weights(torch.device(device))).tolist()
     assert [x % 2**64 for x in got] == want
+    m.close()
+
+
+def test_prepare_sends_a_checked_batch_of_zeros(tmp_path, monkeypatch, caplog):
+    """At start-up a batch of zero blocks goes the load job's way into free device blocks,
+    checked on the device; a check that disagrees with the host's is reported."""
+    m, caches = manager(4, tmp_path, device_blocks=8, hal=DeferredCopyBackend())
+    assert m.device_check
+    dev = torch.randn((L, *caches[0].shape))
+    before = dev.clone()
+    m.bind(dev)
+    m.prepare(free_blocks=3)
+    assert not dev[:, :, :3].any() and torch.equal(dev[:, :, 3:], before[:, :, 3:])
+    assert m.host.stats_dict()["pinned"] == 0 and "failed" not in caplog.text
+    import halserve.engine.offload as off
+
+    monkeypatch.setattr(off, "device_checksums", lambda words, w: torch.ones(words.shape[1], dtype=torch.int64))
+    m.prepare(free_blocks=3)
+    assert "payload check of zero blocks failed" in caplog.text and m.host.stats_dict()["pinned"] == 0
     m.close()
 
 
