@@ -208,9 +208,13 @@ class ReaderProcesses:
         self.ready = [False] * n  # the reader has mapped the pool (its first answer says so)
         self._next = 0  # the reader the next job starts on
         self.restarts = 0
-        for c in range(n):
-            self._spawn(c)
         self._finalizer = weakref.finalize(self, _stop_readers, self.procs, self.tx, self.rx)
+        try:
+            for c in range(n):
+                self._spawn(c)
+        except BaseException:
+            self._finalizer()
+            raise
 
     def _spawn(self, c: int) -> None:
         r1, w1 = os.pipe()
@@ -265,6 +269,8 @@ class ReaderProcesses:
         answers of readers found dead meanwhile (as ``collect``)."""
         lost = []
         for c in range(self.n):
+            if self.rx[c] is not None and self.procs[c].poll() is not None:  # exited while idle
+                lost += self._lost(c)
             if self.rx[c] is None:
                 self._spawn(c)
                 self.restarts += 1

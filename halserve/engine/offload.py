@@ -1027,6 +1027,7 @@ class OffloadManager:
             except OSError as e:
                 logger.warning("KV offload: cannot start reader processes (%s); disk reads run on threads", e)
         self._proc_jobs: dict[int, list] = {}  # job id -> [job, blocks the reader processes still owe it]
+        self._collecting = threading.Lock()
         self._threads_busy = 0  # read tasks queued or running on the prefetch threads
         self._jobs: list[LoadJob] = []  # load jobs not yet finished or cancelled
         self._job_hashes: dict[bytes, LoadJob] = {}  # what they are bringing in
@@ -1496,9 +1497,13 @@ class OffloadManager:
             self._land(self._procs.submit(job.id, items, check=not self.device_check, touch=True))
 
     def _collect(self) -> None:
-        """Take in what the reader processes have read."""
-        if self._procs is not None and self._proc_jobs:
-            self._land(self._procs.collect())
+        """Take in what the reader processes have read (one thread at a time: another one
+        collecting, e.g. an exit hook's flush beside the engine thread, is left to it)."""
+        if self._procs is not None and self._proc_jobs and self._collecting.acquire(blocking=False):
+            try:
+                self._land(self._procs.collect())
+            finally:
+                self._collecting.release()
 
     def _land(self, answers: list[tuple]) -> None:
         """The reader processes' answers (``kvfile.ReaderProcesses.collect``) into their jobs."""
@@ -1546,7 +1551,9 @@ class OffloadManager:
             if self._procs.wait_ready():
                 logger.info("KV offload: %d reader processes ready in %.1f s", self._procs.n, time.perf_counter() - t0)
             else:
-                logger.warning("KV offload: the reader processes did not all start; a lost one's reads are misses")
+                logger.warning("KV offload: the reader processes did not start; disk reads run on threads")
+                self._procs.close()
+                self._procs = None
         cache = self._cache() if self._cache is not None else None
         if not (self.device_check and self._prefetch is not None and self.host is not None and cache is not None):
             return

@@ -466,28 +466,46 @@ def test_a_read_task_that_fails_still_ends_the_job(tmp_path, monkeypatch):
 
 
 def test_a_reader_process_that_dies_still_ends_the_job(tmp_path, monkeypatch):
-    """A reader process that is gone (killed, say) answers its blocks as misses: the job
-    ends at the first of them, nothing stays pinned, and the next job has it back."""
+    """A reader process that dies in the middle of a job answers the blocks it owed as
+    misses: the job ends at the first of them and nothing stays pinned; the next job has
+    it started again (as it has a reader found dead while idle)."""
+    import signal
+
     monkeypatch.setattr(OffloadManager, "READ_RUN", 1)
     m, caches = manager(6, tmp_path, device_blocks=8, io_processes=True, io_threads=2)
     m.save(caches, [(i, h(i), toks(i)) for i in range(4)])
     m.flush()
-    m.host.clear()
     dst = torch.zeros((L, *caches[0].shape))
     m.bind(dst)
+    m.prepare(free_blocks=8)
+    m.host.clear()
+
+    def load(n_expected):
+        res = m.lookup([h(i) for i in range(4)], toks)
+        assert run_job(m, m.start_load([0, 1, 2, 3], res, toks)) == n_expected
+        m.wait_reads()
+        assert m.host.stats_dict()["pinned"] == 0
+        m.host.clear()
+
     victim = m._procs.procs[1]  # blocks 1 and 3 are dealt to it
-    victim.kill()
-    victim.wait()
+    os.kill(victim.pid, signal.SIGSTOP)  # it takes its share of the job, but never reads it ...
     res = m.lookup([h(i) for i in range(4)], toks)
-    assert run_job(m, m.start_load([0, 1, 2, 3], res, toks)) == 1
+    job = m.start_load([0, 1, 2, 3], res, toks)
+    victim.kill()  # ... and dies
+    victim.wait()
+    assert run_job(m, job) == 1
     m.wait_reads()
     assert m.host.stats_dict()["pinned"] == 0 and m.stats()["disk"]["bad_files"] == 2
     assert not m.disk.lookup(h(1)) and m.disk.path(h(1)).exists()  # forgotten, not removed
     m.save(caches, [(i, h(i), toks(i)) for i in range(4)])  # written again
     m.flush()
     m.host.clear()
-    res = m.lookup([h(i) for i in range(4)], toks)
-    assert run_job(m, m.start_load([0, 1, 2, 3], res, toks)) == 4 and m._procs.restarts == 1
+    load(4)
+    assert m._procs.restarts == 1
+    m._procs.procs[0].kill()  # dead while idle: found out before the next job is dealt
+    m._procs.procs[0].wait()
+    load(4)
+    assert m._procs.restarts == 2
     for c, d in zip(caches, dst):
         assert all(torch.equal(d[:, i], c[:, i]) for i in range(4))
     m.close()
@@ -959,6 +977,28 @@ def test_device_payload_check_matches_the_file_checksum(device, tmp_path):
     words = blocks.view(5, L, -1).transpose(0, 1).to(device)  # [layers, blocks, words], as the job's buffer
     got = device_checksums(words, m._device_weights(torch.device(device))).tolist()
     assert [x % 2**64 for x in got] == want
+    m.close()
+
+
+def test_readers_that_cannot_start_leave_the_reads_to_threads(tmp_path, monkeypatch, caplog):
+    """Reader processes that exit at once (here: no Python to run them) are found out at
+    start-up, and the disk reads run on threads instead."""
+    import sys
+
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    m, caches = manager(4, tmp_path, device_blocks=8, io_processes=True)
+    assert m._procs is not None
+    m.save(caches, [(i, h(i), toks(i)) for i in range(3)])
+    m.flush()
+    m.host.clear()
+    dst = torch.zeros((L, *caches[0].shape))
+    m.bind(dst)
+    m.prepare(free_blocks=8)
+    assert m._procs is None and "disk reads run on threads" in caplog.text
+    res = m.lookup([h(i) for i in range(3)], toks)
+    assert run_job(m, m.start_load([0, 1, 2], res, toks)) == 3
+    for c, d in zip(caches, dst):
+        assert all(torch.equal(d[:, i], c[:, i]) for i in range(3))
     m.close()
 
 
