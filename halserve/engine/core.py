@@ -86,7 +86,12 @@ class EngineCore:
         self.runner.offload = self.offload
         if self.offload is not None:
             self.offload.bind(self.runner.kv_cache)  # load jobs copy into it
-            self.offload.prepare(self.kv.num_free_blocks)
+            warm = self.kv.allocate_fresh(min(self.offload.pump_blocks, self.kv.num_free_blocks)) or []
+            try:  # a batch of zero blocks through the load path into free device blocks
+                self.offload.prepare(warm)
+            finally:
+                for bid in warm:
+                    self.kv.release(bid)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    offload=self.offload)
         self.requests: dict[str, Request] = {}

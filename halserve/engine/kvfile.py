@@ -21,14 +21,17 @@ import collections
 import logging
 import mmap
 import os
+import pickle
+import select
 import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import weakref
 import zlib
-from multiprocessing.connection import Connection, wait as wait_any
+from multiprocessing.connection import Connection
 
 import numpy as np
 
@@ -112,9 +115,11 @@ def read_expected(path: str, head: bytes, rows: np.ndarray, bufs: list, check: b
 # ---- reader processes ------------------------------------------------------------------------------
 
 # what a reader says about each block: read and checked; not the file expected (read it the
-# general way); no such file; a damaged file (message); unreadable (message)
-OK, OTHER, MISSING, BAD, UNREADABLE = range(5)
+# general way); no such file; a damaged file (message); unreadable (message); and, said for
+# it, the reader died before it answered (read it again another way)
+OK, OTHER, MISSING, BAD, UNREADABLE, LOST = range(6)
 _F_SETPIPE_SZ = 1031  # Linux fcntl: a pipe's buffer size
+PIPE_BYTES = 1 << 20  # asked for each reader's pipes: a long prompt's share goes in one write
 
 
 def processes_supported() -> bool:
@@ -193,17 +198,23 @@ class ReaderProcesses:
 
     ``submit`` deals a job's blocks out in runs of ``run`` blocks, round robin, so the
     readers go through a prompt about in order; ``collect`` returns the results that have
-    come back (each reader answers its runs in order). A reader that dies answers its
-    outstanding blocks UNREADABLE and is started again at the next ``submit``."""
+    come back (each reader answers its runs in order). Nothing here blocks on a reader:
+    what a reader's pipe has no room for yet waits in its outbox, sent on at each
+    ``collect`` (a reader whose answers nobody reads stops reading, and a blocking write
+    to it would then wait forever). A reader that dies answers its outstanding blocks LOST
+    (the caller reads them again another way) and is started again at the next ``submit``.
+    Thread-safe."""
 
     def __init__(self, n: int, shm_fd: int, pool: tuple[int, int, int], root: str,
                  head: tuple[bytes, bytes], run: int = 4):
         self.n, self.run = n, run
         self._shm_fd = shm_fd
         self._init = {"pool": pool, "root": root, "head": head}
+        self._lock = threading.RLock()
         self.procs: list = [None] * n
-        self.tx: list = [None] * n
-        self.rx: list = [None] * n
+        self.tx: list = [None] * n  # the write end of each reader's input pipe (a non-blocking fd)
+        self.rx: list = [None] * n  # each reader's answers (a Connection)
+        self.outbox = [bytearray() for _ in range(n)]  # framed messages not yet written to tx
         self.pending = [collections.deque() for _ in range(n)]  # per reader: (job id, block indices) of each run sent
         self.ready = [False] * n  # the reader has mapped the pool (its first answer says so)
         self._next = 0  # the reader the next job starts on
@@ -220,10 +231,10 @@ class ReaderProcesses:
         r1, w1 = os.pipe()
         r2, w2 = os.pipe()
         for fd in (w1, w2):
-            try:  # a long prompt's share goes in one write
+            try:  # refused past the user's pipe quota: then 64 KiB, or a page
                 import fcntl
 
-                fcntl.fcntl(fd, _F_SETPIPE_SZ, 1 << 20)
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_BYTES)
             except (OSError, ImportError):
                 pass
         cmd = [sys.executable]
@@ -238,11 +249,31 @@ class ReaderProcesses:
             raise
         os.close(r1)  # the reader's ends
         os.close(w2)
+        os.set_blocking(w1, False)
         self.procs[c] = proc
         self.ready[c] = False
-        self.tx[c] = Connection(w1, readable=False)
+        self.tx[c] = w1
         self.rx[c] = Connection(r2, writable=False)
-        self.tx[c].send(self._init)
+        self.outbox[c].clear()
+        self._post(c, self._init)
+
+    def _post(self, c: int, msg) -> None:
+        """Queue ``msg`` for reader ``c`` (framed as ``Connection.recv`` reads it) and send
+        what its pipe has room for. OSError: the reader is gone."""
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        self.outbox[c] += (struct.pack("!i", len(data)) if len(data) < 0x7FFFFFFF
+                           else struct.pack("!iQ", -1, len(data)))
+        self.outbox[c] += data
+        self._flush(c)
+
+    def _flush(self, c: int) -> None:
+        box = self.outbox[c]
+        while box:
+            try:
+                n = os.write(self.tx[c], box)
+            except BlockingIOError:  # full: the rest goes at the next collect
+                return
+            del box[:n]
 
     def wait_ready(self, timeout: float = 120.0) -> bool:
         """Wait until every reader has started and mapped the pool (its page tables made up
@@ -266,76 +297,119 @@ class ReaderProcesses:
     def submit(self, job_id: int, blocks: list[tuple[int, bytes, tuple[int, ...], int]], check: bool,
                touch: bool) -> list[tuple]:
         """Read ``blocks`` (index, hash, tokens, host slot) for job ``job_id``. Returns the
-        answers of readers found dead meanwhile (as ``collect``)."""
-        lost = []
-        for c in range(self.n):
-            if self.rx[c] is not None and self.procs[c].poll() is not None:  # exited while idle
-                lost += self._lost(c)
-            if self.rx[c] is None:
-                self._spawn(c)
-                self.restarts += 1
-        runs = [blocks[k:k + self.run] for k in range(0, len(blocks), self.run)]
-        share: list[list] = [[] for _ in range(self.n)]
-        for k, r in enumerate(runs):
-            share[(self._next + k) % self.n].append(r)
-        self._next = (self._next + len(runs)) % self.n
-        for c, rs in enumerate(share):
-            if not rs:
-                continue
-            self.pending[c].extend((job_id, [i for i, *_ in r]) for r in rs)
-            try:
-                self.tx[c].send((job_id, check, touch, rs))
-            except OSError:
-                lost += self._lost(c)
-        return lost
+        answers of readers found dead meanwhile (as ``collect``), this job's blocks among
+        them if its reader died right away. OSError, with nothing dealt: no reader is alive
+        and none could be started."""
+        with self._lock:
+            lost = []
+            for c in range(self.n):
+                if self.rx[c] is not None and self.procs[c].poll() is not None:  # exited while idle
+                    lost += self._lost(c)
+                if self.rx[c] is None:
+                    try:
+                        self._spawn(c)
+                        self.restarts += 1
+                    except OSError as e:
+                        logger.warning("KV offload: cannot start reader process %d: %s", c, e)
+                        if self.rx[c] is not None:
+                            self._lost(c)
+            live = [c for c in range(self.n) if self.rx[c] is not None]
+            if not live:
+                raise OSError("no KV offload reader process is running")
+            runs = [blocks[k:k + self.run] for k in range(0, len(blocks), self.run)]
+            share: dict[int, list] = {c: [] for c in live}
+            for k, r in enumerate(runs):
+                share[live[(self._next + k) % len(live)]].append(r)
+            self._next = (self._next + len(runs)) % len(live)
+            for c, rs in share.items():
+                if not rs:
+                    continue
+                self.pending[c].extend((job_id, [i for i, *_ in r]) for r in rs)
+                try:
+                    self._post(c, (job_id, check, touch, rs))
+                except OSError:
+                    lost += self._lost(c)
+            return lost
 
     def wait(self, timeout: float, also=()) -> None:
-        """Until a reader answers (or ``also``, objects with ``fileno``, is readable), at most ``timeout`` s."""
-        wait_any([rx for rx in self.rx if rx is not None] + list(also), timeout)
+        """Until a reader with work (or not yet ready) answers, one with queued input can take
+        more, or one of ``also`` (objects with ``fileno``) is readable; at most ``timeout`` s.
+        An idle reader's pipe is left out: it only says something if it died, which the next
+        ``submit`` finds."""
+        p = select.poll()
+        for c in range(self.n):
+            if self.rx[c] is None:
+                continue
+            if self.pending[c] or not self.ready[c]:
+                p.register(self.rx[c], select.POLLIN)
+            if self.outbox[c]:
+                p.register(self.tx[c], select.POLLOUT)
+        for obj in also:
+            p.register(obj, select.POLLIN)
+        try:
+            p.poll(max(0, int(timeout * 1000)))
+        except InterruptedError:
+            pass
 
     def collect(self) -> list[tuple]:
-        """The answers that came back: (job id, [(index, status, payload checksum, size,
-        message)], seconds) each."""
-        out = []
-        for c in range(self.n):
-            rx = self.rx[c]
-            try:
-                while rx is not None and rx.poll():
-                    msg = rx.recv()
-                    if msg == "ready":
-                        self.ready[c] = True
-                        continue
-                    self.pending[c].popleft()
-                    out.append(msg)
-            except (EOFError, OSError):
-                out += self._lost(c)
-        return out
+        """Send on what waits in the outboxes, and return the answers that came back:
+        (job id, [(index, status, payload checksum, size, message)], seconds) each."""
+        with self._lock:
+            out = []
+            if not (any(self.pending) or any(self.outbox)
+                    or not all(r for r, rx in zip(self.ready, self.rx) if rx is not None)):
+                return out  # nothing owed (an idle reader that died is found at the next submit)
+            for c in range(self.n):
+                if self.rx[c] is None:
+                    continue
+                try:
+                    self._flush(c)
+                    rx = self.rx[c]
+                    while rx.poll():
+                        msg = rx.recv()
+                        if msg == "ready":
+                            self.ready[c] = True
+                            continue
+                        self.pending[c].popleft()
+                        out.append(msg)
+                except (EOFError, OSError):
+                    out += self._lost(c)
+            return out
 
     def _lost(self, c: int) -> list[tuple]:
-        """Reader ``c`` died (or its pipe broke): its outstanding blocks are unreadable."""
-        code = self.procs[c].poll() if self.procs[c] is not None else None
-        logger.warning("KV offload: reader process %d stopped (exit code %s); its reads are misses, "
-                       "and it is started again", self.procs[c].pid if self.procs[c] else -1, code)
-        _stop_readers([self.procs[c]], [self.tx[c]], [self.rx[c]], timeout=0)
-        self.procs[c] = self.tx[c] = self.rx[c] = None
-        lost = [(job_id, [(i, UNREADABLE, 0, 0, "the reader process stopped") for i in idx], 0.0)
-                for job_id, idx in self.pending[c]]
-        self.pending[c].clear()
-        return lost
+        """Reader ``c`` died (or its pipe broke): its outstanding blocks come back LOST."""
+        with self._lock:
+            code = self.procs[c].poll() if self.procs[c] is not None else None
+            logger.warning("KV offload: reader process %d stopped (exit code %s); its reads are done "
+                           "again on threads, and it is started again",
+                           self.procs[c].pid if self.procs[c] else -1, code)
+            _stop_readers([self.procs[c]], [self.tx[c]], [self.rx[c]], timeout=0)
+            self.procs[c] = self.tx[c] = self.rx[c] = None
+            self.outbox[c].clear()
+            lost = [(job_id, [(i, LOST, 0, 0, "the reader process stopped") for i in idx], 0.0)
+                    for job_id, idx in self.pending[c]]
+            self.pending[c].clear()
+            return lost
 
     def close(self) -> None:
         self._finalizer()
 
 
 def _stop_readers(procs, tx, rx, timeout: float = 10) -> None:
-    for conn in tx:  # EOF: each reader exits once its current share is read
-        if conn is not None:
-            conn.close()
+    """Close the readers' input (each exits once its current share is read), wait for them
+    all ``timeout`` s in all, then kill those still running."""
+    for fd in tx:
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    end = time.monotonic() + timeout
     for p in procs:
         if p is None:
             continue
         try:
-            p.wait(timeout=timeout)
+            p.wait(timeout=max(0.0, end - time.monotonic()))
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()

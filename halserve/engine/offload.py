@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import select
 import queue
 import threading
 import time
@@ -612,6 +613,8 @@ class FileSystemTier(KVTier):
             self.path(h).unlink()
         except FileNotFoundError:
             pass
+        except OSError as e:  # read-only directory, say: forgotten here, and rejected again if read
+            logger.warning("KV offload: cannot remove block file %s: %s", self.path(h), e)
 
     def _read(self, path: str, rows: np.ndarray, bufs: list | None = None) -> tuple[bytearray, bytearray, int]:
         """Read file ``path`` as head | payload (straight into ``rows``, a layer a piece;
@@ -959,6 +962,7 @@ class LoadJob:
     failed: bool = False  # a copy to the device raised: nothing of it is used
     landing: list = field(default_factory=list)  # host slot reserved for each read, until it runs
     touched: set = field(default_factory=set)  # blocks whose files a reader process touched (LRU)
+    handed: set = field(default_factory=set)  # blocks handed to a reader (process or thread), which owns their landing slot
     started: float = field(default_factory=time.perf_counter)
 
     def read_all(self) -> bool:
@@ -1027,7 +1031,7 @@ class OffloadManager:
             except OSError as e:
                 logger.warning("KV offload: cannot start reader processes (%s); disk reads run on threads", e)
         self._proc_jobs: dict[int, list] = {}  # job id -> [job, blocks the reader processes still owe it]
-        self._collecting = threading.Lock()
+        self._proc_lock = threading.RLock()  # around dealing to the readers and taking in their answers
         self._threads_busy = 0  # read tasks queued or running on the prefetch threads
         self._jobs: list[LoadJob] = []  # load jobs not yet finished or cancelled
         self._job_hashes: dict[bytes, LoadJob] = {}  # what they are bringing in
@@ -1270,12 +1274,13 @@ class OffloadManager:
         """Housekeeping while the engine has nothing to step: finish the queued write-through,
         and let go the host slots of reads that came back after their job ended."""
         self.save_pending()
-        self._collect()
 
     def save_pending(self) -> None:
         """Run the queued write-through. Only the thread that steps the engine may: from
         another one (an exit hook while the engine thread still runs) it is left alone,
-        since a step may be reusing those blocks right then."""
+        since a step may be reusing those blocks right then. It also takes in what the
+        reader processes have read meanwhile (a cancelled job's slots come back)."""
+        self._collect()
         if not self._unsaved:
             return
         if self._saver is not threading.current_thread() and self._saver.is_alive():
@@ -1464,6 +1469,12 @@ class OffloadManager:
                 for a in range(n_host, len(hashes), self.READ_RUN):
                     self._read_on_thread(job, a, min(a + self.READ_RUN, len(hashes)))
         except BaseException:  # shutting down: drop it whole
+            with self._lock:
+                left = [s for i, s in enumerate(job.landing) if s is not None and i not in job.handed]
+                for i in range(len(job.landing)):
+                    if i not in job.handed:
+                        job.landing[i] = None
+            self._release_slots(left)
             self.cancel(job)
             raise
         return job  # what is read goes to the device at the next poll or wait_pending
@@ -1477,6 +1488,7 @@ class OffloadManager:
             with self._lock:
                 self._threads_busy -= 1
             raise
+        job.handed.update(range(a, b))
 
     def _read_on_processes(self, job: LoadJob, start: int) -> None:
         """Deal blocks ``start..`` of ``job`` out to the reader processes (those the host tier
@@ -1492,21 +1504,35 @@ class OffloadManager:
                 self._read_on_thread(job, i, i + 1)
             else:
                 items.append((i, h, job.expect[i], job.landing[i]))
-        if items:
+        if not items:
+            return
+        with self._proc_lock:
             self._proc_jobs[job.id] = [job, len(items)]
-            self._land(self._procs.submit(job.id, items, check=not self.device_check, touch=True))
+            try:
+                lost = self._procs.submit(job.id, items, check=not self.device_check, touch=True)
+            except OSError as e:  # no reader could be started: threads read it
+                del self._proc_jobs[job.id]
+                logger.warning("KV offload: %s; this job's disk reads run on threads", e)
+                for i, *_ in items:
+                    self._read_on_thread(job, i, i + 1)
+                return
+            job.handed.update(i for i, *_ in items)
+            self._land(lost)
 
     def _collect(self) -> None:
-        """Take in what the reader processes have read (one thread at a time: another one
-        collecting, e.g. an exit hook's flush beside the engine thread, is left to it)."""
-        if self._procs is not None and self._proc_jobs and self._collecting.acquire(blocking=False):
+        """Take in what the reader processes have read, and send them what waits for room
+        in their pipes (one thread at a time: another one collecting, e.g. an exit hook's
+        flush beside the engine thread, is left to it)."""
+        if self._procs is not None and self._proc_lock.acquire(blocking=False):
             try:
                 self._land(self._procs.collect())
             finally:
-                self._collecting.release()
+                self._proc_lock.release()
 
     def _land(self, answers: list[tuple]) -> None:
-        """The reader processes' answers (``kvfile.ReaderProcesses.collect``) into their jobs."""
+        """The reader processes' answers (``kvfile.ReaderProcesses.collect``) into their jobs.
+        Whatever goes wrong taking one in, that block ends a miss and its slot is let go:
+        the job always finishes."""
         for job_id, results, seconds in answers:
             entry = self._proc_jobs.get(job_id)
             if entry is None:
@@ -1516,36 +1542,53 @@ class OffloadManager:
             if entry[1] <= 0:
                 del self._proc_jobs[job_id]
             for i, status, psum, size, why in results:
-                h = job.hashes[i]
                 slot, job.landing[i] = job.landing[i], None
-                if status == kvfile.OK:
-                    self.disk.read_hit(h, size, seconds / len(results))
-                    job.touched.add(i)
-                    if self.device_check:  # published once the device has checked it
-                        self._resolve(job, i, (self.host.view(slot), job.expect[i], slot, psum))
-                    else:
-                        slot = self.host.commit(h, slot, job.expect[i])
-                        self._resolve(job, i, (self.host.view(slot), job.expect[i], slot, None))
-                elif status == kvfile.OTHER:  # not the file expected: read the general way, which says why
-                    job.landing[i] = slot
-                    self._read_on_thread(job, i, i + 1)
-                else:
-                    if status == kvfile.MISSING:  # removed by another engine sharing the directory
-                        self.disk.forget(h)
-                    elif status == kvfile.BAD:
-                        self.disk.bad_file(h, why)
-                    else:
-                        self.disk.unreadable(h, why)
-                    self._resolve(job, i, None, slot)
+                try:
+                    self._land_one(job, i, status, psum, size, why, slot, seconds / len(results))
+                except Exception:
+                    logger.exception("KV offload: taking in block %s from a reader process failed; "
+                                     "it is recomputed", job.hashes[i].hex())
+                    with self._lock:
+                        if job.landing[i] is not None:  # handed back for a thread that never ran
+                            slot, job.landing[i] = job.landing[i], None
+                        settled = job.got[i] is not None
+                    if not settled:
+                        self._resolve(job, i, None, slot)
 
-    def prepare(self, free_blocks: int) -> None:
+    def _land_one(self, job: LoadJob, i: int, status: int, psum: int, size: int, why: str, slot: int,
+                  seconds: float) -> None:
+        h = job.hashes[i]
+        if status == kvfile.OK:
+            self.disk.read_hit(h, size, seconds)
+            job.touched.add(i)
+            if self.device_check:  # published once the device has checked it
+                self._resolve(job, i, (self.host.view(slot), job.expect[i], slot, psum))
+            else:
+                slot = self.host.commit(h, slot, job.expect[i])
+                self._resolve(job, i, (self.host.view(slot), job.expect[i], slot, None))
+        elif status in (kvfile.OTHER, kvfile.LOST):
+            # not the file expected: read the general way, which says why; or the reader
+            # died under it: read it again
+            job.landing[i] = slot
+            self._read_on_thread(job, i, i + 1)
+        else:
+            if status == kvfile.MISSING:  # removed by another engine sharing the directory
+                self.disk.forget(h)
+            elif status == kvfile.BAD:
+                self.disk.bad_file(h, why)
+            else:
+                self.disk.unreadable(h, why)
+            self._resolve(job, i, None, slot)
+
+    def prepare(self, block_ids: list[int]) -> None:
         """Before the first request (the engine calls this once, with the device KV cache
-        bound and every one of its blocks free): wait for the reader processes to start,
-        and send one batch of zero blocks through a load job's path to the device, checked
-        there, into device blocks 0.. (free: nothing reads them). A restarted server's first
-        filesystem hit then runs as fast as the next: on an H200 the first batch of a fresh
-        process took ~50 ms more (allocations and first kernel launches). It also proves the
-        device-side payload check agrees with the host's here."""
+        bound): wait for the reader processes to start, and send one batch of zero blocks
+        through a load job's path to the device, checked there, into ``block_ids`` (free
+        device blocks the caller holds meanwhile; a batch's worth is enough). A restarted
+        server's first filesystem hit then runs as fast as the next: on an H200 the first
+        batch of a fresh process took ~50 ms more (allocations and first kernel launches).
+        It also proves the device-side payload check agrees with the host's here. Nothing
+        here stops the engine: a failure is logged, and the first load job pays instead."""
         if self._procs is not None:
             t0 = time.perf_counter()
             if self._procs.wait_ready():
@@ -1557,20 +1600,30 @@ class OffloadManager:
         cache = self._cache() if self._cache is not None else None
         if not (self.device_check and self._prefetch is not None and self.host is not None and cache is not None):
             return
-        n = min(self.pump_blocks, free_blocks, self.host.num_slots)
-        slots = [s for s in (self.host.reserve() for _ in range(n)) if s is not None]
+        slots = []
         try:
+            for _ in block_ids[:min(self.pump_blocks, self.host.num_slots)]:
+                s = self.host.reserve()
+                if s is None:
+                    break
+                slots.append(s)
             if not slots:
                 return
             for s in slots:
                 self.host.view(s).zero_()
             with torch.inference_mode():
-                ev, keep, flags = self._send_checked(cache, list(range(len(slots))), [self.host.view(s) for s in slots],
-                                                     slots, [0] * len(slots))
+                ev, keep, flags = self._send_checked(cache, list(block_ids[:len(slots)]),
+                                                     [self.host.view(s) for s in slots], slots, [0] * len(slots))
                 self.hal.synchronize()
             if not all(flags.tolist()):
                 logger.warning("KV offload: the device's payload check of zero blocks failed; "
                                "blocks read from disk will be recomputed")
+        except Exception:
+            logger.exception("KV offload: warming the load path up failed; the first load job warms it")
+            try:
+                self.hal.synchronize()  # what was queued runs out before the slots go
+            except Exception:
+                pass
         finally:
             self._release_slots(slots)
 
@@ -1579,6 +1632,7 @@ class OffloadManager:
         cancelled ones' too: every host slot they read into is then let go or in use."""
         end = time.monotonic() + timeout
         while True:
+            self._wake.clear()  # before looking: a thread finishing after it wakes the wait below
             self._collect()
             with self._lock:
                 busy = self._threads_busy > 0
@@ -1587,7 +1641,6 @@ class OffloadManager:
             if time.monotonic() > end:
                 logger.warning("KV offload: disk reads still running after %.0f s", timeout)
                 return
-            self._wake.clear()
             if self._procs is not None:
                 self._procs.wait(0.05, also=[self._wake])
             else:
@@ -1932,7 +1985,10 @@ class _Waker:
             pass
 
     def wait(self, timeout: float) -> None:
-        kvfile.wait_any([self._r], timeout)
+        try:
+            select.select([self._r], [], [], timeout)
+        except InterruptedError:
+            pass
 
 
 def _close_fds(*fds: int) -> None:

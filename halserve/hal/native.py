@@ -10,6 +10,7 @@ Also home of the rope tables: ``build_rope_cache`` and ``rope_params_from_hf_con
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any
@@ -28,6 +29,7 @@ from halserve.hal.interface import (
     SamplingTensors,
 )
 
+logger = logging.getLogger("halserve")
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 INT8_MAX = 127.0
@@ -375,6 +377,9 @@ class NativeBackend(Backend):
         ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
         err = cudart.cudaHostRegister(ptr, nbytes, 0)
         if int(err) != 0:
+            # the failure stays this thread's last CUDA error, which torch's next kernel
+            # launch check would report as its own: clear it
+            _cuda_clear_last_error()
             raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed: {err}")
         return lambda: cudart.cudaHostUnregister(ptr)
 
@@ -647,3 +652,23 @@ def sample_random(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor
     u = counter_uniform(params.seeds, params.steps, logits.shape[-1])
     gumbel = -torch.log(-torch.log(u))
     return (masked + gumbel).argmax(dim=-1)
+
+
+def _cuda_clear_last_error() -> None:
+    """``cudaGetLastError`` (which also resets it) in the CUDA runtime torch loaded; torch's
+    ``cudart()`` bindings lack it."""
+    import ctypes
+
+    path = None
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                if "libcudart" in line:
+                    path = line.split()[-1]
+                    break
+    except OSError:
+        pass
+    try:
+        ctypes.CDLL(path).cudaGetLastError()  # path None: the symbols already global
+    except (OSError, AttributeError) as e:
+        logger.debug("cannot reach cudaGetLastError (%s); a later CUDA call may report the failure", e)

@@ -466,9 +466,10 @@ def test_a_read_task_that_fails_still_ends_the_job(tmp_path, monkeypatch):
 
 
 def test_a_reader_process_that_dies_still_ends_the_job(tmp_path, monkeypatch):
-    """A reader process that dies in the middle of a job answers the blocks it owed as
-    misses: the job ends at the first of them and nothing stays pinned; the next job has
-    it started again (as it has a reader found dead while idle)."""
+    """A reader process that dies in the middle of a job has the blocks it owed read again
+    on threads: the job still loads them all, no file is counted bad or forgotten, and
+    nothing stays pinned; the next job has it started again (as it has a reader found dead
+    while idle)."""
     import signal
 
     monkeypatch.setattr(OffloadManager, "READ_RUN", 1)
@@ -477,14 +478,17 @@ def test_a_reader_process_that_dies_still_ends_the_job(tmp_path, monkeypatch):
     m.flush()
     dst = torch.zeros((L, *caches[0].shape))
     m.bind(dst)
-    m.prepare(free_blocks=8)
+    m.prepare(list(range(8)))
     m.host.clear()
 
-    def load(n_expected):
+    def load():
+        dst.zero_()
         res = m.lookup([h(i) for i in range(4)], toks)
-        assert run_job(m, m.start_load([0, 1, 2, 3], res, toks)) == n_expected
+        assert run_job(m, m.start_load([0, 1, 2, 3], res, toks)) == 4
         m.wait_reads()
         assert m.host.stats_dict()["pinned"] == 0
+        for c, d in zip(caches, dst):
+            assert all(torch.equal(d[:, i], c[:, i]) for i in range(4))
         m.host.clear()
 
     victim = m._procs.procs[1]  # blocks 1 and 3 are dealt to it
@@ -493,21 +497,144 @@ def test_a_reader_process_that_dies_still_ends_the_job(tmp_path, monkeypatch):
     job = m.start_load([0, 1, 2, 3], res, toks)
     victim.kill()  # ... and dies
     victim.wait()
-    assert run_job(m, job) == 1
+    assert run_job(m, job) == 4
     m.wait_reads()
-    assert m.host.stats_dict()["pinned"] == 0 and m.stats()["disk"]["bad_files"] == 2
-    assert not m.disk.lookup(h(1)) and m.disk.path(h(1)).exists()  # forgotten, not removed
-    m.save(caches, [(i, h(i), toks(i)) for i in range(4)])  # written again
-    m.flush()
+    assert m.host.stats_dict()["pinned"] == 0 and m.stats()["disk"]["bad_files"] == 0
+    assert all(m.disk.lookup(h(i)) for i in range(4))
+    for c, d in zip(caches, dst):
+        assert all(torch.equal(d[:, i], c[:, i]) for i in range(4))
     m.host.clear()
-    load(4)
+    load()
     assert m._procs.restarts == 1
     m._procs.procs[0].kill()  # dead while idle: found out before the next job is dealt
     m._procs.procs[0].wait()
-    load(4)
+    load()
     assert m._procs.restarts == 2
+    m.close()
+
+
+def test_a_block_the_engine_fails_to_take_in_is_a_miss(tmp_path, monkeypatch):
+    """Whatever goes wrong taking in a reader process's answer (here: counting a hit raises
+    for block 2), that block is a miss, the job still ends, nothing stays pinned; and a bad
+    file that cannot be removed (a read-only directory, say) is still a miss."""
+    import pathlib
+
+    m, caches = manager(6, tmp_path, device_blocks=8, io_processes=True, io_threads=2)
+    m.save(caches, [(i, h(i), toks(i)) for i in range(4)])
+    m.flush()
+    m.host.clear()
+    dst = torch.zeros((L, *caches[0].shape))
+    m.bind(dst)
+    real = m.disk.read_hit
+
+    def flaky(x, size, seconds):
+        if x == h(2):
+            raise RuntimeError("boom")
+        real(x, size, seconds)
+
+    monkeypatch.setattr(m.disk, "read_hit", flaky)
+    res = m.lookup([h(i) for i in range(4)], toks)
+    assert run_job(m, m.start_load([0, 1, 2, 3], res, toks)) == 2
+    m.wait_reads()
+    assert m.host.stats_dict()["pinned"] == 0
     for c, d in zip(caches, dst):
-        assert all(torch.equal(d[:, i], c[:, i]) for i in range(4))
+        assert torch.equal(d[:, 0], c[:, 0]) and torch.equal(d[:, 1], c[:, 1])
+    monkeypatch.setattr(m.disk, "read_hit", real)
+    m.host.clear()
+    p = m.disk.path(h(1))
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+    def refuse(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "unlink", refuse)
+    res = m.lookup([h(i) for i in range(4)], toks)
+    assert run_job(m, m.start_load([0, 1, 2, 3], res, toks)) == 1
+    m.wait_reads()
+    assert m.host.stats_dict()["pinned"] == 0 and m.stats()["disk"]["bad_files"] == 1
+    assert not m.disk.lookup(h(1)) and p.exists()  # forgotten; it could not be removed
+    monkeypatch.undo()
+    m.close()
+
+
+def test_readers_that_cannot_be_started_again_leave_the_job_to_threads(tmp_path, monkeypatch, caplog):
+    """Readers found dead when a job is dealt are started again; where that fails, the
+    live ones take the job, and with none left the threads read it."""
+    import subprocess
+
+    m, caches = manager(6, tmp_path, device_blocks=8, io_processes=True, io_threads=2)
+    m.save(caches, [(i, h(i), toks(i)) for i in range(4)])
+    m.flush()
+    dst = torch.zeros((L, *caches[0].shape))
+    m.bind(dst)
+    m.prepare([])
+    procs = m._procs
+
+    def refuse(*a, **k):
+        raise OSError(24, "Too many open files")
+
+    def load():
+        m.host.clear()
+        dst.zero_()
+        res = m.lookup([h(i) for i in range(4)], toks)
+        assert run_job(m, m.start_load([0, 1, 2, 3], res, toks)) == 4
+        m.wait_reads()
+        assert m.host.stats_dict()["pinned"] == 0
+        for c, d in zip(caches, dst):
+            assert all(torch.equal(d[:, i], c[:, i]) for i in range(4))
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    procs.procs[0].kill()
+    procs.procs[0].wait()
+    load()  # reader 1 reads it all
+    assert procs.rx[0] is None and procs.rx[1] is not None and "cannot start reader process 0" in caplog.text
+    procs.procs[1].kill()
+    procs.procs[1].wait()
+    load()  # nobody left: threads
+    assert "this job's disk reads run on threads" in caplog.text and m._proc_jobs == {}
+    monkeypatch.undo()
+    load()  # both started again
+    assert procs.restarts == 2 and all(rx is not None for rx in procs.rx)
+    m.close()
+
+
+def test_a_full_reader_pipe_never_blocks_the_engine(tmp_path, monkeypatch):
+    """With one-page pipes (what a user past the pipe quota gets), a reader stops reading
+    its input while its answers are not taken in; dealing the next job to it must not wait
+    for it (that would wait forever: the engine is the one to take the answers in)."""
+    import threading
+    import time
+
+    n = 200  # a job's share and its answers each overflow a 4 KiB pipe
+    monkeypatch.setattr(kvfile, "PIPE_BYTES", 4096)
+    monkeypatch.setattr(OffloadManager, "READ_RUN", 1)
+    m, caches = manager(2 * n, tmp_path, device_blocks=2 * n, io_processes=True, io_threads=1)
+    m.save(caches, [(i, h(i), toks(i)) for i in range(2 * n)])
+    m.flush()
+    m.host.clear()
+    dst = torch.zeros((L, *caches[0].shape))
+    m.bind(dst)
+    m.prepare([])
+    jobs = [m.start_load(list(range(n)), m.lookup([h(i) for i in range(n)], toks), toks)]
+    time.sleep(1.0)  # the reader answers until its answer pipe is full, then waits
+
+    def later(i):  # the second job's block i is block n + i
+        return toks(n + i)
+
+    dealt = threading.Thread(target=lambda: jobs.append(
+        m.start_load(list(range(n, 2 * n)), m.lookup([h(i) for i in range(n, 2 * n)], later), later)), daemon=True)
+    dealt.start()
+    dealt.join(10)
+    if dealt.is_alive():
+        m._procs.procs[0].kill()  # free the stuck thread before failing
+        pytest.fail("dealing a job to a reader with a full pipe blocked the engine")
+    assert [run_job(m, j, timeout=60) for j in jobs] == [n, n]
+    m.wait_reads()
+    assert m.host.stats_dict()["pinned"] == 0 and m._procs.restarts == 0
+    for c, d in zip(caches, dst):
+        assert torch.equal(d, c)
     m.close()
 
 
@@ -982,18 +1109,18 @@ def test_device_payload_check_matches_the_file_checksum(device, tmp_path):
 
 def test_readers_that_cannot_start_leave_the_reads_to_threads(tmp_path, monkeypatch, caplog):
     """Reader processes that exit at once (here: no Python to run them) are found out at
-    start-up, and the disk reads run on threads instead."""
+    start-up (as they start, or as ``prepare`` waits for them), and the disk reads run on
+    threads instead."""
     import sys
 
     monkeypatch.setattr(sys, "executable", "/bin/false")
     m, caches = manager(4, tmp_path, device_blocks=8, io_processes=True)
-    assert m._procs is not None
     m.save(caches, [(i, h(i), toks(i)) for i in range(3)])
     m.flush()
     m.host.clear()
     dst = torch.zeros((L, *caches[0].shape))
     m.bind(dst)
-    m.prepare(free_blocks=8)
+    m.prepare(list(range(8)))
     assert m._procs is None and "disk reads run on threads" in caplog.text
     res = m.lookup([h(i) for i in range(3)], toks)
     assert run_job(m, m.start_load([0, 1, 2], res, toks)) == 3
@@ -1010,13 +1137,13 @@ def test_prepare_sends_a_checked_batch_of_zeros(tmp_path, monkeypatch, caplog):
     dev = torch.randn((L, *caches[0].shape))
     before = dev.clone()
     m.bind(dev)
-    m.prepare(free_blocks=3)
+    m.prepare([0, 1, 2])
     assert not dev[:, :, :3].any() and torch.equal(dev[:, :, 3:], before[:, :, 3:])
     assert m.host.stats_dict()["pinned"] == 0 and "failed" not in caplog.text
     import halserve.engine.offload as off
 
     monkeypatch.setattr(off, "device_checksums", lambda words, w: torch.ones(words.shape[1], dtype=torch.int64))
-    m.prepare(free_blocks=3)
+    m.prepare([0, 1, 2])
     assert "payload check of zero blocks failed" in caplog.text and m.host.stats_dict()["pinned"] == 0
     m.close()
 

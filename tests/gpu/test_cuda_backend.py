@@ -232,3 +232,21 @@ def test_cuda_graph_decode_matches_eager(checkpoint):
         got = g.replay().float()
     torch.testing.assert_close(got[:real], eager[:real], atol=1e-2, rtol=0)
     assert not torch.isnan(got).any()
+
+
+def test_pin_host_failure_leaves_cuda_usable():
+    """A failed ``pin_host`` (here: the memory is registered already) raises, and leaves no
+    CUDA error behind for torch's next kernel launch to report as its own."""
+    from halserve.hal import create
+
+    hal = create("cuda")
+    t = torch.empty(1 << 20, dtype=torch.uint8)
+    unpin = hal.pin_host(t)
+    try:
+        with pytest.raises(RuntimeError, match="cudaHostRegister"):
+            hal.pin_host(t)
+        x = torch.arange(8, device="cuda", dtype=torch.float32)
+        assert (x * 2).sum().item() == 56.0
+        torch.cuda.synchronize()
+    finally:
+        unpin()
