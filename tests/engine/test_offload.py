@@ -361,6 +361,19 @@ def run_job(m, job, timeout: float = 10.0) -> int:
     return n
 
 
+def load_all(m, caches, dst, n: int = 4) -> None:
+    """A load job of blocks 0..n-1 from disk alone (host tier emptied) into device blocks
+    0..n-1 of ``dst`` (zeroed first): every block arrives intact and nothing stays pinned."""
+    m.host.clear()
+    dst.zero_()
+    res = m.lookup([h(i) for i in range(n)], toks)
+    assert run_job(m, m.start_load(list(range(n)), res, toks)) == n
+    m.wait_reads()
+    assert m.host.stats_dict()["pinned"] == 0
+    for c, d in zip(caches, dst):
+        assert all(torch.equal(d[:, i], c[:, i]) for i in range(n))
+
+
 @READERS
 @pytest.mark.parametrize("pump_bytes", [None, 1])
 def test_load_job_reads_disk_into_device_blocks(tmp_path, pump_bytes, procs, monkeypatch):
@@ -481,16 +494,6 @@ def test_a_reader_process_that_dies_still_ends_the_job(tmp_path, monkeypatch):
     m.prepare(list(range(8)))
     m.host.clear()
 
-    def load():
-        dst.zero_()
-        res = m.lookup([h(i) for i in range(4)], toks)
-        assert run_job(m, m.start_load([0, 1, 2, 3], res, toks)) == 4
-        m.wait_reads()
-        assert m.host.stats_dict()["pinned"] == 0
-        for c, d in zip(caches, dst):
-            assert all(torch.equal(d[:, i], c[:, i]) for i in range(4))
-        m.host.clear()
-
     victim = m._procs.procs[1]  # blocks 1 and 3 are dealt to it
     os.kill(victim.pid, signal.SIGSTOP)  # it takes its share of the job, but never reads it ...
     res = m.lookup([h(i) for i in range(4)], toks)
@@ -503,12 +506,11 @@ def test_a_reader_process_that_dies_still_ends_the_job(tmp_path, monkeypatch):
     assert all(m.disk.lookup(h(i)) for i in range(4))
     for c, d in zip(caches, dst):
         assert all(torch.equal(d[:, i], c[:, i]) for i in range(4))
-    m.host.clear()
-    load()
+    load_all(m, caches, dst)
     assert m._procs.restarts == 1
     m._procs.procs[0].kill()  # dead while idle: found out before the next job is dealt
     m._procs.procs[0].wait()
-    load()
+    load_all(m, caches, dst)
     assert m._procs.restarts == 2
     m.close()
 
@@ -575,27 +577,17 @@ def test_readers_that_cannot_be_started_again_leave_the_job_to_threads(tmp_path,
     def refuse(*a, **k):
         raise OSError(24, "Too many open files")
 
-    def load():
-        m.host.clear()
-        dst.zero_()
-        res = m.lookup([h(i) for i in range(4)], toks)
-        assert run_job(m, m.start_load([0, 1, 2, 3], res, toks)) == 4
-        m.wait_reads()
-        assert m.host.stats_dict()["pinned"] == 0
-        for c, d in zip(caches, dst):
-            assert all(torch.equal(d[:, i], c[:, i]) for i in range(4))
-
     monkeypatch.setattr(subprocess, "Popen", refuse)
     procs.procs[0].kill()
     procs.procs[0].wait()
-    load()  # reader 1 reads it all
+    load_all(m, caches, dst)  # reader 1 reads it all
     assert procs.rx[0] is None and procs.rx[1] is not None and "cannot start reader process 0" in caplog.text
     procs.procs[1].kill()
     procs.procs[1].wait()
-    load()  # nobody left: threads
+    load_all(m, caches, dst)  # nobody left: threads
     assert "this job's disk reads run on threads" in caplog.text and m._proc_jobs == {}
     monkeypatch.undo()
-    load()  # both started again
+    load_all(m, caches, dst)  # both started again
     assert procs.restarts == 2 and all(rx is not None for rx in procs.rx)
     m.close()
 
