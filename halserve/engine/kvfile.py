@@ -219,6 +219,7 @@ class ReaderProcesses:
         self.ready = [False] * n  # the reader has mapped the pool (its first answer says so)
         self._next = 0  # the reader the next job starts on
         self.restarts = 0
+        self.closed = False
         self._finalizer = weakref.finalize(self, _stop_readers, self.procs, self.tx, self.rx)
         try:
             for c in range(n):
@@ -229,7 +230,12 @@ class ReaderProcesses:
 
     def _spawn(self, c: int) -> None:
         r1, w1 = os.pipe()
-        r2, w2 = os.pipe()
+        try:
+            r2, w2 = os.pipe()
+        except BaseException:
+            os.close(r1)
+            os.close(w1)
+            raise
         for fd in (w1, w2):
             try:  # refused past the user's pipe quota: then 64 KiB, or a page
                 import fcntl
@@ -298,10 +304,12 @@ class ReaderProcesses:
                touch: bool) -> list[tuple]:
         """Read ``blocks`` (index, hash, tokens, host slot) for job ``job_id``. Returns the
         answers of readers found dead meanwhile (as ``collect``), this job's blocks among
-        them if its reader died right away. OSError, with nothing dealt: no reader is alive
-        and none could be started."""
+        them (LOST) if its reader died right away or no reader is alive and none could be
+        started (nor any after ``close``)."""
         with self._lock:
             lost = []
+            if self.closed:
+                return [(job_id, [(i, LOST, 0, 0, "the readers are closed") for i, *_ in blocks], 0.0)]
             for c in range(self.n):
                 if self.rx[c] is not None and self.procs[c].poll() is not None:  # exited while idle
                     lost += self._lost(c)
@@ -315,7 +323,8 @@ class ReaderProcesses:
                             self._lost(c)
             live = [c for c in range(self.n) if self.rx[c] is not None]
             if not live:
-                raise OSError("no KV offload reader process is running")
+                logger.warning("KV offload: no reader process is running; this job's disk reads run on threads")
+                return lost + [(job_id, [(i, LOST, 0, 0, "no reader process") for i, *_ in blocks], 0.0)]
             runs = [blocks[k:k + self.run] for k in range(0, len(blocks), self.run)]
             share: dict[int, list] = {c: [] for c in live}
             for k, r in enumerate(runs):
@@ -337,16 +346,17 @@ class ReaderProcesses:
         An idle reader's pipe is left out: it only says something if it died, which the next
         ``submit`` finds."""
         p = select.poll()
-        for c in range(self.n):
-            if self.rx[c] is None:
-                continue
-            if self.pending[c] or not self.ready[c]:
-                p.register(self.rx[c], select.POLLIN)
-            if self.outbox[c]:
-                p.register(self.tx[c], select.POLLOUT)
+        with self._lock:  # another thread's collect may close a lost reader's pipes meanwhile
+            for c in range(self.n):
+                if self.rx[c] is None:
+                    continue
+                if self.pending[c] or not self.ready[c]:
+                    p.register(self.rx[c].fileno(), select.POLLIN)
+                if self.outbox[c]:
+                    p.register(self.tx[c], select.POLLOUT)
         for obj in also:
             p.register(obj, select.POLLIN)
-        try:
+        try:  # a pipe closed since answers POLLNVAL: back at once, and the caller looks again
             p.poll(max(0, int(timeout * 1000)))
         except InterruptedError:
             pass
@@ -392,20 +402,25 @@ class ReaderProcesses:
             return lost
 
     def close(self) -> None:
-        self._finalizer()
+        with self._lock:
+            self.closed = True
+            self._finalizer()
 
 
 def _stop_readers(procs, tx, rx, timeout: float = 10) -> None:
     """Close the readers' input (each exits once its current share is read), wait for them
-    all ``timeout`` s in all, then kill those still running."""
-    for fd in tx:
+    all ``timeout`` s in all, then kill those still running. The lists' entries become
+    None (a closed descriptor's number is soon someone else's)."""
+    for k, fd in enumerate(tx):
+        tx[k] = None
         if fd is not None:
             try:
                 os.close(fd)
             except OSError:
                 pass
     end = time.monotonic() + timeout
-    for p in procs:
+    for k, p in enumerate(procs):
+        procs[k] = None
         if p is None:
             continue
         try:
@@ -413,7 +428,8 @@ def _stop_readers(procs, tx, rx, timeout: float = 10) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-    for conn in rx:
+    for k, conn in enumerate(rx):
+        rx[k] = None
         if conn is not None:
             conn.close()
 

@@ -1508,16 +1508,9 @@ class OffloadManager:
             return
         with self._proc_lock:
             self._proc_jobs[job.id] = [job, len(items)]
-            try:
-                lost = self._procs.submit(job.id, items, check=not self.device_check, touch=True)
-            except OSError as e:  # no reader could be started: threads read it
-                del self._proc_jobs[job.id]
-                logger.warning("KV offload: %s; this job's disk reads run on threads", e)
-                for i, *_ in items:
-                    self._read_on_thread(job, i, i + 1)
-                return
-            job.handed.update(i for i, *_ in items)
-            self._land(lost)
+            job.handed.update(i for i, *_ in items)  # from here a reader may be writing into them
+            # with no reader alive, the job's blocks come straight back LOST: threads read them
+            self._land(self._procs.submit(job.id, items, check=not self.device_check, touch=True))
 
     def _collect(self) -> None:
         """Take in what the reader processes have read, and send them what waits for room
@@ -1543,24 +1536,29 @@ class OffloadManager:
                 del self._proc_jobs[job_id]
             for i, status, psum, size, why in results:
                 slot, job.landing[i] = job.landing[i], None
+                hold = [slot]  # the slot, until _land_one hands it on
                 try:
-                    self._land_one(job, i, status, psum, size, why, slot, seconds / len(results))
+                    self._land_one(job, i, status, psum, size, why, hold, seconds / len(results))
                 except Exception:
                     logger.exception("KV offload: taking in block %s from a reader process failed; "
                                      "it is recomputed", job.hashes[i].hex())
                     with self._lock:
                         if job.landing[i] is not None:  # handed back for a thread that never ran
-                            slot, job.landing[i] = job.landing[i], None
-                        settled = job.got[i] is not None
-                    if not settled:
-                        self._resolve(job, i, None, slot)
+                            hold[0], job.landing[i] = job.landing[i], None
+                        settle = job.got[i] is None  # (False for all once the job is closed)
+                    if settle:
+                        self._resolve(job, i, None, hold[0])
+                    elif hold[0] is not None:
+                        self._release_slots([hold[0]])
 
-    def _land_one(self, job: LoadJob, i: int, status: int, psum: int, size: int, why: str, slot: int,
+    def _land_one(self, job: LoadJob, i: int, status: int, psum: int, size: int, why: str, hold: list,
                   seconds: float) -> None:
-        h = job.hashes[i]
+        """One block's answer; ``hold[0]``, its host slot, is set to None as it is handed on."""
+        h, slot = job.hashes[i], hold[0]
         if status == kvfile.OK:
             self.disk.read_hit(h, size, seconds)
             job.touched.add(i)
+            hold[0] = None
             if self.device_check:  # published once the device has checked it
                 self._resolve(job, i, (self.host.view(slot), job.expect[i], slot, psum))
             else:
@@ -1568,8 +1566,8 @@ class OffloadManager:
                 self._resolve(job, i, (self.host.view(slot), job.expect[i], slot, None))
         elif status in (kvfile.OTHER, kvfile.LOST):
             # not the file expected: read the general way, which says why; or the reader
-            # died under it: read it again
-            job.landing[i] = slot
+            # died under it (or there was none): read it again
+            job.landing[i], hold[0] = slot, None
             self._read_on_thread(job, i, i + 1)
         else:
             if status == kvfile.MISSING:  # removed by another engine sharing the directory
@@ -1578,6 +1576,7 @@ class OffloadManager:
                 self.disk.bad_file(h, why)
             else:
                 self.disk.unreadable(h, why)
+            hold[0] = None
             self._resolve(job, i, None, slot)
 
     def prepare(self, block_ids: list[int]) -> None:
@@ -1985,8 +1984,10 @@ class _Waker:
             pass
 
     def wait(self, timeout: float) -> None:
+        p = select.poll()  # (select.select fails on a descriptor past 1023)
+        p.register(self._r, select.POLLIN)
         try:
-            select.select([self._r], [], [], timeout)
+            p.poll(max(0, int(timeout * 1000)))
         except InterruptedError:
             pass
 

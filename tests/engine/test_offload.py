@@ -592,6 +592,71 @@ def test_readers_that_cannot_be_started_again_leave_the_job_to_threads(tmp_path,
     m.close()
 
 
+def test_a_dead_readers_job_ends_when_no_reader_can_start(tmp_path, monkeypatch):
+    """Job A's blocks sit at the only reader, which dies; job B is dealt before A's answers
+    are taken in, and no reader can be started: both jobs still load everything (threads
+    read them), and nothing stays pinned."""
+    import signal
+    import subprocess
+
+    m, caches = manager(8, tmp_path, device_blocks=8, io_processes=True, io_threads=1)
+    m.save(caches, [(i, h(i), toks(i)) for i in range(4)])
+    m.flush()
+    dst = torch.zeros((L, *caches[0].shape))
+    m.bind(dst)
+    m.prepare([])
+    m.host.clear()
+    victim = m._procs.procs[0]
+    os.kill(victim.pid, signal.SIGSTOP)  # takes job A's share, never answers ...
+    a = m.start_load([0, 1], m.lookup([h(0), h(1)], toks), toks)
+    victim.kill()  # ... and dies
+    victim.wait()
+
+    def refuse(*args, **kw):
+        raise OSError(24, "Too many open files")
+
+    def later(i):
+        return toks(i + 2)
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    b = m.start_load([2, 3], m.lookup([h(2), h(3)], later), later)
+    assert run_job(m, b) == 2 and run_job(m, a) == 2
+    m.wait_reads()
+    assert m.host.stats_dict()["pinned"] == 0 and m._proc_jobs == {}
+    for c, d in zip(caches, dst):
+        assert all(torch.equal(d[:, i], c[:, i]) for i in range(4))
+    monkeypatch.undo()
+    m.close()
+
+
+def test_a_cancelled_jobs_answer_that_fails_lets_its_slot_go(tmp_path, monkeypatch):
+    """A job cancelled while a reader holds its blocks: taking their answers in fails
+    (counting the hit raises), and their host slots are still let go."""
+    import signal
+
+    m, caches = manager(8, tmp_path, device_blocks=8, io_processes=True, io_threads=1)
+    m.save(caches, [(i, h(i), toks(i)) for i in range(2)])
+    m.flush()
+    dst = torch.zeros((L, *caches[0].shape))
+    m.bind(dst)
+    m.prepare([])
+    m.host.clear()
+    reader = m._procs.procs[0]
+    os.kill(reader.pid, signal.SIGSTOP)
+    job = m.start_load([0, 1], m.lookup([h(0), h(1)], toks), toks)
+    m.cancel(job)
+
+    def boom(*args, **kw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(m.disk, "read_hit", boom)
+    os.kill(reader.pid, signal.SIGCONT)
+    m.wait_reads()
+    assert m.host.stats_dict()["pinned"] == 0 and m._proc_jobs == {}
+    monkeypatch.undo()
+    m.close()
+
+
 def test_a_full_reader_pipe_never_blocks_the_engine(tmp_path, monkeypatch):
     """With one-page pipes (what a user past the pipe quota gets), a reader stops reading
     its input while its answers are not taken in; dealing the next job to it must not wait
