@@ -88,10 +88,10 @@ for stage in "$@"; do
   case "$stage" in
     check) check ;;
     qcheck) qcheck ;;
-    lat1b|lat8b|latmoe|thr1b|thr8b|offload|offload8b|offtest) run_bench "$stage" ;;
+    lat1b|lat8b|latmoe|thr1b|thr8b|offload|offload8b|offtest|loadjob|offprof) run_bench "$stage" ;;
     bench) for b in "${BENCHES[@]}"; do run_bench "$b"; done ;;
     all) check; for b in "${BENCHES[@]}"; do run_bench "$b"; done ;;
-    *) echo "usage: bench/gpu_run.sh [check|qcheck|bench|all|lat1b|lat8b|latmoe|thr1b|thr8b|offload|offload8b|offtest]..."; exit 2 ;;
+    *) echo "usage: bench/gpu_run.sh [check|qcheck|bench|all|lat1b|lat8b|latmoe|thr1b|thr8b|offload|offload8b|offtest|loadjob|offprof]..."; exit 2 ;;
   esac
 done
 merge_json

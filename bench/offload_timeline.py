@@ -1,5 +1,5 @@
 """Where a filesystem-tier hit's TTFT goes, beside its load job: a restart over a directory
-written by a first engine, then three hits, each with a timeline of the engine's functions
+written by a first engine, then three hits (and then three host-tier hits), each with a timeline of the engine's functions
 (calls, total time, first start, last end, from the request's start).
 
     PYTHONPATH=. python bench/offload_timeline.py [backend]      # SMALL=1: a tiny model
@@ -71,4 +71,18 @@ for r in range(3):
     for nm, (c, tot, first, last) in sorted(agg.items(), key=lambda kv: kv[1][2]):
         print(f"   {nm:<16} x{c:<4} total {tot*1e3:7.2f} ms  first start {first*1e3:7.2f}  last end {last*1e3:7.2f}")
     eng.kv.reset_prefix_cache()
+# then host-tier hits: the last filesystem hit's prompt is in the host tier (each hit above
+# emptied it first)
+for o, names in ((eng.kv, ["update_hashes"]), (eng.runner, ["_prepare"]), (off, ["scatter", "loads_done", "release"])):
+    for nm in names: wrap(o, nm)
+for r in range(3):
+    eng.kv.reset_prefix_cache(); agg.clear()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    T0[0] = time.perf_counter()
+    out = llm.generate([prompt(2)], sp)[0]
+    dt = time.perf_counter() - T0[0]
+    print(f"--- host hit {r}: {dt*1e3:.1f} ms cached {out.num_cached_tokens}")
+    for nm, (c, tot, first, last) in sorted(agg.items(), key=lambda kv: kv[1][2]):
+        print(f"   {nm:<16} x{c:<4} total {tot*1e3:7.2f} ms  first start {first*1e3:7.2f}  last end {last*1e3:7.2f}")
 shutil.rmtree(tmp, ignore_errors=True)
