@@ -361,6 +361,20 @@ def run_job(m, job, timeout: float = 10.0) -> int:
     return n
 
 
+def on_readers(tmp_path, blocks: int, host_blocks: int, device_blocks: int = 8, io_threads: int = 1):
+    """A manager reading on reader processes, ready: ``blocks`` blocks written to disk
+    (the host tier emptied), a device cache bound, the readers started. (m, caches, dst)."""
+    m, caches = manager(host_blocks, tmp_path, device_blocks=device_blocks, io_processes=True,
+                        io_threads=io_threads)
+    m.save(caches, [(i, h(i), toks(i)) for i in range(blocks)])
+    m.flush()
+    m.host.clear()
+    dst = torch.zeros((L, *caches[0].shape))
+    m.bind(dst)
+    m.prepare([])
+    return m, caches, dst
+
+
 def load_all(m, caches, dst, n: int = 4) -> None:
     """A load job of blocks 0..n-1 from disk alone (host tier emptied) into device blocks
     0..n-1 of ``dst`` (zeroed first): every block arrives intact and nothing stays pinned."""
@@ -486,13 +500,7 @@ def test_a_reader_process_that_dies_still_ends_the_job(tmp_path, monkeypatch):
     import signal
 
     monkeypatch.setattr(OffloadManager, "READ_RUN", 1)
-    m, caches = manager(6, tmp_path, device_blocks=8, io_processes=True, io_threads=2)
-    m.save(caches, [(i, h(i), toks(i)) for i in range(4)])
-    m.flush()
-    dst = torch.zeros((L, *caches[0].shape))
-    m.bind(dst)
-    m.prepare(list(range(8)))
-    m.host.clear()
+    m, caches, dst = on_readers(tmp_path, 4, 6, io_threads=2)
 
     victim = m._procs.procs[1]  # blocks 1 and 3 are dealt to it
     os.kill(victim.pid, signal.SIGSTOP)  # it takes its share of the job, but never reads it ...
@@ -521,12 +529,7 @@ def test_a_block_the_engine_fails_to_take_in_is_a_miss(tmp_path, monkeypatch):
     file that cannot be removed (a read-only directory, say) is still a miss."""
     import pathlib
 
-    m, caches = manager(6, tmp_path, device_blocks=8, io_processes=True, io_threads=2)
-    m.save(caches, [(i, h(i), toks(i)) for i in range(4)])
-    m.flush()
-    m.host.clear()
-    dst = torch.zeros((L, *caches[0].shape))
-    m.bind(dst)
+    m, caches, dst = on_readers(tmp_path, 4, 6, io_threads=2)
     real = m.disk.read_hit
 
     def flaky(x, size, seconds):
@@ -566,12 +569,7 @@ def test_readers_that_cannot_be_started_again_leave_the_job_to_threads(tmp_path,
     live ones take the job, and with none left the threads read it."""
     import subprocess
 
-    m, caches = manager(6, tmp_path, device_blocks=8, io_processes=True, io_threads=2)
-    m.save(caches, [(i, h(i), toks(i)) for i in range(4)])
-    m.flush()
-    dst = torch.zeros((L, *caches[0].shape))
-    m.bind(dst)
-    m.prepare([])
+    m, caches, dst = on_readers(tmp_path, 4, 6, io_threads=2)
     procs = m._procs
 
     def refuse(*a, **k):
@@ -599,13 +597,7 @@ def test_a_dead_readers_job_ends_when_no_reader_can_start(tmp_path, monkeypatch)
     import signal
     import subprocess
 
-    m, caches = manager(8, tmp_path, device_blocks=8, io_processes=True, io_threads=1)
-    m.save(caches, [(i, h(i), toks(i)) for i in range(4)])
-    m.flush()
-    dst = torch.zeros((L, *caches[0].shape))
-    m.bind(dst)
-    m.prepare([])
-    m.host.clear()
+    m, caches, dst = on_readers(tmp_path, 4, 8)
     victim = m._procs.procs[0]
     os.kill(victim.pid, signal.SIGSTOP)  # takes job A's share, never answers ...
     a = m.start_load([0, 1], m.lookup([h(0), h(1)], toks), toks)
@@ -634,13 +626,7 @@ def test_a_cancelled_jobs_answer_that_fails_lets_its_slot_go(tmp_path, monkeypat
     (counting the hit raises), and their host slots are still let go."""
     import signal
 
-    m, caches = manager(8, tmp_path, device_blocks=8, io_processes=True, io_threads=1)
-    m.save(caches, [(i, h(i), toks(i)) for i in range(2)])
-    m.flush()
-    dst = torch.zeros((L, *caches[0].shape))
-    m.bind(dst)
-    m.prepare([])
-    m.host.clear()
+    m, caches, dst = on_readers(tmp_path, 2, 8)
     reader = m._procs.procs[0]
     os.kill(reader.pid, signal.SIGSTOP)
     job = m.start_load([0, 1], m.lookup([h(0), h(1)], toks), toks)
@@ -667,13 +653,7 @@ def test_a_full_reader_pipe_never_blocks_the_engine(tmp_path, monkeypatch):
     n = 200  # a job's share and its answers each overflow a 4 KiB pipe
     monkeypatch.setattr(kvfile, "PIPE_BYTES", 4096)
     monkeypatch.setattr(OffloadManager, "READ_RUN", 1)
-    m, caches = manager(2 * n, tmp_path, device_blocks=2 * n, io_processes=True, io_threads=1)
-    m.save(caches, [(i, h(i), toks(i)) for i in range(2 * n)])
-    m.flush()
-    m.host.clear()
-    dst = torch.zeros((L, *caches[0].shape))
-    m.bind(dst)
-    m.prepare([])
+    m, caches, dst = on_readers(tmp_path, 2 * n, 2 * n, device_blocks=2 * n)
     jobs = [m.start_load(list(range(n)), m.lookup([h(i) for i in range(n)], toks), toks)]
     time.sleep(1.0)  # the reader answers until its answer pipe is full, then waits
 
