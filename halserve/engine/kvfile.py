@@ -192,6 +192,20 @@ def _reader_main(argv: list[str]) -> None:
                     pass
 
 
+def wait_fds(readable: list[int], writable: list[int], timeout: float) -> None:
+    """Until one of ``readable`` can be read or one of ``writable`` written, at most
+    ``timeout`` s (``poll``: ``select`` fails on a descriptor past 1023)."""
+    p = select.poll()
+    for fd in readable:
+        p.register(fd, select.POLLIN)
+    for fd in writable:
+        p.register(fd, select.POLLOUT)
+    try:
+        p.poll(max(0, int(timeout * 1000)))
+    except InterruptedError:
+        pass
+
+
 class ReaderProcesses:
     """``n`` reader processes (``_reader_main``) over a tier's directory, reading into a
     host pool ``[layers, slots, layer_bytes]`` in shared memory (``shm_fd``).
@@ -345,21 +359,12 @@ class ReaderProcesses:
         more, or one of ``also`` (objects with ``fileno``) is readable; at most ``timeout`` s.
         An idle reader's pipe is left out: it only says something if it died, which the next
         ``submit`` finds."""
-        p = select.poll()
         with self._lock:  # another thread's collect may close a lost reader's pipes meanwhile
-            for c in range(self.n):
-                if self.rx[c] is None:
-                    continue
-                if self.pending[c] or not self.ready[c]:
-                    p.register(self.rx[c].fileno(), select.POLLIN)
-                if self.outbox[c]:
-                    p.register(self.tx[c], select.POLLOUT)
-        for obj in also:
-            p.register(obj, select.POLLIN)
-        try:  # a pipe closed since answers POLLNVAL: back at once, and the caller looks again
-            p.poll(max(0, int(timeout * 1000)))
-        except InterruptedError:
-            pass
+            live = [c for c in range(self.n) if self.rx[c] is not None]
+            readable = [self.rx[c].fileno() for c in live if self.pending[c] or not self.ready[c]]
+            writable = [self.tx[c] for c in live if self.outbox[c]]
+        # a pipe closed since answers POLLNVAL: back at once, and the caller looks again
+        wait_fds(readable + [obj.fileno() for obj in also], writable, timeout)
 
     def collect(self) -> list[tuple]:
         """Send on what waits in the outboxes, and return the answers that came back:

@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import select
 import queue
 import threading
 import time
@@ -1469,10 +1468,11 @@ class OffloadManager:
                 for a in range(n_host, len(hashes), self.READ_RUN):
                     self._read_on_thread(job, a, min(a + self.READ_RUN, len(hashes)))
         except BaseException:  # shutting down: drop it whole
-            with self._lock:
-                left = [s for i, s in enumerate(job.landing) if s is not None and i not in job.handed]
-                for i in range(len(job.landing)):
-                    if i not in job.handed:
+            left = []
+            with self._lock:  # the slots of blocks no reader got
+                for i, s in enumerate(job.landing):
+                    if s is not None and i not in job.handed:
+                        left.append(s)
                         job.landing[i] = None
             self._release_slots(left)
             self.cancel(job)
@@ -1984,12 +1984,7 @@ class _Waker:
             pass
 
     def wait(self, timeout: float) -> None:
-        p = select.poll()  # (select.select fails on a descriptor past 1023)
-        p.register(self._r, select.POLLIN)
-        try:
-            p.poll(max(0, int(timeout * 1000)))
-        except InterruptedError:
-            pass
+        kvfile.wait_fds([self._r], [], timeout)
 
 
 def _close_fds(*fds: int) -> None:

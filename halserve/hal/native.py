@@ -380,7 +380,7 @@ class NativeBackend(Backend):
             # the failure stays this thread's last CUDA error, which torch's next kernel
             # launch check would report as its own: clear it
             _cuda_clear_last_error()
-            raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed: {err}")
+            raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed: {cudart.cudaGetErrorString(err)}")
         return lambda: cudart.cudaHostUnregister(ptr)
 
     def pack_weight(self, weight: torch.Tensor, scheme: str = "none", *,
