@@ -20,6 +20,6 @@ for spec in "$@"; do
   echo "=== [$((SECONDS - t0))s] $stage (limit ${lim}s)"
   timeout -k 10 "$lim" bash "bench/device/$stage.sh" > "/tmp/devout/$stage.log" 2>&1
   rc=$?; echo "=== [$((SECONDS - t0))s] $stage rc=$rc"; tail -n 25 "/tmp/devout/$stage.log"
-  tar -czf "$FINAL/results.tar.gz" -C "$OUT" .
+  tar -czf "$FINAL/results.tar.gz" -C /tmp/devout .
 done
 cp /tmp/devout/env.txt "$FINAL/" 2>/dev/null
