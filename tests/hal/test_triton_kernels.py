@@ -3,6 +3,7 @@
 wrong, so bf16 is left to the GPU tests)."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -215,3 +216,31 @@ def test_probe_and_gates():
     assert "10.0" in be.supports("linear", scheme="nvfp4")
     be.capability = (8, 0)
     assert str(be.supports("linear", scheme="fp8")).startswith("refused")
+
+
+def test_attention_batch_invariant_decode_splits(native):
+    """Batch-invariant split-KV: a decode row's keys split at fixed positions, so its output is
+    bitwise the same alone, beside longer contexts (more splits in the grid) and beside a
+    prefill; and it matches native."""
+    from halserve.hal.cuda import CudaBackend
+    from halserve.hal.triton.attention import BI_SPLIT_KEYS
+
+    torch.manual_seed(7)
+    be = CudaBackend(DEV, batch_invariant=True)
+    hq, hk, d, bs = 4, 2, 32, 16
+    cache = torch.randn(2, 64, bs, hk, d, device=DEV)
+    slens = [150, 37, 250, 9]
+    assert max(slens) > 4 * BI_SPLIT_KEYS  # several splits, past a power of two
+    qlens = [1, 1, 1, 9]
+    meta = _meta(qlens, slens, bs, 64, DEV)
+    q = torch.randn(sum(qlens), hq, d, device=DEV)
+    full = be.attention(q, cache, meta, 0.3)
+    assert nmse(full, native.attention(q, cache, meta, 0.3)) < 1e-10
+    for i in range(3):  # each decode row alone
+        alone = AttentionMetadata(torch.tensor([0, 1], dtype=torch.int32, device=DEV), meta.seq_lens[i:i + 1],
+                                  meta.block_tables[i:i + 1], meta.slot_mapping[i:i + 1], 1, slens[i], [1],
+                                  [slens[i]], bs)
+        assert torch.equal(be.attention(q[i:i + 1].contiguous(), cache, alone, 0.3), full[i:i + 1])
+    # the graph form: lengths unknown on the host, only a bound
+    bound = be.attention(q, cache, dataclasses.replace(meta, max_seqlen_k=64 * bs), 0.3)
+    assert torch.equal(bound, full)

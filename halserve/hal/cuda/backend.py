@@ -313,7 +313,7 @@ class CudaBackend(NativeBackend):
         graph = self._graph_mode or _capturing()
         return attention(q, kv_cache, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, meta.block_size,
                          meta.max_seqlen_q, None if graph else meta.max_seqlen_k, scale, meta.sliding_window,
-                         out, self.batch_invariant)
+                         out, self.batch_invariant, kv_len_bound=meta.max_seqlen_k)
 
     def moe(self, x: torch.Tensor, router_logits: torch.Tensor, w13: PackedWeight,
             w2: PackedWeight, spec: MoeSpec, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -25,6 +25,8 @@ import triton.language as tl
 from halserve.hal.triton import configs
 
 _LOG2E = 1.4426950408889634
+# batch-invariant split-KV span (keys): decode rows split at fixed absolute positions
+BI_SPLIT_KEYS = 32 if configs.interpreting() else 256
 
 
 @triton.jit
@@ -50,7 +52,7 @@ def _attn_kernel(
     scale_log2, num_seqs, window, HQ,
     G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DECODE_ONLY: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr,
+    DECODE_ONLY: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr, FIXED_SPAN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -65,6 +67,9 @@ def _attn_kernel(
     q_len = tl.load(cu_q_ptr + seq + 1) - q_start
     if qb * BLOCK_Q >= q_len:
         return
+    if FIXED_SPAN > 0:  # batch-invariant split-KV: only single-token rows split
+        if (split > 0) & (q_len != 1):
+            return
     seq_len = tl.load(seq_lens_ptr + seq)
     ctx_len = seq_len - q_len
 
@@ -92,7 +97,15 @@ def _attn_kernel(
         kv_lo = tl.maximum(first_pos - window + 1, 0)
         kv_lo = (kv_lo // BLOCK_N) * BLOCK_N
     n_tiles = tl.cdiv(kv_hi - kv_lo, BLOCK_N)
-    if NUM_SPLITS > 1:
+    if FIXED_SPAN > 0:
+        # a split is FIXED_SPAN key tiles from the row's own start: its share of work never
+        # depends on the batch, and splits past the row's keys store an empty partial
+        t0 = split * FIXED_SPAN
+        t1 = tl.minimum(t0 + FIXED_SPAN, n_tiles)
+        if q_len != 1:
+            t0 = 0
+            t1 = n_tiles
+    elif NUM_SPLITS > 1:
         per = tl.cdiv(n_tiles, NUM_SPLITS)
         t0 = split * per
         t1 = tl.minimum(t0 + per, n_tiles)
@@ -132,7 +145,20 @@ def _attn_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    if NUM_SPLITS > 1:
+    if FIXED_SPAN > 0:
+        # single-token rows: partials by sequence, [num_seqs, HQ, S, D] and [.., 2]; merged
+        # by _merge_fixed_kernel. Longer rows: one split, normalised output.
+        single = (tl.zeros([BLOCK_M], tl.int32) + q_len) == 1
+        part = row_ok & single
+        prow = (seq.to(tl.int64) * HQ + head) * NUM_SPLITS + split
+        tl.store(part_o_ptr + prow[:, None] * HEAD_D + d[None, :], acc, mask=part[:, None] & d_ok[None, :])
+        tl.store(part_ml_ptr + prow * 2, m_i, mask=part)
+        tl.store(part_ml_ptr + prow * 2 + 1, l_i, mask=part)
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        tl.store(o_ptr + tok[:, None] * o_st + head[:, None] * o_sh + d[None, :],
+                 (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty),
+                 mask=(row_ok & (single == 0))[:, None] & d_ok[None, :])
+    elif NUM_SPLITS > 1:
         # partials: o [T, HQ, S, D] fp32 unnormalised, ml [T, HQ, S, 2]
         prow = (tok * HQ + head) * NUM_SPLITS + split
         tl.store(part_o_ptr + prow[:, None] * HEAD_D + d[None, :], acc,
@@ -147,13 +173,23 @@ def _attn_kernel(
 
 
 @triton.jit
-def _merge_kernel(part_o_ptr, part_ml_ptr, o_ptr, o_st, o_sh, HQ,
-                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    tok = tl.program_id(0).to(tl.int64)
+def _merge_kernel(part_o_ptr, part_ml_ptr, o_ptr, o_st, o_sh, HQ, cu_q_ptr,
+                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BY_SEQ: tl.constexpr):
+    # BY_SEQ: partials are by sequence (batch-invariant split-KV); only single-token rows merge
+    if BY_SEQ:
+        seq = tl.program_id(0)
+        start = tl.load(cu_q_ptr + seq)
+        if tl.load(cu_q_ptr + seq + 1) - start != 1:
+            return
+        tok = start.to(tl.int64)
+        row = seq.to(tl.int64)
+    else:
+        tok = tl.program_id(0).to(tl.int64)
+        row = tok
     head = tl.program_id(1)
     s = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, BLOCK_D)
-    base = (tok * HQ + head) * NUM_SPLITS
+    base = (row * HQ + head) * NUM_SPLITS
     m = tl.load(part_ml_ptr + (base + s) * 2)
     l = tl.load(part_ml_ptr + (base + s) * 2 + 1)
     m_max = tl.max(m, axis=0)
@@ -187,9 +223,13 @@ def _num_splits(num_seqs: int, hk: int, max_seqlen_k: int | None, block_n: int) 
 def attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
               block_tables: torch.Tensor, block_size: int, max_seqlen_q: int, max_seqlen_k: int | None,
               scale: float, sliding_window: int | None = None, out: torch.Tensor | None = None,
-              batch_invariant: bool = False) -> torch.Tensor:
+              batch_invariant: bool = False, kv_len_bound: int | None = None) -> torch.Tensor:
     """q [T, Hq, D] -> out [T, Hq, D]. ``max_seqlen_k=None`` means 'unknown' (graph capture):
-    the split count then depends on the batch shape only."""
+    the split count then depends on the batch shape only. Batch-invariant mode splits the keys
+    of single-token rows (decode) into spans of ``BI_SPLIT_KEYS`` from position 0, merged in
+    a fixed order, so batch 1 fills the chip and no row's sums depend on its batch; it needs
+    ``kv_len_bound`` (any upper bound of the context lengths, e.g. max_model_len) when
+    ``max_seqlen_k`` is None."""
     T, HQ, D = q.shape
     HK = kv_cache.shape[-2]
     G = HQ // HK
@@ -213,13 +253,19 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tenso
             block_m = max(16, triton.next_power_of_2(block_q * G))
     block_n = cfg["block_n"]
     grid0 = num_seqs if decode else T // block_q + num_seqs
+    fixed_span = 0
     if batch_invariant:
-        splits = 1
+        bound = max_seqlen_k if max_seqlen_k is not None else kv_len_bound
+        fixed_span = max(BI_SPLIT_KEYS // block_n, 1)
+        splits = triton.next_power_of_2(max(triton.cdiv(triton.cdiv(bound or 1, block_n), fixed_span), 1))
     elif decode:
         splits = _num_splits(num_seqs, HK, max_seqlen_k, block_n)
     else:  # a short chunk over a long cached prefix (a prefix hit) would leave the chip idle
         splits = _num_splits(grid0, HK, max_seqlen_k, block_n)
-    if splits > 1:
+    if fixed_span:
+        part_o = torch.empty((num_seqs, HQ, splits, D), dtype=torch.float32, device=q.device)
+        part_ml = torch.empty((num_seqs, HQ, splits, 2), dtype=torch.float32, device=q.device)
+    elif splits > 1:
         part_o = torch.empty((T, HQ, splits, D), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((T, HQ, splits, 2), dtype=torch.float32, device=q.device)
     else:
@@ -232,9 +278,15 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tenso
         float(scale) * _LOG2E, num_seqs, int(sliding_window or 0), HQ,
         G=G, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=int(block_size), HEAD_D=D,
         BLOCK_D=triton.next_power_of_2(D), NUM_SPLITS=splits, DECODE_ONLY=decode,
-        SLIDING=bool(sliding_window), IEEE=ieee, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        SLIDING=bool(sliding_window), IEEE=ieee, FIXED_SPAN=fixed_span,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if splits > 1:
-        _merge_kernel[(T, HQ)](part_o, part_ml, out, out.stride(0), out.stride(1), HQ,
-                               HEAD_D=D, BLOCK_D=triton.next_power_of_2(D), NUM_SPLITS=splits, num_warps=4)
+    if fixed_span:
+        _merge_kernel[(num_seqs, HQ)](part_o, part_ml, out, out.stride(0), out.stride(1), HQ, cu_seqlens_q,
+                                      HEAD_D=D, BLOCK_D=triton.next_power_of_2(D), NUM_SPLITS=splits, BY_SEQ=True,
+                                      num_warps=4)
+    elif splits > 1:
+        _merge_kernel[(T, HQ)](part_o, part_ml, out, out.stride(0), out.stride(1), HQ, cu_seqlens_q,
+                               HEAD_D=D, BLOCK_D=triton.next_power_of_2(D), NUM_SPLITS=splits, BY_SEQ=False,
+                               num_warps=4)
     return out
