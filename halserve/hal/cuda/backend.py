@@ -204,9 +204,11 @@ class CudaBackend(NativeBackend):
             x2 = x2.contiguous()
         if w.scheme == "none":
             if self.batch_invariant:
-                from halserve.hal.triton.matmul import persistent_matmul
+                # one kernel for every M: split-K fixed by the weight's shape, partials added
+                # in split order, so batch 1 streams at full width and rows never mix
+                from halserve.hal.triton.skinny import skinny_matmul
 
-                y = persistent_matmul(x2, w.weight, bias)
+                y = skinny_matmul(x2, w.weight, bias=bias)
             else:
                 y = F.linear(x2, w.weight, bias)
         elif w.scheme == "fp8" and self.capability >= (8, 9):
@@ -225,9 +227,12 @@ class CudaBackend(NativeBackend):
         if w.act_scheme == "none":
             return mm.fp8_matmul(x, None, w.weight, w.scale, x.dtype, bias, fixed=self.batch_invariant)
         M = x.shape[0]
-        if M <= 16 and not self.batch_invariant and x.dtype in (torch.bfloat16, torch.float16) \
-                and self.device.type == "cuda":
-            return mm.fp8_matmul_fused_quant(x, w.act_scheme == "per_token", w.weight, w.scale, bias)
+        if (M <= 16 or (self.batch_invariant and w.act_scheme == "per_token")) \
+                and x.dtype in (torch.bfloat16, torch.float16):
+            # decode: stream the fp8 weight with split-K, activation quantized in the kernel
+            from halserve.hal.triton.skinny import skinny_matmul
+
+            return skinny_matmul(x, w.weight, w.scale, w.act_scheme, bias)
         if w.act_scheme == "per_token":
             xq, xs = mm.quant_fp8_per_token(x)
         else:
