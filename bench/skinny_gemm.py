@@ -44,9 +44,9 @@ def bench(fn, iters=50):
 
 
 def read_bw():
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    t = bench(lambda: x.sum(dtype=torch.int32), iters=10)
-    return (1 << 30) / t / 1e3  # GB/s
+    x = torch.ones(1 << 30, dtype=torch.float32, device="cuda")  # 4 GiB read by a sum
+    t = bench(lambda: x.sum(), iters=10)
+    return (4 << 30) / t / 1e3  # GB/s
 
 
 def main() -> int:
@@ -54,7 +54,7 @@ def main() -> int:
     ap.add_argument("--json")
     args = ap.parse_args()
     bw = read_bw()
-    print(f"device {torch.cuda.get_device_name()} read bandwidth {bw:.0f} GB/s (sum over 1 GiB)", flush=True)
+    print(f"device {torch.cuda.get_device_name()} read bandwidth {bw:.0f} GB/s (fp32 sum over 4 GiB)", flush=True)
     rows = []
     for tag, shapes in SHAPES.items():
         for n, k in shapes:
@@ -67,6 +67,7 @@ def main() -> int:
                     "skinny_bf16": (lambda: skinny_matmul(x, w), 2),
                     "persistent_bf16(bi)": (lambda: mm.persistent_matmul(x, w), 2),
                     "skinny_fp8_w8a8": (lambda: skinny_matmul(x, q, s, "per_token"), 1),
+                    "fp8_tiled(M>16 path)": (lambda: mm.fp8_matmul(*mm.quant_fp8_per_token(x), q, s, x.dtype), 1),
                 }
                 if m <= 16:
                     cands["fused_quant_fp8(old)"] = (lambda: mm.fp8_matmul_fused_quant(x, True, q, s), 1)

@@ -204,11 +204,11 @@ class CudaBackend(NativeBackend):
             x2 = x2.contiguous()
         if w.scheme == "none":
             if self.batch_invariant:
-                # one kernel for every M: split-K fixed by the weight's shape, partials added
-                # in split order, so batch 1 streams at full width and rows never mix
-                from halserve.hal.triton.skinny import skinny_matmul
+                # one fixed-tile kernel for every M, split-K fixed by the weight's shape and
+                # partials added in split order: batch 1 fills the chip, rows never mix
+                from halserve.hal.triton.matmul import persistent_matmul
 
-                y = skinny_matmul(x2, w.weight, bias=bias)
+                y = persistent_matmul(x2, w.weight, bias)
             else:
                 y = F.linear(x2, w.weight, bias)
         elif w.scheme == "fp8" and self.capability >= (8, 9):

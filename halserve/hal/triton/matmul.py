@@ -20,35 +20,42 @@ FP8_MAX = 448.0  # e4m3fn
 
 
 @triton.jit
-def _persistent_mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, s_am, s_ak, s_bn, s_bk, s_cm, s_cn,
-                          NUM_PROGS, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+def _persistent_mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, part_ptr, M, N, K, s_am, s_ak, s_bn, s_bk, s_cm, s_cn,
+                          NUM_PROGS, k_per_split, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    total = num_m * num_n
+    total = num_m * num_n * SPLITS
     offs_k = tl.arange(0, BLOCK_K)
     for tile in range(pid, total, NUM_PROGS):
         # neighbouring programs share a weight tile (m fastest), so it is read from HBM once
         pm = tile % num_m
-        pn = tile // num_m
+        pn = (tile // num_m) % num_n
+        ps = tile // (num_m * num_n)
         rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
         a_rows = a_ptr + rm[:, None].to(tl.int64) * s_am
         b_cols = b_ptr + rn[None, :].to(tl.int64) * s_bn
+        k_lo = ps * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + offs_k
-            a = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-            b = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+            a = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < k_hi), other=0.0)
+            b = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < k_hi) & (rn[None, :] < N), other=0.0)
             if IEEE:
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, b, acc)
-        if HAS_BIAS:
-            acc = acc + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(c_ptr + rm[:, None].to(tl.int64) * s_cm + rn[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+        ok = (rm[:, None] < M) & (rn[None, :] < N)
+        if SPLITS > 1:  # fp32 partials [S, M, N], added in split order by the reduction
+            tl.store(part_ptr + (ps.to(tl.int64) * M + rm[:, None]) * N + rn[None, :], acc, mask=ok)
+        else:
+            if HAS_BIAS:
+                acc = acc + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(c_ptr + rm[:, None].to(tl.int64) * s_cm + rn[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty),
+                     mask=ok)
 
 
 def persistent_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -61,14 +68,33 @@ def persistent_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     if M == 0:
         return out
     cfg = configs.matmul_fixed_config(N, K)
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    splits = fixed_splits(N, K, bn, bk)
+    k_per_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn) * splits
     progs = min(tiles, configs.num_sms() * 2)
+    part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else out
     _persistent_mm_kernel[(progs,)](
-        x, w, out, bias if bias is not None else x, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        out.stride(0), out.stride(1), progs, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32 or configs.interpreting(),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        x, w, out, bias if bias is not None else x, part, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        out.stride(0), out.stride(1), progs, k_per_split, HAS_BIAS=bias is not None,
+        IEEE=x.dtype == torch.float32 or configs.interpreting(), SPLITS=splits,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if splits > 1:
+        from halserve.hal.triton.skinny import reduce_splits
+
+        reduce_splits(part, out, bias)
     return out
+
+
+def fixed_splits(n: int, k: int, block_n: int, block_k: int) -> int:
+    """Split-K count from the weight's shape only (batch-invariant): split while the column
+    tiles alone leave SMs idle at M=1 and every split keeps at least four K steps."""
+    if configs.interpreting():
+        return 2 if k >= 4 * block_k else 1
+    tiles, splits, sms = triton.cdiv(n, block_n), 1, configs.num_sms()
+    while tiles * splits < 2 * sms and k // (splits * 2) >= 4 * block_k:
+        splits *= 2
+    return splits
 
 
 # ---- FP8 ----------------------------------------------------------------------------------------

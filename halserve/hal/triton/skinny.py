@@ -28,7 +28,7 @@ BLOCK_M = 16
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, part_ptr, xs_ptr, M, N, K, s_xm, s_wn, k_per_split,
                    QUANT: tl.constexpr, PER_ROW: tl.constexpr, W_FP8: tl.constexpr, A_FP8: tl.constexpr,
-                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   FP8_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pm = tl.program_id(0)
     pn = tl.program_id(1)
     ps = tl.program_id(2)
@@ -59,8 +59,10 @@ def _skinny_kernel(x_ptr, w_ptr, part_ptr, xs_ptr, M, N, K, s_xm, s_wn, k_per_sp
             a = tl.clamp(a.to(tl.float32) / qs[:, None], -448.0, 448.0).to(w_ptr.dtype.element_ty)
         if IEEE:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        elif QUANT or A_FP8:  # e4m3 x e4m3, exact in bf16
-            acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+        elif FP8_DOT:  # e4m3 x e4m3 on the tensor cores (sm_89+)
+            acc = tl.dot(a, b, acc)
+        elif QUANT or A_FP8:  # e4m3 x e4m3, exact in fp16 (one cvt per pair of weights)
+            acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
         elif W_FP8:  # weight-only: every e4m3 value is exact in bf16 and fp16
             acc = tl.dot(a, b.to(a.dtype), acc)
         else:
@@ -95,6 +97,13 @@ def _reduce_kernel(part_ptr, y_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, s_ym, SPLITS
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + rn, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + m.to(tl.int64) * s_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def _fp8_dot(device: torch.device) -> bool:
+    """Tensor-core fp8 x fp8 dots: sm_89+ (not the interpreter)."""
+    if configs.interpreting() or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def skinny_config(n: int, k: int, w_bytes: int) -> dict:
@@ -147,12 +156,20 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, cfg["BLOCK_N"]), splits)
     _skinny_kernel[grid](x, w, part, xs if xs is not None else part, M, N, K, x.stride(0), w.stride(0),
                          k_per_split, QUANT=in_kernel, PER_ROW=act_quant == "per_token", W_FP8=w_fp8,
-                         A_FP8=x.dtype.itemsize == 1, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
+                         A_FP8=x.dtype.itemsize == 1, FP8_DOT=(quant or x.dtype.itemsize == 1) and _fp8_dot(x.device), IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    reduce_splits(part, y, bias, xs if quant else None, w_scale)
+    return y
+
+
+def reduce_splits(part: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None = None,
+                  x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None) -> None:
+    """y[m, n] = (sum over s in order of part[s, m, n]) * x_scale * w_scale + bias."""
+    splits, M, N = part.shape
     rbn = 16 if configs.interpreting() else 256
     _reduce_kernel[(M, triton.cdiv(N, rbn))](
-        part, y, xs if xs is not None else part, w_scale if w_scale is not None else part,
+        part, y, x_scale if x_scale is not None else part, w_scale if w_scale is not None else part,
         bias if bias is not None else part, M, N, y.stride(0), splits,
-        A_SCALE=quant, A_PER_ROW=quant and xs.numel() > 1, W_SCALE=w_scale is not None,
-        W_PER_COL=w_scale is not None and w_scale.numel() > 1, HAS_BIAS=bias is not None, BLOCK_N=rbn, num_warps=4)
-    return y
+        A_SCALE=x_scale is not None, A_PER_ROW=x_scale is not None and x_scale.numel() > 1,
+        W_SCALE=w_scale is not None, W_PER_COL=w_scale is not None and w_scale.numel() > 1,
+        HAS_BIAS=bias is not None, BLOCK_N=rbn, num_warps=4)
