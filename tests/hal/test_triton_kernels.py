@@ -228,11 +228,11 @@ def test_attention_batch_invariant_decode_splits(native):
     torch.manual_seed(7)
     be = CudaBackend(DEV, batch_invariant=True)
     hq, hk, d, bs = 4, 2, 32, 16
-    cache = torch.randn(2, 64, bs, hk, d, device=DEV)
-    slens = [150, 37, 250, 9]
-    assert max(slens) > 4 * BI_SPLIT_KEYS  # several splits, past a power of two
+    slens = [4 * BI_SPLIT_KEYS + 22, 37, 5 * BI_SPLIT_KEYS + 10, 9]  # several splits, past a power of two
+    nblocks = 4 * (max(slens) + bs - 1) // bs
+    cache = torch.randn(2, nblocks, bs, hk, d, device=DEV)
     qlens = [1, 1, 1, 9]
-    meta = _meta(qlens, slens, bs, 64, DEV)
+    meta = _meta(qlens, slens, bs, nblocks, DEV)
     q = torch.randn(sum(qlens), hq, d, device=DEV)
     full = be.attention(q, cache, meta, 0.3)
     assert nmse(full, native.attention(q, cache, meta, 0.3)) < 1e-10
@@ -242,7 +242,7 @@ def test_attention_batch_invariant_decode_splits(native):
                                   [slens[i]], bs)
         assert torch.equal(be.attention(q[i:i + 1].contiguous(), cache, alone, 0.3), full[i:i + 1])
     # the graph form: lengths unknown on the host, only a bound
-    bound = be.attention(q, cache, dataclasses.replace(meta, max_seqlen_k=64 * bs), 0.3)
+    bound = be.attention(q, cache, dataclasses.replace(meta, max_seqlen_k=nblocks * bs), 0.3)
     assert torch.equal(bound, full)
 
 

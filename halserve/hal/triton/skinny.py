@@ -10,9 +10,9 @@ row's reduction order is the same whatever M is, so the same kernel serves batch
 mode at every batch size (programs are 16 rows tall; rows never mix).
 
 Weights: bf16/fp16/fp32 ``[N, K]``, or fp8 e4m3 ``[N, K]`` with scale [1] or [N]. For W8A8 the
-activation is quantized inside the kernel (per-token or per-tensor amax over the row, the same
-formula as ``matmul.quant_fp8_per_token``) and the fp8 values are multiplied exactly in bf16
-(every e4m3 value is a bf16 value), so results equal an fp8 x fp8 product with fp32 sums.
+few activation rows are quantized first in one small pass (``matmul.quant_fp8_per_token``;
+inside the kernel every program would re-read its whole row for the amax) and the kernel
+streams e4m3 x e4m3 on the tensor cores (sm_89+; elsewhere exactly in fp16).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ BLOCK_M = 16
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, part_ptr, xs_ptr, M, N, K, s_xm, s_wn, k_per_split,
-                   QUANT: tl.constexpr, PER_ROW: tl.constexpr, W_FP8: tl.constexpr, A_FP8: tl.constexpr,
+def _skinny_kernel(x_ptr, w_ptr, part_ptr, M, N, K, s_xm, s_wn, k_per_split,
+                   W_FP8: tl.constexpr, A_FP8: tl.constexpr,
                    FP8_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pm = tl.program_id(0)
     pn = tl.program_id(1)
@@ -38,15 +38,6 @@ def _skinny_kernel(x_ptr, w_ptr, part_ptr, xs_ptr, M, N, K, s_xm, s_wn, k_per_sp
     m_ok = rm < M
     x_rows = x_ptr + rm[:, None].to(tl.int64) * s_xm
     w_cols = w_ptr + rn[None, :].to(tl.int64) * s_wn
-    if QUANT:
-        # activation scale from the whole row (tiny, read from L2 by every program)
-        amax = tl.zeros([BLOCK_M], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = tl.load(x_rows + (k0 + rk)[None, :], mask=m_ok[:, None] & (k0 + rk < K)[None, :], other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
-        if not PER_ROW:
-            amax = tl.zeros([BLOCK_M], tl.float32) + tl.max(amax, axis=0)
-        qs = tl.maximum(amax, 1e-12) / 448.0
     k_lo = ps * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -55,13 +46,11 @@ def _skinny_kernel(x_ptr, w_ptr, part_ptr, xs_ptr, M, N, K, s_xm, s_wn, k_per_sp
         k_ok = kk < k_hi
         a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_cols + kk[:, None], mask=k_ok[:, None] & (rn < N)[None, :], other=0.0)
-        if QUANT:
-            a = tl.clamp(a.to(tl.float32) / qs[:, None], -448.0, 448.0).to(w_ptr.dtype.element_ty)
         if IEEE:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         elif FP8_DOT:  # e4m3 x e4m3 on the tensor cores (sm_89+)
             acc = tl.dot(a, b, acc)
-        elif QUANT or A_FP8:  # e4m3 x e4m3, exact in fp16 (one cvt per pair of weights)
+        elif A_FP8:  # e4m3 x e4m3, exact in fp16 (one cvt per pair of weights)
             acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
         elif W_FP8:  # weight-only: every e4m3 value is exact in bf16 and fp16
             acc = tl.dot(a, b.to(a.dtype), acc)
@@ -69,9 +58,6 @@ def _skinny_kernel(x_ptr, w_ptr, part_ptr, xs_ptr, M, N, K, s_xm, s_wn, k_per_sp
             acc = tl.dot(a, b, acc)
     part = part_ptr + ps.to(tl.int64) * M * N
     tl.store(part + rm[:, None].to(tl.int64) * N + rn[None, :], acc, mask=m_ok[:, None] & (rn < N)[None, :])
-    if QUANT:
-        if (pn == 0) & (ps == 0):  # the activation scales, for the reduction
-            tl.store(xs_ptr + rm, qs, mask=m_ok)
 
 
 @triton.jit
@@ -141,7 +127,7 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None
     if quant and not w_fp8:
         raise ValueError("act_quant needs an fp8 weight")
     xs = None
-    if quant and configs.interpreting():  # the interpreter rounds to fp8 wrongly at binade edges
+    if quant:  # one pass over the few rows; the kernel then streams e4m3 x e4m3
         from halserve.hal.triton.matmul import quant_fp8_per_tensor, quant_fp8_per_token
 
         x, xs = quant_fp8_per_token(x) if act_quant == "per_token" else quant_fp8_per_tensor(x)
@@ -149,15 +135,12 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None
     splits, bk = cfg["SPLITS"], cfg["BLOCK_K"]
     k_per_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
     part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
-    in_kernel = quant and xs is None
-    if in_kernel:
-        xs = torch.empty(M, dtype=torch.float32, device=x.device)
-    ieee = x.dtype == torch.float32 or configs.interpreting()
+    a_fp8 = x.dtype.itemsize == 1
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, cfg["BLOCK_N"]), splits)
-    _skinny_kernel[grid](x, w, part, xs if xs is not None else part, M, N, K, x.stride(0), w.stride(0),
-                         k_per_split, QUANT=in_kernel, PER_ROW=act_quant == "per_token", W_FP8=w_fp8,
-                         A_FP8=x.dtype.itemsize == 1, FP8_DOT=(quant or x.dtype.itemsize == 1) and _fp8_dot(x.device), IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
-                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _skinny_kernel[grid](x, w, part, M, N, K, x.stride(0), w.stride(0), k_per_split, W_FP8=w_fp8, A_FP8=a_fp8,
+                         FP8_DOT=a_fp8 and _fp8_dot(x.device),
+                         IEEE=x.dtype == torch.float32 or configs.interpreting(), BLOCK_M=BLOCK_M,
+                         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     reduce_splits(part, y, bias, xs if quant else None, w_scale)
     return y
 
