@@ -227,8 +227,7 @@ class CudaBackend(NativeBackend):
         if w.act_scheme == "none":
             return mm.fp8_matmul(x, None, w.weight, w.scale, x.dtype, bias, fixed=self.batch_invariant)
         M = x.shape[0]
-        if (M <= 16 or (self.batch_invariant and w.act_scheme == "per_token")) \
-                and x.dtype in (torch.bfloat16, torch.float16):
+        if M <= 16 and not self.batch_invariant and x.dtype in (torch.bfloat16, torch.float16):
             # decode: stream the fp8 weight with split-K, activation quantized in the kernel
             from halserve.hal.triton.skinny import skinny_matmul
 

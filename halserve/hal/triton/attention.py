@@ -187,17 +187,31 @@ def _merge_kernel(part_o_ptr, part_ml_ptr, o_ptr, o_st, o_sh, HQ, cu_q_ptr,
         tok = tl.program_id(0).to(tl.int64)
         row = tok
     head = tl.program_id(1)
-    s = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, BLOCK_D)
     base = (row * HQ + head) * NUM_SPLITS
-    m = tl.load(part_ml_ptr + (base + s) * 2)
-    l = tl.load(part_ml_ptr + (base + s) * 2 + 1)
-    m_max = tl.max(m, axis=0)
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.exp2(m - m_safe)  # splits that saw no key have m=-inf -> weight 0
-    l_tot = tl.sum(l * w, axis=0)
-    po = tl.load(part_o_ptr + (base + s)[:, None] * HEAD_D + d[None, :], mask=(d < HEAD_D)[None, :], other=0.0)
-    acc = tl.sum(po * w[:, None], axis=0)
+    if BY_SEQ:
+        # one split at a time, in order: splits past a row's keys add exact zeros, so the sum
+        # does not depend on how many splits the grid had (a batch-wide count)
+        m_max = tl.load(part_ml_ptr + base * 2)
+        for i in range(1, NUM_SPLITS):
+            m_max = tl.maximum(m_max, tl.load(part_ml_ptr + (base + i) * 2))
+        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+        l_tot = 0.0
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for i in range(0, NUM_SPLITS):
+            w = tl.exp2(tl.load(part_ml_ptr + (base + i) * 2) - m_safe)
+            l_tot += tl.load(part_ml_ptr + (base + i) * 2 + 1) * w
+            acc += tl.load(part_o_ptr + (base + i) * HEAD_D + d, mask=d < HEAD_D, other=0.0) * w
+    else:
+        s = tl.arange(0, NUM_SPLITS)
+        m = tl.load(part_ml_ptr + (base + s) * 2)
+        l = tl.load(part_ml_ptr + (base + s) * 2 + 1)
+        m_max = tl.max(m, axis=0)
+        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+        w = tl.exp2(m - m_safe)  # splits that saw no key have m=-inf -> weight 0
+        l_tot = tl.sum(l * w, axis=0)
+        po = tl.load(part_o_ptr + (base + s)[:, None] * HEAD_D + d[None, :], mask=(d < HEAD_D)[None, :], other=0.0)
+        acc = tl.sum(po * w[:, None], axis=0)
     l_tot = tl.where(l_tot == 0.0, 1.0, l_tot)
     tl.store(o_ptr + tok * o_st + head * o_sh + d, (acc / l_tot).to(o_ptr.dtype.element_ty), mask=d < HEAD_D)
 

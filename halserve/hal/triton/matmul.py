@@ -88,11 +88,12 @@ def persistent_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
 
 def fixed_splits(n: int, k: int, block_n: int, block_k: int) -> int:
     """Split-K count from the weight's shape only (batch-invariant): split while the column
-    tiles alone leave SMs idle at M=1 and every split keeps at least four K steps."""
+    tiles alone leave SMs idle at M=1 and every split keeps at least four K steps (on the
+    H200, splitting shapes that already have a tile per SM cost more at M=64 than it gained)."""
     if configs.interpreting():
         return 2 if k >= 4 * block_k else 1
     tiles, splits, sms = triton.cdiv(n, block_n), 1, configs.num_sms()
-    while tiles * splits < 2 * sms and k // (splits * 2) >= 4 * block_k:
+    while tiles * splits < sms and k // (splits * 2) >= 4 * block_k:
         splits *= 2
     return splits
 
