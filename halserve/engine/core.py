@@ -18,6 +18,7 @@ from halserve.engine.runner import ModelRunner
 from halserve.engine.sampling import Logprob, SamplingParams
 from halserve.engine.scheduler import Scheduler
 from halserve.engine.sequence import Sequence, SeqStatus
+from halserve.engine.validate import validate_request
 
 logger = logging.getLogger("halserve")
 
@@ -95,6 +96,9 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    offload=self.offload)
         self.requests: dict[str, Request] = {}
+        # request id -> (its last output, the error): ended by a fault of their own; the
+        # front end drains it and tells that request's caller alone
+        self.failed: dict[str, tuple[RequestOutput, Exception]] = {}
         self._rng = random.Random(config.seed)
         self._next_seq_id = 0
         self.prompt_tokens_total = 0
@@ -137,6 +141,8 @@ class EngineCore:
         if self.kv.blocks_needed(len(ids) + 1) > self.kv.num_blocks:
             raise ValueError(f"the prompt has {len(ids)} tokens but the KV cache holds only "
                              f"{self.kv.num_blocks * self.kv.block_size}; raise kv_cache_memory")
+        validate_request(params, ids, vocab_size=vocab, max_model_len=self.max_model_len,
+                         max_num_seqs=self.config.max_num_seqs)
         params = params.clone(_eos_token_ids=self.eos_token_ids)
         req = Request(request_id, text, ids, params)
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
@@ -182,7 +188,10 @@ class EngineCore:
             if self.offload is not None:
                 self.offload.wait_pending()  # a prompt's KV is being read from disk
             return []
-        result = self.runner.execute(so)
+        try:
+            result = self.runner.execute(so)
+        except Exception as e:  # noqa: BLE001 - one row's fault must not end the others
+            so, result = self._execute_rows_apart(so, e)
         now = time.monotonic()
         touched: dict[str, Request] = {}
         to_save: list = []
@@ -212,6 +221,47 @@ class EngineCore:
             if req.finished:
                 del self.requests[req.request_id]
         return outs
+
+    def _execute_rows_apart(self, so, error: Exception):
+        """The batch failed: run each request's rows again on their own (the KV they write is
+        the same), finish with an error only the requests that fail alone, and return the
+        rest as one batch result."""
+        from halserve.engine.runner import StepResult
+        from halserve.engine.scheduler import SchedulerOutput
+
+        groups: dict[str, list] = {}
+        for s in so.scheduled:
+            groups.setdefault(s.seq.request_id, []).append(s)
+        kept: list = []
+        tokens: list = []
+        lps: list = []
+        plp: dict = {}
+        for rid, rows in groups.items():
+            try:
+                if len(groups) == 1:
+                    raise error
+                sub = SchedulerOutput(rows, [], sum(1 for r in rows if r.num_new_tokens == 1 and r.samples))
+                res = self.runner.execute(sub)
+            except Exception as e:  # noqa: BLE001
+                logger.warning("request %s failed in a step and was ended: %s", rid, e)
+                self._fail_request(rid, e)
+                continue
+            kept.extend(rows)
+            tokens.extend(res.tokens)
+            lps.extend(res.logprobs)
+            plp.update(res.prompt_logprobs or {})
+        return SchedulerOutput(kept, so.preempted, 0), StepResult(tokens, lps, plp or None)
+
+    def _fail_request(self, request_id: str, error: Exception) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                seq.status = SeqStatus.FINISHED
+                seq.finish_reason = "error"
+        self.failed[request_id] = (self._make_output(req), error)
 
     def _append_token(self, seq: Sequence, tok: int, lp, now: float) -> None:
         p = seq.params

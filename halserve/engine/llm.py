@@ -70,7 +70,10 @@ class LLM:
             bar = tqdm(total=len(ids), desc="generate", unit="req")
         try:
             while self.engine.has_unfinished():
-                for out in self.engine.step():
+                outs = self.engine.step()
+                while self.engine.failed:  # finish_reason "error": that request alone
+                    outs.append(self.engine.failed.popitem()[1][0])
+                for out in outs:
                     if out.finished:
                         done[out.request_id] = out
                         if bar:
@@ -139,7 +142,9 @@ class AsyncLLM:
             except Exception as e:  # bad input goes back to the caller
                 fut.set_exception(e)
         elif kind == "abort":
-            self.engine.abort_request(cmd[1])
+            out = self.engine.abort_request(cmd[1])
+            if out is not None:  # its consumer (if still listening) hears the end: "abort"
+                self._deliver(cmd[1], out)
         elif kind == "call":
             _, fn, fut = cmd
             try:
@@ -172,6 +177,9 @@ class AsyncLLM:
                 continue
             for out in outs:
                 self._deliver(out.request_id, out)
+            while self.engine.failed:
+                rid, (_, err) = self.engine.failed.popitem()
+                self._deliver(rid, err)
             self._metrics = self.engine.get_metrics()
 
     # ---- asyncio side ---------------------------------------------------------------------------
