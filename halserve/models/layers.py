@@ -61,7 +61,7 @@ class RotaryEmbedding:
 
     def __init__(self, hal: Backend, head_dim: int, rot_dim: int, max_pos: int, base: float,
                  scaling: dict | None, is_neox: bool = True, device=None):
-        from halserve.hal.native import build_rope_cache
+        from halserve.hal.rope import build_rope_cache
 
         self.hal, self.is_neox = hal, is_neox
         self.cos_sin_cache = build_rope_cache(head_dim, rot_dim, max_pos, base, scaling, device=device)

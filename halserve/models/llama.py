@@ -20,7 +20,7 @@ def head_dim_of(cfg: dict) -> int:
 
 
 def make_rotary(cfg: dict, hal: Backend, device) -> RotaryEmbedding:
-    from halserve.hal.native import rope_params_from_hf_config
+    from halserve.hal.rope import rope_params_from_hf_config
 
     base, scaling = rope_params_from_hf_config(cfg)
     head_dim = head_dim_of(cfg)

@@ -8,12 +8,9 @@ import torch.nn.functional as F
 
 from halserve.hal import reference as R
 from halserve.hal.interface import AttentionMetadata, MoeSpec, SamplingTensors
-from halserve.hal.native import (
-    NativeBackend,
-    build_rope_cache,
-    counter_uniform,
-    rope_params_from_hf_config,
-)
+from halserve.hal.native import NativeBackend
+from halserve.hal.rng import counter_uniform
+from halserve.hal.rope import build_rope_cache, rope_params_from_hf_config
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # NMSE bounds vs float64: fp32 is near-exact, half types carry their rounding.
@@ -303,7 +300,7 @@ def test_moe_sigmoid_grouped(hal):
     y = hal.moe(x, logits, p13, p2, spec)
     assert R.nmse(y, R.moe(x, logits, p13, p2, spec)) < 1e-10
     # the chosen experts come from at most topk_group groups
-    from halserve.hal.native import route
+    from halserve.hal.routing import route
     _, ids = route(logits, spec)
     assert all(len(set((row // 8).tolist())) <= 3 for row in ids)
 

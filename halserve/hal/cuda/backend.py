@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from halserve.hal.interface import AttentionMetadata, Capabilities, MoeSpec, PackedWeight, ProbeResult, SamplingTensors
-from halserve.hal.native import NativeBackend, route, sampling_mask
+from halserve.hal.native import NativeBackend
+from halserve.hal.routing import route
+from halserve.hal.sampling import sampling_mask
 
 logger = logging.getLogger("halserve")
 
