@@ -1,0 +1,96 @@
+"""``speculative_config``: the dict a user passes (``LLM(speculative_config=...)``,
+``--speculative-config JSON``), checked field by field. Names follow vLLM's."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+# method -> fields it takes besides method and num_speculative_tokens
+METHOD_FIELDS: dict[str, tuple[str, ...]] = {
+    "ngram": ("prompt_lookup_max", "prompt_lookup_min"),
+    "draft_model": ("model", "draft_dtype"),
+    "callable": ("proposer",),
+}
+# draft heads need a checkpoint that stores them; no architecture halserve loads can save one
+# from transformers (it has no EAGLE head class and drops DeepSeek/GLM MTP layers), so these
+# are refused by name rather than accepted and ignored
+REFUSED_METHODS = {
+    "eagle": "EAGLE draft heads", "eagle3": "EAGLE-3 draft heads", "mtp": "MTP layers",
+    "deepseek_mtp": "DeepSeek MTP layers", "medusa": "Medusa heads",
+}
+MAX_SPECULATIVE_TOKENS = 32
+
+
+class SpeculativeConfigError(ValueError):
+    """A bad ``speculative_config``; the message names the field and what is valid."""
+
+
+@dataclass(slots=True, frozen=True)
+class SpeculativeConfig:
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+    model: str | None = None
+    draft_dtype: str = "auto"
+    proposer: Callable[[list[int]], Any] | None = None
+
+
+def _int_field(d: dict, name: str, default: int | None, lo: int, hi: int) -> int:
+    v = d.get(name, default)
+    if v is None:
+        raise SpeculativeConfigError(f"speculative_config needs {name!r} (an integer in [{lo}, {hi}])")
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise SpeculativeConfigError(f"speculative_config {name}={v!r} is not valid: an integer in [{lo}, {hi}]")
+    return v
+
+
+def parse_speculative_config(d: "dict | SpeculativeConfig | None") -> SpeculativeConfig | None:
+    """The validated config, or None (no speculation) for None / ``{}``."""
+    if d is None or isinstance(d, SpeculativeConfig):
+        return d
+    if not isinstance(d, dict):
+        raise SpeculativeConfigError(f"speculative_config must be a dict, not {type(d).__name__}")
+    if not d:
+        return None
+    method = d.get("method")
+    if method is None and "model" in d:
+        method = "ngram" if d["model"] in ("ngram", "[ngram]") else "draft_model"  # vLLM's older form
+        d = {**d, "method": method}
+        if method == "ngram":
+            d.pop("model")
+    valid = ", ".join(sorted(METHOD_FIELDS))
+    if method in REFUSED_METHODS:
+        raise SpeculativeConfigError(
+            f"speculative_config method={method!r} is not supported: {REFUSED_METHODS[method]} are read "
+            f"from a checkpoint and no architecture halserve loads stores them; valid methods: {valid}")
+    if method not in METHOD_FIELDS:
+        raise SpeculativeConfigError(f"speculative_config method={method!r} is not valid; valid methods: {valid}")
+    allowed = {"method", "num_speculative_tokens", *METHOD_FIELDS[method]}
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise SpeculativeConfigError(f"speculative_config field(s) {', '.join(map(repr, unknown))} are not "
+                                     f"valid for method {method!r}; valid fields: {', '.join(sorted(allowed))}")
+    k = _int_field(d, "num_speculative_tokens", None, 1, MAX_SPECULATIVE_TOKENS)
+    if method == "ngram":
+        hi = _int_field(d, "prompt_lookup_max", 4, 1, 64)
+        lo = _int_field(d, "prompt_lookup_min", min(hi, 1), 1, 64)
+        if lo > hi:
+            raise SpeculativeConfigError(f"speculative_config prompt_lookup_min={lo} must be <= "
+                                         f"prompt_lookup_max={hi}")
+        return SpeculativeConfig(method, k, prompt_lookup_max=hi, prompt_lookup_min=lo)
+    if method == "draft_model":
+        model = d.get("model")
+        if not isinstance(model, str) or not model:
+            raise SpeculativeConfigError(f"speculative_config model={model!r} is not valid: the draft "
+                                         "model's checkpoint directory (it must share the target's tokenizer)")
+        dtype = d.get("draft_dtype", "auto")
+        if dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise SpeculativeConfigError(f"speculative_config draft_dtype={dtype!r} is not valid; use auto, "
+                                         "float32, bfloat16 or float16")
+        return SpeculativeConfig(method, k, model=model, draft_dtype=dtype)
+    fn = d.get("proposer")
+    if not callable(fn):
+        raise SpeculativeConfigError(f"speculative_config proposer={fn!r} is not valid: a callable that takes "
+                                     "a sequence's token ids and returns up to num_speculative_tokens token ids")
+    return SpeculativeConfig(method, k, proposer=fn)
