@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from halserve.engine import kvfile
+from halserve.engine.offload import kvfile
 from halserve.engine.offload import KVLayout, LookupResult, OffloadManager
 from halserve.hal import create, select
 

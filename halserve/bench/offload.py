@@ -78,7 +78,7 @@ def _process_reads(off, repeats: int) -> "tuple[float, int] | None":
     """The engine's reader processes reading the tier's files into its host tier and
     nothing else (no copy to the device; page cache warm): (best seconds, bytes), or None
     where the engine reads on threads."""
-    from halserve.engine import kvfile
+    from halserve.engine.offload import kvfile
 
     if off._procs is None or off.host is None:
         return None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from halserve.engine import kvfile
+from halserve.engine.offload import kvfile
 from halserve.engine.offload import (
     FileSystemTier,
     HostMemoryTier,
@@ -1177,7 +1177,7 @@ def test_prepare_sends_a_checked_batch_of_zeros(tmp_path, monkeypatch, caplog):
     m.prepare([0, 1, 2])
     assert not dev[:, :, :3].any() and torch.equal(dev[:, :, 3:], before[:, :, 3:])
     assert m.host.stats_dict()["pinned"] == 0 and "failed" not in caplog.text
-    import halserve.engine.offload as off
+    import halserve.engine.offload.loads as off
 
     monkeypatch.setattr(off, "device_checksums", lambda words, w: torch.ones(words.shape[1], dtype=torch.int64))
     m.prepare([0, 1, 2])

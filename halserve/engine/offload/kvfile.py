@@ -3,7 +3,7 @@
 A block file is head | payload | trailer: the head is magic, version, header length and a
 JSON header (fingerprint, block hash, dtype, shape, tokens); the payload is the block's
 bytes, a layer a piece; the trailer is a CRC32 of the head and ``payload_checksum``.
-``halserve.engine.offload`` writes and parses them; this module holds what a reader needs
+``offload.blockfile`` writes and parses them; this module holds what a reader needs
 to read one whose head it knows, and nothing that imports torch: a reader process runs
 this file as a script, with the standard library and numpy alone.
 
