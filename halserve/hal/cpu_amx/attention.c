@@ -1,0 +1,177 @@
+/* Paged causal GQA attention over kv cache [2][blocks][bs][Hk][D].
+ *
+ * One work item = (query token, kv head, key span): the group of query heads sharing a
+ * kv head is done together so each key and value row is read once for all of them.
+ * Decode rows (a sequence with one query token) split their keys into fixed spans of
+ * SPAN positions counted from position 0, so batch 1 fills every core; the spans' partial
+ * softmax states are merged in span order. Prefill rows take their whole key range in one
+ * item (there are tokens enough to fill the cores). A row's arithmetic depends only on its
+ * own context, never on the batch: batch-invariant by construction. */
+#include "common.h"
+#include <stdlib.h>
+
+#define SPAN 128
+
+typedef struct {
+    const void *kc, *vc;
+    const int32_t *tables;
+    int max_blocks, Hk, D, bs, group, bf16, qbf16;
+    float scale;
+} attn_ctx;
+
+/* online softmax over keys [kbeg, kend) of one sequence for one kv head:
+ * q [group][D] fp32 -> m [group], l [group], acc [group][D] (unnormalised).
+ * Each key and value row is converted once and used by every head of the group. */
+static void span(const attn_ctx *c, const int32_t *table, int h, const float *q, int kbeg, int kend,
+                 float *m, float *l, float *acc) {
+    int G = c->group, D = c->D;
+    float *s = (float *)malloc(((size_t)G * SPAN + 2 * (size_t)D) * 4);
+    float *row = s + (size_t)G * SPAN;
+    float mx[G];
+    for (int g = 0; g < G; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+        for (int i = 0; i < D; i++) acc[g * D + i] = 0.f;
+    }
+    for (int b0 = kbeg; b0 < kend; b0 += SPAN) {
+        int n = kend - b0 < SPAN ? kend - b0 : SPAN;
+        for (int g = 0; g < G; g++) mx[g] = m[g];
+        for (int j = 0; j < n; j++) {
+            int p = b0 + j;
+            int64_t off = (((int64_t)table[p / c->bs] * c->bs + p % c->bs) * c->Hk + h) * D;
+            row_to_f32(c->kc, off, D, c->bf16, row);
+            for (int g = 0; g < G; g++) {
+                const float *qg = q + g * D;
+                float d = 0.f;
+#pragma omp simd reduction(+ : d)
+                for (int i = 0; i < D; i++) d += qg[i] * row[i];
+                d *= c->scale;
+                s[g * SPAN + j] = d;
+                mx[g] = fmaxf(mx[g], d);
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            float corr = m[g] == -INFINITY ? 0.f : expf(m[g] - mx[g]);
+            float *ag = acc + g * D, lsum = l[g] * corr;
+            for (int i = 0; i < D; i++) ag[i] *= corr;
+            for (int j = 0; j < n; j++) {
+                float e = expf(s[g * SPAN + j] - mx[g]);
+                s[g * SPAN + j] = e;
+                lsum += e;
+            }
+            m[g] = mx[g];
+            l[g] = lsum;
+        }
+        for (int j = 0; j < n; j++) {
+            int p = b0 + j;
+            int64_t off = (((int64_t)table[p / c->bs] * c->bs + p % c->bs) * c->Hk + h) * D;
+            row_to_f32(c->vc, off, D, c->bf16, row);
+            for (int g = 0; g < G; g++) {
+                float e = s[g * SPAN + j], *ag = acc + g * D;
+#pragma omp simd
+                for (int i = 0; i < D; i++) ag[i] += e * row[i];
+            }
+        }
+    }
+    free(s);
+}
+
+/* per-token facts: sequence, absolute position, first visible key */
+static void token_map(const int32_t *cu_q, const int32_t *seq_lens, int num_seqs, int window,
+                      int32_t *tok_seq, int32_t *tok_pos, int32_t *tok_beg) {
+    for (int i = 0; i < num_seqs; i++) {
+        int q0 = cu_q[i], q1 = cu_q[i + 1], slen = seq_lens[i];
+        for (int t = q0; t < q1; t++) {
+            int p = slen - (q1 - t);
+            tok_seq[t] = i;
+            tok_pos[t] = p;
+            tok_beg[t] = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+        }
+    }
+}
+
+static void write_norm(const attn_ctx *c, void *out, int64_t t, int Hq, int h, const float *l,
+                       const float *acc) {
+    int G = c->group, D = c->D;
+    float o[D];
+    for (int g = 0; g < G; g++) {
+        float inv = l[g] > 0.f ? 1.0f / l[g] : 0.f;
+        for (int i = 0; i < D; i++) o[i] = acc[g * D + i] * inv;
+        row_from_f32(out, (t * Hq + h * G + g) * D, D, c->qbf16, o);
+    }
+}
+
+void hs_attention(const void *q, const void *kc, const void *vc, void *out, const int32_t *cu_q,
+                  const int32_t *seq_lens, const int32_t *tables, int max_blocks, int num_seqs,
+                  int T, int Hq, int Hk, int D, int bs, int window, float scale, int qbf16,
+                  int max_seqlen_k, int bf16) {
+    attn_ctx c = {kc, vc, tables, max_blocks, Hk, D, bs, Hq / Hk, bf16, qbf16, scale};
+    int G = Hq / Hk;
+    int32_t *tok = (int32_t *)malloc((size_t)T * 3 * 4 + 4);
+    int32_t *tok_seq = tok, *tok_pos = tok + T, *tok_beg = tok + 2 * T;
+    token_map(cu_q, seq_lens, num_seqs, window, tok_seq, tok_pos, tok_beg);
+    int32_t *dec = (int32_t *)malloc((size_t)T * 4 + 4), *pre = (int32_t *)malloc((size_t)T * 4 + 4);
+    int nd = 0, np = 0;
+    for (int t = 0; t < T; t++) {
+        int i = tok_seq[t];
+        if (cu_q[i + 1] - cu_q[i] == 1) dec[nd++] = t;
+        else pre[np++] = t;
+    }
+    int nspan = (max_seqlen_k + SPAN - 1) / SPAN;
+    if (nspan < 1) nspan = 1;
+    size_t per = (size_t)G * (D + 2);
+    int64_t items = (int64_t)nd * Hk * nspan;
+    float *part = (float *)malloc((size_t)(items > 0 ? items : 1) * per * 4);
+#pragma omp parallel
+    {
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t it = 0; it < items; it++) {
+            int sp = (int)(it % nspan), h = (int)((it / nspan) % Hk);
+            int t = dec[it / nspan / Hk], i = tok_seq[t];
+            float *pm = part + it * per, *pl = pm + G, *pa = pl + G;
+            int s0 = sp * SPAN, s1 = s0 + SPAN;
+            if (s0 < tok_beg[t]) s0 = tok_beg[t];
+            if (s1 > tok_pos[t] + 1) s1 = tok_pos[t] + 1;
+            if (s0 >= s1) {
+                for (int g = 0; g < G; g++) pm[g] = -INFINITY, pl[g] = 0.f;
+                continue;
+            }
+            float qf[G * D];
+            for (int g = 0; g < G; g++) row_to_f32(q, ((int64_t)t * Hq + h * G + g) * D, D, qbf16, qf + g * D);
+            span(&c, tables + (int64_t)i * max_blocks, h, qf, s0, s1, pm, pl, pa);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < (int64_t)np * Hk; it++) {
+            int h = (int)(it % Hk), t = pre[it / Hk], i = tok_seq[t];
+            float qf[G * D], ml[2 * G], acc[G * D];
+            for (int g = 0; g < G; g++) row_to_f32(q, ((int64_t)t * Hq + h * G + g) * D, D, qbf16, qf + g * D);
+            span(&c, tables + (int64_t)i * max_blocks, h, qf, tok_beg[t], tok_pos[t] + 1, ml, ml + G, acc);
+            write_norm(&c, out, t, Hq, h, ml + G, acc);
+        }
+        /* merge each decode row's spans in span order */
+#pragma omp for schedule(static)
+        for (int64_t th = 0; th < (int64_t)nd * Hk; th++) {
+            int t = dec[th / Hk], h = (int)(th % Hk);
+            float L[G], o[G * D];
+            for (int g = 0; g < G; g++) {
+                float M = -INFINITY;
+                for (int sp = 0; sp < nspan; sp++) M = fmaxf(M, part[(th * nspan + sp) * per + g]);
+                L[g] = 0.f;
+                for (int i = 0; i < D; i++) o[g * D + i] = 0.f;
+                for (int sp = 0; sp < nspan; sp++) {
+                    const float *pm = part + (th * nspan + sp) * per;
+                    if (pm[g] == -INFINITY) continue;
+                    float w = expf(pm[g] - M);
+                    L[g] += w * pm[G + g];
+                    const float *pa = pm + 2 * G + g * D;
+                    for (int i = 0; i < D; i++) o[g * D + i] += w * pa[i];
+                }
+            }
+            write_norm(&c, out, t, Hq, h, L, o);
+        }
+    }
+    free(part);
+    free(dec);
+    free(pre);
+    free(tok);
+}

@@ -1,0 +1,277 @@
+"""CpuAmxBackend: HAL ops on x86-64 CPUs through C kernels built per ISA tier.
+
+Which path runs where (``describe()`` says it at start-up):
+- linear, M <= SMALL_M (decode) or batch-invariant mode: the C kernels, split over N across
+  one OpenMP pool (bf16/fp32 weights as stored; int8 weight-only; int8 W8A8 dynamic with
+  exact int32 dots; int4 group-wise).
+- linear, larger M (prefill, big batches): torch's oneDNN GEMM (F.linear), which reaches the
+  AMX tiles for bf16 on AMX hosts (check ONEDNN_VERBOSE=1); int8/int4 weights are
+  dequantized in one pass first. W8A8 always runs the integer C kernel.
+- attention (split over heads and key spans for decode), rms_norm (+ residual), rotary,
+  silu_and_mul, write_kv, moe (routing in torch, experts' GEMMs in C): C kernels.
+- sample, swap_blocks, copy_blocks: native (torch), said so by ``supports``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from halserve.hal.cpu_amx import quant
+from halserve.hal.cpu_amx.tiers import SCORES, choose
+from halserve.hal.interface import AttentionMetadata, Capabilities, MoeSpec, PackedWeight, ProbeResult
+from halserve.hal.native import NativeBackend, route
+
+SMALL_M = 8  # float weights: above this torch's oneDNN GEMM (AMX where present) wins
+SMALL_M_QUANT = 64  # quantized weights: the C kernel until dequantizing per call pays off
+_CODES = {torch.float32: 0, torch.bfloat16: 1}
+_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_C_SCHEMES = ("none", "int8", "int8_w8a8", *quant.INT4_SCHEMES)
+
+
+def _dtype(v) -> "torch.dtype | None":
+    return _NAMES.get(v) if isinstance(v, str) else v
+
+
+class CpuAmxBackend(NativeBackend):
+    name = "cpu_amx"
+
+    def __init__(self, device: "str | torch.device | None" = None, batch_invariant: bool = False):
+        super().__init__("cpu", batch_invariant)
+        tier = choose()
+        if tier.name is None:
+            raise RuntimeError(tier.reason)
+        self.tier, self.ffi, self.lib = tier.name, tier.ffi, tier.lib
+        # one pool the size of torch's: the two never run at once, so no oversubscription
+        self.threads = torch.get_num_threads()
+        self.lib.hs_set_threads(self.threads)
+
+    @classmethod
+    def probe(cls) -> ProbeResult:
+        try:
+            tier = choose()
+        except Exception as e:  # never raise from a probe
+            return ProbeResult(0, f"cpu_amx probe failed: {type(e).__name__}: {e}")
+        if tier.name is None:
+            return ProbeResult(0, tier.reason)
+        return ProbeResult(SCORES[tier.name], tier.reason, "cpu")
+
+    @property
+    def capabilities(self) -> Capabilities:
+        base = super().capabilities
+        return Capabilities(quant_schemes=(*base.quant_schemes, "int8_w8a8", *quant.INT4_SCHEMES),
+                            fp8_formats=base.fp8_formats, batch_invariant=True)
+
+    def describe(self) -> str:
+        return (f"{super().describe()} tier={self.tier} threads={self.threads} "
+                f"linear=C(M<={SMALL_M}{', every M' if self.batch_invariant else ''})"
+                f"{'' if self.batch_invariant else '+oneDNN(larger M)'}")
+
+    # ---- dispatch -------------------------------------------------------------------------
+    def supports(self, op: str, **spec: Any) -> "bool | str":
+        base = NativeBackend.supports(self, op, **spec) if op != "linear" else True
+        if isinstance(base, str) and base.startswith("refused"):
+            return base
+        dt = _dtype(spec.get("dtype"))
+        if dt is not None and dt not in _CODES and op not in ("swap_blocks", "copy_blocks", "sample"):
+            return f"native fallback: cpu_amx kernels take float32 and bfloat16, not {dt}"
+        if op == "linear":
+            scheme = spec.get("scheme") or "none"
+            if scheme not in _C_SCHEMES:
+                if scheme in quant.NATIVE_ONLY:
+                    return f"native fallback: {scheme} weights run as dequantize then GEMM in torch"
+                return f"refused: quant scheme {scheme!r} is not valid; use {', '.join(_C_SCHEMES)}"
+            return True
+        if op in ("rms_norm", "silu_and_mul", "write_kv"):
+            return True
+        if op == "rotary":
+            d = spec.get("head_dim") or 0
+            return True if d <= 1024 else "native fallback: head_dim > 1024"
+        if op == "attention":
+            hq, hk = spec.get("num_heads"), spec.get("num_kv_heads")
+            if hq and hk and hq // hk > 64:
+                return "native fallback: more than 64 query heads per kv head"
+            d = spec.get("head_dim") or 0
+            return True if d <= 1024 else "native fallback: head_dim > 1024"
+        if op == "moe":
+            scheme = spec.get("scheme") or "none"
+            if scheme not in ("none", "int8"):
+                return f"native fallback: {scheme} experts run in torch"
+            return True
+        return f"native fallback: {op} runs in torch (not a bottleneck on a CPU)"
+
+    def _native(self, op: str, spec: dict) -> bool:
+        """True when ``supports`` sends this call to native (declared, never hidden)."""
+        return self.supports(op, **spec) is not True
+
+    def _ptr(self, t: "torch.Tensor | None", ctype: str = "void *"):
+        return self.ffi.NULL if t is None else self.ffi.cast(ctype, t.data_ptr())
+
+    # ---- weights --------------------------------------------------------------------------
+    def pack_weight(self, weight: torch.Tensor, scheme: str = "none", *,
+                    act_scheme: str | None = None) -> PackedWeight:
+        """Adds 'int8_w8a8' (per-channel int8 weight, per-token dynamic int8 activations) and
+        'int4' / 'int4_g32' / 'int4_g64' / 'int4_g128' (group-wise, fp32 scales)."""
+        if scheme == "int8_w8a8":
+            pw = super().pack_weight(weight, "int8", act_scheme="per_token")
+            pw.extra["c_scheme"] = "w8a8"
+            return pw
+        if scheme in quant.INT4_SCHEMES:
+            return quant.pack_int4(weight, quant.INT4_SCHEMES[scheme])
+        pw = super().pack_weight(weight, scheme, act_scheme=act_scheme)
+        if pw.scheme == "none" or pw.scheme == "int8":
+            pw.weight = pw.weight.contiguous()
+        return pw
+
+    # ---- ops ------------------------------------------------------------------------------
+    def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        scheme = quant.scheme_name(w)
+        spec = dict(dtype=x.dtype, scheme=scheme, m=x.shape[0], k=x.shape[-1], n=w.out_features)
+        if self._native("linear", spec):
+            return NativeBackend.linear(self, x, w, bias, out)
+        m, k = x.shape
+        n = w.out_features
+        small = SMALL_M if w.scheme == "none" else SMALL_M_QUANT
+        if m > small and not self.batch_invariant and scheme != "int8_w8a8":
+            y = F.linear(x, quant.dequant_any(w, x.dtype) if w.scheme != "none" else w.weight.to(x.dtype),
+                         bias)
+            return y if out is None else out.copy_(y)
+        xf = x.float().contiguous()
+        bf = None if bias is None else bias.float().contiguous()
+        y = out if (out is not None and out.dtype == torch.float32 and out.is_contiguous()) else \
+            torch.empty(m, n, dtype=torch.float32)
+        lib, p = self.lib, self._ptr
+        if w.scheme == "none":
+            wt = w.weight
+            if wt.dtype not in _CODES:
+                wt = w.extra.setdefault("f32", wt.float().contiguous())
+            lib.hs_linear_f(p(xf, "float *"), m, k, p(wt), _CODES[wt.dtype], n, p(bf, "float *"), p(y, "float *"))
+        elif scheme == "int8_w8a8":
+            xq = torch.empty(m, k, dtype=torch.int8)
+            xs = torch.empty(m, dtype=torch.float32)
+            lib.hs_quant_rows_i8(p(xf, "float *"), m, k, p(xq, "int8_t *"), p(xs, "float *"))
+            lib.hs_linear_w8a8(p(xq, "int8_t *"), p(xs, "float *"), m, k, p(w.weight, "int8_t *"),
+                               p(w.scale, "float *"), n, p(bf, "float *"), p(y, "float *"))
+        elif scheme == "int8":
+            lib.hs_linear_i8(p(xf, "float *"), m, k, p(w.weight, "int8_t *"), p(w.scale, "float *"), n,
+                             p(bf, "float *"), p(y, "float *"))
+        else:
+            lib.hs_linear_i4(p(xf, "float *"), m, k, p(w.weight, "uint8_t *"), p(w.scale, "float *"),
+                             w.extra["group"], n, p(bf, "float *"), p(y, "float *"))
+        if y is out:
+            return out
+        if out is None:
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
+        return out.copy_(y)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
+        spec = dict(dtype=x.dtype, hidden_size=x.shape[-1], residual=residual is not None)
+        if self._native("rms_norm", spec):
+            return NativeBackend.rms_norm(self, x, weight, eps, residual, out)
+        xc = x.contiguous()
+        t, hsz = xc.numel() // xc.shape[-1], xc.shape[-1]
+        dst = out if out is not None and out.is_contiguous() else torch.empty_like(xc)
+        h = None if residual is None else torch.empty_like(xc)
+        res = None if residual is None else residual.to(x.dtype).contiguous()
+        wf = weight.float().contiguous()  # held: C reads it after _ptr returns
+        self.lib.hs_rms_norm(self._ptr(xc), self._ptr(res), self._ptr(wf), self._ptr(dst),
+                             self._ptr(h), t, hsz, float(eps), _CODES[x.dtype])
+        if out is not None and dst is not out:
+            out.copy_(dst)
+            dst = out
+        return dst if residual is None else (dst, h)
+
+    def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+               cos_sin_cache: torch.Tensor, is_neox: bool = True) -> None:
+        spec = dict(dtype=q.dtype, head_dim=q.shape[-1], rot_dim=cos_sin_cache.shape[-1], is_neox=is_neox)
+        if self._native("rotary", spec):
+            return NativeBackend.rotary(self, positions, q, k, cos_sin_cache, is_neox)
+        if not (q.is_contiguous() and k.is_contiguous()) or q.dtype != k.dtype:
+            qc, kc = q.contiguous(), k.to(q.dtype).contiguous()
+            self.rotary(positions, qc, kc, cos_sin_cache, is_neox)
+            q.copy_(qc)
+            k.copy_(kc)
+            return None
+        pos = positions.to(torch.int64).contiguous()
+        cs = cos_sin_cache if cos_sin_cache.dtype == torch.float32 else cos_sin_cache.float()
+        cs = cs.contiguous()
+        self.lib.hs_rotary(self._ptr(pos, "int64_t *"), self._ptr(q), self._ptr(k), self._ptr(cs, "float *"),
+                           q.shape[0], q.shape[1], k.shape[1], q.shape[2], cs.shape[-1], int(bool(is_neox)),
+                           _CODES[q.dtype])
+
+    def silu_and_mul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self._native("silu_and_mul", dict(dtype=x.dtype)):
+            return NativeBackend.silu_and_mul(self, x, out)
+        xc = x.contiguous()
+        i = xc.shape[-1] // 2
+        t = xc.numel() // xc.shape[-1]
+        dst = out if out is not None and out.is_contiguous() else torch.empty(*xc.shape[:-1], i, dtype=x.dtype)
+        self.lib.hs_silu_and_mul(self._ptr(xc), self._ptr(dst), t, i, _CODES[x.dtype])
+        if out is not None and dst is not out:
+            return out.copy_(dst)
+        return dst
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        spec = dict(dtype=kv_cache.dtype, head_dim=key.shape[-1], block_size=kv_cache.shape[2])
+        if self._native("write_kv", spec):
+            return NativeBackend.write_kv(self, key, value, kv_cache, slot_mapping)
+        if not kv_cache.is_contiguous():  # the engine's caches are; a view is written through a copy
+            tmp = kv_cache.contiguous()
+            self.write_kv(key, value, tmp, slot_mapping)
+            kv_cache.copy_(tmp)
+            return None
+        if slot_mapping.numel() == 0:
+            return
+        k = key.to(kv_cache.dtype).contiguous()
+        v = value.to(kv_cache.dtype).contiguous()
+        slots = slot_mapping.to(torch.int64).contiguous()
+        row = k.shape[1] * k.shape[2] * k.element_size()
+        self.lib.hs_write_kv(self._ptr(k, "char *"), self._ptr(v, "char *"), self._ptr(kv_cache[0], "char *"),
+                             self._ptr(kv_cache[1], "char *"), self._ptr(slots, "int64_t *"), k.shape[0], row)
+
+    def attention(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                  scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+        spec = dict(dtype=q.dtype, num_heads=q.shape[1], num_kv_heads=kv_cache.shape[-2], head_dim=q.shape[-1],
+                    block_size=meta.block_size, sliding_window=meta.sliding_window)
+        if self._native("attention", spec) or kv_cache.dtype not in _CODES:
+            return NativeBackend.attention(self, q, kv_cache, meta, scale, out)
+        kv_cache = kv_cache.contiguous()
+        qc = q.contiguous()
+        dst = out if out is not None and out.is_contiguous() else torch.empty_like(qc)
+        cu = meta.cu_seqlens_q.to(torch.int32).contiguous()
+        sl = meta.seq_lens.to(torch.int32).contiguous()
+        bt = meta.block_tables.to(torch.int32).contiguous()
+        t, hq, d = qc.shape
+        self.lib.hs_attention(self._ptr(qc), self._ptr(kv_cache[0]), self._ptr(kv_cache[1]), self._ptr(dst),
+                              self._ptr(cu, "int32_t *"), self._ptr(sl, "int32_t *"), self._ptr(bt, "int32_t *"),
+                              bt.shape[1], meta.num_seqs, t, hq, kv_cache.shape[-2], d, meta.block_size,
+                              int(meta.sliding_window or 0), float(scale), _CODES[q.dtype],
+                              int(max(meta.seq_lens_host, default=0)), _CODES[kv_cache.dtype])
+        if out is not None and dst is not out:
+            out.copy_(dst)
+            return out
+        return dst
+
+    def moe(self, x: torch.Tensor, router_logits: torch.Tensor, w13: PackedWeight,
+            w2: PackedWeight, spec: MoeSpec, out: torch.Tensor | None = None) -> torch.Tensor:
+        s = dict(dtype=x.dtype, num_experts=w13.weight.shape[0], top_k=spec.top_k, scoring=spec.scoring,
+                 scheme=w13.scheme)
+        if self._native("moe", s):
+            return NativeBackend.moe(self, x, router_logits, w13, w2, spec, out)
+        topk_w, topk_ids = route(router_logits, spec)
+        acc = torch.zeros(x.shape[0], w2.weight.shape[-2], dtype=torch.float32)
+        flat = topk_ids.flatten()
+        for e in torch.unique(flat).tolist():
+            hit = (flat == e).nonzero().squeeze(1)
+            tok = hit // spec.top_k
+            xe = x.index_select(0, tok)
+            gu = self.linear(xe, quant.expert(w13, e), None).float()
+            h = self.silu_and_mul(gu.to(x.dtype))
+            y = self.linear(h, quant.expert(w2, e), None).float()
+            acc[tok] += y * topk_w.flatten()[hit][:, None]
+        return acc.to(x.dtype) if out is None else out.copy_(acc)

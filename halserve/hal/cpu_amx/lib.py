@@ -1,0 +1,69 @@
+"""Build and load the cpu_amx C kernels for one ISA tier (through ``halserve.hal.cbuild``).
+
+Each tier is the same C sources compiled with that tier's ``-m`` flags into its own cached
+library; the backend picks the best tier the CPU (and the kernel, for AMX) allows."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from halserve.hal.cbuild import CBuildError, load_library
+
+HERE = Path(__file__).parent
+SOURCES = [HERE / n for n in ("linear.c", "ops.c", "attention.c", "runtime.c")]
+
+TIERS = ("amx", "avx512", "avx2")
+_AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+_AVX512 = [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]
+FLAGS = {
+    "avx2": _AVX2,
+    "avx512": _AVX512,
+    "amx": [*_AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8"],
+}
+# CPU flags (from /proc/cpuinfo) each tier's build may execute
+NEEDS = {
+    "avx2": ("avx2", "fma", "f16c"),
+    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma", "f16c"),
+    "amx": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
+            "amx_tile", "amx_bf16", "amx_int8"),
+}
+
+CDEF = """
+void hs_linear_f(const float *x, int M, int K, const void *w, int w_bf16, int N, const float *bias, float *y);
+void hs_linear_i8(const float *x, int M, int K, const int8_t *w, const float *scale, int N, const float *bias, float *y);
+void hs_quant_rows_i8(const float *x, int M, int K, int8_t *xq, float *xs);
+void hs_linear_w8a8(const int8_t *xq, const float *xs, int M, int K, const int8_t *w, const float *scale, int N,
+                    const float *bias, float *y);
+void hs_linear_i4(const float *x, int M, int K, const uint8_t *w, const float *scales, int group, int N,
+                  const float *bias, float *y);
+void hs_rms_norm(const void *x, const void *res, const float *w, void *y, void *h_out, int T, int H, float eps, int bf16);
+void hs_rotary(const int64_t *pos, void *q, void *k, const float *cos_sin, int T, int Hq, int Hk, int D, int rot,
+               int is_neox, int bf16);
+void hs_silu_and_mul(const void *x, void *y, int T, int I, int bf16);
+void hs_write_kv(const char *key, const char *value, char *kcache, char *vcache, const int64_t *slots, int T,
+                 int64_t row);
+void hs_attention(const void *q, const void *kc, const void *vc, void *out, const int32_t *cu_q,
+                  const int32_t *seq_lens, const int32_t *tables, int max_blocks, int num_seqs, int T, int Hq,
+                  int Hk, int D, int bs, int window, float scale, int qbf16, int max_seqlen_k, int bf16);
+int hs_amx_request(void);
+void hs_set_threads(int n);
+int hs_get_threads(void);
+int hs_tier(void);
+"""
+
+
+def _omp_env() -> None:
+    # Our OpenMP runtime is not torch's: its idle workers must not spin on the cores while
+    # torch's pool runs the next op, so they sleep almost at once; pinned, one per core.
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+    os.environ.setdefault("OMP_PROC_BIND", "close")
+    os.environ.setdefault("OMP_PLACES", "cores")
+
+
+def load(tier: str):
+    """(ffi, lib) for ``tier``; raises CBuildError with one line saying why not."""
+    if tier not in FLAGS:
+        raise CBuildError(f"cpu tier {tier!r} is not valid; use {', '.join(TIERS)}")
+    _omp_env()
+    return load_library(f"cpu_amx_{tier}", SOURCES, CDEF,
+                        ["-O3", "-fopenmp", "-fno-math-errno", *FLAGS[tier]], ["-fopenmp"])

@@ -1,0 +1,173 @@
+/* y[M, N] = x[M, K] @ W[N, K]^T (+ bias) for weights in the layouts pack_weight makes.
+ * Work is split over N (output rows) across the thread pool, so a batch-1 decode streams
+ * every weight byte exactly once with all cores reading. Four weight rows go together so
+ * each x load feeds four independent accumulators (FMA latency, not bandwidth, would
+ * otherwise bound one core). Each output's reduction order depends only on K and the
+ * build, never on M: batch-invariant by construction. */
+#include "common.h"
+
+#define ROWS 4
+
+static inline void finish(float *y, int64_t m, int N, int n, float v, const float *bias) {
+    y[m * N + n] = bias ? v + bias[n] : v;
+}
+
+void hs_linear_f(const float *x, int M, int K, const void *w, int w_bf16, int N,
+                 const float *bias, float *y) {
+    int nblk = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < nblk; b++) {
+        int n0 = b * ROWS;
+        if (n0 + ROWS <= N) {
+            for (int m = 0; m < M; m++) {
+                const float *xr = x + (int64_t)m * K;
+                float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+                if (w_bf16) {
+                    const bf16_t *w0 = (const bf16_t *)w + (int64_t)n0 * K;
+                    const bf16_t *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+                    for (int k = 0; k < K; k++) {
+                        float xv = xr[k];
+                        a0 += xv * bf16_to_f32(w0[k]);
+                        a1 += xv * bf16_to_f32(w1[k]);
+                        a2 += xv * bf16_to_f32(w2[k]);
+                        a3 += xv * bf16_to_f32(w3[k]);
+                    }
+                } else {
+                    const float *w0 = (const float *)w + (int64_t)n0 * K;
+                    const float *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+                    for (int k = 0; k < K; k++) {
+                        float xv = xr[k];
+                        a0 += xv * w0[k];
+                        a1 += xv * w1[k];
+                        a2 += xv * w2[k];
+                        a3 += xv * w3[k];
+                    }
+                }
+                finish(y, m, N, n0, a0, bias);
+                finish(y, m, N, n0 + 1, a1, bias);
+                finish(y, m, N, n0 + 2, a2, bias);
+                finish(y, m, N, n0 + 3, a3, bias);
+            }
+        } else {
+            for (int n = n0; n < N; n++)
+                for (int m = 0; m < M; m++) {
+                    const float *xr = x + (int64_t)m * K;
+                    float a = 0.f;
+                    if (w_bf16) {
+                        const bf16_t *wr = (const bf16_t *)w + (int64_t)n * K;
+#pragma omp simd reduction(+ : a)
+                        for (int k = 0; k < K; k++) a += xr[k] * bf16_to_f32(wr[k]);
+                    } else {
+                        const float *wr = (const float *)w + (int64_t)n * K;
+#pragma omp simd reduction(+ : a)
+                        for (int k = 0; k < K; k++) a += xr[k] * wr[k];
+                    }
+                    finish(y, m, N, n, a, bias);
+                }
+        }
+    }
+}
+
+/* int8 weight-only: per-channel scale applied once per output after the dot. */
+void hs_linear_i8(const float *x, int M, int K, const int8_t *w, const float *scale, int N,
+                  const float *bias, float *y) {
+    int nblk = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < nblk; b++) {
+        int n0 = b * ROWS;
+        if (n0 + ROWS <= N) {
+            const int8_t *w0 = w + (int64_t)n0 * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+            for (int m = 0; m < M; m++) {
+                const float *xr = x + (int64_t)m * K;
+                float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+                for (int k = 0; k < K; k++) {
+                    float xv = xr[k];
+                    a0 += xv * (float)w0[k];
+                    a1 += xv * (float)w1[k];
+                    a2 += xv * (float)w2[k];
+                    a3 += xv * (float)w3[k];
+                }
+                finish(y, m, N, n0, a0 * scale[n0], bias);
+                finish(y, m, N, n0 + 1, a1 * scale[n0 + 1], bias);
+                finish(y, m, N, n0 + 2, a2 * scale[n0 + 2], bias);
+                finish(y, m, N, n0 + 3, a3 * scale[n0 + 3], bias);
+            }
+        } else {
+            for (int n = n0; n < N; n++) {
+                const int8_t *wr = w + (int64_t)n * K;
+                for (int m = 0; m < M; m++) {
+                    const float *xr = x + (int64_t)m * K;
+                    float a = 0.f;
+#pragma omp simd reduction(+ : a)
+                    for (int k = 0; k < K; k++) a += xr[k] * (float)wr[k];
+                    finish(y, m, N, n, a * scale[n], bias);
+                }
+            }
+        }
+    }
+}
+
+/* Dynamic per-token symmetric int8 activations (round half to even, as torch.round). */
+void hs_quant_rows_i8(const float *x, int M, int K, int8_t *xq, float *xs) {
+    for (int m = 0; m < M; m++) {
+        const float *xr = x + (int64_t)m * K;
+        float amax = 0.f;
+        for (int k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xr[k]));
+        float s = fmaxf(amax, 1e-12f) / 127.f;
+        xs[m] = s;
+        for (int k = 0; k < K; k++) {
+            float q = nearbyintf(xr[k] / s);
+            q = fminf(fmaxf(q, -127.f), 127.f);
+            xq[(int64_t)m * K + k] = (int8_t)q;
+        }
+    }
+}
+
+/* W8A8: exact int32 dots (VNNI / madd), scaled once by token x channel. */
+void hs_linear_w8a8(const int8_t *xq, const float *xs, int M, int K, const int8_t *w,
+                    const float *scale, int N, const float *bias, float *y) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const int8_t *wr = w + (int64_t)n * K;
+        for (int m = 0; m < M; m++) {
+            const int8_t *xr = xq + (int64_t)m * K;
+            int32_t a = 0;
+#pragma omp simd reduction(+ : a)
+            for (int k = 0; k < K; k++) a += (int32_t)xr[k] * (int32_t)wr[k];
+            finish(y, m, N, n, (float)a * xs[m] * scale[n], bias);
+        }
+    }
+}
+
+/* int4 weight-only, group-wise: row n holds K/2 bytes; within each 32-value chunk byte j
+ * carries value j (low nibble) and value j + 16 (high nibble), stored as q + 8, so both
+ * halves meet contiguous x. One fp32 scale per group of ``group`` values. */
+void hs_linear_i4(const float *x, int M, int K, const uint8_t *w, const float *scales, int group,
+                  int N, const float *bias, float *y) {
+    int ng = K / group, cpg = group / 32;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *wr = w + (int64_t)n * (K / 2);
+        const float *sr = scales + (int64_t)n * ng;
+        for (int m = 0; m < M; m++) {
+            const float *xr = x + (int64_t)m * K;
+            float acc = 0.f;
+            for (int g = 0; g < ng; g++) {
+                float a = 0.f;
+                for (int c = 0; c < cpg; c++) {
+                    const uint8_t *wb = wr + (int64_t)(g * cpg + c) * 16;
+                    const float *xc = xr + (int64_t)(g * cpg + c) * 32;
+#pragma omp simd reduction(+ : a)
+                    for (int j = 0; j < 16; j++) {
+                        a += xc[j] * (float)((int)(wb[j] & 15) - 8) + xc[j + 16] * (float)((int)(wb[j] >> 4) - 8);
+                    }
+                }
+                acc += a * sr[g];
+            }
+            finish(y, m, N, n, acc, bias);
+        }
+    }
+}

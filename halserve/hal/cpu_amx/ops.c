@@ -1,0 +1,86 @@
+/* The small fused ops around the GEMMs: rms_norm (+ residual), rotary, silu_and_mul,
+ * write_kv. One pass over memory each; rows split across the pool when there are enough. */
+#include "common.h"
+#include <stdlib.h>
+
+#define PAR_ROWS 8 /* below this many rows a parallel region costs more than it saves */
+
+/* h = x + residual (rounded to the dtype, as the model stores it); y = h / rms(h) * w */
+void hs_rms_norm(const void *x, const void *res, const float *w, void *y, void *h_out,
+                 int T, int H, float eps, int bf16) {
+#pragma omp parallel for schedule(static) if (T >= PAR_ROWS)
+    for (int t = 0; t < T; t++) {
+        float *h = (float *)malloc((size_t)H * 4);
+        int64_t off = (int64_t)t * H;
+        row_to_f32(x, off, H, bf16, h);
+        if (res) {
+            for (int i = 0; i < H; i++) {
+                float v = h[i] + load_f(res, off + i, bf16);
+                h[i] = bf16 ? bf16_to_f32(f32_to_bf16(v)) : v;
+            }
+            row_from_f32(h_out, off, H, bf16, h);
+        }
+        float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+        for (int i = 0; i < H; i++) ss += h[i] * h[i];
+        float r = 1.0f / sqrtf(ss / (float)H + eps);
+        for (int i = 0; i < H; i++) h[i] = h[i] * r * w[i];
+        row_from_f32(y, off, H, bf16, h);
+        free(h);
+    }
+}
+
+/* In place on q [T, Hq, D] and k [T, Hk, D]; cos_sin [max_pos, rot] (cos | sin), float32. */
+void hs_rotary(const int64_t *pos, void *q, void *k, const float *cos_sin, int T, int Hq, int Hk,
+               int D, int rot, int is_neox, int bf16) {
+    int half = rot / 2;
+#pragma omp parallel for schedule(static) if (T >= PAR_ROWS)
+    for (int t = 0; t < T; t++) {
+        const float *cs = cos_sin + pos[t] * rot;
+        float buf[1024];
+        for (int which = 0; which < 2; which++) {
+            void *base = which ? k : q;
+            int heads = which ? Hk : Hq;
+            for (int hh = 0; hh < heads; hh++) {
+                int64_t off = ((int64_t)t * heads + hh) * D;
+                row_to_f32(base, off, rot, bf16, buf);
+                float o[1024];
+                for (int i = 0; i < half; i++) {
+                    float c = cs[i], s = cs[half + i];
+                    if (is_neox) {
+                        float x1 = buf[i], x2 = buf[half + i];
+                        o[i] = x1 * c - x2 * s;
+                        o[half + i] = x2 * c + x1 * s;
+                    } else {
+                        float x1 = buf[2 * i], x2 = buf[2 * i + 1];
+                        o[2 * i] = x1 * c - x2 * s;
+                        o[2 * i + 1] = x2 * c + x1 * s;
+                    }
+                }
+                row_from_f32(base, off, rot, bf16, o);
+            }
+        }
+    }
+}
+
+void hs_silu_and_mul(const void *x, void *y, int T, int I, int bf16) {
+#pragma omp parallel for schedule(static) if (T >= PAR_ROWS)
+    for (int t = 0; t < T; t++) {
+        int64_t xo = (int64_t)t * 2 * I, yo = (int64_t)t * I;
+        for (int i = 0; i < I; i++) {
+            float a = load_f(x, xo + i, bf16), b = load_f(x, xo + I + i, bf16);
+            store_f(y, yo + i, a / (1.0f + expf(-a)) * b, bf16);
+        }
+    }
+}
+
+/* key/value [T, row] -> cache[slot] for slot >= 0; ``row`` bytes per token (Hk * D * esize). */
+void hs_write_kv(const char *key, const char *value, char *kcache, char *vcache,
+                 const int64_t *slots, int T, int64_t row) {
+    for (int t = 0; t < T; t++) {
+        int64_t s = slots[t];
+        if (s < 0) continue;
+        memcpy(kcache + s * row, key + (int64_t)t * row, (size_t)row);
+        memcpy(vcache + s * row, value + (int64_t)t * row, (size_t)row);
+    }
+}

@@ -1,0 +1,64 @@
+"""cpu_amx weight formats beyond the shared ones (``halserve.hal.quant``): int4 group-wise
+weight-only, and helpers that name a PackedWeight's scheme and dequantize any of them.
+
+int4 layout (what ``hs_linear_i4`` reads): row n holds K/2 bytes; in each run of 32 values
+byte j carries value j in its low nibble and value j + 16 in its high nibble, stored as
+q + 8 (q in [-8, 7]); one float32 scale per group (amax / 7, symmetric)."""
+from __future__ import annotations
+
+import torch
+
+from halserve.hal.interface import PackedWeight
+from halserve.hal.quant import dequant
+
+INT4_SCHEMES = {"int4": 128, "int4_g32": 32, "int4_g64": 64, "int4_g128": 128}
+NATIVE_ONLY = ("fp8", "fp8_per_tensor", "fp8_weight_only")
+
+
+def pack_int4(weight: torch.Tensor, group: int) -> PackedWeight:
+    n, k = weight.shape[-2], weight.shape[-1]
+    if weight.dim() != 2:
+        raise ValueError(f"int4 packs [N, K] weights; got shape {tuple(weight.shape)}")
+    if k % group:
+        raise ValueError(f"int4 group size {group} must divide in_features {k}; use int4_g32/g64/g128 "
+                         f"with a group that divides it, or int8")
+    wf = weight.float().reshape(n, k // group, group)
+    scale = wf.abs().amax(dim=-1).clamp(min=1e-12) / 7.0
+    q = torch.round(wf / scale[..., None]).clamp(-8, 7).to(torch.int16) + 8
+    q = q.reshape(n, k // 32, 2, 16)
+    packed = (q[:, :, 0] | (q[:, :, 1] << 4)).to(torch.uint8).reshape(n, k // 2).contiguous()
+    return PackedWeight(packed, "int4", scale.contiguous(), "none", n, k, {"group": group})
+
+
+def unpack_int4(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    n, k, group = w.out_features, w.in_features, w.extra["group"]
+    b = w.weight.reshape(n, k // 32, 16).to(torch.int16)
+    q = torch.stack([b & 15, b >> 4], dim=2).reshape(n, k) - 8
+    return (q.float().reshape(n, k // group, group) * w.scale[..., None]).reshape(n, k).to(dtype)
+
+
+def scheme_name(w: PackedWeight) -> str:
+    """The pack_weight scheme a PackedWeight came from."""
+    if w.scheme == "int4":
+        g = w.extra["group"]
+        return "int4" if g == 128 else f"int4_g{g}"
+    if w.scheme == "int8" and w.act_scheme != "none":
+        return "int8_w8a8"
+    if w.scheme == "fp8":
+        return {"none": "fp8_weight_only", "per_tensor": "fp8_per_tensor"}.get(w.act_scheme, "fp8")
+    return w.scheme
+
+
+def dequant_any(w: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """[N, K] in ``dtype``, made per call (a cached copy would undo the quantization's memory
+    saving); only large-M calls come here, where the GEMM dwarfs this pass."""
+    return unpack_int4(w, dtype) if w.scheme == "int4" else dequant(w, dtype)
+
+
+def expert(w: PackedWeight, e: int) -> PackedWeight:
+    """Expert e of a stacked [E, N, K] weight as a 2-D PackedWeight (views, no copies)."""
+    scale = None
+    if w.scale is not None:
+        scale = w.scale[e] if w.scale.dim() == 2 else w.scale.reshape(-1)[:1].expand(w.weight.shape[-2])
+    return PackedWeight(w.weight[e], w.scheme, None if scale is None else scale.contiguous(), w.act_scheme,
+                        w.weight.shape[-2], w.weight.shape[-1])
