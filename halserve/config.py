@@ -53,6 +53,23 @@ class EngineConfig:
             raise ConfigError(f"kv_offload_disk_bytes={self.kv_offload_disk_bytes} must be a positive number of bytes")
         if self.quantization not in (None, "fp8", "int8"):
             raise ConfigError(f"quantization={self.quantization!r} is not valid; use fp8 or int8")
+        self._check_kv_cache_dtype()
+
+    def _check_kv_cache_dtype(self) -> None:
+        # The KV cache is kept in the model's dtype; an fp8 cache is not implemented, so any
+        # other value is refused rather than silently ignored.
+        names = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16",
+                 "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
+        kv = self.kv_cache_dtype
+        if kv == "auto":
+            return
+        if kv not in names:
+            raise ConfigError(f"kv_cache_dtype={kv!r} is not valid: the KV cache is kept in the model "
+                              f"dtype (fp8 KV caches are not implemented); use auto, or the model's "
+                              f"dtype given with --dtype (float32, bfloat16, float16)")
+        if names.get(self.dtype) != names[kv]:
+            raise ConfigError(f"kv_cache_dtype={kv!r} is not valid with dtype={self.dtype!r}: the KV cache "
+                              f"is kept in the model dtype; use auto, or set dtype={names[kv]!r} as well")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

@@ -21,6 +21,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, help="force a backend (see `halserve probe`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quantization", default=None, choices=["fp8", "int8"])
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="auto (the model dtype); an fp8 KV cache is not implemented and is refused")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--batch-invariant", action="store_true")
     p.add_argument("--kv-offloading-size", type=float, default=0.0, help="host KV tier size in GiB")
@@ -35,8 +37,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
               gpu_memory_utilization=args.gpu_memory_utilization,
               enable_prefix_caching=args.enable_prefix_caching, backend=args.backend, seed=args.seed,
               quantization=args.quantization, enforce_eager=args.enforce_eager,
-              batch_invariant=args.batch_invariant)
-    if args.kv_cache_memory:
+              batch_invariant=args.batch_invariant, kv_cache_dtype=args.kv_cache_dtype)
+    if args.kv_cache_memory is not None:  # 0 or less is refused by name, not taken as unset
         kw["kv_cache_memory"] = int(args.kv_cache_memory * (1 << 30))
     if args.kv_offloading_size:
         kw["kv_offload_host_bytes"] = int(args.kv_offloading_size * (1 << 30))

@@ -9,6 +9,8 @@ checkpoint view (``get``, ``maybe``, ``first``, ``experts``, ``scheme``, ``devic
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from halserve.hal.interface import AttentionMetadata, Backend
@@ -69,6 +71,7 @@ class LlamaForCausalLM:
                               self.make_mlp(cfg, hal, w, i, f"model.layers.{i}.mlp."), self.qk_norm)
             for i in range(cfg["num_hidden_layers"])
         ]
+        self.layer_windows = layer_windows(cfg)
         self.norm = RMSNorm(hal, w.get("model.norm.weight"), cfg["rms_norm_eps"])
         if cfg.get("tie_word_embeddings"):
             w.maybe("lm_head.weight")  # some tied checkpoints store a copy: mark it used
@@ -84,10 +87,13 @@ class LlamaForCausalLM:
                 meta: AttentionMetadata) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
         ready = meta.layer_ready
+        metas = {w: meta if w == meta.sliding_window else replace(meta, sliding_window=w)
+                 for w in set(self.layer_windows)} if meta.sliding_window is not None else None
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             if ready is not None:
                 ready[i].wait()
-            h, residual = layer(positions, h, residual, kv_cache, meta)
+            h, residual = layer(positions, h, residual, kv_cache,
+                                meta if metas is None else metas[self.layer_windows[i]])
         h, _ = self.norm(h, residual)
         return h
 
@@ -95,6 +101,25 @@ class LlamaForCausalLM:
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+
+def layer_windows(cfg: dict) -> list[int | None]:
+    """Each layer's attention window (None: full), as transformers decides it. Qwen2/Qwen3
+    window only the layers from ``max_window_layers`` on, or those ``layer_types`` names
+    "sliding_attention"; other families window every layer."""
+    n = cfg["num_hidden_layers"]
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+    if window is None:
+        return [None] * n
+    if (cfg.get("architectures") or [""])[0] not in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        return [window] * n
+    types = cfg.get("layer_types")
+    if types:
+        if len(types) != n:
+            raise ValueError(f"layer_types has {len(types)} entries for {n} layers")
+        return [window if t == "sliding_attention" else None for t in types]
+    first = cfg.get("max_window_layers", 28)
+    return [window if i >= first else None for i in range(n)]
 
 
 def dense_mlp(hal: Backend, w, prefix: str) -> MLP:

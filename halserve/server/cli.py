@@ -36,8 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_engine_arguments(p)  # MODEL and the engine flags, with vLLM's names
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: MODEL)")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces, as vLLM)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: loopback only; 0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on, 0..65535; 0 picks a free one")
+    p.add_argument("--max-request-body-mb", type=_positive_float, default=16.0,
+                   help="largest request body accepted, in MiB (default 16); larger ones get a 413")
     p.add_argument("--api-key", default=os.environ.get("HALSERVE_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize "
                         "(default: $HALSERVE_API_KEY)")
@@ -48,6 +51,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-uvicorn-access-log", action="store_true")
     p.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds in-flight requests get to finish after SIGINT/SIGTERM")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: use 0..65535 (0 picks a free one)")
+    return port
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid: use a positive number")
+    return value
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _say(msg: str) -> None:
@@ -96,6 +130,9 @@ class _LoadLog(logging.Handler):
             self.hal_choice = msg.removeprefix("HAL backend ")
         elif msg.startswith("engine ready"):
             self.engine_ready = msg
+        elif msg.startswith("loaded ") and record.name.startswith("halserve"):
+            # the loader times its own part only (weights map lazily); the elapsed column is the truth
+            _say(f"[{_elapsed():5.1f}s] {re.sub(r' in [0-9.]+s$', '', msg)}")
         elif record.levelno >= logging.WARNING:
             _say(f"[{_elapsed():5.1f}s] {record.levelname.lower()}: {msg}")
         else:
@@ -205,6 +242,12 @@ def main(args: argparse.Namespace) -> int:
     kwargs = engine_kwargs(args)
     if args.tokenizer:
         kwargs["tokenizer"] = args.tokenizer
+    from halserve.config import EngineConfig
+
+    EngineConfig.from_kwargs(model=model, **kwargs)  # every flag checked before anything loads
+    if not args.api_key and not _is_loopback(args.host):
+        _say(f"warning: serving on {args.host} beyond loopback without --api-key: anyone who can "
+             "reach this port can use the model")
 
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
@@ -239,7 +282,8 @@ def main(args: argparse.Namespace) -> int:
 
     from halserve.server.openai import build_app
 
-    app = build_app(engine, names, api_key=args.api_key, model_root=model)
+    app = build_app(engine, names, api_key=args.api_key, model_root=model,
+                    max_body_bytes=int(args.max_request_body_mb * (1 << 20)))
     shown = f"[{host}]" if ":" in host else host
 
     def on_ready():

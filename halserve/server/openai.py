@@ -41,15 +41,22 @@ class ClientGone(Exception):
 
 # ---- app -------------------------------------------------------------------------------------
 
+DEFAULT_MAX_BODY_BYTES = 16 << 20
+
+
 def build_app(engine: Any, served_model_names: list[str], api_key: str | None = None,
-              sampling_params_cls: type | None = None, model_root: str | None = None) -> FastAPI:
+              sampling_params_cls: type | None = None, model_root: str | None = None,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app serving ``engine`` under ``served_model_names`` (the first is the default)."""
+    from halserve import __version__
+
     server = OpenAIServer(engine, served_model_names, sampling_params_cls, model_root)
-    app = FastAPI(title="halserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="halserve", version=__version__, redoc_url=None)
     app.state.server = server
     _install_error_handlers(app)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
 
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
@@ -60,6 +67,9 @@ def build_app(engine: Any, served_model_names: list[str], api_key: str | None = 
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/version", server.version, methods=["GET"])
     app.add_api_route("/metrics", server.metrics_endpoint, methods=["GET"])
+    from halserve.server.schema import install_openapi
+
+    install_openapi(app)
     return app
 
 
@@ -100,13 +110,15 @@ class ApiKeyMiddleware:
 
     def __init__(self, app, api_key: str):
         self.app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._expected = api_key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["method"] != "OPTIONS" \
                 and scope["path"].startswith(PROTECTED_PREFIXES):
             got = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(got, self._expected):
+            scheme, _, token = got.strip().partition(b" ")
+            # the scheme is case-insensitive (RFC 9110 section 11.1): "bearer" is fine
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self._expected):
                 msg = ("missing API key: send 'Authorization: Bearer <key>'" if not got
                        else "incorrect API key provided")
                 resp = JSONResponse(P.error_body(msg, "invalid_request_error", None, "invalid_api_key"),
@@ -114,6 +126,40 @@ class ApiKeyMiddleware:
                 await resp(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """413 for a request body over ``limit`` bytes, by its Content-Length before anything is
+    read, or as the bytes arrive for a chunked body: an oversized body is never buffered whole."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    def _too_large(self, size: str) -> P.OpenAIError:
+        return P.OpenAIError(f"request body of {size} bytes is over this server's limit of "
+                             f"{self.limit} bytes (--max-request-body-mb)", 413, code="request_too_large")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            err = self._too_large(length.decode())
+            await JSONResponse(err.body(), status_code=413, headers={"Connection": "close"})(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise self._too_large(f"more than {self.limit}")
+            return msg
+
+        await self.app(scope, limited, send)
 
 
 class SSEResponse(StreamingResponse):
@@ -158,6 +204,7 @@ class OpenAIServer:
             from halserve.engine.sampling import SamplingParams as sampling_params_cls
         self.SamplingParams = sampling_params_cls
         self.metrics = ServerMetrics(engine.get_metrics, self.names[0])
+        self._token_chars: int | None = None
 
     # ---- shared checks -------------------------------------------------------------------
     def _model_name(self, requested: str | None) -> str:
@@ -214,8 +261,26 @@ class OpenAIServer:
             param = msg.split("=", 1)[0] if "=" in msg.split(" ", 1)[0] else None
             raise P.OpenAIError(msg, param=param, code="invalid_parameter") from None
 
-    async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+    def _max_token_chars(self) -> int:
+        if self._token_chars is None:  # once: the longest token's text in the vocabulary
+            get_vocab = getattr(self.tokenizer, "get_vocab", None)
+            vocab = get_vocab() if get_vocab is not None else {}
+            self._token_chars = max((len(t) for t in vocab), default=1 << 40) or 1  # none: no bound
+        return self._token_chars
+
+    def check_text_bound(self, n_chars: int, param: str) -> None:
+        """A text of ``n_chars`` characters cannot be fewer than n_chars / (the longest token's
+        characters) tokens: refuse one that surely cannot fit before tokenizing it."""
+        at_least = -(-n_chars // self._max_token_chars())
+        if at_least >= self.max_model_len:
+            raise P.OpenAIError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                f"{param} ({n_chars} characters) is at least {at_least} tokens. Shorten it.",
+                param=param, code="context_length_exceeded")
+
+    async def _encode(self, text: str, add_special_tokens: bool, param: str = "prompt") -> list[int]:
         tok = self._need_tokenizer("a text prompt")
+        self.check_text_bound(len(text), param)
         if len(text) > _THREAD_TEXT_LEN:
             return await anyio.to_thread.run_sync(tok.encode, text, add_special_tokens)
         return tok.encode(text, add_special_tokens)
@@ -223,6 +288,7 @@ class OpenAIServer:
     async def _encode_chat(self, messages: list[dict], add_generation_prompt: bool,
                            continue_final_message: bool, kwargs: dict | None) -> tuple[str, list[int]]:
         tok = self._need_tokenizer("chat")
+        self.check_text_bound(sum(len(m.get("content") or "") for m in messages), "messages")
 
         def render() -> tuple[str, list[int]]:
             text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
@@ -339,7 +405,7 @@ class OpenAIServer:
         for i, p in enumerate(req.prompts()):
             param = "prompt" if len(req.prompts()) == 1 else f"prompt[{i}]"
             if isinstance(p, str):
-                ids = await self._encode(p, req.add_special_tokens)
+                ids = await self._encode(p, req.add_special_tokens, param)
                 text = p
             else:
                 ids, text = list(p), None
@@ -348,7 +414,14 @@ class OpenAIServer:
         explicit = "max_tokens" in req.model_fields_set and req.max_tokens is not None
         longest = max(len(ids) for _, ids in prompts)
         max_tokens = self._max_tokens(longest, req.max_tokens, explicit, "max_tokens")
-        params = self._params(req.sampling_kwargs(max_tokens, req.logprobs))
+        kw = req.sampling_kwargs(max_tokens, req.logprobs)
+        best_of = req.best_of if req.best_of is not None and req.best_of > req.n else None
+        if best_of:  # best_of sequences, ranked by cumulative logprob (which needs logprobs)
+            kw.update(n=best_of, logprobs=req.logprobs or 0)
+        echo_lps = req.echo and req.logprobs is not None
+        if echo_lps:  # the prompt's tokens carry logprobs too, the first one None
+            kw["prompt_logprobs"] = max(req.logprobs, req.prompt_logprobs or 0)
+        params = self._params(kw)
         rid = req.request_id or P.random_id("cmpl")
         created = P.now()
         if req.echo:
@@ -362,15 +435,24 @@ class OpenAIServer:
         choices, n_prompt, n_gen = [], 0, 0
         for i, out in enumerate(final):
             n_prompt += len(out.prompt_token_ids)
-            for c in out.outputs:
-                n_gen += len(c.token_ids)
+            n_gen += sum(len(c.token_ids) for c in out.outputs)
+            kept = out.outputs
+            if best_of:
+                kept = sorted(kept, key=lambda c: -(c.cumulative_logprob or 0.0))[:req.n]
+            for j, c in enumerate(kept):
                 text = (prompts[i][0] or "") + c.text if req.echo else c.text
-                choices.append({
-                    "index": i * req.n + c.index, "text": text,
-                    "logprobs": self._completion_logprobs(c.logprobs, c.token_ids, req.logprobs, 0)
-                    if req.logprobs is not None else None,
+                lps = None
+                if req.logprobs is not None:
+                    lps = self._completion_logprobs(c.logprobs, c.token_ids, req.logprobs, 0)
+                    if echo_lps:
+                        lps = self._echo_logprobs(out, req.logprobs, lps)
+                choice = {
+                    "index": i * req.n + j, "text": text, "logprobs": lps,
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
-                })
+                }
+                if req.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = self._prompt_logprobs(out, req.prompt_logprobs)
+                choices.append(choice)
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model,
                              "choices": choices, "usage": P.usage(n_prompt, n_gen)})
 
@@ -439,6 +521,39 @@ class OpenAIServer:
             offset += len(tok)
         return out
 
+    def _prompt_logprobs(self, out: Any, k: int) -> list:
+        """vLLM's shape: None for the first prompt token, then {token id: {logprob, rank,
+        decoded_token}} holding the prompt's own token and the top ``k``."""
+        res: list = []
+        for d, tid in zip(out.prompt_logprobs or [], out.prompt_token_ids):
+            if d is None:
+                res.append(None)
+                continue
+            keep = dict(_top(d, k))
+            keep.setdefault(tid, d[tid])
+            res.append({str(t): {"logprob": _finite(lp.logprob), "rank": lp.rank,
+                                 "decoded_token": self._token_str(t, lp)} for t, lp in keep.items()})
+        return res
+
+    def _echo_logprobs(self, out: Any, k: int, gen: dict) -> dict:
+        """The completion logprobs object with the prompt's tokens in front (echo)."""
+        res: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = 0
+        for d, tid in zip(out.prompt_logprobs or [], out.prompt_token_ids):
+            tok = self._token_str(tid, d.get(tid) if d else None)
+            res["tokens"].append(tok)
+            res["token_logprobs"].append(_finite(d[tid].logprob) if d else None)
+            top = None
+            if d:
+                top = {self._token_str(t, lp): _finite(lp.logprob) for t, lp in _top(d, k)}
+                top.setdefault(tok, _finite(d[tid].logprob))
+            res["top_logprobs"].append(top)
+            res["text_offset"].append(offset)
+            offset += len(tok)
+        for key in res:
+            res[key].extend(gen[key] if key != "text_offset" else [offset + o for o in gen[key]])
+        return res
+
     def _token_str(self, token_id: int, lp: Any) -> str:
         s = getattr(lp, "decoded_token", None)
         if s is None and self.tokenizer is not None:
@@ -474,8 +589,11 @@ class OpenAIServer:
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
             })
         n_gen = sum(len(c.token_ids) for c in out.outputs)
-        return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,
-                             "choices": choices, "usage": P.usage(len(out.prompt_token_ids), n_gen)})
+        body = {"id": rid, "object": "chat.completion", "created": created, "model": model,
+                "choices": choices, "usage": P.usage(len(out.prompt_token_ids), n_gen)}
+        if req.prompt_logprobs is not None:
+            body["prompt_logprobs"] = self._prompt_logprobs(out, req.prompt_logprobs)
+        return JSONResponse(body)
 
     async def _chat_stream(self, req: P.ChatCompletionRequest, model: str, rid: str, created: int,
                            gen: AsyncIterator, first) -> AsyncIterator[str]:

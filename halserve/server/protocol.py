@@ -1,8 +1,11 @@
 """OpenAI request/response schemas, validation, and the mapping to ``SamplingParams``.
 
-Requests are pydantic models. Unknown fields are ignored (clients send extras such as
-``user`` or ``parallel_tool_calls``), but every field we do read is checked here, so bad input
-becomes a 400 with an OpenAI error body before it can reach the engine. Responses are plain
+Requests are pydantic models, strict as OpenAI's API is: ``"10"`` is not an integer and
+``"yes"`` not a boolean. A top-level field we do not know is a 400, as OpenAI answers it
+("Unrecognized request argument supplied: X"), so nothing a client sets is silently dropped;
+vLLM's extension fields that halserve does not implement (``guided_json`` ...) get a 400
+saying so by name. Every field we read is checked here, so bad input becomes a 400 with an
+OpenAI error body before it can reach the engine. Responses are plain
 dicts built by ``openai.py``: they are on the hot streaming path, and pydantic would only
 copy them.
 """
@@ -36,15 +39,38 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+# vLLM request fields halserve does not implement: refused by name, never dropped
+VLLM_UNSUPPORTED = frozenset({
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+    "guided_whitespace_pattern", "structural_tag", "structured_outputs", "use_beam_search",
+    "length_penalty", "truncate_prompt_tokens", "allowed_token_ids", "bad_words",
+    "spaces_between_special_tokens", "prompt_embeds", "return_tokens_as_token_ids",
+    "return_token_ids", "priority", "kv_transfer_params", "vllm_xargs", "mm_processor_kwargs",
+    "chat_template", "documents", "cache_salt", "logits_processors", "media_io_kwargs",
+    "echo", "best_of", "response_format", "tools", "tool_choice", "parallel_tool_calls", "functions",
+    "function_call", "suffix",
+})
+
+
 def validation_error(errors: list[dict]) -> OpenAIError:
-    """One readable 400 from pydantic's error list: the first error names the field."""
+    """One readable 400 from pydantic's error list: an unknown field first, else the first
+    error, naming the field."""
+    extra = [e for e in errors if e.get("type") == "extra_forbidden"]
+    if extra:
+        name = ".".join(str(p) for p in extra[0].get("loc", ()) if p != "body")
+        if name in VLLM_UNSUPPORTED:
+            return OpenAIError(f"{name} is not supported by this server (a vLLM extension or an "
+                               f"OpenAI feature halserve does not implement on this endpoint)",
+                               param=name, code="unsupported_parameter")
+        return OpenAIError(f"Unrecognized request argument supplied: {name}", param=name,
+                           code="unrecognized_argument")
     e = errors[0]
     loc = [str(p) for p in e.get("loc", ()) if p != "body"]
     if e.get("type") == "json_invalid":
         detail = (e.get("ctx") or {}).get("error", "")
         return OpenAIError(f"malformed JSON body: {detail}".rstrip(": "), code="invalid_json")
     if not loc:
-        return OpenAIError(f"request body: {e.get('msg', 'invalid')}; expected a JSON object",
+        return OpenAIError(f"request body: {e.get('msg', 'invalid')}",
                            code="invalid_request_body")
     # Union members show up as loc parts like 'str' or 'list[int]': drop them from the name.
     param = ".".join(p for p in loc if not (p[0].isalpha() and ("[" in p or p in _TYPE_NAMES)))
@@ -74,7 +100,11 @@ def parse(model: type[BaseModel], raw: bytes) -> BaseModel:
 # ---- shared pieces --------------------------------------------------------------------------
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True)
+
+
+class _TopLevel(_Request):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
 
 
 class StreamOptions(_Request):
@@ -82,7 +112,7 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False
 
 
-class _Sampling(_Request):
+class _Sampling(_TopLevel):
     """Sampling fields shared by both endpoints (OpenAI's plus vLLM's extras)."""
 
     model: str | None = None
@@ -99,6 +129,7 @@ class _Sampling(_Request):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     logit_bias: dict[str, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -133,6 +164,8 @@ class _Sampling(_Request):
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs is not available when stream is true (as in vLLM)")
         return self
 
     def sampling_kwargs(self, max_tokens: int | None, logprobs: int | None) -> dict[str, Any]:
@@ -140,7 +173,8 @@ class _Sampling(_Request):
         kw: dict[str, Any] = dict(
             n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens, seed=self.seed,
             stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
-            logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
+            logprobs=logprobs, prompt_logprobs=self.prompt_logprobs,
+            skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
         )
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
@@ -191,10 +225,15 @@ class CompletionRequest(_Sampling):
     def _unsupported(self):
         if self.suffix:
             raise ValueError("suffix is not supported")
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError(f"best_of={self.best_of} is not supported; leave it unset (or equal to n)")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo together with logprobs is not supported")
+        if self.best_of is not None:
+            if self.best_of < self.n:
+                raise ValueError(f"best_of={self.best_of} must be >= n ({self.n})")
+            if self.best_of > 128:
+                raise ValueError(f"best_of={self.best_of} must be <= 128")
+            if self.stream and self.best_of > self.n:
+                raise ValueError("best_of > n is not available when stream is true (as in OpenAI)")
+        if self.echo and self.logprobs is not None and self.stream:
+            raise ValueError("echo together with logprobs is not available when stream is true")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -275,7 +314,7 @@ class ChatCompletionRequest(_Sampling):
 
 # ---- /tokenize, /detokenize -----------------------------------------------------------------
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(_TopLevel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -290,7 +329,7 @@ class TokenizeRequest(_Request):
         return self
 
 
-class DetokenizeRequest(_Request):
+class DetokenizeRequest(_TopLevel):
     model: str | None = None
     tokens: list[int]
 
