@@ -24,9 +24,13 @@ def test_probe_names_native_with_reasons():
     r = halserve("probe")
     assert r.returncode == 0
     lines = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.strip()}
-    assert "*" in lines["native"]
-    for name in ("cuda", "rocm", "cpu_amx", "riscv_rvv"):
-        assert name in lines and len(lines[name].split()) > 2  # every other backend has a reason
+    rows = {n: lines[n] for n in ("cuda", "rocm", "cpu_amx", "riscv_rvv", "native")}
+    chosen = [n for n, ln in rows.items() if " * " in ln]
+    assert len(chosen) == 1, rows  # exactly one backend is chosen (native only where nothing scores higher)
+    best = max(rows, key=lambda n: int(rows[n].split()[1]))
+    assert int(rows[chosen[0]].split()[1]) == int(rows[best].split()[1])
+    for name, ln in rows.items():
+        assert len(ln.split()) > 2  # every backend has a reason
 
 
 @pytest.fixture(scope="module")
