@@ -97,7 +97,7 @@ class CpuAmxBackend(NativeBackend):
             return True if d <= 1024 else "native fallback: head_dim > 1024"
         if op == "moe":
             scheme = spec.get("scheme") or "none"
-            if scheme not in ("none", "int8"):
+            if scheme not in ("none", "int8", "int4"):
                 return f"native fallback: {scheme} experts run in torch"
             return True
         return f"native fallback: {op} runs in torch (not a bottleneck on a CPU)"
@@ -119,7 +119,10 @@ class CpuAmxBackend(NativeBackend):
             pw.extra["c_scheme"] = "w8a8"
             return pw
         if scheme in quant.INT4_SCHEMES:
-            return quant.pack_int4(weight, quant.INT4_SCHEMES[scheme])
+            group = quant.INT4_SCHEMES[scheme]
+            if scheme == "int4":  # the default: 128, or the largest of 64 / 32 dividing K
+                group = next((g for g in (128, 64, 32) if weight.shape[-1] % g == 0), 128)
+            return quant.pack_int4(weight, group)
         pw = super().pack_weight(weight, scheme, act_scheme=act_scheme)
         if pw.scheme == "none" or pw.scheme == "int8":
             pw.weight = pw.weight.contiguous()

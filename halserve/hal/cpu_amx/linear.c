@@ -154,19 +154,22 @@ void hs_linear_i4(const float *x, int M, int K, const uint8_t *w, const float *s
         const float *sr = scales + (int64_t)n * ng;
         for (int m = 0; m < M; m++) {
             const float *xr = x + (int64_t)m * K;
-            float acc = 0.f;
+            /* one vector of partial sums for the whole row (scale folded in per group):
+             * a horizontal sum per group would cost more than the group's arithmetic */
+            float v[16] = {0.f};
             for (int g = 0; g < ng; g++) {
-                float a = 0.f;
+                float sg = sr[g];
                 for (int c = 0; c < cpg; c++) {
                     const uint8_t *wb = wr + (int64_t)(g * cpg + c) * 16;
                     const float *xc = xr + (int64_t)(g * cpg + c) * 32;
-#pragma omp simd reduction(+ : a)
-                    for (int j = 0; j < 16; j++) {
-                        a += xc[j] * (float)((int)(wb[j] & 15) - 8) + xc[j + 16] * (float)((int)(wb[j] >> 4) - 8);
-                    }
+#pragma omp simd
+                    for (int j = 0; j < 16; j++)
+                        v[j] += sg * (xc[j] * (float)((int)(wb[j] & 15) - 8) +
+                                      xc[j + 16] * (float)((int)(wb[j] >> 4) - 8));
                 }
-                acc += a * sr[g];
             }
+            float acc = 0.f;
+            for (int j = 0; j < 16; j++) acc += v[j];
             finish(y, m, N, n, acc, bias);
         }
     }

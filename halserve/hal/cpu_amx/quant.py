@@ -16,17 +16,17 @@ NATIVE_ONLY = ("fp8", "fp8_per_tensor", "fp8_weight_only")
 
 
 def pack_int4(weight: torch.Tensor, group: int) -> PackedWeight:
-    n, k = weight.shape[-2], weight.shape[-1]
-    if weight.dim() != 2:
-        raise ValueError(f"int4 packs [N, K] weights; got shape {tuple(weight.shape)}")
+    """[..., N, K] (2-D linear or 3-D stacked experts) -> packed bytes [..., N, K/2] and
+    scales [..., N, K/group]."""
+    lead, n, k = weight.shape[:-2], weight.shape[-2], weight.shape[-1]
     if k % group:
-        raise ValueError(f"int4 group size {group} must divide in_features {k}; use int4_g32/g64/g128 "
-                         f"with a group that divides it, or int8")
-    wf = weight.float().reshape(n, k // group, group)
+        raise ValueError(f"int4 group size {group} must divide in_features {k}; use an int4_g32/g64/g128 "
+                         f"whose group divides it, or int8")
+    wf = weight.float().reshape(*lead, n, k // group, group)
     scale = wf.abs().amax(dim=-1).clamp(min=1e-12) / 7.0
     q = torch.round(wf / scale[..., None]).clamp(-8, 7).to(torch.int16) + 8
-    q = q.reshape(n, k // 32, 2, 16)
-    packed = (q[:, :, 0] | (q[:, :, 1] << 4)).to(torch.uint8).reshape(n, k // 2).contiguous()
+    q = q.reshape(*lead, n, k // 32, 2, 16)
+    packed = (q[..., 0, :] | (q[..., 1, :] << 4)).to(torch.uint8).reshape(*lead, n, k // 2).contiguous()
     return PackedWeight(packed, "int4", scale.contiguous(), "none", n, k, {"group": group})
 
 
@@ -57,8 +57,10 @@ def dequant_any(w: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
 
 def expert(w: PackedWeight, e: int) -> PackedWeight:
     """Expert e of a stacked [E, N, K] weight as a 2-D PackedWeight (views, no copies)."""
+    n, k = w.weight.shape[-2], w.in_features
+    if w.scheme == "int4":
+        return PackedWeight(w.weight[e], "int4", w.scale[e], "none", n, k, {"group": w.extra["group"]})
     scale = None
     if w.scale is not None:
-        scale = w.scale[e] if w.scale.dim() == 2 else w.scale.reshape(-1)[:1].expand(w.weight.shape[-2])
-    return PackedWeight(w.weight[e], w.scheme, None if scale is None else scale.contiguous(), w.act_scheme,
-                        w.weight.shape[-2], w.weight.shape[-1])
+        scale = w.scale[e] if w.scale.dim() == 2 else w.scale.reshape(-1)[:1].expand(n).contiguous()
+    return PackedWeight(w.weight[e], w.scheme, scale, w.act_scheme, n, k)
