@@ -8,6 +8,11 @@ class ConfigError(ValueError):
     """A bad user-supplied setting; the message names the value and what is valid."""
 
 
+# int8_w8a8: per-channel int8 weights x per-token dynamic int8 activations;
+# int4*: group-wise weight-only (group 128 by default); fp8*: e4m3. Backends say which they run.
+QUANTIZATIONS = ("fp8", "int8", "int8_w8a8", "int4", "int4_g32", "int4_g64", "int4_g128")
+
+
 @dataclass(slots=True)
 class EngineConfig:
     model: str = ""
@@ -23,7 +28,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes for the KV cache (CPU default: 1 GiB)
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
-    quantization: str | None = None  # None | fp8 | int8
+    quantization: str | None = None  # None | one of QUANTIZATIONS
     kv_cache_dtype: str = "auto"
     enforce_eager: bool = False
     batch_invariant: bool = False
@@ -51,8 +56,15 @@ class EngineConfig:
             raise ConfigError(f"kv_offload_host_bytes={self.kv_offload_host_bytes} must be >= 0 (0: no host tier)")
         if self.kv_offload_disk_bytes <= 0:
             raise ConfigError(f"kv_offload_disk_bytes={self.kv_offload_disk_bytes} must be a positive number of bytes")
-        if self.quantization not in (None, "fp8", "int8"):
-            raise ConfigError(f"quantization={self.quantization!r} is not valid; use fp8 or int8")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization={self.quantization!r} is not valid; use {', '.join(QUANTIZATIONS)}")
+        if self.speculative_config is not None:
+            from halserve.engine.spec.config import parse_speculative_config
+
+            try:  # checked here so that a bad one fails before any model is loaded
+                parse_speculative_config(self.speculative_config)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         self._check_kv_cache_dtype()
 
     def _check_kv_cache_dtype(self) -> None:

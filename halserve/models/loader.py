@@ -27,7 +27,7 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
-_SCHEMES = ("none", "fp8", "int8")
+_SCHEMES = ("none", "fp8", "int8", "int8_w8a8", "int4", "int4_g32", "int4_g64", "int4_g128")
 # tensors a checkpoint may carry that no model here reads
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -55,7 +55,7 @@ def load_model(path, hal: Backend, dtype="auto", quantization: str | None = None
     """Build the model in ``path`` on ``hal``; returns ``(model, ModelConfig)``.
 
     ``dtype``: 'auto' (the checkpoint's own dtype), a name like 'bfloat16', or a torch.dtype.
-    ``quantization``: None, 'fp8' or 'int8'; linear weights are quantized by
+    ``quantization``: None or a name in ``_SCHEMES``; linear weights are quantized by
     ``hal.pack_weight`` at load. Raises ModelLoadError for anything the user can fix.
     """
     start = time.perf_counter()
@@ -223,7 +223,7 @@ def _dtype(dtype, cfg: dict) -> torch.dtype:
 def _scheme(quantization: str | None, hal: Backend) -> str:
     scheme = quantization or "none"
     if scheme not in _SCHEMES:
-        raise ModelLoadError(f"quantization {quantization!r} is not supported; use None, fp8 or int8")
+        raise ModelLoadError(f"quantization {quantization!r} is not supported; use None, {', '.join(_SCHEMES[1:])}")
     if scheme not in hal.capabilities.quant_schemes:
         raise ModelLoadError(f"backend {hal.name} cannot run quantization {scheme!r}; "
                              f"it supports {', '.join(hal.capabilities.quant_schemes)}")
