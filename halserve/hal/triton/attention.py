@@ -293,7 +293,7 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tenso
         G=G, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=int(block_size), HEAD_D=D,
         BLOCK_D=triton.next_power_of_2(D), NUM_SPLITS=splits, DECODE_ONLY=decode,
         SLIDING=bool(sliding_window), IEEE=ieee, FIXED_SPAN=fixed_span,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **configs.launch_opts(cfg),
     )
     if fixed_span:
         _merge_kernel[(num_seqs, HQ)](part_o, part_ml, out, out.stride(0), out.stride(1), HQ, cu_seqlens_q,

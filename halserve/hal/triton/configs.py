@@ -6,18 +6,51 @@ One place to tune: the kernels take their tile sizes from here, keyed by an arch
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+
+# AMD Instinct facts the configs depend on: compute units (the "SMs" of split decisions) and
+# LDS bytes per CU (the shared-memory limit a tile set must fit).
+CDNA = {
+    "gfx942": dict(family="cdna3", cus=304, lds=64 * 1024, fp8="e4m3fnuz"),   # MI300X
+    "gfx950": dict(family="cdna4", cus=256, lds=160 * 1024, fp8="e4m3fn"),    # MI350X / MI355X
+}
+# HIP-only compile options a config may carry (other targets reject them as launch kwargs)
+HIP_OPTIONS = ("waves_per_eu", "matrix_instr_nonkdim", "kpack")
+
+_forced: "str | None" = None
+_forced_hip = False  # ahead-of-time compiles for a HIP target: configs carry their HIP options
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@contextlib.contextmanager
+def forced_arch(a: "str | None", hip: bool = False):
+    """Choose configs for arch ``a`` whatever the device is (the rocm backend on a machine
+    without an AMD GPU: the interpreter, an NVIDIA GPU, or ahead-of-time compiles, where
+    ``hip=True`` keeps the HIP-only options in ``launch_opts``)."""
+    global _forced, _forced_hip
+    prev, _forced = (_forced, _forced_hip), a
+    _forced_hip = hip
+    try:
+        yield
+    finally:
+        _forced, _forced_hip = prev
+
+
 def arch(device_index: int = 0) -> str:
+    if _forced is not None:
+        return _forced
     if interpreting():
         return "interp"
+    return _device_arch(device_index)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_arch(device_index: int = 0) -> str:
     import torch
 
     props = torch.cuda.get_device_properties(device_index)
@@ -26,20 +59,46 @@ def arch(device_index: int = 0) -> str:
     return f"sm{props.major}{props.minor}"
 
 
-@functools.lru_cache(maxsize=None)
 def num_sms(device_index: int = 0) -> int:
+    if _forced in CDNA:
+        return CDNA[_forced]["cus"]
     if interpreting():
         return 4
+    return _device_sms(device_index)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sms(device_index: int = 0) -> int:
     import torch
 
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def on_hip() -> bool:
+    """True when kernels are really compiled for an AMD GPU (not forced configs elsewhere)."""
+    if _forced_hip:
+        return True
+    if interpreting():
+        return False
+    import torch
+
+    return bool(getattr(torch.version, "hip", None))
+
+
+def launch_opts(cfg: dict) -> dict:
+    """The compile options of a config for ``kernel[grid](..., **opts)``: num_warps and
+    num_stages everywhere, the HIP-only options only when compiling for an AMD GPU."""
+    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if on_hip():
+        opts.update({k: cfg[k] for k in HIP_OPTIONS if k in cfg})
+    return opts
 
 
 def _family(a: str) -> str:
     if a == "interp":
         return "interp"
     if a.startswith("gfx"):
-        return "cdna"
+        return CDNA.get(a, CDNA["gfx942"])["family"]
     major = int(a[2:-1]) if len(a) > 3 else int(a[2])
     return "hopper+" if major >= 9 else "ampere"
 
@@ -49,13 +108,19 @@ def _family(a: str) -> str:
 ATTN = {
     "hopper+": dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
     "ampere": dict(block_m=64, block_n=32, num_warps=4, num_stages=2),
-    "cdna": dict(block_m=64, block_n=32, num_warps=4, num_stages=1),
+    # CDNA: wave64, 16x16 MFMA tiles (matrix_instr_nonkdim=16) suit the GQA-packed rows; the
+    # loop is software-pipelined by the stream pipeliner (num_stages=2), two waves per SIMD
+    "cdna3": dict(block_m=64, block_n=32, num_warps=4, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16,
+                  kpack=1),
+    "cdna4": dict(block_m=64, block_n=64, num_warps=4, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16,
+                  kpack=1),
     "interp": dict(block_m=16, block_n=16, num_warps=1, num_stages=1),
 }
 ATTN_DECODE = {
     "hopper+": dict(block_n=64, num_warps=4, num_stages=2),
     "ampere": dict(block_n=32, num_warps=4, num_stages=2),
-    "cdna": dict(block_n=32, num_warps=4, num_stages=1),
+    "cdna3": dict(block_n=64, num_warps=4, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16, kpack=1),
+    "cdna4": dict(block_n=64, num_warps=4, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16, kpack=1),
     "interp": dict(block_n=16, num_warps=1, num_stages=1),
 }
 
@@ -76,6 +141,12 @@ def matmul_fixed_config(n: int, k: int) -> dict:
     bn = 128
     while bn > 32 and (n + bn - 1) // bn < sms:
         bn //= 2
+    if fam == "cdna3":  # 64 KiB LDS: BLOCK_K 64 keeps two stages of A and B tiles inside it
+        return dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=64, num_warps=4, num_stages=2, matrix_instr_nonkdim=16,
+                    kpack=2, waves_per_eu=0)
+    if fam == "cdna4":
+        return dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=2, matrix_instr_nonkdim=16,
+                    kpack=1, waves_per_eu=0)
     stages = 4 if fam == "hopper+" else 3
     return dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=stages)
 
@@ -85,12 +156,30 @@ def fp8_matmul_config(m: int, n: int, k: int) -> dict:
     fam = _family(arch())
     if fam == "interp":
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=4, num_warps=1, num_stages=1)
+    if fam in ("cdna3", "cdna4"):
+        return _cdna_fp8_config(fam, m, n)
     if m <= 16:
         bn = 64 if (n + 63) // 64 >= 2 * num_sms() else 32
         return dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4)
     if m <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _cdna_fp8_config(fam: str, m: int, n: int) -> dict:
+    # fp8 MFMA: 16x16x32 (cdna3) / 16x16x128 (cdna4) for skinny tiles, 32x32 for big ones;
+    # cdna3's 64 KiB LDS caps the big tile at BLOCK_K 64 with two stages
+    hip = dict(waves_per_eu=0, kpack=1)
+    if m <= 16:
+        bn = 64 if (n + 63) // 64 >= 2 * num_sms() else 32
+        return dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=2,
+                    matrix_instr_nonkdim=16, **hip)
+    if m <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=2,
+                    matrix_instr_nonkdim=16, **hip)
+    bk = 64 if fam == "cdna3" else 128
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=2,
+                matrix_instr_nonkdim=32, **hip)
 
 
 def fp8_small_m_config(n: int, k: int) -> dict:
@@ -106,6 +195,11 @@ def moe_config(m_tokens: int, fixed: bool = False) -> dict:
     fam = _family(arch())
     if fam == "interp":
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
+    if fam in ("cdna3", "cdna4"):
+        hip = dict(waves_per_eu=0, matrix_instr_nonkdim=16, kpack=2 if fam == "cdna3" else 1)
+        if fixed or m_tokens > 256:
+            return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=2, **hip)
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2, **hip)
     if fixed or m_tokens > 256:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
     return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)

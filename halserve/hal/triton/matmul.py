@@ -78,7 +78,7 @@ def persistent_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
         x, w, out, bias if bias is not None else x, part, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         out.stride(0), out.stride(1), progs, k_per_split, HAS_BIAS=bias is not None,
         IEEE=x.dtype == torch.float32 or configs.interpreting(), SPLITS=splits,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **configs.launch_opts(cfg))
     if splits > 1:
         from halserve.hal.triton.skinny import reduce_splits
 
@@ -187,45 +187,50 @@ def fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.Tensor, b
                          IEEE=a.dtype == torch.float32,
                          A_PER_ROW=not w_only and a_scale.numel() > 1, B_PER_COL=b_scale.numel() > 1, HAS_BIAS=bias is not None,
                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], UPCAST=upcast,
-                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                         **configs.launch_opts(cfg))
     return out
 
 
 @triton.jit
-def _quant_per_token_kernel(x_ptr, s_x, q_ptr, s_q, scale_ptr, K, BLOCK: tl.constexpr):
+def _quant_per_token_kernel(x_ptr, s_x, q_ptr, s_q, scale_ptr, K, BLOCK: tl.constexpr, QMAX: tl.constexpr = 448.0):
     row = tl.program_id(0).to(tl.int64)
     amax = 0.0
     for k0 in range(0, K, BLOCK):
         cols = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * s_x + cols, mask=cols < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
-    scale = tl.maximum(amax, 1e-12) / 448.0
+    scale = tl.maximum(amax, 1e-12) / QMAX
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         cols = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * s_x + cols, mask=cols < K, other=0.0).to(tl.float32)
-        qv = tl.clamp(x / scale, -448.0, 448.0)
+        qv = tl.clamp(x / scale, -QMAX, QMAX)
         tl.store(q_ptr + row * s_q + cols, qv.to(q_ptr.dtype.element_ty), mask=cols < K)
 
 
-def quant_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (e4m3 [M, K], scale [M] fp32) with x ~= q * scale[:, None]."""
+def quant_fp8_per_token(x: torch.Tensor, fp8_dtype: "torch.dtype | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], scale [M] fp32) with x ~= q * scale[:, None]. ``fp8_dtype``:
+    float8_e4m3fn (default) or float8_e4m3fnuz (AMD gfx942, largest finite 240)."""
     M, K = x.shape
+    fp8_dtype = fp8_dtype or torch.float8_e4m3fn
+    qmax = float(torch.finfo(fp8_dtype).max)
     if configs.interpreting():  # the interpreter rounds fp8 wrongly at binade edges
-        s = (x.float().abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX)
-        return (x.float() / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s
-    q = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x.device)
+        s = (x.float().abs().amax(dim=1).clamp(min=1e-12) / qmax)
+        return (x.float() / s[:, None]).clamp(-qmax, qmax).to(fp8_dtype), s
+    q = torch.empty((M, K), dtype=fp8_dtype, device=x.device)
     s = torch.empty((M,), dtype=torch.float32, device=x.device)
     if M:
         BLOCK = min(triton.next_power_of_2(K), 4096)
-        _quant_per_token_kernel[(M,)](x, x.stride(0), q, q.stride(0), s, K, BLOCK=BLOCK, num_warps=8)
+        _quant_per_token_kernel[(M,)](x, x.stride(0), q, q.stride(0), s, K, BLOCK=BLOCK, QMAX=qmax, num_warps=8)
     return q, s
 
 
-def quant_fp8_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quant_fp8_per_tensor(x: torch.Tensor, fp8_dtype: "torch.dtype | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-tensor quantization without a host sync."""
-    s = (x.abs().amax().float().clamp(min=1e-12) / FP8_MAX).reshape(1)
-    q = (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    fp8_dtype = fp8_dtype or torch.float8_e4m3fn
+    qmax = float(torch.finfo(fp8_dtype).max)
+    s = (x.abs().amax().float().clamp(min=1e-12) / qmax).reshape(1)
+    q = (x.float() / s).clamp(-qmax, qmax).to(fp8_dtype)
     return q, s
 
 
@@ -244,5 +249,5 @@ def fp8_matmul_fused_quant(x: torch.Tensor, per_token: bool, b: torch.Tensor, b_
                          x.stride(0), b.stride(0), out.stride(0), A_PER_ROW=per_token,
                          B_PER_COL=b_scale.numel() > 1, HAS_BIAS=bias is not None, BLOCK_M=16,
                          BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=1, UPCAST=False, W_ONLY=False,
-                         QUANT=True, IEEE=False, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                         QUANT=True, IEEE=False, **configs.launch_opts(cfg))
     return out

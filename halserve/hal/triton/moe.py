@@ -95,7 +95,7 @@ def _grouped_gemm(a, b, b_scale, c, sorted_ids, block_expert, topw, num_pairs: i
         topw if topw is not None else c, N, K, num_pairs,
         A_DIV=a_div, MUL_W=mul_w, B_SCALE=has_scale, B_PER_COL=per_col, IEEE=a.dtype == torch.float32 or configs.interpreting(),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        **configs.launch_opts(cfg))
 
 
 def fused_moe(x: torch.Tensor, topk_w: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
