@@ -1,6 +1,8 @@
 """The HAL conformance suite under pytest: every runnable backend x every quick case.
 
-Full sizes: ``halserve conformance`` (or HALSERVE_CONFORMANCE_FULL=1 here)."""
+Full sizes: ``halserve conformance`` (or HALSERVE_CONFORMANCE_FULL=1 here). Backends whose
+kernels run in the Triton interpreter (or another slow emulation: ``interpreted()``) may run a
+reduced subset with HALSERVE_CONFORMANCE_REDUCED=1: the first quick case of each op and dtype."""
 from __future__ import annotations
 
 import os
@@ -11,6 +13,7 @@ from halserve import hal
 from halserve.hal import conformance as C
 
 FULL = os.environ.get("HALSERVE_CONFORMANCE_FULL") == "1"
+REDUCED = os.environ.get("HALSERVE_CONFORMANCE_REDUCED") == "1"
 BACKENDS = [name for name, _ in C.runnable_backends()]
 CASES = C.cases(quick=not FULL)
 _instances: dict = {}
@@ -22,10 +25,18 @@ def _backend(name):
     return _instances[name]
 
 
+def _first_of_kind(case) -> bool:
+    kind = (case.op, case.params.get("dtype"))
+    return next(c for c in CASES if (c.op, c.params.get("dtype")) == kind) is case
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.op}[{c.name.replace(' ', ',')}]")
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_case(backend_name, case):
-    res = C.run_case(_backend(backend_name), case)
+    backend = _backend(backend_name)
+    if REDUCED and C.interpreted(backend) and not _first_of_kind(case):
+        pytest.skip("HALSERVE_CONFORMANCE_REDUCED=1: interpreted backends run one case per op and dtype")
+    res = C.run_case(backend, case)
     if res.status == "REFUSED":
         pytest.skip(res.how)
     assert res.status == "PASS", res.line()
