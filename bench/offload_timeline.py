@@ -37,14 +37,14 @@ def prompt(i): return [(1000 + 7919 * i + 31 * t) % (a.vocab - 3) + 3 for t in r
 llm = LLM(str(tmp / "m"), **common)
 for r in range(3):
     t0 = time.perf_counter(); llm.generate([prompt(r)], sp); print(f"recompute {r}: {(time.perf_counter()-t0)*1e3:.1f} ms", flush=True)
-    llm.engine.offload.flush()
-llm.engine.offload.close(); del llm
+    llm.engine.connector.manager.flush()
+llm.engine.connector.manager.close(); del llm
 gc.collect()
 if torch.cuda.is_available():
     torch.cuda.empty_cache()
 llm = LLM(str(tmp / "m"), **common)
 llm.generate([prompt(99)[:256]], sp)
-eng = llm.engine; off = eng.offload
+eng = llm.engine; off = eng.connector.manager
 agg = defaultdict(lambda: [0, 0.0, 1e9, 0.0]); T0 = [0.0]
 def wrap(obj, nm):
     f = getattr(obj, nm)

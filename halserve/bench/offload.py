@@ -127,13 +127,13 @@ def _ceilings(llm, tier_dir: Path, kv_bytes: int, repeats: int = 3) -> dict[str,
         hal.synchronize()
         copy.append(time.perf_counter() - t0)
     del dst
-    procs = _process_reads(eng.offload, repeats)
+    procs = _process_reads(eng.connector.manager, repeats)
     if procs is not None:
         best, size = procs
         return {"copy_gbps": kv_bytes / min(copy) / 1e9, "read_gbps": size / best / 1e9,
                 "copy_s": min(copy), "read_s": best * kv_bytes / size,
-                "readers": f"{eng.offload.io_threads} reader processes"}
-    files = sorted(tier_dir.rglob("*.kv"))[:max(1, kv_bytes // eng.offload.block_bytes)]
+                "readers": f"{eng.connector.manager.io_threads} reader processes"}
+    files = sorted(tier_dir.rglob("*.kv"))[:max(1, kv_bytes // eng.connector.manager.block_bytes)]
     size = files[0].stat().st_size
     buf = host_empty(hal, (len(files), size), torch.uint8)
 
@@ -142,14 +142,14 @@ def _ceilings(llm, tier_dir: Path, kv_bytes: int, repeats: int = 3) -> dict[str,
             return os.preadv(f.fileno(), [memoryview(buf[i].numpy())], 0)
 
     reads = []
-    with ThreadPoolExecutor(eng.offload.io_threads) as pool:
+    with ThreadPoolExecutor(eng.connector.manager.io_threads) as pool:
         for _ in range(repeats):
             t0 = time.perf_counter()
             sum(pool.map(read, range(len(files))))
             reads.append(time.perf_counter() - t0)
     return {"copy_gbps": kv_bytes / min(copy) / 1e9, "read_gbps": len(files) * size / min(reads) / 1e9,
             "copy_s": min(copy), "read_s": min(reads) * kv_bytes / (len(files) * size),
-            "readers": f"{eng.offload.io_threads} threads"}
+            "readers": f"{eng.connector.manager.io_threads} threads"}
 
 
 def _free_device_memory() -> None:
@@ -224,13 +224,13 @@ def main(args: argparse.Namespace) -> int:
             # let the files land: a burst of long prompts can outrun the disk writer, which then
             # skips blocks (see FileSystemTier.MAX_QUEUED_BYTES) and the restarts below would
             # find a shorter prefix on disk
-            llm.engine.offload.flush()
+            llm.engine.connector.manager.flush()
         for r in range(args.repeats):
             llm.engine.kv.reset_prefix_cache()  # drop the device copy: the host tier must serve it
             toks, cached = timed("host tier hit", llm, r)
             assert toks == ref[r] and cached > 0, (toks, ref[r], cached)
         stats_host = llm.get_metrics()["offload"]
-        llm.engine.offload.close()
+        llm.engine.connector.manager.close()
         del llm
         _free_device_memory()
 
@@ -251,15 +251,15 @@ def main(args: argparse.Namespace) -> int:
                     _drop_page_cache(tier_dir)
                 else:
                     _warm_page_cache(tier_dir)
-                if llm.engine.offload.host is not None:
-                    llm.engine.offload.host.clear()  # only the files may serve it
+                if llm.engine.connector.manager.host is not None:
+                    llm.engine.connector.manager.host.clear()  # only the files may serve it
                 toks, cached = timed(name, llm, r)
                 assert toks == ref[r] and cached > 0, (toks, ref[r], cached)
                 llm.engine.kv.reset_prefix_cache()
             stats = llm.get_metrics()["offload"]
             if measure:
                 ceil.update(_ceilings(llm, tier_dir, kv_bytes))
-            llm.engine.offload.close()
+            llm.engine.connector.manager.close()
             del llm
             _free_device_memory()
             return stats

@@ -14,6 +14,7 @@ import torch
 from halserve.config import EngineConfig
 from halserve.engine.kv_cache import KVCacheManager
 from halserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from halserve.engine.kv_connector import build_kv_connector
 from halserve.engine.runner import ModelRunner
 from halserve.engine.sampling import Logprob, SamplingParams
 from halserve.engine.scheduler import Scheduler
@@ -81,20 +82,13 @@ class EngineCore:
         fp = hashlib.sha256(checkpoint_fingerprint(mc.path)
                             + f"|{mc.dtype}|{config.block_size}|{config.quantization}".encode()).digest()
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, fp)
-        from halserve.engine.offload import build_offload
-
-        self.offload = build_offload(config, self.hal, mc, device, fp, self.max_model_len)
-        self.runner.offload = self.offload
-        if self.offload is not None:
-            self.offload.bind(self.runner.kv_cache)  # load jobs copy into it
-            warm = self.kv.allocate_fresh(min(self.offload.pump_blocks, self.kv.num_free_blocks)) or []
-            try:  # a batch of zero blocks through the load path into free device blocks
-                self.offload.prepare(warm)
-            finally:
-                for bid in warm:
-                    self.kv.release(bid)
+        self.connector = build_kv_connector(config, self.hal, mc, device, fp, self.max_model_len)
+        self.runner.connector = self.connector
+        self.connector.start(self.runner.kv_cache,
+                             lambda n: self.kv.allocate_fresh(min(n, self.kv.num_free_blocks)),
+                             lambda ids: [self.kv.release(b) for b in ids])
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
-                                   offload=self.offload)
+                                   connector=self.connector)
         self.requests: dict[str, Request] = {}
         # request id -> (its last output, the error): ended by a fault of their own; the
         # front end drains it and tells that request's caller alone
@@ -180,13 +174,11 @@ class EngineCore:
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        if self.offload is not None:
-            # last step's write-through, before this step can reuse or overwrite any block
-            self.offload.save_pending()
+        # last step's saves, before this step can reuse or overwrite any block
+        self.connector.before_step()
         so = self.scheduler.schedule()
         if so.empty:
-            if self.offload is not None:
-                self.offload.wait_pending()  # a prompt's KV is being read from disk
+            self.connector.wait_for_progress()  # a prompt's KV may be loading
             return []
         try:
             result = self.runner.execute(so)
@@ -203,8 +195,8 @@ class EngineCore:
             samples = s.samples
             seq.num_computed_tokens += s.num_new_tokens
             new = self.kv.commit(seq)
-            if new and self.offload is not None:
-                to_save.extend(self.offload.blocks_to_save(seq, new, self.kv.block_size))
+            if new:
+                to_save.extend(self.connector.blocks_to_save(seq, new))
             if not samples:
                 continue
             tok = result.tokens[j]
@@ -339,7 +331,7 @@ class EngineCore:
         sch = self.scheduler
         return {
             "num_requests_running": len({s.request_id for s in sch.running}),
-            # waiting: queued, or loading their prefix from the offload tiers
+            # waiting: queued, or loading their prefix through the KV connector
             "num_requests_waiting": len({s.request_id for s in (*sch.waiting, *sch.loading)}
                                         - {s.request_id for s in sch.running}),
             "kv_cache_usage": self.kv.usage,
@@ -349,5 +341,5 @@ class EngineCore:
             "generation_tokens_total": self.generation_tokens_total,
             "num_preemptions_total": sch.num_preemptions,
             "num_kv_blocks": self.kv.num_blocks,
-            **({"offload": self.offload.stats()} if self.offload is not None else {}),
+            **({"offload": st} if (st := self.connector.stats()) is not None else {}),
         }

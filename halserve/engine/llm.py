@@ -163,8 +163,7 @@ class AsyncLLM:
             except queue.Empty:
                 pass
             if not self.engine.has_unfinished():
-                if self.engine.offload is not None:
-                    self.engine.offload.idle()  # the last write-through
+                self.engine.connector.idle()  # the last write-through
                 self._metrics = self.engine.get_metrics()
                 continue
             try:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from halserve.engine.kv_connector import KVConnector, LayerWaits
 from halserve.engine.sampling import SamplingRow, compute_logprobs, sample
 from halserve.engine.scheduler import SchedulerOutput
 from halserve.hal.interface import AttentionMetadata, Backend
@@ -35,7 +36,7 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.kv_caches: list[torch.Tensor] = []
-        self.offload = None  # engine.offload.OffloadManager: KV block copies to/from its tiers
+        self.connector = KVConnector()  # KV blocks to and from a store outside the device
         self.num_blocks = 0
         self.graphs: dict[int, object] = {}  # decode batch bucket -> captured step
         self._static: dict[str, torch.Tensor] = {}
@@ -93,9 +94,9 @@ class ModelRunner:
         self.hal.synchronize()
 
     def layer_events(self) -> list | None:
-        """One ``hal.event()`` a layer, made once: offload loads mark each layer copied in on
-        them and the forward waits per layer (in the tail graphs too); None where the
-        backend runs device work in order."""
+        """One ``hal.event()`` a layer, made once: the connector's loads mark each layer copied
+        in on them and the forward waits per layer (``LayerWaits``, in the tail graphs too);
+        None where the backend runs device work in order."""
         if self._layer_events is None:
             first = self.hal.event()
             if first is not None:
@@ -177,11 +178,12 @@ class ModelRunner:
                 cu_seqlens_q=st["cu"], seq_lens=st["seq_lens"], block_tables=st["tables"],
                 slot_mapping=st["slots"][:b], max_seqlen_q=b, max_seqlen_k=max_model_len,
                 query_lens_host=[b], seq_lens_host=[max_model_len], block_size=self.block_size,
-                num_decode_seqs=0, sliding_window=getattr(self.mc, "sliding_window", None),
-                layer_ready=self.layer_events())  # the tail after a prefix hit may be loading
+                num_decode_seqs=0, sliding_window=getattr(self.mc, "sliding_window", None))
+            events = self.layer_events()  # the tail after a prefix hit may be loading
+            caches = self.kv_caches if events is None else LayerWaits(self.kv_caches, events)
 
-            def step(b=b, meta=meta):
-                hidden = self.model.forward(st["ids"][:b], st["pos"][:b], self.kv_caches, meta)
+            def step(b=b, meta=meta, caches=caches):
+                hidden = self.model.forward(st["ids"][:b], st["pos"][:b], caches, meta)
                 return self.model.compute_logits(hidden.index_select(0, st["last"]))
 
             graph = self.hal.capture_graph(step)
@@ -254,7 +256,7 @@ class ModelRunner:
         return self.graphs[b], n, False  # decode graphs wait on no layer (hot path)
 
     # ---- one step -----------------------------------------------------------------------------
-    def _prepare(self, so: SchedulerOutput, layer_ready: list | None = None):
+    def _prepare(self, so: SchedulerOutput):
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -289,33 +291,29 @@ class ModelRunner:
             block_size=bs,
             num_decode_seqs=so.num_decodes,
             sliding_window=getattr(self.mc, "sliding_window", None),
-            layer_ready=layer_ready,
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         pos = torch.tensor(positions, dtype=torch.int64, device=dev)
         return ids, pos, meta, cu
 
-    def save_blocks(self, blocks: list[tuple[int, bytes, tuple[int, ...]]]) -> None:
-        """Write newly committed blocks through to the offload tiers: queued, and copied off
-        the device at the start of the next step (or a flush), so that a step's outputs do
-        not wait for it."""
-        self.offload.save_later(self.kv_caches, blocks)
+    def save_blocks(self, blocks: list) -> None:
+        """Newly committed blocks to the connector's store: queued, and copied off the device
+        at the start of the next step (or a flush), so that a step's outputs do not wait."""
+        self.connector.save_kv(self.kv_caches, blocks)
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> StepResult:
-        if not so.loads:
+        if not so.kv_loads:
             return self._execute(so, self._stage_graph(so))
-        # KV promoted from the offload tiers, copied in while the host launches the forward
-        # that reads it; the host memory is held until the step has synchronised. With
-        # per-layer events the copies run on the HAL's copy stream and go first, and the
-        # forward waits for each layer's copy; else they are queued on the compute stream
-        # after the step's inputs (an upload queued behind them would wait for them all).
+        # the connector's KV, copied in while the host launches the forward that reads it;
+        # its host memory is held until the step has synchronised. With per-layer events the
+        # copies run on the HAL's copy stream and go first, and the forward waits for each
+        # layer's copy; else they are queued on the compute stream after the step's inputs
+        # (an upload queued behind them would wait for them all).
         events = self.layer_events()
-        bids, blocks, slots = zip(*so.loads)
 
         def load():
-            self.offload.scatter(self.kv_caches, list(bids), list(blocks), list(slots), wait=False,
-                                 events=events)
+            self.connector.start_load_kv(self.kv_caches, so.kv_loads, events)
 
         try:
             if events is not None:
@@ -325,14 +323,14 @@ class ModelRunner:
                 # a graph with no per-layer waits (a decode graph: a one-token tail after a
                 # prefix hit) waits for the whole load (lane 1 moves the layers in order)
                 events[-1].wait()
-            prepared = self._prepare(so, events) if staged is None else None
+            prepared = self._prepare(so) if staged is None else None
             if events is None:
                 load()
-            return self._execute(so, staged, prepared)
+            return self._execute(so, staged, prepared, events)
         finally:
-            self.offload.loads_done()
+            self.connector.wait_for_load_kv()
 
-    def _execute(self, so: SchedulerOutput, staged=None, prepared=None) -> StepResult:
+    def _execute(self, so: SchedulerOutput, staged=None, prepared=None, events=None) -> StepResult:
         rows_idx = [i for i, s in enumerate(so.scheduled) if s.samples]
         plp = None
         if staged is not None:
@@ -340,7 +338,8 @@ class ModelRunner:
             logits = graph.replay()[:n].float().clone()  # the graph's output buffer is reused next step
         else:
             ids, pos, meta, cu = prepared or self._prepare(so)
-            hidden = self.model.forward(ids, pos, self.kv_caches, meta)
+            caches = self.kv_caches if events is None else LayerWaits(self.kv_caches, events)
+            hidden = self.model.forward(ids, pos, caches, meta)
             plp = self._prompt_logprobs(so, hidden, cu)
             if not rows_idx:
                 return StepResult([], [], plp)

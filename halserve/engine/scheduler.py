@@ -1,11 +1,13 @@
 """Continuous batching under a token budget: decodes first, then chunked prefills;
 preemption by recompute when blocks run out. Pure Python, no device code.
 
-A waiting sequence whose prefix continues on disk (the offload tiers) is admitted to
-``loading`` instead: it holds device blocks while a load job reads the blocks and copies
-them in, and the others keep running. Once the job is done the loaded blocks join the
-prefix cache and the sequence waits again at the front, still holding them (nothing can
-evict them meanwhile), and runs from where they end.
+KV blocks outside the device come through a KV connector (``engine.kv_connector``; the
+offload tiers are one), and the scheduler knows only its interface. A waiting sequence
+whose prefix continues in the connector's store is admitted with blocks for it: loaded
+within the step (synchronous) or, asynchronously, the sequence goes to ``loading`` and holds
+its blocks while the others keep running. Once its load has finished the loaded blocks join
+the prefix cache and the sequence waits again at the front, still holding them (nothing
+can evict them meanwhile), and runs from where they end.
 
 Every sequence is one case: it has ``num_computed_tokens`` of ``num_tokens`` in the KV
 cache, and a step computes the next ``num_new_tokens`` of them (1 for a decode, a chunk for
@@ -17,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from halserve.engine.kv_cache import KVCacheManager
+from halserve.engine.kv_connector import KVConnector
 from halserve.engine.sequence import Sequence, SeqStatus
 
 
@@ -35,9 +38,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)  # decodes first
     preempted: list[Sequence] = field(default_factory=list)
     num_decodes: int = 0
-    # KV found in the offload tiers: (device block id, canonical host block, host-tier slot
-    # or -1), copied in by the runner before the forward that reads it
-    loads: list = field(default_factory=list)
+    # the connector's synchronous loads, copied in by the runner (``start_load_kv``) before
+    # the forward that reads them
+    kv_loads: list = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -50,14 +53,14 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 offload=None):
+                 connector: KVConnector | None = None):
         self.kv = kv
-        self.offload = offload  # engine.offload.OffloadManager or None
+        self.connector = connector or KVConnector()
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.loading: list[Sequence] = []  # KV being read from the offload tiers (load jobs)
+        self.loading: list[Sequence] = []  # their KV is being loaded by the connector
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -72,29 +75,22 @@ class Scheduler:
             self.waiting.remove(seq)
         elif seq in self.loading:
             self.loading.remove(seq)
-            self.offload.cancel(seq.load_job)  # waits for copies in flight into its blocks
-            seq.load_job = None
+            self.connector.request_finished(seq)  # waits for copies in flight into its blocks
         self.kv.free(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.loading)
-
     def _finish_loads(self) -> None:
-        """Sequences whose load job is done: the loaded blocks become cached blocks, and the
-        sequence waits again at the front, holding its prefix (the device hit and the
+        """Sequences whose asynchronous load is done: the loaded blocks become cached blocks,
+        and the sequence waits again at the front, holding its prefix (the device hit and the
         blocks loaded; those that failed to load go back), its KV computed that far."""
         back = []
-        for seq in list(self.loading):
-            n = self.offload.poll(seq.load_job)
-            if n is None:
-                continue
-            job, seq.load_job = seq.load_job, None
-            seq.load_failed = job.failed  # else a retry would find the same blocks and fail again
-            for bid, h, toks in zip(job.block_ids[:n], job.hashes[:n], job.expect[:n]):
-                self.kv.register_loaded(bid, h, toks)
-            for bid in reversed(job.block_ids[n:]):  # nothing usable in them
+        for done in self.connector.get_finished_loads():
+            seq, ids, n = done.seq, done.block_ids, done.num_loaded
+            seq.load_failed = done.failed  # else a retry would find the same blocks and fail again
+            start = len(seq.block_ids) - len(ids)
+            self._register(seq, start, ids[:n])
+            for bid in reversed(ids[n:]):  # nothing usable in them
                 self.kv.release(bid)
-            held = len(seq.block_ids) - len(job.block_ids) + n
+            held = start + n
             del seq.block_ids[held:]
             seq.num_computed_tokens = seq.num_cached_tokens = held * self.kv.block_size
             seq.num_committed_blocks = held
@@ -118,28 +114,29 @@ class Scheduler:
         bs = self.kv.block_size
         return lambda i: tuple(seq.token_ids[(start + i) * bs:(start + i + 1) * bs])
 
-    def _lookup_offload(self, seq: Sequence, start: int):
-        stop = min((seq.num_tokens - 1) // self.kv.block_size, len(seq.block_hashes))  # keep a token to compute
-        return self.offload.lookup(seq.block_hashes[start:stop], self._block_tokens(seq, start))
+    def _register(self, seq: Sequence, start: int, block_ids: list[int]) -> None:
+        """Blocks the connector filled with ``seq``'s blocks ``start...`` join the prefix cache."""
+        tokens = self._block_tokens(seq, start)
+        for i, bid in enumerate(block_ids):
+            self.kv.register_loaded(bid, seq.block_hashes[start + i], tokens(i))
 
     def _can_admit(self, hit: list[int], n: int) -> bool:
         """Whether ``n`` fresh blocks can be had besides the prefix ``hit`` (hits with no
         other holder sit in the free queue: they count against it too)."""
         return self.kv.can_allocate(n + sum(1 for b in hit if self.kv.blocks[b].ref_count == 0))
 
-    def _start_load(self, seq: Sequence, hit: list[int], found) -> bool:
+    def _start_load(self, seq: Sequence, hit: list[int], n: int) -> bool:
         """Admit waiting ``seq`` (the queue's head) to ``loading``: device blocks for its prefix
-        hit plus a load job filling fresh blocks with ``found``. False (nothing held) when
-        the blocks are short."""
-        n = len(found.blocks) + len(found.disk)
+        hit plus ``n`` fresh ones the connector loads asynchronously. False (nothing held)
+        when the blocks are short."""
         if not self._can_admit(hit, n):
-            self.offload.release(found)
+            self.connector.update_state_after_alloc(seq, [], 0)
             return False
         self.kv.touch(hit)
         fresh = self.kv.allocate_fresh(n)  # after touch: the hits stay put
         seq.block_ids = list(hit) + fresh
         try:
-            seq.load_job = self.offload.start_load(fresh, found, self._block_tokens(seq, len(hit)))
+            self.connector.update_state_after_alloc(seq, fresh, n * self.kv.block_size)
         except BaseException:  # nothing was copied into the blocks: the sequence just waits on
             self.kv.free(seq)
             raise
@@ -221,25 +218,25 @@ class Scheduler:
                 budget -= out.scheduled[-1].num_new_tokens
                 continue
             hit: list[int] = []
-            found = None  # blocks below the device that continue the prefix hit
+            num_loaded = 0  # blocks the connector holds past the device prefix hit
             # prompt_logprobs needs logits at every prompt position: no prefix-cache reuse
             if seq.num_computed_tokens == 0 and not seq.block_ids and seq.params.prompt_logprobs is None:
                 hit = self.kv.match_prefix(seq)
-                if self.offload is not None and self.kv.enable_prefix_caching and not seq.load_failed:
-                    found = self._lookup_offload(seq, len(hit))
-                    if found.pending:  # being loaded for another sequence; running ones go on
+                if self.kv.enable_prefix_caching:
+                    match = self.connector.get_num_new_matched_tokens(seq, len(hit) * self.kv.block_size)
+                    if match is None:  # being loaded for another sequence; running ones go on
                         break
-                    if found.disk:
-                        if self._start_load(seq, hit, found) or self._drop_holds():
+                    num_loaded = match[0] // self.kv.block_size
+                    if match[1]:
+                        if self._start_load(seq, hit, num_loaded) or self._drop_holds():
                             continue
                         break
-            num_loaded = len(found.blocks) if found is not None else 0
             computed = (len(hit) + num_loaded) * self.kv.block_size
             n = min(seq.num_tokens - computed, budget)
             need = self.kv.blocks_needed(computed + n) - len(hit)
             if not self._can_admit(hit, need):
                 if num_loaded:
-                    self.offload.release(found)
+                    self.connector.update_state_after_alloc(seq, [], 0)
                 if self._drop_holds():
                     continue
                 break
@@ -249,10 +246,9 @@ class Scheduler:
             seq.block_ids = list(hit)
             if num_loaded:
                 fresh = self.kv.allocate_fresh(num_loaded)  # after touch: the hits stay put
-                for bid, (h, blk), toks, slot in zip(fresh, found.blocks, found.tokens, found.slots):
-                    self.kv.register_loaded(bid, h, toks)
-                    out.loads.append((bid, blk, slot))
+                self._register(seq, len(hit), fresh)
                 seq.block_ids += fresh
+                out.kv_loads += self.connector.update_state_after_alloc(seq, fresh, computed - len(hit) * self.kv.block_size)
             seq.num_computed_tokens = computed
             seq.num_cached_tokens = computed
             self._run(seq, n, out, scheduled)

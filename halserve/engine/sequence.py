@@ -14,7 +14,7 @@ class SeqStatus(enum.Enum):
     WAITING = 0
     RUNNING = 1
     FINISHED = 2
-    LOADING = 3  # holds device blocks that KV from the offload tiers is being copied into
+    LOADING = 3  # holds device blocks that the KV connector is loading into
 
 
 @dataclass(slots=True, eq=False)
@@ -34,8 +34,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks so far
     num_committed_blocks: int = 0  # leading blocks already offered to the prefix cache
     num_preemptions: int = 0
-    load_job: Any = None  # engine.offload.LoadJob while LOADING
-    load_failed: bool = False  # its load job could not copy to the device: recompute, no retry
+    load_failed: bool = False  # its connector load could not copy to the device: recompute, no retry
     finish_reason: str | None = None
     stop_reason: Any = None
     # output state

@@ -86,12 +86,9 @@ class LlamaForCausalLM:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
-        ready = meta.layer_ready
         metas = {w: meta if w == meta.sliding_window else replace(meta, sliding_window=w)
                  for w in set(self.layer_windows)} if meta.sliding_window is not None else None
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
-            if ready is not None:
-                ready[i].wait()
             h, residual = layer(positions, h, residual, kv_cache,
                                 meta if metas is None else metas[self.layer_windows[i]])
         h, _ = self.norm(h, residual)

@@ -745,7 +745,7 @@ def test_outputs_identical_with_offload_on_and_off(ckpt, reference, tmp_path):
     llm = offload_llm(ckpt, tmp_path)
     assert tokens_of(llm.generate(prompts, GREEDY)) == reference(prompts)
     assert tokens_of(llm.generate(prompts, GREEDY)) == reference(prompts)
-    llm.engine.offload.flush()
+    llm.engine.connector.manager.flush()
     m = llm.get_metrics()["offload"]
     assert m["blocks_saved"] >= 12 and m["disk"]["stores"] == m["blocks_saved"]
     assert m["bad_files"] == 0
@@ -761,7 +761,7 @@ def test_write_through_runs_after_the_outputs(ckpt, reference, tmp_path):
     # the next prompt takes over those device blocks and writes its KV into them: the
     # queued write-through must have copied them off first
     assert tokens_of(llm.generate([LONG[1]], one)) == [reference([LONG[1]])[0][:1]]
-    llm.engine.offload.flush()
+    llm.engine.connector.manager.flush()
     assert llm.get_metrics()["offload"]["blocks_saved"] == 12
     llm.engine.kv.reset_prefix_cache()
     out = llm.generate([LONG[0]], GREEDY)
@@ -773,14 +773,14 @@ def test_device_evicted_blocks_come_back_from_host_then_disk(ckpt, reference, tm
     ref = reference([LONG[0]])
     assert tokens_of(llm.generate([LONG[0]], GREEDY)) == ref
     eng = llm.engine
-    eng.offload.flush()
+    eng.connector.manager.flush()
     eng.kv.reset_prefix_cache()  # the device copy is gone
     out = llm.generate([LONG[0]], GREEDY)
     assert tokens_of(out) == ref and out[0].num_cached_tokens == 96
     m = llm.get_metrics()["offload"]
     assert m["host"]["hits"] == 6 and m["disk"]["hits"] == 0 and m["blocks_loaded"] == 6
     eng.kv.reset_prefix_cache()
-    eng.offload.host.clear()  # and the host copy too: only the files are left
+    eng.connector.manager.host.clear()  # and the host copy too: only the files are left
     out = llm.generate([LONG[0]], GREEDY)
     assert tokens_of(out) == ref and out[0].num_cached_tokens == 96
     m = llm.get_metrics()["offload"]
@@ -800,7 +800,7 @@ def test_device_pressure_evicts_then_host_serves(ckpt, reference, tmp_path):
 def test_restart_serves_from_disk(ckpt, reference, tmp_path, readers):
     first = offload_llm(ckpt, tmp_path, kv_offload_host_bytes=0)
     assert tokens_of(first.generate(LONG, GREEDY)) == reference(LONG)
-    first.engine.offload.flush()
+    first.engine.connector.manager.flush()
     again = offload_llm(ckpt, tmp_path, kv_offload_host_bytes=0)  # a new process, in effect
     out = again.generate(LONG, GREEDY)
     assert tokens_of(out) == reference(LONG)
@@ -812,15 +812,15 @@ def test_restart_serves_from_disk(ckpt, reference, tmp_path, readers):
 def test_cross_backend_layouts_share_files(ckpt, reference, tmp_path, transposed_backend):
     native = offload_llm(ckpt, tmp_path, backend="native")
     assert tokens_of(native.generate(LONG, GREEDY)) == reference(LONG)
-    native.engine.offload.flush()
+    native.engine.connector.manager.flush()
     other = offload_llm(ckpt, tmp_path, backend=transposed_backend)
-    assert not other.engine.offload.layout.identity
+    assert not other.engine.connector.manager.layout.identity
     out = other.generate(LONG, GREEDY)
     assert tokens_of(out) == reference(LONG) and [o.num_cached_tokens for o in out] == [96, 96]
     assert other.get_metrics()["offload"]["disk"]["hits"] == 12
     # and back: the transposed backend's write-through loads on native
     other.generate([LONG[0][:50] + [1, 2, 3]], GREEDY)
-    other.engine.offload.flush()
+    other.engine.connector.manager.flush()
     again = offload_llm(ckpt, tmp_path, backend="native", kv_offload_host_bytes=0)
     p = [LONG[0][:50] + [1, 2, 3]]
     assert tokens_of(again.generate(p, GREEDY)) == reference(p)
@@ -830,7 +830,7 @@ def test_corrupt_files_are_recomputed_and_counted(ckpt, reference, tmp_path, rea
     prompts = [LONG[0], LONG[1], list(range(300, 340))]
     first = offload_llm(ckpt, tmp_path, kv_offload_host_bytes=0)
     assert tokens_of(first.generate(prompts, GREEDY)) == reference(prompts)
-    off = first.engine.offload
+    off = first.engine.connector.manager
     off.flush()
     seqs_hashes = []
     for p in prompts:  # each prompt's first block, damaged a different way
@@ -847,8 +847,8 @@ def test_corrupt_files_are_recomputed_and_counted(ckpt, reference, tmp_path, rea
     assert [o.num_cached_tokens for o in out] == [0, 0, 0]
     m = again.get_metrics()["offload"]
     assert m["bad_files"] == 3 and m["disk"]["bad_files"] == 3
-    again.engine.offload.flush()  # recomputed blocks are written again, whole
-    assert all(again.engine.offload.disk.path(h).exists() for h in seqs_hashes)
+    again.engine.connector.manager.flush()  # recomputed blocks are written again, whole
+    assert all(again.engine.connector.manager.disk.path(h).exists() for h in seqs_hashes)
     third = offload_llm(ckpt, tmp_path, kv_offload_host_bytes=0)
     out = third.generate(prompts, GREEDY)
     assert tokens_of(out) == reference(prompts) and [o.num_cached_tokens for o in out] == [96, 96, 32]
@@ -859,7 +859,7 @@ def test_concurrent_requests_sharing_prefixes(ckpt, reference, tmp_path, readers
     prompts = [shared + [i, i + 1, i + 2] for i in range(6)] + [shared[:40] + [9] * 30]
     warm = offload_llm(ckpt, tmp_path, kv_offload_host_bytes=0)
     warm.generate([shared + [500]], GREEDY)
-    warm.engine.offload.flush()
+    warm.engine.connector.manager.flush()
     llm = offload_llm(ckpt, tmp_path, max_num_batched_tokens=32)  # chunked, interleaved
     out = llm.generate(prompts, GREEDY)
     assert tokens_of(out) == reference(prompts)
@@ -871,13 +871,13 @@ def test_concurrent_requests_sharing_prefixes(ckpt, reference, tmp_path, readers
 def test_disk_budget_holds_under_the_engine(ckpt, tmp_path):
     probe = offload_llm(ckpt, tmp_path / "probe", kv_offload_host_bytes=0)
     probe.generate([LONG[0]], GREEDY)
-    probe.engine.offload.flush()
+    probe.engine.connector.manager.flush()
     one = max(p.stat().st_size for p in (tmp_path / "probe").rglob("*.kv"))
     budget = one * 8
     llm = offload_llm(ckpt, tmp_path / "d", kv_offload_disk_bytes=budget)
     for k in range(4):
         llm.generate([[k + 10] * 3 + list(range(100 + k, 180 + k))], GREEDY)
-    llm.engine.offload.flush()
+    llm.engine.connector.manager.flush()
     files = list((tmp_path / "d").rglob("*.kv"))
     assert sum(p.stat().st_size for p in files) <= budget and len(files) == 8
     m = llm.get_metrics()["offload"]["disk"]
@@ -887,7 +887,7 @@ def test_disk_budget_holds_under_the_engine(ckpt, tmp_path):
 def test_disk_reads_do_not_stall_running_requests(ckpt, reference, tmp_path, readers):
     warm = offload_llm(ckpt, tmp_path, kv_offload_host_bytes=0)
     warm.generate([LONG[0]], GREEDY)
-    warm.engine.offload.flush()
+    warm.engine.connector.manager.flush()
     llm = offload_llm(ckpt, tmp_path, kv_offload_host_bytes=0)
     eng = llm.engine
     eng.add_request("a", [3, 4, 5], GREEDY)
@@ -1045,7 +1045,7 @@ def test_pending_write_through_does_not_keep_a_dropped_engine(ckpt, tmp_path):
 
     llm = offload_llm(ckpt, tmp_path)
     llm.generate([LONG[0]], SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
-    assert llm.engine.offload._unsaved  # queued, not yet written
+    assert llm.engine.connector.manager._unsaved  # queued, not yet written
     cache = weakref.ref(llm.engine.runner.kv_caches[0])
     del llm
     gc.collect()
@@ -1065,13 +1065,13 @@ def test_disk_hit_loads_on_the_copy_streams(ckpt, reference, tmp_path, pump_byte
         monkeypatch.setattr(OffloadManager, "CHECK_BYTES", check_bytes)
     warm = offload_llm(ckpt, tmp_path)
     warm.generate([LONG[0]], GREEDY)
-    warm.engine.offload.flush()
+    warm.engine.connector.manager.flush()
     hal_registry.register(DeferredCopyBackend)
     try:
         llm = offload_llm(ckpt, tmp_path, backend=DeferredCopyBackend.name, enforce_eager=True)
         out = llm.generate([LONG[0]], GREEDY)
         assert tokens_of(out) == reference([LONG[0]]) and out[0].num_cached_tokens == 96
-        st = llm.engine.offload.stats()
+        st = llm.engine.connector.manager.stats()
         assert st["load_jobs"] == 1 and st["disk"]["hits"] == 6 and st["blocks_loaded"] == 6
         layers = llm.engine.model_config.num_layers
         hal = llm.engine.hal
@@ -1084,19 +1084,19 @@ def test_disk_hit_loads_on_the_copy_streams(ckpt, reference, tmp_path, pump_byte
 def test_abort_while_loading_lets_everything_go(ckpt, reference, tmp_path, readers):
     warm = offload_llm(ckpt, tmp_path)
     warm.generate([LONG[0]], GREEDY)
-    warm.engine.offload.flush()
+    warm.engine.connector.manager.flush()
     llm = offload_llm(ckpt, tmp_path, kv_offload_host_bytes=0)
     eng = llm.engine
     free = eng.kv.num_free_blocks
     eng.add_request("b", LONG[0], GREEDY)
     eng.step()
     assert [s.request_id for s in eng.scheduler.loading] == ["b"]
-    job = eng.scheduler.loading[0].load_job
+    job = eng.connector._jobs[eng.scheduler.loading[0].seq_id][1]
     assert eng.kv.num_free_blocks == free - 6
     eng.abort_request("b")
-    eng.offload.wait_reads()
-    assert not eng.scheduler.loading and not eng.offload._jobs and eng.kv.num_free_blocks == free
-    assert eng.offload.stats()["host"]["pinned"] == 0
+    eng.connector.manager.wait_reads()
+    assert not eng.scheduler.loading and not eng.connector.manager._jobs and eng.kv.num_free_blocks == free
+    assert eng.connector.manager.stats()["host"]["pinned"] == 0
     assert tokens_of(llm.generate([LONG[0]], GREEDY)) == reference([LONG[0]])  # and it loads again
 
 
@@ -1106,23 +1106,23 @@ def test_disk_hit_with_a_damaged_payload_is_caught_on_the_device(ckpt, reference
     caught there before the request runs; the prefix stops at it, the file goes, counted."""
     warm = offload_llm(ckpt, tmp_path)
     warm.generate([LONG[0]], GREEDY)
-    warm.engine.offload.flush()
+    warm.engine.connector.manager.flush()
     from halserve.engine.kv_cache import ROOT_HASH, chain_hashes
 
     hashes = chain_hashes(ROOT_HASH, LONG[0][:96], 16, warm.engine.kv.fingerprint)
-    path = warm.engine.offload.disk.path(hashes[2])
+    path = warm.engine.connector.manager.disk.path(hashes[2])
     _corrupt(path, "flip")
     hal_registry.register(DeferredCopyBackend)
     try:
         llm = offload_llm(ckpt, tmp_path, backend=DeferredCopyBackend.name, enforce_eager=True)
-        assert llm.engine.offload.device_check
+        assert llm.engine.connector.manager.device_check
         out = llm.generate([LONG[0]], GREEDY)
         assert tokens_of(out) == reference([LONG[0]]) and out[0].num_cached_tokens == 32
-        llm.engine.offload.wait_reads()  # reads that came back after the job ended
-        st = llm.engine.offload.stats()
+        llm.engine.connector.manager.wait_reads()  # reads that came back after the job ended
+        st = llm.engine.connector.manager.stats()
         assert st["disk"]["bad_files"] == 1 and st["load_jobs"] == 1 and st["host"]["pinned"] == 0
-        llm.engine.offload.flush()  # the recomputed block was written again, whole
-        assert llm.engine.offload.disk.read_into(hashes[2], torch.empty(llm.engine.offload.block_shape)) is not None
+        llm.engine.connector.manager.flush()  # the recomputed block was written again, whole
+        assert llm.engine.connector.manager.disk.read_into(hashes[2], torch.empty(llm.engine.connector.manager.block_shape)) is not None
     finally:
         hal_registry._registered.pop(DeferredCopyBackend.name, None)
 
@@ -1194,7 +1194,7 @@ def generate_within(llm, prompt, steps: int = 500):
         for o in eng.step():
             if o.finished:
                 return [o]
-    raise AssertionError(f"unfinished after {steps} steps: {eng.offload.stats()}")
+    raise AssertionError(f"unfinished after {steps} steps: {eng.connector.manager.stats()}")
 
 
 def test_a_file_with_other_tokens_is_read_once(ckpt, reference, tmp_path, readers):
@@ -1202,7 +1202,7 @@ def test_a_file_with_other_tokens_is_read_once(ckpt, reference, tmp_path, reader
     ends the loaded prefix and goes: the request is not sent back to load it again."""
     warm = offload_llm(ckpt, tmp_path)
     warm.generate([LONG[0]], GREEDY)
-    off = warm.engine.offload
+    off = warm.engine.connector.manager
     off.flush()
     from halserve.engine.kv_cache import ROOT_HASH, chain_hashes
 
@@ -1214,8 +1214,8 @@ def test_a_file_with_other_tokens_is_read_once(ckpt, reference, tmp_path, reader
         llm = offload_llm(ckpt, tmp_path, backend=DeferredCopyBackend.name, enforce_eager=True)
         out = generate_within(llm, LONG[0])
         assert tokens_of(out) == reference([LONG[0]]) and out[0].num_cached_tokens == 32
-        llm.engine.offload.wait_reads()  # reads that came back after the job ended
-        st = llm.engine.offload.stats()
+        llm.engine.connector.manager.wait_reads()  # reads that came back after the job ended
+        st = llm.engine.connector.manager.stats()
         assert st["load_jobs"] == 1 and st["token_mismatches"] == 1 and st["disk"]["bad_files"] == 1
         assert st["host"]["pinned"] == 0
     finally:
@@ -1227,7 +1227,7 @@ def test_a_failed_copy_to_the_device_is_recomputed(ckpt, reference, tmp_path, mo
     the request recomputes its prefix, once, and nothing stays pinned."""
     warm = offload_llm(ckpt, tmp_path)
     warm.generate([LONG[0]], GREEDY)
-    warm.engine.offload.flush()
+    warm.engine.connector.manager.flush()
     hal_registry.register(DeferredCopyBackend)
 
     def boom(*a, **k):
@@ -1235,11 +1235,11 @@ def test_a_failed_copy_to_the_device_is_recomputed(ckpt, reference, tmp_path, mo
 
     try:
         llm = offload_llm(ckpt, tmp_path, backend=DeferredCopyBackend.name, enforce_eager=True)
-        monkeypatch.setattr(llm.engine.offload, "_send_checked", boom)
+        monkeypatch.setattr(llm.engine.connector.manager, "_send_checked", boom)
         out = generate_within(llm, LONG[0])
         assert tokens_of(out) == reference([LONG[0]]) and out[0].num_cached_tokens == 0
-        llm.engine.offload.wait_reads()  # reads that came back after the job ended
-        st = llm.engine.offload.stats()
-        assert st["load_jobs"] == 1 and st["host"]["pinned"] == 0 and not llm.engine.offload._jobs
+        llm.engine.connector.manager.wait_reads()  # reads that came back after the job ended
+        st = llm.engine.connector.manager.stats()
+        assert st["load_jobs"] == 1 and st["host"]["pinned"] == 0 and not llm.engine.connector.manager._jobs
     finally:
         hal_registry._registered.pop(DeferredCopyBackend.name, None)

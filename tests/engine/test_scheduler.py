@@ -1,11 +1,13 @@
-"""The scheduler with load jobs, against a fake offload manager (every block it is asked for
-is on "disk", a job is done at its first poll): a sequence keeps the blocks its job loaded,
-and sequences holding loaded prefixes never wedge the queue."""
+"""The scheduler on its own (token budget, decode-first order, chunked prefill, preemption,
+fairness), and with asynchronous KV connector loads against a fake offload manager (every
+block it is asked for is on "disk", a job is done at its first poll): a sequence keeps the
+blocks its job loaded, and sequences holding loaded prefixes never wedge the queue."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 from halserve.engine.kv_cache import KVCacheManager
+from halserve.engine.kv_connector import OffloadConnector
 from halserve.engine.offload import LookupResult
 from halserve.engine.sampling import SamplingParams
 from halserve.engine.scheduler import Scheduler
@@ -45,7 +47,7 @@ def seq(i: int, n: int) -> Sequence:
 
 def test_a_loaded_prefix_is_held_until_it_runs():
     kv = KVCacheManager(40, BS)
-    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=100, offload=FakeTiers(on_disk=8))
+    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=100, connector=OffloadConnector(FakeTiers(on_disk=8), BS))
     a = seq(1, 33)
     sched.add(a)
     out = sched.schedule()
@@ -62,7 +64,7 @@ def test_a_loaded_prefix_waiting_for_budget_cannot_be_evicted():
     """The job is done but another prefill takes the step's whole budget: the sequence
     waits holding its loaded blocks, out of the free queue (nothing can evict them)."""
     kv = KVCacheManager(40, BS)
-    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=8, offload=FakeTiers(on_disk=8))
+    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=8, connector=OffloadConnector(FakeTiers(on_disk=8), BS))
     a = seq(1, 33)
     c = seq(3, 60)
     c.params = SamplingParams(max_tokens=1, prompt_logprobs=0)  # no prefix reuse: a plain prefill
@@ -81,7 +83,7 @@ def test_held_prefixes_do_not_wedge_the_queue():
     and only 4 are free: the second lets its loaded blocks go (they stay cached) so the
     first runs, instead of both waiting for ever."""
     kv = KVCacheManager(12, BS)
-    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=100, offload=FakeTiers(on_disk=4))
+    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=100, connector=OffloadConnector(FakeTiers(on_disk=4), BS))
     a, b = seq(1, 33), seq(2, 33)
     sched.add(a)
     sched.add(b)
