@@ -1271,6 +1271,9 @@ def run_case(backend: Backend, case: Case, seed: int = 0, perf: bool = False,
     res = Result(backend.name, case.op, case.name, "REFUSED", how)
     if how.startswith("refused"):
         return res
+    cache = getattr(backend, "_supports_cache", None)  # the HAL dispatcher's answers, per call spec
+    if isinstance(cache, dict):
+        cache.clear()
     try:
         with native_trace(backend) as ran:
             outcome = RUNNERS[case.op](backend, case.params, _gen(case, seed), backend.device)
@@ -1278,6 +1281,18 @@ def run_case(backend: Backend, case: Case, seed: int = 0, perf: bool = False,
     except Exception as e:
         res.status, res.detail = "FAIL", f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return res
+    answers = [v for k, v in cache.items() if isinstance(k, tuple) and k and k[0] == case.op] \
+        if isinstance(cache, dict) and ran is not None else []
+    if answers:  # what the dispatcher really did for this case's calls
+        fallbacks = sorted({str(a) for a in answers if a is not True})
+        if not fallbacks:
+            how = "accelerated (interpreter)" if interpreted(backend) else "accelerated"
+        elif all(a is not True for a in answers):
+            how = "native fallback"
+        else:  # e.g. contiguous q/k run the kernel, the strided form falls back
+            how = f"accelerated, some calls {fallbacks[0]}"
+            hidden = 0  # native runs are expected here; only all-accelerated cases can be checked
+        res.how = how
     if hidden and how.startswith("accelerated"):
         # the report's column must be true: an accelerated case never reaches native
         outcome.errors.append(f"reported accelerated, but NativeBackend.{case.op} ran {hidden} times "
