@@ -14,6 +14,11 @@ class BackendUnavailable(HalserveError):
     """A forced backend that cannot run here; the message carries the probe's reason."""
 
 
+class OpRefused(HalserveError):
+    """A HAL op called with a spec its backend's ``supports`` refuses; the message names the
+    op, the spec and the reason."""
+
+
 def is_user_error(e: BaseException) -> bool:
     from halserve.config import ConfigError
 

@@ -28,11 +28,16 @@ tensors and ints, so the same call works from torch, Triton, Gluon or cffi.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # keep `import halserve.hal` free of torch at import time
     import torch
+
+logger = logging.getLogger("halserve")
 
 OPS: tuple[str, ...] = (
     "linear",
@@ -185,12 +190,22 @@ class Backend:
     """Abstract base: see the module docstring. Concrete backends derive from NativeBackend."""
 
     name: ClassVar[str] = "abstract"
-    # Ops this class implements itself (overrides); the default `supports` reads it.
+    # Derived per class (never hand-kept): the ops a class or a parent other than
+    # NativeBackend defines. ``accelerated_ops`` is the same set under its old name.
+    kernel_ops: ClassVar[frozenset[str]] = frozenset()
     accelerated_ops: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _install(cls)
 
     def __init__(self, device: "str | torch.device | None" = None, batch_invariant: bool = False):
         self.device = device
         self.batch_invariant = batch_invariant
+        # op -> how often NativeBackend's op body ran for this (non-native) backend, by a
+        # fallback or a super() call: the conformance suite resets and reads it per case
+        self.native_ran: Counter[str] = Counter()
+        self._supports_cache: dict[tuple, "bool | str"] = {}
 
     # ---- discovery -------------------------------------------------------------------
     @classmethod
@@ -206,14 +221,17 @@ class Backend:
         starting with 'native fallback:' or 'refused:'."""
         if op not in OPS:
             return f"refused: unknown op {op!r}; ops are {', '.join(OPS)}"
-        if op in self.accelerated_ops:
+        if op in type(self).kernel_ops:
             return True
         return f"native fallback: {self.name} has no {op} kernel"
 
     def describe(self) -> str:
-        """One line for the start-up log: which kernels run accelerated."""
-        acc = [op for op in OPS if self.supports(op) is True]
-        return f"backend={self.name} device={self.device} accelerated=[{', '.join(acc) or 'none'}]"
+        """One line for the start-up log: which ops run this backend's kernels and which
+        run the native (pure torch) ones."""
+        acc = [op for op in OPS if op in type(self).kernel_ops and self.supports(op) is True]
+        native = [op for op in OPS if op not in acc]
+        return (f"backend={self.name} device={self.device} accelerated=[{', '.join(acc) or 'none'}] "
+                f"native=[{', '.join(native) or 'none'}]")
 
     # ---- memory, layout ---------------------------------------------------------------
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
@@ -322,3 +340,196 @@ class Backend:
                out: "torch.Tensor | None" = None) -> "torch.Tensor":
         """logits [B, V] float32 (already penalised) -> token ids [B] int64, no host sync."""
         raise NotImplementedError
+
+
+# ---- the dispatcher -------------------------------------------------------------------------
+# Each op's spec: what a kernel may care about, derived from the call's real arguments by a
+# function with the op's own signature (so positional and keyword calls bind alike). The
+# keys are the table in the module docstring; `spec_of` is what both the dispatcher and the
+# conformance harness use, so the report and the run agree.
+
+def _unit(*ts) -> bool:
+    return all(t.stride(-1) == 1 for t in ts)
+
+
+def _contig(*ts) -> bool:
+    return all(t.is_contiguous() for t in ts if t is not None)
+
+
+# Each key function returns (op, *values) in the order of SPEC_KEYS[op]: the dispatcher's
+# cache key as it stands, a dict only when supports() must be asked.
+SPEC_KEYS: dict[str, tuple[str, ...]] = {
+    "linear": ("dtype", "scheme", "act_scheme", "m", "k", "n", "bias", "out", "contiguous"),
+    "rms_norm": ("dtype", "hidden_size", "residual", "out", "contiguous"),
+    "rotary": ("dtype", "head_dim", "rot_dim", "is_neox", "num_heads", "num_kv_heads", "unit_stride", "contiguous"),
+    "silu_and_mul": ("dtype", "intermediate_size", "out", "contiguous"),
+    "write_kv": ("dtype", "kv_dtype", "head_dim", "num_kv_heads", "block_size", "cache_shape", "unit_stride",
+                 "contiguous"),
+    "attention": ("dtype", "kv_dtype", "num_heads", "num_kv_heads", "head_dim", "block_size", "sliding_window",
+                  "cache_shape", "out"),
+    "moe": ("dtype", "num_experts", "top_k", "scoring", "scheme", "w2_scheme", "act_scheme", "num_expert_group",
+            "topk_group", "renormalize", "correction_bias", "out"),
+    "swap_blocks": ("dtype", "src_device", "dst_device"),
+    "copy_blocks": ("dtype",),
+    "sample": ("dtype", "all_greedy", "all_random", "no_top_k", "no_top_p", "no_min_p", "out"),
+}
+
+
+def _key_linear(x, w, bias=None, out=None):
+    k = x.shape[-1]
+    return ("linear", x.dtype, w.scheme, w.act_scheme, x.numel() // k if k else 0, k,
+            w.out_features or w.weight.shape[-2], bias is not None, out is not None, x.is_contiguous())
+
+
+def _key_rms_norm(x, weight, eps, residual=None, out=None):
+    return ("rms_norm", x.dtype, x.shape[-1], residual is not None, out is not None, _contig(x, residual))
+
+
+def _key_rotary(positions, q, k, cos_sin_cache, is_neox=True):
+    return ("rotary", q.dtype, q.shape[-1], cos_sin_cache.shape[-1], bool(is_neox), q.shape[-2], k.shape[-2],
+            _unit(q, k), _contig(q, k))
+
+
+def _key_silu_and_mul(x, out=None):
+    return ("silu_and_mul", x.dtype, x.shape[-1] // 2, out is not None, x.is_contiguous())
+
+
+def _key_write_kv(key, value, kv_cache, slot_mapping):
+    shape = tuple(kv_cache.shape)
+    return ("write_kv", key.dtype, kv_cache.dtype, key.shape[-1], key.shape[-2], shape[2] if len(shape) > 2 else 0,
+            shape[2:], _unit(key, value), kv_cache.is_contiguous())
+
+
+def _key_attention(q, kv_cache, meta, scale, out=None):
+    shape = tuple(kv_cache.shape)
+    return ("attention", q.dtype, kv_cache.dtype, q.shape[-2], shape[3] if len(shape) > 3 else 0, q.shape[-1],
+            meta.block_size, meta.sliding_window, shape[2:], out is not None)
+
+
+def _key_moe(x, router_logits, w13, w2, spec, out=None):
+    return ("moe", x.dtype, router_logits.shape[-1], spec.top_k, spec.scoring, w13.scheme, w2.scheme,
+            w13.act_scheme, spec.num_expert_group, spec.topk_group, spec.renormalize,
+            spec.correction_bias is not None, out is not None)
+
+
+def _key_swap_blocks(src, dst, block_mapping):
+    return ("swap_blocks", src.dtype, src.device.type, dst.device.type)
+
+
+def _key_copy_blocks(kv_caches, block_mapping):
+    return ("copy_blocks", kv_caches[0].dtype if len(kv_caches) else None)
+
+
+def _key_sample(logits, params, out=None):
+    return ("sample", logits.dtype, params.all_greedy, params.all_random, params.no_top_k, params.no_top_p,
+            params.no_min_p, out is not None)
+
+
+_KEYS = {op: globals()[f"_key_{op}"] for op in OPS}
+
+
+def spec_of(op: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """The spec ``supports(op, **spec)`` is asked for the call ``backend.<op>(*args, **kwargs)``."""
+    fn = _KEYS.get(op)
+    if fn is None:
+        raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
+    return dict(zip(SPEC_KEYS[op], fn(*args, **kwargs)[1:]))
+
+
+def _normalise(backend: "Backend", op: str, answer: Any) -> "bool | str":
+    """A supports() answer as the dispatcher acts on it: True only for an op the class has a
+    kernel for (the native backend's own ops excepted), else a 'native fallback:' or
+    'refused:' reason."""
+    cls = type(backend)
+    if answer is True:
+        if op in OPS and op not in cls.kernel_ops and not cls.__dict__.get("_native_root"):
+            return f"native fallback: {backend.name} has no {op} kernel"
+        return True
+    if isinstance(answer, str) and answer.startswith(("native fallback", "refused")):
+        return answer
+    if answer is False or answer is None:
+        return f"native fallback: {backend.name}.supports answered {answer}"
+    return f"refused: {answer}"
+
+
+def _wrap_supports(fn):
+    if getattr(fn, "_hal_wrapped", False):
+        return fn
+
+    @functools.wraps(fn)
+    def supports(self, op, **spec):
+        return _normalise(self, op, fn(self, op, **spec))
+
+    supports._hal_wrapped = True
+    return supports
+
+
+def _counting(op: str, body, root: type):
+    """A native op body that counts its runs for any backend but the native one itself."""
+    @functools.wraps(body)
+    def native(self, *args, **kwargs):
+        if type(self) is not root:
+            try:
+                self.native_ran[op] += 1
+            except AttributeError:  # a subclass that skipped Backend.__init__
+                self.native_ran = Counter({op: 1})
+        return body(self, *args, **kwargs)
+
+    return native
+
+
+def _dispatcher(op: str, kernel, native):
+    keyf = _KEYS[op]
+
+    @functools.wraps(kernel)
+    def dispatch(self, *args, **kwargs):
+        key = keyf(*args, **kwargs)
+        try:
+            answer = self._supports_cache[key]
+        except KeyError:
+            answer = self._supports_cache[key] = self.supports(op, **dict(zip(SPEC_KEYS[op], key[1:])))
+        except AttributeError:  # a subclass that skipped Backend.__init__
+            self._supports_cache = {}
+            answer = self._supports_cache[key] = self.supports(op, **dict(zip(SPEC_KEYS[op], key[1:])))
+        if answer is True:
+            return kernel(self, *args, **kwargs)
+        if native is not None and answer.startswith("native fallback"):
+            return native(self, *args, **kwargs)
+        from halserve.errors import OpRefused
+
+        shown = ", ".join(f"{k}={_show(v)}" for k, v in zip(SPEC_KEYS[op], key[1:]))
+        raise OpRefused(f"backend {self.name!r} cannot run {op}({shown}): {answer}")
+
+    dispatch._hal_kernel = kernel
+    return dispatch
+
+
+def _show(v: Any) -> str:
+    return str(v).removeprefix("torch.")
+
+
+def _install(cls: type) -> None:
+    """Runs for every Backend subclass as it is defined (``__init_subclass__``)."""
+    if "accelerated_ops" in cls.__dict__ and not cls.__dict__.get("_native_root"):
+        logger.debug("%s.accelerated_ops is ignored: accelerated ops are the op methods a backend defines",
+                     cls.__name__)
+    if "supports" in cls.__dict__:
+        cls.supports = _wrap_supports(cls.__dict__["supports"])
+    if cls.__dict__.get("_native_root"):
+        cls._native_ops = {op: _counting(op, cls.__dict__[op], cls) for op in OPS}
+        for op in OPS:
+            setattr(cls, op, _dispatcher(op, cls._native_ops[op], cls._native_ops[op]))
+        cls.kernel_ops = frozenset()
+    else:
+        native = getattr(cls, "_native_ops", None) or {}
+        for op in OPS:
+            fn = cls.__dict__.get(op)
+            if fn is not None and not hasattr(fn, "_hal_kernel"):
+                setattr(cls, op, _dispatcher(op, fn, native.get(op)))
+        kernels = set()
+        for op in OPS:
+            owner = next(c for c in cls.__mro__ if op in c.__dict__)
+            if owner is not Backend and not owner.__dict__.get("_native_root"):
+                kernels.add(op)
+        cls.kernel_ops = frozenset(kernels)
+    cls.accelerated_ops = cls.kernel_ops  # the old hand-kept set, now derived (read-only use)

@@ -38,6 +38,8 @@ from halserve.hal.sampling import sample_random, sampling_mask  # noqa: F401
 # the old private names, for callers written before the split
 _dequant, _quant_act_fp8, _quantize = dequant, quant_act_fp8, quantize
 
+# ops that move bytes and never compute: any dtype goes
+_DATA_MOVES = ("write_kv", "swap_blocks", "copy_blocks")
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -115,6 +117,7 @@ class NativeBackend(Backend):
     """Every op in pure torch on any torch device (float32, bfloat16, float16)."""
 
     name = "native"
+    _native_root = True  # this class's op bodies are the native ops every backend falls back to
 
     def __init__(self, device: "str | torch.device | None" = None, batch_invariant: bool = False):
         super().__init__(torch.device(device or "cpu"), batch_invariant)
@@ -138,7 +141,7 @@ class NativeBackend(Backend):
         if op not in OPS:
             return f"refused: unknown op {op!r}; ops are {', '.join(OPS)}"
         dtype = spec.get("dtype")
-        if dtype is not None:
+        if dtype is not None and op not in _DATA_MOVES:
             name = _DTYPES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else str(dtype)
             if name not in self.capabilities.dtypes:
                 return f"refused: dtype {name} not in {self.capabilities.dtypes}"

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from halserve.hal.interface import AttentionMetadata, Capabilities, MoeSpec, PackedWeight, ProbeResult, SamplingTensors
 from halserve.hal.native import NativeBackend
+from halserve.hal.quant import WEIGHT_SCHEMES
 from halserve.hal.routing import route
 from halserve.hal.sampling import sampling_mask
 
@@ -56,8 +57,6 @@ class CudaGraph:
 
 class CudaBackend(NativeBackend):
     name = "cuda"
-    accelerated_ops = frozenset(
-        {"linear", "rms_norm", "rotary", "silu_and_mul", "write_kv", "attention", "moe", "sample"})
 
     def __init__(self, device: "str | torch.device | None" = None, batch_invariant: bool = False):
         if device is None:
@@ -127,8 +126,15 @@ class CudaBackend(NativeBackend):
         r = super().supports(op, **spec)
         if r is not True:
             return r
-        if op in ("linear", "moe") and scheme == "int8":
-            return "native fallback: int8 runs as dequantize then GEMM"
+        stored = {WEIGHT_SCHEMES.get(s, (s,))[0] for s in (scheme, spec.get("w2_scheme")) if s is not None}
+        if op == "linear" and not stored <= {"none", "fp8"}:
+            return f"native fallback: {scheme} runs as dequantize then GEMM"
+        if op == "moe" and not stored <= {"none", "fp8"}:
+            return f"native fallback: the fused MoE kernel takes none/fp8 weights, not {scheme}/{spec.get('w2_scheme')}"
+        if op == "rotary" and spec.get("unit_stride") is False:
+            return "native fallback: the rotary kernel needs q and k with a unit-stride head dim"
+        if op == "write_kv" and (spec.get("unit_stride") is False or spec.get("contiguous") is False):
+            return "native fallback: the write_kv kernel needs a contiguous cache and unit-stride k, v"
         return True
 
     def describe(self) -> str:
@@ -213,10 +219,8 @@ class CudaBackend(NativeBackend):
                 y = persistent_matmul(x2, w.weight, bias)
             else:
                 y = F.linear(x2, w.weight, bias)
-        elif w.scheme == "fp8" and self.capability >= (8, 9):
+        else:  # fp8 on sm_89+: supports() sends every other scheme to native or refuses it
             y = self._linear_fp8(x2, w, bias)
-        else:
-            return super().linear(x, w, bias, out)
         y = y.view(*shape[:-1], y.shape[-1])
         if out is None:
             return y
@@ -291,8 +295,6 @@ class CudaBackend(NativeBackend):
 
     def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                cos_sin_cache: torch.Tensor, is_neox: bool = True) -> None:
-        if q.stride(-1) != 1 or k.stride(-1) != 1:
-            return super().rotary(positions, q, k, cos_sin_cache, is_neox)
         from halserve.hal.triton.elementwise import rotary
 
         rotary(positions, q, k, cos_sin_cache, is_neox)
@@ -304,8 +306,6 @@ class CudaBackend(NativeBackend):
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
-        if not kv_cache.is_contiguous() or key.stride(-1) != 1 or value.stride(-1) != 1:
-            return super().write_kv(key, value, kv_cache, slot_mapping)
         from halserve.hal.triton.elementwise import write_kv
 
         write_kv(key, value, kv_cache, slot_mapping)
@@ -323,8 +323,6 @@ class CudaBackend(NativeBackend):
 
     def moe(self, x: torch.Tensor, router_logits: torch.Tensor, w13: PackedWeight,
             w2: PackedWeight, spec: MoeSpec, out: torch.Tensor | None = None) -> torch.Tensor:
-        if w13.scheme not in ("none", "fp8") or w2.scheme not in ("none", "fp8"):
-            return super().moe(x, router_logits, w13, w2, spec, out)
         from halserve.hal.triton.moe import fused_moe
 
         topk_w, topk_ids = route(router_logits, spec)
