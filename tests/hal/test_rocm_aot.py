@@ -101,3 +101,34 @@ def test_configs_fit_lds_and_carry_hip_options(compiled, arch):
     attn = [c for c in compiled[arch] if c["kernel"] == "_attn_kernel" and "decode" in c["scenario"]]
     want = configs.ATTN_DECODE[fam]
     assert attn and all(attn[0]["options"][k] == want[k] for k in configs.HIP_OPTIONS + ("num_warps", "num_stages"))
+
+
+_BACKEND_SCRIPT = """
+import json, sys
+from halserve.hal.rocm.aot import backend_launches
+print(json.dumps({a: backend_launches(a) for a in sys.argv[1:]}))
+"""
+
+
+def test_backend_ops_take_the_arch_configs():
+    """RocmBackend's ops hand the launchers its arch's CDNA configs (not the device's, which a
+    CPU does not have: without forced_arch, arch() would ask torch.cuda and fail)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", _BACKEND_SCRIPT, "gfx942", "gfx950"], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    for arch, fam in (("gfx942", "cdna3"), ("gfx950", "cdna4")):
+        k = got[arch]
+        attn = configs.ATTN[fam]
+        assert k["_attn_kernel"]["BLOCK_N"] == attn["block_n"] and k["_attn_kernel"]["num_stages"] == attn["num_stages"]
+        with configs.forced_arch(arch):
+            fp8 = configs.fp8_matmul_config(256, 4096, 4096)
+            moe = configs.moe_config(600)
+        assert {x: k["_fp8_mm_kernel"][x] for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps")} == \
+            {x: fp8[x] for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps")}
+        assert k["_moe_gemm_kernel"]["BLOCK_K"] == moe["BLOCK_K"]
+        # not on a HIP device: the HIP-only options stay out of the launch
+        assert not set(configs.HIP_OPTIONS) & set(k["_attn_kernel"])
+    assert got["gfx942"]["_attn_kernel"]["BLOCK_N"] != got["gfx950"]["_attn_kernel"]["BLOCK_N"]
+    assert got["gfx942"]["_fp8_mm_kernel"]["BLOCK_K"] != got["gfx950"]["_fp8_mm_kernel"]["BLOCK_K"]

@@ -216,6 +216,36 @@ def gluon_launches(arch: str):
     return gluon_kernels.aot_launches(arch, FP8[arch])
 
 
+def backend_launches(arch: str) -> dict[str, dict]:
+    """Kernel name -> launch kwargs (constexprs and compile options) of RocmBackend's own ops
+    (prefill attention, fp8 W8A8 linear at M=256, bf16 MoE) built for ``arch`` on the CPU:
+    what its forced configs hand the launchers. Nothing is launched."""
+    from halserve.hal.interface import AttentionMetadata, MoeSpec
+    from halserve.hal.rocm import RocmBackend
+
+    b = RocmBackend("cpu", arch=arch)
+    g = torch.Generator().manual_seed(0)
+    bf = torch.bfloat16
+    B, q_len, ctx, HQ, HK, D, BS = 2, 96, 640, 32, 8, 128, 16
+    nblk = ctx // BS
+    meta = AttentionMetadata(
+        cu_seqlens_q=torch.arange(B + 1, dtype=torch.int32) * q_len, seq_lens=torch.full((B,), ctx, dtype=torch.int32),
+        block_tables=torch.arange(B * nblk, dtype=torch.int32).view(B, nblk),
+        slot_mapping=torch.zeros(B * q_len, dtype=torch.int64), max_seqlen_q=q_len, max_seqlen_k=ctx,
+        query_lens_host=[q_len] * B, seq_lens_host=[ctx] * B, block_size=BS)
+    w = b.pack_weight(torch.randn(4096, 4096, generator=g).to(bf), "fp8")
+    w13 = b.pack_weight(torch.randn(8, 512, 256, generator=g).to(bf), "none")
+    w2 = b.pack_weight(torch.randn(8, 256, 256, generator=g).to(bf), "none")
+    rec = Recorder()
+    with rec.active():
+        b.attention(torch.randn(B * q_len, HQ, D, generator=g).to(bf), torch.zeros(2, B * nblk, BS, HK, D, dtype=bf),
+                    meta, D ** -0.5)
+        b.linear(torch.randn(256, 4096, generator=g).to(bf), w)
+        b.moe(torch.randn(300, 256, generator=g).to(bf), torch.randn(300, 8, generator=g), w13, w2, MoeSpec(top_k=2))
+    return {fn.__name__: {k: v for k, v in kw.items() if isinstance(v, (int, float, bool, str))}
+            for fn, _, kw in rec.calls}
+
+
 def run(arch: str, log=print) -> list[Compiled]:
     from halserve.hal.triton.configs import forced_arch
 
