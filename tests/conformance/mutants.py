@@ -22,6 +22,7 @@ from halserve.hal.native import NativeBackend
 class Mutant(NativeBackend):
     name = "mutant"
     op: ClassVar[str] = ""
+    expect: ClassVar[str] = ""  # a phrase the failure must give, where the bug has a telltale
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -78,6 +79,7 @@ class RmsResidualNotAdded(Mutant):
 class SiluHalvesSwappedWithoutOut(Mutant):
     """The no-out= path (the engine's) computes silu(up) * gate; the out= path is right."""
     op = "silu_and_mul"
+    expect = "disagree"  # in the failing detail
 
     def silu_and_mul(self, x, out=None):
         if out is not None:
@@ -98,6 +100,7 @@ class SiluOutNotWritten(Mutant):
 class HiddenFallback(Mutant):
     """Claims silu_and_mul accelerated, but the kernel 'falls back' by calling super()."""
     op = "silu_and_mul"
+    expect = "hidden fallback"  # in the failing detail
 
     def silu_and_mul(self, x, out=None):
         return super().silu_and_mul(x, out=out)
@@ -135,12 +138,12 @@ class LinearActQuantSkipped(Mutant):
 class LinearWritesPastOut(Mutant):
     """Rounds the output up to a whole tile and stores the tail past the end of out."""
     op = "linear"
+    expect = "past the end of out"  # in the failing detail
 
     def linear(self, x, w, bias=None, out=None):
         y = self._ref.linear(x, w, bias, out=out)
-        spill = torch.as_strided(y, (y.numel() + 8,), (1,), y.storage_offset())
         if y.untyped_storage().nbytes() >= (y.storage_offset() + y.numel() + 8) * y.element_size():
-            spill[y.numel():] = 0
+            torch.as_strided(y, (y.numel() + 8,), (1,), y.storage_offset())[y.numel():] = 0
         return y
 
 
@@ -157,6 +160,7 @@ class RotaryStyleSwapped(Mutant):
 class RotaryPartialPairsByHeadDim(Mutant):
     """Partial rotary pairs dim j with j + head_dim/2 (not j + rot_dim/2) and rotates past rot_dim."""
     op = "rotary"
+    expect = "past rot_dim"  # in the failing detail
 
     def rotary(self, positions, q, k, cos_sin_cache, is_neox=True):
         rot, d = cos_sin_cache.shape[-1], q.shape[-1]
@@ -181,6 +185,7 @@ class RotaryPositionOffByOne(Mutant):
 class RotaryOnContiguousCopy(Mutant):
     """Wrong strides: rotates q.contiguous() / k.contiguous(), so strided views never change."""
     op = "rotary"
+    expect = "disagree"  # in the failing detail
 
     def rotary(self, positions, q, k, cos_sin_cache, is_neox=True):
         qc, kc = q.contiguous(), k.contiguous()
@@ -215,6 +220,7 @@ class WriteKvStorageBase(Mutant):
     """A C kernel that takes the storage's base pointer, not the tensor's: right for layer 0
     of a stacked cache or a fresh tensor, wrong for any other view."""
     op = "write_kv"
+    expect = "stacked"  # in the failing detail
 
     def write_kv(self, key, value, kv_cache, slot_mapping):
         base = torch.as_strided(kv_cache, kv_cache.shape, kv_cache.stride(), 0)
@@ -377,6 +383,7 @@ class CopyBlocksFirstLayerOnly(Mutant):
 
 class SampleSeedIgnored(Mutant):
     op = "sample"
+    expect = "seeds ignored"  # in the failing detail
 
     def sample(self, logits, params, out=None):
         return self._ref.sample(logits, replace(params, seeds=torch.zeros_like(params.seeds)), out=out)
@@ -384,6 +391,7 @@ class SampleSeedIgnored(Mutant):
 
 class SampleStepIgnored(Mutant):
     op = "sample"
+    expect = "steps ignored"  # in the failing detail
 
     def sample(self, logits, params, out=None):
         return self._ref.sample(logits, replace(params, steps=torch.zeros_like(params.steps)), out=out)

@@ -22,3 +22,5 @@ def test_mutant_fails_the_suite(mutant):
     assert failed, f"{mutant.__name__} ({mutant.__doc__ or mutant.op}) passed every case:\n" + "\n".join(
         r.line() for r in report.results)
     assert not report.ok
+    if mutant.expect:
+        assert any(mutant.expect in r.detail for r in failed), "\n".join(r.line() for r in failed)
