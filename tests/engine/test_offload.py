@@ -907,7 +907,7 @@ def test_disk_reads_do_not_stall_running_requests(ckpt, reference, tmp_path, rea
 
 class DeferredCopyBackend(NativeBackend):
     """Native ops, but ``swap_blocks`` queued under ``copy_stream(lane)`` runs only when
-    someone waits for it: the forward, on a layer's event (``AttentionMetadata.layer_ready``),
+    someone waits for it: the forward, on a layer's event (``kv_connector.LayerWaits``),
     another lane, on an event of this lane, or ``synchronize``. Each lane is its own queue,
     as each copy stream is. A forward that read a layer before waiting for it would see stale
     KV; a staging buffer refilled before the move out of it ran would be moved with the

@@ -92,3 +92,124 @@ def test_held_prefixes_do_not_wedge_the_queue():
     assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(a, 17)]
     assert a.num_cached_tokens == 16 and len(a.block_ids) == 9
     assert b.status is SeqStatus.WAITING and b.block_ids == [] and b.num_computed_tokens == 0
+
+
+# ---- the scheduler on its own (no connector) ----------------------------------------------------
+
+def plain(num_blocks: int, budget: int, max_seqs: int = 8) -> tuple[KVCacheManager, Scheduler]:
+    kv = KVCacheManager(num_blocks, BS, enable_prefix_caching=False)
+    return kv, Scheduler(kv, max_num_seqs=max_seqs, max_num_batched_tokens=budget)
+
+
+def prompt(i: int, n: int, max_tokens: int) -> Sequence:
+    s = seq(i, n)
+    s.params = SamplingParams(max_tokens=max_tokens)
+    return s
+
+
+def advance(sched: Scheduler, out) -> list[Sequence]:
+    """What the engine does after a step: the chunk is in the cache; a sampling row gets a
+    token, and a sequence with all its tokens finishes. Returns those finished."""
+    done = []
+    for s in out.scheduled:
+        q = s.seq
+        samples = s.samples
+        q.num_computed_tokens += s.num_new_tokens
+        sched.kv.commit(q)
+        if samples:
+            q.token_ids.append(1)
+            if q.num_output_tokens >= q.params.max_tokens:
+                q.status = SeqStatus.FINISHED
+                sched.remove(q)
+                done.append(q)
+    return done
+
+
+def test_token_budget_and_chunked_prefill():
+    """No step schedules more than the budget; a prompt longer than it runs in chunks that
+    follow each other, and samples only on the chunk that reaches its end."""
+    kv, sched = plain(64, budget=16)
+    a = prompt(1, 40, 2)
+    sched.add(a)
+    chunks = []
+    while a.status is not SeqStatus.FINISHED:
+        out = sched.schedule()
+        assert out.num_tokens <= 16
+        chunks.append((a.num_computed_tokens, out.scheduled[0].num_new_tokens, out.scheduled[0].samples))
+        advance(sched, out)
+    assert chunks == [(0, 16, False), (16, 16, False), (32, 8, True), (40, 1, True)]
+    assert kv.num_free_blocks == 64  # all freed at the end
+
+
+def test_decodes_go_first_and_prefills_share_what_is_left():
+    """Running decodes are scheduled before any prefill chunk, and take one token of the
+    budget each; a newly arrived prompt gets the rest, chunked."""
+    kv, sched = plain(64, budget=10)
+    a, b = prompt(1, 5, 8), prompt(2, 6, 8)
+    sched.add(a)
+    sched.add(b)
+    advance(sched, sched.schedule())  # both prefills fit: 11 > 10, so b is chunked
+    out = sched.schedule()
+    c = prompt(3, 30, 1)
+    sched.add(c)
+    advance(sched, out)
+    out = sched.schedule()
+    rows = [(s.seq.seq_id, s.num_new_tokens) for s in out.scheduled]
+    decodes = [r for r in rows if r[1] == 1 and r[0] in (1, 2)]
+    assert rows[:len(decodes)] == decodes and len(decodes) >= 1  # decodes first
+    assert out.num_decodes == len(decodes)
+    assert rows[-1][0] == 3 and rows[-1][1] == 10 - sum(n for _, n in rows[:-1])  # c takes the rest
+    assert out.num_tokens == 10
+
+
+def test_preemption_frees_the_newest_and_it_recomputes_first():
+    """Two sequences decode in a cache that cannot hold both to the end: the newest one is
+    preempted (its blocks freed, its KV recomputed later), goes to the front of the waiting
+    queue, and both still finish with every token."""
+    kv, sched = plain(6, budget=64, max_seqs=2)
+    a, b = prompt(1, 8, 12), prompt(2, 8, 12)  # each grows to 20 tokens = 5 blocks
+    c = prompt(3, 4, 1)  # arrived later: waits for a free row
+    for s in (a, b, c):
+        sched.add(s)
+    finished, preempted = [], []
+    for _ in range(200):
+        out = sched.schedule()
+        if out.preempted and not preempted:
+            assert list(sched.waiting)[:2] == [b, c]  # the preempted one goes first
+        preempted += out.preempted
+        assert out.num_tokens <= 64
+        assert sum(len(s.block_ids) for s in (a, b, c)) <= 6
+        finished += advance(sched, out)
+        if len(finished) == 3:
+            break
+    assert preempted and preempted[0] is b and b.num_preemptions >= 1 and a.num_preemptions == 0
+    assert finished[0] is a and set(finished) == {a, b, c}  # b resumed, not starved
+    assert a.num_output_tokens == 12 and b.num_output_tokens == 12
+    assert sched.num_preemptions == len(preempted) and kv.num_free_blocks == 6
+
+
+def test_first_come_first_served_and_no_starvation():
+    """Many short requests arriving behind a long one do not overtake it for ever: waiting
+    sequences are admitted in arrival order, and with requests arriving every step every
+    one of them finishes within a bounded number of steps."""
+    kv, sched = plain(48, budget=12, max_seqs=4)
+    long = prompt(0, 60, 3)
+    sched.add(long)
+    admitted, arrived, finished = [], [], set()
+    next_id = 1
+    for step in range(400):
+        if step < 60:  # a short request every step
+            s = prompt(next_id, 3, 2)
+            next_id += 1
+            sched.add(s)
+            arrived.append(s.seq_id)
+        out = sched.schedule()
+        for s in out.scheduled:
+            if s.seq.seq_id not in admitted:
+                admitted.append(s.seq.seq_id)
+        finished |= {q.seq_id for q in advance(sched, out)}
+        if len(finished) == len(arrived) + 1:
+            break
+    assert len(finished) == len(arrived) + 1, f"unfinished after {step} steps"
+    assert admitted == sorted(admitted)  # admitted in arrival order: nobody overtakes
+    assert 0 in finished
