@@ -12,6 +12,7 @@ BENCHES = {
     "startup": "process start to first answered request of `halserve serve`",
     "offload": "TTFT of a long prompt: recompute vs host-tier vs filesystem-tier hit",
     "cpu": "CPU decode (batch 1 and batched) vs the read roofline, llama.cpp and HF transformers",
+    "soak": "N streaming clients for T minutes with disconnects and bad inputs injected (reliability)",
 }
 
 

@@ -146,7 +146,16 @@ class BodyLimitMiddleware:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             err = self._too_large(length.decode())
-            await JSONResponse(err.body(), status_code=413, headers={"Connection": "close"})(scope, receive, send)
+            headers = {"Connection": "close"}
+            if int(length) <= 4 * self.limit:
+                # read and drop the rest first: closing on unread bytes resets the connection and
+                # the client would see a broken pipe instead of this answer
+                headers = None
+                more = True
+                while more:
+                    msg = await receive()
+                    more = msg["type"] == "http.request" and msg.get("more_body", False)
+            await JSONResponse(err.body(), status_code=413, headers=headers)(scope, receive, send)
             return
         seen = 0
 
