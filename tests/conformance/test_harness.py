@@ -141,3 +141,25 @@ def test_interpreter_bf16_allowance(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     report = C.run(TruncatingBf16(), ops=["silu_and_mul"], quick=True)
     assert report.ok and all(r.how == "accelerated (interpreter)" for r in report.results)
+
+
+def test_cli_engine_tier_reports_and_fails(capsys, monkeypatch):
+    from halserve.hal import conformance_engine as E
+
+    seen = []
+
+    def fake(name, on_result=None, **kw):
+        seen.append(name)
+        res = [E.EngineResult(name, "dense", "float32", "PASS", "tokens", 0, 0),
+               E.EngineResult(name, "dense", "bfloat16", "FAIL", "logprob_nmse", 0.1, E.BF16_LOGPROB_NMSE)]
+        for r in res:
+            on_result(r)
+        return res
+
+    monkeypatch.setattr(E, "run_engine", fake)
+    rc, out = _cli(capsys, "--engine", "--backend", "native")
+    assert rc == 1 and seen == ["native"]
+    assert "engine dense  bfloat16  FAIL" in out and "native: engine tier 1/2 passed" in out
+    monkeypatch.setenv("HALSERVE_BACKEND", "native")  # honoured when no --backend is given
+    _cli(capsys, "--engine")
+    assert seen == ["native", "native"]
