@@ -56,8 +56,9 @@ class RocmBackend(CudaBackend):
         on_amd = self.device.type == "cuda" and bool(_hip())
         if on_amd:
             self.arch = device_arch(self.device.index)
-            if arch is not None and arch != self.arch:
-                raise ValueError(f"arch={arch!r} does not match this GPU ({self.arch})")
+            asked = arch or os.environ.get(ARCH_ENV)
+            if asked and asked != self.arch:  # configs for another arch would be wrong here
+                raise ValueError(f"arch {asked!r} (arch= or {ARCH_ENV}) does not match this GPU ({self.arch})")
         elif self.device.type == "cuda" and arch is None and ARCH_ENV not in os.environ:
             raise ValueError("rocm on a non-AMD GPU runs only as a check: pass arch='gfx942' or 'gfx950' "
                              f"(or set {ARCH_ENV})")
