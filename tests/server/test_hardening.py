@@ -118,3 +118,43 @@ def test_openapi_and_docs_served(http):
     props = schema["components"]["schemas"]["CompletionRequest"]["properties"]
     assert {"prompt", "max_tokens", "prompt_logprobs", "best_of"} <= set(props)
     assert http.get("/docs").status_code == 200
+
+
+def test_tokenizing_a_long_prompt_leaves_the_loop_free(engine):
+    """/health answers while a long prompt is being tokenized (on a worker thread)."""
+    import asyncio
+    import threading
+
+    import httpx
+
+    entered, release = threading.Event(), threading.Event()
+    released_by_health: list[bool] = []
+    inner_encode = engine.tokenizer.encode
+
+    def slow_encode(text, add_special_tokens=True):
+        if len(text) > 3000:
+            entered.set()
+            # on the event loop this would block /health until it timed out
+            released_by_health.append(release.wait(5))
+        return inner_encode(text, add_special_tokens)
+
+    engine.tokenizer.encode = slow_encode
+    engine.max_model_len = 4096
+    app = build_app(engine, ["fake"])
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as c:
+            job = asyncio.create_task(c.post("/v1/completions", json={"prompt": "z" * 3500, "max_tokens": 1}))
+            while not entered.is_set():
+                await asyncio.sleep(0.01)
+            health = await asyncio.wait_for(c.get("/health"), 10)
+            release.set()
+            return health, await job
+
+    try:
+        health, done = asyncio.run(run())
+    finally:
+        release.set()
+    assert health.status_code == 200 and released_by_health == [True]
+    assert done.status_code == 200, done.text
