@@ -180,8 +180,10 @@ def cases(quick: bool = False, ops: "list[str] | None" = None) -> list[Case]:
     # linear: every dtype, odd K and N, M from 1 to 257, bias on and off, every scheme
     for dt in DTYPES:
         for m in (1, 7, 33, 257):
-            table.append(_c("linear", m in (1, 33), dtype=dt, M=m, K=769, N=5125 if m != 257 else 1031,
+            table.append(_c("linear", False, dtype=dt, M=m, K=769, N=5125 if m != 257 else 1031,
                             bias=m == 7, scheme="none"))
+        for m in (1, 33):  # CI size: N=1031 keeps the odd tail at a fifth of the work in an interpreter
+            table.append(_c("linear", True, dtype=dt, M=m, K=769, N=1031, bias=False, scheme="none"))
     table.append(_c("linear", True, dtype="float32", M=7, K=129, N=389, bias=True, scheme="none"))
     table.append(_c("linear", True, dtype="bfloat16", M=5, K=129, N=389, bias=True, scheme="none"))
     for dt, m in (("bfloat16", 7), ("float32", 33)):
@@ -245,13 +247,13 @@ def cases(quick: bool = False, ops: "list[str] | None" = None) -> list[Case]:
                         window=None))
     table.append(_c("attention", True, dtype="float32", scenario="prefill_cached", Hq=8, Hk=2, D=64, bs=16,
                     scale=1.0, window=None))
-    table.append(_c("attention", True, dtype="float32", scenario="decode", Hq=4, Hk=2, D=64, bs=16,
+    table.append(_c("attention", False, dtype="float32", scenario="decode", Hq=4, Hk=2, D=64, bs=16,
                     scale=1.0, window=None))
-    table.append(_c("attention", True, dtype="float32", scenario="chunked", Hq=4, Hk=2, D=64, bs=16,
+    table.append(_c("attention", False, dtype="float32", scenario="chunked", Hq=4, Hk=2, D=64, bs=16,
                     scale=1.0, window=None))
     # scale is a multiple of 1/sqrt(D): a kernel that ignores it and uses 1/sqrt(D) fails
     for mult in (0.37, 2.5):
-        table.append(_c("attention", True, dtype="float32", scenario="mixed", Hq=4, Hk=2, D=64, bs=16,
+        table.append(_c("attention", mult < 1, dtype="float32", scenario="mixed", Hq=4, Hk=2, D=64, bs=16,
                         scale=mult, window=None))
     table.append(_c("attention", True, dtype="bfloat16", scenario="long_decode", Hq=8, Hk=1, D=64, bs=16,
                     scale=1.0, window=None))
@@ -259,8 +261,8 @@ def cases(quick: bool = False, ops: "list[str] | None" = None) -> list[Case]:
                     scale=1.0, window=None))
     # sliding windows: one token, inside a block, a block, across blocks, and wider than any context
     for window in (1, 7, 16, 24, 500):
-        table.append(_c("attention", True, dtype="float32", scenario="sliding", Hq=8, Hk=2, D=64, bs=16,
-                        scale=1.0, window=window))
+        table.append(_c("attention", window in (7, 500), dtype="float32", scenario="sliding", Hq=8, Hk=2, D=64,
+                        bs=16, scale=1.0, window=window))
     table.append(_c("attention", True, dtype="bfloat16", scenario="sliding", Hq=8, Hk=2, D=64, bs=32,
                     scale=1.0, window=24))
     # moe: every routing option of MoeSpec
