@@ -63,3 +63,17 @@ def test_defaults_loopback_and_warns_beyond_it(tmp_path):
         r = serve("--host", "0.0.0.0", "--port", str(busy.getsockname()[1]))
     assert r.returncode != 0 and "beyond loopback without --api-key" in r.stderr, r.stderr
     assert "serve: loading" not in r.stderr
+
+
+def test_startup_progress_has_no_partial_load_time(capsys):
+    """The loader times only its own part (weights map lazily); the progress line's elapsed
+    column is the one true figure, so the line carries no second, smaller 'in X s'."""
+    import logging
+
+    from halserve.server.cli import _LoadLog
+
+    rec = logging.LogRecord("halserve", logging.INFO, __file__, 1, "loaded %s (%s) dtype=%s in %.2fs",
+                            ("m", "LlamaForCausalLM", "float32", 0.03), None)
+    _LoadLog().emit(rec)
+    err = capsys.readouterr().err
+    assert "loaded m (LlamaForCausalLM) dtype=float32" in err and "0.03" not in err
