@@ -43,8 +43,8 @@ void hs_sample(const float *logits, int64_t b, int64_t v, const float *temp, con
 #ifdef __riscv_v_intrinsic
 #include <riscv_vector.h>
 #endif
-#ifdef _OPENMP
-#include <omp.h>
+#ifdef _OPENMP  /* declared here: a cross sysroot may lack the runtime's omp.h */
+void omp_set_num_threads(int n);
 #endif
 
 enum { HS_F32 = 0, HS_BF16 = 1, HS_F16 = 2, HS_I8 = 3 };
