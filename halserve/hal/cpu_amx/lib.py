@@ -52,18 +52,32 @@ int hs_tier(void);
 """
 
 
-def _omp_env() -> None:
-    # Our OpenMP runtime is not torch's: its idle workers must not spin on the cores while
-    # torch's pool runs the next op, so they sleep almost at once; pinned, one per core.
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-    os.environ.setdefault("OMP_PROC_BIND", "close")
-    os.environ.setdefault("OMP_PLACES", "cores")
+def _share_torch_openmp() -> None:
+    """Make our OpenMP calls bind to the runtime torch already loaded, so the two share one
+    thread pool (no second set of workers spinning beside torch's). torch's wheels ship
+    their own libgomp (sometimes under a hashed name): exported globally before our
+    library loads, its symbols win over the system libgomp our library was linked to."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {ln.split()[-1] for ln in f if "omp" in ln and ".so" in ln}
+    except OSError:
+        return
+    for path in sorted(p for p in libs if "/libgomp" in p or "/libiomp" in p):
+        try:
+            ctypes.CDLL(path, mode=os.RTLD_GLOBAL | getattr(os, "RTLD_NOLOAD", 0))
+        except OSError:
+            continue
+        return
 
 
 def load(tier: str):
     """(ffi, lib) for ``tier``; raises CBuildError with one line saying why not."""
     if tier not in FLAGS:
         raise CBuildError(f"cpu tier {tier!r} is not valid; use {', '.join(TIERS)}")
-    _omp_env()
+    import torch  # noqa: F401  (its OpenMP runtime must be loaded first)
+
+    _share_torch_openmp()
     return load_library(f"cpu_amx_{tier}", SOURCES, CDEF,
                         ["-O3", "-fopenmp", "-fno-math-errno", *FLAGS[tier]], ["-fopenmp"])
