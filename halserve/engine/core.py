@@ -7,19 +7,20 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from halserve.config import EngineConfig
 from halserve.engine.kv_cache import KVCacheManager
-from halserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from halserve.engine.kv_connector import build_kv_connector
+from halserve.engine.outputs import OUTPUT_KINDS, CompletionOutput, RequestMetrics, RequestOutput
 from halserve.engine.runner import ModelRunner
 from halserve.engine.sampling import Logprob, SamplingParams
 from halserve.engine.scheduler import Scheduler
 from halserve.engine.sequence import Sequence, SeqStatus
 from halserve.engine.validate import validate_request
+
+if TYPE_CHECKING:
+    from halserve.hal.interface import Backend
 
 logger = logging.getLogger("halserve")
 
@@ -34,27 +35,25 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
+    output_kind: str = "cumulative"  # see outputs.OUTPUT_KINDS
+    sent: list = field(default_factory=list)  # per sequence: (tokens, text chars, logprobs) sent as deltas
 
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
 
 
-def resolve_dtype(name: str) -> torch.dtype | None:
-    return {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-            "fp16": torch.float16, "half": torch.float16}[name]
-
-
 class EngineCore:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, backend: "Backend | None" = None):
+        """``backend``: the HAL backend to run on (an instance); None: the one
+        ``config.backend`` names, or the best the host has."""
         from halserve import hal
         from halserve.engine.tokenizer import Tokenizer
         from halserve.models.loader import checkpoint_fingerprint, load_model
 
         self.config = config
         t0 = time.monotonic()
-        self.hal = hal.select(config.backend, batch_invariant=config.batch_invariant)
+        self.hal = backend or hal.select(config.backend, batch_invariant=config.batch_invariant)
         self.model, self.model_config = load_model(config.model, self.hal, dtype=config.dtype,
                                                    quantization=config.quantization)
         mc = self.model_config
@@ -96,6 +95,8 @@ class EngineCore:
         self._rng = random.Random(config.seed)
         self._next_seq_id = 0
         self.prompt_tokens_total = 0
+        self.steps_run = 0
+        self.host_seconds = 0.0
         self.generation_tokens_total = 0
         logger.info("engine ready in %.2fs: %s; model %s (%s, %s), max_model_len %d",
                     time.monotonic() - t0, self.hal.describe(), mc.architecture, mc.path,
@@ -119,8 +120,11 @@ class EngineCore:
             return None, list(prompt)
         raise ValueError("a prompt is a str, a list of token ids, or {'prompt_token_ids': [...]}")
 
-    def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None,
+                    output_kind: str = "cumulative") -> None:
         params = params or SamplingParams()
+        if output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind={output_kind!r}; valid: {', '.join(OUTPUT_KINDS)}")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already running")
         text, ids = self.tokenize_prompt(prompt)
@@ -138,7 +142,7 @@ class EngineCore:
         validate_request(params, ids, vocab_size=vocab, max_model_len=self.max_model_len,
                          max_num_seqs=self.config.max_num_seqs)
         params = params.clone(_eos_token_ids=self.eos_token_ids)
-        req = Request(request_id, text, ids, params)
+        req = Request(request_id, text, ids, params, output_kind=output_kind)
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         for i in range(params.n):
             seed = (base_seed + i * 0x9E3779B97F4A7C15) & ((1 << 62) - 1)
@@ -174,16 +178,19 @@ class EngineCore:
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         # last step's saves, before this step can reuse or overwrite any block
         self.connector.before_step()
         so = self.scheduler.schedule()
         if so.empty:
             self.connector.wait_for_progress()  # a prompt's KV may be loading
             return []
+        t1 = time.perf_counter()
         try:
             result = self.runner.execute(so)
         except Exception as e:  # noqa: BLE001 - one row's fault must not end the others
             so, result = self._execute_rows_apart(so, e)
+        t2 = time.perf_counter()
         now = time.monotonic()
         touched: dict[str, Request] = {}
         to_save: list = []
@@ -209,9 +216,14 @@ class EngineCore:
         self.kv.evicted_hashes.clear()  # write-through already holds them below
         outs = []
         for req in touched.values():
-            outs.append(self._make_output(req))
+            if req.output_kind != "final" or req.finished:  # nothing built for a request still running
+                outs.append(self._make_output(req))
             if req.finished:
                 del self.requests[req.request_id]
+        # host time outside the runner (scheduling, bookkeeping, outputs): what a device
+        # waits on between steps when nothing overlaps it
+        self.steps_run += 1
+        self.host_seconds += (t1 - t0) + (time.perf_counter() - t2)
         return outs
 
     def _execute_rows_apart(self, so, error: Exception):
@@ -299,6 +311,26 @@ class EngineCore:
             d[tok] = Logprob(chosen, rank, self._decode_one(tok))
             seq.prompt_logprobs.append(d)
 
+    @staticmethod
+    def _delta(req: Request, i: int, s: Sequence) -> CompletionOutput:
+        """What ``s`` has that was not sent yet: its new token ids, text and logprobs. Text
+        that may be the start of a stop string is held back until it is known not to be
+        (stop strings are dealt with here alone; a consumer just concatenates)."""
+        from halserve.engine.tokenizer import partial_stop_len
+
+        while len(req.sent) <= i:
+            req.sent.append((0, 0, 0))
+        n_tok, n_text, n_lp = req.sent[i]
+        toks = s.token_ids[s.num_prompt_tokens + n_tok:]
+        end = len(s.text)
+        if s.finish_reason is None and s.params.stop:
+            end -= partial_stop_len(s.text, s.params.stop)
+        text = s.text[n_text:end] if end > n_text else ""
+        lps = s.logprobs[n_lp:] if s.logprobs is not None else None
+        req.sent[i] = (n_tok + len(toks), max(n_text, end), n_lp + len(lps or ()))
+        return CompletionOutput(s.index, text, toks, s.cumulative_logprob if lps is not None else None,
+                                lps, s.finish_reason, s.stop_reason)
+
     def _find_stop(self, seq: Sequence, start: int) -> str | None:
         from halserve.engine.tokenizer import find_stop
 
@@ -313,10 +345,13 @@ class EngineCore:
         return self.tokenizer.decode([tok], skip_special_tokens=False) if self.tokenizer else None
 
     def _make_output(self, req: Request) -> RequestOutput:
-        outs = [CompletionOutput(s.index, s.text, s.output_token_ids,
-                                 s.cumulative_logprob if s.logprobs is not None else None,
-                                 list(s.logprobs) if s.logprobs is not None else None,
-                                 s.finish_reason, s.stop_reason) for s in req.seqs]
+        if req.output_kind == "delta":
+            outs = [self._delta(req, i, s) for i, s in enumerate(req.seqs)]
+        else:
+            outs = [CompletionOutput(s.index, s.text, s.output_token_ids,
+                                     s.cumulative_logprob if s.logprobs is not None else None,
+                                     list(s.logprobs) if s.logprobs is not None else None,
+                                     s.finish_reason, s.stop_reason) for s in req.seqs]
         first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
         cached = req.seqs[0].num_cached_tokens if req.seqs else 0
         metrics = RequestMetrics(req.arrival_time, min(first) if first else None,
@@ -341,5 +376,7 @@ class EngineCore:
             "generation_tokens_total": self.generation_tokens_total,
             "num_preemptions_total": sch.num_preemptions,
             "num_kv_blocks": self.kv.num_blocks,
+            "num_steps_total": self.steps_run,
+            "host_us_per_step": 1e6 * self.host_seconds / max(self.steps_run, 1),
             **({"offload": st} if (st := self.connector.stats()) is not None else {}),
         }

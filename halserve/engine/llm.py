@@ -60,7 +60,7 @@ class LLM:
         ids = []
         for p, sp in zip(plist, params):
             rid = str(next(self._ids))
-            self.engine.add_request(rid, p, sp)
+            self.engine.add_request(rid, p, sp, output_kind="final")  # nothing built per step
             ids.append(rid)
         done: dict[str, RequestOutput] = {}
         bar = None

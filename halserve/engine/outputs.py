@@ -1,10 +1,17 @@
-"""vLLM-shaped request outputs."""
+"""vLLM-shaped request outputs.
+
+How much a step's output carries (``EngineCore.add_request(output_kind=...)``, as vLLM's
+``RequestOutputKind``): ``cumulative``: everything so far; ``delta``: only what is new since
+the last output (token ids, text, logprobs; text that may start a stop string is held back);
+``final``: one output, when the request finishes (no per-step work while it runs)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
 from halserve.engine.sampling import Logprob
+
+OUTPUT_KINDS = ("cumulative", "delta", "final")
 
 
 @dataclass(slots=True)

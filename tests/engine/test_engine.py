@@ -203,3 +203,50 @@ def test_prompt_logprobs_match_transformers(ckpts, chunk):
         assert got[tok].logprob == pytest.approx(ref[p - 1, tok].item(), abs=1e-4)
         assert got[tok].rank == int((ref[p - 1] > ref[p - 1, tok]).sum()) + 1
         assert len(got) in (2, 3)  # top-2 plus the prompt token when it is not among them
+
+
+def test_delta_outputs_add_up_to_the_cumulative_ones(ckpts):
+    """``delta`` outputs carry only what is new each step: concatenated they give the same
+    token ids, text and logprobs as the ``cumulative`` run, text that could start a stop
+    string is never sent before it is known not to be one, and ``final`` gives one output."""
+    path = ckpts("llama")
+    llm = LLM(str(path), dtype="float32")
+    eng = llm.engine
+    # a stop string across two tokens' text, first seen there: the first token's last
+    # character must be held back until the next one shows whether it starts the stop
+    eng.add_request("pieces", PROMPTS[1], GREEDY, output_kind="delta")
+    pieces = []
+    while eng.has_unfinished():
+        pieces += [o.outputs[0].text for o in eng.step()]
+    text, stop = "", None
+    for a, b in zip(pieces, pieces[1:]):
+        cand = a[-1:] + b[:2]
+        if len(cand) == 3 and cand not in text + a[:-1]:
+            stop = cand
+            break
+        text += a
+    assert stop is not None
+    for sp in (GREEDY.clone(logprobs=2, max_tokens=12), GREEDY.clone(stop=[stop])):
+        for kind in ("cumulative", "delta", "final"):
+            eng.add_request(kind, PROMPTS[1], sp, output_kind=kind)
+        steps = {"cumulative": [], "delta": [], "final": []}
+        while eng.has_unfinished():
+            for o in eng.step():
+                steps[o.request_id].append(o)
+        cum = steps["cumulative"][-1].outputs[0]
+        deltas = [o.outputs[0] for o in steps["delta"]]
+        assert sum((d.token_ids for d in deltas), []) == cum.token_ids
+        assert "".join(d.text for d in deltas) == cum.text
+        assert all(len(d.token_ids) <= 1 for d in deltas)  # never the whole sequence again
+        if sp.logprobs is not None:
+            assert sum((d.logprobs for d in deltas), []) == cum.logprobs
+        if sp.stop:
+            assert all(stop not in d.text for d in deltas) and cum.finish_reason == "stop"
+            sent = ""
+            for d in deltas:
+                sent += d.text
+                assert cum.text.startswith(sent)  # nothing sent that the stop string took back
+        assert len(steps["final"]) == 1 and steps["final"][0].finished
+        assert steps["final"][0].outputs[0].token_ids == cum.token_ids
+    with pytest.raises(ValueError, match="output_kind='partial'; valid: cumulative, delta, final"):
+        eng.add_request("x", PROMPTS[0], GREEDY, output_kind="partial")
