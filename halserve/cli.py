@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("halserve.generate_cli", "generate text for one prompt"),
     "chat": ("halserve.generate_cli:chat", "interactive chat in the terminal"),
     "probe": ("halserve.hal.probe_cli", "list backends with score and reason, and hardware facts"),
-    "conformance": ("halserve.hal.conformance", "HAL conformance: every backend x op vs float64; --engine: models vs native"),
+    "conformance": ("halserve.hal.conformance", "HAL conformance: backend x op vs float64; --engine: models"),
     "bench": ("halserve.bench", "benchmarks: serve, latency, throughput, startup, offload"),
 }
 

@@ -228,8 +228,8 @@ def cases(quick: bool = False, ops: "list[str] | None" = None) -> list[Case]:
     # write_kv: padding slots (-1) first, last and in the middle
     for dt in DTYPES:
         for bs in (16, 32):
-            table.append(_c("write_kv", bs == 16 or dt == "float32", dtype=dt, T=37, Hk=2, D=128 if bs == 16 else 96, bs=bs,
-                            pad="ends+middle"))
+            table.append(_c("write_kv", bs == 16 or dt == "float32", dtype=dt, T=37, Hk=2,
+                            D=128 if bs == 16 else 96, bs=bs, pad="ends+middle"))
     table.append(_c("write_kv", True, dtype="float32", T=21, Hk=4, D=64, bs=16, pad="none"))
     # attention
     configs = [(hq, hk, d, bs) for hq, hk in ((8, 8), (8, 2), (16, 2)) for d in (64, 128, 96) for bs in (16, 32)]
