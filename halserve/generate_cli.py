@@ -29,6 +29,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-offload-dir", default=None, help="filesystem KV tier directory")
     p.add_argument("--kv-offload-disk-size", type=float, default=16.0,
                    help="filesystem KV tier budget in GiB (default 16)")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, vLLM\'s form: \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                        '(methods: ngram with prompt_lookup_max/min, draft_model with model)')
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -38,6 +41,13 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
               enable_prefix_caching=args.enable_prefix_caching, backend=args.backend, seed=args.seed,
               quantization=args.quantization, enforce_eager=args.enforce_eager,
               batch_invariant=args.batch_invariant, kv_cache_dtype=args.kv_cache_dtype)
+    if getattr(args, "speculative_config", None):
+        import json
+
+        try:
+            kw["speculative_config"] = json.loads(args.speculative_config)
+        except ValueError as e:
+            raise ValueError(f"--speculative-config {args.speculative_config!r} is not valid JSON ({e})") from None
     if args.kv_cache_memory is not None:  # 0 or less is refused by name, not taken as unset
         kw["kv_cache_memory"] = int(args.kv_cache_memory * (1 << 30))
     if args.kv_offloading_size:

@@ -11,6 +11,7 @@ BENCHES = {
     "throughput": "offline throughput vs HF transformers generate",
     "startup": "process start to first answered request of `halserve serve`",
     "offload": "TTFT of a long prompt: recompute vs host-tier vs filesystem-tier hit",
+    "spec": "speculative decoding: speed-up over plain decode by acceptance rate and k, and n-gram on Python",
     "cpu": "CPU decode (batch 1 and batched) vs the read roofline, llama.cpp and HF transformers",
     "soak": "N streaming clients for T minutes with disconnects and bad inputs injected (reliability)",
 }

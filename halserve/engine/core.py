@@ -74,7 +74,14 @@ class EngineCore:
             budget = self.hal.default_kv_cache_bytes(config.gpu_memory_utilization,
                                                      lambda: self.runner.profile_run(config.max_num_batched_tokens,
                                                                                      config.max_num_seqs))
+        self.proposer = self._build_proposer(device)
+        draft_bpb = self.proposer.bytes_per_block() if hasattr(self.proposer, "bytes_per_block") else 0
+        if draft_bpb:  # a draft model's KV shares the block pool: a block costs both halves
+            per = self.runner.bytes_per_block()
+            budget = budget * per // (per + draft_bpb)
         num_blocks = self.runner.allocate_kv_cache(budget, max_useful)
+        if draft_bpb:
+            self.proposer.allocate(num_blocks)
         if not config.enforce_eager:
             self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
         # content, not path: KV blocks cached by one server load on another with the same model
@@ -88,6 +95,11 @@ class EngineCore:
                              lambda ids: [self.kv.release(b) for b in ids])
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    connector=self.connector)
+        if self.proposer is not None:
+            from halserve.engine.spec.drafting import SpecStats, spec_limit
+
+            self.scheduler.spec_limit = spec_limit(self.proposer.k, self.max_model_len)
+            self.spec_stats = SpecStats()
         self.requests: dict[str, Request] = {}
         # request id -> (its last output, the error): ended by a fault of their own; the
         # front end drains it and tells that request's caller alone
@@ -101,6 +113,15 @@ class EngineCore:
         logger.info("engine ready in %.2fs: %s; model %s (%s, %s), max_model_len %d",
                     time.monotonic() - t0, self.hal.describe(), mc.architecture, mc.path,
                     str(mc.dtype).removeprefix("torch."), self.max_model_len)
+
+    def _build_proposer(self, device):
+        from halserve.engine.spec import build_proposer, parse_speculative_config
+
+        spec = parse_speculative_config(self.config.speculative_config)
+        if spec is None:
+            return None
+        return build_proposer(spec, self.model_config.vocab_size, hal=self.hal, target_config=self.model_config,
+                              block_size=self.config.block_size, device=device)
 
     # ---- requests -----------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: Any) -> tuple[str | None, list[int]]:
@@ -186,6 +207,12 @@ class EngineCore:
             self.connector.wait_for_progress()  # a prompt's KV may be loading
             return []
         t1 = time.perf_counter()
+        if self.proposer is not None:
+            from halserve.engine.spec.drafting import attach_drafts
+
+            attach_drafts(self.proposer, so, self.max_model_len, self._fail_request)
+            if so.empty:
+                return []
         try:
             result = self.runner.execute(so)
         except Exception as e:  # noqa: BLE001 - one row's fault must not end the others
@@ -200,6 +227,12 @@ class EngineCore:
             if result.prompt_logprobs and seq.seq_id in result.prompt_logprobs:
                 self._add_prompt_logprobs(seq, *result.prompt_logprobs[seq.seq_id])
             samples = s.samples
+            verified = result.spec.get(seq.seq_id) if result.spec else None
+            if verified is not None:
+                j += 1
+                self._append_verified(s, verified, now, to_save)
+                touched[seq.request_id] = self.requests[seq.request_id]
+                continue
             seq.num_computed_tokens += s.num_new_tokens
             new = self.kv.commit(seq)
             if new:
@@ -211,6 +244,10 @@ class EngineCore:
             j += 1
             self._append_token(seq, tok, lp, now)
             touched[seq.request_id] = self.requests[seq.request_id]
+        if self.proposer is not None:
+            for s in so.scheduled:
+                if s.seq.is_finished:
+                    self.proposer.finished(s.seq)
         if to_save:  # write-through, once the outputs are out (at the next step, or a flush)
             self.runner.save_blocks(to_save)
         self.kv.evicted_hashes.clear()  # write-through already holds them below
@@ -240,6 +277,7 @@ class EngineCore:
         tokens: list = []
         lps: list = []
         plp: dict = {}
+        spec: dict = {}
         for rid, rows in groups.items():
             try:
                 if len(groups) == 1:
@@ -254,7 +292,29 @@ class EngineCore:
             tokens.extend(res.tokens)
             lps.extend(res.logprobs)
             plp.update(res.prompt_logprobs or {})
-        return SchedulerOutput(kept, so.preempted, 0), StepResult(tokens, lps, plp or None)
+            spec.update(res.spec or {})
+        return SchedulerOutput(kept, so.preempted, 0), StepResult(tokens, lps, plp or None, spec or None)
+
+    def _append_verified(self, s, verified, now: float, to_save: list) -> None:
+        """A row that verified a draft: its KV is valid through the last accepted draft token
+        (the rejected positions' KV is overwritten by later steps before anything reads it),
+        and its tokens are taken one at a time, as plain steps would (stop conditions,
+        prefix-cache commits, offload write-through); what follows a stop is dropped."""
+        seq = s.seq
+        emitted, lps = verified
+        st = self.spec_stats
+        st.num_drafts += 1
+        st.num_draft_tokens += len(s.spec_token_ids)
+        st.num_accepted_tokens += len(emitted) - 1
+        for tok, lp in zip(emitted, lps):
+            seq.num_computed_tokens += 1
+            new = self.kv.commit(seq)
+            if new:
+                to_save.extend(self.connector.blocks_to_save(seq, new))
+            self._append_token(seq, tok, lp, now)
+            if seq.is_finished:
+                return
+        self.proposer.verified(seq, seq.num_computed_tokens)
 
     def _fail_request(self, request_id: str, error: Exception) -> None:
         req = self.requests.pop(request_id, None)
@@ -376,6 +436,7 @@ class EngineCore:
             "generation_tokens_total": self.generation_tokens_total,
             "num_preemptions_total": sch.num_preemptions,
             "num_kv_blocks": self.kv.num_blocks,
+            **(self.spec_stats.as_metrics() if self.proposer is not None else {}),
             "num_steps_total": self.steps_run,
             "host_us_per_step": 1e6 * self.host_seconds / max(self.steps_run, 1),
             **({"offload": st} if (st := self.connector.stats()) is not None else {}),

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from halserve.engine.kv_connector import KVConnector, LayerWaits
-from halserve.engine.sampling import SamplingRow, compute_logprobs, sample
+from halserve.engine.sampling import compute_logprobs, sample
 from halserve.engine.scheduler import SchedulerOutput
+from halserve.engine.spec.verify import row_results, scored_rows
 from halserve.hal.interface import AttentionMetadata, Backend
 
 logger = logging.getLogger("halserve")
@@ -24,6 +25,9 @@ class StepResult:
     logprobs: list[tuple[float, int, list[int], list[float]] | None]
     # seq_id -> (first prompt position scored, [(logprob, rank, top_ids, top_lps)] per position)
     prompt_logprobs: dict[int, tuple[int, list]] | None = None
+    # rows that verified a draft: seq_id -> (every token emitted, their logprobs); their entry
+    # in ``tokens`` is the first of them
+    spec: dict[int, tuple[list[int], list]] | None = None
 
 
 class ModelRunner:
@@ -204,7 +208,8 @@ class ModelRunner:
             return None
         s = so.scheduled[0]
         seq, n = s.seq, s.num_new_tokens
-        if n < 2 or n > max(self.tail_graphs) or not s.samples or seq.params.prompt_logprobs is not None:
+        if (n < 2 or n > max(self.tail_graphs) or not s.samples or seq.params.prompt_logprobs is not None
+                or s.spec_token_ids):  # a tail graph scores one position, a draft needs all
             return None
         b = min(x for x in self.tail_graphs if x >= n)
         st, bs = self._tail, self.block_size
@@ -267,7 +272,9 @@ class ModelRunner:
             seq = s.seq
             start = seq.num_computed_tokens
             end = start + s.num_new_tokens
-            input_ids.extend(seq.token_ids[start:end])
+            # a draft's tokens follow the last real one (engine/spec)
+            input_ids.extend(seq.token_ids[start:end] if not s.spec_token_ids
+                             else (seq.token_ids + s.spec_token_ids)[start:end])
             positions.extend(range(start, end))
             bt = seq.block_ids
             slots.extend(bt[p // bs] * bs + p % bs for p in range(start, end))
@@ -336,6 +343,7 @@ class ModelRunner:
         if staged is not None:
             graph, n, _ = staged
             logits = graph.replay()[:n].float().clone()  # the graph's output buffer is reused next step
+            _, rows, spans = scored_rows(so, rows_idx, None)
         else:
             ids, pos, meta, cu = prepared or self._prepare(so)
             caches = self.kv_caches if events is None else LayerWaits(self.kv_caches, events)
@@ -343,13 +351,10 @@ class ModelRunner:
             plp = self._prompt_logprobs(so, hidden, cu)
             if not rows_idx:
                 return StepResult([], [], plp)
-            last = torch.tensor([cu[i + 1] - 1 for i in rows_idx], dtype=torch.int64, device=self.device)
+            # every position of a draft is scored in this one forward (engine/spec/verify.py)
+            picked, rows, spans = scored_rows(so, rows_idx, cu)
+            last = torch.tensor(picked, dtype=torch.int64, device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, last)).float()
-        rows = []
-        for i in rows_idx:
-            seq = so.scheduled[i].seq
-            rows.append(SamplingRow(seq.params, seq.seed, seq.num_output_tokens,
-                                    seq.prompt_token_ids, seq.output_token_ids))
         want_lp = [r.params.logprobs is not None for r in rows]
         raw = logits.clone() if any(want_lp) else None
         tokens = sample(self.hal, logits, rows)
@@ -362,7 +367,11 @@ class ModelRunner:
                 if want_lp[j]:
                     n = r.params.logprobs
                     lp_out[j] = (chosen[j], rank[j], top_ids[j][:n], top_lp[j][:n])
-        return StepResult(tokens.tolist(), lp_out, plp)
+        tokens = tokens.tolist()
+        if len(rows) == len(rows_idx):
+            return StepResult(tokens, lp_out, plp)
+        first, first_lp, spec = row_results(so, rows_idx, spans, tokens, lp_out)
+        return StepResult(first, first_lp, plp, spec)
 
     def _prompt_logprobs(self, so: SchedulerOutput, hidden: torch.Tensor, cu: list[int]):
         """For sequences that asked for prompt_logprobs: the log-probability of every prompt

@@ -26,11 +26,13 @@ from halserve.engine.sequence import Sequence, SeqStatus
 @dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int
+    num_new_tokens: int  # with a draft: 1 + len(spec_token_ids)
+    spec_slots: int = 0  # draft tokens its blocks and the token budget were reserved for
+    spec_token_ids: list[int] = field(default_factory=list)  # the draft it verifies (engine/spec)
 
     @property
     def samples(self) -> bool:
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens - len(self.spec_token_ids) == self.seq.num_tokens
 
 
 @dataclass(slots=True)
@@ -61,6 +63,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.loading: list[Sequence] = []  # their KV is being loaded by the connector
+        # speculative decoding: seq -> most draft tokens worth verifying after its next token
+        # (engine/spec); None: off
+        self.spec_limit = None
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -181,6 +186,23 @@ class Scheduler:
                 dropped = True
         return dropped
 
+    def _reserve_drafts(self, out: SchedulerOutput, budget: int) -> int:
+        """Room for draft tokens after each decode row's next token, from the token budget and
+        free blocks left once everything else is scheduled: a draft never delays an admission
+        nor preempts anyone. Returns the budget left."""
+        for s in out.scheduled:
+            if budget <= 0:
+                break
+            seq = s.seq
+            if s.num_new_tokens != 1 or not s.samples:
+                continue
+            room = (len(seq.block_ids) + self.kv.num_free_blocks) * self.kv.block_size
+            k = min(self.spec_limit(seq), budget, room - seq.num_computed_tokens - 1)
+            if k > 0 and self.kv.allocate(seq, seq.num_computed_tokens + 1 + k):
+                s.spec_slots = k
+                budget -= k
+        return budget
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         if self.loading:
@@ -253,6 +275,8 @@ class Scheduler:
             seq.num_cached_tokens = computed
             self._run(seq, n, out, scheduled)
             budget -= n
+        if self.spec_limit is not None and budget > 0:
+            budget = self._reserve_drafts(out, budget)
         # the runner wants decode rows (one query token, sampling) first
         out.scheduled.sort(key=lambda s: not (s.num_new_tokens == 1 and s.samples))
         out.num_decodes = sum(1 for s in out.scheduled if s.num_new_tokens == 1 and s.samples)

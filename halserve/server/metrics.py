@@ -58,6 +58,25 @@ class _EngineCollector:
         offload = values.get("offload")
         if isinstance(offload, dict):
             yield from self._offload(offload)
+        if "spec_decode_num_drafts" in values:
+            yield from self._spec(values)
+
+    def _spec(self, v: dict):
+        """Speculative decoding (engine/spec), when configured; vLLM's spec_decode names."""
+        for key, name, kind, help_ in (
+                ("spec_decode_num_drafts", "halserve:spec_decode_num_drafts", "counter",
+                 "Verify steps of sequences that had a draft."),
+                ("spec_decode_num_draft_tokens", "halserve:spec_decode_num_draft_tokens", "counter",
+                 "Draft tokens proposed and verified."),
+                ("spec_decode_num_accepted_tokens", "halserve:spec_decode_num_accepted_tokens", "counter",
+                 "Draft tokens accepted."),
+                ("spec_decode_acceptance_rate", "halserve:spec_decode_acceptance_rate", "gauge",
+                 "Accepted / drafted tokens since start."),
+                ("spec_decode_mean_accepted_length", "halserve:spec_decode_mean_accepted_length", "gauge",
+                 "Tokens a verify step emits on average (accepted drafts + 1).")):
+            fam = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, help_, labels=["model_name"])
+            fam.add_metric([self._model], float(v.get(key, 0) or 0))
+            yield fam
 
     def _offload(self, o: dict):
         """KV offload tiers (engine/offload.py), when configured."""

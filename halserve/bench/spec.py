@@ -1,0 +1,220 @@
+"""``halserve bench spec``: speculative decoding's speed-up over plain decode, end to end
+through ``LLM.generate``, in one process.
+
+Curve: a callable proposer drafts the target's own greedy continuation (found by a plain run
+first), each draft token right with probability alpha and the draft cut at the first wrong
+one, for every alpha in ``--alphas`` and k in ``--ks``, at every batch size in ``--batches``.
+Every figure is a ratio to the plain run in the same process (the peer) and to the ideal
+(tokens a verify step emits: the speed-up if verifying k+1 tokens cost one decode step).
+Greedy output must equal the plain run's (lossless); mismatches are counted and printed.
+
+n-gram: the demo model completing and editing Python from the standard library (prompt
+lookup pays off where the output repeats the prompt), with its measured acceptance.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import time
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from halserve.bench.latency import PRESETS
+
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="random-weight model shape for the curve (default: the demo model)")
+    p.add_argument("--model", default=None, help="a checkpoint directory for the curve instead")
+    p.add_argument("--num-layers", type=int, default=None, help="override the preset's layer count")
+    p.add_argument("--workdir", default=None, help="where random checkpoints go")
+    p.add_argument("--backend", default=None)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--alphas", default="0.3,0.6,0.8,0.95")
+    p.add_argument("--ks", default="2,4,8")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--no-curve", action="store_true", help="skip the acceptance-rate curve")
+    p.add_argument("--no-ngram", action="store_true", help="skip the n-gram workload")
+    p.add_argument("--ngram-k", type=int, default=4)
+    p.add_argument("--ngram-tokens", type=int, default=128, help="tokens generated per n-gram prompt")
+    p.add_argument("--json", default=None)
+
+
+def _spec_counts(llm) -> tuple[int, int, int]:
+    m = llm.get_metrics()  # no keys without speculation
+    return (m.get("spec_decode_num_drafts", 0), m.get("spec_decode_num_draft_tokens", 0),
+            m.get("spec_decode_num_accepted_tokens", 0))
+
+
+def _timed(llm, prompts, params):
+    """(seconds, outputs, (verify steps, drafted, accepted) of the timed run alone)."""
+    import torch
+
+    llm.generate(prompts[:1], params.clone(max_tokens=4))  # warm-up at this batch's shapes
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    before = _spec_counts(llm)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    t = time.perf_counter() - t
+    counts = tuple(x - y for x, y in zip(_spec_counts(llm), before))
+    return t, [o.outputs[0].token_ids for o in outs], counts
+
+
+class AlphaOracle:
+    """Drafts the reference continuation; each token right with probability ``alpha``
+    (seeded by the position, so every run drafts the same), the draft ending at the first
+    wrong one."""
+
+    def __init__(self, refs: dict, input_len: int, vocab: int):
+        self.refs, self.input_len, self.vocab = refs, input_len, vocab
+        self.alpha, self.k = 1.0, 0
+        self.__name__ = "alpha_oracle"
+
+    def __call__(self, token_ids: list[int]) -> list[int]:
+        ref = self.refs.get(tuple(token_ids[:self.input_len]))
+        if ref is None:
+            return []
+        pos = len(token_ids) - self.input_len
+        rng = random.Random(hash((tuple(token_ids[:8]), pos, self.alpha)))
+        out = []
+        for t in ref[pos:pos + self.k]:
+            if rng.random() < self.alpha:
+                out.append(t)
+            else:
+                out.append((t + 1) % self.vocab)
+                break
+        return out
+
+
+def curve(args, rows: list) -> None:
+    import torch
+
+    from halserve import LLM, SamplingParams
+    from halserve.bench.decode import copy_bandwidth_gbs
+    from halserve.bench.latency import weight_bytes_per_token
+
+    if args.model:
+        model = Path(args.model)
+    elif args.preset:
+        from halserve.bench.latency import ensure_checkpoint
+
+        model = ensure_checkpoint(args)
+    else:
+        from halserve.server.cli import demo_model_path
+
+        model = demo_model_path()
+    alphas = [float(a) for a in args.alphas.split(",")]
+    ks = [int(k) for k in args.ks.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    n, bmax = args.output_len, max(batches)
+    common = dict(backend=args.backend, dtype=args.dtype, max_num_seqs=bmax,
+                  max_model_len=args.input_len + n + max(ks) + 16, enable_prefix_caching=False)
+    llm = LLM(str(model), **common)
+    vocab = llm.engine.model_config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, vocab, (args.input_len,), generator=g).tolist() for _ in range(bmax)]
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    wbytes = weight_bytes_per_token(llm.engine.model)
+    bw = copy_bandwidth_gbs(llm.engine.runner.device)
+    base, refs = {}, {}
+    for b in batches:
+        t, outs, _ = _timed(llm, prompts[:b], params)
+        base[b] = t
+        refs[b] = outs
+        roof = wbytes / (bw * 1e9)  # seconds a decode step must take to read the weights once
+        print(f"[spec] plain decode batch {b}: {b * n / t:.1f} tok/s, {t / n * 1e3:.2f} ms/step = "
+              f"{100 * roof / (t / n):.0f}% of the {bw:.0f} GB/s read roofline", flush=True)
+    name = f"{llm.engine.hal.name} on {llm.engine.runner.device}"
+    del llm
+    gc.collect()
+    oracle = AlphaOracle({}, args.input_len, vocab)
+    llm = LLM(str(model), speculative_config={"method": "callable", "proposer": oracle,
+                                              "num_speculative_tokens": max(ks)}, **common)
+    for b in batches:
+        oracle.refs = {tuple(p): r for p, r in zip(prompts[:b], refs[b])}
+        for k in ks:
+            for a in alphas:
+                oracle.alpha, oracle.k = a, k
+                t, outs, (steps, drafted, accepted) = _timed(llm, prompts[:b], params)
+                mismatched = sum(o != r for o, r in zip(outs, refs[b]))
+                emitted = (accepted + steps) / max(steps, 1)
+                row = dict(model=model.name, backend=name, batch=b, k=k, alpha=a, plain_s=base[b], spec_s=t,
+                           speedup=base[b] / t, acceptance=accepted / max(drafted, 1),
+                           tokens_per_verify=emitted, pct_of_ideal=100 * base[b] / t / emitted,
+                           mismatched_rows=mismatched)
+                rows.append(row)
+                print(f"[spec] batch {b:2d} k={k} alpha={a:.2f}: {row['speedup']:.2f}x plain "
+                      f"(acceptance {row['acceptance']:.2f}, {emitted:.2f} tokens/verify -> "
+                      f"{row['pct_of_ideal']:.0f}% of ideal)" + (f"; {mismatched} rows differ" if mismatched else ""),
+                      flush=True)
+    del llm
+    gc.collect()
+
+
+def _python_prompts(count: int) -> list[str]:
+    """Completing and editing real Python: standard-library sources cut at a function, and
+    a function followed by a request to repeat it renamed."""
+    import inspect
+    import json as json_mod
+    import textwrap
+
+    srcs = [inspect.getsource(m) for m in (textwrap, json_mod.decoder, json_mod.encoder)]
+    out = []
+    for i in range(count):
+        src = srcs[i % len(srcs)]
+        defs = [j for j in range(len(src)) if src.startswith("\ndef ", j)]
+        cut = defs[(i // len(srcs)) % len(defs)] if defs else len(src) // 2
+        body = src[max(0, cut - 1200):cut + 400]
+        if i % 2:  # editing: the same code again with one name changed
+            name = body.split("def ", 1)[-1].split("(", 1)[0] if "def " in body else "x"
+            out.append(body + f"\n\n# the same code with {name} renamed to {name}_v2:\n" + body[:300])
+        else:
+            out.append(body)
+    return out
+
+
+def ngram(args, rows: list) -> None:
+    from halserve import LLM, SamplingParams
+    from halserve.server.cli import demo_model_path
+
+    model = demo_model_path()
+    prompts = _python_prompts(8)
+    params = SamplingParams(temperature=0, max_tokens=args.ngram_tokens, ignore_eos=True)
+    common = dict(backend=args.backend, dtype=args.dtype, max_num_seqs=len(prompts))
+    llm = LLM(str(model), **common)
+    base = {b: _timed(llm, prompts[:b], params) for b in (1, len(prompts))}
+    del llm
+    gc.collect()
+    llm = LLM(str(model), speculative_config={"method": "ngram", "num_speculative_tokens": args.ngram_k,
+                                              "prompt_lookup_max": 4, "prompt_lookup_min": 2}, **common)
+    for b in (1, len(prompts)):
+        t, outs, (steps, drafted, accepted) = _timed(llm, prompts[:b], params)
+        row = dict(workload="ngram python (demo model)", batch=b, k=args.ngram_k, plain_s=base[b][0], spec_s=t,
+                   speedup=base[b][0] / t, acceptance=accepted / max(drafted, 1),
+                   tokens_per_verify=(accepted + steps) / max(steps, 1),
+                   mismatched_rows=sum(o != r for o, r in zip(outs, base[b][1])))
+        rows.append(row)
+        print(f"[spec] n-gram on Python, batch {b}: {row['speedup']:.2f}x plain, acceptance "
+              f"{row['acceptance']:.2f}, {row['tokens_per_verify']:.2f} tokens/verify"
+              + (f"; {row['mismatched_rows']} rows differ" if row["mismatched_rows"] else ""),
+              flush=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    rows: list = []
+    print(f"[spec] {time.strftime('%Y-%m-%d %H:%M %Z')}, torch {torch.__version__}, "
+          f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    if not args.no_curve:
+        curve(args, rows)
+    if not args.no_ngram:
+        ngram(args, rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
