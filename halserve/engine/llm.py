@@ -116,11 +116,6 @@ class AsyncLLM:
         self._thread = threading.Thread(target=self._loop, name="halserve-engine", daemon=True)
         self._thread.start()
 
-    @classmethod
-    def from_config(cls, config: EngineConfig) -> "AsyncLLM":
-        kw = {k: getattr(config, k) for k in config.__slots__ if k != "model"}
-        return cls(config.model, **kw)
-
     # ---- engine thread ------------------------------------------------------------------------
     def _deliver(self, rid: str, item) -> None:
         with self._lock:

@@ -309,11 +309,6 @@ class IncrementalDetokenizer:
         self.tokens.append(int(token_id))
         return self._step(final=False)
 
-    def add_many(self, token_ids: Iterable[int]) -> str:
-        """Append several tokens (a speculative-decoding step) and decode once."""
-        self.tokens.extend(int(t) for t in token_ids)
-        return self._step(final=False)
-
     def flush(self) -> str:
         """Emit whatever is held back (an incomplete character decodes to U+FFFD)."""
         return self._step(final=True)
