@@ -112,7 +112,8 @@ class RocmBackend(CudaBackend):
     def describe(self) -> str:
         where = (f"{self.arch} ({CDNA[self.arch]['family']})" if self.on_amd else
                  f"check run of {self.arch} configs on {self.device_name} (fp8 as e4m3fn; not AMD hardware)")
-        return f"backend=rocm device={self.device} arch={where} gemm=Triton fp8={self.capabilities.fp8_formats[0]}"
+        base = super(CudaBackend, self).describe()  # backend, device, accelerated and native ops
+        return f"{base} arch={where} gemm=Triton fp8={self.capabilities.fp8_formats[0]}"
 
     # ---- weights ------------------------------------------------------------------------------
     def pack_weight(self, weight: torch.Tensor, scheme: str = "none", *,
