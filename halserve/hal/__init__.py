@@ -89,8 +89,7 @@ def _candidates() -> "dict[str, tuple[type | None, str | None]]":
             found[name] = _load(spec)
     for name, cls in _registered.items():
         found[name] = (cls, None)
-    order = {n: i for i, n in enumerate(PREFERENCE)}
-    return dict(sorted(found.items(), key=lambda kv: order.get(kv[0], len(order))))
+    return dict(sorted(found.items(), key=lambda kv: _rank(kv[0])))
 
 
 def _probe(cls: type) -> ProbeResult:
@@ -105,7 +104,7 @@ def _probe(cls: type) -> ProbeResult:
 
 def available() -> "list[tuple[str, type | None, ProbeResult]]":
     """Every backend with its class (None when it cannot be imported) and probe result,
-    in preference order (cuda, rocm, cpu_amx, riscv_rvv, native, then others)."""
+    in preference order (cuda, rocm, cpu_amx, riscv_rvv, native, then others by name)."""
     rows = []
     for name, (cls, why) in _candidates().items():
         rows.append((name, cls, ProbeResult(0, why or "") if cls is None else _probe(cls)))
@@ -143,8 +142,11 @@ def _interpreter_ok(cls: type) -> bool:
         return False
 
 
-def _rank(name: str) -> int:
-    return PREFERENCE.index(name) if name in PREFERENCE else len(PREFERENCE)
+def _rank(name: str) -> tuple[int, str]:
+    """The tie rule for equal probe scores: in-tree backends in PREFERENCE order, then every
+    other (out-of-tree or registered) backend by name. An out-of-tree backend that must win
+    a tie scores higher instead (e.g. 101 beside cuda's 100)."""
+    return (PREFERENCE.index(name), "") if name in PREFERENCE else (len(PREFERENCE), name)
 
 
 def select(name: str | None = None, batch_invariant: bool = False) -> "Backend":
@@ -155,7 +157,8 @@ def select(name: str | None = None, batch_invariant: bool = False) -> "Backend":
     forced backend whose probe says 0 still runs on the CPU when its class says
     ``interpreter_ok()`` (e.g. Triton kernels under TRITON_INTERPRET=1). Otherwise the
     highest probe score wins; ties go to the earlier of cuda, rocm, cpu_amx, riscv_rvv,
-    native. With ``batch_invariant`` only backends that support it are chosen.
+    native, then to other backends by name (``_rank``). With ``batch_invariant`` only
+    backends that support it are chosen.
     """
     from halserve.errors import BackendUnavailable
 
