@@ -5,6 +5,12 @@
 ``--max-num-seqs`` running at once. The HF peer runs ``generate`` on one batch of
 ``--hf-batch`` prompts of the same shape on the same card (HF has no continuous batching, so
 its rate at that batch is its offline rate). Same checkpoints as ``bench latency``.
+
+The floor (``% floor``): the workload's least possible time on this card, measured in the
+same run: prefill FLOPs (weights and causal attention) at the measured bf16 GEMM peak, plus
+every decode step (waves of ``--max-num-seqs`` sequences) at the larger of its FLOP time and
+its byte time (weights once and every sequence's KV at that step's context, at the measured
+read bandwidth). ``host us/step``: the engine's host time per step outside the runner.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import time
 from pathlib import Path
 
 from halserve.bench.latency import (add_common_arguments, build_hf_model, card_name, checkpoint_dir,
-                                    ensure_checkpoint, print_table, variant_options)
+                                    ensure_checkpoint, hf_config, print_table, variant_options)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +52,60 @@ def hf_throughput(hf_model, batch: int, input_len: int, output_len: int) -> dict
                 total_tok_s=batch * (input_len + output_len) / s)
 
 
+def gemm_peak_tflops(n: int = 8192) -> float:
+    """bf16 dense GEMM rate this card reaches (torch.matmul, square n)."""
+    import torch
+
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * n ** 3 / (time.perf_counter() - t) / 1e12
+
+
+def read_bw_gbs(nbytes: int = 4 << 30) -> float:
+    """Device read bandwidth: an fp32 sum over ``nbytes``."""
+    import torch
+
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device="cuda")
+    for _ in range(3):
+        x.sum()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        x.sum()
+    torch.cuda.synchronize()
+    return 10 * nbytes / (time.perf_counter() - t) / 1e9
+
+
+def workload_floor_s(cfg, num_prompts: int, input_len: int, output_len: int, max_num_seqs: int,
+                     tflops: float, gbs: float, wbytes: float = 2.0) -> float:
+    """The least time for ``num_prompts`` x (input_len in, output_len out) (module docstring)."""
+    h, layers, inter, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
+    hd = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    params = layers * (h * (q + 2 * kv) + q * h + 3 * h * inter) + vocab * h  # + lm_head
+    peak, bw = tflops * 1e12, gbs * 1e9
+    attn = lambda ctx: 4 * layers * q * ctx  # QK^T and PV flops for one query at context ctx
+    prefill = num_prompts * (2 * params * input_len + attn(input_len) * input_len / 2)
+    total = prefill / peak
+    left = num_prompts
+    while left > 0:
+        b = min(left, max_num_seqs)
+        for i in range(output_len - 1):  # the first token comes with the prefill
+            ctx = input_len + i
+            flops = b * (2 * params + attn(ctx))
+            nbytes = params * wbytes + b * layers * 2 * kv * ctx * 2
+            total += max(flops / peak, nbytes / bw)
+        left -= b
+    return total
+
+
 def run_engine(path: Path, args, variant: str, num_prompts: int, max_num_seqs: int) -> dict:
     import torch
 
@@ -68,9 +128,11 @@ def run_engine(path: Path, args, variant: str, num_prompts: int, max_num_seqs: i
     outs = llm.generate(prompts, sp)
     s = time.perf_counter() - t
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    m = llm.engine.get_metrics()
     res = dict(variant=variant, max_num_seqs=max_num_seqs, num_prompts=num_prompts, seconds=s,
                output_tok_s=n_out / s, total_tok_s=(n_out + num_prompts * args.input_len) / s,
-               requests_s=num_prompts / s)
+               requests_s=num_prompts / s, host_us_per_step=m.get("host_us_per_step"),
+               steps=m.get("num_steps_total"))
     del llm, outs
     gc.collect()
     torch.cuda.empty_cache()
@@ -102,9 +164,21 @@ def main(args: argparse.Namespace) -> int:
     del hf_model
     gc.collect()
     torch.cuda.empty_cache()
+    cfg = hf_config(args.preset, args.num_layers)[1] if not args.model else None
+    if cfg is None:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(path)
+    out["gemm_tflops"], out["read_GBs"] = gemm_peak_tflops(), read_bw_gbs()
+    print(f"[bench] {out['card']}: bf16 GEMM {out['gemm_tflops']:.0f} TFLOP/s, read {out['read_GBs']:.0f} GB/s",
+          flush=True)
     rows = []
     for v in variants:
         r = run_engine(path, args, v, args.num_prompts, args.max_num_seqs)
+        wb = 1.0 if variant_options(v)["quantization"] == "fp8" else 2.0
+        r["floor_s"] = workload_floor_s(cfg, args.num_prompts, args.input_len, args.output_len, args.max_num_seqs,
+                                        out["gemm_tflops"], out["read_GBs"], wb)
+        r["pct_floor"] = 100 * r["floor_s"] / r["seconds"]
         if "hf" in out:
             r["x_hf"] = r["output_tok_s"] / out["hf"]["output_tok_s"]
         rows.append(r)
@@ -125,7 +199,7 @@ def main(args: argparse.Namespace) -> int:
     print_table(f"throughput {args.preset} on {out['card']} ({args.num_prompts} x ({args.input_len} in, "
                 f"{args.output_len} out), max_num_seqs {args.max_num_seqs}; HF batch {args.hf_batch})", rows,
                 [("variant", "variant", "s"), ("output tok/s", "output_tok_s", ".0f"), ("total tok/s", "total_tok_s", ".0f"),
-                 ("seconds", "seconds", ".1f"), ("x HF", "x_hf", ".1f"), ("BI overhead %", "bi_overhead_pct", ".1f")])
+                 ("seconds", "seconds", ".1f"), ("% floor", "pct_floor", ".0f"), ("host us/step", "host_us_per_step", ".0f"), ("x HF", "x_hf", ".1f"), ("BI overhead %", "bi_overhead_pct", ".1f")])
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, default=str))
     return 0
