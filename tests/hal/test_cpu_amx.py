@@ -196,3 +196,30 @@ def test_schemes_a_backend_cannot_run_are_refused_by_name(checkpoint):
         load_model(path, NativeBackend(), quantization="int4")
     with pytest.raises(ModelLoadError, match="'int3' is not supported; use None, fp8, int8, int8_w8a8, int4"):
         load_model(path, CpuAmxBackend(), quantization="int3")
+
+
+@pytest.mark.parametrize("scheme", ["none", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_small_batch_fused_kernel(monkeypatch, scheme, dtype):
+    """Decode-size batches take the fused C kernel (all (token, expert) pairs in one region);
+    it must agree with the per-expert path and with native."""
+    from halserve.hal.cpu_amx import backend as B
+    from halserve.hal.interface import MoeSpec
+
+    b, nat = CpuAmxBackend(), NativeBackend()
+    g = torch.Generator().manual_seed(4)
+    e, h, inter = 8, 128, 96
+    w13 = b.pack_weight((torch.randn(e, 2 * inter, h, generator=g) * h ** -0.5).to(dtype), scheme)
+    w2 = b.pack_weight((torch.randn(e, h, inter, generator=g) * inter ** -0.5).to(dtype), scheme)
+    assert b._moe_kind(w13, w2, dtype) is not None
+    spec = MoeSpec(top_k=3)
+    for t in (1, 5):
+        x = torch.randn(t, h, generator=g).to(dtype)
+        logits = torch.randn(t, e, generator=g)
+        fused = b.moe(x, logits, w13, w2, spec)
+        monkeypatch.setattr(B, "MOE_SMALL_T", 0)
+        looped = b.moe(x, logits, w13, w2, spec)
+        monkeypatch.setattr(B, "MOE_SMALL_T", 8)
+        ref = nat.moe(x, logits, w13, w2, spec)
+        limit = 1e-10 if dtype == torch.float32 else 3e-5
+        assert nmse(fused, looped) < limit and nmse(fused, ref) < limit, (t, nmse(fused, ref))

@@ -25,7 +25,8 @@ from halserve.hal.interface import AttentionMetadata, Capabilities, MoeSpec, Pac
 from halserve.hal.native import NativeBackend, route
 
 SMALL_M = 8  # float weights: above this torch's oneDNN GEMM (AMX where present) wins
-SMALL_M_QUANT = 64  # quantized weights: the C kernel until dequantizing per call pays off
+SMALL_M_QUANT = 64
+MOE_SMALL_T = 8  # up to this many tokens every (token, expert) pair runs in one C region  # quantized weights: the C kernel until dequantizing per call pays off
 _CODES = {torch.float32: 0, torch.bfloat16: 1}
 _NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _C_SCHEMES = ("none", "int8", "int8_w8a8", *quant.INT4_SCHEMES)
@@ -267,6 +268,9 @@ class CpuAmxBackend(NativeBackend):
         if self._native("moe", s):
             return NativeBackend.moe(self, x, router_logits, w13, w2, spec, out)
         topk_w, topk_ids = route(router_logits, spec)
+        kind = self._moe_kind(w13, w2, x.dtype)
+        if x.shape[0] <= MOE_SMALL_T and kind is not None:
+            return self._moe_small(x, topk_w, topk_ids, w13, w2, kind, out)
         acc = torch.zeros(x.shape[0], w2.weight.shape[-2], dtype=torch.float32)
         flat = topk_ids.flatten()
         for e in torch.unique(flat).tolist():
@@ -277,4 +281,35 @@ class CpuAmxBackend(NativeBackend):
             h = self.silu_and_mul(gu.to(x.dtype))
             y = self.linear(h, quant.expert(w2, e), None).float()
             acc[tok] += y * topk_w.flatten()[hit][:, None]
+        return acc.to(x.dtype) if out is None else out.copy_(acc)
+
+    def _moe_kind(self, w13: PackedWeight, w2: PackedWeight, dtype: torch.dtype) -> "int | None":
+        """The fused small-batch MoE kernel's weight code, or None when the per-expert path runs."""
+        if w13.scheme != w2.scheme or w13.act_scheme != "none":
+            return None
+        if w13.scheme == "int8":
+            return 2 if w13.scale.dim() == 2 and w2.scale.dim() == 2 else None
+        if w13.scheme == "none" and w13.weight.dtype == w2.weight.dtype == dtype:
+            return _CODES[dtype]
+        return None
+
+    def _moe_small(self, x, topk_w, topk_ids, w13, w2, kind, out):
+        t, hdim = x.shape
+        k = topk_ids.shape[1]
+        inter = w2.weight.shape[-1]
+        p = self._ptr
+        xf = x.float().contiguous()
+        ids = topk_ids.to(torch.int64).contiguous()
+        tw = topk_w.float().contiguous()
+        w13w, w2w = w13.weight.contiguous(), w2.weight.contiguous()
+        s13 = None if kind != 2 else w13.scale.float().contiguous()
+        s2 = None if kind != 2 else w2.scale.float().contiguous()
+        gu = torch.empty(t * k, 2 * inter)
+        act = torch.empty(t * k, inter)
+        y = torch.empty(t * k, hdim)
+        acc = torch.empty(t, hdim)
+        self.lib.hs_moe_small(p(xf, "float *"), t, hdim, inter, k, p(ids, "int64_t *"), p(tw, "float *"),
+                              p(w13w), p(s13, "float *"), p(w2w), p(s2, "float *"), kind,
+                              int(x.dtype == torch.bfloat16), p(gu, "float *"), p(act, "float *"),
+                              p(y, "float *"), p(acc, "float *"))
         return acc.to(x.dtype) if out is None else out.copy_(acc)

@@ -10,7 +10,7 @@ from pathlib import Path
 from halserve.hal.cbuild import CBuildError, load_library
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / n for n in ("linear.c", "ops.c", "attention.c", "runtime.c")]
+SOURCES = [HERE / n for n in ("linear.c", "ops.c", "attention.c", "moe.c", "runtime.c")]
 
 TIERS = ("amx", "avx512", "avx2")
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
@@ -45,6 +45,9 @@ void hs_write_kv(const char *key, const char *value, char *kcache, char *vcache,
 void hs_attention(const void *q, const void *kc, const void *vc, void *out, const int32_t *cu_q,
                   const int32_t *seq_lens, const int32_t *tables, int max_blocks, int num_seqs, int T, int Hq,
                   int Hk, int D, int bs, int window, float scale, int qbf16, int max_seqlen_k, int bf16);
+void hs_moe_small(const float *x, int T, int H, int I, int topk, const int64_t *ids, const float *tw,
+                  const void *w13, const float *s13, const void *w2, const float *s2, int kind, int rb,
+                  float *gu, float *act, float *y, float *out);
 int hs_amx_request(void);
 void hs_set_threads(int n);
 int hs_get_threads(void);
