@@ -82,6 +82,7 @@ class EngineCore:
         num_blocks = self.runner.allocate_kv_cache(budget, max_useful)
         if draft_bpb:
             self.proposer.allocate(num_blocks)
+        self.runner.capture_verify = self.proposer is not None
         if not config.enforce_eager:
             self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
         # content, not path: KV blocks cached by one server load on another with the same model

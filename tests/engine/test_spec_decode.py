@@ -331,3 +331,33 @@ def test_cli_flag_parses_json():
     assert engine_kwargs(args)["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 2}
     with pytest.raises(ValueError, match="not valid JSON"):
         engine_kwargs(p.parse_args(["--speculative-config", "{ngram"]))
+
+
+def test_verify_graph_matches_eager(checkpoint):
+    """One sequence verifying a draft runs as a captured step returning every position's
+    logits (checked with a backend whose 'graph' replays the captured step function)."""
+    from halserve import hal
+    from tests.engine.test_graphs import ReplayGraphBackend
+
+    hal.register(ReplayGraphBackend)
+    path = str(checkpoint("llama"))
+    ref = _tokens(LLM(path, dtype="float32", enforce_eager=True), PROMPTS, GREEDY)
+    oracle = Oracle({tuple(p): r for p, r in zip(PROMPTS, ref)}, 512, 5)
+    g = LLM(path, dtype="float32", backend="test_replay_graphs",
+            speculative_config={"method": "callable", "proposer": oracle, "num_speculative_tokens": 5})
+    runner = g.engine.runner
+    assert sorted(runner.verify_graphs) == sorted(runner.tail_graphs)
+    replays = []
+
+    class Counted:
+        def __init__(self, graph):
+            self.graph = graph
+
+        def replay(self):
+            replays.append(1)
+            return self.graph.replay()
+
+    runner.verify_graphs = {b: Counted(x) for b, x in runner.verify_graphs.items()}
+    assert [_tokens(g, [p], GREEDY)[0] for p in PROMPTS] == ref
+    steps = g.get_metrics()["spec_decode_num_drafts"]
+    assert steps > 0 and len(replays) == steps  # every verify step of one sequence: a graph
