@@ -1,29 +1,104 @@
-"""The HAL contract: the Backend base class, its data types and op signatures.
+"""The HAL contract on one page: the Backend base class, its data types, op signatures and
+the dispatcher.
 
 A backend is a subclass of ``NativeBackend`` (``halserve.hal.native``). It overrides the ops
 it accelerates and inherits the rest, so every backend runs every model from day one.
 
-Mandatory surface (everything else has a working default):
+Constructor: ``Backend(device: str | torch.device | None = None, batch_invariant: bool = False)``;
+``hal.select``/``hal.create`` pass the probe's device (or ``name:index``'s) and the engine's
+``--batch-invariant``. Call ``super().__init__(device, batch_invariant)``.
 
-- ``name``: short string used by ``HALSERVE_BACKEND`` and ``halserve probe``.
-- ``probe()`` (classmethod): cheap, never raises; score 0 means "cannot run here".
+Hooks (mandatory first; every other one has the default shown):
 
-Optional, with defaults in ``Backend``/``NativeBackend``:
+| hook | default |
+| --- | --- |
+| ``name`` (class attribute) | mandatory: the short name for ``HALSERVE_BACKEND``, ``halserve probe`` |
+| ``probe()`` classmethod -> ProbeResult | mandatory: cheap, never raises; score 0 = not on this machine |
+| ``interpreter_ok()`` classmethod -> bool | False; True: a forced backend whose probe says 0 still runs on the CPU (Triton interpreter) |
+| ``capabilities`` property -> Capabilities | ``Capabilities()`` (NativeBackend: what torch has here) |
+| ``supports(op, **spec)`` -> True / str | True for an op the class defines, else "native fallback: ..."; see below |
+| ``describe()`` -> str | the start-up line: accelerated ops, native ops |
+| ``kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)`` | ``(2, blocks, block_size, kv_heads, head_dim)`` |
+| ``pack_weight(weight, scheme="none", *, act_scheme=None)`` | NativeBackend: keep or quantize (``hal.quant``) |
+| ``memory_info()`` -> (free, total) | NativeBackend: the device's (``hal.device``) |
+| ``default_kv_cache_bytes(gpu_memory_utilization, profile=None)`` | 1 GiB, at most a quarter of what is free |
+| ``synchronize()`` | nothing to wait for (NativeBackend: the device's) |
+| ``capture_graph(fn, *args)`` | None: run eagerly |
+| ``copy_stream(lane=0)`` | a null context: copies run in order |
+| ``event()`` | None: device work runs in order |
+| ``pin_host(t)`` | None: nothing to page-lock |
+| ``empty_host(shape, dtype)`` | ``torch.empty`` pinned when ``capabilities.pin_memory`` (KV offload buffers) |
+| op methods (table below) | NativeBackend's pure-torch ops |
 
-- ``capabilities``: what the backend can do (dtypes, quant schemes, KV dtypes, graphs, ...).
-- ``supports(op, **spec)``: ``True`` when the op runs accelerated on this backend, otherwise a
-  string reason: ``"native fallback: ..."`` when the inherited pure-torch op runs, or
-  ``"refused: ..."`` when the op cannot run at all. The default says native fallback for
-  every op a subclass did not override.
-- ``kv_cache_shape``: the backend owns the KV layout; default ``[2, blocks, block_size, kv_heads, head_dim]``.
-- ``pack_weight``: repack a weight once at load (default: keep as is, or quantize).
-- ``memory_info``, ``synchronize``: device facts; defaults for a CPU.
-- ``capture_graph``: optional graph capture for decode; default returns None (run eagerly).
-- ``copy_stream``, ``event``: a second stream for block copies that run beside the model
-  (KV offload loads), and markers between streams; default: none, copies run in order.
+The dispatcher. Every op call ``backend.<op>(...)`` goes through one dispatcher: it derives a
+spec from the call's real arguments (``spec_of``, the same function the conformance harness
+uses), asks ``supports(op, **spec)`` once per distinct spec (answers are cached per instance:
+they must depend only on the spec and on construction-time state), then runs
 
-Every op writes into a caller-provided ``out`` tensor where it takes one, and takes plain
-tensors and ints, so the same call works from torch, Triton, Gluon or cffi.
+- ``True``: the backend's own method for the op;
+- ``"native fallback: <why>"``: NativeBackend's op;
+- ``"refused: <why>"``: raises ``halserve.errors.OpRefused`` naming the op, spec and reason.
+
+A backend's "accelerated" ops are derived: the op methods its class (or a parent other than
+NativeBackend) defines; ``accelerated_ops`` is no longer read. ``supports`` answering True for
+an op the class does not define reads as native fallback. Override ``supports`` to answer
+True only for specs a kernel handles, "native fallback: ..." otherwise, and end with
+``return super().supports(op, **spec)`` (which refuses what no path can run). Read spec keys
+with ``spec.get`` (a caller may pass fewer). An op body never calls ``super().<op>()`` as a
+hidden fallback: ``native_ran`` (a Counter by op on every instance) counts each native op
+body run for a non-native backend, and the conformance suite fails a case reported
+accelerated that reaches native.
+
+Spec keys (``SPEC_KEYS``; values: torch dtypes, ints, bools, strings, tuples):
+
+| op | keys |
+| --- | --- |
+| linear | dtype (x's), scheme (stored: none/int8/fp8), act_scheme, m, k, n, bias, out, contiguous (x) |
+| rms_norm | dtype, hidden_size, residual, out, contiguous (x and residual) |
+| rotary | dtype, head_dim, rot_dim, is_neox, num_heads, num_kv_heads, unit_stride (q, k last dim), contiguous |
+| silu_and_mul | dtype, intermediate_size, out, contiguous |
+| write_kv | dtype (k's), kv_dtype, head_dim, num_kv_heads, block_size, cache_shape, unit_stride (k, v), contiguous (cache) |
+| attention | dtype (q's), kv_dtype, num_heads, num_kv_heads, head_dim, block_size, sliding_window, cache_shape, out |
+| moe | dtype, num_experts, top_k, scoring, scheme, w2_scheme, act_scheme, num_expert_group, topk_group, renormalize, correction_bias (present), out |
+| swap_blocks | dtype, src_device, dst_device (device types) |
+| copy_blocks | dtype |
+| sample | dtype, all_greedy, all_random, no_top_k, no_top_p, no_min_p, out |
+
+``out`` says whether the caller passed ``out=``; ``cache_shape`` is ``kv_cache.shape[2:]``
+(block_size and num_kv_heads are read from dims 2 and 3, true of the default layout: a
+backend with its own layout reads ``cache_shape``). ``m`` is the number of rows of x.
+
+Layout contract (what a C or Triton kernel may assume; the engine's call form first):
+
+- linear: x [M, K] contiguous from the engine (``contiguous`` says when not), x's dtype;
+  bias [N] in x's dtype or None; returns [M, N] in x's dtype (``out`` [M, N] contiguous when
+  given). The weight is what this backend's ``pack_weight`` made: scheme none [N, K] in the
+  model dtype; int8/fp8 values [N, K] with a float32 scale [1] or [N].
+- rms_norm: x [T, H] (row stride may exceed H: ``contiguous``), weight [H] in x's dtype,
+  residual [T, H] or None. x is not written; residual may be overwritten with h (as vLLM's
+  fused kernel does); returns out, or (out, h) with h = x + residual in x's dtype.
+- rotary: in place on q [T, Hq, D] and k [T, Hk, D] (contiguous from the engine; in
+  general any row/head strides, unit stride on D unless ``unit_stride`` is False);
+  positions [T] int64; cos_sin_cache [max_pos, rot_dim] float32 contiguous (cos half, sin
+  half); only the first rot_dim of D rotate.
+- silu_and_mul: x [T, 2I] contiguous -> [T, I] in x's dtype.
+- write_kv: key, value [T, Hk, D] (may be column slices of one qkv tensor: unit stride on
+  D unless ``unit_stride`` is False); kv_cache: one layer of the backend's own
+  ``kv_cache_shape`` layout (dim 0: k/v, dim 1: block), a contiguous view into a stacked
+  [L, ...] tensor; slot_mapping [T] int64, slot = block * block_size + offset, -1 = skip.
+- attention: q [T, Hq, D] (may be a strided view), kv_cache as for write_kv; metadata
+  tensors int32 contiguous on the device (cu_seqlens_q [S+1], seq_lens [S], block_tables
+  [S, max_blocks]); returns a new [T, Hq, D] tensor in q's dtype (or ``out``).
+- moe: x [T, H] contiguous, router_logits [T, E] (x's dtype); w13.weight [E, 2I, H], w2.weight
+  [E, H, I] with scales [E, N] or [1]; ``MoeSpec.correction_bias`` [E] float32 or None.
+- swap_blocks: src and dst of the same layout with dim 1 the block index; either may be a
+  strided view (a host staging buffer transposed) and on another device; block_mapping
+  [n, 2] int64 on the CPU. copy_blocks: contiguous caches, mapping [n, 2] int64.
+- sample: logits [B, V] float32 contiguous; ``SamplingTensors`` on the device (dtypes in its
+  docstring); returns [B] int64.
+
+Every op takes plain tensors and ints, so the same call works from torch, Triton, Gluon or
+cffi (``data_ptr()`` plus the strides above).
 """
 from __future__ import annotations
 
@@ -68,7 +143,6 @@ class Capabilities:
     quant_schemes: tuple[str, ...] = ("none", "int8", "fp8")
     fp8_formats: tuple[str, ...] = ("e4m3",)
     fp4_formats: tuple[str, ...] = ()
-    kv_dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
     graphs: bool = False
     batch_invariant: bool = True
     pin_memory: bool = False  # host staging buffers (KV offload) should be page-locked
@@ -125,9 +199,6 @@ class AttentionMetadata:
     block_size: int
     num_decode_seqs: int = 0  # leading sequences with query_len == 1 (decode-only prefix)
     sliding_window: int | None = None  # None: full attention
-    # KV copied in beside the forward (offload loads on a copy stream): the model waits on
-    # layer i's marker (``Backend.event``) before it runs layer i; None: nothing in flight
-    layer_ready: "list | None" = None
 
     @property
     def num_seqs(self) -> int:
@@ -212,6 +283,12 @@ class Backend:
     def probe(cls) -> ProbeResult:  # mandatory
         raise NotImplementedError
 
+    @classmethod
+    def interpreter_ok(cls) -> bool:  # optional
+        """True when this backend's kernels can run in an interpreter on the CPU (forced by
+        name although its probe says 0). Default: False."""
+        return False
+
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities()
@@ -239,7 +316,10 @@ class Backend:
         """Shape of one layer's KV cache; dim 0 must be 2 (k, v) and dim 1 the block index."""
         return (2, num_blocks, block_size, num_kv_heads, head_dim)
 
-    def pack_weight(self, weight: "torch.Tensor", scheme: str = "none") -> PackedWeight:
+    def pack_weight(self, weight: "torch.Tensor", scheme: str = "none", *,
+                    act_scheme: str | None = None) -> PackedWeight:
+        """Repack a weight [N, K] (or [E, N, K]) once at load; ``scheme`` is a key of
+        ``hal.quant.WEIGHT_SCHEMES``, ``act_scheme`` overrides its activation scheme."""
         raise NotImplementedError
 
     def memory_info(self) -> tuple[int, int]:
@@ -274,6 +354,13 @@ class Backend:
         full speed, where this backend wants that (``capabilities.pin_memory``). Returns a
         function that undoes it, or None (the default) where there is nothing to do."""
         return None
+
+    def empty_host(self, shape: tuple[int, ...], dtype: "torch.dtype") -> "torch.Tensor":  # optional
+        """A host buffer for KV transfers (offload tiers, staging). Default: ``torch.empty``,
+        page-locked when ``capabilities.pin_memory``."""
+        import torch
+
+        return torch.empty(shape, dtype=dtype, pin_memory=bool(self.capabilities.pin_memory))
 
     def event(self):  # optional
         """A marker between streams, or None (the default) where device work runs in order:
