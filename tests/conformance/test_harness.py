@@ -163,3 +163,14 @@ def test_cli_engine_tier_reports_and_fails(capsys, monkeypatch):
     monkeypatch.setenv("HALSERVE_BACKEND", "native")  # honoured when no --backend is given
     _cli(capsys, "--engine")
     assert seen == ["native", "native"]
+
+
+def test_reduced_mode_only_for_interpreted_backends(monkeypatch):
+    monkeypatch.setenv("HALSERVE_CONFORMANCE_REDUCED", "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    full = C.run(TruncatingBf16(), ops=["silu_and_mul"], quick=True)
+    assert len(full.results) == len(C.cases(quick=True, ops=["silu_and_mul"]))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    small = C.run(TruncatingBf16(), ops=["silu_and_mul"], quick=True)
+    assert [r.case for r in small.results] == [c.name for c in C.reduced(C.cases(quick=True, ops=["silu_and_mul"]))]
+    assert len(small.results) == 3  # one per dtype
