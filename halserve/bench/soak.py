@@ -61,8 +61,10 @@ class SoakReport:
     bad_inputs_tried: int = 0
     bad_inputs_by_code: dict = field(default_factory=dict)
     bad_inputs_5xx: int = 0
-    rss_mb_after_warmup: float | None = None
+    rss_mb_start: float | None = None  # after three single requests
+    rss_mb_after_warmup: float | None = None  # after warmup_seconds of the full load
     rss_mb_after: float | None = None
+    rss_samples: list = field(default_factory=list)  # (seconds into the run, MB)
     metrics_back_to_zero: bool | None = None
     final_metrics: dict = field(default_factory=dict)
 
@@ -79,6 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disconnect-every", type=float, default=1.0, help="seconds between mid-stream disconnects")
     p.add_argument("--bad-every", type=float, default=0.5, help="seconds between malformed requests")
     p.add_argument("--body-limit-mb", type=float, default=16.0, help="the server's --max-request-body-mb")
+    p.add_argument("--warmup-minutes", type=float, default=None,
+                   help="full load before RSS is taken as the baseline (default: a fifth of --minutes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON here")
 
@@ -172,7 +176,7 @@ async def _bad_once(client, i: int, limit_bytes: int, report: SoakReport) -> Non
 
 async def soak(url: str, clients: int, seconds: float, *, max_tokens: int = 32, pid: int | None = None,
                disconnect_every: float = 1.0, bad_every: float = 0.5, body_limit_bytes: int = 16 << 20,
-               seed: int = 0, progress=print) -> SoakReport:
+               seed: int = 0, warmup_seconds: float | None = None, progress=print) -> SoakReport:
     import httpx
 
     _check_loopback(url)
@@ -185,7 +189,10 @@ async def soak(url: str, clients: int, seconds: float, *, max_tokens: int = 32, 
         warm = SoakReport(report.machine, report.date, clients, 0)
         for i in range(3):
             await _stream_once(client, random.Random(seed + i), max_tokens, warm)
-        report.rss_mb_after_warmup = rss_mb(pid)
+        report.rss_mb_start = rss_mb(pid)
+        # the working set of full batches (activations, allocator arenas, KV pages first
+        # touched) grows during the first part of the load: RSS is judged after it
+        warmup = seconds / 5 if warmup_seconds is None else warmup_seconds
         deadline = time.monotonic() + seconds
         max_per_client = 100_000  # a bound on count as well as on time
 
@@ -220,7 +227,13 @@ async def soak(url: str, clients: int, seconds: float, *, max_tokens: int = 32, 
         async def ticker() -> None:
             t0 = time.monotonic()
             while time.monotonic() < deadline:
-                await asyncio.sleep(min(10.0, max(0.1, deadline - time.monotonic())))
+                await asyncio.sleep(min(10.0, max(0.1, deadline - time.monotonic()),
+                                        max(0.1, t0 + warmup - time.monotonic())
+                                        if report.rss_mb_after_warmup is None else 10.0))
+                now_rss = rss_mb(pid)
+                report.rss_samples.append((round(time.monotonic() - t0, 1), now_rss))
+                if report.rss_mb_after_warmup is None and time.monotonic() - t0 >= warmup:
+                    report.rss_mb_after_warmup = now_rss
                 progress(f"soak: {time.monotonic() - t0:5.0f}s  requests {report.requests}  completed "
                          f"{report.completed}  errors {sum(report.errors_by_code.values())}  truncated "
                          f"{report.truncated_streams}  disconnects {report.disconnects_injected}  bad inputs "
@@ -276,6 +289,7 @@ def main(args: argparse.Namespace) -> int:
         report = asyncio.run(soak(url, args.clients, args.minutes * 60, max_tokens=args.max_tokens, pid=pid,
                                   disconnect_every=args.disconnect_every, bad_every=args.bad_every,
                                   body_limit_bytes=int(args.body_limit_mb * (1 << 20)), seed=args.seed,
+                                  warmup_seconds=None if args.warmup_minutes is None else args.warmup_minutes * 60,
                                   progress=lambda s: print(s, flush=True)))
     finally:
         if proc is not None:
