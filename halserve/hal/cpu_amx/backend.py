@@ -25,8 +25,8 @@ from halserve.hal.interface import AttentionMetadata, Capabilities, MoeSpec, Pac
 from halserve.hal.native import NativeBackend, route
 
 SMALL_M = 8  # float weights: above this torch's oneDNN GEMM (AMX where present) wins
-SMALL_M_QUANT = 64
-MOE_SMALL_T = 8  # up to this many tokens every (token, expert) pair runs in one C region  # quantized weights: the C kernel until dequantizing per call pays off
+SMALL_M_QUANT = 16  # quantized weights: the C kernel until dequantizing per call pays off
+MOE_SMALL_T = 8  # up to this many tokens every (token, expert) pair runs in one C region
 _CODES = {torch.float32: 0, torch.bfloat16: 1}
 _NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _C_SCHEMES = ("none", "int8", "int8_w8a8", *quant.INT4_SCHEMES)

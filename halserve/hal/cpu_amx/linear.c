@@ -5,6 +5,9 @@
  * otherwise bound one core). Each output's reduction order depends only on K and the
  * build, never on M: batch-invariant by construction. */
 #include "common.h"
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #define ROWS 4
 
@@ -25,8 +28,27 @@ void hs_linear_f(const float *x, int M, int K, const void *w, int w_bf16, int N,
                 if (w_bf16) {
                     const bf16_t *w0 = (const bf16_t *)w + (int64_t)n0 * K;
                     const bf16_t *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+                    int k0 = 0;
+#ifdef __AVX512F__
+                    /* bf16 -> fp32 is a 16-bit shift: widen, shift, reinterpret, FMA */
+                    __m512 v0 = _mm512_setzero_ps(), v1 = v0, v2 = v0, v3 = v0;
+                    for (; k0 + 16 <= K; k0 += 16) {
+                        __m512 xv = _mm512_loadu_ps(xr + k0);
+#define HS_BF16(p) _mm512_castsi512_ps(_mm512_slli_epi32( \
+    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((p) + k0))), 16))
+                        v0 = _mm512_fmadd_ps(xv, HS_BF16(w0), v0);
+                        v1 = _mm512_fmadd_ps(xv, HS_BF16(w1), v1);
+                        v2 = _mm512_fmadd_ps(xv, HS_BF16(w2), v2);
+                        v3 = _mm512_fmadd_ps(xv, HS_BF16(w3), v3);
+#undef HS_BF16
+                    }
+                    a0 = _mm512_reduce_add_ps(v0);
+                    a1 = _mm512_reduce_add_ps(v1);
+                    a2 = _mm512_reduce_add_ps(v2);
+                    a3 = _mm512_reduce_add_ps(v3);
+#endif
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
-                    for (int k = 0; k < K; k++) {
+                    for (int k = k0; k < K; k++) {
                         float xv = xr[k];
                         a0 += xv * bf16_to_f32(w0[k]);
                         a1 += xv * bf16_to_f32(w1[k]);
@@ -154,6 +176,25 @@ void hs_linear_i4(const float *x, int M, int K, const uint8_t *w, const float *s
         const float *sr = scales + (int64_t)n * ng;
         for (int m = 0; m < M; m++) {
             const float *xr = x + (int64_t)m * K;
+#ifdef __AVX512F__
+            /* per chunk: 16 bytes -> 16 lanes -> low and high nibbles meet x[0:16], x[16:32] */
+            __m512 v = _mm512_setzero_ps();
+            const __m512i lo4 = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
+            for (int g = 0; g < ng; g++) {
+                __m512 a = _mm512_setzero_ps();
+                for (int c = 0; c < cpg; c++) {
+                    const uint8_t *wb = wr + (int64_t)(g * cpg + c) * 16;
+                    const float *xc = xr + (int64_t)(g * cpg + c) * 32;
+                    __m512i bi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)wb));
+                    __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(bi, lo4), eight));
+                    __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bi, 4), eight));
+                    a = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xc), a);
+                    a = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xc + 16), a);
+                }
+                v = _mm512_fmadd_ps(a, _mm512_set1_ps(sr[g]), v);
+            }
+            float acc = _mm512_reduce_add_ps(v);
+#else
             /* one vector of partial sums for the whole row (scale folded in per group):
              * a horizontal sum per group would cost more than the group's arithmetic */
             float v[16] = {0.f};
@@ -170,6 +211,7 @@ void hs_linear_i4(const float *x, int M, int K, const uint8_t *w, const float *s
             }
             float acc = 0.f;
             for (int j = 0; j < 16; j++) acc += v[j];
+#endif
             finish(y, m, N, n, acc, bias);
         }
     }
