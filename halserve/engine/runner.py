@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from halserve.engine.kv_connector import KVConnector, LayerWaits
@@ -49,10 +50,6 @@ class ModelRunner:
         self.tail_graphs: dict[int, object] = {}
         self._tail: dict[str, torch.Tensor] = {}
         self._tail_meta: dict[int, AttentionMetadata] = {}
-        # speculative decoding (engine/spec): one sequence verifying a draft, the same step as
-        # a tail graph's but returning every position's logits; captured when asked for
-        self.capture_verify = False
-        self.verify_graphs: dict[int, object] = {}
         self._layer_events: list | None = None  # see layer_events()
 
     # ---- KV cache ---------------------------------------------------------------------------
@@ -199,13 +196,6 @@ class ModelRunner:
                 return
             self.tail_graphs[b] = graph
             self._tail_meta[b] = meta
-            if self.capture_verify:
-                def verify(b=b, meta=meta, caches=caches):
-                    return self.model.compute_logits(self.model.forward(st["ids"][:b], st["pos"][:b], caches, meta))
-
-                graph = self.hal.capture_graph(verify)
-                if graph is not None:
-                    self.verify_graphs[b] = graph
 
     def _stage_graph(self, so: SchedulerOutput):
         """The captured step that runs ``so``, its inputs copied into its static buffers:
@@ -219,18 +209,17 @@ class ModelRunner:
             return None
         s = so.scheduled[0]
         seq, n = s.seq, s.num_new_tokens
-        graphs = self.verify_graphs if s.spec_token_ids else self.tail_graphs  # a draft: every position
-        if n < 2 or not graphs or n > max(graphs) or not s.samples or seq.params.prompt_logprobs is not None:
+        if (n < 2 or n > max(self.tail_graphs) or not s.samples or seq.params.prompt_logprobs is not None
+                or s.spec_token_ids):  # a tail graph scores one position, a draft needs all
             return None
-        b = min(x for x in graphs if x >= n)
+        b = min(x for x in self.tail_graphs if x >= n)
         st, bs = self._tail, self.block_size
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
         pad = b - n
         bt = seq.block_ids
         # padding rows: beyond the sequence's query length (no attention output read), a
         # valid position, and slot -1 (nothing written)
-        toks = seq.token_ids[start:end] if not s.spec_token_ids else (seq.token_ids + s.spec_token_ids)[start:end]
-        st["ids"][:b].copy_(torch.tensor(toks + [0] * pad), non_blocking=True)
+        st["ids"][:b].copy_(torch.tensor(seq.token_ids[start:end] + [0] * pad), non_blocking=True)
         st["pos"][:b].copy_(torch.tensor(list(range(start, end)) + [end - 1] * pad), non_blocking=True)
         st["slots"][:b].copy_(torch.tensor([bt[p // bs] * bs + p % bs for p in range(start, end)] + [-1] * pad),
                               non_blocking=True)
@@ -243,7 +232,7 @@ class ModelRunner:
         # again reads them, so they are kept true
         meta = self._tail_meta[b]
         meta.query_lens_host[0], meta.seq_lens_host[0] = n, end
-        return graphs[b], (n if s.spec_token_ids else 1), True
+        return self.tail_graphs[b], 1, True
 
     def _stage_decode(self, so: SchedulerOutput):
         n = len(so.scheduled)
@@ -276,8 +265,6 @@ class ModelRunner:
     def _prepare(self, so: SchedulerOutput):
         bs = self.block_size
         input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
         for s in so.scheduled:
@@ -287,9 +274,6 @@ class ModelRunner:
             # a draft's tokens follow the last real one (engine/spec)
             input_ids.extend(seq.token_ids[start:end] if not s.spec_token_ids
                              else (seq.token_ids + s.spec_token_ids)[start:end])
-            positions.extend(range(start, end))
-            bt = seq.block_ids
-            slots.extend(bt[p // bs] * bs + p % bs for p in range(start, end))
             query_lens.append(s.num_new_tokens)
             seq_lens.append(end)
         max_blocks = max(len(s.seq.block_ids) for s in so.scheduled)
@@ -297,12 +281,19 @@ class ModelRunner:
         cu = [0]
         for q in query_lens:
             cu.append(cu[-1] + q)
+        # every token's position and slot at once (numpy), not a Python loop a token: a long
+        # prefill chunk costs the host microseconds, not milliseconds
+        q = np.asarray(query_lens)
+        row = np.repeat(np.arange(len(q)), q)
+        positions = np.arange(cu[-1]) - np.repeat(np.asarray(cu[:-1]) - (np.asarray(seq_lens) - q), q)
+        tbl = np.asarray(table, dtype=np.int32)
+        slots = tbl[row, positions // bs].astype(np.int64) * bs + positions % bs
         dev = self.device
         meta = AttentionMetadata(
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(table, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.from_numpy(tbl).to(dev),
+            slot_mapping=torch.from_numpy(slots).to(dev),
             max_seqlen_q=max(query_lens),
             max_seqlen_k=max(seq_lens),
             query_lens_host=query_lens,
@@ -312,7 +303,7 @@ class ModelRunner:
             sliding_window=getattr(self.mc, "sliding_window", None),
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
+        pos = torch.from_numpy(positions).to(dev)
         return ids, pos, meta, cu
 
     def save_blocks(self, blocks: list) -> None:
