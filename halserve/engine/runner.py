@@ -50,6 +50,10 @@ class ModelRunner:
         self.tail_graphs: dict[int, object] = {}
         self._tail: dict[str, torch.Tensor] = {}
         self._tail_meta: dict[int, AttentionMetadata] = {}
+        # speculative decoding (engine/spec): one sequence verifying a draft, the same step as
+        # a tail graph's but returning every position's logits; captured when asked for
+        self.capture_verify = False
+        self.verify_graphs: dict[int, object] = {}
         self._layer_events: list | None = None  # see layer_events()
 
     # ---- KV cache ---------------------------------------------------------------------------
@@ -196,6 +200,13 @@ class ModelRunner:
                 return
             self.tail_graphs[b] = graph
             self._tail_meta[b] = meta
+            if self.capture_verify:
+                def verify(b=b, meta=meta, caches=caches):
+                    return self.model.compute_logits(self.model.forward(st["ids"][:b], st["pos"][:b], caches, meta))
+
+                graph = self.hal.capture_graph(verify)
+                if graph is not None:
+                    self.verify_graphs[b] = graph
 
     def _stage_graph(self, so: SchedulerOutput):
         """The captured step that runs ``so``, its inputs copied into its static buffers:
@@ -209,17 +220,18 @@ class ModelRunner:
             return None
         s = so.scheduled[0]
         seq, n = s.seq, s.num_new_tokens
-        if (n < 2 or n > max(self.tail_graphs) or not s.samples or seq.params.prompt_logprobs is not None
-                or s.spec_token_ids):  # a tail graph scores one position, a draft needs all
+        graphs = self.verify_graphs if s.spec_token_ids else self.tail_graphs  # a draft: every position
+        if n < 2 or not graphs or n > max(graphs) or not s.samples or seq.params.prompt_logprobs is not None:
             return None
-        b = min(x for x in self.tail_graphs if x >= n)
+        b = min(x for x in graphs if x >= n)
         st, bs = self._tail, self.block_size
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
         pad = b - n
         bt = seq.block_ids
         # padding rows: beyond the sequence's query length (no attention output read), a
         # valid position, and slot -1 (nothing written)
-        st["ids"][:b].copy_(torch.tensor(seq.token_ids[start:end] + [0] * pad), non_blocking=True)
+        toks = seq.token_ids[start:end] if not s.spec_token_ids else (seq.token_ids + s.spec_token_ids)[start:end]
+        st["ids"][:b].copy_(torch.tensor(toks + [0] * pad), non_blocking=True)
         st["pos"][:b].copy_(torch.tensor(list(range(start, end)) + [end - 1] * pad), non_blocking=True)
         st["slots"][:b].copy_(torch.tensor([bt[p // bs] * bs + p % bs for p in range(start, end)] + [-1] * pad),
                               non_blocking=True)
@@ -232,7 +244,7 @@ class ModelRunner:
         # again reads them, so they are kept true
         meta = self._tail_meta[b]
         meta.query_lens_host[0], meta.seq_lens_host[0] = n, end
-        return self.tail_graphs[b], 1, True
+        return graphs[b], (n if s.spec_token_ids else 1), True
 
     def _stage_decode(self, so: SchedulerOutput):
         n = len(so.scheduled)
