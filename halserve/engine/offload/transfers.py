@@ -166,7 +166,7 @@ class Transfers:
         the caller then calls ``loads_done()`` once the device has caught up, and the host
         blocks are released there. With ``events`` (one ``Backend.event()`` a layer) the
         copies run beside the caller's stream and ``events[l]`` marks layer l copied: work
-        that reads layer l waits on it (``AttentionMetadata.layer_ready``); without, they
+        that reads layer l waits on it (the runner hands the model ``kv_connector.LayerWaits``); without, they
         are queued on the current stream, ahead of what is queued next."""
         n = len(block_ids)
         if n == 0:
