@@ -270,7 +270,8 @@ class Scheduler:
                 fresh = self.kv.allocate_fresh(num_loaded)  # after touch: the hits stay put
                 self._register(seq, len(hit), fresh)
                 seq.block_ids += fresh
-                out.kv_loads += self.connector.update_state_after_alloc(seq, fresh, computed - len(hit) * self.kv.block_size)
+                external = computed - len(hit) * self.kv.block_size
+                out.kv_loads += self.connector.update_state_after_alloc(seq, fresh, external)
             seq.num_computed_tokens = computed
             seq.num_cached_tokens = computed
             self._run(seq, n, out, scheduled)
