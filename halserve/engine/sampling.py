@@ -74,8 +74,13 @@ class SamplingParams:
             raise bad("presence_penalty", "must be in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise bad("frequency_penalty", "must be in [-2, 2]")
-        if not self.repetition_penalty > 0.0:
-            raise bad("repetition_penalty", "must be > 0")
+        if not 0.0 < self.repetition_penalty < math.inf:
+            raise bad("repetition_penalty", "must be a finite number > 0")
+        for k, v in (self.logit_bias or {}).items():
+            # the vocabulary bound is checked when the request is added (engine/validate.py)
+            if k < 0 or not -100.0 <= v <= 100.0:
+                raise ValueError(f"logit_bias[{k}]={v!r} is not valid: keys are token ids >= 0, "
+                                 "values in [-100, 100]")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise bad("max_tokens", "must be a positive integer (or None for up to max_model_len)")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:

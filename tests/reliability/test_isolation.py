@@ -24,7 +24,9 @@ def llm(checkpoint):
     dict(min_tokens=10_000, max_tokens=None), dict(seed=1 << 70), dict(max_tokens=True),
 ])
 def test_bad_params_refused_when_added(llm, bad):
-    sp = SamplingParams(**{"temperature": 0.0, "max_tokens": 4, **bad})
+    sp = SamplingParams(temperature=0.0, max_tokens=4)
+    for k, v in bad.items():  # set after construction: the engine checks again when adding
+        setattr(sp, k, v)
     with pytest.raises(ValueError) as e:
         llm.engine.add_request("bad", PROMPTS[0], sp)
     assert "valid" in str(e.value)
@@ -101,3 +103,10 @@ def test_async_abort_ends_the_consumer(checkpoint):
         assert len(outs[-1].outputs[0].token_ids) < 200
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("bad", [dict(logit_bias={5: float("nan")}), dict(logit_bias={5: 101.0}),
+                                 dict(logit_bias={-3: 1.0}), dict(repetition_penalty=float("inf"))])
+def test_sampling_params_refuse_non_finite_bias_and_penalty(bad):
+    with pytest.raises(ValueError, match="is not valid"):
+        SamplingParams(**bad)
