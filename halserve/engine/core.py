@@ -65,17 +65,18 @@ class EngineCore:
         self.eos_token_ids = tuple(mc.eos_token_ids or (self.tokenizer.eos_token_ids if self.tokenizer else []))
         device = self.hal.device or "cpu"
         self.runner = ModelRunner(self.hal, self.model, mc, config.block_size, device, mc.dtype)
+        # before the KV budget is measured: a draft model's weights take device memory too
+        self.proposer = self._build_proposer(device)
+        draft_bpb = self.proposer.bytes_per_block() if hasattr(self.proposer, "bytes_per_block") else 0
         max_useful = config.max_num_seqs * -(-self.max_model_len // config.block_size) + 1
         if config.num_gpu_blocks_override:
-            budget = config.num_gpu_blocks_override * self.runner.bytes_per_block()
+            budget = config.num_gpu_blocks_override * (self.runner.bytes_per_block() + draft_bpb)
         elif config.kv_cache_memory:
             budget = config.kv_cache_memory
         else:
             budget = self.hal.default_kv_cache_bytes(config.gpu_memory_utilization,
                                                      lambda: self.runner.profile_run(config.max_num_batched_tokens,
                                                                                      config.max_num_seqs))
-        self.proposer = self._build_proposer(device)
-        draft_bpb = self.proposer.bytes_per_block() if hasattr(self.proposer, "bytes_per_block") else 0
         if draft_bpb:  # a draft model's KV shares the block pool: a block costs both halves
             per = self.runner.bytes_per_block()
             budget = budget * per // (per + draft_bpb)

@@ -253,6 +253,21 @@ def test_preemption_chunked_prefill_and_prefix_cache(checkpoint):
     assert m["num_preemptions_total"] > 0 and m["prefix_cache_hits"] > 0 and m["spec_decode_num_accepted_tokens"] > 0
 
 
+def test_kv_offload_with_speculation(checkpoint):
+    """Blocks committed token by token from verify steps are written through to the host
+    tier; after the device prefix cache is dropped, the tier serves them and the output is
+    unchanged."""
+    path = str(checkpoint("llama"))
+    ref = _tokens(LLM(path, dtype="float32"), PROMPTS, GREEDY)
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1}
+    llm = LLM(path, dtype="float32", kv_offload_host_bytes=1 << 22, speculative_config=spec)
+    assert _tokens(llm, PROMPTS, GREEDY) == ref
+    llm.engine.kv.reset_prefix_cache()
+    again = [p + r[:20] for p, r in zip(PROMPTS, ref)]  # prompts reaching into generated blocks
+    assert _tokens(llm, again, GREEDY.clone(max_tokens=10)) == [r[20:30] for r in ref]
+    assert llm.get_metrics()["offload"]["host"]["hits"] > 0
+
+
 def test_draft_model(checkpoint):
     path = str(checkpoint("llama"))
     ref = _tokens(LLM(path, dtype="float32"), PROMPTS, GREEDY)
@@ -267,6 +282,7 @@ def test_draft_model(checkpoint):
     llm = LLM(path, dtype="float32", num_gpu_blocks_override=40,
               speculative_config={"method": "draft_model", "model": other, "num_speculative_tokens": 3})
     assert _tokens(llm, PROMPTS, GREEDY) == ref
+    assert llm.engine.kv.num_blocks == 40  # both models' KV in 40 blocks of the one pool
     with pytest.raises(ValueError, match="vocab_size"):
         LLM(path, dtype="float32", speculative_config={
             "method": "draft_model", "num_speculative_tokens": 2,
