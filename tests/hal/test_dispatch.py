@@ -184,3 +184,32 @@ def test_probe_tie_rule(monkeypatch):
     assert hal.select().name == "alpha"
     _only(monkeypatch, {"bravo": _ep("bravo", 4), "alpha": _ep("alpha", 3)})
     assert hal.select().name == "bravo"
+
+
+def test_cuda_fallbacks_are_answers_not_code_paths():
+    """cuda's stride and int8 fallbacks used to hide in its op bodies while supports() said
+    True; now they are supports answers, the native op runs, and native_ran shows it. Only
+    the fallback paths run here (no Triton kernel is launched)."""
+    from halserve.hal.cuda import CudaBackend
+
+    b, n = CudaBackend(device="cpu"), NativeBackend()
+    cache = torch.randn(20, 8)
+    q = torch.randn(3, 4, 16)[..., ::2]  # head dim with stride 2
+    k = torch.randn(3, 2, 16)[..., ::2]
+    spec = spec_of("rotary", torch.arange(3), q, k, cache)
+    assert b.supports("rotary", **spec).startswith("native fallback")
+    q2, k2 = q.clone(), k.clone()
+    b.rotary(torch.arange(3), q, k, cache)
+    n.rotary(torch.arange(3), q2, k2, cache)
+    assert torch.equal(q, q2) and torch.equal(k, k2) and b.native_ran["rotary"] == 1
+
+    w = b.pack_weight(torch.randn(24, 16), "int8")
+    x = torch.randn(5, 16)
+    assert b.supports("linear", **spec_of("linear", x, w)).startswith("native fallback")
+    assert torch.equal(b.linear(x, w), n.linear(x, w)) and b.native_ran["linear"] == 1
+
+    kv = torch.zeros(2, 8, 4, 2, 8)[:, :4]  # a non-contiguous cache (half the blocks of a bigger one)
+    key, val = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    assert b.supports("write_kv", **spec_of("write_kv", key, val, kv, torch.arange(3))).startswith("native")
+    b.write_kv(key, val, kv, torch.tensor([0, -1, 5]))
+    assert b.native_ran["write_kv"] == 1
