@@ -64,7 +64,7 @@ class EngineResult:
     detail: str = ""
 
     def line(self) -> str:
-        m = (f"{int(self.value)} tokens differ" if self.metric == "tokens"
+        m = ("did not run" if math.isinf(self.value) else f"{int(self.value)} tokens differ" if self.metric == "tokens"
              else f"logprob NMSE={self.value:.2e} (<= {self.limit:.0e})")
         text = f"{self.backend:<10} engine {self.model:<6} {self.dtype:<9} {self.status:<5} {m}"
         return text + (f"\n{'':<11}-> {self.detail}" if self.detail else "")

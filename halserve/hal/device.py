@@ -73,16 +73,18 @@ def clear_cuda_last_error() -> None:
     ``cudart()`` bindings lack it."""
     import ctypes
 
-    path = None
+    # every CUDA runtime mapped into the process (torch's, and any other a library brought):
+    # the failed call's error sits in the one torch uses, which need not be the first mapped
+    paths: list[str | None] = []
     try:
         with open("/proc/self/maps") as f:
             for line in f:
-                if "libcudart" in line:
-                    path = line.split()[-1]
-                    break
+                if "libcudart" in line and line.split()[-1] not in paths:
+                    paths.append(line.split()[-1])
     except OSError:
         pass
-    try:
-        ctypes.CDLL(path).cudaGetLastError()  # path None: the symbols already global
-    except (OSError, AttributeError) as e:
-        logger.debug("cannot reach cudaGetLastError (%s); a later CUDA call may report the failure", e)
+    for path in paths + [None]:  # None: the symbols already global
+        try:
+            ctypes.CDLL(path).cudaGetLastError()
+        except (OSError, AttributeError) as e:
+            logger.debug("cannot reach cudaGetLastError in %s (%s)", path, e)
