@@ -37,7 +37,7 @@ class EngineConfig:
     kv_offload_host_bytes: int = 0
     kv_offload_dir: str | None = None
     kv_offload_disk_bytes: int = 16 << 30
-    # speculative decoding (engine/spec_decode.py)
+    # speculative decoding (engine/spec/): vLLM's dict, validated in __post_init__
     speculative_config: dict | None = field(default=None)
 
     def __post_init__(self) -> None:
