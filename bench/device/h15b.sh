@@ -8,8 +8,8 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OF
 step() { local name=$1 lim=$2; shift 2; echo "--- [$SECONDS s] $name (limit ${lim}s)"
   timeout -k 5 "$lim" "$@" > "$OUT/$name.txt" 2>&1; echo "--- [$SECONDS s] $name rc=$?"; tail -n 40 "$OUT/$name.txt"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
-step engine_cuda 100 python3 -m halserve conformance --engine --backend cuda
-step ops_cuda_quick 70 python3 -m halserve conformance --quick --backend cuda
+step engine_cuda 115 python3 -m halserve conformance --engine --backend cuda
+step ops_cuda_quick 55 python3 -m halserve conformance --quick --backend cuda
 grep -E "FAIL|passed" "$OUT/ops_cuda_quick.txt" | head -40 > "$OUT/summary.txt" 2>/dev/null
 grep -E "engine .*(PASS|FAIL)|engine tier" "$OUT/engine_cuda.txt" >> "$OUT/summary.txt" 2>/dev/null
 echo "=== summary"; cat "$OUT/summary.txt"
