@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import gc
 import math
 import tempfile
 from dataclasses import dataclass
@@ -101,11 +102,23 @@ def _engine_backend(backend):
     from halserve import hal
 
     orig = hal.select
+    if _has_graphs(backend):
+        # one instance per engine, as the engine gets from hal.select: a graph-capturing
+        # backend keeps its graph memory pool per instance, and a second engine capturing into
+        # the first one's pool broke the CUDA allocator (H200, 2026-12-04)
+        backend = type(backend)(device=backend.device, batch_invariant=backend.batch_invariant)
     hal.select = lambda name=None, batch_invariant=False: backend
     try:
         yield
     finally:
         hal.select = orig
+
+
+def _has_graphs(backend) -> bool:
+    try:
+        return bool(backend.capabilities.graphs)
+    except Exception:
+        return False
 
 
 def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
@@ -120,7 +133,11 @@ def _generate(backend, path: str, dtype: str, prompts, **params):
     with _engine_backend(backend):
         # 16 tokens a step: the 23- and 40-token prompts prefill in chunks beside decodes
         llm = LLM(path, dtype=dtype, max_num_batched_tokens=32, block_size=16, max_model_len=128)
-        return llm.generate(prompts, SamplingParams(temperature=0.0, ignore_eos=True, **params))
+        try:
+            return llm.generate(prompts, SamplingParams(temperature=0.0, ignore_eos=True, **params))
+        finally:
+            del llm
+            gc.collect()
 
 
 def _scored(outs) -> list[float]:
