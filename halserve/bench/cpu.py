@@ -116,7 +116,9 @@ def run_hf(model: Path, args) -> dict:
 
     gen(ids[:1])(2)
     tok_s, first = _decode_rate(gen(ids[:1]), args.output_len, 1, args.repeats)
-    row = {"engine": "HF transformers", "quant": "none", "decode_tok_s": tok_s, "prefill_tok_s": args.input_len / first}
+    wbytes = sum(t.numel() * t.element_size() for t in hf.parameters())  # it reads them all per token
+    row = {"engine": "HF transformers", "quant": "none", "decode_tok_s": tok_s, "prefill_tok_s": args.input_len / first,
+           "weight_bytes": wbytes - hf.get_input_embeddings().weight.numel() * hf.get_input_embeddings().weight.element_size()}
     if args.batch:
         row["batch_decode_tok_s"], _ = _decode_rate(gen(ids), args.output_len, rows, 1)
     del hf
@@ -200,7 +202,7 @@ def main(args: argparse.Namespace) -> int:
             rows.append({"engine": "llama.cpp", "quant": "-", "error": f"{type(e).__name__}: {e}"[:200]})
     hf = next((r for r in rows if r["engine"] == "HF transformers" and "decode_tok_s" in r), None)
     print(f"\n| engine | quant | batch-1 tok/s | % of read roofline | x llama.cpp | x HF | "
-          f"{args.batch}-seq decode tok/s | x llama.cpp | x HF |")
+          f"{args.batch or 'no'}-seq decode tok/s | x llama.cpp | x HF |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         if "error" in r:
