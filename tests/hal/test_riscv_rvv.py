@@ -1,7 +1,7 @@
 """riscv_rvv through cffi on this machine (the scalar build of the same C source; the RVV
 build runs under qemu, tools/riscv_qemu.sh): probe and forcing, supports(), the exact
 float16/bfloat16 conversions, the counter-based sampler against native, bitwise batch
-invariance, and greedy decode token for token against native and transformers."""
+invariance, and greedy decode token for token against native."""
 from __future__ import annotations
 
 import platform
@@ -115,12 +115,13 @@ def test_no_compiler_is_a_clear_probe_reason(monkeypatch):
     assert res.score == 0 and "no C compiler" in res.reason
 
 
-@pytest.mark.parametrize("preset", ["llama", "mistral", "qwen3_moe"])
-def test_greedy_decode_matches_native_and_transformers(tmp_path, preset):
-    """The engine tier: every op of a forward pass in C (sliding window, GQA, MoE), token
-    for token against native and transformers in float32."""
+@pytest.mark.parametrize("preset", ["mistral", "qwen3_moe"])
+def test_greedy_decode_matches_native(tmp_path, preset):
+    """The engine tier: every op of a forward pass in C (sliding window, one KV head, MoE),
+    token for token against native in float32 (native is held to transformers in
+    tests/engine)."""
     from halserve import LLM, SamplingParams
-    from tests.engine.test_engine import PARITY, PROMPTS, hf_greedy
+    from tests.engine.test_engine import PARITY, PROMPTS
     from tests.helpers.checkpoints import make_checkpoint
 
     path = make_checkpoint(preset, tmp_path / preset)
@@ -130,4 +131,4 @@ def test_greedy_decode_matches_native_and_transformers(tmp_path, preset):
         llm = LLM(str(path), dtype="float32", max_num_batched_tokens=32, backend=name)
         assert llm.engine.hal.name == name
         got[name] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
-    assert got["riscv_rvv"] == got["native"] == hf_greedy(path, PROMPTS, PARITY.max_tokens)
+    assert got["riscv_rvv"] == got["native"]
