@@ -132,3 +132,17 @@ def test_greedy_decode_matches_native(tmp_path, preset):
         assert llm.engine.hal.name == name
         got[name] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
     assert got["riscv_rvv"] == got["native"]
+
+
+@pytest.mark.parametrize("isa, score", [("rv64imafdcv_zicsr_zvfh", 50), ("rv64gc_zve64x_v", 50),
+                                        ("rv64imafdc_zicsr", 20)])
+def test_probe_on_riscv64_reads_the_isa_line(monkeypatch, isa, score):
+    import builtins
+    import io
+
+    real_open = builtins.open
+    monkeypatch.setattr(platform, "machine", lambda: "riscv64")
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: io.StringIO(f"processor\t: 0\nisa\t\t: {isa}\n")
+                        if path == "/proc/cpuinfo" else real_open(path, *a, **k))
+    res = RvvBackend.probe()
+    assert res.score == score and res.score > NativeBackend.probe().score, res

@@ -7,6 +7,7 @@ import platform
 from pathlib import Path
 
 from halserve.hal import cbuild
+from halserve.hal.probe import riscv_extensions
 
 HERE = Path(__file__).parent
 SOURCES = sorted(HERE.glob("*.c"))
@@ -27,8 +28,7 @@ def riscv_isa() -> "tuple[bool, bool]":
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("isa"):
-                    base = line.split(":", 1)[1].strip().split("_")[0]
-                    return True, "v" in base[4:]
+                    return True, riscv_extensions(line.split(":", 1)[1])["v"]
     except OSError:
         pass
     return True, False
