@@ -54,7 +54,7 @@ def test_blocks_cached_on_gpu_load_on_cpu(checkpoint, tmp_path):
     prompt = [list(range(20, 120))]  # six full blocks
     gpu = LLM(path, dtype="float32", backend="cuda", kv_offload_dir=str(tmp_path))
     ref = tokens(gpu.generate(prompt, GREEDY))
-    gpu.engine.offload.flush()
+    gpu.engine.connector.manager.flush()
     assert gpu.get_metrics()["offload"]["disk"]["stores"] >= 6
     cpu = LLM(path, dtype="float32", backend="native", kv_offload_dir=str(tmp_path))
     out = cpu.generate(prompt, GREEDY)
