@@ -204,7 +204,7 @@ def build_offload(config, hal: "Backend", model_config, device, model_fingerprin
                        disk_bytes=config.kv_offload_disk_bytes)
     atexit.register(_flush_at_exit, weakref.ref(m))  # queued write-through lands before the process exits
     logger.info("KV offload: host %s, disk %s (%s); %d bytes a block, %s layout",
-                f"{m.host.num_slots} blocks" if m.host else "off",
+                f"{m.host.num_slots} blocks" if m.host is not None else "off",
                 m.disk.dir if m.disk is not None else "off",
                 f"{len(m.disk)} blocks found" if m.disk is not None else "-", m.block_bytes,
                 "native" if layout.identity else "permuted")
