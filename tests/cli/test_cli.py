@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,8 +12,10 @@ from tests.helpers.checkpoints import make_checkpoint
 
 
 def halserve(*args, timeout=120):
+    # as a user runs it: not under the Triton interpreter other test modules switch on
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run([sys.executable, "-m", "halserve.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 def test_probe_names_native_with_reasons():
