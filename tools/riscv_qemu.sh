@@ -44,7 +44,7 @@ if [ ! -x "$ROOT/usr/bin/python3" ]; then
   rm -rf "$ROOT"
   mmdebstrap --variant=extract --architectures=riscv64 \
     --include=python3,python3-torch,python3-numpy,python3-cffi,python3-safetensors,python3-tqdm,python3-jinja2,python3-yaml,python3-pydantic,python3-prometheus-client,libc6-dev,libgcc-14-dev,libomp-19-dev,libomp5-19 \
-    trixie "$ROOT" "$MIRROR" || { say "mmdebstrap failed"; exit 1; }
+    trixie "$ROOT" "$MIRROR" || { say "mmdebstrap failed: no userland (exit 3: set-up, not a test failure)"; exit 3; }
 fi
 # the extract variant runs no maintainer scripts: make the merged-usr and alternatives links
 for d in bin sbin lib; do [ -e "$ROOT/$d" ] || ln -s usr/$d "$ROOT/$d"; done
@@ -67,7 +67,7 @@ if [ ! -d "$SITE/tokenizers" ]; then
     if python3 -m pip download -q --only-binary=:all: --no-deps --platform $plat --implementation cp \
          --python-version "${PYVER#python}" -d "$RV_DIR/wheels" tokenizers 2>/dev/null; then ok=1; break; fi
   done
-  [ $ok = 1 ] || { say "no tokenizers riscv64 wheel found"; exit 1; }
+  [ $ok = 1 ] || { say "no tokenizers riscv64 wheel found (exit 3: set-up, not a test failure)"; exit 3; }
   for w in "$RV_DIR"/wheels/tokenizers-*riscv64*.whl; do python3 -m zipfile -e "$w" "$SITE"; done
   # huggingface_hub is imported by tokenizers only for Hub downloads; the demo model is local
 fi
