@@ -21,23 +21,10 @@ import time
 import torch
 
 from halserve.bench.latency import card_name, ensure_checkpoint, hf_config, hf_decode_ms
+from halserve.bench.throughput import read_bw_gbs
 
 VARIANTS = {"bf16": {}, "fp8": {"quantization": "fp8"}, "bf16-bi": {"batch_invariant": True},
             "fp8-bi": {"quantization": "fp8", "batch_invariant": True}}
-
-
-def read_bw_gbs() -> float:
-    x = torch.ones(1 << 30, dtype=torch.float32, device="cuda")
-    for _ in range(3):
-        x.sum()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        x.sum()
-    torch.cuda.synchronize()
-    bw = 10 * (4 << 30) / (time.perf_counter() - t) / 1e9
-    del x
-    return bw
 
 
 def step_bytes(cfg, wbytes: float, ctx: int) -> float:
