@@ -20,7 +20,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--backend", default=None, help="force a backend (see `halserve probe`)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quantization", default=None, choices=["fp8", "int8"])
+    from halserve.config import QUANTIZATIONS
+
+    p.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
+                   help="weights quantized at load; a backend that cannot run a scheme refuses it by name")
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="auto (the model dtype); an fp8 KV cache is not implemented and is refused")
     p.add_argument("--enforce-eager", action="store_true")
