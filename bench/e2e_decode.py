@@ -20,21 +20,8 @@ import time
 
 import torch
 
-from halserve.bench.latency import card_name, ensure_checkpoint, hf_config, hf_decode_ms
-from halserve.bench.throughput import read_bw_gbs
-
-VARIANTS = {"bf16": {}, "fp8": {"quantization": "fp8"}, "bf16-bi": {"batch_invariant": True},
-            "fp8-bi": {"quantization": "fp8", "batch_invariant": True}}
-
-
-def step_bytes(cfg, wbytes: float, ctx: int) -> float:
-    h, layers, inter, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
-    hd = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * inter
-    weights = layers * per_layer * wbytes + vocab * h * 2  # lm_head stays bf16
-    return weights + layers * 2 * kv * ctx * 2
-
+from halserve.bench.latency import card_name, ensure_checkpoint, hf_config, hf_decode_ms, variant_options
+from halserve.bench.throughput import decode_step_bytes, read_bw_gbs
 
 def main() -> int:
     ap = argparse.ArgumentParser()
@@ -62,7 +49,7 @@ def main() -> int:
     for v in args.variants.split(","):
         t0 = time.perf_counter()
         llm = LLM(str(path), dtype="bfloat16", max_model_len=args.input_len + args.output_len + 16,
-                  max_num_seqs=max(args.batch, 1), **VARIANTS[v])
+                  max_num_seqs=max(args.batch, 1), **variant_options(v))
         print(f"[e2e] {v}: engine up in {time.perf_counter() - t0:.1f}s", flush=True)
 
         def timed(n, prompts):
@@ -78,7 +65,7 @@ def main() -> int:
         ms = statistics.median(diffs) * 1e3
         bt = timed(args.output_len, batch)
         wbytes = 1 if v.startswith("fp8") else 2
-        floor_ms = step_bytes(cfg, wbytes, args.input_len + args.output_len // 2) / bw / 1e6
+        floor_ms = decode_step_bytes(cfg, wbytes, args.input_len + args.output_len // 2) / bw / 1e6
         row = {"variant": v, "b1_ms_per_token": round(ms, 3), "b1_pct_roofline": round(100 * floor_ms / ms, 1),
                f"b{args.batch}_tok_s": round(args.batch * args.output_len / bt, 1)}
         rows.append(row)

@@ -83,13 +83,25 @@ def read_bw_gbs(nbytes: int = 4 << 30) -> float:
     return 10 * nbytes / (time.perf_counter() - t) / 1e9
 
 
+def _dims(cfg) -> tuple[int, int, int, int, int]:
+    """(layers, q width, kv width, layer weights, lm_head weights) of a dense HF config."""
+    h, layers = cfg.hidden_size, cfg.num_hidden_layers
+    hd = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    return layers, q, kv, layers * (h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size), cfg.vocab_size * h
+
+
+def decode_step_bytes(cfg, wbytes: float, ctx: int, batch: int = 1) -> float:
+    """Bytes one decode step reads: every weight once (lm_head in bf16) and each row's KV."""
+    layers, _, kv, body, head = _dims(cfg)
+    return body * wbytes + head * 2 + batch * layers * 2 * kv * ctx * 2
+
+
 def workload_floor_s(cfg, num_prompts: int, input_len: int, output_len: int, max_num_seqs: int,
                      tflops: float, gbs: float, wbytes: float = 2.0) -> float:
     """The least time for ``num_prompts`` x (input_len in, output_len out) (module docstring)."""
-    h, layers, inter, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
-    hd = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    params = layers * (h * (q + 2 * kv) + q * h + 3 * h * inter) + vocab * h  # + lm_head
+    layers, q, _, body, head = _dims(cfg)
+    params = body + head
     peak, bw = tflops * 1e12, gbs * 1e9
     attn = lambda ctx: 4 * layers * q * ctx  # QK^T and PV flops for one query at context ctx
     prefill = num_prompts * (2 * params * input_len + attn(input_len) * input_len / 2)
@@ -100,8 +112,7 @@ def workload_floor_s(cfg, num_prompts: int, input_len: int, output_len: int, max
         for i in range(output_len - 1):  # the first token comes with the prefill
             ctx = input_len + i
             flops = b * (2 * params + attn(ctx))
-            nbytes = params * wbytes + b * layers * 2 * kv * ctx * 2
-            total += max(flops / peak, nbytes / bw)
+            total += max(flops / peak, decode_step_bytes(cfg, wbytes, ctx, b) / bw)
         left -= b
     return total
 

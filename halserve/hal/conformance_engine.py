@@ -71,6 +71,21 @@ class EngineResult:
         return text + (f"\n{'':<11}-> {self.detail}" if self.detail else "")
 
 
+def perturb(model, seed: int) -> None:
+    """Move norm weights off 1, biases off 0 and MoE router weights to a decisive scale (tiny
+    router logits make top-k choices near-ties), so a kernel that ignores them is seen."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.2 * noise)
+            elif ".gate." in name + "." and "proj" not in name:
+                p.copy_(noise / p.shape[-1] ** 0.5)
+
+
 def make_checkpoint(model: str, path: Path, seed: int = 0) -> Path:
     """A tiny random checkpoint written by transformers (norm weights and biases moved off
     their trivial init, router logits at a decisive scale), token-id prompts only."""
@@ -81,16 +96,7 @@ def make_checkpoint(model: str, path: Path, seed: int = 0) -> Path:
     config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**{**_COMMON, **extra})
     torch.manual_seed(seed)
     m = getattr(transformers, arch)(config).to(torch.float32).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.2 * noise)
-            elif ".gate." in name + "." and "proj" not in name:
-                p.copy_(noise / p.shape[-1] ** 0.5)
+    perturb(m, seed)
     m.save_pretrained(path, safe_serialization=True)
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     return path

@@ -80,20 +80,10 @@ def make_checkpoint(arch: str, path, seed: int = 0, *, dtype: str = "float32",
 
 
 def _perturb(model, seed: int) -> None:
-    """Move norm weights off 1, biases off 0 and router weights to a decisive scale."""
-    import torch
+    """The conformance engine tier's perturbation (norms, biases, router scale)."""
+    from halserve.hal.conformance_engine import perturb
 
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.2 * noise)
-            elif name.endswith("mlp.gate.weight") or "block_sparse_moe.gate" in name:
-                # tiny router logits make top-k choices near-ties: scale them up
-                p.copy_(noise / p.shape[-1] ** 0.5)
+    perturb(model, seed)
 
 
 def _write_tokenizer(path: Path, vocab_size: int) -> None:

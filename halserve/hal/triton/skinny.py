@@ -5,9 +5,11 @@ the rate at which the chip streams W. A classic tiled GEMM gives one program per
 at M <= 16 that is ``N / BLOCK_N`` programs, too few to keep every SM's loads in flight. Here
 the K axis is split too: program ``(m_tile, n_tile, split)`` reduces its own K range into an
 fp32 partial, and a second tiny kernel adds the partials **in split order** and applies the
-scales and bias. The split count depends on the weight's shape only (never on M), and every
-row's reduction order is the same whatever M is, so the same kernel serves batch-invariant
-mode at every batch size (programs are 16 rows tall; rows never mix).
+scales and bias. The split count depends on the weight's shape only (never on M) and rows
+never mix, so a row's result does not depend on its batch. The cuda backend uses it for W8A8
+linears at M <= 16 outside batch-invariant mode (at M = 64 it streamed at 20-40% on the H200,
+so batch-invariant mode keeps ``matmul.persistent_matmul``, which gained the same fixed split);
+the bf16 and weight-only forms are kept for the micro-benchmark (``bench/skinny_gemm.py``).
 
 Weights: bf16/fp16/fp32 ``[N, K]``, or fp8 e4m3 ``[N, K]`` with scale [1] or [N]. For W8A8 the
 few activation rows are quantized first in one small pass (``matmul.quant_fp8_per_token``;
