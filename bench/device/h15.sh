@@ -6,8 +6,7 @@ set -uo pipefail
 OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 unset TRITON_INTERPRET
-step() { local name=$1 lim=$2; shift 2; echo "--- [$SECONDS s] $name (limit ${lim}s)"
-  timeout -k 5 "$lim" "$@" > "$OUT/$name.txt" 2>&1; echo "--- [$SECONDS s] $name rc=$?"; tail -n 30 "$OUT/$name.txt"; }
+. "$(dirname "$0")/step.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
 date -u | tee -a "$OUT/gpu.txt"
 step probe 30 python3 -m halserve probe

@@ -5,8 +5,7 @@
 set -uo pipefail
 OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-step() { local name=$1 lim=$2; shift 2; echo "--- [$SECONDS s] $name (limit ${lim}s)"
-  timeout -k 5 "$lim" "$@" > "$OUT/$name.txt" 2>&1; echo "--- [$SECONDS s] $name rc=$?"; tail -n 40 "$OUT/$name.txt"; }
+. "$(dirname "$0")/step.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
 step engine_cuda 115 python3 -m halserve conformance --engine --backend cuda
 step ops_cuda_quick 55 python3 -m halserve conformance --quick --backend cuda

@@ -8,13 +8,8 @@ set -uo pipefail
 OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
 t0=$SECONDS
-step() {  # step NAME SECONDS CMD...: guarded, timed, logged; a failure never stops the rest
-  local name=$1 lim=$2; shift 2
-  echo "=== [$((SECONDS - t0))s] $name (limit ${lim}s)"
-  timeout -k 5 "$lim" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "=== [$((SECONDS - t0))s] $name rc=$rc"; grep -v -i 'warn\|nanobind\|^ - ' "$OUT/$name.log" | tail -n 12
-}
+STEP_EXT=log
+. "$(dirname "$0")/step.sh"
 # CPU-only, alongside the GPU steps: AOT compiles with this machine's triton
 ( CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=0 timeout -k 5 200 python3 -m halserve.hal.rocm.aot --arch gfx942 --arch gfx950 \
     --json "$OUT/aot.json" > "$OUT/aot.log" 2>&1; echo "aot rc=$?" >> "$OUT/aot.log" ) &

@@ -12,13 +12,8 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TOKENIZER
   HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 t0=$SECONDS
 hs() { python3 -c 'import sys; from halserve.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
-step() {  # step NAME SECONDS CMD...: guarded, timed, logged; a failure never stops the rest
-  local name=$1 lim=$2; shift 2
-  echo "=== [$((SECONDS - t0))s] $name (limit ${lim}s)"
-  timeout -k 5 "$lim" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "=== [$((SECONDS - t0))s] $name rc=$rc"; grep -v -i 'warn\|it/s\]\|^ - ' "$OUT/$name.log" | tail -n 14
-}
+STEP_EXT=log
+. "$(dirname "$0")/step.sh"
 step e2e_1b 100 python3 bench/e2e_decode.py --preset llama-1b --variants bf16 --batch 8 --hf-peer \
   --json "$OUT/e2e_1b.json"
 step thr_1b 100 hs bench throughput --preset llama-1b --variants bf16 --num-prompts 1000 --hf-peer \

@@ -5,8 +5,7 @@ set -uo pipefail
 OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 unset TRITON_INTERPRET
-step() { local name=$1 lim=$2; shift 2; echo "--- [$SECONDS s] $name (limit ${lim}s)"
-  timeout -k 5 "$lim" "$@" > "$OUT/$name.txt" 2>&1; echo "--- [$SECONDS s] $name rc=$?"; tail -n 12 "$OUT/$name.txt"; }
+. "$(dirname "$0")/step.sh"
 ( CUDA_VISIBLE_DEVICES= timeout -k 5 200 python3 -m halserve.hal.rocm.aot --arch gfx942 --arch gfx950 \
     --json "$OUT/rocm_aot.json" > "$OUT/rocm_aot.txt" 2>&1; echo "aot rc=$?" >> "$OUT/rocm_aot.txt" ) &
 step cuda_conformance_full 190 python3 -m halserve conformance --backend cuda

@@ -6,8 +6,7 @@ OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
   TRANSFORMERS_VERBOSITY=error HALSERVE_CACHE_DIR=/tmp/halserve-cache
 unset TRITON_INTERPRET
-step() { local name=$1 lim=$2; shift 2; echo "--- [$SECONDS s] $name (limit ${lim}s)"
-  timeout -k 5 "$lim" "$@" > "$OUT/$name.txt" 2>&1; echo "--- [$SECONDS s] $name rc=$?"; grep -v "it/s\]\|graph/s\]" "$OUT/$name.txt" | tail -n 16; }
+. "$(dirname "$0")/step.sh"
 step engine_tier_cuda 75 python3 -m halserve conformance --engine --backend cuda
 step gpu_tests_rest 60 python3 -m pytest -q -p no:cacheprovider tests/gpu -k "pin_host or engine_gpu or graph"
 PEER=/tmp/llamacpp; mkdir -p $PEER && tar -xJf .carry/peers/llama.cpp-x86-64-amx.tar.xz -C $PEER && tar -xJf .carry/peers/converter.tar.xz -C $PEER || PEER=""
