@@ -16,10 +16,7 @@ import torch
 from halserve.hal.triton import matmul as mm
 from halserve.hal.triton.skinny import skinny_matmul
 
-try:
-    from halserve.hal.quant import quantize
-except ImportError:  # before the HAL's math moved out of native.py
-    from halserve.hal.native import _quantize as quantize
+from halserve.hal.quant import quantize
 
 SHAPES = {"8b": [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
           "1b": [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192)]}

@@ -106,9 +106,6 @@ def load_library(name: str, sources: Sequence[Path], cdef: str, cflags: Sequence
                  ldflags: Sequence[str] = ()) -> tuple:
     """Build (once, cached) and load a C library; returns ``(ffi, lib)``."""
     sources = [Path(s) for s in sources]
-    key = (name, tuple(map(str, sources)), tuple(cflags), tuple(ldflags), _env_lib(name))
-    if key in _LOADED:
-        return _LOADED[key]
     try:
         import cffi
     except ImportError:
@@ -119,11 +116,14 @@ def load_library(name: str, sources: Sequence[Path], cdef: str, cflags: Sequence
             raise CBuildError(f"HALSERVE_{name.upper()}_LIB={prebuilt} is not a file")
         path = Path(prebuilt)
     else:
+        # keyed by the content hash in the name: an edited source is a new library, in this
+        # process too
         path = library_path(name, sources, cflags, ldflags)
-        if not path.is_file():
-            cc = find_compiler()
-            assert cc is not None  # library_path raised otherwise
-            _compile(cc, sources, cflags, ldflags, path)
+    key = (str(path), cdef)
+    if key in _LOADED:
+        return _LOADED[key]
+    if not prebuilt and not path.is_file():
+        _compile(find_compiler(), sources, cflags, ldflags, path)
     ffi = cffi.FFI()
     ffi.cdef(cdef)
     try:

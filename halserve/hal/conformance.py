@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import math
 import os
 import sys
 import time
 import zlib
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -1171,37 +1169,15 @@ def _how(backend: Backend, case: Case) -> str:
 
 @contextlib.contextmanager
 def native_trace(backend: Backend):
-    """Inside: a Counter of NativeBackend op bodies run on ``backend`` (op -> calls), or None
-    for the native backend itself. Uses the backend's own ``native_ran`` Counter where the HAL
-    keeps one; otherwise counts by wrapping NativeBackend's op methods for the duration."""
+    """Inside: the backend's ``native_ran`` Counter (NativeBackend op bodies run on it, op ->
+    calls), cleared first; None for the native backend itself."""
     from halserve.hal.native import NativeBackend
 
     if type(backend) is NativeBackend or not isinstance(backend, NativeBackend):
         yield None
         return
-    counter = getattr(backend, "native_ran", None)
-    if counter is not None:
-        counter.clear()
-        yield counter
-        return
-    counts: Counter = Counter()
-    saved = {op: NativeBackend.__dict__[op] for op in OPS if op in NativeBackend.__dict__}
-
-    def wrap(op, fn):
-        @functools.wraps(fn)
-        def traced(self, *args, **kwargs):
-            if self is backend:
-                counts[op] += 1
-            return fn(self, *args, **kwargs)
-        return traced
-
-    for op, fn in saved.items():
-        setattr(NativeBackend, op, wrap(op, fn))
-    try:
-        yield counts
-    finally:
-        for op, fn in saved.items():
-            setattr(NativeBackend, op, fn)
+    backend.native_ran.clear()
+    yield backend.native_ran
 
 
 # ---- perf ---------------------------------------------------------------------------------

@@ -262,9 +262,8 @@ class Backend:
 
     name: ClassVar[str] = "abstract"
     # Derived per class (never hand-kept): the ops a class or a parent other than
-    # NativeBackend defines. ``accelerated_ops`` is the same set under its old name.
+    # NativeBackend defines (``accelerated_ops``, the old hand-kept set, is not read).
     kernel_ops: ClassVar[frozenset[str]] = frozenset()
-    accelerated_ops: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -446,7 +445,7 @@ def _contig(*ts) -> bool:
 # Each key function returns (op, *values) in the order of SPEC_KEYS[op]: the dispatcher's
 # cache key as it stands, a dict only when supports() must be asked.
 SPEC_KEYS: dict[str, tuple[str, ...]] = {
-    "linear": ("dtype", "scheme", "act_scheme", "m", "k", "n", "bias", "out", "contiguous"),
+    "linear": ("dtype", "scheme", "act_scheme", "k", "n", "bias", "out", "contiguous"),
     "rms_norm": ("dtype", "hidden_size", "residual", "out", "contiguous"),
     "rotary": ("dtype", "head_dim", "rot_dim", "is_neox", "num_heads", "num_kv_heads", "unit_stride", "contiguous"),
     "silu_and_mul": ("dtype", "intermediate_size", "out", "contiguous"),
@@ -464,7 +463,8 @@ SPEC_KEYS: dict[str, tuple[str, ...]] = {
 
 def _key_linear(x, w, bias=None, out=None):
     k = x.shape[-1]
-    return ("linear", x.dtype, w.scheme, w.act_scheme, x.numel() // k if k else 0, k,
+    # no row count: it changes every step and no backend's answer depends on it
+    return ("linear", x.dtype, w.scheme, w.act_scheme, k,
             w.out_features or w.weight.shape[-2], bias is not None, out is not None, x.is_contiguous())
 
 
@@ -571,13 +571,10 @@ def _dispatcher(op: str, kernel, native):
     @functools.wraps(kernel)
     def dispatch(self, *args, **kwargs):
         key = keyf(*args, **kwargs)
-        try:
-            answer = self._supports_cache[key]
-        except KeyError:
-            answer = self._supports_cache[key] = self.supports(op, **dict(zip(SPEC_KEYS[op], key[1:])))
-        except AttributeError:  # a subclass that skipped Backend.__init__
-            self._supports_cache = {}
-            answer = self._supports_cache[key] = self.supports(op, **dict(zip(SPEC_KEYS[op], key[1:])))
+        cache = self.__dict__.setdefault("_supports_cache", {})  # set-up skipped by a subclass
+        answer = cache.get(key)
+        if answer is None:
+            answer = cache[key] = self.supports(op, **dict(zip(SPEC_KEYS[op], key[1:])))
         if answer is True:
             return kernel(self, *args, **kwargs)
         if native is not None and answer.startswith("native fallback"):
@@ -619,4 +616,3 @@ def _install(cls: type) -> None:
             if owner is not Backend and not owner.__dict__.get("_native_root"):
                 kernels.add(op)
         cls.kernel_ops = frozenset(kernels)
-    cls.accelerated_ops = cls.kernel_ops  # the old hand-kept set, now derived (read-only use)

@@ -36,7 +36,6 @@ from halserve.hal.routing import route
 from halserve.hal.sampling import sample_random, sampling_mask  # noqa: F401
 
 # the old private names, for callers written before the split
-_dequant, _quant_act_fp8, _quantize = dequant, quant_act_fp8, quantize
 
 # ops that move bytes and never compute: any dtype goes
 _DATA_MOVES = ("write_kv", "swap_blocks", "copy_blocks")

@@ -44,4 +44,3 @@ def counter_uniform(seeds: torch.Tensor, steps: torch.Tensor, n: int) -> torch.T
 
 
 # the old private names, for callers written against native.py
-_mul32, _mix32, _M32 = mul32, mix32, M32

@@ -27,7 +27,6 @@ class Mutant(NativeBackend):
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         cls.name = "m_" + cls.__name__.lower()
-        cls.accelerated_ops = frozenset({cls.op})  # the pre-H15 contract; harmless after it
 
     def __init__(self, device=None, batch_invariant: bool = False):
         super().__init__(device, batch_invariant)

@@ -107,7 +107,7 @@ def test_spec_of_matches_the_engine_call():
     b = NativeBackend()
     w = b.pack_weight(torch.randn(24, 16), "int8")
     spec = spec_of("linear", torch.randn(5, 16), w, torch.zeros(24))
-    assert spec == {"dtype": torch.float32, "scheme": "int8", "act_scheme": "none", "m": 5, "k": 16, "n": 24,
+    assert spec == {"dtype": torch.float32, "scheme": "int8", "act_scheme": "none", "k": 16, "n": 24,
                     "bias": True, "out": False, "contiguous": True}
     q = torch.randn(3, 4, 8)
     k = torch.randn(3, 2, 8)

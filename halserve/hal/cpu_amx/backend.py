@@ -13,7 +13,6 @@ Which path runs where (``describe()`` says it at start-up):
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -85,6 +84,9 @@ class CpuAmxBackend(NativeBackend):
                     return f"native fallback: {scheme} weights run as dequantize then GEMM in torch"
                 return f"refused: quant scheme {scheme!r} is not valid; use {', '.join(_C_SCHEMES)}"
             return True
+        kv = _dtype(spec.get("kv_dtype"))
+        if op in ("write_kv", "attention") and kv is not None and kv not in _CODES:
+            return f"native fallback: cpu_amx's KV kernels take a float32 or bfloat16 cache, not {kv}"
         if op in ("rms_norm", "silu_and_mul", "write_kv"):
             return True
         if op == "rotary":
@@ -104,7 +106,9 @@ class CpuAmxBackend(NativeBackend):
         return f"native fallback: {op} runs in torch (not a bottleneck on a CPU)"
 
     def _native(self, op: str, spec: dict) -> bool:
-        """True when ``supports`` sends this call to native (declared, never hidden)."""
+        """linear only: True when ``supports`` sends this weight's scheme (its full name,
+        e.g. int8_w8a8 or int4_g32, as the dispatcher's scheme + act_scheme mean) to native.
+        The other ops rely on the dispatcher alone."""
         return self.supports(op, **spec) is not True
 
     def _ptr(self, t: "torch.Tensor | None", ctype: str = "void *"):
@@ -173,9 +177,6 @@ class CpuAmxBackend(NativeBackend):
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
-        spec = dict(dtype=x.dtype, hidden_size=x.shape[-1], residual=residual is not None)
-        if self._native("rms_norm", spec):
-            return NativeBackend.rms_norm(self, x, weight, eps, residual, out)
         xc = x.contiguous()
         t, hsz = xc.numel() // xc.shape[-1], xc.shape[-1]
         dst = out if out is not None and out.is_contiguous() else torch.empty_like(xc)
@@ -191,9 +192,6 @@ class CpuAmxBackend(NativeBackend):
 
     def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                cos_sin_cache: torch.Tensor, is_neox: bool = True) -> None:
-        spec = dict(dtype=q.dtype, head_dim=q.shape[-1], rot_dim=cos_sin_cache.shape[-1], is_neox=is_neox)
-        if self._native("rotary", spec):
-            return NativeBackend.rotary(self, positions, q, k, cos_sin_cache, is_neox)
         if not (q.is_contiguous() and k.is_contiguous()) or q.dtype != k.dtype:
             qc, kc = q.contiguous(), k.to(q.dtype).contiguous()
             self.rotary(positions, qc, kc, cos_sin_cache, is_neox)
@@ -208,8 +206,6 @@ class CpuAmxBackend(NativeBackend):
                            _CODES[q.dtype])
 
     def silu_and_mul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if self._native("silu_and_mul", dict(dtype=x.dtype)):
-            return NativeBackend.silu_and_mul(self, x, out)
         xc = x.contiguous()
         i = xc.shape[-1] // 2
         t = xc.numel() // xc.shape[-1]
@@ -221,9 +217,6 @@ class CpuAmxBackend(NativeBackend):
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
-        spec = dict(dtype=kv_cache.dtype, head_dim=key.shape[-1], block_size=kv_cache.shape[2])
-        if self._native("write_kv", spec):
-            return NativeBackend.write_kv(self, key, value, kv_cache, slot_mapping)
         if not kv_cache.is_contiguous():  # the engine's caches are; a view is written through a copy
             tmp = kv_cache.contiguous()
             self.write_kv(key, value, tmp, slot_mapping)
@@ -240,10 +233,6 @@ class CpuAmxBackend(NativeBackend):
 
     def attention(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                   scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
-        spec = dict(dtype=q.dtype, num_heads=q.shape[1], num_kv_heads=kv_cache.shape[-2], head_dim=q.shape[-1],
-                    block_size=meta.block_size, sliding_window=meta.sliding_window)
-        if self._native("attention", spec) or kv_cache.dtype not in _CODES:
-            return NativeBackend.attention(self, q, kv_cache, meta, scale, out)
         kv_cache = kv_cache.contiguous()
         qc = q.contiguous()
         dst = out if out is not None and out.is_contiguous() else torch.empty_like(qc)
@@ -263,10 +252,6 @@ class CpuAmxBackend(NativeBackend):
 
     def moe(self, x: torch.Tensor, router_logits: torch.Tensor, w13: PackedWeight,
             w2: PackedWeight, spec: MoeSpec, out: torch.Tensor | None = None) -> torch.Tensor:
-        s = dict(dtype=x.dtype, num_experts=w13.weight.shape[0], top_k=spec.top_k, scoring=spec.scoring,
-                 scheme=w13.scheme)
-        if self._native("moe", s):
-            return NativeBackend.moe(self, x, router_logits, w13, w2, spec, out)
         topk_w, topk_ids = route(router_logits, spec)
         kind = self._moe_kind(w13, w2, x.dtype)
         if x.shape[0] <= MOE_SMALL_T and kind is not None:

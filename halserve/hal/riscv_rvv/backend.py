@@ -34,7 +34,6 @@ def _dtname(dtype) -> str | None:
 
 class RvvBackend(NativeBackend):
     name = "riscv_rvv"
-    accelerated_ops = frozenset(OPS)
 
     def __init__(self, device: "str | torch.device | None" = None, batch_invariant: bool = False):
         super().__init__("cpu" if device is None else device, batch_invariant)
@@ -83,6 +82,8 @@ class RvvBackend(NativeBackend):
             return f"native fallback: riscv_rvv kernels take float32, bfloat16 or float16, not {dt}"
         if op in ("linear", "moe"):
             scheme = spec.get("scheme") or "none"
+            if spec.get("act_scheme") not in (None, "none"):
+                return f"native fallback: riscv_rvv's int8 kernel is weight-only, not {spec['act_scheme']} activations"
             if scheme not in ("none", "int8"):
                 return (f"native fallback: riscv_rvv has no {scheme} kernel (RVV 1.0 has no fp8 type); "
                         "unquantized and int8 weight-only run in C")
@@ -126,7 +127,7 @@ class RvvBackend(NativeBackend):
     def _weight(self, w: PackedWeight):
         if w.scheme == "none":
             return w.weight.contiguous(), None, 0
-        if w.scheme == "int8" or (w.scheme == "int8" and w.act_scheme == "none"):
+        if w.scheme == "int8":
             scale = w.scale.float().contiguous()
             return w.weight.contiguous(), scale, int(scale.numel() > 1)
         raise ValueError(f"riscv_rvv: weight scheme {w.scheme!r} has no C kernel (supports() sends it to "
