@@ -212,7 +212,7 @@ class EngineCore:
         if self.proposer is not None:
             from halserve.engine.spec.drafting import attach_drafts
 
-            attach_drafts(self.proposer, so, self.max_model_len, self._fail_request)
+            attach_drafts(self.proposer, so, self._fail_request)
             if so.empty:
                 return []
         try:

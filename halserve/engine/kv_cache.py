@@ -33,6 +33,11 @@ def chain_hashes(parent: bytes, tokens: "list[int] | tuple[int, ...]", block_siz
     return out
 
 
+def block_tokens(seq: Sequence, start: int, block_size: int):
+    """Block ``start + i``'s tokens of ``seq``, as a function of i (prefix-cache and tier checks)."""
+    return lambda i: tuple(seq.token_ids[(start + i) * block_size:(start + i + 1) * block_size])
+
+
 def block_hash(parent: bytes, tokens: "list[int] | tuple[int, ...]", fingerprint: bytes) -> bytes:
     return chain_hashes(parent, tokens, len(tokens), fingerprint)[0]
 

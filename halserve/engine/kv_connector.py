@@ -36,6 +36,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from halserve.engine.kv_cache import block_tokens
+
 
 @dataclass(slots=True)
 class FinishedLoad:
@@ -128,16 +130,12 @@ class OffloadConnector(KVConnector):
         self._jobs: dict[int, tuple[Any, Any]] = {}  # seq id -> (sequence, load job)
 
     # ---- scheduler side -----------------------------------------------------------------------
-    def _block_tokens(self, seq, start: int):
-        bs = self.block_size
-        return lambda i: tuple(seq.token_ids[(start + i) * bs:(start + i + 1) * bs])
-
     def get_num_new_matched_tokens(self, seq, num_computed_tokens: int):
         if seq.load_failed:
             return 0, False
         start = num_computed_tokens // self.block_size
         stop = min((seq.num_tokens - 1) // self.block_size, len(seq.block_hashes))  # keep a token to compute
-        found = self.manager.lookup(seq.block_hashes[start:stop], self._block_tokens(seq, start))
+        found = self.manager.lookup(seq.block_hashes[start:stop], block_tokens(seq, start, self.block_size))
         if found.pending:
             return None
         n = len(found.blocks) + len(found.disk)
@@ -154,7 +152,7 @@ class OffloadConnector(KVConnector):
             return []
         if found.disk:
             start = len(seq.block_ids) - len(block_ids)
-            job = self.manager.start_load(block_ids, found, self._block_tokens(seq, start))
+            job = self.manager.start_load(block_ids, found, block_tokens(seq, start, self.block_size))
             self._jobs[seq.seq_id] = (seq, job)
             return []
         return [(bid, blk, slot) for bid, (_, blk), slot in zip(block_ids, found.blocks, found.slots)]

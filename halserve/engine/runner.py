@@ -230,7 +230,7 @@ class ModelRunner:
         bt = seq.block_ids
         # padding rows: beyond the sequence's query length (no attention output read), a
         # valid position, and slot -1 (nothing written)
-        toks = seq.token_ids[start:end] if not s.spec_token_ids else (seq.token_ids + s.spec_token_ids)[start:end]
+        toks = seq.token_ids[start:end] if not s.spec_token_ids else (seq.token_ids[start:] + s.spec_token_ids)[:end - start]
         st["ids"][:b].copy_(torch.tensor(toks + [0] * pad), non_blocking=True)
         st["pos"][:b].copy_(torch.tensor(list(range(start, end)) + [end - 1] * pad), non_blocking=True)
         st["slots"][:b].copy_(torch.tensor([bt[p // bs] * bs + p % bs for p in range(start, end)] + [-1] * pad),
@@ -285,7 +285,7 @@ class ModelRunner:
             end = start + s.num_new_tokens
             # a draft's tokens follow the last real one (engine/spec)
             input_ids.extend(seq.token_ids[start:end] if not s.spec_token_ids
-                             else (seq.token_ids + s.spec_token_ids)[start:end])
+                             else (seq.token_ids[start:] + s.spec_token_ids)[:end - start])
             query_lens.append(s.num_new_tokens)
             seq_lens.append(end)
         max_blocks = max(len(s.seq.block_ids) for s in so.scheduled)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from halserve.engine.kv_cache import KVCacheManager
+from halserve.engine.kv_cache import KVCacheManager, block_tokens
 from halserve.engine.kv_connector import KVConnector
 from halserve.engine.sequence import Sequence, SeqStatus
 
@@ -114,14 +114,9 @@ class Scheduler:
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
 
-    def _block_tokens(self, seq: Sequence, start: int):
-        """Block ``start + i``'s tokens of ``seq``, as a function of i."""
-        bs = self.kv.block_size
-        return lambda i: tuple(seq.token_ids[(start + i) * bs:(start + i + 1) * bs])
-
     def _register(self, seq: Sequence, start: int, block_ids: list[int]) -> None:
         """Blocks the connector filled with ``seq``'s blocks ``start...`` join the prefix cache."""
-        tokens = self._block_tokens(seq, start)
+        tokens = block_tokens(seq, start, self.kv.block_size)
         for i, bid in enumerate(block_ids):
             self.kv.register_loaded(bid, seq.block_hashes[start + i], tokens(i))
 

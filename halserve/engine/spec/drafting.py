@@ -39,25 +39,14 @@ def spec_limit(k: int, max_model_len: int) -> Callable:
     return limit
 
 
-def draft_limit(s, max_model_len: int) -> int:
-    """Draft tokens worth verifying for scheduled row ``s``: within its reserved slots, the
-    context limit, and ``max_tokens`` (a step emits at most drafts + 1 tokens)."""
-    seq = s.seq
-    k = min(s.spec_slots, max_model_len - seq.num_tokens)
-    if seq.params.max_tokens is not None:
-        k = min(k, seq.params.max_tokens - seq.num_output_tokens - 1)
-    return max(k, 0)
-
-
-def attach_drafts(proposer, so, max_model_len: int, fail: Callable[[str, Exception], None]) -> None:
+def attach_drafts(proposer, so, fail: Callable[[str, Exception], None]) -> None:
     """Ask ``proposer`` for the rows of ``so`` with reserved draft slots and put the drafts
     into them (``spec_token_ids``, ``num_new_tokens``). A proposer that raises is asked
     again one sequence at a time, and the requests whose call raises alone are ended with
     ``fail`` (their rows leave the step); the others go on."""
+    # the scheduler sized spec_slots with spec_limit (context, max_tokens), budget and room
     rows = [s for s in so.scheduled if s.spec_slots > 0 and s.num_new_tokens == 1 and s.samples]
-    ks = [draft_limit(s, max_model_len) for s in rows]
-    rows = [s for s, k in zip(rows, ks) if k > 0]
-    ks = [k for k in ks if k > 0]
+    ks = [s.spec_slots for s in rows]
     if not rows:
         return
     try:
