@@ -127,7 +127,7 @@ def curve(args, rows: list) -> None:
         refs[b] = outs
         roof = wbytes / (bw * 1e9)  # seconds a decode step must take to read the weights once
         print(f"[spec] plain decode batch {b}: {b * n / t:.1f} tok/s, {t / n * 1e3:.2f} ms/step = "
-              f"{100 * roof / (t / n):.0f}% of the {bw:.0f} GB/s read roofline", flush=True)
+              f"{100 * roof / (t / n):.0f}% of the {bw:.0f} GB/s copy-bandwidth roofline", flush=True)
     name = f"{llm.engine.hal.name} on {llm.engine.runner.device}"
     del llm
     gc.collect()

@@ -447,7 +447,9 @@ class OpenAIServer:
             n_gen += sum(len(c.token_ids) for c in out.outputs)
             kept = out.outputs
             if best_of:
-                kept = sorted(kept, key=lambda c: -(c.cumulative_logprob or 0.0))[:req.n]
+                # a candidate without a cumulative logprob ranks last, never first
+                score = lambda c: c.cumulative_logprob if c.cumulative_logprob is not None else float("-inf")
+                kept = sorted(kept, key=lambda c: -score(c))[:req.n]
             for j, c in enumerate(kept):
                 text = (prompts[i][0] or "") + c.text if req.echo else c.text
                 lps = None

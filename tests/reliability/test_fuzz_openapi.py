@@ -4,10 +4,9 @@ every error an OpenAI error body."""
 from __future__ import annotations
 
 import pytest
-
-schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis.errors import Unsatisfiable  # noqa: E402
+import schemathesis  # a test dependency (pyproject): missing, the suite fails rather than skips
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
 
 MAX_EXAMPLES = 10  # per operation and mode: the whole file stays well under a minute on 2 CPUs
 
