@@ -7,8 +7,8 @@ OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 . "$(dirname "$0")/step.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
-step engine_cuda 115 python3 -m halserve conformance --engine --backend cuda
-step ops_cuda_quick 55 python3 -m halserve conformance --quick --backend cuda
+step engine_cuda 260 python3 -m halserve conformance --engine --backend cuda
+step ops_cuda_quick 60 python3 -m halserve conformance --quick --backend cuda
 grep -E "FAIL|passed" "$OUT/ops_cuda_quick.txt" | head -40 > "$OUT/summary.txt" 2>/dev/null
 grep -E "engine .*(PASS|FAIL)|engine tier" "$OUT/engine_cuda.txt" >> "$OUT/summary.txt" 2>/dev/null
 echo "=== summary"; cat "$OUT/summary.txt"

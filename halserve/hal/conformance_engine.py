@@ -138,7 +138,7 @@ def _generate(backend, path: str, dtype: str, prompts, **params):
 
     with _engine_backend(backend):
         # 16 tokens a step: the 23- and 40-token prompts prefill in chunks beside decodes
-        llm = LLM(path, dtype=dtype, max_num_batched_tokens=32, block_size=16, max_model_len=128)
+        llm = LLM(path, dtype=dtype, max_num_batched_tokens=32, max_num_seqs=8, block_size=16, max_model_len=128)
         try:
             return llm.generate(prompts, SamplingParams(temperature=0.0, ignore_eos=True, **params))
         finally:
