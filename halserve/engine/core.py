@@ -194,6 +194,8 @@ class EngineCore:
                 self.scheduler.remove(seq)
                 seq.status = SeqStatus.FINISHED
                 seq.finish_reason = "abort"
+            if self.proposer is not None:  # a proposer's per-sequence state goes with it
+                self.proposer.finished(seq)
         return self._make_output(req)
 
     def has_unfinished(self) -> bool:
@@ -327,6 +329,8 @@ class EngineCore:
                 self.scheduler.remove(seq)
                 seq.status = SeqStatus.FINISHED
                 seq.finish_reason = "error"
+            if self.proposer is not None:
+                self.proposer.finished(seq)
         self.failed[request_id] = (self._make_output(req), error)
 
     def _append_token(self, seq: Sequence, tok: int, lp, now: float) -> None:
