@@ -1021,22 +1021,6 @@ RUNNERS: dict[str, Callable[[Backend, dict, torch.Generator, Any], Outcome]] = {
 }
 assert set(RUNNERS) == set(OPS), "every HAL op needs a conformance runner"
 
-# case params -> the spec keys passed to backend.supports(op, **spec)
-SPEC_KEYS = {
-    "linear": {"dtype": "dtype", "scheme": "scheme", "M": "m", "K": "k", "N": "n"},
-    "rms_norm": {"dtype": "dtype", "H": "hidden_size", "fused": "residual"},
-    "rotary": {"dtype": "dtype", "D": "head_dim", "rot": "rot_dim", "neox": "is_neox"},
-    "silu_and_mul": {"dtype": "dtype"},
-    "write_kv": {"dtype": "dtype", "D": "head_dim", "bs": "block_size"},
-    "attention": {"dtype": "dtype", "Hq": "num_heads", "Hk": "num_kv_heads", "D": "head_dim", "bs": "block_size",
-                  "window": "sliding_window"},
-    "moe": {"dtype": "dtype", "E": "num_experts", "top_k": "top_k", "scoring": "scoring", "scheme": "scheme"},
-    "swap_blocks": {"dtype": "dtype"},
-    "copy_blocks": {"dtype": "dtype"},
-    "sample": {},
-}
-
-
 # ---- coverage: which case parameter varies which op argument -------------------------------
 # op -> {argument: case parameter | callable(params) -> value | "exempt: why"}. Arguments are
 # the op's parameters (inspect.signature of Backend.<op>) and, for a dataclass argument, its
@@ -1130,15 +1114,6 @@ def coverage_gaps(quick: bool = True) -> list[str]:
     return gaps
 
 
-def supports_spec(case: Case) -> dict[str, Any]:
-    """The keyword arguments ``supports(op, **spec)`` gets for a case."""
-    keys = SPEC_KEYS[case.op]
-    spec = {keys[k]: v for k, v in case.params.items() if k in keys}
-    if case.op == "moe" and case.params.get("groups", 1) > 1:
-        spec["num_expert_group"] = case.params["groups"]
-    return spec
-
-
 def interpreted(backend: Backend) -> bool:
     """True when ``backend`` runs its kernels in the Triton interpreter on the CPU."""
     import os
@@ -1151,20 +1126,10 @@ def interpreted(backend: Backend) -> bool:
 
 
 def _how(backend: Backend, case: Case) -> str:
-    from halserve.hal.native import NativeBackend
-
-    try:
-        s = backend.supports(case.op, **supports_spec(case))
-    except Exception as e:
-        return f"refused: supports() raised {type(e).__name__}: {e}"
-    if s is True:
-        if type(backend) is NativeBackend:
-            return "native"
-        return "accelerated (interpreter)" if interpreted(backend) else "accelerated"
-    s = str(s)
-    if s.startswith("native fallback"):
-        return "native fallback"
-    return s if s.startswith("refused") else f"refused: {s}"
+    """How ``backend`` runs ``case``, as its dispatcher decides for the case's real calls
+    (the spec ``spec_of`` derives from their arguments): "native", "accelerated[...]",
+    "native fallback" or "refused: ...". Runs the case."""
+    return run_case(backend, case).how
 
 
 @contextlib.contextmanager
@@ -1247,17 +1212,23 @@ def _perf(res: Result, outcome: Outcome, backend: Backend, case: Case, ceilings:
 def run_case(backend: Backend, case: Case, seed: int = 0, perf: bool = False,
              ceilings: dict | None = None) -> Result:
     """Run one case on one backend; never raises (an exception is a FAIL)."""
-    how = _how(backend, case)
+    from halserve.errors import OpRefused
+    from halserve.hal.native import NativeBackend
+
+    # The column comes from the dispatcher's own answers for the case's calls (below), never
+    # from a spec the harness builds itself: the report and the run cannot disagree.
+    how = "native" if type(backend) is NativeBackend else "native fallback"
     res = Result(backend.name, case.op, case.name, "REFUSED", how)
-    if how.startswith("refused"):
-        return res
-    cache = getattr(backend, "_supports_cache", None)  # the HAL dispatcher's answers, per call spec
-    if isinstance(cache, dict):
-        cache.clear()
+    cache = backend.__dict__.setdefault("_supports_cache", {})  # the HAL dispatcher's answers, per call spec
+    cache.clear()
     try:
         with native_trace(backend) as ran:
             outcome = RUNNERS[case.op](backend, case.params, _gen(case, seed), backend.device)
             hidden = int(ran.get(case.op, 0)) if ran is not None else 0
+    except OpRefused as e:  # supports() refused one of the case's calls: REFUSED, not FAIL
+        msg = str(e)
+        res.how = "refused: " + (msg.split("refused: ", 1)[1] if "refused: " in msg else msg)
+        return res
     except Exception as e:
         res.status, res.detail = "FAIL", f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return res
