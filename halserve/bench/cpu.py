@@ -1,45 +1,70 @@
 """``halserve bench cpu``: CPU decode beside llama.cpp and HF transformers, same weights,
 same threads, one sitting.
 
-Per engine: batch-1 decode tokens/s (time for N tokens minus time for 1, so prefill drops
-out), prompt prefill tokens/s, and decode tokens/s of ``--batch`` sequences at once.
-Roofline: weight bytes one decode step reads / a measured multi-threaded read (torch sum
-over 1 GiB: a decode reads, it does not copy). Every figure is printed with its ratio to
-the roofline and to the peers run beside it."""
+Per engine and bit width: batch-1 decode tokens/s (time for N tokens minus time for 1, so
+prefill drops out), the time to the first token of a ``--ttft-len`` prompt, and the decode
+tokens/s of each ``--batch`` count of sequences at once. Roofline: weight bytes one decode
+step reads / a measured multi-threaded read (torch sum over 1 GiB: a decode reads, it does not
+copy). Every figure is printed with its ratio to the roofline and to the peers run beside it,
+as markdown tables ready for docs/performance.md."""
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
+import signal
 import statistics
 import time
 from pathlib import Path
 
 SHAPES = {
-    "1.1b": None,  # TinyLlama (bench.startup.TINYLLAMA_SHAPE)
+    "1.1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                 intermediate_size=5632, vocab_size=32000, max_position_embeddings=4096),
     "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192),
+    # Qwen3-30B-A3B's layer: 128 experts of 768, top 8, 32/4 heads of 128, q/k norms
+    "qwen3-moe": dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                      head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                      num_experts_per_tok=8, vocab_size=151936, max_position_embeddings=8192, qk_norm=True),
 }
+QUANT_BITS = {"none": 16, "int8": 8, "int8_w8a8": 8}
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip() and int(x) > 0]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint dir (default: a random Llama of --shape, bf16)")
+    p.add_argument("--model", default=None, help="checkpoint dir (default: a random bf16 model of --shape)")
     p.add_argument("--shape", default="1.1b", choices=list(SHAPES))
+    p.add_argument("--layers", type=int, default=0, help="decoder layers of --shape (0: the shape's own)")
+    p.add_argument("--experts", type=int, default=0, help="experts per MoE layer of --shape (0: the shape's own)")
+    p.add_argument("--vocab", type=int, default=0, help="vocabulary of --shape (0: the shape's own)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--quant", default="none,int8,int4",
                    help="comma list of halserve quantizations on cpu_amx (none, int8, int8_w8a8, int4...)")
     p.add_argument("--backends", default="cpu_amx,native")
     p.add_argument("--threads", type=int, default=None, help="threads for every engine (default: torch's)")
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=16)
-    p.add_argument("--batch", type=int, default=32, help="sequences in the batched decode (0: skip)")
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens of the batch-1 decode")
+    p.add_argument("--output-len", type=int, default=32, help="tokens the batch-1 decode generates")
+    p.add_argument("--ttft-len", type=int, default=0, help="prompt tokens of the time-to-first-token run (0: skip)")
+    p.add_argument("--batch", default="32", help="comma list of sequence counts for the batched decode ('0': skip)")
+    p.add_argument("--batch-input-len", type=int, default=0, help="prompt tokens per batched sequence (0: --input-len)")
+    p.add_argument("--batch-output-len", type=int, default=16)
+    p.add_argument("--batch-quants", default="none", help="halserve quantizations that also run batched")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--llama-cpp", default=None, help="an extracted llama.cpp archive dir (bin/, converter/)")
+    p.add_argument("--gguf", default="bf16,q8_0,q4_0",
+                   help="llama.cpp weight types to run (bf16, f16, f32 converted; q8_0, q4_0 quantized from them)")
+    p.add_argument("--batch-gguf", default="bf16", help="llama.cpp types that also run llama-batched-bench")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
     p.add_argument("--json", default=None)
+    p.add_argument("--markdown", default=None, help="also append the tables to this file")
 
 
 def read_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """The read roofline: a multi-threaded sum over ``nbytes`` (best of 4)."""
     import torch
 
     x = torch.ones(nbytes // 4, dtype=torch.float32)
@@ -65,34 +90,63 @@ def _decode_rate(gen, n: int, rows: int, repeats: int) -> tuple[float, float]:
     return statistics.median(rates), statistics.median(firsts)
 
 
-def _prompts(vocab: int, rows: int, length: int) -> list[list[int]]:
+def _ttft(gen) -> float:
+    """Seconds to the first token (best of two: the first may build kernels for the new shape)."""
+    best = float("inf")
+    for _ in range(2):
+        t = time.perf_counter()
+        gen(1)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _prompts(vocab: int, rows: int, length: int, seed: int = 0) -> list[list[int]]:
     import torch
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (length,), generator=g).tolist() for _ in range(rows)]
+
+
+def _bits(quant: str, dtype: str) -> int:
+    if quant == "none":
+        return 32 if dtype == "float32" else 16
+    return QUANT_BITS.get(quant, 4 if quant.startswith("int4") else 8)
 
 
 def run_halserve(model: Path, backend: str, quant: str, args) -> dict:
     from halserve import LLM, SamplingParams
     from halserve.bench.latency import weight_bytes_per_token
 
-    rows = max(args.batch, 1)
+    batches = _ints(args.batch) if quant in args.batch_quants.split(",") else []
+    blen = args.batch_input_len or args.input_len
+    max_len = max(args.input_len + args.output_len, blen + args.batch_output_len, args.ttft_len + 1) + 16
+    t = time.perf_counter()
     llm = LLM(str(model), backend=backend, dtype=args.dtype, quantization=None if quant == "none" else quant,
-              max_num_seqs=rows, max_model_len=args.input_len + args.output_len + 16,
-              enable_prefix_caching=False)
+              max_num_seqs=max(batches + [1]), max_model_len=max_len, enable_prefix_caching=False,
+              max_num_batched_tokens=max(2048, args.ttft_len))
     eng = llm.engine
-    prompts = _prompts(eng.model_config.vocab_size, rows, args.input_len)
+    load_s = time.perf_counter() - t
+    vocab = eng.model_config.vocab_size
 
     def gen(ps):
-        return lambda k: llm.generate(ps, SamplingParams(temperature=0, max_tokens=k, ignore_eos=True))
+        def run(k):
+            for o in llm.generate(ps, SamplingParams(temperature=0, max_tokens=k, ignore_eos=True)):
+                c = o.outputs[0]
+                if len(c.token_ids) != k:  # a failed request would make a fast, meaningless figure
+                    raise RuntimeError(f"a request ended after {len(c.token_ids)} of {k} tokens "
+                                       f"({c.finish_reason})")
+        return run
 
-    gen(prompts[:1])(2)  # warm-up
-    tok_s, first = _decode_rate(gen(prompts[:1]), args.output_len, 1, args.repeats)
-    row = {"engine": f"halserve {backend}", "backend": eng.hal.name, "quant": quant,
-           "weight_bytes": weight_bytes_per_token(eng.model), "decode_tok_s": tok_s,
-           "prefill_tok_s": args.input_len / first, "describe": eng.hal.describe()}
-    if args.batch:
-        row["batch_decode_tok_s"], _ = _decode_rate(gen(prompts), args.output_len, rows, 1)
+    one = _prompts(vocab, 1, args.input_len)
+    gen(one)(2)  # warm-up
+    tok_s, first = _decode_rate(gen(one), args.output_len, 1, args.repeats)
+    row = {"engine": f"halserve {backend}", "backend": eng.hal.name, "quant": quant, "bits": _bits(quant, args.dtype),
+           "weight_bytes": weight_bytes_per_token(eng.model), "decode_tok_s": tok_s, "load_s": load_s,
+           "describe": eng.hal.describe(), "batch": {}}
+    if args.ttft_len:
+        row["ttft_s"] = _ttft(gen(_prompts(vocab, 1, args.ttft_len, seed=1)))
+    for n in batches:
+        row["batch"][n], _ = _decode_rate(gen(_prompts(vocab, n, blen, seed=2)), args.batch_output_len, n, 1)
     del llm, eng
     gc.collect()
     return row
@@ -104,122 +158,145 @@ def run_hf(model: Path, args) -> dict:
 
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, args.dtype)).eval()
     vocab = hf.config.vocab_size
-    rows = max(args.batch, 1)
-    ids = torch.tensor(_prompts(vocab, rows, args.input_len))
 
-    def gen(x):
+    def gen(ids):
+        x = torch.tensor(ids)
+
         def run(k):
             with torch.no_grad():
                 hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=k, min_new_tokens=k,
                             do_sample=False, pad_token_id=0)
         return run
 
-    gen(ids[:1])(2)
-    tok_s, first = _decode_rate(gen(ids[:1]), args.output_len, 1, args.repeats)
-    wbytes = sum(t.numel() * t.element_size() for t in hf.parameters())  # it reads them all per token
-    row = {"engine": "HF transformers", "quant": "none", "decode_tok_s": tok_s, "prefill_tok_s": args.input_len / first,
-           "weight_bytes": wbytes - hf.get_input_embeddings().weight.numel() * hf.get_input_embeddings().weight.element_size()}
-    if args.batch:
-        row["batch_decode_tok_s"], _ = _decode_rate(gen(ids), args.output_len, rows, 1)
+    one = _prompts(vocab, 1, args.input_len)
+    gen(one)(2)
+    tok_s, _ = _decode_rate(gen(one), args.output_len, 1, args.repeats)
+    emb = hf.get_input_embeddings().weight
+    wbytes = sum(t.numel() * t.element_size() for t in hf.parameters()) - emb.numel() * emb.element_size()
+    row = {"engine": "HF transformers", "quant": "none", "bits": _bits("none", args.dtype), "decode_tok_s": tok_s,
+           "weight_bytes": wbytes, "batch": {}}
+    if args.ttft_len:
+        row["ttft_s"] = _ttft(gen(_prompts(vocab, 1, args.ttft_len, seed=1)))
+    blen = args.batch_input_len or args.input_len
+    for n in _ints(args.batch):
+        row["batch"][n], _ = _decode_rate(gen(_prompts(vocab, n, blen, seed=2)), args.batch_output_len, n, 1)
     del hf
     gc.collect()
     return row
 
 
-def run_llama_cpp(root: Path, model: Path, quants: list[str], args, threads: int) -> list[dict]:
+def run_llama_cpp(root: Path, model: Path, args, threads: int, expert_fraction: float, out: list[dict]) -> None:
+    """Append a row per ``--gguf`` type to ``out`` (as each finishes: a time limit keeps them)."""
     from halserve.bench import cpu_peer as P
 
-    work = P.workdir(model)
-    base = P.convert(root, model, work, P.GGUF_TYPES[args.dtype])
-    out = []
-    kinds = [("none", base)]
-    for q in quants:
-        if q in P.QUANT_TYPES and P.QUANT_TYPES[q] not in [k for k, _ in kinds]:
-            kinds.append((P.QUANT_TYPES[q], None))
-    for kind, path in kinds:
+    for kind in [k.strip() for k in args.gguf.split(",") if k.strip()]:
+        row = {"engine": "llama.cpp", "quant": kind, "bits": P.BITS.get(kind, 0), "batch": {}}
         try:
-            path = path or P.quantize(root, base, kind, threads)
-            row = {"engine": "llama.cpp", "quant": kind if kind != "none" else P.GGUF_TYPES[args.dtype],
-                   "weight_bytes": path.stat().st_size,
-                   "decode_tok_s": P.tg_tokens_per_s(root, path, threads, args.output_len * 4)}
-            if args.batch:
-                row["batch_decode_tok_s"] = P.batched_decode_tokens_per_s(root, path, threads, args.batch,
-                                                                          args.input_len, args.output_len)
+            t = time.perf_counter()
+            path = P.gguf(root, model, kind, threads)
+            row["prepare_s"] = time.perf_counter() - t
+            row["weight_bytes"] = P.bytes_per_token(root, path, expert_fraction)
+            r = P.bench(root, path, threads, args.output_len, args.ttft_len, reps=max(args.repeats, 1))
+            row["decode_tok_s"], row["repack"] = r["decode_tok_s"], r["repack"]
+            if args.ttft_len:
+                row["ttft_s"] = args.ttft_len / r["prefill_tok_s"]
+            if kind in args.batch_gguf.split(",") and _ints(args.batch):
+                b = P.batched(root, path, threads, _ints(args.batch), args.batch_input_len or args.input_len,
+                              args.batch_output_len)
+                row["batch"], row["batch_repack"] = b["tok_s"], b["repack"]
         except Exception as e:  # one peer failing must not lose the rest of the table
-            row = {"engine": "llama.cpp", "quant": kind, "error": str(e)[:200]}
-        print(f"  {row}", flush=True)
+            row["error"] = f"{type(e).__name__}: {e}"[:200]
+        print(f"  {_short(row)}", flush=True)
         out.append(row)
-    return out
 
 
-def _peer_for(row: dict, rows: list[dict]) -> "dict | None":
-    want = {"none": ("bf16", "f16", "f32"), "int8": ("q8_0",), "int8_w8a8": ("q8_0",), "int4": ("q4_0",)}
-    for r in rows:
-        if r["engine"] == "llama.cpp" and r.get("quant") in want.get(row["quant"], ()) and "decode_tok_s" in r:
-            return r
-    return None
+class _Stopped(BaseException):
+    """SIGTERM (the device step's time limit): not an Exception, so no per-row handler eats it."""
+
+
+def _stop(*_):
+    raise _Stopped
+
+
+def _short(row: dict) -> dict:
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "describe"}
+
+
+def _checkpoint(args) -> Path:
+    from halserve.bench.cpu_ckpt import write_random
+    from halserve.bench.startup import DEFAULT_CKPT_DIR
+
+    if args.model:
+        return Path(args.model)
+    shape = dict(SHAPES[args.shape])
+    for key, name in (("layers", "num_hidden_layers"), ("experts", "num_experts"), ("vocab", "vocab_size")):
+        if getattr(args, key):
+            if name not in shape:
+                raise SystemExit(f"--{key} does not apply to --shape {args.shape}")
+            shape[name] = getattr(args, key)
+    tag = f"{args.shape}-L{shape['num_hidden_layers']}-V{shape['vocab_size']}" + (
+        f"-E{shape['num_experts']}" if shape.get("num_experts") else "")
+    return write_random(DEFAULT_CKPT_DIR.parent / f"cpu-{tag}-random-bf16", shape)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from halserve.bench.startup import DEFAULT_CKPT_DIR, ensure_tinyllama, write_random_llama
+    from halserve.bench.cpu_table import cpu_tables
 
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    if args.model:
-        model = Path(args.model)
-    elif args.shape == "1.1b":
-        model = ensure_tinyllama(DEFAULT_CKPT_DIR)
-    else:
-        model = DEFAULT_CKPT_DIR.with_name(f"llama-{args.shape}-random-bf16")
-        if not (model / "config.json").is_file():
-            print(f"writing a random {args.shape} Llama checkpoint to {model} (once) ...", flush=True)
-            write_random_llama(model, SHAPES[args.shape])
+    model = _checkpoint(args)
+    cfg = json.loads((model / "config.json").read_text())
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
+    expert_fraction = cfg["num_experts_per_tok"] / experts if experts else 1.0
     quants = [q.strip() for q in args.quant.split(",") if q.strip()]
     bw = read_bandwidth_gbs()
-    print(f"halserve bench cpu: {model.name}, {threads} threads, read bandwidth {bw:.1f} GB/s, "
-          f"{time.strftime('%Y-%m-%d %H:%M %Z')}", flush=True)
+    head = (f"{model.name}: {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}"
+            + (f", {experts} experts top {cfg['num_experts_per_tok']}" if experts else "")
+            + f"; {_cpu_name()}, {threads} threads, read roofline {bw:.1f} GB/s; "
+            + f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.2f}")
+    print(f"halserve bench cpu: {head}", flush=True)
     rows: list[dict] = []
-    for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
-        for q in (quants if backend == "cpu_amx" else ["none"]):
+    signal.signal(signal.SIGTERM, _stop)  # a time limit still gets the table of what ran
+    try:
+        for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+            for q in (quants if backend == "cpu_amx" else ["none"]):
+                try:
+                    rows.append(run_halserve(model, backend, q, args))
+                except Exception as e:
+                    rows.append({"engine": f"halserve {backend}", "quant": q,
+                                 "error": f"{type(e).__name__}: {e}"[:200]})
+                print(f"  {_short(rows[-1])}", flush=True)
+        if not args.no_hf:
             try:
-                rows.append(run_halserve(model, backend, q, args))
+                rows.append(run_hf(model, args))
             except Exception as e:
-                rows.append({"engine": f"halserve {backend}", "quant": q, "error": f"{type(e).__name__}: {e}"[:200]})
-            print(f"  {rows[-1]}", flush=True)
-    if not args.no_hf:
-        try:
-            rows.append(run_hf(model, args))
-        except Exception as e:
-            rows.append({"engine": "HF transformers", "quant": "none", "error": f"{type(e).__name__}: {e}"[:200]})
-        print(f"  {rows[-1]}", flush=True)
-    if args.llama_cpp:
-        try:
-            rows += run_llama_cpp(Path(args.llama_cpp), model, quants, args, threads)
-        except Exception as e:
-            rows.append({"engine": "llama.cpp", "quant": "-", "error": f"{type(e).__name__}: {e}"[:200]})
-    hf = next((r for r in rows if r["engine"] == "HF transformers" and "decode_tok_s" in r), None)
-    print(f"\n| engine | quant | batch-1 tok/s | % of read roofline | x llama.cpp | x HF | "
-          f"{args.batch or 'no'}-seq decode tok/s | x llama.cpp | x HF |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['engine']} | {r['quant']} | error: {r['error']} |")
-            continue
-        roof = r.get("weight_bytes", 0) * r["decode_tok_s"] / (bw * 1e9) * 100
-        peer = _peer_for(r, rows) if not r["engine"].startswith("llama") else None
-        r["pct_read_roofline"] = roof
-
-        def ratio(key, other):
-            return f"{r[key] / other[key]:.2f}" if other and key in other and key in r else "-"
-
-        print(f"| {r['engine']} | {r['quant']} | {r['decode_tok_s']:.2f} | {roof:.0f}% | "
-              f"{ratio('decode_tok_s', peer)} | {ratio('decode_tok_s', hf)} | "
-              f"{r.get('batch_decode_tok_s', float('nan')):.1f} | {ratio('batch_decode_tok_s', peer)} | "
-              f"{ratio('batch_decode_tok_s', hf)} |")
+                rows.append({"engine": "HF transformers", "quant": "none", "error": f"{type(e).__name__}: {e}"[:200]})
+            print(f"  {_short(rows[-1])}", flush=True)
+        if args.llama_cpp:
+            run_llama_cpp(Path(args.llama_cpp), model, args, threads, expert_fraction, rows)
+    except _Stopped:
+        rows.append({"engine": "(stopped)", "quant": "-", "error": "time limit reached: the rows after this did not run"})
+    text = cpu_tables(rows, bw, args, head)
+    print("\n" + text, flush=True)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write(text + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": str(model), "threads": threads, "read_GBps": bw,
-                                               "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"model": str(model), "config": cfg, "threads": threads,
+                                               "read_GBps": bw, "head": head, "rows": rows}, indent=2))
     return 0

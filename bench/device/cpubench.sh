@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Issue 22's benchmark table on the AMX host (the H200 machine's 16-core Xeon), CPU only, about
+# 4 minutes: `halserve bench cpu` beside llama.cpp (its static AMX build, same weights converted to
+# GGUF) and HF transformers, 16 threads, one sitting per shape:
+#   1.1B (TinyLlama shape): cpu_amx bf16/int8/int4 batch 1 + TTFT of 1024 tokens, 16 and 64
+#        sequences' decode (bf16) | HF bf16 | llama.cpp BF16/Q8_0/Q4_0 (llama-bench, batched-bench)
+#   8B layer shape (4 of 32 layers, 32k vocab): cpu_amx bf16/int8/int4 batch 1 | llama.cpp BF16/Q8_0/Q4_0
+#   Qwen3-MoE (30B-A3B layer: 2048 hidden, 768-wide experts, top 8; 4 layers, 64 experts, 32k vocab):
+#        cpu_amx bf16 batch 1 vs the routed experts' bytes | llama.cpp BF16
+# Writes $OUT/cpubench_*.{txt,json} and $OUT/cpubench.md (the tables for docs/performance.md).
+# Needs: .carry/peers/llama.cpp-x86-64-amx.tar.xz + converter.tar.xz (else no llama.cpp rows);
+# cffi/pycparser on PYTHONPATH (/tmp/site). Each step has its own limit and prints partial tables
+# if it hits it. Run: bash bench/device/cpubench.sh   (or as the stage `cpubench:250` of lead.sh)
+set -u
+OUT=${OUT:-$PWD/device_out}
+mkdir -p "$OUT"
+export PYTHONPATH=${PYTHONPATH:-/tmp/site:.} PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES= TOKENIZERS_PARALLELISM=false \
+  HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error HALSERVE_CACHE_DIR=${HALSERVE_CACHE_DIR:-/tmp/halserve-cache}
+unset TRITON_INTERPRET
+T=${THREADS:-16}
+STEP_TAIL=40
+. "$(dirname "$0")/step.sh"
+MD="$OUT/cpubench.md"
+{ echo "### AMX host, $(date -u '+%Y-%m-%d %H:%M UTC'), $T threads"; lscpu | grep -E "Model name|^CPU\(s\)|L3";
+  echo "flags: $(grep -o -w 'amx_[a-z0-9]*\|avx512_bf16\|avx512_fp16' /proc/cpuinfo | sort -u | tr '\n' ' ')";
+  echo "load average: $(cut -d' ' -f1-3 /proc/loadavg); $(free -g | awk '/Mem:/{print $2 " GB RAM, " $7 " GB available"}')"; echo; } > "$MD"
+cat "$MD"
+
+PEER=""
+if [ -f .carry/peers/llama.cpp-x86-64-amx.tar.xz ] && [ -f .carry/peers/converter.tar.xz ]; then
+  PEER=/tmp/cpubench-llamacpp; mkdir -p $PEER
+  tar -xJf .carry/peers/llama.cpp-x86-64-amx.tar.xz -C $PEER && tar -xJf .carry/peers/converter.tar.xz -C $PEER || PEER=""
+fi
+[ -z "$PEER" ] && echo "no llama.cpp peer (.carry/peers/ archives missing): llama.cpp rows skipped" | tee -a "$MD"
+B="python3 -m halserve.cli bench cpu --threads $T --markdown $MD ${PEER:+--llama-cpp $PEER}"
+
+step cpubench_1b 125 $B --shape 1.1b --backends cpu_amx --quant none,int8,int4 --input-len 128 --output-len 32 \
+  --ttft-len 1024 --batch 16,64 --batch-input-len 32 --batch-output-len 16 --gguf bf16,q8_0,q4_0 \
+  --batch-gguf bf16 --json "$OUT/cpubench_1b.json"
+step cpubench_8b 65 $B --shape 8b --layers 4 --vocab 32000 --backends cpu_amx --quant none,int8,int4 --no-hf \
+  --input-len 32 --output-len 16 --batch 0 --gguf bf16,q8_0,q4_0 --json "$OUT/cpubench_8b.json"
+step cpubench_moe 45 $B --shape qwen3-moe --layers 4 --experts 64 --vocab 32000 --backends cpu_amx --quant none \
+  --no-hf --input-len 32 --output-len 16 --batch 0 --gguf bf16 --json "$OUT/cpubench_moe.json"
+echo "== tables: $MD"; cat "$MD"
