@@ -39,6 +39,10 @@ class EngineConfig:
     kv_offload_disk_bytes: int = 16 << 30
     # speculative decoding (engine/spec/): vLLM's dict, validated in __post_init__
     speculative_config: dict | None = field(default=None)
+    # vLLM's name: schedule and build step n+1 while step n runs on the device. None: on where
+    # the backend's device runs apart from the host and nothing needs a synchronous step
+    # (speculative decoding, KV offload); True: required (refused where not possible)
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"):
@@ -65,6 +69,11 @@ class EngineConfig:
                 parse_speculative_config(self.speculative_config)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+        if self.async_scheduling not in (None, True, False):
+            raise ConfigError(f"async_scheduling={self.async_scheduling!r} must be true, false or unset (auto)")
+        if self.async_scheduling and self.speculative_config is not None:
+            raise ConfigError("async_scheduling=True is not supported with speculative_config (speculative "
+                              "decoding runs synchronously); leave async_scheduling unset or set it false")
         self._check_kv_cache_dtype()
 
     def _check_kv_cache_dtype(self) -> None:

@@ -112,9 +112,41 @@ class EngineCore:
         self.steps_run = 0
         self.host_seconds = 0.0
         self.generation_tokens_total = 0
+        self.async_scheduling = self._async_scheduling()
+        self._inflight = None  # async scheduling: (SchedulerOutput, PendingStep, ends) launched, unread
+        self._logged_sync_reason = False
         logger.info("engine ready in %.2fs: %s; model %s (%s, %s), max_model_len %d",
                     time.monotonic() - t0, self.hal.describe(), mc.architecture, mc.path,
                     str(mc.dtype).removeprefix("torch."), self.max_model_len)
+
+    def _async_scheduling(self) -> bool:
+        """Whether steps are scheduled ahead (``config.async_scheduling``; None: wherever
+        possible). True where it is not possible is refused by name."""
+        want = self.config.async_scheduling
+        if want is False:
+            return False
+        caps = self.hal.capabilities.async_device
+        if caps is None:  # the HAL's default: a device that is not the host runs apart from it
+            import torch
+
+            caps = torch.device(self.hal.device or "cpu").type != "cpu"
+        why = None
+        if self.proposer is not None:
+            why = "speculative decoding (speculative_config) runs synchronously"
+        elif self.config.kv_offload_host_bytes or self.config.kv_offload_dir:
+            why = "KV offload (kv_offload_host_bytes / kv_offload_dir) runs synchronously"
+        elif not caps:
+            why = f"backend {self.hal.name} runs its device work on the host (nothing to overlap it with)"
+        if why is not None:
+            if want:
+                from halserve.config import ConfigError
+
+                raise ConfigError(f"async_scheduling=True is not supported here: {why}; "
+                                  "leave async_scheduling unset (auto) or set it false")
+            logger.info("async scheduling off: %s", why)
+            return False
+        logger.info("async scheduling on: step n+1 is built while step n runs")
+        return True
 
     def _build_proposer(self, device):
         from halserve.engine.spec import build_proposer, parse_speculative_config
@@ -196,6 +228,7 @@ class EngineCore:
                 seq.finish_reason = "abort"
             if self.proposer is not None:  # a proposer's per-sequence state goes with it
                 self.proposer.finished(seq)
+            _drop_pending(seq)
         return self._make_output(req)
 
     def has_unfinished(self) -> bool:
@@ -203,6 +236,9 @@ class EngineCore:
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        return self._step_async() if self.async_scheduling else self._step_sync()
+
+    def _step_sync(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         # last step's saves, before this step can reuse or overwrite any block
         self.connector.before_step()
@@ -252,6 +288,14 @@ class EngineCore:
             for s in so.scheduled:
                 if s.seq.is_finished:
                     self.proposer.finished(s.seq)
+        outs = self._outputs(touched, to_save)
+        # host time outside the runner (scheduling, bookkeeping, outputs): what a device
+        # waits on between steps when nothing overlaps it
+        self.steps_run += 1
+        self.host_seconds += (t1 - t0) + (time.perf_counter() - t2)
+        return outs
+
+    def _outputs(self, touched: dict, to_save: list) -> list[RequestOutput]:
         if to_save:  # write-through, once the outputs are out (at the next step, or a flush)
             self.runner.save_blocks(to_save)
         self.kv.evicted_hashes.clear()  # write-through already holds them below
@@ -261,11 +305,149 @@ class EngineCore:
                 outs.append(self._make_output(req))
             if req.finished:
                 del self.requests[req.request_id]
-        # host time outside the runner (scheduling, bookkeeping, outputs): what a device
-        # waits on between steps when nothing overlaps it
-        self.steps_run += 1
-        self.host_seconds += (t1 - t0) + (time.perf_counter() - t2)
         return outs
+
+    # ---- async scheduling -----------------------------------------------------------------------
+    # Step n+1 is scheduled and launched before the host reads step n's tokens: each row
+    # that step n samples holds a placeholder token (Sequence.num_pending) that step n+1's
+    # decode row reads from step n's sampled tokens on the device. Once n+1 is queued the
+    # host waits for n (its one wait), fills the placeholders in and does the output work
+    # while the device runs n+1. A sequence that step n finishes had one more position
+    # queued in n+1: that row is dropped when read and its KV was freed with the sequence
+    # (the device runs in order: a block freed now is rewritten only by later steps).
+    def _step_async(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        self.connector.before_step()
+        so = self.scheduler.schedule()
+        prev, self._inflight = self._inflight, None
+        outs: list[RequestOutput] = []
+        if so.empty:
+            if prev is None:
+                self.connector.wait_for_progress()
+                return []
+            return self._finish_step(prev, t0)
+        if prev is not None and self._needs_host_tokens(so):
+            outs, prev = self._finish_step(prev, t0), None
+            so = self._without_finished(so)
+            if so.empty:
+                return outs
+            t0 = time.perf_counter()
+        t1 = time.perf_counter()
+        try:
+            pending = self.runner.launch(so, prev[1] if prev is not None else None)
+        except Exception as e:  # noqa: BLE001 - one row's fault must not end the others
+            if prev is not None:
+                outs += self._finish_step(prev, t1)
+                so = self._without_finished(so)
+                if so.empty:
+                    return outs
+            so, result = self._execute_rows_apart(so, e)
+            return outs + self._process_rows(so, result)
+        t2 = time.perf_counter()
+        ends = []
+        for s in so.scheduled:
+            seq = s.seq
+            seq.num_computed_tokens += s.num_new_tokens
+            ends.append(seq.num_computed_tokens)
+        for s in pending.rows:
+            s.seq.token_ids.append(-1)
+            s.seq.num_pending += 1
+        self._inflight = (so, pending, ends)
+        self.host_seconds += t1 - t0
+        if prev is not None:
+            outs += self._finish_step(prev, t2)
+        else:
+            self.host_seconds += time.perf_counter() - t2
+        return outs
+
+    def _needs_host_tokens(self, so) -> bool:
+        """A row whose sampling reads the tokens it generated (penalties) cannot be built
+        before the step in flight is read: that step is then finished first."""
+        for s in so.scheduled:
+            if s.seq.num_pending and s.seq.params.needs_penalties:
+                if not self._logged_sync_reason:
+                    self._logged_sync_reason = True
+                    logger.info("async scheduling: a step with a presence/frequency/repetition penalty row "
+                                "waits for the step before it (the penalties read its tokens)")
+                return True
+        return False
+
+    @staticmethod
+    def _without_finished(so):
+        """``so`` less the rows of sequences that finished (or were aborted) meanwhile."""
+        so.scheduled = [s for s in so.scheduled if not s.seq.is_finished]
+        so.num_decodes = sum(1 for s in so.scheduled if s.num_new_tokens == 1 and s.samples)
+        return so
+
+    def _finish_step(self, inflight, t0: float) -> list[RequestOutput]:
+        """Read a launched step's tokens and do its host work: prefix-cache commits, tokens
+        in place of the placeholders, stop checks, outputs."""
+        so, pending, ends = inflight
+        tw = time.perf_counter()
+        result = pending.resolve()
+        t1 = time.perf_counter()
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        to_save: list = []
+        plp = result.prompt_logprobs or {}
+        for s, end in zip(so.scheduled, ends):
+            seq = s.seq
+            if seq.is_finished or seq.num_computed_tokens < end:  # aborted, or preempted since
+                continue
+            if seq.seq_id in plp:
+                self._add_prompt_logprobs(seq, *plp[seq.seq_id])
+            # the prefix cache takes the blocks this step completed, as a synchronous step
+            # would (not those the step after it is computing)
+            computed, seq.num_computed_tokens = seq.num_computed_tokens, end
+            new = self.kv.commit(seq)
+            seq.num_computed_tokens = computed
+            if new:
+                to_save.extend(self.connector.blocks_to_save(seq, new))
+        for s, tok, lp in zip(pending.rows, result.tokens, result.logprobs):
+            seq = s.seq
+            if seq.is_finished:  # aborted or failed while in flight: nothing of it is emitted
+                continue
+            ids = seq.token_ids
+            later = ids[len(ids) - seq.num_pending + 1:]  # the step in flight's placeholder
+            del ids[len(ids) - seq.num_pending:]
+            seq.num_pending = 0
+            self._append_token(seq, tok, lp, now)
+            if not seq.is_finished and later:
+                ids.extend(later)
+                seq.num_pending = len(later)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        outs = self._outputs(touched, to_save)
+        self.steps_run += 1
+        self.host_seconds += (tw - t0) + (time.perf_counter() - t1)
+        return outs
+
+    def _process_rows(self, so, result) -> list[RequestOutput]:
+        """A synchronous step's results (rows run apart after a failed launch)."""
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        to_save: list = []
+        j = 0
+        for s in so.scheduled:
+            seq = s.seq
+            if result.prompt_logprobs and seq.seq_id in result.prompt_logprobs:
+                self._add_prompt_logprobs(seq, *result.prompt_logprobs[seq.seq_id])
+            samples = s.samples
+            seq.num_computed_tokens += s.num_new_tokens
+            new = self.kv.commit(seq)
+            if new:
+                to_save.extend(self.connector.blocks_to_save(seq, new))
+            if not samples:
+                continue
+            self._append_token(seq, result.tokens[j], result.logprobs[j], now)
+            j += 1
+            touched[seq.request_id] = self.requests[seq.request_id]
+        self.steps_run += 1
+        return self._outputs(touched, to_save)
+
+    def drain(self) -> list[RequestOutput]:
+        """Finish the step in flight, if any (async scheduling)."""
+        inflight, self._inflight = self._inflight, None
+        return self._finish_step(inflight, time.perf_counter()) if inflight is not None else []
 
     def _execute_rows_apart(self, so, error: Exception):
         """The batch failed: run each request's rows again on their own (the KV they write is
@@ -331,6 +513,7 @@ class EngineCore:
                 seq.finish_reason = "error"
             if self.proposer is not None:
                 self.proposer.finished(seq)
+            _drop_pending(seq)
         self.failed[request_id] = (self._make_output(req), error)
 
     def _append_token(self, seq: Sequence, tok: int, lp, now: float) -> None:
@@ -387,7 +570,7 @@ class EngineCore:
         while len(req.sent) <= i:
             req.sent.append((0, 0, 0))
         n_tok, n_text, n_lp = req.sent[i]
-        toks = s.token_ids[s.num_prompt_tokens + n_tok:]
+        toks = s.token_ids[s.num_prompt_tokens + n_tok:s.num_tokens - s.num_pending]
         end = len(s.text)
         if s.finish_reason is None and s.params.stop:
             end -= partial_stop_len(s.text, s.params.stop)
@@ -447,3 +630,10 @@ class EngineCore:
             "host_us_per_step": 1e6 * self.host_seconds / max(self.steps_run, 1),
             **({"offload": st} if (st := self.connector.stats()) is not None else {}),
         }
+
+
+def _drop_pending(seq: Sequence) -> None:
+    """A sequence ended while a step was in flight: its placeholder tokens go."""
+    if seq.num_pending:
+        del seq.token_ids[len(seq.token_ids) - seq.num_pending:]
+        seq.num_pending = 0

@@ -3,16 +3,17 @@ attention metadata, the model call, logits processing and sampling."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from halserve.engine.kv_connector import KVConnector, LayerWaits
-from halserve.engine.sampling import compute_logprobs, sample
+from halserve.engine.sampling import SamplingRow, apply_logits_processors, compute_logprobs, sample
 from halserve.engine.scheduler import SchedulerOutput
 from halserve.engine.spec.verify import row_results, scored_rows
-from halserve.hal.interface import AttentionMetadata, Backend
+from halserve.hal.interface import AttentionMetadata, Backend, SamplingTensors
 
 logger = logging.getLogger("halserve")
 
@@ -55,6 +56,8 @@ class ModelRunner:
         self.capture_verify = False
         self.verify_graphs: dict[int, object] = {}
         self._layer_events: list | None = None  # see layer_events()
+        self.staging = _Staging(hal, device)
+        self._events: list | None = None  # see _next_event()
 
     # ---- KV cache ---------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -208,14 +211,15 @@ class ModelRunner:
                 if graph is not None:
                     self.verify_graphs[b] = graph
 
-    def _stage_graph(self, so: SchedulerOutput):
+    def _stage_graph(self, so: SchedulerOutput, extra: tuple = ()):
         """The captured step that runs ``so``, its inputs copied into its static buffers:
-        (graph, rows it returns, whether it waits per layer on ``layer_events``), or None
-        when ``so`` runs eagerly."""
-        staged = self._stage_decode(so)
-        return staged if staged is not None else self._stage_tail(so)
+        (graph, rows it returns, whether it waits per layer on ``layer_events``, ``extra``'s
+        device views), or None when ``so`` runs eagerly. ``extra``: more host arrays for the
+        step (sampling, token feed), uploaded in the same copy."""
+        staged = self._stage_decode(so, extra)
+        return staged if staged is not None else self._stage_tail(so, extra)
 
-    def _stage_tail(self, so: SchedulerOutput):
+    def _stage_tail(self, so: SchedulerOutput, extra: tuple = ()):
         if not self.tail_graphs or len(so.scheduled) != 1:
             return None
         s = so.scheduled[0]
@@ -226,86 +230,88 @@ class ModelRunner:
         b = min(x for x in graphs if x >= n)
         st, bs = self._tail, self.block_size
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-        pad = b - n
-        bt = seq.block_ids
+        bt = np.asarray(seq.block_ids, dtype=np.int64)
         # padding rows: beyond the sequence's query length (no attention output read), a
         # valid position, and slot -1 (nothing written)
-        toks = seq.token_ids[start:end] if not s.spec_token_ids else (seq.token_ids[start:] + s.spec_token_ids)[:end - start]
-        st["ids"][:b].copy_(torch.tensor(toks + [0] * pad), non_blocking=True)
-        st["pos"][:b].copy_(torch.tensor(list(range(start, end)) + [end - 1] * pad), non_blocking=True)
-        st["slots"][:b].copy_(torch.tensor([bt[p // bs] * bs + p % bs for p in range(start, end)] + [-1] * pad),
-                              non_blocking=True)
-        st["seq_lens"].copy_(torch.tensor([end], dtype=torch.int32), non_blocking=True)
-        st["cu"].copy_(torch.tensor([0, n], dtype=torch.int32), non_blocking=True)
-        st["last"].copy_(torch.tensor([n - 1]), non_blocking=True)
+        ids = np.zeros(b, dtype=np.int64)
+        ids[:n] = seq.token_ids[start:end] if not s.spec_token_ids else \
+            (seq.token_ids[start:] + s.spec_token_ids)[:end - start]
+        pos = np.full(b, end - 1, dtype=np.int64)
+        pos[:n] = np.arange(start, end)
+        slots = np.full(b, -1, dtype=np.int64)
+        slots[:n] = bt[pos[:n] // bs] * bs + pos[:n] % bs
+        small = np.array([0, n, end, n - 1], dtype=np.int64)  # cu, seq_len, last row
+        views = self.staging.upload(ids, pos, slots, small, bt.astype(np.int32), *extra)
+        v_ids, v_pos, v_slots, v_small, v_bt = views[:5]
+        st["ids"][:b].copy_(v_ids)
+        st["pos"][:b].copy_(v_pos)
+        st["slots"][:b].copy_(v_slots)
+        st["cu"].copy_(v_small[:2])
+        st["seq_lens"].copy_(v_small[2:3])
+        st["last"].copy_(v_small[3:4])
         # columns past the table keep stale but valid block ids: nothing reads past seq_len
-        st["tables"][0, :len(bt)].copy_(torch.tensor(bt, dtype=torch.int32), non_blocking=True)
+        st["tables"][0, :len(bt)].copy_(v_bt)
         # a captured graph ignores the host lengths; a backend whose 'graph' calls the step
         # again reads them, so they are kept true
         meta = self._tail_meta[b]
         meta.query_lens_host[0], meta.seq_lens_host[0] = n, end
-        return graphs[b], (n if s.spec_token_ids else 1), True
+        return graphs[b], (n if s.spec_token_ids else 1), True, views[5:]
 
-    def _stage_decode(self, so: SchedulerOutput):
+    def _stage_decode(self, so: SchedulerOutput, extra: tuple = ()):
         n = len(so.scheduled)
         if not self.graphs or so.num_decodes != n or n > max(self.graphs):
             return None
         b = min(x for x in self.graphs if x >= n)
         st, bs = self._static, self.block_size
-        ids, pos, slots, lens = [], [], [], []
-        width = max(len(s.seq.block_ids) for s in so.scheduled)
-        rows = []
-        for s in so.scheduled:
-            seq = s.seq
-            p = seq.num_computed_tokens
-            ids.append(seq.token_ids[p])
-            pos.append(p)
-            slots.append(seq.block_ids[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-            rows.append(seq.block_ids + [0] * (width - len(seq.block_ids)))
-        pad = b - n
-        rows.extend([[0] * width] * pad)
-        # columns past `width` keep stale but valid block ids: nothing reads past seq_lens
-        st["ids"][:b].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
-        st["pos"][:b].copy_(torch.tensor(pos + [0] * pad), non_blocking=True)
-        st["slots"][:b].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
-        st["seq_lens"][:b].copy_(torch.tensor(lens + [1] * pad, dtype=torch.int32), non_blocking=True)
-        st["tables"][:b, :width].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
-        return self.graphs[b], n, False  # decode graphs wait on no layer (hot path)
+        seqs = [s.seq for s in so.scheduled]
+        ids = np.zeros(b, dtype=np.int64)
+        pos = np.zeros(b, dtype=np.int64)
+        pos[:n] = [seq.num_computed_tokens for seq in seqs]
+        ids[:n] = [seq.token_ids[p] for seq, p in zip(seqs, pos[:n].tolist())]
+        tbl = _block_table(seqs, b)
+        slots = np.full(b, -1, dtype=np.int64)
+        slots[:n] = tbl[np.arange(n), pos[:n] // bs].astype(np.int64) * bs + pos[:n] % bs
+        lens = np.ones(b, dtype=np.int32)
+        lens[:n] = pos[:n] + 1
+        views = self.staging.upload(ids, pos, slots, lens, tbl, *extra)
+        # columns past the table's width keep stale but valid block ids: nothing reads past seq_lens
+        for key, v in zip(("ids", "pos", "slots", "seq_lens"), views[:4]):
+            st[key][:b].copy_(v)
+        st["tables"][:b, :tbl.shape[1]].copy_(views[4])
+        return self.graphs[b], n, False, views[5:]  # decode graphs wait on no layer (hot path)
 
     # ---- one step -----------------------------------------------------------------------------
-    def _prepare(self, so: SchedulerOutput):
+    def _prepare(self, so: SchedulerOutput, extra: tuple = ()):
+        """The flat batch of an eager step, built with numpy (a loop a row, none a token) and
+        uploaded with ``extra`` in one host-to-device copy: (ids, positions, metadata, cu
+        (host list), ``extra``'s device views)."""
         bs = self.block_size
-        input_ids: list[int] = []
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        for s in so.scheduled:
-            seq = s.seq
-            start = seq.num_computed_tokens
-            end = start + s.num_new_tokens
+        sch = so.scheduled
+        n = len(sch)
+        start = np.fromiter((s.seq.num_computed_tokens for s in sch), dtype=np.int64, count=n)
+        q = np.fromiter((s.num_new_tokens for s in sch), dtype=np.int64, count=n)
+        end = start + q
+        cu = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(q, out=cu[1:])
+        ids = np.empty(int(cu[-1]), dtype=np.int64)
+        for i, s in enumerate(sch):  # one slice a row
+            seq, a, e = s.seq, int(start[i]), int(end[i])
             # a draft's tokens follow the last real one (engine/spec)
-            input_ids.extend(seq.token_ids[start:end] if not s.spec_token_ids
-                             else (seq.token_ids[start:] + s.spec_token_ids)[:end - start])
-            query_lens.append(s.num_new_tokens)
-            seq_lens.append(end)
-        max_blocks = max(len(s.seq.block_ids) for s in so.scheduled)
-        table = [s.seq.block_ids + [0] * (max_blocks - len(s.seq.block_ids)) for s in so.scheduled]
-        cu = [0]
-        for q in query_lens:
-            cu.append(cu[-1] + q)
-        # every token's position and slot at once (numpy), not a Python loop a token: a long
-        # prefill chunk costs the host microseconds, not milliseconds
-        q = np.asarray(query_lens)
-        row = np.repeat(np.arange(len(q)), q)
-        positions = np.arange(cu[-1]) - np.repeat(np.asarray(cu[:-1]) - (np.asarray(seq_lens) - q), q)
-        tbl = np.asarray(table, dtype=np.int32)
+            ids[cu[i]:cu[i + 1]] = seq.token_ids[a:e] if not s.spec_token_ids else \
+                (seq.token_ids[a:] + s.spec_token_ids)[:e - a]
+        tbl = _block_table([s.seq for s in sch], n)
+        row = np.repeat(np.arange(n), q)
+        positions = np.arange(cu[-1]) - np.repeat(cu[:-1] - start, q)
         slots = tbl[row, positions // bs].astype(np.int64) * bs + positions % bs
-        dev = self.device
+        views = self.staging.upload(ids, positions, slots, cu.astype(np.int32), end.astype(np.int32), tbl,
+                                    *extra)
+        v_ids, v_pos, v_slots, v_cu, v_lens, v_tbl = views[:6]
+        query_lens, seq_lens = q.tolist(), end.tolist()
         meta = AttentionMetadata(
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(tbl).to(dev),
-            slot_mapping=torch.from_numpy(slots).to(dev),
+            cu_seqlens_q=v_cu,
+            seq_lens=v_lens,
+            block_tables=v_tbl,
+            slot_mapping=v_slots,
             max_seqlen_q=max(query_lens),
             max_seqlen_k=max(seq_lens),
             query_lens_host=query_lens,
@@ -314,9 +320,7 @@ class ModelRunner:
             num_decode_seqs=so.num_decodes,
             sliding_window=getattr(self.mc, "sliding_window", None),
         )
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        pos = torch.from_numpy(positions).to(dev)
-        return ids, pos, meta, cu
+        return v_ids, v_pos, meta, cu.tolist(), views[6:]
 
     def save_blocks(self, blocks: list) -> None:
         """Newly committed blocks to the connector's store: queued, and copied off the device
@@ -325,8 +329,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> StepResult:
+        """Run ``so`` and wait for its tokens."""
         if not so.kv_loads:
-            return self._execute(so, self._stage_graph(so))
+            if self.capture_verify:  # speculative decoding (engine/spec) keeps its own step
+                return self._execute(so, self._stage_graph(so))
+            return self.launch(so).resolve()
         # the connector's KV, copied in while the host launches the forward that reads it;
         # its host memory is held until the step has synchronised. With per-layer events the
         # copies run on the HAL's copy stream and go first, and the forward waits for each
@@ -356,11 +363,11 @@ class ModelRunner:
         rows_idx = [i for i, s in enumerate(so.scheduled) if s.samples]
         plp = None
         if staged is not None:
-            graph, n, _ = staged
+            graph, n = staged[:2]
             logits = graph.replay()[:n].float().clone()  # the graph's output buffer is reused next step
             _, rows, spans = scored_rows(so, rows_idx, None)
         else:
-            ids, pos, meta, cu = prepared or self._prepare(so)
+            ids, pos, meta, cu, _ = prepared or self._prepare(so)
             caches = self.kv_caches if events is None else LayerWaits(self.kv_caches, events)
             hidden = self.model.forward(ids, pos, caches, meta)
             plp = self._prompt_logprobs(so, hidden, cu)
@@ -388,6 +395,82 @@ class ModelRunner:
         first, first_lp, spec = row_results(so, rows_idx, spans, tokens, lp_out)
         return StepResult(first, first_lp, plp, spec)
 
+    @torch.inference_mode()
+    def launch(self, so: SchedulerOutput, prev: "PendingStep | None" = None) -> "PendingStep":
+        """Queue ``so`` on the device (forward, logits, sampling) without waiting for it: the
+        host reads its tokens later (``PendingStep.resolve``), so it can build the next step
+        meanwhile (async scheduling). No spec rows here (``_execute``). A decode row whose
+        input token is a placeholder (``Sequence.num_pending``) takes it from ``prev``'s
+        sampled tokens, on the device. Every host array of the step goes up in one copy."""
+        sch = so.scheduled
+        rows_idx = [i for i, s in enumerate(sch) if s.samples]
+        seqs = [sch[i].seq for i in rows_idx]
+        extra = (*_sampling_arrays(seqs), *self._feed(so, prev))
+        plp = None
+        staged = self._stage_graph(so, extra)
+        if staged is not None:
+            graph, n, _, views = staged
+            if views[-1].numel():
+                _feed_ids((self._static if so.num_decodes else self._tail)["ids"], views[-2], views[-1], prev)
+            logits = graph.replay()[:n].float().clone()  # the graph's output buffer is reused next step
+        else:
+            ids, pos, meta, cu, views = self._prepare(so, (*extra, np.asarray(
+                [cu_end - 1 for cu_end in _row_ends(sch, rows_idx)], dtype=np.int64)))
+            views, picked = views[:-1], views[-1]
+            if views[-1].numel():
+                _feed_ids(ids, views[-2], views[-1], prev)
+            hidden = self.model.forward(ids, pos, self.kv_caches, meta)
+            if any(s.seq.params.prompt_logprobs is not None for s in sch):  # reads the host: waits
+                plp = self._prompt_logprobs(so, hidden, cu)
+            logits = self.model.compute_logits(hidden.index_select(0, picked)).float() if rows_idx else None
+        if not rows_idx:
+            return PendingStep([], None, None, None, plp, None)
+        temps, top_k, top_p, min_p, seeds, steps = views[:6]
+        want = [seq.params.logprobs for seq in seqs]
+        raw = logits.clone() if any(k is not None for k in want) else None
+        if any(_needs_processors(seq) for seq in seqs):
+            apply_logits_processors(logits, [SamplingRow(seq.params, seq.seed, seq.num_output_tokens,
+                                                         seq.prompt_token_ids, seq.output_token_ids)
+                                             for seq in seqs])
+        host_t = [0.0 if seq.params.greedy else seq.params.temperature for seq in seqs]
+        params = SamplingTensors(
+            temperature=temps, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds, steps=steps,
+            all_greedy=all(t == 0.0 for t in host_t), all_random=all(t > 0.0 for t in host_t),
+            no_top_k=all(seq.params.top_k == 0 for seq in seqs),
+            no_top_p=all(seq.params.top_p >= 1.0 for seq in seqs),
+            no_min_p=all(seq.params.min_p <= 0.0 for seq in seqs))
+        tokens = self.hal.sample(logits, params)
+        lp_dev = None
+        if raw is not None:
+            lp_dev = compute_logprobs(raw, tokens, max(k or 0 for k in want))
+            lp_dev = tuple(t.to("cpu", non_blocking=True) for t in lp_dev)
+        host = tokens.to("cpu", non_blocking=True)  # page-locked, as torch does for such a copy
+        event = self._next_event()
+        if event is not None:
+            event.record()
+        return PendingStep([sch[i] for i in rows_idx], tokens, host, event, plp, (lp_dev, want))
+
+    def _feed(self, so: SchedulerOutput, prev: "PendingStep | None") -> tuple[np.ndarray, np.ndarray]:
+        """(rows of ``prev``'s tokens, flat input rows of ``so``) for the decode rows whose
+        input token ``prev`` sampled: decode rows come first, one token each, so a row's
+        input is at its index."""
+        src: list[int] = []
+        dst: list[int] = []
+        if prev is not None:
+            row_of = prev.row_of
+            for i, s in enumerate(so.scheduled):
+                if s.seq.num_pending:
+                    src.append(row_of[s.seq.seq_id])
+                    dst.append(i)
+        return np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+
+    def _next_event(self):
+        """One of two markers used in turn (a step's, while the one before it may be unread)."""
+        if self._events is None:
+            self._events = [self.hal.event(), self.hal.event()]
+        self._events.reverse()
+        return self._events[0]
+
     def _prompt_logprobs(self, so: SchedulerOutput, hidden: torch.Tensor, cu: list[int]):
         """For sequences that asked for prompt_logprobs: the log-probability of every prompt
         token this step's chunk predicts (position p scores token p + 1), with its rank and
@@ -406,3 +489,109 @@ class ModelRunner:
             chosen, rank, top_ids, top_lp = (t.tolist() for t in compute_logprobs(logits, targets, k))
             out[seq.seq_id] = (start + 1, list(zip(chosen, rank, top_ids, top_lp)))
         return out or None
+
+
+class PendingStep:
+    """A step queued on the device whose sampled tokens the host has not read yet."""
+
+    __slots__ = ("rows", "tokens", "host", "event", "plp", "lp", "row_of")
+
+    def __init__(self, rows, tokens, host, event, plp, lp):
+        self.rows = rows  # the ScheduledSeq that sampled, in order
+        self.tokens = tokens  # device [B]: what the next step's placeholder rows read
+        self.host = host  # their copy to the host, queued
+        self.event = event  # recorded after that copy (None: device work runs in order)
+        self.plp = plp
+        self.lp = lp  # (logprob tensors copied to the host, top-k a row) or None
+        self.row_of = {s.seq.seq_id: j for j, s in enumerate(rows)}
+
+    def resolve(self) -> StepResult:
+        """Wait for the step (only as far as its own copies) and return its tokens."""
+        if self.event is not None:
+            while not self.event.query():  # the host's one wait a step; the queue after it runs on
+                time.sleep(0)
+        if not self.rows:
+            return StepResult([], [], self.plp)
+        tokens = self.host.tolist()
+        lp_out: list = [None] * len(tokens)
+        if self.lp is not None and self.lp[0] is not None:
+            (chosen, rank, top_ids, top_lp), want = self.lp
+            chosen, rank, top_ids, top_lp = chosen.tolist(), rank.tolist(), top_ids.tolist(), top_lp.tolist()
+            for j, k in enumerate(want):
+                if k is not None:
+                    lp_out[j] = (chosen[j], rank[j], top_ids[j][:k], top_lp[j][:k])
+        return StepResult(tokens, lp_out, self.plp)
+
+
+_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32,
+                 np.dtype(np.float32): torch.float32}
+
+
+class _Staging:
+    """A step's host arrays go to the device in one copy, packed into a page-locked byte
+    buffer where the HAL wants one. Two buffers are used in turn: a step's copy may still be
+    queued while the next step is built (the host reads each step before the one after it
+    is built, so the third reuse is safe)."""
+
+    def __init__(self, hal: Backend, device):
+        self.hal, self.device = hal, device
+        self._bufs: list = [None, None]
+
+    def upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        offs, total = [], 0
+        for a in arrays:
+            offs.append(total)
+            total += -(-a.nbytes // 8) * 8  # 8-byte aligned: every view below is well aligned
+        self._bufs.reverse()
+        buf = self._bufs[0]
+        if buf is None or buf.numel() < total:
+            buf = self._bufs[0] = self.hal.empty_host((max(2 * total, 1 << 16),), torch.uint8)
+        host = buf.numpy()
+        for a, o in zip(arrays, offs):
+            host[o:o + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        dev = buf[:total].to(self.device, non_blocking=True)
+        return [dev[o:o + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape) for a, o in zip(arrays, offs)]
+
+
+def _block_table(seqs, rows: int) -> np.ndarray:
+    """[rows, widest] int32 block table of ``seqs`` (zero padded: nothing reads past a
+    row's length)."""
+    lens = np.fromiter((len(s.block_ids) for s in seqs), dtype=np.int64, count=len(seqs))
+    tbl = np.zeros((rows, int(lens.max()) if len(seqs) else 1), dtype=np.int32)
+    flat = np.fromiter((b for s in seqs for b in s.block_ids), dtype=np.int32, count=int(lens.sum()))
+    mask = np.arange(tbl.shape[1])[None, :] < lens[:, None]
+    tbl[:len(seqs)][mask] = flat
+    return tbl
+
+
+def _sampling_arrays(seqs) -> tuple[np.ndarray, ...]:
+    """temperature, top_k, top_p, min_p, seed, step of each sampled row (as
+    ``sampling.build_sampling_tensors``: the seeded draw is keyed by tokens generated so far,
+    a placeholder counted, as its real token would be in a synchronous step)."""
+    n = len(seqs)
+    ps = [s.params for s in seqs]
+    return (np.fromiter((0.0 if p.greedy else p.temperature for p in ps), dtype=np.float32, count=n),
+            np.fromiter((p.top_k for p in ps), dtype=np.int32, count=n),
+            np.fromiter((p.top_p for p in ps), dtype=np.float32, count=n),
+            np.fromiter((p.min_p for p in ps), dtype=np.float32, count=n),
+            np.fromiter((s.seed for s in seqs), dtype=np.int64, count=n),
+            np.fromiter((s.num_output_tokens for s in seqs), dtype=np.int64, count=n))
+
+
+def _needs_processors(seq) -> bool:
+    p = seq.params
+    return bool(p.needs_penalties or p.logit_bias or seq.num_output_tokens < p.min_tokens)
+
+
+def _row_ends(sch, rows_idx: list[int]) -> list[int]:
+    """The flat index after each sampled row's last query token."""
+    ends, acc = [], 0
+    for s in sch:
+        acc += s.num_new_tokens
+        ends.append(acc)
+    return [ends[i] for i in rows_idx]
+
+
+def _feed_ids(ids: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, prev: "PendingStep") -> None:
+    """Placeholder input tokens take the tokens ``prev`` sampled, on the device."""
+    ids.index_copy_(0, dst, prev.tokens.index_select(0, src).to(ids.dtype))

@@ -211,6 +211,9 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
+            if seq.num_pending and seq.params.max_tokens is not None \
+                    and seq.num_output_tokens >= seq.params.max_tokens:
+                continue  # async scheduling: its token in flight is its last (no wasted row)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.kv.allocate(seq, seq.num_computed_tokens + n):
                 victim = next((s for s in reversed(self.running) if s.seq_id not in scheduled), None)

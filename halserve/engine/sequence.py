@@ -44,6 +44,9 @@ class Sequence:
     prompt_logprobs: list | None = None
     cumulative_logprob: float = 0.0
     first_token_time: float | None = None
+    # async scheduling: placeholder tokens at the end of token_ids, sampled by a step still
+    # on the device (the engine fills them in when it reads that step's tokens)
+    num_pending: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -59,7 +62,8 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        """The generated tokens known on the host (placeholders left out)."""
+        return self.token_ids[self.num_prompt_tokens:len(self.token_ids) - self.num_pending]
 
     @property
     def is_finished(self) -> bool:

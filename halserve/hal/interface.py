@@ -146,6 +146,10 @@ class Capabilities:
     graphs: bool = False
     batch_invariant: bool = True
     pin_memory: bool = False  # host staging buffers (KV offload) should be page-locked
+    # device work runs apart from the host (a stream the host only queues on), so the engine
+    # can build step n+1 while step n runs (async scheduling); None: true when the backend's
+    # device is not the host CPU
+    async_device: bool | None = None
 
 
 @dataclass(slots=True)
