@@ -13,6 +13,7 @@ a run that dies is retried once with ``--repack 0`` and the row says so."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -140,7 +141,8 @@ def batched_ctx(npls: list[int], npp: int, ntg: int) -> int:
     """A context that holds max(npls) sequences of npp + ntg tokens and divides evenly by each
     sequence count (llama.cpp splits n_ctx by n_seq_max and rounds down)."""
     per = -(-(npp + ntg + 1) // 256) * 256
-    return max(npls) * per
+    step = math.lcm(*npls)
+    return -(-max(npls) * per // step) * step
 
 
 def batched(root: Path, path: Path, threads: int, npls: list[int], npp: int, ntg: int,
