@@ -22,9 +22,11 @@ T=${THREADS:-16}
 STEP_TAIL=40
 . "$(dirname "$0")/step.sh"
 MD="$OUT/cpubench.md"
-{ echo "### AMX host, $(date -u '+%Y-%m-%d %H:%M UTC'), $T threads"; lscpu | grep -E "Model name|^CPU\(s\)|L3";
-  echo "flags: $(grep -o -w 'amx_[a-z0-9]*\|avx512_bf16\|avx512_fp16' /proc/cpuinfo | sort -u | tr '\n' ' ')";
-  echo "load average: $(cut -d' ' -f1-3 /proc/loadavg); $(free -g | awk '/Mem:/{print $2 " GB RAM, " $7 " GB available"}')"; echo; } > "$MD"
+{ echo "### AMX host, $(date -u '+%Y-%m-%d %H:%M UTC'), $T threads"; echo
+  echo "- CPU: $(lscpu | grep -E 'Model name|^CPU\(s\)|L3' | sed 's/  */ /g' | paste -sd ';')"
+  echo "- flags: $(grep -o -w 'amx_[a-z0-9]*\|avx512_bf16\|avx512_fp16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+  echo "- load average $(cut -d' ' -f1-3 /proc/loadavg); $(free -g | awk '/Mem:/{print $2 " GB RAM, " $7 " GB available"}')"
+  echo "- commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"; echo; } > "$MD"
 cat "$MD"
 
 PEER=""
@@ -34,12 +36,15 @@ if [ -f .carry/peers/llama.cpp-x86-64-amx.tar.xz ] && [ -f .carry/peers/converte
 fi
 [ -z "$PEER" ] && echo "no llama.cpp peer (.carry/peers/ archives missing): llama.cpp rows skipped" | tee -a "$MD"
 B="python3 -m halserve.cli bench cpu --threads $T --markdown $MD ${PEER:+--llama-cpp $PEER}"
+# CPUBENCH_EXTRA: flags appended to every step (the last wins), e.g. a scaled-down dry run here:
+#   THREADS=2 CPUBENCH_EXTRA="--layers 1 --vocab 1024 --ttft-len 64" bash bench/device/cpubench.sh
+X=${CPUBENCH_EXTRA:-}
 
-step cpubench_1b 140 $B --shape 1.1b --backends cpu_amx --quant none,int8,int4 --input-len 128 --output-len 32 \
+step cpubench_1b 135 $B --shape 1.1b --backends cpu_amx --quant none,int8,int4 --input-len 128 --output-len 32 \
   --ttft-len 1024 --batch 16,64 --batch-input-len 32 --batch-output-len 16 --gguf bf16,q8_0,q4_0 \
-  --batch-gguf bf16 --json "$OUT/cpubench_1b.json"
-step cpubench_8b 60 $B --shape 8b --layers 4 --vocab 32000 --backends cpu_amx --quant none,int8,int4 --no-hf \
-  --input-len 32 --output-len 16 --batch 0 --gguf bf16,q8_0,q4_0 --json "$OUT/cpubench_8b.json"
-step cpubench_moe 40 $B --shape qwen3-moe --layers 4 --experts 64 --vocab 32000 --backends cpu_amx --quant none \
-  --no-hf --input-len 32 --output-len 16 --batch 0 --gguf bf16 --json "$OUT/cpubench_moe.json"
+  --batch-gguf bf16 --json "$OUT/cpubench_1b.json" $X
+step cpubench_8b 55 $B --shape 8b --layers 4 --vocab 32000 --backends cpu_amx --quant none,int8,int4 --no-hf \
+  --input-len 32 --output-len 16 --batch 0 --gguf bf16,q8_0,q4_0 --json "$OUT/cpubench_8b.json" $X
+step cpubench_moe 45 $B --shape qwen3-moe --layers 4 --experts 64 --vocab 32000 --backends cpu_amx --quant none \
+  --no-hf --input-len 32 --output-len 16 --batch 0 --gguf bf16 --json "$OUT/cpubench_moe.json" $X
 echo "== tables: $MD"; cat "$MD"

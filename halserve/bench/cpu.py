@@ -116,7 +116,9 @@ def _bits(quant: str, dtype: str) -> int:
     return QUANT_BITS.get(quant, 4 if quant.startswith("int4") else 8)
 
 
-def run_halserve(model: Path, backend: str, quant: str, args) -> dict:
+def run_halserve(model: Path, backend: str, quant: str, args, row: dict) -> None:
+    """Fill ``row`` figure by figure (a time limit keeps what was measured): batch 1, batched,
+    then the TTFT (slowest with quantized weights)."""
     from halserve import LLM, SamplingParams
     from halserve.bench.latency import weight_bytes_per_token
 
@@ -142,20 +144,18 @@ def run_halserve(model: Path, backend: str, quant: str, args) -> dict:
 
     one = _prompts(vocab, 1, args.input_len)
     gen(one)(2)  # warm-up
-    tok_s, first = _decode_rate(gen(one), args.output_len, 1, args.repeats)
-    row = {"engine": f"halserve {backend}", "backend": eng.hal.name, "quant": quant, "bits": _bits(quant, args.dtype),
-           "weight_bytes": weight_bytes_per_token(eng.model), "decode_tok_s": tok_s, "load_s": load_s,
-           "describe": eng.hal.describe(), "batch": {}}
-    if args.ttft_len:
-        row["ttft_s"] = _ttft(gen(_prompts(vocab, 1, args.ttft_len, seed=1)))
+    row.update(backend=eng.hal.name, weight_bytes=weight_bytes_per_token(eng.model), load_s=load_s,
+               describe=eng.hal.describe())
+    row["decode_tok_s"], _ = _decode_rate(gen(one), args.output_len, 1, args.repeats)
     for n in batches:
         row["batch"][n], _ = _decode_rate(gen(_prompts(vocab, n, blen, seed=2)), args.batch_output_len, n, 1)
+    if args.ttft_len:
+        row["ttft_s"] = _ttft(gen(_prompts(vocab, 1, args.ttft_len, seed=1)))
     del llm, eng
     gc.collect()
-    return row
 
 
-def run_hf(model: Path, args) -> dict:
+def run_hf(model: Path, args, row: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -173,27 +173,25 @@ def run_hf(model: Path, args) -> dict:
 
     one = _prompts(vocab, 1, args.input_len)
     gen(one)(2)
-    tok_s, _ = _decode_rate(gen(one), args.output_len, 1, args.repeats)
     emb = hf.get_input_embeddings().weight
-    wbytes = sum(t.numel() * t.element_size() for t in hf.parameters()) - emb.numel() * emb.element_size()
-    row = {"engine": "HF transformers", "quant": "none", "bits": _bits("none", args.dtype), "decode_tok_s": tok_s,
-           "weight_bytes": wbytes, "batch": {}}
-    if args.ttft_len:
-        row["ttft_s"] = _ttft(gen(_prompts(vocab, 1, args.ttft_len, seed=1)))
+    row["weight_bytes"] = sum(t.numel() * t.element_size() for t in hf.parameters()) - emb.numel() * emb.element_size()
+    row["decode_tok_s"], _ = _decode_rate(gen(one), args.output_len, 1, args.repeats)
     blen = args.batch_input_len or args.input_len
     for n in _ints(args.batch):
         row["batch"][n], _ = _decode_rate(gen(_prompts(vocab, n, blen, seed=2)), args.batch_output_len, n, 1)
+    if args.ttft_len:
+        row["ttft_s"] = _ttft(gen(_prompts(vocab, 1, args.ttft_len, seed=1)))
     del hf
     gc.collect()
-    return row
 
 
 def run_llama_cpp(root: Path, model: Path, args, threads: int, expert_fraction: float, out: list[dict]) -> None:
-    """Append a row per ``--gguf`` type to ``out`` (as each finishes: a time limit keeps them)."""
+    """Append a row per ``--gguf`` type to ``out`` (as each starts: a time limit keeps what it measured)."""
     from halserve.bench import cpu_peer as P
 
     for kind in [k.strip() for k in args.gguf.split(",") if k.strip()]:
         row = {"engine": "llama.cpp", "quant": kind, "bits": P.BITS.get(kind, 0), "batch": {}}
+        out.append(row)
         try:
             t = time.perf_counter()
             path = P.gguf(root, model, kind, threads)
@@ -210,7 +208,6 @@ def run_llama_cpp(root: Path, model: Path, args, threads: int, expert_fraction: 
         except Exception as e:  # one peer failing must not lose the rest of the table
             row["error"] = f"{type(e).__name__}: {e}"[:200]
         print(f"  {_short(row)}", flush=True)
-        out.append(row)
 
 
 class _Stopped(BaseException):
@@ -280,26 +277,29 @@ def main(args: argparse.Namespace) -> int:
 
     def run_ours(todo):
         for backend, q in todo:
+            rows.append({"engine": f"halserve {backend}", "quant": q, "bits": _bits(q, args.dtype), "batch": {}})
             try:
-                rows.append(run_halserve(model, backend, q, args))
+                run_halserve(model, backend, q, args, rows[-1])
             except Exception as e:
-                rows.append({"engine": f"halserve {backend}", "quant": q, "error": f"{type(e).__name__}: {e}"[:200]})
+                rows[-1]["error"] = f"{type(e).__name__}: {e}"[:200]
             print(f"  {_short(rows[-1])}", flush=True)
 
     # the 16-bit rows and every peer first: under a time limit the slow quantized prefills go last
     try:
         run_ours([o for o in ours if o[1] == "none"])
         if not args.no_hf:
+            rows.append({"engine": "HF transformers", "quant": "none", "bits": _bits("none", args.dtype), "batch": {}})
             try:
-                rows.append(run_hf(model, args))
+                run_hf(model, args, rows[-1])
             except Exception as e:
-                rows.append({"engine": "HF transformers", "quant": "none", "error": f"{type(e).__name__}: {e}"[:200]})
+                rows[-1]["error"] = f"{type(e).__name__}: {e}"[:200]
             print(f"  {_short(rows[-1])}", flush=True)
         if args.llama_cpp:
             run_llama_cpp(Path(args.llama_cpp), model, args, threads, expert_fraction, rows)
         run_ours([o for o in ours if o[1] != "none"])
     except _Stopped:
-        rows.append({"engine": "(stopped)", "quant": "-", "error": "time limit reached: the rows after this did not run"})
+        rows.append({"engine": "(stopped)", "quant": "-", "error": "time limit reached: what is missing above and "
+                     "every later row did not run"})
     order = {"halserve": 0, "HF transformers": 1, "llama.cpp": 2}
     rows.sort(key=lambda r: order.get(r["engine"].split(" ")[0] if r["engine"].startswith("halserve")
                                       else r["engine"], 3))
@@ -307,7 +307,7 @@ def main(args: argparse.Namespace) -> int:
     print("\n" + text, flush=True)
     if args.markdown:
         with open(args.markdown, "a") as f:
-            f.write(text + "\n")
+            f.write(text + "\n\n")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": str(model), "config": cfg, "threads": threads,
                                                "read_GBps": bw, "head": head, "rows": rows}, indent=2))

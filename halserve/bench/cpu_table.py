@@ -35,7 +35,7 @@ def cpu_tables(rows: list[dict], bw: float, args, head: str) -> str:
     for r in rows:
         lab = _label(r, args.dtype) if "quant" in r else "-"
         if "error" in r or "decode_tok_s" not in r:
-            out.append(f"| {r['engine']} | {lab} | error: {r.get('error', '?')} |")
+            out.append(f"| {r['engine']} | {lab} | error: {r.get('error', 'stopped by the time limit')} |")
             continue
         wb = r.get("weight_bytes") or 0
         if r["engine"] == "HF transformers" and ours16:
