@@ -23,6 +23,37 @@ import torch
 from halserve.bench.latency import card_name, ensure_checkpoint, hf_config, hf_decode_ms, variant_options
 from halserve.bench.throughput import decode_step_bytes, read_bw_gbs
 
+
+def kernel_table(timed, prompts, steps: int, top: int = 25) -> dict:
+    """GPU kernels of one decode step at len(prompts) rows: torch.profiler over a generate of
+    1 token (prefill + first token) and of 1 + ``steps`` tokens, per-kernel time difference
+    / ``steps``. Also the prefill's top kernels. Times in us."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def run(n):
+        with profile(activities=[ProfilerActivity.CUDA]) as p:
+            timed(n, prompts)
+        agg: dict = {}
+        for e in p.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                t, c = agg.get(e.name, (0.0, 0))
+                agg[e.name] = (t + e.time_range.elapsed_us(), c + 1)
+        return agg
+
+    one, many = run(1), run(1 + steps)
+    step = {}
+    for name, (t, c) in many.items():
+        t0, c0 = one.get(name, (0.0, 0))
+        if t - t0 > 0:
+            step[name[:120]] = (round((t - t0) / steps, 2), round((c - c0) / steps, 2))
+    rank = sorted(step.items(), key=lambda kv: -kv[1][0])
+    pre = sorted(one.items(), key=lambda kv: -kv[1][0])
+    return {"step_kernel_us": round(sum(v[0] for v in step.values()), 1),
+            "step": [{"kernel": k, "us": v[0], "calls": v[1]} for k, v in rank[:top]],
+            "prefill_kernel_us": round(sum(v[0] for v in one.values()), 1),
+            "prefill": [{"kernel": k[:120], "us": round(v[0], 1), "calls": v[1]} for k, v in pre[:12]]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-8b")
@@ -30,9 +61,15 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batches", help="batch sizes for output tok/s, e.g. 64,128,256 (default: --batch)")
+    ap.add_argument("--bi-batches", help="batch sizes of the -bi variants (default: --batches)")
+    ap.add_argument("--profile", type=int, default=0, help="kernel table of one decode step at batch 1 and "
+                    "the first batch size, from this many profiled steps (0: off)")
     ap.add_argument("--hf-peer", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
+    batches = [int(b) for b in (args.batches or str(args.batch)).split(",")]
+    bi_batches = [int(b) for b in args.bi_batches.split(",")] if args.bi_batches else batches
     args.model, args.num_layers, args.workdir = None, None, None
     from halserve import LLM, SamplingParams
 
@@ -44,12 +81,12 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     prompt = {"prompt_token_ids": torch.randint(3, cfg.vocab_size, (args.input_len,), generator=g).tolist()}
     batch = [{"prompt_token_ids": torch.randint(3, cfg.vocab_size, (args.input_len,), generator=g).tolist()}
-             for _ in range(args.batch)]
+             for _ in range(max(batches + bi_batches))]
     rows = []
     for v in args.variants.split(","):
         t0 = time.perf_counter()
         llm = LLM(str(path), dtype="bfloat16", max_model_len=args.input_len + args.output_len + 16,
-                  max_num_seqs=max(args.batch, 1), **variant_options(v))
+                  max_num_seqs=max(batches + bi_batches + [1]), **variant_options(v))
         print(f"[e2e] {v}: engine up in {time.perf_counter() - t0:.1f}s", flush=True)
 
         def timed(n, prompts):
@@ -63,13 +100,25 @@ def main() -> int:
         timed(args.output_len, [prompt])  # warm-up: graphs, autotune
         diffs = [(timed(args.output_len, [prompt]) - timed(1, [prompt])) / (args.output_len - 1) for _ in range(3)]
         ms = statistics.median(diffs) * 1e3
-        bt = timed(args.output_len, batch)
+        mine = bi_batches if "bi" in v.split("-") else batches
+        bts = {b: timed(args.output_len, batch[:b]) for b in mine}
         wbytes = 1 if v.startswith("fp8") else 2
         floor_ms = decode_step_bytes(cfg, wbytes, args.input_len + args.output_len // 2) / bw / 1e6
         row = {"variant": v, "b1_ms_per_token": round(ms, 3), "b1_pct_roofline": round(100 * floor_ms / ms, 1),
-               f"b{args.batch}_tok_s": round(args.batch * args.output_len / bt, 1)}
-        rows.append(row)
+               **{f"b{b}_tok_s": round(b * args.output_len / t, 1) for b, t in bts.items()}}
         print("[e2e]", json.dumps(row), flush=True)
+        if args.profile:
+            for b in (1, mine[0]):
+                try:
+                    row[f"kernels_b{b}"] = kt = kernel_table(timed, batch[:b] if b > 1 else [prompt], args.profile)
+                    print(f"[e2e] {v} b{b} one step: {kt['step_kernel_us']} us of kernels;",
+                          "; ".join(f"{r['kernel'][:60]} {r['us']}us x{r['calls']}" for r in kt["step"][:8]), flush=True)
+                except Exception as e:  # the timings above stand without it
+                    row[f"kernels_b{b}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        rows.append(row)
+        if args.json:  # a later variant's failure or timeout keeps this one
+            with open(args.json, "w") as f:
+                json.dump({"card": card_name(), "read_GBs": bw, "partial": True, "rows": rows}, f, indent=1)
         del llm
         gc.collect()
         torch.cuda.empty_cache()

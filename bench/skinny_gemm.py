@@ -1,35 +1,55 @@
-"""Decode-shaped GEMMs on the GPU: the split-K weight-streaming kernel (hal/triton/skinny.py)
-against cuBLAS bf16, the fp8 kernels it would replace and the batch-invariant persistent matmul,
-on the Llama-8B and 1B projection shapes. Prints GB/s of weight streamed and % of the measured
-device read bandwidth, checks results against torch and batch invariance (row 0 alone vs in a batch).
+"""Decode-shaped GEMMs on the GPU: the weight-streaming kernel (hal/triton/skinny.py) against
+cuBLAS bf16, cuBLASLt fp8 (``_scaled_mm``), the tiled fp8 GEMM and the batch-invariant
+persistent matmul, on the Llama-8B and 1B projection shapes. Prints GB/s of weight streamed
+and % of the device read bandwidth measured in the same run (fp32 sum over 4 GiB).
 
-    python bench/skinny_gemm.py [--json out.json]
+Every timing is a CUDA graph of calls that rotate over enough copies of the weight to miss
+the 50 MB L2 (the 8B qkv and o weights in fp8 would otherwise be served from it).
+
+    python bench/skinny_gemm.py [--json out.json]                 # the tuned configs
+    python bench/skinny_gemm.py --sweep --budget 100 --json s.json  # search configs
+
+``--sweep``: stage A times tile configs (KIND gemv/dot, BLOCK_N, BLOCK_K, num_warps,
+num_stages, programs per SM -> split count) per (shape, M) with the separate quantize and
+reduce kernels; stage B times the best of A with the split reduction fused (FUSED) and the
+W8A8 activation quantization in the kernel (QUANT_IN). Then the batch-invariant persistent
+matmul at M = 64 and at a prefill size (tile order grouped or not), against cuBLAS. Each
+candidate's result is checked against torch (NMSE < 1e-4) before it may win; the run stops
+exploring when ``--budget`` seconds are spent and writes what it has.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 
 import torch
 
+from halserve.hal.quant import quantize
+from halserve.hal.triton import configs
 from halserve.hal.triton import matmul as mm
 from halserve.hal.triton.skinny import skinny_matmul
 
-from halserve.hal.quant import quantize
+SHAPES = {"8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
+          "1b": {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)}}
+L2_MISS_BYTES = 256 << 20  # rotate weights over at least this many bytes
+DEV = "cuda"  # "cpu" with --smoke: tiny shapes through the Triton interpreter, to check this script
 
-SHAPES = {"8b": [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
-          "1b": [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192)]}
 
-
-def bench(fn, iters=50):
-    for _ in range(3):
-        fn()
+def timed_us(fns, iters=20):
+    """Mean us of one call, from a CUDA graph of ``iters`` calls cycling over ``fns``."""
+    if DEV == "cpu":
+        t = time.perf_counter()
+        fns[0]()
+        return (time.perf_counter() - t) * 1e6
+    for f in fns[:2]:
+        f()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(iters):
-            fn()
+        for i in range(iters):
+            fns[i % len(fns)]()
     g.replay()
     torch.cuda.synchronize()
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -37,53 +57,334 @@ def bench(fn, iters=50):
     g.replay()
     e.record()
     e.synchronize()
-    return s.elapsed_time(e) / iters * 1e3  # us
+    return s.elapsed_time(e) / iters * 1e3
 
 
 def read_bw():
-    x = torch.ones(1 << 30, dtype=torch.float32, device="cuda")  # 4 GiB read by a sum
-    t = bench(lambda: x.sum(), iters=10)
+    if DEV == "cpu":
+        return 1.0
+    x = torch.ones(1 << 30, dtype=torch.float32, device=DEV)  # 4 GiB read by a sum
+    t = timed_us([lambda: x.sum()], iters=10)
+    del x
     return (4 << 30) / t / 1e3  # GB/s
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--json")
-    args = ap.parse_args()
-    bw = read_bw()
-    print(f"device {torch.cuda.get_device_name()} read bandwidth {bw:.0f} GB/s (fp32 sum over 4 GiB)", flush=True)
+def nmse(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).pow(2).sum() / b.pow(2).sum().clamp(min=1e-30))
+
+
+class Weights:
+    """``copies`` bf16 weights of one shape and their fp8 per-channel forms."""
+
+    def __init__(self, n, k, fp8: bool):
+        self.n, self.k = n, k
+        wb = 1 if fp8 else 2
+        copies = max(1, -(-L2_MISS_BYTES // (n * k * wb)))
+        w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02
+        self.bf16 = [w] + [w.roll(i, 0) for i in range(1, copies)] if not fp8 else [w]
+        if fp8:
+            q, s = quantize(w, "fp8", "per_channel")
+            self.q = [q] + [q.roll(i, 0) for i in range(1, copies)]
+            self.s = [s] + [s.roll(i, 0) for i in range(1, copies)]
+        self.bytes = n * k * wb
+
+
+def per_sm_splits(n, k, bn, bk, per_sm):
+    want = per_sm * configs.num_sms()
+    tiles = -(-n // bn)
+    splits = 1
+    while tiles * splits < want and k // (splits * 2) >= bk:
+        splits *= 2
+    return splits
+
+
+def fp8_tile_space(m):
+    """(KIND, BLOCK_N, BLOCK_K, num_warps, num_stages) tried for fp8 W8A8 at m rows."""
+    gemv = [(16, 256, 4, 1), (32, 256, 4, 1), (16, 512, 4, 1), (32, 128, 4, 1), (64, 128, 4, 1),
+            (32, 512, 8, 1), (64, 256, 8, 1), (16, 256, 4, 3), (32, 256, 4, 3)]
+    if m >= 16:  # a [16, BN, BK] fp32 accumulator: small tiles only
+        gemv = [(8, 128, 4, 1), (16, 64, 4, 1), (16, 128, 8, 1), (8, 256, 8, 1)]
+    dot = [(64, 256, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3), (64, 512, 4, 3),
+           (32, 512, 4, 3), (64, 256, 8, 4)]
+    return [("gemv",) + c for c in gemv] + [("dot",) + c for c in dot]
+
+
+def bf16_tile_space(m):
+    gemv = [(16, 128, 4, 1), (32, 128, 4, 1), (16, 256, 4, 1), (8, 256, 4, 1), (32, 64, 4, 1), (16, 128, 4, 3)]
+    if m >= 16:
+        gemv = [(8, 64, 4, 1), (16, 32, 4, 1)]
+    dot = [(64, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3)]
+    return [("gemv",) + c for c in gemv] + [("dot",) + c for c in dot]
+
+
+def run_cands(cands, ref, bytes_, bw, deadline, rows, base):
+    """Time each (name, cfg, fns, out_fn); returns [(us, name, cfg)] of the correct ones."""
+    res = []
+    for name, cfg, fns, out_fn in cands:
+        if time.perf_counter() > deadline:
+            base.setdefault("skipped", []).append(name)
+            continue
+        rec = dict(base, cand=name, cfg=cfg)
+        try:
+            err = nmse(out_fn(), ref)
+            us = timed_us(fns)
+            gbs = bytes_ / us / 1e3
+            rec.update(us=round(us, 2), GBs=round(gbs), pct_bw=round(100 * gbs / bw, 1), nmse=err, ok=err < 1e-4)
+            if err < 1e-4:
+                res.append((us, name, cfg))
+        except Exception as e:  # a config that does not compile or launch: recorded, not fatal
+            rec["error"] = f"{type(e).__name__}: {e}"[:240]
+        rows.append(rec)
+    res.sort(key=lambda r: r[0])
+    return res
+
+
+def sweep_fp8(tag, shapes, ms, bw, deadline, rows, best):
+    weights = {s: Weights(n, k, fp8=True) for s, (n, k) in shapes.items()}
+    for m in ms:  # batch 1 on every shape first: it matters most if the budget runs out
+        for sname, (n, k) in shapes.items():
+            W = weights[sname]
+            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+            xq, xs = mm.quant_fp8_per_token(x)
+            ref = ((xq.float() * xs[:, None]) @ (W.q[0].float() * W.s[0][:, None]).T)
+            base = dict(model=tag, shape=sname, N=n, K=k, M=m, dtype="fp8_w8a8")
+            t0 = time.perf_counter()
+            def scaled(i):  # quantize + cuBLASLt rowwise-scaled fp8 GEMM (the M > 64 path)
+                q, qs = mm.quant_fp8_per_token(x)
+                return torch._scaled_mm(q, W.q[i].t(), scale_a=qs[:, None].contiguous(),
+                                        scale_b=W.s[i][None, :].float().contiguous(), out_dtype=torch.bfloat16)
+
+            peers = [("cublaslt_scaled_mm", None, [lambda i=i: scaled(i) for i in range(len(W.q))], lambda: scaled(0)),
+                     ("default", configs.skinny_config(m, n, k, 1),
+                      [lambda i=i: skinny_matmul(x, W.q[i], W.s[i], "per_token") for i in range(len(W.q))],
+                      lambda: skinny_matmul(x, W.q[0], W.s[0], "per_token"))]
+            if m > 4:
+                peers.append(("fp8_tiled", None, [lambda i=i: mm.fp8_matmul(xq, xs, W.q[i], W.s[i], x.dtype)
+                                                  for i in range(len(W.q))],
+                              lambda: mm.fp8_matmul(xq, xs, W.q[0], W.s[0], x.dtype)))
+            got = run_cands(peers, ref, W.bytes, bw, deadline, rows, base)
+            cands = []
+            for kind, bn, bk, nw, ns in fp8_tile_space(m):
+                for per_sm in (2, 4, 8):
+                    sp = per_sm_splits(n, k, bn, bk, per_sm)
+                    cfg = dict(KIND=kind, BLOCK_N=bn, BLOCK_K=bk, SPLITS=sp, FUSED=False, QUANT_IN=False,
+                               num_warps=nw, num_stages=ns)
+                    if any(c[1] == cfg for c in cands):
+                        continue
+                    cands.append((f"{kind}_n{bn}_k{bk}_w{nw}_s{ns}_sp{sp}", cfg,
+                                  [lambda i=i, c=cfg: skinny_matmul(x, W.q[i], W.s[i], "per_token", cfg=c)
+                                   for i in range(len(W.q))],
+                                  lambda c=cfg: skinny_matmul(x, W.q[0], W.s[0], "per_token", cfg=c)))
+            a = run_cands(cands, ref, W.bytes, bw, deadline, rows, base)
+            b = []
+            if a:
+                cands = []
+                for fused, qin, top in [(f, q, t[2]) for t in a[:2] for f in (False, True) for q in (False, True)]:
+                    if True:
+                        cfg = dict(top, FUSED=fused, QUANT_IN=qin)
+                        if (not fused and not qin) or (fused and top["SPLITS"] == 1):
+                            continue
+                        cands.append((f"B_fused{int(fused)}_qin{int(qin)}_{cfg['KIND']}_n{cfg['BLOCK_N']}"
+                                      f"_k{cfg['BLOCK_K']}_sp{cfg['SPLITS']}", cfg,
+                                      [lambda i=i, c=cfg: skinny_matmul(x, W.q[i], W.s[i], "per_token", cfg=c)
+                                       for i in range(len(W.q))],
+                                      lambda c=cfg: skinny_matmul(x, W.q[0], W.s[0], "per_token", cfg=c)))
+                b = run_cands(cands, ref, W.bytes, bw, deadline, rows, base)
+            win = sorted(a[:1] + b[:1] + got[:3], key=lambda r: r[0])
+            summary = dict(base, secs=round(time.perf_counter() - t0, 1),
+                           peers={p[1]: round(p[0], 2) for p in got},
+                           best=[dict(us=round(u, 2), pct_bw=round(100 * W.bytes / u / 1e3 / bw, 1), name=nm, cfg=c)
+                                 for u, nm, c in win[:3]])
+            best.append(summary)
+            print("[sweep]", json.dumps(summary), flush=True)
+    del weights
+
+
+def sweep_bf16(tag, shapes, ms, bw, deadline, rows, best):
+    for sname, (n, k) in shapes.items():
+        W = Weights(n, k, fp8=False)
+        for m in ms:
+            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+            ref = x.float() @ W.bf16[0].float().T
+            base = dict(model=tag, shape=sname, N=n, K=k, M=m, dtype="bf16")
+            t0 = time.perf_counter()
+            r = range(len(W.bf16))
+            cands = [("cublas", None, [lambda i=i: torch.nn.functional.linear(x, W.bf16[i]) for i in r],
+                      lambda: torch.nn.functional.linear(x, W.bf16[0])),
+                     ("persistent_bi", None, [lambda i=i: mm.persistent_matmul(x, W.bf16[i]) for i in r],
+                      lambda: mm.persistent_matmul(x, W.bf16[0]))]
+            for kind, bn, bk, nw, ns in bf16_tile_space(m):
+                for per_sm in (2, 4):
+                    sp = per_sm_splits(n, k, bn, bk, per_sm)
+                    for fused in (False, True):
+                        cfg = dict(KIND=kind, BLOCK_N=bn, BLOCK_K=bk, SPLITS=sp, FUSED=fused, QUANT_IN=False,
+                                   num_warps=nw, num_stages=ns)
+                        if any(c[1] == cfg for c in cands) or (fused and sp == 1):
+                            continue
+                        cands.append((f"{kind}_n{bn}_k{bk}_w{nw}_s{ns}_sp{sp}_f{int(fused)}", cfg,
+                                      [lambda i=i, c=cfg: skinny_matmul(x, W.bf16[i], cfg=c) for i in r],
+                                      lambda c=cfg: skinny_matmul(x, W.bf16[0], cfg=c)))
+            a = run_cands(cands, ref, W.bytes, bw, deadline, rows, base)
+            summary = dict(base, secs=round(time.perf_counter() - t0, 1),
+                           cublas=next((round(u, 2) for u, nm, _ in a if nm == "cublas"), None),
+                           persistent_bi=next((round(u, 2) for u, nm, _ in a if nm == "persistent_bi"), None),
+                           best=[dict(us=round(u, 2), pct_bw=round(100 * W.bytes / u / 1e3 / bw, 1), name=nm, cfg=c)
+                                 for u, nm, c in a[:3]])
+            best.append(summary)
+            print("[sweep]", json.dumps(summary), flush=True)
+        del W
+
+
+def sweep_bi(shapes, bw, deadline, rows, best):
+    """The batch-invariant GEMM at decode batch 64 and a prefill chunk, against cuBLAS."""
+    for sname, (n, k) in shapes.items():
+        w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02
+        for m in (64, 4096):
+            if time.perf_counter() > deadline:
+                return
+            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+            ref = x.float() @ w.float().T
+            base = dict(model="8b", shape=sname, N=n, K=k, M=m, dtype="bf16_bi")
+            cfg0 = configs.matmul_fixed_config(n, k)
+            cands = [("cublas", None, [lambda: torch.nn.functional.linear(x, w)], lambda: torch.nn.functional.linear(x, w)),
+                     ("persistent_grouped", None, [lambda: mm.persistent_matmul(x, w)], lambda: mm.persistent_matmul(x, w))]
+            for name, over in (("persistent_ungrouped", dict(GROUP_M=1)), ("bn128_split1", dict(BLOCK_N=128, SPLITS=1)),
+                               ("bm128_bn128_w8", dict(BLOCK_M=128, BLOCK_N=128, SPLITS=1, num_warps=8, num_stages=3)),
+                               ("progs1", dict(PROGS_PER_SM=1))):
+                c = dict(cfg0, **over)
+                cands.append((name, c, [lambda c=c: mm.persistent_matmul(x, w, cfg=c)], lambda c=c: mm.persistent_matmul(x, w, cfg=c)))
+            a = run_cands(cands, ref, 2 * n * k, bw, deadline, rows, base)
+            flops = 2 * m * n * k
+            summary = dict(base, cfg=cfg0, times_us={nm: round(u, 1) for u, nm, _ in a},
+                           tflops={nm: round(flops / u / 1e6, 1) for u, nm, _ in a})
+            best.append(summary)
+            print("[sweep]", json.dumps(summary), flush=True)
+
+
+def _warm_worker(tasks):
+    """Compile (into Triton's disk cache) the kernels of ``tasks`` on small tensors with the
+    same specializations (M, SPLITS == 1, multiples of 16) as the sweep's shapes."""
+    done = 0
+    for wbytes, m, cfg in tasks:
+        try:
+            x = torch.randn(m, 2048, device=DEV, dtype=torch.bfloat16)
+            w = torch.randn(512, 2048, device=DEV, dtype=torch.bfloat16)
+            if wbytes == 1:
+                q, s = quantize(w, "fp8", "per_channel")
+                skinny_matmul(x, q, s, "per_token", cfg=cfg)
+            else:
+                skinny_matmul(x, w, cfg=cfg)
+            done += 1
+        except Exception:  # the sweep records the error itself
+            pass
+    return done
+
+
+def warm(parts, procs):
+    """Compile the sweep's stage-A kernels in ``procs`` processes first (compiling dominates
+    a serial sweep; the host has 16 cores)."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    tasks = []
+    for part in parts:
+        space = fp8_tile_space if part.startswith("fp8") else bf16_tile_space if part.startswith("bf16") else None
+        if space is None:
+            continue
+        wb = 1 if part.startswith("fp8") else 2
+        for m in ((1,) if part.endswith("_1b") else (1, 4, 16)):
+            for kind, bn, bk, nw, ns in space(m):
+                for sp, fused in ((1, False), (2, False)) + (((2, True),) if wb == 2 else ()):
+                    tasks.append((wb, m, dict(KIND=kind, BLOCK_N=bn, BLOCK_K=bk, SPLITS=sp, FUSED=fused, QUANT_IN=False,
+                                              num_warps=nw, num_stages=ns)))
+    t = time.perf_counter()
+    chunks = [tasks[i::procs] for i in range(procs)]
+    with cf.ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")) as ex:
+        done = sum(ex.map(_warm_worker, chunks))
+    print(f"[sweep] warmed {done}/{len(tasks)} kernels in {procs} processes, {time.perf_counter() - t:.0f}s", flush=True)
+
+
+def tuned(bw):
     rows = []
     for tag, shapes in SHAPES.items():
-        for n, k in shapes:
-            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-            q, s = quantize(w, "fp8", "per_channel")
+        for sname, (n, k) in shapes.items():
+            W = Weights(n, k, fp8=True)
+            Wb = Weights(n, k, fp8=False)
             for m in (1, 4, 16, 64):
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                cands = {
-                    "cublas_bf16": (lambda: torch.nn.functional.linear(x, w), 2),
-                    "skinny_bf16": (lambda: skinny_matmul(x, w), 2),
-                    "persistent_bf16(bi)": (lambda: mm.persistent_matmul(x, w), 2),
-                    "skinny_fp8_w8a8": (lambda: skinny_matmul(x, q, s, "per_token"), 1),
-                    "fp8_tiled(M>16 path)": (lambda: mm.fp8_matmul(*mm.quant_fp8_per_token(x), q, s, x.dtype), 1),
-                }
-                if m <= 16:
-                    cands["fused_quant_fp8(old)"] = (lambda: mm.fp8_matmul_fused_quant(x, True, q, s), 1)
-                ref = (x.float() @ w.float().T)
-                err = (skinny_matmul(x, w).float() - ref).pow(2).sum() / ref.pow(2).sum()
-                inv = torch.equal(skinny_matmul(x[:1], w)[0], skinny_matmul(x, w)[0])
-                line = {"model": tag, "N": n, "K": k, "M": m, "nmse_bf16": float(err), "invariant": inv}
-                for name, (fn, wb) in cands.items():
+                x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+                rb, rq = range(len(Wb.bf16)), range(len(W.q))
+                line = {"model": tag, "shape": sname, "N": n, "K": k, "M": m}
+                cands = {"cublas_bf16": ([lambda i=i: torch.nn.functional.linear(x, Wb.bf16[i]) for i in rb], Wb.bytes),
+                         "persistent_bf16(bi)": ([lambda i=i: mm.persistent_matmul(x, Wb.bf16[i]) for i in rb], Wb.bytes),
+                         "skinny_fp8_w8a8": ([lambda i=i: skinny_matmul(x, W.q[i], W.s[i], "per_token") for i in rq],
+                                             W.bytes)}
+                for name, (fns, nbytes) in cands.items():
                     try:
-                        us = bench(fn)
-                        gbs = n * k * wb / us / 1e3
+                        us = timed_us(fns)
+                        gbs = nbytes / us / 1e3
                         line[name] = {"us": round(us, 2), "GB/s": round(gbs), "pct_bw": round(100 * gbs / bw, 1)}
                     except Exception as e:  # one failing candidate must not hide the rest
                         line[name] = {"error": f"{type(e).__name__}: {e}"[:200]}
                 rows.append(line)
                 print(json.dumps(line), flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--budget", type=float, default=100.0, help="seconds the sweep may explore")
+    ap.add_argument("--parts", default="fp8,bf16,bi,bf16_1b", help="sweep parts, in order")
+    ap.add_argument("--warm", type=int, default=0, help="compile stage A first in this many processes")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
+    args = ap.parse_args()
+    if args.smoke:
+        global DEV, L2_MISS_BYTES
+        DEV, L2_MISS_BYTES = "cpu", 1
+        for shapes in SHAPES.values():
+            for key, (n, k) in shapes.items():
+                shapes[key] = (n // 128, k // 128)
+    if args.sweep and args.warm:
+        warm(args.parts.split(","), args.warm)
+    bw = read_bw()
+    card = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)"
+    print(f"device {card} read bandwidth {bw:.0f} GB/s (fp32 sum over 4 GiB)", flush=True)
+    out = {"card": card, "read_bw_GBs": bw, "date": time.strftime("%Y-%m-%d %H:%M")}
+    if not args.sweep:
+        out["rows"] = tuned(bw)
+    else:
+        rows, best = [], []
+        out.update(rows=rows, best=best)
+        start = time.perf_counter()
+        parts = args.parts.split(",")
+        # each part gets its share of what is left, so a slow part cannot starve the rest
+        share = {"fp8": 5, "bf16": 3, "bi": 2, "bf16_1b": 1, "fp8_1b": 1}
+        for i, part in enumerate(parts):
+            left = args.budget - (time.perf_counter() - start)
+            mine = left * share.get(part, 1) / sum(share.get(p, 1) for p in parts[i:])
+            deadline = time.perf_counter() + mine
+            print(f"[sweep] part {part}: {mine:.0f}s", flush=True)
+            try:
+                if part == "fp8":
+                    sweep_fp8("8b", SHAPES["8b"], (1, 4, 16), bw, deadline, rows, best)
+                elif part == "bf16":
+                    sweep_bf16("8b", SHAPES["8b"], (1, 4, 16), bw, deadline, rows, best)
+                elif part == "bi":
+                    sweep_bi(SHAPES["8b"], bw, deadline, rows, best)
+                elif part == "bf16_1b":
+                    sweep_bf16("1b", SHAPES["1b"], (1,), bw, deadline, rows, best)
+                elif part == "fp8_1b":
+                    sweep_fp8("1b", SHAPES["1b"], (1,), bw, deadline, rows, best)
+            except Exception as e:  # keep the other parts
+                print(f"[sweep] part {part} failed: {type(e).__name__}: {e}", flush=True)
+            if args.json:  # what we have so far survives a timeout
+                with open(args.json, "w") as f:
+                    json.dump(out, f, indent=1)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"read_bw_GBs": bw, "rows": rows}, f, indent=1)
+            json.dump(out, f, indent=1)
     return 0
 
 

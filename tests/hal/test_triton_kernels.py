@@ -176,6 +176,22 @@ def test_persistent_matmul_rows_invariant():
         assert torch.equal(be.linear(x[i:i + 1], w), full[i:i + 1])
 
 
+def test_persistent_matmul_tile_order_changes_nothing():
+    """Grouped tile order (GROUP_M row tiles at a time) gives bitwise the plain order's output."""
+    from halserve.hal.triton import configs
+    from halserve.hal.triton.matmul import persistent_matmul
+
+    torch.manual_seed(5)
+    x = torch.randn(83, 80, device=DEV)
+    w = torch.randn(70, 80, device=DEV)
+    cfg = configs.matmul_fixed_config(70, 80)
+    plain = persistent_matmul(x, w, cfg=dict(cfg, GROUP_M=1))
+    assert nmse(plain, x.double() @ w.double().T) < 1e-10
+    for g in (2, 3, 8):  # into NaNs: a tile the order skips must show
+        out = torch.full_like(plain, float("nan"))
+        assert torch.equal(persistent_matmul(x, w, out=out, cfg=dict(cfg, GROUP_M=g, PROGS_PER_SM=1)), plain)
+
+
 @pytest.mark.parametrize("scheme", ["none", "fp8", "fp8_per_tensor"])
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 def test_moe(cuda, native, scheme, scoring):
@@ -246,19 +262,47 @@ def test_attention_batch_invariant_decode_splits(native):
     assert torch.equal(bound, full)
 
 
+def _skinny_cfg(kind, fused, quant_in, splits=3):
+    return dict(KIND=kind, BLOCK_N=16, BLOCK_K=32, SPLITS=splits, FUSED=fused, QUANT_IN=quant_in, num_warps=4,
+                num_stages=1)
+
+
+SKINNY_CFGS = {"tuned": None, "dot_two_kernels": _skinny_cfg("dot", False, False),
+               "gemv_fused_quant_in": _skinny_cfg("gemv", True, True),
+               "dot_fused_quant_in_1split": _skinny_cfg("dot", True, True, splits=1)}
+
+
 @pytest.mark.parametrize("scheme", ["none", "fp8", "fp8_per_tensor", "fp8_weight_only"])
 @pytest.mark.parametrize("m", [1, 5, 16, 21])
-def test_skinny_matmul_matches_native(native, scheme, m):
-    """The split-K weight-streaming GEMM (decode linears, batch-invariant mode) against native,
-    with odd K and N so every split and tile has a ragged edge."""
+@pytest.mark.parametrize("cfg", list(SKINNY_CFGS))
+def test_skinny_matmul_matches_native(native, scheme, m, cfg):
+    """The split-K weight-streaming GEMM (decode linears) against native, with odd K and N so
+    every split and tile has a ragged edge, in both inner loops, with the split reduction in
+    a second kernel or in the tile's last program, and W8A8 activations quantized before or
+    inside the kernel."""
     from halserve.hal.triton.skinny import skinny_matmul
 
     torch.manual_seed(8)
     x = torch.randn(m, 100, device=DEV, dtype=torch.bfloat16)
     w = native.pack_weight((torch.randn(37, 100, device=DEV) * 0.1).bfloat16(), scheme)
     b = torch.randn(37, device=DEV, dtype=torch.bfloat16)
-    got = skinny_matmul(x, w.weight, w.scale, w.act_scheme, b)
+    got = skinny_matmul(x, w.weight, w.scale, w.act_scheme, b, cfg=SKINNY_CFGS[cfg])
     assert nmse(got, native.linear(x, w, b)) < 1e-4  # two bf16 roundings of the output
+
+
+@pytest.mark.parametrize("kind", ["gemv", "dot"])
+def test_skinny_fused_reduction_is_the_same_sum(native, kind):
+    """The last-arriving program adds the splits in the same order as the reduction kernel:
+    bitwise the same output, call after call (its arrival counters re-arm themselves)."""
+    from halserve.hal.triton.skinny import skinny_matmul
+
+    torch.manual_seed(10)
+    x = torch.randn(3, 200, device=DEV, dtype=torch.bfloat16)
+    w = native.pack_weight((torch.randn(45, 200, device=DEV) * 0.1).bfloat16(), "fp8")
+    two = skinny_matmul(x, w.weight, w.scale, "per_token", cfg=_skinny_cfg(kind, False, True, splits=4))
+    for _ in range(2):
+        one = skinny_matmul(x, w.weight, w.scale, "per_token", cfg=_skinny_cfg(kind, True, True, splits=4))
+        assert torch.equal(one, two)
 
 
 def test_skinny_matmul_rows_never_mix():
@@ -267,6 +311,7 @@ def test_skinny_matmul_rows_never_mix():
     torch.manual_seed(9)
     x = torch.randn(40, 96, device=DEV)
     w = torch.randn(33, 96, device=DEV)
-    full = skinny_matmul(x, w)
+    cfg = _skinny_cfg("dot", True, False)  # one config for every M (the tuned one may switch loops)
+    full = skinny_matmul(x, w, cfg=cfg)
     for i in (0, 15, 16, 39):
-        assert torch.equal(skinny_matmul(x[i:i + 1].contiguous(), w), full[i:i + 1])
+        assert torch.equal(skinny_matmul(x[i:i + 1].contiguous(), w, cfg=cfg), full[i:i + 1])

@@ -190,6 +190,28 @@ def fp8_small_m_config(n: int, k: int) -> dict:
     return dict(BLOCK_N=bn, BLOCK_K=256, num_warps=4, num_stages=4)
 
 
+# ---- skinny (decode) GEMM: hal/triton/skinny.py --------------------------------------------------
+def skinny_config(m: int, n: int, k: int, w_bytes: int) -> dict:
+    """Launch config of the weight-streaming GEMM. Tiles and split count depend on the weight's
+    shape (and the row count only through the ``KIND`` of inner loop): enough programs to keep
+    every SM streaming (about four per SM), each reading at least ``4 * BLOCK_K`` of K.
+    ``FUSED``: the last program of a tile adds the split partials (no second kernel);
+    ``QUANT_IN``: W8A8 activations are quantized inside the kernel (no first kernel)."""
+    if _family(arch()) == "interp":
+        bk = 32
+        return dict(KIND="gemv" if m <= 4 else "dot", BLOCK_N=16, BLOCK_K=bk, SPLITS=2 if k > 2 * bk else 1,
+                    FUSED=True, QUANT_IN=True, num_warps=1, num_stages=1)
+    bk = 256 if w_bytes == 1 else 128
+    bn = 64
+    tiles = (n + bn - 1) // bn
+    want = 4 * num_sms()
+    splits = 1
+    while tiles * splits < want and k // (splits * 2) >= 4 * bk:
+        splits *= 2
+    return dict(KIND="dot", BLOCK_N=bn, BLOCK_K=bk, SPLITS=splits, FUSED=False, QUANT_IN=False, num_warps=4,
+                num_stages=4)
+
+
 # ---- fused MoE ---------------------------------------------------------------------------------
 def moe_config(m_tokens: int, fixed: bool = False) -> dict:
     fam = _family(arch())

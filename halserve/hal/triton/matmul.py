@@ -22,17 +22,25 @@ FP8_MAX = 448.0  # e4m3fn
 @triton.jit
 def _persistent_mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, part_ptr, M, N, K, s_am, s_ak, s_bn, s_bk, s_cm, s_cn,
                           NUM_PROGS, k_per_split, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    total = num_m * num_n * SPLITS
+    per_split = num_m * num_n
+    total = per_split * SPLITS
     offs_k = tl.arange(0, BLOCK_K)
+    group = GROUP_M * num_n
     for tile in range(pid, total, NUM_PROGS):
-        # neighbouring programs share a weight tile (m fastest), so it is read from HBM once
-        pm = tile % num_m
-        pn = (tile // num_m) % num_n
-        ps = tile // (num_m * num_n)
+        # tiles in groups of GROUP_M row tiles, m fastest inside a group: neighbouring programs
+        # share a weight tile (read from HBM once) and, at prefill sizes, the programs in flight
+        # touch GROUP_M activation tiles instead of all of them (the order of tiles never
+        # changes a tile's sums, so this does not touch batch invariance)
+        t = tile % per_split
+        ps = tile // per_split
+        first_m = (t // group) * GROUP_M
+        gsize = tl.minimum(num_m - first_m, GROUP_M)
+        pm = first_m + (t % group) % gsize
+        pn = (t % group) // gsize
         rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
         a_rows = a_ptr + rm[:, None].to(tl.int64) * s_am
@@ -59,26 +67,27 @@ def _persistent_mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, part_ptr, M, N, K, s_am
 
 
 def persistent_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ w[N, K]^T (+ bias) with batch-invariant fixed tiles."""
+                      out: torch.Tensor | None = None, cfg: dict | None = None) -> torch.Tensor:
+    """x [M, K] @ w[N, K]^T (+ bias) with batch-invariant fixed tiles (``cfg``: another
+    ``matmul_fixed_config``, for the benchmark sweep)."""
     M, K = x.shape
     N = w.shape[0]
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return out
-    cfg = configs.matmul_fixed_config(N, K)
+    cfg = cfg or configs.matmul_fixed_config(N, K)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    splits = fixed_splits(N, K, bn, bk)
+    splits = cfg.get("SPLITS") or fixed_splits(N, K, bn, bk)
     k_per_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn) * splits
-    progs = min(tiles, configs.num_sms() * 2)
+    progs = min(tiles, configs.num_sms() * cfg.get("PROGS_PER_SM", 2))
     part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else out
     _persistent_mm_kernel[(progs,)](
         x, w, out, bias if bias is not None else x, part, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         out.stride(0), out.stride(1), progs, k_per_split, HAS_BIAS=bias is not None,
         IEEE=x.dtype == torch.float32 or configs.interpreting(), SPLITS=splits,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **configs.launch_opts(cfg))
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 8), **configs.launch_opts(cfg))
     if splits > 1:
         from halserve.hal.triton.skinny import reduce_splits
 

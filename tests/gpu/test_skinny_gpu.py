@@ -1,0 +1,63 @@
+"""The weight-streaming GEMM (hal/triton/skinny.py) on the GPU at decode shapes: every inner
+loop / reduction / quantization form against a float64 reference, the fused split reduction
+bitwise equal to the two-kernel one (the arrival counters' memory ordering), and the fused
+form replayed from a CUDA graph (the counters re-arm themselves)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from halserve.hal.quant import quantize
+
+CFGS = [dict(KIND=k, BLOCK_N=bn, BLOCK_K=bk, SPLITS=sp, FUSED=f, QUANT_IN=q, num_warps=4, num_stages=ns)
+        for k, bn, bk, ns in (("gemv", 32, 256, 1), ("dot", 64, 256, 4))
+        for sp in (1, 8) for f in (False, True) for q in (False, True) if not (f and sp == 1)]
+
+
+def _name(c):
+    return f"{c['KIND']}-sp{c['SPLITS']}-fused{int(c['FUSED'])}-qin{int(c['QUANT_IN'])}"
+
+
+def _case(m, n=1000, k=4096 + 96, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+    q, s = quantize(w, "fp8", "per_channel")
+    return x, q, s
+
+
+@pytest.mark.parametrize("cfg", CFGS, ids=_name)
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_skinny_fp8_forms_match_reference(cfg, m):
+    from halserve.hal.triton import matmul as mm
+    from halserve.hal.triton.skinny import skinny_matmul
+
+    x, q, s = _case(m)
+    bias = torch.randn(q.shape[0], device="cuda", dtype=torch.bfloat16)
+    xq, xs = mm.quant_fp8_per_token(x)
+    ref = (xq.double() * xs.double()[:, None]) @ (q.double() * s.double().reshape(-1)[:, None]).T + bias.double()
+    got = skinny_matmul(x, q, s, "per_token", bias, cfg=cfg).double()
+    err = ((got - ref) ** 2).sum() / (ref ** 2).sum()
+    assert err < 1e-4, f"nmse {err:.3g}"
+
+
+@pytest.mark.parametrize("kind", ["gemv", "dot"])
+def test_skinny_fused_reduction_bitwise_and_graph_replay(kind):
+    from halserve.hal.triton.skinny import skinny_matmul
+
+    x, q, s = _case(2, n=6144, k=4096, seed=1)
+    base = dict(KIND=kind, BLOCK_N=32 if kind == "gemv" else 64, BLOCK_K=256, SPLITS=8, QUANT_IN=True, num_warps=4,
+                num_stages=1 if kind == "gemv" else 4)
+    two = skinny_matmul(x, q, s, "per_token", cfg=dict(base, FUSED=False))
+    for _ in range(3):
+        assert torch.equal(skinny_matmul(x, q, s, "per_token", cfg=dict(base, FUSED=True)), two)
+    xs = x.clone()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = skinny_matmul(xs, q, s, "per_token", cfg=dict(base, FUSED=True))
+    for seed in (2, 3, 4):
+        x2, _, _ = _case(2, n=8, k=4096, seed=seed)
+        xs.copy_(x2)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, skinny_matmul(x2, q, s, "per_token", cfg=dict(base, FUSED=False)))
