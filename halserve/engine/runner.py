@@ -57,6 +57,7 @@ class ModelRunner:
         self.verify_graphs: dict[int, object] = {}
         self._layer_events: list | None = None  # see layer_events()
         self.staging = _Staging(hal, device)
+        self.tables = _BlockTables()
         self._events: list | None = None  # see _next_event()
 
     # ---- KV cache ---------------------------------------------------------------------------
@@ -268,7 +269,7 @@ class ModelRunner:
         pos = np.zeros(b, dtype=np.int64)
         pos[:n] = [seq.num_computed_tokens for seq in seqs]
         ids[:n] = [seq.token_ids[p] for seq, p in zip(seqs, pos[:n].tolist())]
-        tbl = _block_table(seqs, b)
+        tbl = self.tables.gather(seqs, b)
         slots = np.full(b, -1, dtype=np.int64)
         slots[:n] = tbl[np.arange(n), pos[:n] // bs].astype(np.int64) * bs + pos[:n] % bs
         lens = np.ones(b, dtype=np.int32)
@@ -299,7 +300,7 @@ class ModelRunner:
             # a draft's tokens follow the last real one (engine/spec)
             ids[cu[i]:cu[i + 1]] = seq.token_ids[a:e] if not s.spec_token_ids else \
                 (seq.token_ids[a:] + s.spec_token_ids)[:e - a]
-        tbl = _block_table([s.seq for s in sch], n)
+        tbl = self.tables.gather([s.seq for s in sch], n)
         row = np.repeat(np.arange(n), q)
         positions = np.arange(cu[-1]) - np.repeat(cu[:-1] - start, q)
         slots = tbl[row, positions // bs].astype(np.int64) * bs + positions % bs
@@ -553,15 +554,55 @@ class _Staging:
         return [dev[o:o + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape) for a, o in zip(arrays, offs)]
 
 
-def _block_table(seqs, rows: int) -> np.ndarray:
-    """[rows, widest] int32 block table of ``seqs`` (zero padded: nothing reads past a
-    row's length)."""
-    lens = np.fromiter((len(s.block_ids) for s in seqs), dtype=np.int64, count=len(seqs))
-    tbl = np.zeros((rows, int(lens.max()) if len(seqs) else 1), dtype=np.int32)
-    flat = np.fromiter((b for s in seqs for b in s.block_ids), dtype=np.int32, count=int(lens.sum()))
-    mask = np.arange(tbl.shape[1])[None, :] < lens[:, None]
-    tbl[:len(seqs)][mask] = flat
-    return tbl
+class _BlockTables:
+    """The host block tables, kept across steps: a row per sequence that only takes the
+    blocks it gained since (a sequence's ``block_ids`` list only grows or is cut short in
+    place, or is replaced by a new list, which rebuilds its row), so a step copies whole
+    rows with one gather instead of converting every block id again."""
+
+    def __init__(self):
+        self.rows = np.zeros((64, 64), dtype=np.int32)
+        self.of: dict[int, list] = {}  # seq_id -> [row, the block_ids list mirrored, blocks mirrored, seq]
+        self.free: list[int] = []
+
+    def gather(self, seqs, rows: int) -> np.ndarray:
+        """[rows, widest] int32 table of ``seqs`` (columns past a row's length hold stale
+        but valid block ids or zeros: nothing reads past a sequence's length)."""
+        if len(self.of) > 2 * len(seqs) + 64:
+            self._sweep()
+        idx = np.empty(len(seqs), dtype=np.int64)
+        width = 1
+        for i, seq in enumerate(seqs):
+            ids = seq.block_ids
+            ent = self.of.get(seq.seq_id)
+            if ent is None:
+                ent = self.of[seq.seq_id] = [self._row(), None, 0, seq]
+            m = len(ids)
+            if ent[1] is not ids or m < ent[2]:
+                ent[1], ent[2] = ids, 0
+            if m > ent[2]:
+                if m > self.rows.shape[1]:
+                    self.rows = np.pad(self.rows, ((0, 0), (0, max(m, 2 * self.rows.shape[1]) - self.rows.shape[1])))
+                self.rows[ent[0], ent[2]:m] = ids[ent[2]:m]
+                ent[2] = m
+            idx[i] = ent[0]
+            width = max(width, m)
+        tbl = np.zeros((rows, width), dtype=np.int32)
+        tbl[:len(seqs)] = self.rows[idx, :width]
+        return tbl
+
+    def _row(self) -> int:
+        if not self.free:
+            n = self.rows.shape[0]
+            self.rows = np.pad(self.rows, ((0, n), (0, 0)))
+            self.free = list(range(2 * n - 1, n - 1, -1))
+            if not self.of:
+                self.free = list(range(2 * n - 1, -1, -1))
+        return self.free.pop()
+
+    def _sweep(self) -> None:
+        for sid in [sid for sid, ent in self.of.items() if ent[3].is_finished]:
+            self.free.append(self.of.pop(sid)[0])
 
 
 def _sampling_arrays(seqs) -> tuple[np.ndarray, ...]:
