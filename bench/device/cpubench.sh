@@ -35,7 +35,11 @@ if [ -f .carry/peers/llama.cpp-x86-64-amx.tar.xz ] && [ -f .carry/peers/converte
   tar -xJf .carry/peers/llama.cpp-x86-64-amx.tar.xz -C $PEER && tar -xJf .carry/peers/converter.tar.xz -C $PEER || PEER=""
 fi
 [ -z "$PEER" ] && echo "no llama.cpp peer (.carry/peers/ archives missing): llama.cpp rows skipped" | tee -a "$MD"
-B="python3 -m halserve.cli bench cpu --threads $T --markdown $MD ${PEER:+--llama-cpp $PEER}"
+# checkpoints and GGUF files in RAM (about 20 GB at most): writing ~15 GB to disk would take much of the budget
+W=/tmp/cpubench-work
+[ "$(df -BG --output=avail /dev/shm 2>/dev/null | tail -1 | tr -dc 0-9)" -gt 40 ] 2>/dev/null && W=/dev/shm/cpubench-work
+mkdir -p $W
+B="python3 -m halserve.cli bench cpu --threads $T --markdown $MD --work-dir $W ${PEER:+--llama-cpp $PEER}"
 # CPUBENCH_EXTRA: flags appended to every step (the last wins), e.g. a scaled-down dry run here:
 #   THREADS=2 CPUBENCH_EXTRA="--layers 1 --vocab 1024 --ttft-len 64" bash bench/device/cpubench.sh
 X=${CPUBENCH_EXTRA:-}
@@ -48,3 +52,4 @@ step cpubench_8b 55 $B --shape 8b --layers 4 --vocab 32000 --backends cpu_amx --
 step cpubench_moe 45 $B --shape qwen3-moe --layers 4 --experts 64 --vocab 32000 --backends cpu_amx --quant none \
   --no-hf --input-len 32 --output-len 16 --batch 0 --gguf bf16 --json "$OUT/cpubench_moe.json" $X
 echo "== tables: $MD"; cat "$MD"
+rm -rf /dev/shm/cpubench-work  # give the RAM back

@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
 # cpu_amx on the H200 machine's host CPU (16-core Xeon, AMX): probe, ONEDNN_VERBOSE check of
-# the large-M path, conformance + tests per tier, then `halserve bench cpu` beside llama.cpp
-# (AMX build) and HF. CPU only. About 8 minutes; every step has its own time limit.
+# the large-M path, conformance + tests per tier. CPU only. At most about 5 minutes; every step has its own
+# time limit. The benchmark table is bench/device/cpubench.sh.
 #
-# Needs (carried by the lead): cffi/pycparser on PYTHONPATH (/tmp/site), and for the peer
-#   ./.carry/peers/llama.cpp-x86-64-amx.tar.xz and ./.carry/peers/converter.tar.xz
-#   (copies of ../shared/peers/llama.cpp/*; without them the llama.cpp rows are skipped).
+# Needs (carried by the lead): cffi/pycparser on PYTHONPATH (/tmp/site).
 set -u
 OUT=${OUT:-./device_out}
 mkdir -p "$OUT"
@@ -35,22 +33,5 @@ step "tests: cpu_amx per tier + conformance on the chosen tier"
 timeout 150 python -m pytest -q -x tests/hal/test_cpu_amx.py "tests/conformance" -k "cpu_amx" -p no:cacheprovider \
   > "$OUT/h22_tests.txt" 2>&1; echo "rc=$?"; tail -5 "$OUT/h22_tests.txt"
 
-PEER=""
-if [ -f .carry/peers/llama.cpp-x86-64-amx.tar.xz ] && [ -f .carry/peers/converter.tar.xz ]; then
-  step "unpack llama.cpp (AMX build) + converter"
-  PEER=/tmp/h22-llamacpp && mkdir -p $PEER && tar -xJf .carry/peers/llama.cpp-x86-64-amx.tar.xz -C $PEER \
-    && tar -xJf .carry/peers/converter.tar.xz -C $PEER || PEER=""
-else
-  echo "no .carry/peers/ archives: llama.cpp rows skipped"
-fi
-
-step "bench cpu: 1.1B (TinyLlama shape), $T threads, bf16 / int8 / int4, 16 sequences"
-timeout 240 python -m halserve.cli bench cpu --threads $T --shape 1.1b --quant none,int8,int4 --batch 16 \
-  --input-len 128 --output-len 32 ${PEER:+--llama-cpp $PEER} --json "$OUT/h22_bench_1b.json" \
-  > "$OUT/h22_bench_1b.txt" 2>&1; echo "rc=$?"; grep "^|\|read bandwidth" "$OUT/h22_bench_1b.txt"
-
-step "bench cpu: 8B shape, batch-1 bf16 vs the read roofline only (a 16 GB GGUF conversion does not fit the budget)"
-timeout 150 python -m halserve.cli bench cpu --threads $T --shape 8b --backends cpu_amx --quant none \
-  --batch 0 --no-hf --output-len 16 --json "$OUT/h22_bench_8b.json" \
-  > "$OUT/h22_bench_8b.txt" 2>&1; echo "rc=$?"; grep "^|\|read bandwidth" "$OUT/h22_bench_8b.txt"
+# The benchmarks (1.1B, 8B layer shape, Qwen3-MoE beside llama.cpp and HF) are bench/device/cpubench.sh.
 step "done"

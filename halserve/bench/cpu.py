@@ -59,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="llama.cpp weight types to run (bf16, f16, f32 converted; q8_0, q4_0 quantized from them)")
     p.add_argument("--batch-gguf", default="bf16", help="llama.cpp types that also run llama-batched-bench")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
+    p.add_argument("--work-dir", default=None,
+                   help="where random checkpoints and GGUF files go (default: ~/.cache/halserve/bench and the temp dir)")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None, help="also append the tables to this file")
 
@@ -194,7 +196,7 @@ def run_llama_cpp(root: Path, model: Path, args, threads: int, expert_fraction: 
         out.append(row)
         try:
             t = time.perf_counter()
-            path = P.gguf(root, model, kind, threads)
+            path = P.gguf(root, model, kind, threads, args.work_dir)
             row["prepare_s"] = time.perf_counter() - t
             row["weight_bytes"] = P.bytes_per_token(root, path, expert_fraction)
             r = P.bench(root, path, threads, args.output_len, args.ttft_len, reps=max(args.repeats, 1))
@@ -236,7 +238,7 @@ def _checkpoint(args) -> Path:
             shape[name] = getattr(args, key)
     tag = f"{args.shape}-L{shape['num_hidden_layers']}-V{shape['vocab_size']}" + (
         f"-E{shape['num_experts']}" if shape.get("num_experts") else "")
-    return write_random(DEFAULT_CKPT_DIR.parent / f"cpu-{tag}-random-bf16", shape)
+    return write_random(Path(args.work_dir or DEFAULT_CKPT_DIR.parent) / f"cpu-{tag}-random-bf16", shape)
 
 
 def _cpu_name() -> str:

@@ -83,10 +83,10 @@ def quantize(root: Path, src: Path, qtype: str, threads: int) -> Path:
     return out
 
 
-def gguf(root: Path, ckpt: Path, kind: str, threads: int) -> Path:
+def gguf(root: Path, ckpt: Path, kind: str, threads: int, base_dir: "str | None" = None) -> Path:
     """The checkpoint as GGUF of ``kind`` (bf16/f16/f32 by the converter; q8_0/q4_0 quantized
     from an existing 16/32-bit file, else from a new bf16 one)."""
-    work = workdir(ckpt)
+    work = workdir(ckpt, base_dir)
     if kind in CONVERTER_TYPES:
         return convert(root, ckpt, work, kind)
     base = next((work / f"model-{t}.gguf" for t in CONVERTER_TYPES if (work / f"model-{t}.gguf").is_file()), None)
@@ -174,7 +174,7 @@ def batched(root: Path, path: Path, threads: int, npls: list[int], npp: int, ntg
     return {"repack": repacked, "tok_s": {n: tok_s[n] for n in npls}}
 
 
-def workdir(ckpt: Path) -> Path:
-    d = Path(tempfile.gettempdir()) / f"halserve-gguf-{ckpt.resolve().name}"
+def workdir(ckpt: Path, base_dir: "str | None" = None) -> Path:
+    d = Path(base_dir or tempfile.gettempdir()) / f"halserve-gguf-{ckpt.resolve().name}"
     d.mkdir(exist_ok=True)
     return d
