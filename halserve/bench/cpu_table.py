@@ -17,8 +17,12 @@ def _peer(r: dict, rows: list[dict]) -> "dict | None":
                  and "decode_tok_s" in p), None)
 
 
+def _ok(v) -> bool:
+    return v is not None and v == v and v > 0  # nan: the decode time drowned in the noise
+
+
 def _x(a, b) -> str:
-    return f"{a / b:.2f}" if a and b else "-"
+    return f"{a / b:.2f}" if _ok(a) and _ok(b) else "-"
 
 
 def cpu_tables(rows: list[dict], bw: float, args, head: str) -> str:
@@ -43,6 +47,9 @@ def cpu_tables(rows: list[dict], bw: float, args, head: str) -> str:
         gbs = wb * r["decode_tok_s"] / 1e9
         peer = _peer(r, rows)
         r["read_GBps"], r["pct_read_roofline"] = gbs, 100 * gbs / bw
+        if not _ok(r["decode_tok_s"]):
+            out.append(f"| {r['engine']} | {lab} | noise (t(N) - t(1) <= 0) |")
+            continue
         line = (f"| {r['engine']} | {lab} | {r['decode_tok_s']:.2f} | {gbs:.1f} | {100 * gbs / bw:.0f}% | "
                 f"{_x(r['decode_tok_s'], peer and peer['decode_tok_s'])} | {_x(r['decode_tok_s'], hf and hf['decode_tok_s'])} |")
         if n:
@@ -66,6 +73,7 @@ def cpu_tables(rows: list[dict], bw: float, args, head: str) -> str:
             for c in counts:
                 v = b.get(c)
                 cells.append(f" {v:.1f} | {_x(v, hf and hf['batch'].get(c))} | "
-                             f"{_x(v, peer and peer.get('batch', {}).get(c))} |" if v else " - | - | - |")
+                             f"{_x(v, peer and peer.get('batch', {}).get(c))} |" if _ok(v)
+                             else " noise | - | - |" if v is not None else " - | - | - |")
             out.append(f"| {r['engine']} | {_label(r, args.dtype)} |" + "".join(cells))
     return "\n".join(out)
