@@ -218,7 +218,17 @@ class CudaBackend(NativeBackend):
 
                 y = persistent_matmul(x2, w.weight, bias)
             else:
-                y = F.linear(x2, w.weight, bias)
+                cfg = None
+                if x2.shape[0] <= 16 and x2.dtype in (torch.bfloat16, torch.float16) and w.weight.dtype == x2.dtype:
+                    from halserve.hal.triton import configs
+
+                    cfg = configs.skinny_bf16_config(x2.shape[0], w.weight.shape[0], x2.shape[1])
+                if cfg is not None:  # few rows, on a shape where streaming the weight beat cuBLAS
+                    from halserve.hal.triton.skinny import skinny_matmul
+
+                    y = skinny_matmul(x2, w.weight, bias=bias, cfg=cfg)
+                else:
+                    y = F.linear(x2, w.weight, bias)
         else:  # fp8 on sm_89+: supports() sends every other scheme to native or refuses it
             y = self._linear_fp8(x2, w, bias)
         y = y.view(*shape[:-1], y.shape[-1])

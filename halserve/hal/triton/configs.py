@@ -191,25 +191,61 @@ def fp8_small_m_config(n: int, k: int) -> dict:
 
 
 # ---- skinny (decode) GEMM: hal/triton/skinny.py --------------------------------------------------
+# Winners of the H200 sweep (``bench/skinny_gemm.py --sweep``), by (weights "fp8"|"bf16", row
+# bucket 1|4|16, N, K); "bf16" entries are the shapes where streaming beat cuBLAS.
+SKINNY_TUNED: dict = {"sm90": {}}
+SKINNY_RULE: dict = {}  # (weights, row bucket) -> the sweep's best general form for other shapes
+
+
+def _rows_bucket(m: int) -> int:
+    return 1 if m <= 1 else 4 if m <= 4 else 16
+
+
+def _skinny_splits(n: int, k: int, bn: int, bk: int, per_sm: int) -> int:
+    """Split count from the weight's shape: about ``per_sm`` programs per SM, each split at
+    least one BLOCK_K step."""
+    tiles, splits, want = (n + bn - 1) // bn, 1, per_sm * num_sms()
+    while tiles * splits < want and k // (splits * 2) >= bk:
+        splits *= 2
+    return splits
+
+
 def skinny_config(m: int, n: int, k: int, w_bytes: int) -> dict:
     """Launch config of the weight-streaming GEMM. Tiles and split count depend on the weight's
-    shape (and the row count only through the ``KIND`` of inner loop): enough programs to keep
-    every SM streaming (about four per SM), each reading at least ``4 * BLOCK_K`` of K.
+    shape (the row count picks only a bucket of the sweep's table): enough programs to keep
+    every SM streaming. ``KIND``: 'gemv' (CUDA-core FMAs) or 'dot' (tensor cores);
     ``FUSED``: the last program of a tile adds the split partials (no second kernel);
     ``QUANT_IN``: W8A8 activations are quantized inside the kernel (no first kernel)."""
-    if _family(arch()) == "interp":
+    fam = _family(arch())
+    if fam == "interp":
         bk = 32
         return dict(KIND="gemv" if m <= 4 else "dot", BLOCK_N=16, BLOCK_K=bk, SPLITS=2 if k > 2 * bk else 1,
                     FUSED=True, QUANT_IN=True, num_warps=1, num_stages=1)
+    wt = "fp8" if w_bytes == 1 else "bf16"
+    hit = SKINNY_TUNED.get(arch(), {}).get((wt, _rows_bucket(m), n, k))
+    if hit is not None:
+        return dict(hit)
+    rule = SKINNY_RULE.get((wt, _rows_bucket(m))) if fam == "hopper+" else None
+    if rule is not None:
+        cfg = {key: v for key, v in rule.items() if key != "PER_SM"}
+        cfg["SPLITS"] = _skinny_splits(n, k, cfg["BLOCK_N"], cfg["BLOCK_K"], rule["PER_SM"])
+        return cfg
     bk = 256 if w_bytes == 1 else 128
     bn = 64
-    tiles = (n + bn - 1) // bn
-    want = 4 * num_sms()
-    splits = 1
-    while tiles * splits < want and k // (splits * 2) >= 4 * bk:
-        splits *= 2
+    splits = _skinny_splits(n, k, bn, 4 * bk, 4)
     return dict(KIND="dot", BLOCK_N=bn, BLOCK_K=bk, SPLITS=splits, FUSED=False, QUANT_IN=False, num_warps=4,
                 num_stages=4)
+
+
+def skinny_bf16_config(m: int, n: int, k: int) -> "dict | None":
+    """The weight-streaming config for a 16-bit linear of ``m`` rows, or None where cuBLAS is
+    the faster (the sweep's "bf16" entries). Under the interpreter: rows <= 4 stream (so the
+    conformance suite runs this path)."""
+    fam = _family(arch())
+    if fam == "interp":
+        return skinny_config(m, n, k, 2) if m <= 4 else None
+    hit = SKINNY_TUNED.get(arch(), {}).get(("bf16", _rows_bucket(m), n, k))
+    return dict(hit) if hit is not None else None
 
 
 # ---- fused MoE ---------------------------------------------------------------------------------
