@@ -83,6 +83,9 @@ class CpuAmxBackend(NativeBackend):
                 if scheme in quant.NATIVE_ONLY:
                     return f"native fallback: {scheme} weights run as dequantize then GEMM in torch"
                 return f"refused: quant scheme {scheme!r} is not valid; use {', '.join(_C_SCHEMES)}"
+            act = spec.get("act_scheme") or "none"
+            if scheme == "int8" and act not in ("none", "per_token"):
+                return f"native fallback: int8 with {act} activations runs in torch (the C kernel quantizes per token)"
             return True
         kv = _dtype(spec.get("kv_dtype"))
         if op in ("write_kv", "attention") and kv is not None and kv not in _CODES:
@@ -105,14 +108,10 @@ class CpuAmxBackend(NativeBackend):
             return True
         return f"native fallback: {op} runs in torch (not a bottleneck on a CPU)"
 
-    def _native(self, op: str, spec: dict) -> bool:
-        """linear only: True when ``supports`` sends this weight's scheme (its full name,
-        e.g. int8_w8a8 or int4_g32, as the dispatcher's scheme + act_scheme mean) to native.
-        The other ops rely on the dispatcher alone."""
-        return self.supports(op, **spec) is not True
-
-    def _ptr(self, t: "torch.Tensor | None", ctype: str = "void *"):
-        return self.ffi.NULL if t is None else self.ffi.cast(ctype, t.data_ptr())
+    @staticmethod
+    def _ptr(t: "torch.Tensor | None", ctype: str = "") -> int:
+        """The address C reads (the library takes pointers as integers: see lib.CDEF)."""
+        return 0 if t is None else t.data_ptr()
 
     # ---- weights --------------------------------------------------------------------------
     def pack_weight(self, weight: torch.Tensor, scheme: str = "none", *,
@@ -134,46 +133,63 @@ class CpuAmxBackend(NativeBackend):
         return pw
 
     # ---- ops ------------------------------------------------------------------------------
+    def _plan(self, w: PackedWeight) -> tuple:
+        """(weight tensor, kind, weight ptr, scale ptr, group, scale tensor), made once per
+        weight and kept in ``w.extra``: a decode token calls linear ~100 times and the
+        answer never changes while ``w.weight`` is the same tensor."""
+        plan = w.extra.get("cpu_amx_plan")
+        if plan is not None and plan[0] is w.weight:
+            return plan
+        wt, scale, group = w.weight, None, 0
+        if w.scheme == "none":
+            if wt.dtype not in _CODES:
+                wt = w.extra.setdefault("f32", wt.float().contiguous())
+            kind = _CODES[wt.dtype]
+        elif w.scheme == "int8":
+            kind, scale = (2 if w.act_scheme == "none" else 4), w.scale.float().contiguous()
+        else:  # int4 (the dispatcher sends every other scheme to native)
+            kind, scale, group = 3, w.scale.float().contiguous(), w.extra["group"]
+        wt = wt.contiguous()
+        plan = (w.weight, kind, wt.data_ptr(), self._ptr(scale), group, (wt, scale))
+        w.extra["cpu_amx_plan"] = plan
+        return plan
+
     def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
-        scheme = quant.scheme_name(w)
-        spec = dict(dtype=x.dtype, scheme=scheme, m=x.shape[0], k=x.shape[-1], n=w.out_features)
-        if self._native("linear", spec):
-            return NativeBackend.linear(self, x, w, bias, out)
+        _, kind, wp, sp, group, _ = self._plan(w)
         m, k = x.shape
         n = w.out_features
         small = SMALL_M if w.scheme == "none" else SMALL_M_QUANT
-        if m > small and not self.batch_invariant and scheme != "int8_w8a8":
+        if m > small and not self.batch_invariant and kind != 4:
             y = F.linear(x, quant.dequant_any(w, x.dtype) if w.scheme != "none" else w.weight.to(x.dtype),
                          bias)
             return y if out is None else out.copy_(y)
-        xf = x.float().contiguous()
+        xc = x if x.is_contiguous() else x.contiguous()
         bf = None if bias is None else bias.float().contiguous()
-        y = out if (out is not None and out.dtype == torch.float32 and out.is_contiguous()) else \
-            torch.empty(m, n, dtype=torch.float32)
-        lib, p = self.lib, self._ptr
-        if w.scheme == "none":
-            wt = w.weight
-            if wt.dtype not in _CODES:
-                wt = w.extra.setdefault("f32", wt.float().contiguous())
-            lib.hs_linear_f(p(xf, "float *"), m, k, p(wt), _CODES[wt.dtype], n, p(bf, "float *"), p(y, "float *"))
-        elif scheme == "int8_w8a8":
-            xq = torch.empty(m, k, dtype=torch.int8)
-            xs = torch.empty(m, dtype=torch.float32)
-            lib.hs_quant_rows_i8(p(xf, "float *"), m, k, p(xq, "int8_t *"), p(xs, "float *"))
-            lib.hs_linear_w8a8(p(xq, "int8_t *"), p(xs, "float *"), m, k, p(w.weight, "int8_t *"),
-                               p(w.scale, "float *"), n, p(bf, "float *"), p(y, "float *"))
-        elif scheme == "int8":
-            lib.hs_linear_i8(p(xf, "float *"), m, k, p(w.weight, "int8_t *"), p(w.scale, "float *"), n,
-                             p(bf, "float *"), p(y, "float *"))
-        else:
-            lib.hs_linear_i4(p(xf, "float *"), m, k, p(w.weight, "uint8_t *"), p(w.scale, "float *"),
-                             w.extra["group"], n, p(bf, "float *"), p(y, "float *"))
-        if y is out:
-            return out
-        if out is None:
-            return y if x.dtype == torch.float32 else y.to(x.dtype)
-        return out.copy_(y)
+        direct = out is not None and out.dtype == x.dtype and out.is_contiguous()
+        y = out if direct else torch.empty(m, n, dtype=x.dtype)
+        xs = torch.empty(m) if kind == 4 else None
+        bf16 = int(x.dtype == torch.bfloat16)
+        self.lib.hs_linear(xc.data_ptr(), bf16, m, k, wp, kind, sp, group, n, self._ptr(bf), y.data_ptr(), bf16,
+                           self._ptr(xs))
+        return y if out is None or direct else out.copy_(y)
+
+    def linear_call(self, x: torch.Tensor, w: PackedWeight):
+        """A closure that runs this weight's C kernel on ``x`` with every pointer made once
+        (the perf tool times the kernel alone with it: no dispatch, no Python conversions)."""
+        _, kind, wp, sp, group, _ = self._plan(w)
+        m, k = x.shape
+        y = torch.empty(m, w.out_features, dtype=x.dtype)
+        xs = torch.empty(m)
+        args = (x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, wp, kind, sp, group, w.out_features, 0,
+                y.data_ptr(), int(x.dtype == torch.bfloat16), xs.data_ptr())
+        fn = self.lib.hs_linear
+        keep = (x, y, xs, w)
+
+        def call():
+            return fn(*args), keep
+
+        return call
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
@@ -182,8 +198,9 @@ class CpuAmxBackend(NativeBackend):
         dst = out if out is not None and out.is_contiguous() else torch.empty_like(xc)
         h = None if residual is None else torch.empty_like(xc)
         res = None if residual is None else residual.to(x.dtype).contiguous()
-        wf = weight.float().contiguous()  # held: C reads it after _ptr returns
-        self.lib.hs_rms_norm(self._ptr(xc), self._ptr(res), self._ptr(wf), self._ptr(dst),
+        # C reads a float32 or bfloat16 weight as it is (no conversion per call)
+        wc = weight if weight.dtype in _CODES and weight.is_contiguous() else weight.float().contiguous()
+        self.lib.hs_rms_norm(self._ptr(xc), self._ptr(res), self._ptr(wc), _CODES[wc.dtype], self._ptr(dst),
                              self._ptr(h), t, hsz, float(eps), _CODES[x.dtype])
         if out is not None and dst is not out:
             out.copy_(dst)

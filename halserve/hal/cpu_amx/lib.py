@@ -28,26 +28,21 @@ NEEDS = {
             "amx_tile", "amx_bf16", "amx_int8"),
 }
 
+# Pointers cross as uintptr_t (torch's data_ptr() ints, no ffi.cast per argument: a decode
+# token makes ~100 such calls with ~5 pointers each). x86-64 and riscv64 pass both in the
+# same integer registers, so the C side keeps its typed pointers.
 CDEF = """
-void hs_linear_f(const float *x, int M, int K, const void *w, int w_bf16, int N, const float *bias, float *y);
-void hs_linear_i8(const float *x, int M, int K, const int8_t *w, const float *scale, int N, const float *bias, float *y);
-void hs_quant_rows_i8(const float *x, int M, int K, int8_t *xq, float *xs);
-void hs_linear_w8a8(const int8_t *xq, const float *xs, int M, int K, const int8_t *w, const float *scale, int N,
-                    const float *bias, float *y);
-void hs_linear_i4(const float *x, int M, int K, const uint8_t *w, const float *scales, int group, int N,
-                  const float *bias, float *y);
-void hs_rms_norm(const void *x, const void *res, const float *w, void *y, void *h_out, int T, int H, float eps, int bf16);
-void hs_rotary(const int64_t *pos, void *q, void *k, const float *cos_sin, int T, int Hq, int Hk, int D, int rot,
-               int is_neox, int bf16);
-void hs_silu_and_mul(const void *x, void *y, int T, int I, int bf16);
-void hs_write_kv(const char *key, const char *value, char *kcache, char *vcache, const int64_t *slots, int T,
-                 int64_t row);
-void hs_attention(const void *q, const void *kc, const void *vc, void *out, const int32_t *cu_q,
-                  const int32_t *seq_lens, const int32_t *tables, int max_blocks, int num_seqs, int T, int Hq,
+typedef uintptr_t P;
+int hs_linear(P x, int x_bf16, int M, int K, P w, int kind, P scale, int group, int N, P bias, P y, int y_bf16, P xs);
+void hs_set_prefetch(int bytes);
+void hs_rms_norm(P x, P res, P w, int w_bf16, P y, P h_out, int T, int H, float eps, int bf16);
+void hs_rotary(P pos, P q, P k, P cos_sin, int T, int Hq, int Hk, int D, int rot, int is_neox, int bf16);
+void hs_silu_and_mul(P x, P y, int T, int I, int bf16);
+void hs_write_kv(P key, P value, P kcache, P vcache, P slots, int T, int64_t row);
+void hs_attention(P q, P kc, P vc, P out, P cu_q, P seq_lens, P tables, int max_blocks, int num_seqs, int T, int Hq,
                   int Hk, int D, int bs, int window, float scale, int qbf16, int max_seqlen_k, int bf16);
-void hs_moe_small(const float *x, int T, int H, int I, int topk, const int64_t *ids, const float *tw,
-                  const void *w13, const float *s13, const void *w2, const float *s2, int kind, int rb,
-                  float *gu, float *act, float *y, float *out);
+void hs_moe_small(P x, int T, int H, int I, int topk, P ids, P tw, P w13, P s13, P w2, P s2, int kind, int rb,
+                  P gu, P act, P y, P out);
 int hs_amx_request(void);
 void hs_set_threads(int n);
 int hs_get_threads(void);

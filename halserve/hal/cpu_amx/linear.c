@@ -1,21 +1,36 @@
 /* y[M, N] = x[M, K] @ W[N, K]^T (+ bias) for weights in the layouts pack_weight makes.
  * Work is split over N (output rows) across the thread pool, so a batch-1 decode streams
- * every weight byte exactly once with all cores reading. Four weight rows go together so
- * each x load feeds four independent accumulators (FMA latency, not bandwidth, would
- * otherwise bound one core). Each output's reduction order depends only on K and the
- * build, never on M: batch-invariant by construction. */
+ * every weight byte exactly once with all cores reading, each thread a contiguous run of
+ * rows. Four weight rows go together so each x load feeds four independent accumulators
+ * (FMA latency, not bandwidth, would otherwise bound one core). Each output's reduction
+ * order depends only on K, the x dtype and the build, never on M: batch-invariant by
+ * construction. ``hs_linear`` is the one entry: x and y in the model's dtype (no
+ * conversion passes in Python), weights by kind. */
 #include "common.h"
+#include <stdlib.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
 #define ROWS 4
 
-static inline void finish(float *y, int64_t m, int N, int n, float v, const float *bias) {
-    y[m * N + n] = bias ? v + bias[n] : v;
+static int ybf; /* set by hs_linear before the parallel region: y is bfloat16 */
+
+static inline void finish(void *y, int64_t m, int N, int n, float v, const float *bias) {
+    store_f(y, m * N + n, bias ? v + bias[n] : v, ybf);
 }
 
-void hs_linear_f(const float *x, int M, int K, const void *w, int w_bf16, int N,
+/* software prefetch distance in bytes ahead of each weight row's stream (0: off); set
+ * from Python so the perf tool can sweep it on the machine at hand */
+static int pf_bytes = 0;
+void hs_set_prefetch(int bytes) { pf_bytes = bytes > 0 ? bytes : 0; }
+#ifdef __AVX512F__
+#define PF(p) do { if (pf_bytes) _mm_prefetch((const char *)(p) + pf_bytes, _MM_HINT_T0); } while (0)
+#else
+#define PF(p) do { } while (0)
+#endif
+
+static void hs_linear_f(const float *x, int M, int K, const void *w, int w_bf16, int N,
                  const float *bias, float *y) {
     int nblk = (N + ROWS - 1) / ROWS;
 #pragma omp parallel for schedule(static)
@@ -33,6 +48,9 @@ void hs_linear_f(const float *x, int M, int K, const void *w, int w_bf16, int N,
                     /* bf16 -> fp32 is a 16-bit shift: widen, shift, reinterpret, FMA */
                     __m512 v0 = _mm512_setzero_ps(), v1 = v0, v2 = v0, v3 = v0;
                     for (; k0 + 16 <= K; k0 += 16) {
+                        if (!(k0 & 31)) {
+                            PF(w0 + k0); PF(w1 + k0); PF(w2 + k0); PF(w3 + k0);
+                        }
                         __m512 xv = _mm512_loadu_ps(xr + k0);
 #define HS_BF16(p) _mm512_castsi512_ps(_mm512_slli_epi32( \
     _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((p) + k0))), 16))
@@ -93,7 +111,7 @@ void hs_linear_f(const float *x, int M, int K, const void *w, int w_bf16, int N,
 }
 
 /* int8 weight-only: per-channel scale applied once per output after the dot. */
-void hs_linear_i8(const float *x, int M, int K, const int8_t *w, const float *scale, int N,
+static void hs_linear_i8(const float *x, int M, int K, const int8_t *w, const float *scale, int N,
                   const float *bias, float *y) {
     int nblk = (N + ROWS - 1) / ROWS;
 #pragma omp parallel for schedule(static)
@@ -133,7 +151,7 @@ void hs_linear_i8(const float *x, int M, int K, const int8_t *w, const float *sc
 }
 
 /* Dynamic per-token symmetric int8 activations (round half to even, as torch.round). */
-void hs_quant_rows_i8(const float *x, int M, int K, int8_t *xq, float *xs) {
+static void hs_quant_rows_i8(const float *x, int M, int K, int8_t *xq, float *xs) {
     for (int m = 0; m < M; m++) {
         const float *xr = x + (int64_t)m * K;
         float amax = 0.f;
@@ -149,7 +167,7 @@ void hs_quant_rows_i8(const float *x, int M, int K, int8_t *xq, float *xs) {
 }
 
 /* W8A8: exact int32 dots (VNNI / madd), scaled once by token x channel. */
-void hs_linear_w8a8(const int8_t *xq, const float *xs, int M, int K, const int8_t *w,
+static void hs_linear_w8a8(const int8_t *xq, const float *xs, int M, int K, const int8_t *w,
                     const float *scale, int N, const float *bias, float *y) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
@@ -167,7 +185,7 @@ void hs_linear_w8a8(const int8_t *xq, const float *xs, int M, int K, const int8_
 /* int4 weight-only, group-wise: row n holds K/2 bytes; within each 32-value chunk byte j
  * carries value j (low nibble) and value j + 16 (high nibble), stored as q + 8, so both
  * halves meet contiguous x. One fp32 scale per group of ``group`` values. */
-void hs_linear_i4(const float *x, int M, int K, const uint8_t *w, const float *scales, int group,
+static void hs_linear_i4(const float *x, int M, int K, const uint8_t *w, const float *scales, int group,
                   int N, const float *bias, float *y) {
     int ng = K / group, cpg = group / 32;
 #pragma omp parallel for schedule(static)
@@ -215,4 +233,90 @@ void hs_linear_i4(const float *x, int M, int K, const uint8_t *w, const float *s
             finish(y, m, N, n, acc, bias);
         }
     }
+}
+
+#ifdef __AVX512BF16__
+/* bf16 x . bf16 W with VDPBF16PS: the products of two bf16 are exact in fp32, so this is
+ * the widening kernel's arithmetic with half the instructions (a pair of products per lane
+ * per step). Only for bf16 x (a bf16 model's activations): fp32 x would be rounded. */
+static void hs_linear_bf16dot(const bf16_t *x, int M, int K, const bf16_t *w, int N, const float *bias,
+                              float *y) {
+    int nblk = (N + ROWS - 1) / ROWS, kv = K & ~31;
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < nblk; b++) {
+        int n0 = b * ROWS, nr = N - n0 < ROWS ? N - n0 : ROWS;
+        const bf16_t *wr[ROWS];
+        for (int r = 0; r < ROWS; r++) wr[r] = w + (int64_t)(n0 + (r < nr ? r : 0)) * K;
+        for (int m = 0; m < M; m++) {
+            const bf16_t *xr = x + (int64_t)m * K;
+            __m512 v[ROWS];
+            for (int r = 0; r < ROWS; r++) v[r] = _mm512_setzero_ps();
+            for (int k0 = 0; k0 < kv; k0 += 32) {
+                __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xr + k0));
+                for (int r = 0; r < ROWS; r++) {
+                    PF(wr[r] + k0);
+                    v[r] = _mm512_dpbf16_ps(v[r], xv, (__m512bh)_mm512_loadu_si512((const void *)(wr[r] + k0)));
+                }
+            }
+            for (int r = 0; r < nr; r++) {
+                float a = _mm512_reduce_add_ps(v[r]);
+                for (int k = kv; k < K; k++) a += bf16_to_f32(xr[k]) * bf16_to_f32(wr[r][k]);
+                finish(y, m, N, n0 + r, a, bias);
+            }
+        }
+    }
+}
+#endif
+
+/* per calling thread (the pool's workers only read them): x as float32, x quantized */
+static __thread float *xf_buf;
+static __thread int8_t *xq_buf;
+static __thread int64_t xf_cap, xq_cap;
+
+static const float *x_as_f32(const void *x, int x_bf16, int64_t n) {
+    if (!x_bf16) return (const float *)x;
+    if (n > xf_cap) {
+        free(xf_buf);
+        xf_buf = (float *)malloc((size_t)n * 4);
+        xf_cap = n;
+    }
+    row_to_f32(x, 0, (int)n, 1, xf_buf);
+    return xf_buf;
+}
+
+/* kind: 0 float32 W, 1 bfloat16 W, 2 int8 per-channel weight-only, 3 int4 group-wise,
+ * 4 int8 W8A8 (per-token dynamic int8 x, exact int32 dots). xs: M floats of scratch for
+ * W8A8's token scales. Returns 0, or -1 for an unknown kind. */
+int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, const float *scale,
+              int group, int N, const float *bias, void *y, int y_bf16, float *xs) {
+    ybf = y_bf16;
+#ifdef __AVX512BF16__
+    if (kind == 1 && x_bf16) {
+        hs_linear_bf16dot((const bf16_t *)x, M, K, (const bf16_t *)w, N, bias, (float *)y);
+        return 0;
+    }
+#endif
+    const float *xf = x_as_f32(x, x_bf16, (int64_t)M * K);
+    switch (kind) {
+    case 0:
+    case 1:
+        hs_linear_f(xf, M, K, w, kind, N, bias, (float *)y);
+        return 0;
+    case 2:
+        hs_linear_i8(xf, M, K, (const int8_t *)w, scale, N, bias, (float *)y);
+        return 0;
+    case 3:
+        hs_linear_i4(xf, M, K, (const uint8_t *)w, scale, group, N, bias, (float *)y);
+        return 0;
+    case 4:
+        if ((int64_t)M * K > xq_cap) {
+            free(xq_buf);
+            xq_buf = (int8_t *)malloc((size_t)M * K);
+            xq_cap = (int64_t)M * K;
+        }
+        hs_quant_rows_i8(xf, M, K, xq_buf, xs);
+        hs_linear_w8a8(xq_buf, xs, M, K, (const int8_t *)w, scale, N, bias, (float *)y);
+        return 0;
+    }
+    return -1;
 }

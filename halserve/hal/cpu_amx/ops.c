@@ -6,7 +6,7 @@
 #define PAR_ROWS 8 /* below this many rows a parallel region costs more than it saves */
 
 /* h = x + residual (rounded to the dtype, as the model stores it); y = h / rms(h) * w */
-void hs_rms_norm(const void *x, const void *res, const float *w, void *y, void *h_out,
+void hs_rms_norm(const void *x, const void *res, const void *w, int w_bf16, void *y, void *h_out,
                  int T, int H, float eps, int bf16) {
 #pragma omp parallel for schedule(static) if (T >= PAR_ROWS)
     for (int t = 0; t < T; t++) {
@@ -24,7 +24,7 @@ void hs_rms_norm(const void *x, const void *res, const float *w, void *y, void *
 #pragma omp simd reduction(+ : ss)
         for (int i = 0; i < H; i++) ss += h[i] * h[i];
         float r = 1.0f / sqrtf(ss / (float)H + eps);
-        for (int i = 0; i < H; i++) h[i] = h[i] * r * w[i];
+        for (int i = 0; i < H; i++) h[i] = h[i] * r * load_f(w, i, w_bf16);
         row_from_f32(y, off, H, bf16, h);
         free(h);
     }

@@ -1,0 +1,245 @@
+"""Where a cpu_amx batch-1 decode step spends its time (``python -m halserve.hal.cpu_amx.perf``).
+
+Three measurements, each printed as a ratio to the measured multi-threaded read bandwidth
+(torch sum over 1 GiB: a decode reads its weights, it does not copy them):
+
+1. kernel: every linear shape of the model at M = 1, per weight scheme, over enough copies
+   of the weight that the set outgrows the L3 (a decode streams from DRAM), timed twice:
+   the bare C call (pointers made once) and through ``backend.linear`` (dispatch, Python,
+   conversions): the difference is the per-call overhead.
+2. step: end-to-end decode tokens/s through the engine (``LLMEngine.step``), one sequence,
+   and the weight bytes a token reads / the step time as a share of the read bandwidth.
+3. ops: the same steps with every HAL op wrapped in a timer: microseconds per op and per
+   layer, and the time outside the ops (model code, scheduler, sampling) per step.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import time
+from pathlib import Path
+
+SHAPE_1B = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                intermediate_size=5632, vocab_size=32000, max_position_embeddings=4096)
+OPS = ("linear", "rms_norm", "rotary", "silu_and_mul", "write_kv", "attention", "sample")
+
+
+def linear_shapes(s: dict) -> dict[str, tuple[int, int]]:
+    h, i, d = s["hidden_size"], s["intermediate_size"], s["hidden_size"] // s["num_attention_heads"]
+    return {"qkv": ((s["num_attention_heads"] + 2 * s["num_key_value_heads"]) * d, h), "o": (h, h),
+            "gate_up": (2 * i, h), "down": (h, i), "lm_head": (s["vocab_size"], h)}
+
+
+def _best(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def kernel_rates(backend, shapes: dict, schemes: list[str], set_bytes: int, prefetch: list[int],
+                 reps: int = 3) -> list[dict]:
+    """GB/s of each linear at M = 1: the C call alone and through backend.linear, per
+    software prefetch distance. Copies of one packed weight (distinct memory, same values)
+    make the set outgrow the caches."""
+    import dataclasses
+
+    import torch
+
+    rows = []
+    for scheme in schemes:
+        for name, (n, k) in shapes.items():
+            one = backend.pack_weight(torch.randn(n, k, dtype=torch.bfloat16) * 0.02, scheme)
+            nbytes = one.weight.numel() * one.weight.element_size() + (
+                one.scale.numel() * 4 if one.scale is not None else 0)
+            copies = max(2, min(64, -(-set_bytes // nbytes)))
+            ws = [dataclasses.replace(one, weight=one.weight.clone(), extra=dict(one.extra)) for _ in range(copies)]
+            for w in ws:
+                w.extra.pop("cpu_amx_plan", None)
+            x = torch.randn(1, k, dtype=torch.bfloat16)
+            calls = [backend.linear_call(x, w) for w in ws]
+
+            def bare():
+                for c in calls:
+                    c()
+
+            def full():
+                for w in ws:
+                    backend.linear(x, w)
+
+            for pf in prefetch:
+                backend.lib.hs_set_prefetch(pf)
+                tb = _best(bare, reps) / copies
+                tf = _best(full, reps) / copies
+                rows.append({"scheme": scheme, "op": name, "n": n, "k": k, "prefetch": pf, "bytes": nbytes,
+                             "copies": copies, "us_c": tb * 1e6, "us_linear": tf * 1e6,
+                             "gbs_c": nbytes / tb / 1e9, "gbs_linear": nbytes / tf / 1e9})
+            backend.lib.hs_set_prefetch(0)
+            del ws, calls
+    return rows
+
+
+def step_profile(model: Path, backend: str, quant: str, steps: int, prompt: int = 128) -> dict:
+    """Decode tokens/s of one sequence, then per-op time with every HAL op wrapped."""
+    import torch
+
+    from halserve import LLM, SamplingParams
+    from halserve.bench.latency import weight_bytes_per_token
+
+    llm = LLM(str(model), backend=backend, dtype="bfloat16", quantization=None if quant == "none" else quant,
+              max_num_seqs=1, max_model_len=prompt + 3 * steps + 32, enable_prefix_caching=False)
+    eng, hal = llm.engine, llm.engine.hal
+    g = torch.Generator().manual_seed(0)
+    eng.add_request("0", torch.randint(3, eng.model_config.vocab_size, (prompt,), generator=g).tolist(),
+                    SamplingParams(temperature=0, max_tokens=3 * steps + 8, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    ts = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        eng.step()
+        ts.append(time.perf_counter() - t)
+    ts.sort()
+    acc: dict = collections.defaultdict(lambda: [0, 0.0, 0])
+
+    def wrap(op):
+        f = getattr(hal, op)
+
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            r = f(*a, **kw)
+            dt = time.perf_counter() - t
+            key, nb = op, 0
+            if op == "linear":
+                pw = a[1]
+                key = f"linear {pw.out_features}x{pw.in_features}"
+                nb = pw.weight.numel() * pw.weight.element_size() + (pw.scale.numel() * 4 if pw.scale is not None
+                                                                     else 0)
+            e = acc[key]
+            e[0] += 1
+            e[1] += dt
+            e[2] += nb
+            return r
+
+        setattr(hal, op, timed)
+
+    for op in OPS:
+        wrap(op)
+    wt = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        eng.step()
+        wt.append(time.perf_counter() - t)
+    for op in OPS:
+        hal.__dict__.pop(op, None)
+    layers = eng.model_config.num_layers
+    ops = {k: {"calls_per_step": n / steps, "us_per_call": dt / n * 1e6, "ms_per_step": dt / steps * 1e3,
+               **({"gbs": nb / dt / 1e9} if nb else {})} for k, (n, dt, nb) in acc.items()}
+    in_ops = sum(dt for _, dt, _ in acc.values()) / steps
+    wbytes = weight_bytes_per_token(eng.model)
+    out = {"backend": backend, "quant": quant, "describe": hal.describe(), "weight_bytes": wbytes,
+           "step_ms_min": ts[0] * 1e3, "step_ms_median": ts[len(ts) // 2] * 1e3, "tok_s": 1 / ts[len(ts) // 2],
+           "wrapped_step_ms": sum(wt) / steps * 1e3, "ops_ms_per_step": in_ops * 1e3,
+           "outside_ops_ms_per_step": (sum(wt) / steps - in_ops) * 1e3,
+           "non_linear_us_per_layer": sum(v["ms_per_step"] for k, v in ops.items() if not k.startswith("linear"))
+           * 1e3 / layers, "ops": ops}
+    del llm, eng, hal
+    return out
+
+
+def _omp_libs() -> list[str]:
+    try:
+        with open("/proc/self/maps") as f:
+            return sorted({ln.split()[-1] for ln in f if "omp" in ln and ".so" in ln})
+    except OSError:
+        return []
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m halserve.hal.cpu_amx.perf", description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quant", default="none,int8,int4", help="comma list: none (bf16), int8, int4, int8_w8a8")
+    p.add_argument("--model", default=None, help="bf16 Llama checkpoint (default: a random TinyLlama-shape 1.1B)")
+    p.add_argument("--layers", type=int, default=None, help="layers of the random model (default 22)")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--set-mb", type=int, default=1024, help="weight bytes per kernel timing (outgrow the L3)")
+    p.add_argument("--prefetch", default="0", help="comma list of software prefetch distances (bytes) to time")
+    p.add_argument("--no-kernels", action="store_true")
+    p.add_argument("--no-steps", action="store_true")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    import torch
+
+    from halserve.bench.cpu import read_bandwidth_gbs
+    from halserve.hal.cpu_amx.backend import CpuAmxBackend
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    schemes = [s.strip() for s in a.quant.split(",") if s.strip()]
+    shape = dict(SHAPE_1B, **({"num_hidden_layers": a.layers} if a.layers else {}))
+    bw = read_bandwidth_gbs()
+    be = CpuAmxBackend()
+    print(f"{be.describe()}\nthreads {torch.get_num_threads()}  read bandwidth {bw:.1f} GB/s  "
+          f"OpenMP runtimes loaded: {_omp_libs()}", flush=True)
+    res: dict = {"threads": torch.get_num_threads(), "read_gbs": bw, "tier": be.tier, "omp": _omp_libs()}
+    if not a.no_kernels:
+        rows = kernel_rates(be, linear_shapes(shape), schemes, a.set_mb << 20,
+                            [int(v) for v in a.prefetch.split(",") if v.strip()])
+        print("| scheme | linear | N x K | prefetch | us (C) | GB/s (C) | % read bw | us (backend.linear) | GB/s | % |")
+        print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in rows:
+            print(f"| {r['scheme']} | {r['op']} | {r['n']}x{r['k']} | {r['prefetch']} | {r['us_c']:.1f} | "
+                  f"{r['gbs_c']:.1f} | "
+                  f"{r['gbs_c'] / bw * 100:.0f}% | {r['us_linear']:.1f} | {r['gbs_linear']:.1f} | "
+                  f"{r['gbs_linear'] / bw * 100:.0f}% |", flush=True)
+        res["kernels"] = rows
+    if not a.no_steps:
+        model = Path(a.model) if a.model else _checkpoint(shape)
+        res["steps"] = []
+        for q in schemes:
+            try:
+                r = step_profile(model, "cpu_amx", q, a.steps)
+            except Exception as e:  # one scheme failing must not lose the others
+                print(f"step {q}: {type(e).__name__}: {e}", flush=True)
+                continue
+            roof = r["weight_bytes"] / (bw * 1e9)  # seconds a token's weights take to read
+            r["pct_read_bw"] = roof / (r["step_ms_median"] / 1e3) * 100
+            print(f"\n== {q}: {r['tok_s']:.2f} tok/s (step median {r['step_ms_median']:.1f} ms, min "
+                  f"{r['step_ms_min']:.1f}); weights {r['weight_bytes'] / 1e9:.2f} GB -> roofline "
+                  f"{1 / roof:.1f} tok/s; at {r['pct_read_bw']:.0f}% of read bandwidth\n"
+                  f"   wrapped step {r['wrapped_step_ms']:.1f} ms = ops {r['ops_ms_per_step']:.1f} + outside ops "
+                  f"{r['outside_ops_ms_per_step']:.1f}; non-linear ops {r['non_linear_us_per_layer']:.0f} us/layer",
+                  flush=True)
+            for k, v in sorted(r["ops"].items(), key=lambda kv: -kv[1]["ms_per_step"]):
+                gbs = f"  {v['gbs']:.1f} GB/s ({v['gbs'] / bw * 100:.0f}%)" if "gbs" in v else ""
+                print(f"   {k:24s} {v['calls_per_step']:5.0f}/step {v['us_per_call']:9.1f} us/call "
+                      f"{v['ms_per_step']:8.2f} ms/step{gbs}", flush=True)
+            res["steps"].append(r)
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+def _checkpoint(shape: dict) -> Path:
+    from halserve.bench.startup import DEFAULT_CKPT_DIR
+
+    path = DEFAULT_CKPT_DIR.parent / f"cpu-1.1b-L{shape['num_hidden_layers']}-V{shape['vocab_size']}-random-bf16"
+    try:
+        from halserve.bench.cpu_ckpt import write_random
+    except ImportError:
+        from halserve.bench.startup import write_random_llama
+
+        if not (path / "config.json").exists():
+            write_random_llama(path, shape)
+        return path
+    return write_random(path, shape)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())
