@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from halserve.hostmem import IdleTrimmer
 from halserve.config import EngineConfig
 from halserve.engine.core import EngineCore
 from halserve.engine.outputs import RequestOutput
@@ -113,6 +114,7 @@ class AsyncLLM:
         self._lock = threading.Lock()
         self._metrics: dict[str, Any] = self.engine.get_metrics()
         self._stopped = False
+        self._trimmer = IdleTrimmer()
         self._thread = threading.Thread(target=self._loop, name="halserve-engine", daemon=True)
         self._thread.start()
 
@@ -160,7 +162,9 @@ class AsyncLLM:
             if not self.engine.has_unfinished():
                 self.engine.connector.idle()  # the last write-through
                 self._metrics = self.engine.get_metrics()
+                self._trimmer.idle()  # what the burst freed goes back to the OS
                 continue
+            self._trimmer.worked()
             try:
                 outs = self.engine.step()
             except Exception as e:  # an engine fault fails the requests in flight, not the server
