@@ -84,7 +84,11 @@ class EngineCore:
         if draft_bpb:
             self.proposer.allocate(num_blocks)
         self.runner.capture_verify = self.proposer is not None
-        if not config.enforce_eager:
+        if getattr(self.proposer, "needs_hidden", False):
+            # a draft head reads the target's hidden states, which the eager step hands over
+            # (captured steps return logits only): such a target runs without graphs
+            self.runner.hidden_sink = self.proposer.take_hidden
+        elif not config.enforce_eager:
             self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
         # content, not path: KV blocks cached by one server load on another with the same model
         fp = hashlib.sha256(checkpoint_fingerprint(mc.path)
@@ -155,7 +159,7 @@ class EngineCore:
         if spec is None:
             return None
         return build_proposer(spec, self.model_config.vocab_size, hal=self.hal, target_config=self.model_config,
-                              block_size=self.config.block_size, device=device)
+                              target_model=self.model, block_size=self.config.block_size, device=device)
 
     # ---- requests -----------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: Any) -> tuple[str | None, list[int]]:

@@ -371,6 +371,9 @@ class ModelRunner:
             ids, pos, meta, cu, _ = prepared or self._prepare(so)
             caches = self.kv_caches if events is None else LayerWaits(self.kv_caches, events)
             hidden = self.model.forward(ids, pos, caches, meta)
+            sink = getattr(self, "hidden_sink", None)  # engine/spec: a draft head reads the target's states
+            if sink is not None:
+                sink(so, hidden, cu)
             plp = self._prompt_logprobs(so, hidden, cu)
             if not rows_idx:
                 return StepResult([], [], plp)

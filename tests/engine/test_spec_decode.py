@@ -15,8 +15,9 @@ from halserve.engine.spec.ngram import ngram_lookup
 
 # ---- config -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad, words", [
-    ({"method": "medusa2", "num_speculative_tokens": 2}, ["'medusa2'", "callable, draft_model, ngram"]),
-    ({"method": "eagle", "num_speculative_tokens": 2}, ["'eagle'", "not supported"]),
+    ({"method": "medusa2", "num_speculative_tokens": 2}, ["'medusa2'", "callable, draft_model, eagle, ngram"]),
+    ({"method": "eagle3", "num_speculative_tokens": 2}, ["'eagle3'", "not supported", "'eagle'"]),
+    ({"method": "eagle", "num_speculative_tokens": 2}, ["model=None"]),
     ({"method": "ngram"}, ["num_speculative_tokens"]),
     ({"method": "ngram", "num_speculative_tokens": 0}, ["num_speculative_tokens=0", "[1, 32]"]),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_mix": 2}, ["'prompt_lookup_mix'"]),

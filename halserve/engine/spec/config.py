@@ -9,14 +9,17 @@ from typing import Any, Callable
 METHOD_FIELDS: dict[str, tuple[str, ...]] = {
     "ngram": ("prompt_lookup_max", "prompt_lookup_min"),
     "draft_model": ("model", "draft_dtype"),
+    "eagle": ("model",),
     "callable": ("proposer",),
 }
-# draft heads need a checkpoint that stores them; no architecture halserve loads can save one
-# from transformers (it has no EAGLE head class and drops DeepSeek/GLM MTP layers), so these
-# are refused by name rather than accepted and ignored
+_MTP = ("MTP layers are read from the target's own checkpoint and no architecture halserve loads has "
+        "them (DeepSeek-V3, GLM-4.5, MiMo and Qwen3-Next carry them; halserve does not load those targets)")
+# refused by name rather than accepted and ignored
 REFUSED_METHODS = {
-    "eagle": "EAGLE draft heads", "eagle3": "EAGLE-3 draft heads", "mtp": "MTP layers",
-    "deepseek_mtp": "DeepSeek MTP layers", "medusa": "Medusa heads",
+    "mtp": _MTP, "deepseek_mtp": _MTP,
+    "eagle3": "EAGLE-3 heads (which read several target layers) are not supported; EAGLE-1/2 heads are "
+              "(method 'eagle')",
+    "medusa": "Medusa heads are not supported",
 }
 MAX_SPECULATIVE_TOKENS = 32
 
@@ -61,9 +64,8 @@ def parse_speculative_config(d: "dict | SpeculativeConfig | None") -> Speculativ
             d.pop("model")
     valid = ", ".join(sorted(METHOD_FIELDS))
     if method in REFUSED_METHODS:
-        raise SpeculativeConfigError(
-            f"speculative_config method={method!r} is not supported: {REFUSED_METHODS[method]} are read "
-            f"from a checkpoint and no architecture halserve loads stores them; valid methods: {valid}")
+        raise SpeculativeConfigError(f"speculative_config method={method!r} is not supported: "
+                                     f"{REFUSED_METHODS[method]}; valid methods: {valid}")
     if method not in METHOD_FIELDS:
         raise SpeculativeConfigError(f"speculative_config method={method!r} is not valid; valid methods: {valid}")
     allowed = {"method", "num_speculative_tokens", *METHOD_FIELDS[method]}
@@ -79,6 +81,12 @@ def parse_speculative_config(d: "dict | SpeculativeConfig | None") -> Speculativ
             raise SpeculativeConfigError(f"speculative_config prompt_lookup_min={lo} must be <= "
                                          f"prompt_lookup_max={hi}")
         return SpeculativeConfig(method, k, prompt_lookup_max=hi, prompt_lookup_min=lo)
+    if method == "eagle":
+        model = d.get("model")
+        if not isinstance(model, str) or not model:
+            raise SpeculativeConfigError(f"speculative_config model={model!r} is not valid: the EAGLE head's "
+                                         "checkpoint directory (a Llama config.json, fc.weight and layers.0.*)")
+        return SpeculativeConfig(method, k, model=model)
     if method == "draft_model":
         model = d.get("model")
         if not isinstance(model, str) or not model:

@@ -48,8 +48,8 @@ class Proposer:
 
 
 def build_proposer(config: "SpeculativeConfig", vocab_size: int, **draft_kwargs) -> Proposer:
-    """``draft_kwargs`` (hal, target model config, block size, device, number of blocks) are
-    what a draft model needs to live beside the target."""
+    """``draft_kwargs`` (hal, the target model and its config, block size, device) are what a
+    draft model or head needs to live beside the target."""
     if config.method == "ngram":
         from halserve.engine.spec.ngram import NgramProposer
 
@@ -62,4 +62,8 @@ def build_proposer(config: "SpeculativeConfig", vocab_size: int, **draft_kwargs)
         from halserve.engine.spec.draft_model import DraftModelProposer
 
         return DraftModelProposer(config, vocab_size, **draft_kwargs)
+    if config.method == "eagle":
+        from halserve.engine.spec.eagle import EagleProposer
+
+        return EagleProposer(config, vocab_size, **draft_kwargs)
     raise ValueError(f"speculative method {config.method!r} has no proposer")
