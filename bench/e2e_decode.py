@@ -66,15 +66,18 @@ def main() -> int:
     ap.add_argument("--profile", type=int, default=0, help="kernel table of one decode step at batch 1 and "
                     "the first batch size, from this many profiled steps (0: off)")
     ap.add_argument("--hf-peer", action="store_true")
+    ap.add_argument("--kv-cache-dtype", default="auto",
+                    help="auto | fp8 (e4m3 KV cache), or a list (auto,fp8): each variant runs with each")
+    ap.add_argument("--num-layers", type=int, default=None, help="the preset's shape with fewer layers (quick runs)")
     ap.add_argument("--json")
     args = ap.parse_args()
     batches = [int(b) for b in (args.batches or str(args.batch)).split(",")]
     bi_batches = [int(b) for b in args.bi_batches.split(",")] if args.bi_batches else batches
-    args.model, args.num_layers, args.workdir = None, None, None
+    args.model, args.workdir = None, None
     from halserve import LLM, SamplingParams
 
     path = ensure_checkpoint(args)
-    _, cfg = hf_config(args.preset)
+    _, cfg = hf_config(args.preset, args.num_layers)
     bw = read_bw_gbs()
     print(f"[e2e] {card_name()} read {bw:.0f} GB/s; {args.preset}, {args.input_len} in / {args.output_len} out",
           flush=True)
@@ -83,11 +86,11 @@ def main() -> int:
     batch = [{"prompt_token_ids": torch.randint(3, cfg.vocab_size, (args.input_len,), generator=g).tolist()}
              for _ in range(max(batches + bi_batches))]
     rows = []
-    for v in args.variants.split(","):
+    for kvd, v in [(k, v) for k in args.kv_cache_dtype.split(",") for v in args.variants.split(",")]:
         t0 = time.perf_counter()
         llm = LLM(str(path), dtype="bfloat16", max_model_len=args.input_len + args.output_len + 16,
-                  max_num_seqs=max(batches + bi_batches + [1]), **variant_options(v))
-        print(f"[e2e] {v}: engine up in {time.perf_counter() - t0:.1f}s", flush=True)
+                  max_num_seqs=max(batches + bi_batches + [1]), kv_cache_dtype=kvd, **variant_options(v))
+        print(f"[e2e] {v} kv={kvd}: engine up in {time.perf_counter() - t0:.1f}s", flush=True)
 
         def timed(n, prompts):
             sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
@@ -103,8 +106,13 @@ def main() -> int:
         mine = bi_batches if "bi" in v.split("-") else batches
         bts = {b: timed(args.output_len, batch[:b]) for b in mine}
         wbytes = 1 if v.startswith("fp8") else 2
-        floor_ms = decode_step_bytes(cfg, wbytes, args.input_len + args.output_len // 2) / bw / 1e6
-        row = {"variant": v, "b1_ms_per_token": round(ms, 3), "b1_pct_roofline": round(100 * floor_ms / ms, 1),
+        ctx = args.input_len + args.output_len // 2
+        step = decode_step_bytes(cfg, wbytes, ctx)
+        if kvd.startswith("fp8"):  # the KV part of a step's bytes (counted at 2 a value) halves
+            step -= (step - decode_step_bytes(cfg, wbytes, 0)) / 2
+        floor_ms = step / bw / 1e6
+        row = {"variant": v, "kv_cache_dtype": kvd, "b1_ms_per_token": round(ms, 3),
+               "b1_pct_roofline": round(100 * floor_ms / ms, 1),
                **{f"b{b}_tok_s": round(b * args.output_len / t, 1) for b, t in bts.items()}}
         print("[e2e]", json.dumps(row), flush=True)
         if args.profile:
@@ -122,11 +130,16 @@ def main() -> int:
         del llm
         gc.collect()
         torch.cuda.empty_cache()
-    base = {r["variant"]: r for r in rows}
+    base = {r["variant"]: r for r in rows if r["kv_cache_dtype"] == "auto"}
     for r in rows:
         ref = base.get("fp8" if r["variant"] == "fp8-bi" else "bf16")
-        if ref and ref is not r:
+        if ref and ref is not r and r["kv_cache_dtype"] == "auto":
             r["b1_vs_ref"] = round(ref["b1_ms_per_token"] / r["b1_ms_per_token"], 3)
+        auto = base.get(r["variant"])
+        if auto and auto is not r:  # the same variant with the model-dtype cache: speed-up of this cache
+            r["b1_vs_auto_kv"] = round(auto["b1_ms_per_token"] / r["b1_ms_per_token"], 3)
+            key = f"b{args.batch}_tok_s"
+            r[f"b{args.batch}_vs_auto_kv"] = round(r[key] / auto[key], 3)
     out = {"card": card_name(), "read_GBs": bw, "date": time.strftime("%Y-%m-%d"), "rows": rows}
     if args.hf_peer:
         import transformers

@@ -77,20 +77,22 @@ class EngineConfig:
         self._check_kv_cache_dtype()
 
     def _check_kv_cache_dtype(self) -> None:
-        # The KV cache is kept in the model's dtype; an fp8 cache is not implemented, so any
-        # other value is refused rather than silently ignored.
-        names = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16",
-                 "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
+        # vLLM's values: auto (the model dtype), the model dtype by name, or an fp8 (e4m3)
+        # cache with per-layer scales (hal/kv_fp8.py); anything else is refused by name.
+        from halserve.hal.kv_fp8 import FP8_NAMES, MODEL_DTYPE_NAMES, REFUSED
+
         kv = self.kv_cache_dtype
-        if kv == "auto":
+        if kv == "auto" or kv in FP8_NAMES:
             return
-        if kv not in names:
-            raise ConfigError(f"kv_cache_dtype={kv!r} is not valid: the KV cache is kept in the model "
-                              f"dtype (fp8 KV caches are not implemented); use auto, or the model's "
-                              f"dtype given with --dtype (float32, bfloat16, float16)")
-        if names.get(self.dtype) != names[kv]:
-            raise ConfigError(f"kv_cache_dtype={kv!r} is not valid with dtype={self.dtype!r}: the KV cache "
-                              f"is kept in the model dtype; use auto, or set dtype={names[kv]!r} as well")
+        valid = f"use auto, {', '.join(FP8_NAMES)}, or the model's dtype given with --dtype"
+        if kv in REFUSED:
+            raise ConfigError(f"kv_cache_dtype={kv!r} is not valid: {REFUSED[kv]}; {valid}")
+        if kv not in MODEL_DTYPE_NAMES:
+            raise ConfigError(f"kv_cache_dtype={kv!r} is not valid; {valid} (float32, bfloat16, float16)")
+        if MODEL_DTYPE_NAMES.get(self.dtype) != MODEL_DTYPE_NAMES[kv]:
+            raise ConfigError(f"kv_cache_dtype={kv!r} is not valid with dtype={self.dtype!r}: a non-fp8 KV "
+                              f"cache is kept in the model dtype; use auto or fp8, or set "
+                              f"dtype={MODEL_DTYPE_NAMES[kv]!r} as well")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

@@ -25,7 +25,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
                    help="weights quantized at load; a backend that cannot run a scheme refuses it by name")
     p.add_argument("--kv-cache-dtype", default="auto",
-                   help="auto (the model dtype); an fp8 KV cache is not implemented and is refused")
+                   help="auto (the model dtype), or fp8 / fp8_e4m3: an e4m3 KV cache with per-layer scales "
+                        "from the checkpoint, else 1.0 (half the KV memory; docs/kv_cache_fp8.md)")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--batch-invariant", action="store_true")
     p.add_argument("--kv-offloading-size", type=float, default=0.0, help="host KV tier size in GiB")

@@ -55,7 +55,8 @@ class EngineCore:
         t0 = time.monotonic()
         self.hal = backend or hal.select(config.backend, batch_invariant=config.batch_invariant)
         self.model, self.model_config = load_model(config.model, self.hal, dtype=config.dtype,
-                                                   quantization=config.quantization)
+                                                   quantization=config.quantization,
+                                                   kv_cache_dtype=config.kv_cache_dtype)
         mc = self.model_config
         self.tokenizer = Tokenizer.from_dir(config.tokenizer or config.model)
         self.max_model_len = config.max_model_len or mc.max_position_embeddings

@@ -66,7 +66,12 @@ class ModelRunner:
         n = 1
         for d in shape:
             n *= d
-        return n * self.mc.num_layers * torch.empty((), dtype=self.dtype).element_size()
+        return n * self.mc.num_layers * torch.empty((), dtype=self.kv_dtype).element_size()
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The cache's storage dtype: the model's, or fp8 (``--kv-cache-dtype``)."""
+        return getattr(self.mc, "kv_dtype", None) or self.dtype
 
     def allocate_kv_cache(self, budget_bytes: int, max_useful_blocks: int) -> int:
         per = self.bytes_per_block()
@@ -77,7 +82,7 @@ class ModelRunner:
         shape = self.hal.kv_cache_shape(num_blocks, self.block_size, self.mc.num_kv_heads, self.mc.head_dim)
         # one allocation: layer l's cache is kv_cache[l] (a batch of blocks moves into every
         # layer in one call)
-        self.kv_cache = torch.zeros((self.mc.num_layers, *shape), dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros((self.mc.num_layers, *shape), dtype=self.kv_dtype, device=self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.num_blocks = num_blocks
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
@@ -91,7 +96,7 @@ class ModelRunner:
         bs = self.block_size
         nb = -(-num_tokens // bs)
         shape = self.hal.kv_cache_shape(nb, bs, self.mc.num_kv_heads, self.mc.head_dim)
-        caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.mc.num_layers)]
+        caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.mc.num_layers)]
         dev = self.device
         meta = AttentionMetadata(
             cu_seqlens_q=torch.tensor([0, num_tokens], dtype=torch.int32, device=dev),

@@ -28,6 +28,8 @@ import torch
 
 from halserve.hal import reference as R
 from halserve.hal.interface import OPS, AttentionMetadata, Backend, MoeSpec, PackedWeight, SamplingTensors
+from halserve.hal.kv_fp8 import quantize_kv
+from halserve.hal.quant import FP8_DTYPE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -229,6 +231,14 @@ def cases(quick: bool = False, ops: "list[str] | None" = None) -> list[Case]:
             table.append(_c("write_kv", bs == 16 or dt == "float32", dtype=dt, T=37, Hk=2,
                             D=128 if bs == 16 else 96, bs=bs, pad="ends+middle"))
     table.append(_c("write_kv", True, dtype="float32", T=21, Hk=4, D=64, bs=16, pad="none"))
+    # an fp8 (e4m3) cache: bytes exactly as hal/kv_fp8.quantize_kv stores them; a tiny k scale
+    # saturates (x / 0.002 passes 448), a large one reaches e4m3's subnormals
+    table.append(_c("write_kv", True, dtype="bfloat16", T=37, Hk=2, D=128, bs=16, pad="ends+middle", kv="fp8",
+                    kscale=1.0, vscale=1.0))
+    table.append(_c("write_kv", True, dtype="float32", T=21, Hk=4, D=64, bs=16, pad="none", kv="fp8",
+                    kscale=0.002, vscale=3.1))
+    table.append(_c("write_kv", False, dtype="float16", T=37, Hk=2, D=96, bs=32, pad="ends+middle", kv="fp8",
+                    kscale=0.37, vscale=8.0))
     # attention
     configs = [(hq, hk, d, bs) for hq, hk in ((8, 8), (8, 2), (16, 2)) for d in (64, 128, 96) for bs in (16, 32)]
     for scen in ("prefill_cached", "chunked", "decode", "mixed"):
@@ -257,6 +267,15 @@ def cases(quick: bool = False, ops: "list[str] | None" = None) -> list[Case]:
                     scale=1.0, window=None))
     table.append(_c("attention", False, dtype="float32", scenario="long_decode", Hq=32, Hk=8, D=128, bs=16,
                     scale=1.0, window=None))
+    # an fp8 cache read with per-layer scales (k's folds into the softmax scale in some kernels:
+    # the two differ so a swapped or dropped scale fails)
+    for in_quick, dt, scen, hq, hk, d, bs, ks, vs in (
+            (True, "bfloat16", "mixed", 8, 2, 128, 16, 0.5, 2.0), (True, "float32", "decode", 8, 8, 64, 16, 1.0, 1.0),
+            (True, "float16", "prefill_cached", 16, 2, 96, 32, 3.0, 0.25),
+            (False, "bfloat16", "long_decode", 8, 1, 64, 16, 0.8, 1.7),
+            (False, "float32", "chunked", 4, 2, 64, 16, 2.5, 0.6)):
+        table.append(_c("attention", in_quick, dtype=dt, scenario=scen, Hq=hq, Hk=hk, D=d, bs=bs, scale=1.0,
+                        window=None, kv="fp8", kscale=ks, vscale=vs))
     # sliding windows: one token, inside a block, a block, across blocks, and wider than any context
     for window in (1, 7, 16, 24, 500):
         table.append(_c("attention", window in (7, 500), dtype="float32", scenario="sliding", Hq=8, Hk=2, D=64,
@@ -641,28 +660,41 @@ def _run_write_kv(b: Backend, p: dict, g: torch.Generator, dev) -> Outcome:
     t, hk, d, bs = p["T"], p["Hk"], p["D"], p["bs"]
     nblocks = 9
     shape = _kv_shape(b, nblocks, bs, hk, d)
-    cache0 = _randn(g, *shape).to(dt)
+    cdt, scales = _kv_case(p, dt)
+    cache0 = _randn(g, *shape).to(cdt)
     key, val = _randn(g, t, hk, d).to(dt), _randn(g, t, hk, d).to(dt)
     slots = torch.randperm(nblocks * bs, generator=g)[:t]
     if p.get("pad", "ends+middle") != "none":
         pad = torch.rand(t, generator=g) < 0.25
         pad[0] = pad[-1] = pad[t // 2] = True
         slots = torch.where(pad, torch.full_like(slots, -1), slots)
-    ref = _ref(R.write_kv, key, val, cache0, slots)
+    if scales:  # what an fp8 cache must hold: the storage rule's bytes, scattered
+        ref = _ref(R.write_kv, quantize_kv(key, scales["k_scale"]), quantize_kv(val, scales["v_scale"]), cache0, slots)
+    else:
+        ref = _ref(R.write_kv, key, val, cache0, slots)
     kd, vd, sd = key.to(dev), val.to(dev), slots.to(dev)
+    dt = cdt
     # engine form: layer 1 of a stacked [L, *shape] cache
     view, stack, sbuf = _stacked(shape, dt, dev, cache0)
-    b.write_kv(kd, vd, view, sd)
+    b.write_kv(kd, vd, view, sd, **scales)
     b.synchronize()
     errors = _guard_errors(sbuf, stack.numel(), "the stacked kv cache") + _neighbours_untouched(stack, "layer")
     n = _mismatches(view, ref)
     cache, buf = _guarded(shape, dt, dev, fill=cache0.to(dev))
-    b.write_kv(kd, vd, cache, sd)
+    b.write_kv(kd, vd, cache, sd, **scales)
     b.synchronize()
     errors += _guard_errors(buf, cache.numel(), "kv_cache") + _unchanged(kd, key, "key") + _unchanged(vd, val, "value")
     n += _mismatches(cache, ref)
-    return Outcome("exact", n, 0, errors, timer=lambda: b.write_kv(kd, vd, cache, sd),
-                   bytes=4.0 * t * hk * d * _esize(p["dtype"]))
+    return Outcome("exact", n, 0, errors, timer=lambda: b.write_kv(kd, vd, cache, sd, **scales),
+                   bytes=2.0 * t * hk * d * (_esize(p["dtype"]) + cdt.itemsize))
+
+
+def _kv_case(p: dict, dt: torch.dtype) -> tuple[torch.dtype, dict]:
+    """A case's cache dtype and the scale arguments the engine passes with it (an fp8
+    cache only: ``kv``, ``kscale``, ``vscale``)."""
+    if p.get("kv", "auto") == "auto":
+        return dt, {}
+    return FP8_DTYPE, {"k_scale": p["kscale"], "v_scale": p["vscale"]}
 
 
 # (seq_lens, query_lens): the query tokens are the last query_len positions of each sequence
@@ -723,18 +755,24 @@ def _run_attention(b: Backend, p: dict, g: torch.Generator, dev) -> Outcome:
     dt = DTYPES[p["dtype"]]
     q, kv, meta = attention_inputs(p, g, lambda *a: _kv_shape(b, *a))
     scale = p.get("scale", 1.0) * p["D"] ** -0.5
-    ref = _ref(R.attention, q, kv, meta, scale)
+    kvdt, scales = _kv_case(p, dt)
+    if scales:  # the reference reads what the fp8 bytes mean: stored * scale, in float64
+        kv = kv.to(kvdt)
+        deq = torch.stack([kv[0].double() * scales["k_scale"], kv[1].double() * scales["v_scale"]])
+        ref = _ref(R.attention, q, deq, meta, scale)
+    else:
+        ref = _ref(R.attention, q, kv, meta, scale)
     limit = _limit("attention", p["dtype"])
     qd, md = q.to(dev), _meta_to(meta, dev)
     # engine form: layer 1 of a stacked cache, no out=, a new tensor back
-    view, stack, sbuf = _stacked(tuple(kv.shape), dt, dev, kv)
-    eng = b.attention(qd, view, md, scale)
+    view, stack, sbuf = _stacked(tuple(kv.shape), kvdt, dev, kv)
+    eng = b.attention(qd, view, md, scale, **scales)
     b.synchronize()
     errors = _engine_ret(eng, tuple(q.shape), dt, dev) + _guard_errors(sbuf, stack.numel(), "the stacked kv cache")
     errors += _neighbours_untouched(stack, "layer") + _unchanged(view, kv, "kv_cache")
     kvd = kv.to(dev)
     out, buf = _guarded(tuple(q.shape), dt, dev)
-    ret = b.attention(qd, kvd, md, scale, out=out)
+    ret = b.attention(qd, kvd, md, scale, out=out, **scales)
     b.synchronize()
     errors += (_guard_errors(buf, out.numel()) + _returned(ret, out) + _unchanged(qd, q, "q")
                + _unchanged(kvd, kv, "kv_cache"))
@@ -747,8 +785,8 @@ def _run_attention(b: Backend, p: dict, g: torch.Generator, dev) -> Outcome:
               for j in range(ql))
     kv_read = sum(meta.seq_lens_host) * p["Hk"] * p["D"] * 2
     return Outcome("nmse", value, limit, errors,
-                   timer=lambda: b.attention(qd, kvd, md, scale, out=out), flops=4.0 * ctx * p["Hq"] * p["D"],
-                   bytes=(kv_read + 2 * q.numel()) * _esize(p["dtype"]))
+                   timer=lambda: b.attention(qd, kvd, md, scale, out=out, **scales),
+                   flops=4.0 * ctx * p["Hq"] * p["D"], bytes=kv_read * kvdt.itemsize + 2 * q.numel() * _esize(p["dtype"]))
 
 
 def moe_spec(p: dict, g: torch.Generator) -> MoeSpec:
@@ -1047,9 +1085,10 @@ COVERAGE: dict[str, dict[str, Any]] = {
     "rms_norm": {"x": "x_scale", "weight": "H", "eps": "eps", "residual": "fused", "out": _FORMS},
     "rotary": {"positions": "pos", "q": "Hq", "k": "Hk", "cos_sin_cache": "scaling", "is_neox": "neox"},
     "silu_and_mul": {"x": "I", "out": _FORMS},
-    "write_kv": {"key": "Hk", "value": "D", "kv_cache": "bs", "slot_mapping": "pad"},
+    "write_kv": {"key": "Hk", "value": "D", "kv_cache": "bs", "slot_mapping": "pad", "k_scale": "kscale",
+                 "v_scale": "vscale"},
     "attention": {"q": "Hq", "kv_cache": "Hk", **{f"meta.{k}": v for k, v in _META.items()},
-                  "scale": "scale", "out": _FORMS},
+                  "scale": "scale", "out": _FORMS, "k_scale": "kscale", "v_scale": "vscale"},
     "moe": {"x": "T", "router_logits": "E", **{f"w13.{k}": v for k, v in _PACKED.items()},
             **{f"w2.{k}": v for k, v in _PACKED.items()}, "spec.top_k": "top_k", "spec.scoring": "scoring",
             "spec.renormalize": "renorm", "spec.num_expert_group": "groups", "spec.topk_group": "topk_group",

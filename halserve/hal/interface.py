@@ -86,6 +86,11 @@ Layout contract (what a C or Triton kernel may assume; the engine's call form fi
   D unless ``unit_stride`` is False); kv_cache: one layer of the backend's own
   ``kv_cache_shape`` layout (dim 0: k/v, dim 1: block), a contiguous view into a stacked
   [L, ...] tensor; slot_mapping [T] int64, slot = block * block_size + offset, -1 = skip.
+- KV cache dtype (``kv_dtype``): the model dtype, or float8_e4m3fn (``--kv-cache-dtype fp8``,
+  hal/kv_fp8.py) with per-layer float ``k_scale`` / ``v_scale`` (keyword-only args of write_kv
+  and attention: stored = fp8(x / scale), read = stored * scale). The engine passes the scales
+  only with an fp8 cache, so a backend whose ``supports`` never answers True for an fp8
+  ``kv_dtype`` may leave them out of its kernels' signatures.
 - attention: q [T, Hq, D] (may be a strided view), kv_cache as for write_kv; metadata
   tensors int32 contiguous on the device (cu_seqlens_q [S+1], seq_lens [S], block_tables
   [S, max_blocks]); returns a new [T, Hq, D] tensor in q's dtype (or ``out``).
@@ -397,14 +402,16 @@ class Backend:
         raise NotImplementedError
 
     def write_kv(self, key: "torch.Tensor", value: "torch.Tensor", kv_cache: "torch.Tensor",
-                 slot_mapping: "torch.Tensor") -> None:
+                 slot_mapping: "torch.Tensor", *, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
         """Scatter key/value [T, Hk, D] into kv_cache at slot_mapping (slot = block*bs + off);
-        slot -1 is skipped."""
+        slot -1 is skipped. An fp8 cache stores ``hal.kv_fp8.quantize_kv(x, scale)``."""
         raise NotImplementedError
 
     def attention(self, q: "torch.Tensor", kv_cache: "torch.Tensor", meta: AttentionMetadata,
-                  scale: float, out: "torch.Tensor | None" = None) -> "torch.Tensor":
-        """Paged causal GQA attention. q [T, Hq, D] -> out [T, Hq, D]."""
+                  scale: float, out: "torch.Tensor | None" = None, *, k_scale: float = 1.0,
+                  v_scale: float = 1.0) -> "torch.Tensor":
+        """Paged causal GQA attention. q [T, Hq, D] -> out [T, Hq, D]. An fp8 cache reads
+        as stored * k_scale (keys) and stored * v_scale (values)."""
         raise NotImplementedError
 
     def moe(self, x: "torch.Tensor", router_logits: "torch.Tensor", w13: PackedWeight,
@@ -485,13 +492,13 @@ def _key_silu_and_mul(x, out=None):
     return ("silu_and_mul", x.dtype, x.shape[-1] // 2, out is not None, x.is_contiguous())
 
 
-def _key_write_kv(key, value, kv_cache, slot_mapping):
+def _key_write_kv(key, value, kv_cache, slot_mapping, *, k_scale=1.0, v_scale=1.0):
     shape = tuple(kv_cache.shape)
     return ("write_kv", key.dtype, kv_cache.dtype, key.shape[-1], key.shape[-2], shape[2] if len(shape) > 2 else 0,
             shape[2:], _unit(key, value), kv_cache.is_contiguous())
 
 
-def _key_attention(q, kv_cache, meta, scale, out=None):
+def _key_attention(q, kv_cache, meta, scale, out=None, *, k_scale=1.0, v_scale=1.0):
     shape = tuple(kv_cache.shape)
     return ("attention", q.dtype, kv_cache.dtype, q.shape[-2], shape[3] if len(shape) > 3 else 0, q.shape[-1],
             meta.block_size, meta.sliding_window, shape[2:], out is not None)

@@ -28,6 +28,7 @@ from halserve.hal.interface import (
     SamplingTensors,
 )
 from halserve.hal import device as _dev
+from halserve.hal.kv_fp8 import is_fp8, quantize_kv
 from halserve.hal.quant import (  # noqa: F401  (re-exported)
     ACT_SCHEMES, FP8_DTYPE, FP8_MAX, INT8_MAX, WEIGHT_SCHEMES, dequant, quant_act_fp8, quantize)
 from halserve.hal.rng import counter_uniform  # noqa: F401
@@ -70,6 +71,25 @@ def _gather_kv(cache: torch.Tensor, table: torch.Tensor, nblk: int) -> torch.Ten
     x = cache[table[..., :nblk].to(torch.int64)]  # [..., nblk, bs, hk, d]
     x = x.flatten(-4, -3)  # [..., L, hk, d]
     return x.transpose(-3, -2).float()
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """An fp8 KV tensor as its bytes: torch's CPU index_copy/index_select have no fp8 kernels,
+    and moving blocks is a byte copy anyway."""
+    return t.view(torch.uint8) if is_fp8(t.dtype) else t
+
+
+def _dequant_blocks(kv_cache: torch.Tensor, tables: torch.Tensor, nblk: int, k_scale: float,
+                    v_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """An fp8 cache: the first ``nblk`` blocks of each row of ``tables`` dequantized to a
+    compact float32 cache [2, S * nblk, ...], and the tables into it. The attention paths
+    then read it as any cache: the fp8 read rule lives here alone."""
+    s = tables.shape[0]
+    idx = tables[:, :nblk].reshape(-1).to(torch.int64)
+    kv = _raw(kv_cache)[:, idx].view(kv_cache.dtype).float()
+    kv[0] *= k_scale
+    kv[1] *= v_scale
+    return kv, torch.arange(s * nblk, dtype=torch.int32, device=tables.device).view(s, nblk)
 
 
 def _attend_one(q: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor, slen: int, bs: int,
@@ -144,6 +164,11 @@ class NativeBackend(Backend):
             name = _DTYPES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else str(dtype)
             if name not in self.capabilities.dtypes:
                 return f"refused: dtype {name} not in {self.capabilities.dtypes}"
+        kv = spec.get("kv_dtype")
+        if op in ("write_kv", "attention") and kv is not None and not is_fp8(kv):
+            name = _DTYPES.get(kv, str(kv).removeprefix("torch."))
+            if name not in self.capabilities.dtypes:
+                return f"refused: KV cache dtype {name} is not float32, bfloat16, float16 or float8_e4m3fn"
         if op == "linear" and "scheme" in spec:
             scheme = spec["scheme"]
             stored = WEIGHT_SCHEMES.get(scheme, (scheme,))[0]
@@ -239,7 +264,7 @@ class NativeBackend(Backend):
         return out
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
+                 slot_mapping: torch.Tensor, *, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
         if slot_mapping.numel() == 0:
             return
         slots = slot_mapping.to(torch.int64)
@@ -248,9 +273,13 @@ class NativeBackend(Backend):
         # so duplicates are harmless and nothing needs a host sync to filter them.
         donor = torch.argmax(valid.to(torch.int32))  # first valid row, or 0 if none
         any_valid = valid.any()
-        for i, src in enumerate((key, value)):
+        fp8 = is_fp8(kv_cache.dtype)
+        for i, (src, sc) in enumerate(((key, k_scale), (value, v_scale))):
             flat = kv_cache[i].view(-1, *kv_cache.shape[-2:])
-            src = src.to(flat.dtype)
+            if fp8:
+                flat, src = _raw(flat), _raw(quantize_kv(src, sc))
+            else:
+                src = src.to(flat.dtype)
             donor_slot = torch.where(any_valid, slots[donor], torch.zeros_like(slots[donor]))
             donor_val = torch.where(any_valid, src[donor], flat[0])
             idx = torch.where(valid, slots, donor_slot)
@@ -258,16 +287,21 @@ class NativeBackend(Backend):
             flat.index_copy_(0, idx, vals)
 
     def attention(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                  scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                  scale: float, out: torch.Tensor | None = None, *, k_scale: float = 1.0,
+                  v_scale: float = 1.0) -> torch.Tensor:
         if out is None:
             out = torch.empty_like(q)
         bs = meta.block_size
         window = meta.sliding_window
+        tables = meta.block_tables
+        if is_fp8(kv_cache.dtype) and meta.num_seqs:
+            nblk = -(-max(meta.seq_lens_host) // bs)  # host lengths bound the device ones
+            kv_cache, tables = _dequant_blocks(kv_cache, tables, nblk, k_scale, v_scale)
         # Decode rows (one query each) run as one padded batch; batch-invariant mode keeps
         # them per sequence so a row's reduction never depends on its batch mates.
         ndec = 0 if self.batch_invariant else meta.num_decode_seqs
         if ndec >= 1:  # reads lengths from the device tensors only, so it also replays in graphs
-            _decode_batch(q[:ndec], kv_cache, meta.block_tables[:ndec], meta.seq_lens[:ndec],
+            _decode_batch(q[:ndec], kv_cache, tables[:ndec], meta.seq_lens[:ndec],
                           max(meta.seq_lens_host[:ndec]), bs, window, scale, out[:ndec])
         else:
             ndec = 0
@@ -276,7 +310,7 @@ class NativeBackend(Backend):
             qlen, slen = meta.query_lens_host[i], meta.seq_lens_host[i]
             if qlen == 0:
                 continue
-            out[start:start + qlen] = _attend_one(q[start:start + qlen], kv_cache, meta.block_tables[i],
+            out[start:start + qlen] = _attend_one(q[start:start + qlen], kv_cache, tables[i],
                                                   slen, bs, window, scale).to(out.dtype)
             start += qlen
         return out
@@ -305,6 +339,7 @@ class NativeBackend(Backend):
     def swap_blocks(self, src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tensor) -> None:
         if block_mapping.numel() == 0:
             return
+        src, dst = _raw(src), _raw(dst)
         n = block_mapping.shape[0]
         on_dst, on_src, staged = self._swap_mapping(block_mapping, src.device, dst.device)
         if staged:  # a staging buffer: move it as one piece
@@ -340,6 +375,7 @@ class NativeBackend(Backend):
         if block_mapping.numel() == 0:
             return
         for cache in kv_caches:
+            cache = _raw(cache)
             src_idx = block_mapping[:, 0].to(cache.device)
             dst_idx = block_mapping[:, 1].to(cache.device)
             cache.index_copy_(1, dst_idx, cache.index_select(1, src_idx))

@@ -80,6 +80,9 @@ class Attention:
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_norm, self.k_norm = q_norm, k_norm
         self.scale = head_dim ** -0.5
+        # {"k_scale": .., "v_scale": ..} with an fp8 KV cache (set by the loader), else empty:
+        # backends that never hold an fp8 cache need not take the arguments
+        self.kv_scales: dict[str, float] = {}
 
     def __call__(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:
@@ -93,8 +96,8 @@ class Attention:
             q = self.q_norm(q.view(-1, d)).view(t, self.num_heads, d)
             k = self.k_norm(k.view(-1, d)).view(t, self.num_kv_heads, d)
         self.rotary(positions, q, k)
-        self.hal.write_kv(k, v, kv_cache, meta.slot_mapping)
-        out = self.hal.attention(q, kv_cache, meta, self.scale)
+        self.hal.write_kv(k, v, kv_cache, meta.slot_mapping, **self.kv_scales)
+        out = self.hal.attention(q, kv_cache, meta, self.scale, **self.kv_scales)
         return self.o_proj(out.view(t, self.num_heads * d))
 
 

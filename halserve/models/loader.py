@@ -49,14 +49,23 @@ class ModelConfig:
     eos_token_ids: list[int]
     bos_token_id: int | None
     sliding_window: int | None
+    # the KV cache's storage dtype: ``dtype``, or float8_e4m3fn (``load_model(kv_cache_dtype=)``)
+    kv_dtype: "torch.dtype | None" = None
+    kv_scales: tuple = ()  # fp8 cache: ((k_scale, v_scale) per layer); stored KV means nothing without them
+
+    def __post_init__(self) -> None:
+        if self.kv_dtype is None:
+            self.kv_dtype = self.dtype
 
 
-def load_model(path, hal: Backend, dtype="auto", quantization: str | None = None):
+def load_model(path, hal: Backend, dtype="auto", quantization: str | None = None, kv_cache_dtype: str = "auto"):
     """Build the model in ``path`` on ``hal``; returns ``(model, ModelConfig)``.
 
     ``dtype``: 'auto' (the checkpoint's own dtype), a name like 'bfloat16', or a torch.dtype.
     ``quantization``: None or a name in ``_SCHEMES``; linear weights are quantized by
-    ``hal.pack_weight`` at load. Raises ModelLoadError for anything the user can fix.
+    ``hal.pack_weight`` at load. ``kv_cache_dtype``: an EngineConfig value; with fp8 the
+    per-layer KV scales are read from the checkpoint (``_kv_scales``) and set on each
+    attention layer. Raises ModelLoadError for anything the user can fix.
     """
     start = time.perf_counter()
     config = load_config(path, dtype)
@@ -66,12 +75,46 @@ def load_model(path, hal: Backend, dtype="auto", quantization: str | None = None
     weights = Weights(root, _weight_files(root), config.dtype, hal.device or "cpu", scheme)
     with torch.inference_mode():
         model = model_cls(config.hf_config, hal, weights)
+    _kv_scales(model, weights, config, kv_cache_dtype)
     unused = weights.unused()
     if unused:
         logger.warning("%s: %d checkpoint tensors unused, e.g. %s", config.path, len(unused), unused[:3])
     logger.info("loaded %s (%s) dtype=%s quantization=%s in %.2fs", config.path, config.architecture,
                 str(config.dtype).removeprefix("torch."), scheme, time.perf_counter() - start)
     return model, config
+
+
+def _kv_scales(model, weights: "Weights", config: ModelConfig, kv_cache_dtype: str) -> None:
+    """Set ``config.kv_dtype`` and, for an fp8 cache, each attention layer's k/v scales:
+    the checkpoint's (vLLM / llm-compressor names: ``self_attn.k_scale`` / ``v_scale`` or
+    ``self_attn.k_proj.output_scale`` / ``v_proj.output_scale``), else 1.0 as vLLM does.
+    A model-dtype cache reads none of them (they are left unused, as vLLM ignores them)."""
+    from halserve.hal.kv_fp8 import is_fp8, kv_storage_dtype
+
+    try:
+        config.kv_dtype = kv_storage_dtype(kv_cache_dtype or "auto", config.dtype)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+    if not is_fp8(config.kv_dtype):
+        return
+    layers = getattr(model, "layers", None) or []
+    found, per_layer = 0, []
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not hasattr(attn, "kv_scales"):
+            raise ModelLoadError(f"{config.architecture}: layer {i} has no attention layer that can hold an "
+                                 f"fp8 KV cache; use kv_cache_dtype='auto'")
+        a = f"model.layers.{i}.self_attn."
+        scales = {}
+        for kv in ("k", "v"):
+            name = next((n for n in (f"{a}{kv}_scale", f"{a}{kv}_proj.output_scale") if n in weights), None)
+            scales[f"{kv}_scale"] = 1.0 if name is None else weights.scalar(name)
+            found += name is not None
+        attn.kv_scales = scales
+        per_layer.append((scales["k_scale"], scales["v_scale"]))
+    config.kv_scales = tuple(per_layer)
+    logger.info("fp8 KV cache: %s", f"per-layer scales from the checkpoint ({found} tensors)" if found
+                else "no scales in the checkpoint: k_scale = v_scale = 1.0 (vLLM's default)")
 
 
 def load_config(path, dtype="auto") -> ModelConfig:
@@ -133,6 +176,15 @@ class Weights:
         self._used.add(name)
         t = self._handles[self._file_of[name]].get_tensor(name)
         return t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
+
+    def scalar(self, name: str) -> float:
+        """A one-element tensor (a KV scale) as a float, never cast to the model dtype."""
+        self._used.add(name)
+        t = self._handles[self._file_of[name]].get_tensor(name)
+        if t.numel() != 1 or not t.is_floating_point() or not bool(torch.isfinite(t).all()) or float(t) <= 0:
+            raise ModelLoadError(f"{self.root}: {name} must be one positive finite float (a KV cache scale), "
+                                 f"got shape {tuple(t.shape)} {t.dtype}")
+        return float(t.float())
 
     def maybe(self, name: str) -> torch.Tensor | None:
         return self.get(name) if name in self else None

@@ -22,7 +22,7 @@ def serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("args,needle", [
     (["--port", "99999"], "99999"),
     (["--port", "-1"], "-1"),
-    (["--kv-cache-dtype", "fp8"], "kv_cache_dtype='fp8'"),
+    (["--kv-cache-dtype", "fp8_e5m2"], "kv_cache_dtype='fp8_e5m2'"),
     (["--kv-cache-dtype", "bfloat16"], "kv_cache_dtype='bfloat16'"),
     (["--max-num-seqs", "0"], "max_num_seqs=0"),
     (["--kv-cache-memory", "0"], "kv_cache_memory=0"),
@@ -38,7 +38,8 @@ def test_bad_flags_fail_before_loading(args, needle):
 def test_kv_cache_dtype_values():
     assert EngineConfig(kv_cache_dtype="auto").kv_cache_dtype == "auto"
     assert EngineConfig(dtype="bfloat16", kv_cache_dtype="bf16").kv_cache_dtype == "bf16"
-    for kw in (dict(kv_cache_dtype="fp8"), dict(kv_cache_dtype="fp8_e4m3"),
+    assert EngineConfig(kv_cache_dtype="fp8").kv_cache_dtype == "fp8"  # e4m3: docs/kv_cache_fp8.md
+    for kw in (dict(kv_cache_dtype="fp8_e5m2"), dict(kv_cache_dtype="int8"),
                dict(dtype="float32", kv_cache_dtype="float16")):
         with pytest.raises(ConfigError, match="kv_cache_dtype"):
             EngineConfig(**kw)

@@ -5,6 +5,7 @@ engine; the thin part that owns the state, with the copies (``transfers``) and t
 from __future__ import annotations
 
 import atexit
+import hashlib
 import logging
 import math
 import os
@@ -191,10 +192,13 @@ def build_offload(config, hal: "Backend", model_config, device, model_fingerprin
         logger.warning("KV offload needs the prefix cache (block hashes); it is off, so offload is off")
         return None
     mc = model_config
-    layout = KVLayout(hal, config.block_size, mc.num_kv_heads, mc.head_dim, mc.dtype, device)
+    kv_dtype = getattr(mc, "kv_dtype", None) or mc.dtype  # fp8 blocks move and are stored as fp8 bytes
+    if getattr(mc, "kv_scales", ()):  # fp8 bytes read back only under the scales that wrote them
+        model_fingerprint = hashlib.sha256(model_fingerprint + repr(mc.kv_scales).encode()).digest()
+    layout = KVLayout(hal, config.block_size, mc.num_kv_heads, mc.head_dim, kv_dtype, device)
     host_bytes = config.kv_offload_host_bytes
     if config.kv_offload_dir and not host_bytes:
-        block_bytes = 2 * mc.num_layers * layout.numel * torch.empty((), dtype=mc.dtype).element_size()
+        block_bytes = 2 * mc.num_layers * layout.numel * torch.empty((), dtype=kv_dtype).element_size()
         host_bytes = landing_host_bytes(block_bytes, config.block_size,
                                         max_model_len or mc.max_position_embeddings)
         logger.info("KV offload: no host tier set; the filesystem tier reads into a %.2f GiB host tier",

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from halserve.hal.interface import AttentionMetadata, Capabilities, MoeSpec, PackedWeight, ProbeResult, SamplingTensors
+from halserve.hal.kv_fp8 import is_fp8
 from halserve.hal.native import NativeBackend
 from halserve.hal.quant import WEIGHT_SCHEMES
 from halserve.hal.routing import route
@@ -133,6 +134,8 @@ class CudaBackend(NativeBackend):
             return f"native fallback: the fused MoE kernel takes none/fp8 weights, not {scheme}/{spec.get('w2_scheme')}"
         if op == "rotary" and spec.get("unit_stride") is False:
             return "native fallback: the rotary kernel needs q and k with a unit-stride head dim"
+        if op in ("write_kv", "attention") and is_fp8(spec.get("kv_dtype")) and self.capability < (8, 9):
+            return f"native fallback: Triton converts e4m3 on sm_89+ only; this GPU is {sm}"
         if op == "write_kv" and (spec.get("unit_stride") is False or spec.get("contiguous") is False):
             return "native fallback: the write_kv kernel needs a contiguous cache and unit-stride k, v"
         return True
@@ -315,13 +318,14 @@ class CudaBackend(NativeBackend):
         return silu_and_mul(x, out)
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
+                 slot_mapping: torch.Tensor, *, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
         from halserve.hal.triton.elementwise import write_kv
 
-        write_kv(key, value, kv_cache, slot_mapping)
+        write_kv(key, value, kv_cache, slot_mapping, k_scale, v_scale)
 
     def attention(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                  scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                  scale: float, out: torch.Tensor | None = None, *, k_scale: float = 1.0,
+                  v_scale: float = 1.0) -> torch.Tensor:
         from halserve.hal.triton.attention import attention
 
         if q.stride(-1) != 1:
@@ -329,7 +333,8 @@ class CudaBackend(NativeBackend):
         graph = self._graph_mode or _capturing()
         return attention(q, kv_cache, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, meta.block_size,
                          meta.max_seqlen_q, None if graph else meta.max_seqlen_k, scale, meta.sliding_window,
-                         out, self.batch_invariant, kv_len_bound=meta.max_seqlen_k)
+                         out, self.batch_invariant, kv_len_bound=meta.max_seqlen_k, k_scale=k_scale,
+                         v_scale=v_scale)
 
     def moe(self, x: torch.Tensor, router_logits: torch.Tensor, w13: PackedWeight,
             w2: PackedWeight, spec: MoeSpec, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -87,6 +87,9 @@ class RvvBackend(NativeBackend):
             if scheme not in ("none", "int8"):
                 return (f"native fallback: riscv_rvv has no {scheme} kernel (RVV 1.0 has no fp8 type); "
                         "unquantized and int8 weight-only run in C")
+        kv = _dtname(spec.get("kv_dtype"))
+        if op in ("write_kv", "attention") and kv is not None and kv not in _NAMES:
+            return f"native fallback: riscv_rvv's KV kernels take a float32, bfloat16 or float16 cache, not {kv}"
         if op == "moe" and (spec.get("num_expert_group") or 1) > 256:
             return "native fallback: riscv_rvv routes at most 256 expert groups"
         refusal = super().supports(op, **spec)

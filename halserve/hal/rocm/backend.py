@@ -22,6 +22,7 @@ import torch
 
 from halserve.hal.cuda import CudaBackend
 from halserve.hal.interface import AttentionMetadata, Capabilities, MoeSpec, PackedWeight, ProbeResult, SamplingTensors
+from halserve.hal.kv_fp8 import is_fp8
 from halserve.hal.triton.configs import CDNA, forced_arch, interpreting
 
 ARCH_ENV = "HALSERVE_ROCM_ARCH"
@@ -107,6 +108,9 @@ class RocmBackend(CudaBackend):
         scheme = spec.get("scheme")
         if scheme in _FP4_SCHEMES:
             return "refused: FP4 kernels are not implemented for rocm (gfx950 has MXFP4 MFMA; gfx942 has none)"
+        if op in ("write_kv", "attention") and is_fp8(spec.get("kv_dtype")):
+            # the cache is OCP e4m3fn; gfx942 reads fnuz, and no AMD run has checked the kernels
+            return "native fallback: rocm's KV kernels are not checked with an fp8 cache"
         return super().supports(op, **spec)
 
     def describe(self) -> str:

@@ -14,7 +14,9 @@ for a row leaves that row's state bit-for-bit unchanged, so with one split a row
 does not depend on which other rows share its program: batch-invariant mode uses one split
 and one fixed config.
 
-KV cache layout: [2, num_blocks, block_size, Hk, D] (the HAL default).
+KV cache layout: [2, num_blocks, block_size, Hk, D] (the HAL default). An fp8 (e4m3) cache
+is upcast to q's dtype right after each tile load (exact: e4m3 fits in bf16/fp16); its
+``k_scale`` folds into the softmax scale and ``v_scale`` multiplies the output once.
 """
 from __future__ import annotations
 
@@ -49,10 +51,11 @@ def _attn_kernel(
     q_ptr, q_st, q_sh, k_ptr, v_ptr, c_sb, c_st, c_sh,
     o_ptr, o_st, o_sh, part_o_ptr, part_ml_ptr,
     cu_q_ptr, seq_lens_ptr, bt_ptr, bt_stride,
-    scale_log2, num_seqs, window, HQ,
+    scale_log2, v_scale, num_seqs, window, HQ,
     G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
     DECODE_ONLY: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr, FIXED_SPAN: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -124,6 +127,8 @@ def _attn_kernel(
         blk = tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
         coff = blk * c_sb + (kpos % PAGE) * c_st + kvh * c_sh
         kt = tl.load(k_ptr + coff[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        if KV_FP8:
+            kt = kt.to(q_ptr.dtype.element_ty)
         if IEEE:
             s = tl.dot(q, kt.to(tl.float32), input_precision="ieee")
         else:
@@ -139,11 +144,15 @@ def _attn_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + coff[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        if KV_FP8:
+            v = v.to(q_ptr.dtype.element_ty)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    if KV_FP8:
+        acc = acc * v_scale  # linear in V: one multiply instead of one per tile
 
     if FIXED_SPAN > 0:
         # single-token rows: partials by sequence, [num_seqs, HQ, S, D] and [.., 2]; merged
@@ -237,13 +246,16 @@ def _num_splits(num_seqs: int, hk: int, max_seqlen_k: int | None, block_n: int) 
 def attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
               block_tables: torch.Tensor, block_size: int, max_seqlen_q: int, max_seqlen_k: int | None,
               scale: float, sliding_window: int | None = None, out: torch.Tensor | None = None,
-              batch_invariant: bool = False, kv_len_bound: int | None = None) -> torch.Tensor:
+              batch_invariant: bool = False, kv_len_bound: int | None = None, k_scale: float = 1.0,
+              v_scale: float = 1.0) -> torch.Tensor:
     """q [T, Hq, D] -> out [T, Hq, D]. ``max_seqlen_k=None`` means 'unknown' (graph capture):
     the split count then depends on the batch shape only. Batch-invariant mode splits the keys
     of single-token rows (decode) into spans of ``BI_SPLIT_KEYS`` from position 0, merged in
     a fixed order, so batch 1 fills the chip and no row's sums depend on its batch; it needs
     ``kv_len_bound`` (any upper bound of the context lengths, e.g. max_model_len) when
-    ``max_seqlen_k`` is None."""
+    ``max_seqlen_k`` is None. An fp8 cache reads as stored * k_scale / v_scale."""
+    from halserve.hal.kv_fp8 import is_fp8
+
     T, HQ, D = q.shape
     HK = kv_cache.shape[-2]
     G = HQ // HK
@@ -289,10 +301,10 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tenso
         q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out, out.stride(0), out.stride(1), part_o, part_ml,
         cu_seqlens_q, seq_lens, block_tables, block_tables.stride(0),
-        float(scale) * _LOG2E, num_seqs, int(sliding_window or 0), HQ,
+        float(scale) * float(k_scale) * _LOG2E, float(v_scale), num_seqs, int(sliding_window or 0), HQ,
         G=G, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=int(block_size), HEAD_D=D,
         BLOCK_D=triton.next_power_of_2(D), NUM_SPLITS=splits, DECODE_ONLY=decode,
-        SLIDING=bool(sliding_window), IEEE=ieee, FIXED_SPAN=fixed_span,
+        SLIDING=bool(sliding_window), IEEE=ieee, FIXED_SPAN=fixed_span, KV_FP8=is_fp8(kv_cache.dtype),
         **configs.launch_opts(cfg),
     )
     if fixed_span:

@@ -160,8 +160,21 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
 
 # ---- write_kv -----------------------------------------------------------------------------------
 @triton.jit
+def _round_e4m3(x):
+    """x (fp32, |x| <= 448) rounded to the nearest e4m3 value, ties to even, in fp32 adds:
+    the cast that follows is then exact. (Triton's interpreter rounds a value that carries
+    into the next binade down; the GPU's cvt.rn.satfinite agrees with this either way.)"""
+    bits = x.to(tl.int32, bitcast=True)
+    e = tl.maximum((bits >> 23) & 0xFF, 121)  # 2^-6, the smallest normal e4m3: below it the spacing is fixed
+    # c = 1.5 * 2^23 * spacing, spacing = 2^(exponent - 3): (x + c) - c rounds x to the spacing
+    c = (((e + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    r = tl.abs((x + c) - c)
+    return tl.where(bits < 0, -r, r)  # the sign bit: -0.0 and values that round to zero keep it
+
+
+@triton.jit
 def _write_kv_kernel(k_ptr, k_st, k_sh, v_ptr, v_st, v_sh, cache_ptr, v_off, slot_ptr,
-                     HK, D, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                     HK, D, k_inv, v_inv, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + row).to(tl.int64)
     if slot >= 0:
@@ -172,11 +185,17 @@ def _write_kv_kernel(k_ptr, k_st, k_sh, v_ptr, v_st, v_sh, cache_ptr, v_off, slo
         dst = cache_ptr + slot * HK * D + h * D + d
         kk = tl.load(k_ptr + row * k_st + h * k_sh + d, mask=mask)
         vv = tl.load(v_ptr + row * v_st + h * v_sh + d, mask=mask)
+        if FP8:  # hal/kv_fp8.py's rule: x * float32(1 / scale), saturated, round to nearest even
+            kk = _round_e4m3(tl.minimum(tl.maximum(kk.to(tl.float32) * k_inv, -448.0), 448.0))
+            vv = _round_e4m3(tl.minimum(tl.maximum(vv.to(tl.float32) * v_inv, -448.0), 448.0))
         tl.store(dst, kk.to(cache_ptr.dtype.element_ty), mask=mask)
         tl.store(dst + v_off, vv.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
-def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    from halserve.hal.kv_fp8 import inv_scale, is_fp8
+
     T, HK, D = key.shape
     assert kv_cache.is_contiguous() and kv_cache.shape[-2:] == (HK, D), \
         f"kv_cache {tuple(kv_cache.shape)} must be contiguous [2, blocks, block_size, {HK}, {D}]"
@@ -185,5 +204,5 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
         return
     v_off = kv_cache[0].numel()
     _write_kv_kernel[(T,)](key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),
-                           kv_cache, v_off, slot_mapping, HK, D, BLOCK_H=_pow2(HK), BLOCK_D=_pow2(D),
-                           num_warps=4)
+                           kv_cache, v_off, slot_mapping, HK, D, inv_scale(k_scale), inv_scale(v_scale),
+                           BLOCK_H=_pow2(HK), BLOCK_D=_pow2(D), FP8=is_fp8(kv_cache.dtype), num_warps=4)
