@@ -246,3 +246,30 @@ def test_mtp_is_refused_saying_why():
         parse_speculative_config({"method": "mtp", "num_speculative_tokens": 1})
     with pytest.raises(SpeculativeConfigError, match="model=None"):
         parse_speculative_config({"method": "eagle", "num_speculative_tokens": 1})
+
+
+def test_server_with_speculative_config_flag(target, tmp_path):
+    """``halserve serve --speculative-config JSON`` with an EAGLE head: the completion is the
+    plain engine's, and /metrics counts the drafts."""
+    import urllib.request
+
+    from tests.server.server_proc import ServerProcess
+
+    head = make_head(tmp_path / "head", target, "random")
+    ref = _tokens(LLM(str(target), dtype="float32"), PROMPTS[1:2], GREEDY)[0]
+    srv = ServerProcess([str(target), "--host", "127.0.0.1", "--port", "0", "--dtype", "float32",
+                         "--served-model-name", "tiny", "--speculative-config", json.dumps(_eagle(head, 3))],
+                        tmp_path / "serve.log")
+    try:
+        body = json.dumps({"model": "tiny", "prompt": PROMPTS[1], "max_tokens": GREEDY.max_tokens,
+                           "temperature": 0, "ignore_eos": True, "logprobs": 0}).encode()
+        req = urllib.request.Request(srv.url + "/v1/completions", body, {"Content-Type": "application/json"})
+        out = json.loads(urllib.request.urlopen(req, timeout=60).read())
+        metrics = urllib.request.urlopen(srv.url + "/metrics", timeout=60).read().decode()
+    finally:
+        assert srv.stop() == 0, srv.log()
+    text = LLM(str(target), dtype="float32").get_tokenizer().decode(ref)
+    assert out["choices"][0]["text"] == text
+    drafted = [float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("halserve:spec_decode_num_draft_tokens_total")]
+    assert drafted and drafted[0] > 0, metrics[:2000]
