@@ -6,6 +6,11 @@ first), each draft token right with probability alpha and the draft cut at the f
 one, for every alpha in ``--alphas`` and k in ``--ks``, at every batch size in ``--batches``.
 Every figure is a ratio to the plain run in the same process (the peer) and to the ideal
 (tokens a verify step emits: the speed-up if verifying k+1 tokens cost one decode step).
+``--batch-invariant 16`` runs the batch-16 curve with both engines in batch-invariant mode:
+in bf16 a row's greedy path otherwise depends on the step's GEMM shapes (16 x (k+1) rows in
+a verify step, 16 in plain decode), so the oracle's continuation, taken from the plain run,
+drifts from what the verify steps compute and the acceptance collapses (it is no longer the
+alpha asked for).
 Greedy output must equal the plain run's (lossless); mismatches are counted and printed.
 
 n-gram: the demo model completing and editing Python from the standard library (prompt
@@ -34,6 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alphas", default="0.3,0.6,0.8,0.95")
     p.add_argument("--ks", default="2,4,8")
     p.add_argument("--batches", default="1,16")
+    p.add_argument("--batch-invariant", default="", metavar="BATCHES",
+                   help="batch sizes whose curve runs in batch-invariant mode, plain and speculative "
+                        "alike (e.g. 16): in bf16 a row's greedy path otherwise depends on the step's "
+                        "GEMM shapes, and the oracle's continuation drifts from what a verify step computes")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--no-curve", action="store_true", help="skip the acceptance-rate curve")
@@ -91,12 +100,6 @@ class AlphaOracle:
 
 
 def curve(args, rows: list) -> None:
-    import torch
-
-    from halserve import LLM, SamplingParams
-    from halserve.bench.decode import copy_bandwidth_gbs
-    from halserve.bench.latency import weight_bytes_per_token
-
     if args.model:
         model = Path(args.model)
     elif args.preset:
@@ -110,9 +113,26 @@ def curve(args, rows: list) -> None:
     alphas = [float(a) for a in args.alphas.split(",")]
     ks = [int(k) for k in args.ks.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
-    n, bmax = args.output_len, max(batches)
-    common = dict(backend=args.backend, dtype=args.dtype, max_num_seqs=bmax,
+    invariant = {int(b) for b in args.batch_invariant.split(",") if b}
+    for inv in (False, True):
+        group = [b for b in batches if (b in invariant) == inv]
+        if group:
+            _curve_group(args, model, group, max(batches), alphas, ks, inv, rows)
+
+
+def _curve_group(args, model: Path, batches: list[int], bmax: int, alphas, ks, invariant: bool, rows: list):
+    """The curve for ``batches``, plain and speculative engines both in batch-invariant mode
+    or both not."""
+    import torch
+
+    from halserve import LLM, SamplingParams
+    from halserve.bench.decode import copy_bandwidth_gbs
+    from halserve.bench.latency import weight_bytes_per_token
+
+    n = args.output_len
+    common = dict(backend=args.backend, dtype=args.dtype, max_num_seqs=bmax, batch_invariant=invariant,
                   max_model_len=args.input_len + n + max(ks) + 16, enable_prefix_caching=False)
+    mode = " (batch-invariant)" if invariant else ""
     llm = LLM(str(model), **common)
     vocab = llm.engine.model_config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -126,7 +146,7 @@ def curve(args, rows: list) -> None:
         base[b] = t
         refs[b] = outs
         roof = wbytes / (bw * 1e9)  # seconds a decode step must take to read the weights once
-        print(f"[spec] plain decode batch {b}: {b * n / t:.1f} tok/s, {t / n * 1e3:.2f} ms/step = "
+        print(f"[spec] plain decode batch {b}{mode}: {b * n / t:.1f} tok/s, {t / n * 1e3:.2f} ms/step = "
               f"{100 * roof / (t / n):.0f}% of the {bw:.0f} GB/s copy-bandwidth roofline", flush=True)
     name = f"{llm.engine.hal.name} on {llm.engine.runner.device}"
     del llm
@@ -142,12 +162,12 @@ def curve(args, rows: list) -> None:
                 t, outs, (steps, drafted, accepted) = _timed(llm, prompts[:b], params)
                 mismatched = sum(o != r for o, r in zip(outs, refs[b]))
                 emitted = (accepted + steps) / max(steps, 1)
-                row = dict(model=model.name, backend=name, batch=b, k=k, alpha=a, plain_s=base[b], spec_s=t,
-                           speedup=base[b] / t, acceptance=accepted / max(drafted, 1),
+                row = dict(model=model.name, backend=name, batch=b, k=k, alpha=a, batch_invariant=invariant,
+                           plain_s=base[b], spec_s=t, speedup=base[b] / t, acceptance=accepted / max(drafted, 1),
                            tokens_per_verify=emitted, pct_of_ideal=100 * base[b] / t / emitted,
                            mismatched_rows=mismatched)
                 rows.append(row)
-                print(f"[spec] batch {b:2d} k={k} alpha={a:.2f}: {row['speedup']:.2f}x plain "
+                print(f"[spec] batch {b:2d}{mode} k={k} alpha={a:.2f}: {row['speedup']:.2f}x plain "
                       f"(acceptance {row['acceptance']:.2f}, {emitted:.2f} tokens/verify -> "
                       f"{row['pct_of_ideal']:.0f}% of ideal)" + (f"; {mismatched} rows differ" if mismatched else ""),
                       flush=True)
