@@ -114,21 +114,46 @@ def _attend_one(q: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor, sl
     return o.view(hk, group, qlen, d).permute(2, 0, 1, 3).reshape(qlen, hq, d)
 
 
-def _decode_batch(q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor, seq_lens: torch.Tensor,
-                  max_len: int, bs: int, window: int | None, scale: float, out: torch.Tensor) -> None:
-    """B decode rows at once over contexts padded to max_len (masked)."""
-    b, hq, d = q.shape
-    nblk = (max_len + bs - 1) // bs
-    k = _gather_kv(kv_cache[0], tables, nblk)  # [B, hk, L, d]
-    v = _gather_kv(kv_cache[1], tables, nblk)
-    hk, length = k.shape[1], k.shape[2]
-    kpos = torch.arange(length, device=q.device)[None, :]
+# The last decode batch's gather rows and mask, reused by every layer of a step: they
+# depend on the block tables and lengths only, never on the layer. Keyed on the metadata
+# object itself (held, so its id cannot be reused) and its host lengths.
+_DECODE_ROWS: list = [None]
+
+
+def _decode_rows(tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int, bs: int,
+                 window: int | None, key: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For B decode rows padded to ``max_len`` keys: the flat cache row ([blocks * bs] axis)
+    of every (row, position) [B * max_len] int64, and the attention mask [B, 1, 1, max_len].
+    ``key`` (the step's AttentionMetadata, with the lengths) reuses the last answer."""
+    hit = _DECODE_ROWS[0]
+    if key is not None and hit is not None and hit[0] is key[0] and hit[1] == key[1:]:
+        return hit[2], hit[3]
+    pos = torch.arange(max_len, device=tables.device)
+    rows = tables.to(torch.int64).index_select(1, pos // bs).mul_(bs).add_(pos % bs).view(-1)
     last = seq_lens.to(torch.int64)[:, None] - 1
-    allowed = kpos <= last
+    allowed = pos[None, :] <= last
     if window is not None:
-        allowed = allowed & (kpos > last - window)
+        allowed = allowed & (pos[None, :] > last - window)
+    mask = allowed[:, None, None, :]
+    if key is not None:
+        _DECODE_ROWS[0] = (key[0], key[1:], rows, mask)
+    return rows, mask
+
+
+def _decode_batch(q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor, seq_lens: torch.Tensor,
+                  max_len: int, bs: int, window: int | None, scale: float, out: torch.Tensor,
+                  key: Any = None) -> None:
+    """B decode rows at once over contexts padded to max_len (masked). K and V are gathered
+    as whole rows (index_select over the flattened [blocks * bs] axis, the same for every
+    layer: see ``_decode_rows``) and upcast to float32 in that one copy; a cache that needs
+    more than an upcast to read (fp8) is converted before it comes here (attention)."""
+    b, hq, d = q.shape
+    hk = kv_cache.shape[-2]
+    rows, mask = _decode_rows(tables, seq_lens, max_len, bs, window, key)
+    k = kv_cache[0].reshape(-1, hk, d).index_select(0, rows).view(b, max_len, hk, d).transpose(1, 2).float()
+    v = kv_cache[1].reshape(-1, hk, d).index_select(0, rows).view(b, max_len, hk, d).transpose(1, 2).float()
     qg = q.float().view(b, hk, hq // hk, d)
-    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=allowed[:, None, None, :], scale=scale)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     out.copy_(o.reshape(b, hq, d))
 
 
@@ -231,9 +256,17 @@ class NativeBackend(Backend):
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
-        h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
+        # torch adds two bf16/fp16 tensors in float32 and rounds once: the same h as an
+        # explicit upcast, without two float copies
+        h = x if residual is None else (x + residual).to(x.dtype)
         hf = h.float()
-        y = hf * torch.rsqrt(hf.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
+        if hf.device.type == "cpu":
+            # one fused pass on CPU, bitwise equal to the composite below (checked by
+            # tests/hal/test_native.py); other devices keep the composite's exact op order
+            y = F.rms_norm(hf, (hf.shape[-1],), weight.float(), eps)
+        else:
+            y = hf * torch.rsqrt(hf.pow(2).mean(dim=-1, keepdim=True).add_(eps))
+            y.mul_(weight)
         if out is None:
             out = y.to(x.dtype)
         else:
@@ -245,6 +278,16 @@ class NativeBackend(Backend):
         rot = cos_sin_cache.shape[-1]
         cs = cos_sin_cache.index_select(0, positions.to(torch.int64)).float()
         cos, sin = cs[:, None, : rot // 2], cs[:, None, rot // 2:]
+        if is_neox and q.dtype == k.dtype:
+            # q and k heads side by side: one pass of each elementwise op instead of two
+            # (a decode step is many small ops; their count, not their bytes, costs)
+            hq = q.shape[-2]
+            part = torch.cat([q[..., :rot], k[..., :rot]], dim=-2).float()
+            x1, x2 = part[..., : rot // 2], part[..., rot // 2:]
+            new = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+            q[..., :rot] = new[..., :hq, :]
+            k[..., :rot] = new[..., hq:, :]
+            return
         for t in (q, k):
             part = t[..., :rot].float()
             if is_neox:
@@ -257,7 +300,7 @@ class NativeBackend(Backend):
 
     def silu_and_mul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         i = x.shape[-1] // 2
-        y = F.silu(x[..., :i].float()) * x[..., i:].float()
+        y = F.silu(x[..., :i].float()).mul_(x[..., i:])  # mul_ upcasts the up half in place of a copy
         if out is None:
             return y.to(x.dtype)
         out.copy_(y)
@@ -301,8 +344,11 @@ class NativeBackend(Backend):
         # them per sequence so a row's reduction never depends on its batch mates.
         ndec = 0 if self.batch_invariant else meta.num_decode_seqs
         if ndec >= 1:  # reads lengths from the device tensors only, so it also replays in graphs
+            # the gather rows are the same for every layer of the step: keyed on the metadata
+            # (not when the tables are a per-layer dequantized copy's)
+            key = (meta, ndec, tuple(meta.seq_lens_host[:ndec])) if tables is meta.block_tables else None
             _decode_batch(q[:ndec], kv_cache, tables[:ndec], meta.seq_lens[:ndec],
-                          max(meta.seq_lens_host[:ndec]), bs, window, scale, out[:ndec])
+                          max(meta.seq_lens_host[:ndec]), bs, window, scale, out[:ndec], key)
         else:
             ndec = 0
         start = ndec

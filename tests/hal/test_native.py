@@ -434,3 +434,47 @@ def test_batch_invariant_attention():
         meta.cu_seqlens_q[:2], meta.seq_lens[:1], meta.block_tables[:1], meta.slot_mapping[:1], 1, 45,
         [1], [45], 16, 1)
     assert torch.equal(hal.attention(q1, kv, m1, 0.125)[0], full[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_elementwise_paths_match_the_composite_bitwise(hal, dtype):
+    """rms_norm, rotary (q and k in one pass) and silu_and_mul compute exactly what the
+    op-by-op float32 formulas (the reference semantics, HF's order) compute."""
+    g = gen(11)
+    x, res = (torch.randn(9, 256, generator=g).to(dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(256, generator=g)).to(dtype)
+    h = (x.float() + res.float()).to(dtype)
+    hf = h.float()
+    want = (hf * torch.rsqrt(hf.pow(2).mean(dim=-1, keepdim=True) + 1e-6) * w.float()).to(dtype)
+    y, h2 = hal.rms_norm(x, w, 1e-6, residual=res)
+    assert torch.equal(h2, h) and torch.equal(y, want)
+    assert torch.equal(hal.rms_norm(h, w, 1e-6), want)
+    cache = build_rope_cache(64, 64, 128, 10000.0)
+    pos = torch.randint(0, 128, (9,), generator=g)
+    q, k = torch.randn(9, 8, 64, generator=g).to(dtype), torch.randn(9, 2, 64, generator=g).to(dtype)
+    cos, sin = cache[pos, None, :32], cache[pos, None, 32:]
+    wants = []
+    for t in (q, k):
+        x1, x2 = t[..., :32].float(), t[..., 32:].float()
+        wants.append(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(dtype))
+    hal.rotary(pos, q, k, cache, True)
+    assert torch.equal(q, wants[0]) and torch.equal(k, wants[1])
+    gu = torch.randn(9, 96, generator=g).to(dtype)
+    assert torch.equal(hal.silu_and_mul(gu), (F.silu(gu[:, :48].float()) * gu[:, 48:].float()).to(dtype))
+
+
+def test_decode_gather_rows_are_reused_per_step_not_across_steps(hal):
+    """The decode batch's gather rows are built once per metadata and reused by every layer:
+    a second layer's cache reads right, and a new step with the same lengths but other
+    block tables never reads the old rows."""
+    lens = [37, 5, 64, 20]
+    q, kv, meta = make_attention_case(lens, [1] * 4, 16, 8, 2, 64, seed=1)
+    _, kv2, _ = make_attention_case(lens, [1] * 4, 16, 8, 2, 64, seed=2)  # another layer, same tables
+    kv2 = kv2[:, torch.randperm(kv2.shape[1], generator=gen(3))] if kv2.shape == kv.shape else kv2
+    for cache in (kv, kv2, kv):
+        out = hal.attention(q, cache, meta, 0.125)
+        assert R.nmse(out, _sdpa_truth(q, cache, meta, 0.125)) < 1e-10
+    q3, kv3, meta3 = make_attention_case(lens, [1] * 4, 16, 8, 2, 64, seed=4)  # next step
+    assert not torch.equal(meta3.block_tables, meta.block_tables)
+    out = hal.attention(q3, kv3, meta3, 0.125)
+    assert R.nmse(out, _sdpa_truth(q3, kv3, meta3, 0.125)) < 1e-10
