@@ -438,8 +438,10 @@ class ModelRunner:
         want = [seq.params.logprobs for seq in seqs]
         raw = logits.clone() if any(k is not None for k in want) else None
         if any(_needs_processors(seq) for seq in seqs):
+            # the generated ids with the placeholders: min_tokens counts them as a synchronous
+            # step would count their tokens (a penalty row never has one: _needs_host_tokens)
             apply_logits_processors(logits, [SamplingRow(seq.params, seq.seed, seq.num_output_tokens,
-                                                         seq.prompt_token_ids, seq.output_token_ids)
+                                                         seq.prompt_token_ids, seq.token_ids[seq.num_prompt_tokens:])
                                              for seq in seqs])
         host_t = [0.0 if seq.params.greedy else seq.params.temperature for seq in seqs]
         params = SamplingTensors(

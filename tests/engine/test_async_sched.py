@@ -180,6 +180,10 @@ def test_stop_strings_and_stop_tokens_emit_nothing_past_the_stop(model):
         events[0].append(("add", f"str{i}", p, greedy(16, stop=[stop])))
         events[0].append(("add", f"tok{i}", p, greedy(16, stop_token_ids=[toks[5]])))
         events[0].append(("add", f"inc{i}", p, greedy(16, stop=[stop], include_stop_str_in_output=True)))
+        # min_tokens = j lets a stop token through as the (j+1)-th output exactly: counted with
+        # the token in flight, as a synchronous step counts it
+        j = next(j for j in range(2, 16) if toks[j] not in toks[:j])
+        events[0].append(("add", f"min{i}", p, greedy(16, stop_token_ids=[toks[j]], min_tokens=j)))
     sync = Run(engine(model, False), events).go()
     asy = Run(engine(model, True), events).go()
     compare(sync, asy)
@@ -188,6 +192,8 @@ def test_stop_strings_and_stop_tokens_emit_nothing_past_the_stop(model):
         cut = toks.index(toks[5]) + 1
         assert asy.tokens[f"tok{i}"][0] == toks[:cut] and asy.reason[f"tok{i}"][0] == "stop"
         assert asy.reason[f"str{i}"][0] == "stop" and len(asy.tokens[f"str{i}"][0]) < 16
+        j = next(j for j in range(2, 16) if toks[j] not in toks[:j])
+        assert asy.tokens[f"min{i}"][0] == toks[:j + 1] and asy.reason[f"min{i}"][0] == "stop"
         assert asy.tokens[f"str{i}"][0] == toks[:len(asy.tokens[f"str{i}"][0])]
 
 
