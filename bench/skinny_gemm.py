@@ -101,20 +101,18 @@ def per_sm_splits(n, k, bn, bk, per_sm):
 
 def fp8_tile_space(m):
     """(KIND, BLOCK_N, BLOCK_K, num_warps, num_stages) tried for fp8 W8A8 at m rows."""
-    gemv = [(16, 256, 4, 1), (32, 256, 4, 1), (16, 512, 4, 1), (32, 128, 4, 1), (64, 128, 4, 1),
-            (32, 512, 8, 1), (64, 256, 8, 1), (16, 256, 4, 3), (32, 256, 4, 3)]
+    gemv = [(16, 256, 4, 1), (32, 256, 4, 1), (16, 512, 4, 1), (64, 128, 4, 1), (32, 512, 8, 1), (32, 256, 4, 3)]
     if m >= 16:  # a [16, BN, BK] fp32 accumulator: small tiles only
-        gemv = [(8, 128, 4, 1), (16, 64, 4, 1), (16, 128, 8, 1), (8, 256, 8, 1)]
-    dot = [(64, 256, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3), (64, 512, 4, 3),
-           (32, 512, 4, 3), (64, 256, 8, 4)]
+        gemv = [(8, 128, 4, 1), (16, 128, 8, 1)]
+    dot = [(64, 256, 4, 4), (32, 256, 4, 4), (128, 128, 4, 3), (64, 512, 4, 3)]
     return [("gemv",) + c for c in gemv] + [("dot",) + c for c in dot]
 
 
 def bf16_tile_space(m):
-    gemv = [(16, 128, 4, 1), (32, 128, 4, 1), (16, 256, 4, 1), (8, 256, 4, 1), (32, 64, 4, 1), (16, 128, 4, 3)]
+    gemv = [(16, 128, 4, 1), (32, 128, 4, 1), (16, 256, 4, 1), (8, 256, 4, 1), (16, 128, 4, 3)]
     if m >= 16:
-        gemv = [(8, 64, 4, 1), (16, 32, 4, 1)]
-    dot = [(64, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3)]
+        gemv = [(8, 64, 4, 1)]
+    dot = [(64, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4)]
     return [("gemv",) + c for c in gemv] + [("dot",) + c for c in dot]
 
 
@@ -262,14 +260,14 @@ def sweep_bi(shapes, bw, deadline, rows, best):
             print("[sweep]", json.dumps(summary), flush=True)
 
 
-def _warm_worker(tasks):
+def _warm_worker(tasks, dev="cuda"):
     """Compile (into Triton's disk cache) the kernels of ``tasks`` on small tensors with the
     same specializations (M, SPLITS == 1, multiples of 16) as the sweep's shapes."""
     done = 0
     for wbytes, m, cfg in tasks:
         try:
-            x = torch.randn(m, 2048, device=DEV, dtype=torch.bfloat16)
-            w = torch.randn(512, 2048, device=DEV, dtype=torch.bfloat16)
+            x = torch.randn(m, 2048, device=dev, dtype=torch.bfloat16)
+            w = torch.randn(512, 2048, device=dev, dtype=torch.bfloat16)
             if wbytes == 1:
                 q, s = quantize(w, "fp8", "per_channel")
                 skinny_matmul(x, q, s, "per_token", cfg=cfg)
@@ -295,13 +293,17 @@ def warm(parts, procs):
         wb = 1 if part.startswith("fp8") else 2
         for m in ((1,) if part.endswith("_1b") else (1, 4, 16)):
             for kind, bn, bk, nw, ns in space(m):
-                for sp, fused in ((1, False), (2, False)) + (((2, True),) if wb == 2 else ()):
-                    tasks.append((wb, m, dict(KIND=kind, BLOCK_N=bn, BLOCK_K=bk, SPLITS=sp, FUSED=fused, QUANT_IN=False,
+                # stage B's forms too (fused reduction, in-kernel quantization): one compile each
+                for sp, fused, qin in ((1, False, False), (2, False, False), (2, True, False), (1, False, True),
+                                       (2, False, True), (2, True, True)):
+                    if qin and wb == 2:
+                        continue
+                    tasks.append((wb, m, dict(KIND=kind, BLOCK_N=bn, BLOCK_K=bk, SPLITS=sp, FUSED=fused, QUANT_IN=qin,
                                               num_warps=nw, num_stages=ns)))
     t = time.perf_counter()
     chunks = [tasks[i::procs] for i in range(procs)]
     with cf.ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")) as ex:
-        done = sum(ex.map(_warm_worker, chunks))
+        done = sum(ex.map(_warm_worker, chunks, [DEV] * procs))
     print(f"[sweep] warmed {done}/{len(tasks)} kernels in {procs} processes, {time.perf_counter() - t:.0f}s", flush=True)
 
 

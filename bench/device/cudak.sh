@@ -14,12 +14,12 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OF
 unset TRITON_INTERPRET
 . "$(dirname "$0")/step.sh"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -2
-STEP_TAIL=30 step cudak_sweep 85 python3 bench/skinny_gemm.py --sweep --warm 14 --budget 60 \
+STEP_TAIL=30 step cudak_sweep 100 python3 bench/skinny_gemm.py --sweep --warm 14 --budget 58 \
     --json "$OUT/cudak_sweep.json"
-step cudak_e2e_8b 130 python3 bench/e2e_decode.py --preset llama-8b --variants bf16,fp8,bf16-bi \
+step cudak_e2e_8b 125 python3 bench/e2e_decode.py --preset llama-8b --variants bf16,fp8,bf16-bi \
     --batches 64,128,256 --bi-batches 64 --profile 6 --json "$OUT/cudak_e2e_8b.json"
-step cudak_e2e_1b 30 python3 bench/e2e_decode.py --preset llama-1b --variants bf16 --batches 64 --profile 16 \
+step cudak_e2e_1b 25 python3 bench/e2e_decode.py --preset llama-1b --variants bf16 --batches 64 --profile 16 \
     --json "$OUT/cudak_e2e_1b.json"
-step cudak_tests 55 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_skinny_gpu.py tests/hal/test_triton_kernels.py \
+step cudak_tests 50 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_skinny_gpu.py tests/hal/test_triton_kernels.py \
     tests/gpu/test_cuda_backend.py
 echo "[cudak] done in ${SECONDS}s"
