@@ -278,16 +278,6 @@ class NativeBackend(Backend):
         rot = cos_sin_cache.shape[-1]
         cs = cos_sin_cache.index_select(0, positions.to(torch.int64)).float()
         cos, sin = cs[:, None, : rot // 2], cs[:, None, rot // 2:]
-        if is_neox and q.dtype == k.dtype:
-            # q and k heads side by side: one pass of each elementwise op instead of two
-            # (a decode step is many small ops; their count, not their bytes, costs)
-            hq = q.shape[-2]
-            part = torch.cat([q[..., :rot], k[..., :rot]], dim=-2).float()
-            x1, x2 = part[..., : rot // 2], part[..., rot // 2:]
-            new = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-            q[..., :rot] = new[..., :hq, :]
-            k[..., :rot] = new[..., hq:, :]
-            return
         for t in (q, k):
             part = t[..., :rot].float()
             if is_neox:

@@ -438,8 +438,8 @@ def test_batch_invariant_attention():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_elementwise_paths_match_the_composite_bitwise(hal, dtype):
-    """rms_norm, rotary (q and k in one pass) and silu_and_mul compute exactly what the
-    op-by-op float32 formulas (the reference semantics, HF's order) compute."""
+    """rms_norm (fused on CPU), rotary and silu_and_mul compute exactly what the op-by-op
+    float32 formulas (the reference semantics, HF's order) compute."""
     g = gen(11)
     x, res = (torch.randn(9, 256, generator=g).to(dtype) for _ in range(2))
     w = (1 + 0.1 * torch.randn(256, generator=g)).to(dtype)
