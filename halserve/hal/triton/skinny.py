@@ -39,7 +39,7 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, xs_ptr, ws_ptr, bias_
                    k_per_split, SPLITS, ONE_SPLIT: tl.constexpr, GEMV: tl.constexpr, FUSED: tl.constexpr,
                    QUANT_IN: tl.constexpr, A_SCALE: tl.constexpr, W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                    W_FP8: tl.constexpr, A_FP8: tl.constexpr, FP8_DOT: tl.constexpr, IEEE: tl.constexpr,
-                   EXACT_CVT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   EXACT_CVT: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # QUANT_IN: 0 off, 1 per-token, 2 per-tensor (all M rows in this tile).
     # A_SCALE / W_SCALE: 0 none, 1 per row / per column, 2 one scalar.
     pm = tl.program_id(0)
@@ -55,8 +55,9 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, xs_ptr, ws_ptr, bias_
     k_hi = tl.minimum(k_lo + k_per_split, K)
     if QUANT_IN > 0:  # the same formula as quant_fp8_per_token, over the whole row
         amax = tl.zeros([BLOCK_M], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
+        rq = tl.arange(0, Q_BLOCK)  # wide steps: this pass is latency-bound (a few KB from L2)
+        for k0 in range(0, K, Q_BLOCK):
+            kk = k0 + rq
             a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
         if QUANT_IN == 2:
@@ -244,7 +245,8 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None
         bias if bias is not None else y, M, N, K, x.stride(0), w.stride(0), y.stride(0), k_per_split,
         SPLITS=splits, ONE_SPLIT=splits == 1, GEMV=gemv, FUSED=fused, QUANT_IN=quant_in, A_SCALE=a_scale, W_SCALE=w_scale_mode,
         HAS_BIAS=bias is not None, W_FP8=w_fp8, A_FP8=a_fp8, FP8_DOT=a_fp8 and _fp8_dot(x.device),
-        IEEE=x.dtype == torch.float32 or configs.interpreting(), EXACT_CVT=configs.interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        IEEE=x.dtype == torch.float32 or configs.interpreting(), EXACT_CVT=configs.interpreting(),
+        Q_BLOCK=max(bk, 4096 // bm) if quant_in else bk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1 and not fused:
         reduce_splits(part, y, bias, xs, w_scale)
