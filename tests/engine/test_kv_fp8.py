@@ -24,8 +24,7 @@ U_E4M3 = 2.0 ** -6 * 0.541 / 12
 # Teacher-forced log-probabilities of the auto cache's greedy tokens, fp8 cache vs auto: the
 # only difference is one e4m3 rounding of every cached K and V (NMSE u each), which attention
 # then averages over many keys. Measured here: 4.4e-5 (MHA) and 8.1e-5 (GQA) = 0.06u and 0.12u;
-# the limit is u itself, 8x the worst. Dropping the v scale measures far above (see
-# docs/kv_cache_fp8.md).
+# the limit is u itself, 8x the worst.
 LOGPROB_NMSE_LIMIT = U_E4M3
 # The greedy token may change only at a near-tie of the auto cache's top two: measured 61/64
 # (MHA) and 60/64 (GQA) positions agree, every flip at a top-2 gap under 0.065 nats (the
@@ -122,6 +121,11 @@ def test_checkpoint_scales_change_what_is_stored(models, tmp_path, names):
     for raw, true, s in ((kv[0][mask], k_true, 4.0), (kv[1][mask], v_true, 0.25)):
         err = ((dequantize_kv(raw, s) - true) ** 2).sum() / (true ** 2).sum()
         assert err < 2 * U_E4M3, err
+    # and they are read back: the scaled cache scores like the model-dtype one
+    ref_tokens = [o.outputs[0].token_ids for o in auto.generate(PROMPTS[:2], GREEDY)]
+    la = torch.tensor([r[0] for r in _scored(auto, PROMPTS[:2], ref_tokens)], dtype=torch.float64)
+    lf = torch.tensor([r[0] for r in _scored(fp8, PROMPTS[:2], ref_tokens)], dtype=torch.float64)
+    assert ((lf - la) ** 2).sum().item() / (la ** 2).sum().item() < LOGPROB_NMSE_LIMIT
     # the scales do not leak into a model-dtype cache (vLLM ignores them there too)
     plain = LLM(str(scaled), dtype="float32", enable_prefix_caching=False, enforce_eager=True)
     assert plain.engine.model.layers[1].self_attn.kv_scales == {}
