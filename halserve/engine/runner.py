@@ -552,7 +552,9 @@ class _Staging:
         offs, total = [], 0
         for a in arrays:
             offs.append(total)
-            total += -(-a.nbytes // 8) * 8  # 8-byte aligned: every view below is well aligned
+            # 64-byte aligned: every view below starts where a kernel's vector loads want it
+            # (Triton specialises on 16-byte alignment)
+            total += -(-a.nbytes // 64) * 64
         self._bufs.reverse()
         buf = self._bufs[0]
         if buf is None or buf.numel() < total:
