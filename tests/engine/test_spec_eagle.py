@@ -80,7 +80,8 @@ def copyable_target(src: Path, dst: Path) -> Path:
             if k.endswith("layers.0.input_layernorm.weight"):
                 t[k] = torch.ones_like(t[k])
             if k.endswith("embed_tokens.weight"):
-                t[k] = t[k] / t[k].pow(2).mean(-1, keepdim=True).sqrt()
+                # (the padding row is zero: it stays zero)
+                t[k] = t[k] / t[k].pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
         save_file(t, str(f), metadata={"format": "pt"})
     return dst
 
@@ -139,6 +140,48 @@ def test_a_head_that_copies_its_target_is_accepted(checkpoint, tmp_path):
     # the copy misses only the first token's attention share: most drafts are right; a random
     # head's agree by chance (about 1 in the vocabulary)
     assert rates["copy"] > 0.5 and rates["random"] < 0.1, rates
+
+
+def test_head_kv_equals_one_pass_over_the_kept_tokens(target, tmp_path):
+    """After prefill chunks, batched verify steps with rejections and drafts written past
+    the kept tokens, the head's KV of every block it calls valid equals one pass of the head
+    over the sequence's kept tokens with the target's hidden states (transformers)."""
+    import transformers
+
+    from halserve.engine.spec.draft_batch import DraftKV, DraftRow, draft_batch
+
+    head = make_head(tmp_path / "head", target, "random")
+    llm = LLM(str(target), dtype="float32", block_size=8, max_num_batched_tokens=16,
+              enable_prefix_caching=False, speculative_config=_eagle(head, 3))
+    eng, prop = llm.engine, llm.engine.proposer
+    for rid, prompt in zip("abc", PROMPTS):
+        eng.add_request(rid, prompt, GREEDY)
+    for _ in range(14):
+        eng.step()
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32).eval()
+    checked = 0
+    for rid in "abc":
+        if rid not in eng.requests:
+            continue
+        seq = eng.requests[rid].seqs[0]
+        st = prop._state[seq.seq_id]
+        assert st.origin == 0
+        valid = st.valid
+        with torch.no_grad():
+            h = ref_model(torch.tensor([seq.token_ids]), output_hidden_states=True).hidden_states[-1][0]
+        scratch = DraftKV(prop.kv.hal, prop.block_size, prop.head.num_layers, prop.head.num_kv_heads,
+                          prop.head.head_dim, torch.float32, prop.device)
+        scratch.allocate(prop.kv.cache.shape[2])
+        pos, meta, _ = draft_batch([DraftRow(seq.block_ids, 0, valid)], prop.block_size, prop.device,
+                                   prop.head.max_position_embeddings)
+        with torch.inference_mode():
+            prop.head.forward(torch.tensor(seq.token_ids[1:valid + 1]), pos, h[:valid], scratch.caches, meta)
+        full = valid // prop.block_size
+        assert full >= 2
+        for b in seq.block_ids[:full]:
+            torch.testing.assert_close(prop.kv.cache[:, :, b], scratch.cache[:, :, b], atol=1e-4, rtol=1e-4)
+        checked += 1
+    assert checked >= 2 and _spec_metrics(llm)[1] < _spec_metrics(llm)[0]
 
 
 def test_seeded_and_sampled_output_unchanged(target, tmp_path):

@@ -4,10 +4,12 @@
 The head at position q needs the target's hidden state h_q and token q+1, so it runs one
 position behind the target. The runner hands over the hidden states of every position a
 step computed (``take_hidden``, its ``hidden_sink``); a sequence keeps those the head has
-not consumed yet. Before drafting, a catch-up chunk runs the head over positions
-``valid..last-1`` (last: the last real token's position) with the hidden states the target
-kept, and its output at last-1 gives draft 1; drafts 2..k feed the head's own output back
-in, one position a forward, the argmax staying on the device.
+not consumed yet (a prefill chunk's are consumed in the same step: the head runs over the
+chunk at once, as vLLM's does, so a long prompt's states are not held). Before drafting, a
+catch-up chunk runs the head over positions ``valid..last-1`` (last: the last real token's
+position) with the hidden states the target kept, and its output at last-1 gives draft 1;
+drafts 2..k feed the head's own output back in, one position a forward, the argmax staying
+on the device.
 
 The head's KV lives in the target's block pool (``draft_batch.DraftKV``). Its context starts
 where the target's hidden states start: position 0, or, after a prefix-cache hit (whose
@@ -78,6 +80,30 @@ class EagleProposer(Proposer):
                 self._state[seq.seq_id] = _State(seq.num_preemptions, origin, origin, origin, rows[origin - start:])
             else:
                 st.hidden = torch.cat((st.hidden[:start - st.base], rows))
+        self._consume_prefill(so)
+
+    def _consume_prefill(self, so) -> None:
+        """Prefill chunks: run the head over their positions now (every one is kept, and the
+        token after each is known but for the chunk's last), so that a long prompt's hidden
+        states are not held until its first draft. Only the head's KV is wanted here."""
+        rows, ids, hid = [], [], []
+        for s in so.scheduled:
+            st = self._state.get(s.seq.seq_id)
+            if s.spec_token_ids or s.num_new_tokens < 2 or st is None:
+                continue
+            seq = s.seq
+            stop = min(st.base + len(st.hidden), seq.num_tokens - 1)  # position stop-1 reads token stop
+            if stop - st.valid < 2:
+                continue
+            rows.append(DraftRow(seq.block_ids, st.valid, stop - st.valid, st.origin))
+            ids += seq.token_ids[st.valid + 1:stop + 1]
+            hid.append(st.hidden[st.valid - st.base:stop - st.base])
+            # consumed; the state at stop-1 stays for a rerun there
+            st.hidden, st.base, st.valid = st.hidden[stop - 1 - st.base:], stop - 1, stop
+        if rows:
+            pos, meta, _ = draft_batch(rows, self.block_size, self.device, self.head.max_position_embeddings)
+            self.head.forward(torch.tensor(ids, dtype=torch.int64, device=self.device), pos, torch.cat(hid),
+                              self.kv.caches, meta)
 
     @torch.inference_mode()
     def propose(self, seqs, ks):
