@@ -19,6 +19,9 @@ FP8 = torch.float8_e4m3fn
 PROMPTS = [[5, 17, 42, 99, 3], list(range(10, 47)), [7] * 3 + list(range(200, 214)), list(range(300, 340))]
 N = 16
 GREEDY = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True)
+# a small cache and few graph buckets: two engines at once fit a GPU, and both engines of a
+# comparison get the same blocks (the cache is capped at what 4 sequences can use)
+KW = dict(kv_cache_memory=32 << 20, max_num_seqs=4)
 # NMSE of one round-to-nearest e4m3 store (p = 4 significand bits; docs/conformance.md's u)
 U_E4M3 = 2.0 ** -6 * 0.541 / 12
 # Teacher-forced log-probabilities of the auto cache's greedy tokens, fp8 cache vs auto: the
@@ -53,8 +56,8 @@ def _scored(llm: LLM, prompts, tokens):
 @pytest.mark.parametrize("which", ["mha", "gqa"])
 def test_fp8_cache_tracks_the_model_dtype_cache(models, which):
     path = str(models[which])
-    auto = LLM(path, dtype="float32", max_num_seqs=4)
-    fp8 = LLM(path, dtype="float32", max_num_seqs=4, kv_cache_dtype="fp8")
+    auto = LLM(path, dtype="float32", **KW)
+    fp8 = LLM(path, dtype="float32", kv_cache_dtype="fp8", **KW)
     assert fp8.engine.runner.kv_cache.dtype == FP8 and auto.engine.runner.kv_cache.dtype == torch.float32
     ref = [o.outputs[0].token_ids for o in auto.generate(PROMPTS, GREEDY)]
     fp8.generate(PROMPTS, GREEDY)  # free-running greedy through the fp8 cache (decode path)
@@ -104,9 +107,10 @@ def test_checkpoint_scales_change_what_is_stored(models, tmp_path, names):
     src = Path(models["mha"])
     scaled = _with_scales(src, tmp_path / "scaled", names, 4.0, 0.25)
     prompt, sp = [PROMPTS[1]], SamplingParams(temperature=0.0, max_tokens=1)
-    auto = LLM(str(src), dtype="float32", enable_prefix_caching=False, enforce_eager=True)
+    auto = LLM(str(src), dtype="float32", enable_prefix_caching=False, enforce_eager=True, **KW)
     auto.generate(prompt, sp)
-    fp8 = LLM(str(scaled), dtype="float32", enable_prefix_caching=False, kv_cache_dtype="fp8", enforce_eager=True)
+    fp8 = LLM(str(scaled), dtype="float32", enable_prefix_caching=False, kv_cache_dtype="fp8", enforce_eager=True,
+              **KW)
     fp8.generate(prompt, sp)
     attn = fp8.engine.model.layers[1].self_attn
     assert attn.kv_scales == {"k_scale": 4.0, "v_scale": 0.25}
@@ -127,7 +131,7 @@ def test_checkpoint_scales_change_what_is_stored(models, tmp_path, names):
     lf = torch.tensor([r[0] for r in _scored(fp8, PROMPTS[:2], ref_tokens)], dtype=torch.float64)
     assert ((lf - la) ** 2).sum().item() / (la ** 2).sum().item() < LOGPROB_NMSE_LIMIT
     # the scales do not leak into a model-dtype cache (vLLM ignores them there too)
-    plain = LLM(str(scaled), dtype="float32", enable_prefix_caching=False, enforce_eager=True)
+    plain = LLM(str(scaled), dtype="float32", enable_prefix_caching=False, enforce_eager=True, **KW)
     assert plain.engine.model.layers[1].self_attn.kv_scales == {}
 
 
@@ -136,7 +140,7 @@ def test_a_bad_checkpoint_scale_is_refused_by_name(models, tmp_path):
 
     bad = _with_scales(Path(models["mha"]), tmp_path / "bad", ("k_scale", "v_scale"), -1.0, 1.0)
     with pytest.raises(ModelLoadError, match=r"model.layers.0.self_attn.k_scale must be one positive finite float"):
-        LLM(str(bad), dtype="float32", kv_cache_dtype="fp8", enforce_eager=True)
+        LLM(str(bad), dtype="float32", kv_cache_dtype="fp8", enforce_eager=True, **KW)
 
 
 def test_fp8_blocks_offload_to_disk_and_come_back(models, tmp_path):
@@ -145,8 +149,9 @@ def test_fp8_blocks_offload_to_disk_and_come_back(models, tmp_path):
     path = str(models["mha"])
     long = [list(range(30, 130))]  # 6 full blocks
     sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    ref = LLM(path, dtype="float32", enable_prefix_caching=False, kv_cache_dtype="fp8").generate(long, sp)
-    llm = LLM(path, dtype="float32", kv_cache_dtype="fp8", kv_offload_dir=str(tmp_path), kv_offload_host_bytes=1 << 20)
+    ref = LLM(path, dtype="float32", enable_prefix_caching=False, kv_cache_dtype="fp8", **KW).generate(long, sp)
+    llm = LLM(path, dtype="float32", kv_cache_dtype="fp8", kv_offload_dir=str(tmp_path), kv_offload_host_bytes=1 << 20,
+              **KW)
     assert llm.generate(long, sp)[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
     eng = llm.engine
     eng.connector.manager.flush()
@@ -155,7 +160,7 @@ def test_fp8_blocks_offload_to_disk_and_come_back(models, tmp_path):
     out = llm.generate(long, sp)
     assert out[0].outputs[0].token_ids == ref[0].outputs[0].token_ids and out[0].num_cached_tokens == 96
     assert llm.get_metrics()["offload"]["disk"]["hits"] == 6
-    other = LLM(path, dtype="float32", kv_offload_dir=str(tmp_path), kv_offload_host_bytes=1 << 20)
+    other = LLM(path, dtype="float32", kv_offload_dir=str(tmp_path), kv_offload_host_bytes=1 << 20, **KW)
     assert other.generate(long, sp)[0].num_cached_tokens == 0
     assert other.engine.connector.manager.block_bytes == 4 * eng.connector.manager.block_bytes  # float32 vs e4m3
 
