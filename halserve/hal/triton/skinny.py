@@ -67,7 +67,10 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, xs_ptr, ws_ptr, bias_
             tl.store(xs_ptr + rm, qs, mask=m_ok)
     if GEMV:
         w_rows = w_ptr + rn[:, None].to(tl.int64) * s_wn
-        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+        if BLOCK_M == 1:
+            acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        else:
+            acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < k_hi
@@ -82,8 +85,14 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, xs_ptr, ws_ptr, bias_
                     a = tl.where(a < 0, -r, r)
                 a = a.to(w_ptr.dtype.element_ty)
             b = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc3 += a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :]
-        acc = tl.sum(acc3, axis=2)
+            if BLOCK_M == 1:  # the classic GEMV: a 2D accumulator in the weight tile's layout
+                acc2 += b.to(tl.float32) * a.to(tl.float32)
+            else:
+                acc3 += a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :]
+        if BLOCK_M == 1:
+            acc = tl.sum(acc2, axis=1)[None, :]
+        else:
+            acc = tl.sum(acc3, axis=2)
     else:
         w_cols = w_ptr + rn[None, :].to(tl.int64) * s_wn
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
