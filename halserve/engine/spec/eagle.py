@@ -98,8 +98,9 @@ class EagleProposer(Proposer):
             rows.append(DraftRow(seq.block_ids, st.valid, stop - st.valid, st.origin))
             ids += seq.token_ids[st.valid + 1:stop + 1]
             hid.append(st.hidden[st.valid - st.base:stop - st.base])
-            # consumed; the state at stop-1 stays for a rerun there
-            st.hidden, st.base, st.valid = st.hidden[stop - 1 - st.base:], stop - 1, stop
+            # consumed; the state at stop-1 stays for a rerun there (a copy: a view would keep
+            # the whole step's hidden states alive)
+            st.hidden, st.base, st.valid = st.hidden[stop - 1 - st.base:].clone(), stop - 1, stop
         if rows:
             pos, meta, _ = draft_batch(rows, self.block_size, self.device, self.head.max_position_embeddings)
             self.head.forward(torch.tensor(ids, dtype=torch.int64, device=self.device), pos, torch.cat(hid),
