@@ -85,8 +85,8 @@ class ModelRunner:
         self.kv_cache = torch.zeros((self.mc.num_layers, *shape), dtype=self.kv_dtype, device=self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.num_blocks = num_blocks
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
-                    num_blocks * per / 2**20)
+        logger.info("KV cache: %d blocks of %d tokens, %s (%.1f MiB)", num_blocks, self.block_size,
+                    str(self.kv_dtype).removeprefix("torch."), num_blocks * per / 2**20)
         return num_blocks
 
     @torch.inference_mode()

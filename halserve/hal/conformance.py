@@ -307,6 +307,10 @@ def cases(quick: bool = False, ops: "list[str] | None" = None) -> list[Case]:
         table.append(_c("copy_blocks", dt == "bfloat16", dtype=dt, layers=3, n=6))
     table.append(_c("swap_blocks", True, dtype="float32", direction="to_device", n=1))
     table.append(_c("copy_blocks", True, dtype="float32", layers=1, n=2))
+    # an fp8 cache's blocks move as bytes (offload, prefix reuse)
+    for direction in ("to_host", "to_device"):
+        table.append(_c("swap_blocks", True, dtype="bfloat16", direction=direction, n=5, kv="fp8"))
+    table.append(_c("copy_blocks", True, dtype="bfloat16", layers=3, n=6, kv="fp8"))
     # sampling: every SamplingTensors field varied; seeds and steps per row
     table.append(_c("sample", True, kind="greedy", B=8, V=5003))
     table.append(_c("sample", True, kind="mixed", B=8, V=5003))
@@ -694,7 +698,7 @@ def _kv_case(p: dict, dt: torch.dtype) -> tuple[torch.dtype, dict]:
     cache only: ``kv``, ``kscale``, ``vscale``)."""
     if p.get("kv", "auto") == "auto":
         return dt, {}
-    return FP8_DTYPE, {"k_scale": p["kscale"], "v_scale": p["vscale"]}
+    return FP8_DTYPE, {"k_scale": p["kscale"], "v_scale": p["vscale"]} if "kscale" in p else {}
 
 
 # (seq_lens, query_lens): the query tokens are the last query_len positions of each sequence
@@ -831,7 +835,7 @@ def _run_moe(b: Backend, p: dict, g: torch.Generator, dev) -> Outcome:
 
 
 def _block_caches(b: Backend, p: dict, g: torch.Generator, nblocks: int):
-    dt = DTYPES[p["dtype"]]
+    dt = _kv_case(p, DTYPES[p["dtype"]])[0]
     return _randn(g, *_kv_shape(b, nblocks, 16, 2, 64)).to(dt)
 
 
