@@ -75,7 +75,7 @@ def load_model(path, hal: Backend, dtype="auto", quantization: str | None = None
     weights = Weights(root, _weight_files(root), config.dtype, hal.device or "cpu", scheme)
     with torch.inference_mode():
         model = model_cls(config.hf_config, hal, weights)
-    _kv_scales(model, weights, config, kv_cache_dtype)
+    _kv_scales(model, weights, config, kv_cache_dtype, hal)
     unused = weights.unused()
     if unused:
         logger.warning("%s: %d checkpoint tensors unused, e.g. %s", config.path, len(unused), unused[:3])
@@ -84,7 +84,7 @@ def load_model(path, hal: Backend, dtype="auto", quantization: str | None = None
     return model, config
 
 
-def _kv_scales(model, weights: "Weights", config: ModelConfig, kv_cache_dtype: str) -> None:
+def _kv_scales(model, weights: "Weights", config: ModelConfig, kv_cache_dtype: str, hal: Backend) -> None:
     """Set ``config.kv_dtype`` and, for an fp8 cache, each attention layer's k/v scales:
     the checkpoint's (vLLM / llm-compressor names: ``self_attn.k_scale`` / ``v_scale`` or
     ``self_attn.k_proj.output_scale`` / ``v_proj.output_scale``), else 1.0 as vLLM does.
@@ -113,8 +113,12 @@ def _kv_scales(model, weights: "Weights", config: ModelConfig, kv_cache_dtype: s
         attn.kv_scales = scales
         per_layer.append((scales["k_scale"], scales["v_scale"]))
     config.kv_scales = tuple(per_layer)
-    logger.info("fp8 KV cache: %s", f"per-layer scales from the checkpoint ({found} tensors)" if found
-                else "no scales in the checkpoint: k_scale = v_scale = 1.0 (vLLM's default)")
+    # the start-up line says where the cache's ops run (backends that cannot read fp8 send
+    # them to native, which their one-line describe() cannot show)
+    how = {op: hal.supports(op, dtype=config.dtype, kv_dtype=config.kv_dtype) for op in ("write_kv", "attention")}
+    logger.info("fp8 KV cache: %s; on %s: %s", f"per-layer scales from the checkpoint ({found} tensors)" if found
+                else "no scales in the checkpoint: k_scale = v_scale = 1.0 (vLLM's default)", hal.name,
+                "; ".join(f"{op} {'runs here' if a is True else a}" for op, a in how.items()))
 
 
 def load_config(path, dtype="auto") -> ModelConfig:
