@@ -3,9 +3,12 @@
 # (bf16, 128-token prompts, 64 new tokens; a callable proposer drafting the target's own
 # greedy continuation, each token right with probability alpha; alpha 0.3/0.6/0.8/0.95,
 # k 2/4/8), batch 1 as served (graphs, cuBLAS), and batch 16 with the plain and the
-# speculative engine both in batch-invariant mode, so that the oracle's continuation is what
-# the verify steps compute (last time, in the default mode, bf16 drift left batch 16 at
-# acceptance ~0.05 whatever alpha). Then the EAGLE-head tests on the cuda backend.
+# speculative engine both in batch-invariant mode. Last time bf16 drift left batch 16 at
+# acceptance ~0.05 whatever alpha: the oracle drafted plain decode's continuation, which the
+# verify steps (other GEMM shapes) did not compute. Now the oracle's continuation comes from
+# an untimed run of the speculative engine itself at each k, and batch 16's GEMMs are
+# row-invariant; rows whose verify-path greedy differs from plain decode's are printed
+# (drifted_rows). Then the EAGLE-head tests on the cuda backend.
 # Run from the repo root: bash bench/device/spec.sh   (logs and spec_8b.json in $OUT)
 set -uo pipefail
 OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"

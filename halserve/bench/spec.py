@@ -1,9 +1,13 @@
 """``halserve bench spec``: speculative decoding's speed-up over plain decode, end to end
 through ``LLM.generate``, in one process.
 
-Curve: a callable proposer drafts the target's own greedy continuation (found by a plain run
-first), each draft token right with probability alpha and the draft cut at the first wrong
-one, for every alpha in ``--alphas`` and k in ``--ks``, at every batch size in ``--batches``.
+Curve: a callable proposer drafts the target's own greedy continuation, each draft token
+right with probability alpha and the draft cut at the first wrong one, for every alpha in
+``--alphas`` and k in ``--ks``, at every batch size in ``--batches``. The continuation is
+the one the speculative engine's verify steps compute (an untimed run at each k offering
+the plain run's output, all of it): in bf16 plain decode's can differ from it (other GEMM
+and attention shapes), and an oracle drafting a drifted continuation is no longer right
+with probability alpha. Rows whose two continuations differ are counted (drifted_rows).
 Every figure is a ratio to the plain run in the same process (the peer) and to the ideal
 (tokens a verify step emits: the speed-up if verifying k+1 tokens cost one decode step).
 ``--batch-invariant 16`` runs the batch-16 curve with both engines in batch-invariant mode:
@@ -155,21 +159,29 @@ def _curve_group(args, model: Path, batches: list[int], bmax: int, alphas, ks, i
     llm = LLM(str(model), speculative_config={"method": "callable", "proposer": oracle,
                                               "num_speculative_tokens": max(ks)}, **common)
     for b in batches:
-        oracle.refs = {tuple(p): r for p, r in zip(prompts[:b], refs[b])}
         for k in ks:
+            # the oracle's continuation: what this engine's verify steps compute (an untimed
+            # run drafting the plain output, every token offered); in bf16 it can differ from
+            # plain decode's, whose GEMM and attention shapes differ (counted: drifted_rows)
+            oracle.refs = {tuple(p): r for p, r in zip(prompts[:b], refs[b])}
+            oracle.alpha, oracle.k = 1.0, k
+            _, own, _ = _timed(llm, prompts[:b], params)
+            oracle.refs = {tuple(p): r for p, r in zip(prompts[:b], own)}
+            drifted = sum(o != r for o, r in zip(own, refs[b]))
             for a in alphas:
-                oracle.alpha, oracle.k = a, k
+                oracle.alpha = a
                 t, outs, (steps, drafted, accepted) = _timed(llm, prompts[:b], params)
-                mismatched = sum(o != r for o, r in zip(outs, refs[b]))
+                mismatched = sum(o != r for o, r in zip(outs, own))
                 emitted = (accepted + steps) / max(steps, 1)
                 row = dict(model=model.name, backend=name, batch=b, k=k, alpha=a, batch_invariant=invariant,
                            plain_s=base[b], spec_s=t, speedup=base[b] / t, acceptance=accepted / max(drafted, 1),
                            tokens_per_verify=emitted, pct_of_ideal=100 * base[b] / t / emitted,
-                           mismatched_rows=mismatched)
+                           mismatched_rows=mismatched, drifted_rows=drifted)
                 rows.append(row)
                 print(f"[spec] batch {b:2d}{mode} k={k} alpha={a:.2f}: {row['speedup']:.2f}x plain "
                       f"(acceptance {row['acceptance']:.2f}, {emitted:.2f} tokens/verify -> "
-                      f"{row['pct_of_ideal']:.0f}% of ideal)" + (f"; {mismatched} rows differ" if mismatched else ""),
+                      f"{row['pct_of_ideal']:.0f}% of ideal)" + (f"; {mismatched} rows differ" if mismatched else "")
+                      + (f"; {drifted}/{b} rows' verify-path greedy differs from plain decode's" if drifted else ""),
                       flush=True)
     del llm
     gc.collect()
