@@ -294,21 +294,29 @@ class ModelRunner:
         bs = self.block_size
         sch = so.scheduled
         n = len(sch)
-        start = np.fromiter((s.seq.num_computed_tokens for s in sch), dtype=np.int64, count=n)
-        q = np.fromiter((s.num_new_tokens for s in sch), dtype=np.int64, count=n)
-        end = start + q
-        cu = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(q, out=cu[1:])
-        ids = np.empty(int(cu[-1]), dtype=np.int64)
-        for i, s in enumerate(sch):  # one slice a row
-            seq, a, e = s.seq, int(start[i]), int(end[i])
-            # a draft's tokens follow the last real one (engine/spec)
-            ids[cu[i]:cu[i + 1]] = seq.token_ids[a:e] if not s.spec_token_ids else \
-                (seq.token_ids[a:] + s.spec_token_ids)[:e - a]
+        starts = [s.seq.num_computed_tokens for s in sch]
+        start = np.array(starts, dtype=np.int64)
         tbl = self.tables.gather([s.seq for s in sch], n)
-        row = np.repeat(np.arange(n), q)
-        positions = np.arange(cu[-1]) - np.repeat(cu[:-1] - start, q)
-        slots = tbl[row, positions // bs].astype(np.int64) * bs + positions % bs
+        if so.num_decodes == n:  # a token a row (the common step): no per-token expansion
+            q = np.ones(n, dtype=np.int64)
+            cu = np.arange(n + 1, dtype=np.int64)
+            ids = np.array([s.seq.token_ids[a] for s, a in zip(sch, starts)], dtype=np.int64)
+            positions = start
+            slots = tbl[cu[:-1], start // bs].astype(np.int64) * bs + start % bs
+        else:
+            q = np.fromiter((s.num_new_tokens for s in sch), dtype=np.int64, count=n)
+            cu = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(q, out=cu[1:])
+            ids = np.empty(int(cu[-1]), dtype=np.int64)
+            for i, s in enumerate(sch):  # one slice a row
+                seq, a, e = s.seq, starts[i], starts[i] + s.num_new_tokens
+                # a draft's tokens follow the last real one (engine/spec)
+                ids[cu[i]:cu[i + 1]] = seq.token_ids[a:e] if not s.spec_token_ids else \
+                    (seq.token_ids[a:] + s.spec_token_ids)[:e - a]
+            row = np.repeat(np.arange(n), q)
+            positions = np.arange(cu[-1]) - np.repeat(cu[:-1] - start, q)
+            slots = tbl[row, positions // bs].astype(np.int64) * bs + positions % bs
+        end = start + q
         views = self.staging.upload(ids, positions, slots, cu.astype(np.int32), end.astype(np.int32), tbl,
                                     *extra)
         v_ids, v_pos, v_slots, v_cu, v_lens, v_tbl = views[:6]
@@ -549,21 +557,31 @@ class _Staging:
         self._bufs: list = [None, None]
 
     def upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
-        offs, total = [], 0
-        for a in arrays:
-            offs.append(total)
-            # 64-byte aligned: every view below starts where a kernel's vector loads want it
-            # (Triton specialises on 16-byte alignment)
-            total += -(-a.nbytes // 64) * 64
+        # a section per dtype (64-byte aligned: Triton specialises on 16-byte alignment),
+        # filled with one concatenate and cut into the arrays with one split on the device:
+        # a few calls a step whatever the number of arrays
+        groups: dict = {}
+        for i, a in enumerate(arrays):
+            groups.setdefault(a.dtype, []).append(i)
+        layout, total = [], 0
+        for dt, idx in groups.items():
+            n = sum(arrays[i].size for i in idx)
+            layout.append((dt, idx, total, n))
+            total += -(-(n * dt.itemsize) // 64) * 64
         self._bufs.reverse()
         buf = self._bufs[0]
         if buf is None or buf.numel() < total:
             buf = self._bufs[0] = self.hal.empty_host((max(2 * total, 1 << 16),), torch.uint8)
         host = buf.numpy()
-        for a, o in zip(arrays, offs):
-            host[o:o + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        for dt, idx, off, n in layout:
+            np.concatenate([arrays[i].reshape(-1) for i in idx], out=host[off:off + n * dt.itemsize].view(dt))
         dev = buf[:total].to(self.device, non_blocking=True)
-        return [dev[o:o + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape) for a, o in zip(arrays, offs)]
+        out: list = [None] * len(arrays)
+        for dt, idx, off, n in layout:
+            parts = dev[off:off + n * dt.itemsize].view(_TORCH_DTYPES[dt]).split_with_sizes([arrays[i].size for i in idx])
+            for i, part in zip(idx, parts):
+                out[i] = part if arrays[i].ndim == 1 else part.view(arrays[i].shape)
+        return out
 
 
 class _BlockTables:
