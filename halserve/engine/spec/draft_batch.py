@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from halserve.hal.interface import AttentionMetadata
@@ -50,29 +51,32 @@ class DraftRow:
 def draft_batch(rows: list[DraftRow], block_size: int, device, max_position: int,
                 sliding_window: int | None = None) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
     """(positions, attention metadata, index of each row's last token) for ``rows``, in
-    their order (single-token rows must come first: the metadata's decode prefix)."""
+    their order (single-token rows must come first: the metadata's decode prefix). Positions
+    and slots are built with numpy, not a loop a token (a head consumes whole prefill chunks)."""
     bs = block_size
     pos, slots, qlens, klens, tables = [], [], [], [], []
     for r in rows:
         end = r.start + r.n
-        # a row along for the shape reads a clamped, valid position and writes nothing
-        pos += range(r.start, end) if r.write else [min(p, max_position - 1) for p in range(r.start, end)]
-        slots += ([r.block_ids[p // bs] * bs + p % bs for p in range(r.start, end)] if r.write else [-1] * r.n)
         table = r.block_ids[r.origin // bs:]
+        p = np.arange(r.start, end)
+        if r.write:
+            pos.append(p)
+            slots.append(np.asarray(r.block_ids, dtype=np.int64)[p // bs] * bs + p % bs)
+        else:  # a row along for the shape reads a clamped, valid position and writes nothing
+            pos.append(np.minimum(p, max_position - 1))
+            slots.append(np.full(r.n, -1, dtype=np.int64))
         qlens.append(r.n)
         # ... and reads no further than its own blocks
         klens.append(end - r.origin if r.write else max(r.n, min(end - r.origin, len(table) * bs)))
         tables.append(table)
     width = max(len(t) for t in tables)
-    cu = [0]
-    for q in qlens:
-        cu.append(cu[-1] + q)
+    cu = np.concatenate(([0], np.cumsum(qlens))).tolist()
     meta = AttentionMetadata(
         cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(klens, dtype=torch.int32, device=device),
         block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        slot_mapping=torch.from_numpy(np.concatenate(slots)).to(device),
         max_seqlen_q=max(qlens), max_seqlen_k=max(klens), query_lens_host=qlens, seq_lens_host=klens,
         block_size=bs, num_decode_seqs=sum(1 for q in qlens if q == 1), sliding_window=sliding_window)
     last = torch.tensor(cu[1:], dtype=torch.int64, device=device) - 1
-    return torch.tensor(pos, dtype=torch.int64, device=device), meta, last
+    return torch.from_numpy(np.concatenate(pos).astype(np.int64)).to(device), meta, last
