@@ -2,9 +2,9 @@
 # Issue 19, async scheduling on the H200: the same benches with async_scheduling on and off
 # (variant "bf16" = on, "bf16-sync" = off, in one process each so that they share the
 # checkpoint and the peer), HF transformers beside:
-#  - a correctness check first: greedy and seeded tokens of async == sync (no early stops, so
-#    both runs batch the same rows)
 #  - batch-1 decode ms/token of the 1B shape through LLM.generate, % of the read roofline
+#  - a correctness check: greedy and seeded tokens of async == sync (no early stops, so both
+#    runs batch the same rows)
 #  - 1000 x (1024 in, 128 out) on the 1B shape, % of the workload floor, host us per step
 #  - batch-1 decode of the 8B shape
 # Usage: bash bench/device/async.sh   (at most 4 minutes; logs and json in $OUT)
@@ -79,7 +79,7 @@ sps = [SamplingParams(temperature=0, max_tokens=48, ignore_eos=True),
        SamplingParams(n=2, temperature=1.0, top_k=50, seed=7, max_tokens=48, ignore_eos=True)]
 res = {}
 for mode in (False, True):
-    llm = LLM(str(path), dtype="bfloat16", max_model_len=512, max_num_seqs=64, async_scheduling=mode,
+    llm = LLM(str(path), dtype="bfloat16", max_model_len=512, max_num_seqs=32, async_scheduling=mode,
               gpu_memory_utilization=0.5)
     assert llm.engine.async_scheduling is mode
     res[mode] = [[c.token_ids for c in o.outputs] for sp in sps for o in llm.generate(prompts, sp)]
@@ -96,11 +96,11 @@ print(f"[check] {same}/{len(rows)} requests token-exact async vs sync; {bad} wit
 sys.exit(0 if same == len(rows) and not bad else 1)
 PY
 
-step check 40 python3 "$CHECK"
 step e2e_1b 55 python3 "$WRAP" bench/e2e_decode.py --preset llama-1b --variants bf16,bf16-sync --batch 8 \
   --hf-peer --json "$OUT/e2e_1b.json"
-step thr_1b 65 python3 "$WRAP" hs bench throughput --preset llama-1b --variants bf16,bf16-sync \
+step check 30 python3 "$CHECK"
+step thr_1b 70 python3 "$WRAP" hs bench throughput --preset llama-1b --variants bf16,bf16-sync \
   --num-prompts 1000 --hf-peer --hf-batch 32 --json "$OUT/thr_1b.json"
-step e2e_8b 80 python3 "$WRAP" bench/e2e_decode.py --preset llama-8b --variants bf16,bf16-sync --batch 1 \
+step e2e_8b 85 python3 "$WRAP" bench/e2e_decode.py --preset llama-8b --variants bf16,bf16-sync --batch 1 \
   --hf-peer --json "$OUT/e2e_8b.json"
 echo "=== done in $((SECONDS - t0))s"
