@@ -84,10 +84,17 @@ class EagleHead:
         if "fc.weight" not in hw:
             raise ModelLoadError(f"EAGLE head {root} lacks fc.weight (an EAGLE-1/2 head maps "
                                  "cat(embedding, hidden) [2H] to H)")
-        eps = cfg["rms_norm_eps"]
+        eps, h = cfg["rms_norm_eps"], cfg["hidden_size"]
+        if not isinstance(cfg.get("num_hidden_layers"), int) or cfg["num_hidden_layers"] < 1:
+            raise ModelLoadError(f"EAGLE head {root}: num_hidden_layers={cfg.get('num_hidden_layers')!r}; "
+                                 "a head has at least one decoder layer")
         self.hal = hal
         with torch.inference_mode():
-            self.fc = Linear(hal, hw.get("fc.weight"), hw.maybe("fc.bias"))
+            fc = hw.get("fc.weight")
+            if tuple(fc.shape) != (h, 2 * h):
+                raise ModelLoadError(f"EAGLE head {root}: fc.weight is {list(fc.shape)}; an EAGLE-1/2 head's is "
+                                     f"[{h}, {2 * h}] (hidden size H from cat(embedding, hidden) [2H])")
+            self.fc = Linear(hal, fc, hw.maybe("fc.bias"))
             self.embed_tokens = Embedding(hw.get("embed_tokens.weight")) if "embed_tokens.weight" in hw \
                 else target.embed_tokens
             if cfg.get("add_para_norm"):

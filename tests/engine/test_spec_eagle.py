@@ -267,6 +267,8 @@ def test_async_llm(target, tmp_path):
     (lambda d, w: w.update(extra=torch.zeros(2)), ["'extra'"]),
     (lambda d, w: d.update(hidden_size=32), ["hidden_size 32"]),
     (lambda d, w: d.update(architectures=["Eagle3LlamaForCausalLM"]), ["EAGLE-3"]),
+    (lambda d, w: w.update({"fc.weight": torch.zeros(64, 64)}), ["fc.weight is [64, 64]", "[64, 128]"]),
+    (lambda d, w: d.update(num_hidden_layers=0), ["num_hidden_layers=0"]),
 ])
 def test_bad_head_is_a_clear_error(target, tmp_path, change, words):
     head = make_head(tmp_path / "head", target, "identity")
