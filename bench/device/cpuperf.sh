@@ -3,7 +3,8 @@
 # goes. Per-kernel GB/s of every linear of the 1.1B shape at M = 1 (bare C call and through
 # backend.linear, software prefetch off and on) vs a measured read bandwidth; end-to-end
 # decode tok/s for bf16 / int8 / int4 with a per-op breakdown (us per op, time outside the
-# ops); cpu_amx conformance (quick op cases). Run from the repo root: bash bench/device/cpuperf.sh
+# ops); 32 sequences' decode step, native and cpu_amx beside HF transformers (bf16); cpu_amx
+# conformance (quick op cases). Run from the repo root: bash bench/device/cpuperf.sh
 set -uo pipefail
 OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
@@ -11,9 +12,12 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OF
 T=${THREADS:-16}
 . "$(dirname "$0")/step.sh"
 STEP_TAIL=60
-step cpuperf_kernels 30 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none,int8,int4 --no-steps \
+# the first step also compiles the amx tier's C library (cached in $HALSERVE_CACHE_DIR)
+step cpuperf_kernels 22 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none,int8,int4 --no-steps \
   --prefetch 0,512 --set-mb 1024 --json "$OUT/cpuperf_kernels.json"
-step cpuperf_steps 45 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none,int8,int4 --no-kernels \
+step cpuperf_steps 35 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none,int4,int8 --no-kernels \
   --steps 10 --json "$OUT/cpuperf_steps.json"
 STEP_TAIL=8
-step cpuperf_conformance 25 python3 -m halserve conformance --backend cpu_amx --quick
+step cpuperf_batched 18 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --no-kernels --no-steps --batched 32 \
+  --batched-backends native,cpu_amx --steps 5 --json "$OUT/cpuperf_batched.json"
+step cpuperf_conformance 15 python3 -m halserve conformance --backend cpu_amx --quick

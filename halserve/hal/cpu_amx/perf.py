@@ -43,7 +43,7 @@ def _best(fn, reps: int) -> float:
 
 
 def kernel_rates(backend, shapes: dict, schemes: list[str], set_bytes: int, prefetch: list[int],
-                 reps: int = 3) -> list[dict]:
+                 reps: int = 3, report=None) -> list[dict]:
     """GB/s of each linear at M = 1: the C call alone and through backend.linear, per
     software prefetch distance. Copies of one packed weight (distinct memory, same values)
     make the set outgrow the caches."""
@@ -79,6 +79,8 @@ def kernel_rates(backend, shapes: dict, schemes: list[str], set_bytes: int, pref
                 rows.append({"scheme": scheme, "op": name, "n": n, "k": k, "prefetch": pf, "bytes": nbytes,
                              "copies": copies, "us_c": tb * 1e6, "us_linear": tf * 1e6,
                              "gbs_c": nbytes / tb / 1e9, "gbs_linear": nbytes / tf / 1e9})
+                if report:
+                    report(rows[-1])
             backend.lib.hs_set_prefetch(0)
             del ws, calls
     return rows
@@ -152,6 +154,58 @@ def step_profile(model: Path, backend: str, quant: str, steps: int, prompt: int 
     return out
 
 
+def batched_steps(model: Path, backends: list[str], rows: int, dtype: str, steps: int, prompt: int = 128) -> list[dict]:
+    """Decode step time of ``rows`` sequences at once: each halserve backend through the
+    engine, and HF transformers' forward with its KV cache as the peer (same weights,
+    same prompts, greedy). Median of ``steps`` steps after two warm-up steps."""
+    import statistics
+
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 32000, (rows, prompt), generator=g)
+    out = []
+    for be in backends:
+        from halserve import LLM, SamplingParams
+
+        llm = LLM(str(model), backend=be, dtype=dtype, max_num_seqs=rows, max_model_len=prompt + steps + 16,
+                  enable_prefix_caching=False)
+        eng = llm.engine
+        sp = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+        for i in range(rows):
+            eng.add_request(str(i), prompts[i].tolist(), sp)
+        started: set = set()
+        while len(started) < rows:  # prefill, chunked over steps: until every row has a token
+            started |= {o.request_id for o in eng.step() if o.outputs and o.outputs[0].token_ids}
+        for _ in range(2):
+            eng.step()
+        ts = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            eng.step()
+            ts.append(time.perf_counter() - t)
+        out.append({"engine": f"halserve {be}", "rows": rows, "dtype": dtype, "step_ms": statistics.median(ts) * 1e3,
+                    "tok_s": rows / statistics.median(ts)})
+        del llm, eng
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
+    with torch.no_grad():
+        o = hf(prompts, use_cache=True)
+        cache, nxt = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
+        ts = []
+        for i in range(steps + 2):
+            t = time.perf_counter()
+            o = hf(nxt, past_key_values=cache, use_cache=True)
+            nxt = o.logits[:, -1].argmax(-1, keepdim=True)
+            if i >= 2:
+                ts.append(time.perf_counter() - t)
+    out.append({"engine": "HF transformers", "rows": rows, "dtype": dtype, "step_ms": statistics.median(ts) * 1e3,
+                "tok_s": rows / statistics.median(ts)})
+    del hf
+    return out
+
+
 def _omp_libs() -> list[str]:
     try:
         with open("/proc/self/maps") as f:
@@ -169,6 +223,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--set-mb", type=int, default=1024, help="weight bytes per kernel timing (outgrow the L3)")
     p.add_argument("--prefetch", default="0", help="comma list of software prefetch distances (bytes) to time")
+    p.add_argument("--batched", type=int, default=0, help="also time decode steps of this many sequences: "
+                   "--batched-backends through the engine beside HF transformers (0: skip)")
+    p.add_argument("--batched-backends", default="native,cpu_amx")
+    p.add_argument("--batched-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--no-kernels", action="store_true")
     p.add_argument("--no-steps", action="store_true")
     p.add_argument("--json", default=None)
@@ -188,16 +246,17 @@ def main(argv=None) -> int:
           f"OpenMP runtimes loaded: {_omp_libs()}", flush=True)
     res: dict = {"threads": torch.get_num_threads(), "read_gbs": bw, "tier": be.tier, "omp": _omp_libs()}
     if not a.no_kernels:
-        rows = kernel_rates(be, linear_shapes(shape), schemes, a.set_mb << 20,
-                            [int(v) for v in a.prefetch.split(",") if v.strip()])
         print("| scheme | linear | N x K | prefetch | us (C) | GB/s (C) | % read bw | us (backend.linear) | GB/s | % |")
         print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for r in rows:
+
+        def show(r):
             print(f"| {r['scheme']} | {r['op']} | {r['n']}x{r['k']} | {r['prefetch']} | {r['us_c']:.1f} | "
                   f"{r['gbs_c']:.1f} | "
                   f"{r['gbs_c'] / bw * 100:.0f}% | {r['us_linear']:.1f} | {r['gbs_linear']:.1f} | "
                   f"{r['gbs_linear'] / bw * 100:.0f}% |", flush=True)
-        res["kernels"] = rows
+
+        res["kernels"] = kernel_rates(be, linear_shapes(shape), schemes, a.set_mb << 20,
+                                      [int(v) for v in a.prefetch.split(",") if v.strip()], report=show)
     if not a.no_steps:
         model = Path(a.model) if a.model else _checkpoint(shape)
         res["steps"] = []
@@ -220,6 +279,16 @@ def main(argv=None) -> int:
                 print(f"   {k:24s} {v['calls_per_step']:5.0f}/step {v['us_per_call']:9.1f} us/call "
                       f"{v['ms_per_step']:8.2f} ms/step{gbs}", flush=True)
             res["steps"].append(r)
+    if a.batched:
+        model = Path(a.model) if a.model else _checkpoint(shape)
+        rows = batched_steps(model, [b.strip() for b in a.batched_backends.split(",") if b.strip()], a.batched,
+                             a.batched_dtype, a.steps)
+        hf = rows[-1]["step_ms"]
+        print(f"\n| engine | {a.batched} sequences {a.batched_dtype} decode step ms | tok/s | x HF |")
+        print("| --- | ---: | ---: | ---: |")
+        for r in rows:
+            print(f"| {r['engine']} | {r['step_ms']:.1f} | {r['tok_s']:.1f} | {hf / r['step_ms']:.2f} |", flush=True)
+        res["batched"] = rows
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     return 0
