@@ -61,3 +61,20 @@ def test_skinny_fused_reduction_bitwise_and_graph_replay(kind):
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(y, skinny_matmul(x2, q, s, "per_token", cfg=dict(base, FUSED=False)))
+
+
+@pytest.mark.parametrize("cfg", [c for c in CFGS if not c["QUANT_IN"]], ids=_name)
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_skinny_bf16_forms_match_reference(cfg, m):
+    """The 16-bit form the cuda backend may route few-row linears to (configs.skinny_bf16_config)."""
+    from halserve.hal.triton.skinny import skinny_matmul
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(m, 2048 + 32, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.randn(3000, 2048 + 32, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+    bias = torch.randn(3000, device="cuda", dtype=torch.bfloat16, generator=g)
+    cfg = dict(cfg, BLOCK_K=128)
+    ref = x.double() @ w.double().T + bias.double()
+    got = skinny_matmul(x, w, bias=bias, cfg=cfg).double()
+    err = ((got - ref) ** 2).sum() / (ref ** 2).sum()
+    assert err < 1e-4, f"nmse {err:.3g}"
