@@ -3,9 +3,6 @@ Llama (MHA) and a GQA model, the block bytes, scales read from a checkpoint, KV 
 fp8 blocks, and bad values refused on the CLI and the server."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +11,6 @@ import torch
 from halserve import LLM, SamplingParams
 from halserve.hal.kv_fp8 import dequantize_kv
 
-ROOT = Path(__file__).resolve().parents[2]
 FP8 = torch.float8_e4m3fn
 PROMPTS = [[5, 17, 42, 99, 3], list(range(10, 47)), [7] * 3 + list(range(200, 214)), list(range(300, 340))]
 N = 16
@@ -166,13 +162,15 @@ def test_fp8_blocks_offload_to_disk_and_come_back(models, tmp_path):
 
 
 @pytest.mark.parametrize("value", ["fp8_e5m2", "garbage"])
-def test_cli_refuses_bad_values_in_one_line(value):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "halserve.cli", "generate", "--kv-cache-dtype", value,
-                        "--max-tokens", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    out = (r.stdout + r.stderr).strip()
-    assert r.returncode != 0 and "Traceback" not in out, out
-    assert len(out.splitlines()) == 1 and f"kv_cache_dtype={value!r}" in out and "fp8_e4m3" in out, out
+def test_cli_refuses_bad_values_in_one_line(value, capsys):
+    """``halserve generate`` (and serve: tests/server/test_serve_flags.py) before any loading."""
+    from halserve.cli import main
+
+    rc = main(["generate", "--kv-cache-dtype", value, "--max-tokens", "2"])
+    out = capsys.readouterr()
+    text = (out.out + out.err).strip()
+    assert rc == 2 and "Traceback" not in text, text
+    assert len(text.splitlines()) == 1 and f"kv_cache_dtype={value!r}" in text and "fp8_e4m3" in text, text
 
 
 @pytest.mark.parametrize("value", ["fp8_e5m2", "garbage", "fp8"])
