@@ -268,10 +268,70 @@ static void hs_linear_bf16dot(const bf16_t *x, int M, int K, const bf16_t *w, in
 }
 #endif
 
+#ifdef __AVX512BF16__
+/* int4 with bf16 x (AMX hosts): each nibble becomes the bf16 of q - 8 through a 32-entry
+ * word table (VPERMW: the integers -8..7 are exact in bf16), then VDPBF16PS takes two exact
+ * products per lane; one fp32 scale per group, applied to the group's partial sum as the
+ * widening kernel does. Two 32-value chunks (32 bytes) per step: their low nibbles meet x
+ * values [0:16) and [32:48) of the 64, the high nibbles [16:32) and [48:64), so x is
+ * permuted once per call (xp) to match. Four rows share every x load. Needs group % 64 == 0. */
+static void hs_linear_i4_bf16(const bf16_t *x, const bf16_t *xp, int M, int K, const uint8_t *w,
+                              const float *scales, int group, int N, const float *bias, float *y) {
+    int nblk = (N + ROWS - 1) / ROWS, ng = K / group, ppg = group / 64;
+    const __m512i lo4 = _mm512_set1_epi16(15);
+    __m512i table;
+    {
+        bf16_t t[32];
+        for (int i = 0; i < 32; i++) t[i] = f32_to_bf16((float)((i & 15) - 8));
+        table = _mm512_loadu_si512((const void *)t);
+    }
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < nblk; b++) {
+        int n0 = b * ROWS, nr = N - n0 < ROWS ? N - n0 : ROWS;
+        const uint8_t *wr[ROWS];
+        const float *sr[ROWS];
+        for (int r = 0; r < ROWS; r++) {
+            int n = n0 + (r < nr ? r : 0);
+            wr[r] = w + (int64_t)n * (K / 2);
+            sr[r] = scales + (int64_t)n * ng;
+        }
+        for (int m = 0; m < M; m++) {
+            const bf16_t *xm = xp + (int64_t)m * K;
+            __m512 v[ROWS];
+            for (int r = 0; r < ROWS; r++) v[r] = _mm512_setzero_ps();
+            for (int g = 0; g < ng; g++) {
+                __m512 a[ROWS];
+                for (int r = 0; r < ROWS; r++) a[r] = _mm512_setzero_ps();
+                for (int pp = 0; pp < ppg; pp++) {
+                    int64_t p = (int64_t)g * ppg + pp;
+                    __m512bh xlo = (__m512bh)_mm512_loadu_si512((const void *)(xm + p * 64));
+                    __m512bh xhi = (__m512bh)_mm512_loadu_si512((const void *)(xm + p * 64 + 32));
+                    for (int r = 0; r < ROWS; r++) {
+                        PF(wr[r] + p * 32);
+                        __m512i bw = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wr[r] + p * 32)));
+                        __m512i wl = _mm512_permutexvar_epi16(_mm512_and_si512(bw, lo4), table);
+                        __m512i wh = _mm512_permutexvar_epi16(_mm512_srli_epi16(bw, 4), table);
+                        a[r] = _mm512_dpbf16_ps(a[r], xlo, (__m512bh)wl);
+                        a[r] = _mm512_dpbf16_ps(a[r], xhi, (__m512bh)wh);
+                    }
+                }
+                for (int r = 0; r < ROWS; r++) v[r] = _mm512_fmadd_ps(a[r], _mm512_set1_ps(sr[r][g]), v[r]);
+            }
+            for (int r = 0; r < nr; r++) finish(y, m, N, n0 + r, _mm512_reduce_add_ps(v[r]), bias);
+        }
+    }
+    (void)x;
+}
+#endif
+
 /* per calling thread (the pool's workers only read them): x as float32, x quantized */
 static __thread float *xf_buf;
 static __thread int8_t *xq_buf;
 static __thread int64_t xf_cap, xq_cap;
+#ifdef __AVX512BF16__
+static __thread bf16_t *xp_buf;
+static __thread int64_t xp_cap;
+#endif
 
 static const float *x_as_f32(const void *x, int x_bf16, int64_t n) {
     if (!x_bf16) return (const float *)x;
@@ -293,6 +353,28 @@ int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, 
 #ifdef __AVX512BF16__
     if (kind == 1 && x_bf16) {
         hs_linear_bf16dot((const bf16_t *)x, M, K, (const bf16_t *)w, N, bias, (float *)y);
+        return 0;
+    }
+#endif
+#ifdef __AVX512BF16__
+    if (kind == 3 && x_bf16 && group % 64 == 0 && K % 64 == 0) {
+        if ((int64_t)M * K > xp_cap) {
+            free(xp_buf);
+            xp_buf = (bf16_t *)malloc((size_t)M * K * 2);
+            xp_cap = (int64_t)M * K;
+        }
+        const bf16_t *xb = (const bf16_t *)x;
+        for (int64_t m = 0; m < M; m++)
+            for (int p = 0; p < K / 64; p++)
+                for (int i = 0; i < 16; i++) {
+                    const bf16_t *s = xb + m * K + p * 64;
+                    bf16_t *d = xp_buf + m * K + p * 64;
+                    d[i] = s[i];
+                    d[16 + i] = s[32 + i];
+                    d[32 + i] = s[16 + i];
+                    d[48 + i] = s[48 + i];
+                }
+        hs_linear_i4_bf16(xb, xp_buf, M, K, (const uint8_t *)w, scale, group, N, bias, (float *)y);
         return 0;
     }
 #endif
