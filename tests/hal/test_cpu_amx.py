@@ -100,16 +100,35 @@ def test_int4_pack_error_is_half_a_step():
 
 
 @pytest.mark.parametrize("tier", RUNNABLE)
-def test_linear_batch_invariant_bitwise(tier):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_batch_invariant_bitwise(tier, dtype):
     b = backend(tier, batch_invariant=True)
     g = torch.Generator().manual_seed(2)
-    w = torch.randn(131, 256, generator=g)
-    x = torch.randn(40, 256, generator=g)
-    for scheme in ("none", "int8", "int8_w8a8", "int4_g64"):
+    w = torch.randn(131, 256, generator=g).to(dtype)
+    x = torch.randn(40, 256, generator=g).to(dtype)
+    for scheme in ("none", "int8", "int8_w8a8", "int4", "int4_g64"):
         pw = b.pack_weight(w, scheme)
         full = b.linear(x, pw)
         for m in (1, 3, 17):
             assert torch.equal(b.linear(x[:m], pw), full[:m]), (scheme, m)
+
+
+def test_linear_plan_follows_the_weight_and_the_bare_call_matches():
+    """The per-weight plan (kernel, pointers) is made once, remade when ``w.weight`` is
+    replaced, and the perf tool's bare C call computes what ``linear`` computes."""
+    b = CpuAmxBackend()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 256, generator=g).bfloat16()
+    for scheme in ("none", "int8", "int8_w8a8", "int4"):
+        pw = b.pack_weight(torch.randn(40, 256, generator=g).bfloat16(), scheme)
+        y = b.linear(x, pw)
+        call = b.linear_call(x, pw)
+        call()
+        assert torch.equal(call.y, y), scheme
+    pw = b.pack_weight(torch.randn(40, 256, generator=g).bfloat16())
+    first = b.linear(x, pw)
+    pw.weight = -pw.weight  # a new tensor: the old plan's pointer must not be used
+    assert torch.equal(b.linear(x, pw), -first)
 
 
 def _meta(ctx_lens, q_lens, bs=16, window=None):
