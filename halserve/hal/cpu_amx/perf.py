@@ -94,11 +94,11 @@ def step_profile(model: Path, backend: str, quant: str, steps: int, prompt: int 
     from halserve.bench.latency import weight_bytes_per_token
 
     llm = LLM(str(model), backend=backend, dtype="bfloat16", quantization=None if quant == "none" else quant,
-              max_num_seqs=1, max_model_len=prompt + 3 * steps + 32, enable_prefix_caching=False)
+              max_num_seqs=1, max_model_len=prompt + 6 * steps + 32, enable_prefix_caching=False)
     eng, hal = llm.engine, llm.engine.hal
     g = torch.Generator().manual_seed(0)
     eng.add_request("0", torch.randint(3, eng.model_config.vocab_size, (prompt,), generator=g).tolist(),
-                    SamplingParams(temperature=0, max_tokens=3 * steps + 8, ignore_eos=True))
+                    SamplingParams(temperature=0, max_tokens=6 * steps + 8, ignore_eos=True))
     for _ in range(3):
         eng.step()
     ts = []
@@ -107,6 +107,21 @@ def step_profile(model: Path, backend: str, quant: str, steps: int, prompt: int 
         eng.step()
         ts.append(time.perf_counter() - t)
     ts.sort()
+    # fewer threads than cores: does anything else (an engine thread, the OS) take a core
+    # the pool's barrier then waits for?
+    sweep = {}
+    full = torch.get_num_threads()
+    for n in sorted({max(1, full - 1), max(1, full - 2), max(1, full // 2)} - {full}, reverse=True):
+        torch.set_num_threads(n)
+        hal.lib.hs_set_threads(n)
+        st = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            eng.step()
+            st.append(time.perf_counter() - t)
+        sweep[n] = sorted(st)[len(st) // 2] * 1e3
+    torch.set_num_threads(full)
+    hal.lib.hs_set_threads(full)
     acc: dict = collections.defaultdict(lambda: [0, 0.0, 0])
 
     def wrap(op):
@@ -146,6 +161,7 @@ def step_profile(model: Path, backend: str, quant: str, steps: int, prompt: int 
     wbytes = weight_bytes_per_token(eng.model)
     out = {"backend": backend, "quant": quant, "describe": hal.describe(), "weight_bytes": wbytes,
            "step_ms_min": ts[0] * 1e3, "step_ms_median": ts[len(ts) // 2] * 1e3, "tok_s": 1 / ts[len(ts) // 2],
+           "step_ms_median_by_threads": {full: ts[len(ts) // 2] * 1e3, **sweep},
            "wrapped_step_ms": sum(wt) / steps * 1e3, "ops_ms_per_step": in_ops * 1e3,
            "outside_ops_ms_per_step": (sum(wt) / steps - in_ops) * 1e3,
            "non_linear_us_per_layer": sum(v["ms_per_step"] for k, v in ops.items() if not k.startswith("linear"))
@@ -272,8 +288,9 @@ def main(argv=None) -> int:
                   f"{r['step_ms_min']:.1f}); weights {r['weight_bytes'] / 1e9:.2f} GB -> roofline "
                   f"{1 / roof:.1f} tok/s; at {r['pct_read_bw']:.0f}% of read bandwidth\n"
                   f"   wrapped step {r['wrapped_step_ms']:.1f} ms = ops {r['ops_ms_per_step']:.1f} + outside ops "
-                  f"{r['outside_ops_ms_per_step']:.1f}; non-linear ops {r['non_linear_us_per_layer']:.0f} us/layer",
-                  flush=True)
+                  f"{r['outside_ops_ms_per_step']:.1f}; non-linear ops {r['non_linear_us_per_layer']:.0f} us/layer\n"
+                  f"   step ms median by threads: "
+                  + ", ".join(f"{n}: {v:.1f}" for n, v in r["step_ms_median_by_threads"].items()), flush=True)
             for k, v in sorted(r["ops"].items(), key=lambda kv: -kv[1]["ms_per_step"]):
                 gbs = f"  {v['gbs']:.1f} GB/s ({v['gbs'] / bw * 100:.0f}%)" if "gbs" in v else ""
                 print(f"   {k:24s} {v['calls_per_step']:5.0f}/step {v['us_per_call']:9.1f} us/call "
