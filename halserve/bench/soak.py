@@ -250,6 +250,7 @@ async def soak(url: str, clients: int, seconds: float, *, max_tokens: int = 32, 
             await asyncio.sleep(0.1)
         report.final_metrics = {k: v for k, v in m.items() if "running" in k or "waiting" in k or "usage" in k}
         report.metrics_back_to_zero = all(v == 0 for v in report.final_metrics.values()) and bool(report.final_metrics)
+        await asyncio.sleep(3)  # idle: the engine thread gives freed heap pages back when out of work
         report.rss_mb_after = rss_mb(pid)
     return report
 
