@@ -26,7 +26,7 @@ MD="$OUT/cpubench.md"
   echo "- CPU: $(lscpu | grep -E 'Model name|^CPU\(s\)|L3' | sed 's/  */ /g' | paste -sd ';')"
   echo "- flags: $(grep -o -w 'amx_[a-z0-9]*\|avx512_bf16\|avx512_fp16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
   echo "- load average $(cut -d' ' -f1-3 /proc/loadavg); $(free -g | awk '/Mem:/{print $2 " GB RAM, " $7 " GB available"}')"
-  echo "- commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"; echo; } > "$MD"
+  echo; } > "$MD"
 cat "$MD"
 
 PEER=""

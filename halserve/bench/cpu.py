@@ -1,9 +1,10 @@
 """``halserve bench cpu``: CPU decode beside llama.cpp and HF transformers, same weights,
 same threads, one sitting.
 
-Per engine and bit width: batch-1 decode tokens/s (time for N tokens minus time for 1, so
-prefill drops out), the time to the first token of a ``--ttft-len`` prompt, and the decode
-tokens/s of each ``--batch`` count of sequences at once. Roofline: weight bytes one decode
+Per engine and bit width: batch-1 decode tokens/s (timed over the steps after the first
+token: engine steps for halserve, a streamer's clock for HF, llama-bench tg for llama.cpp),
+the time to the first token of a ``--ttft-len`` prompt, and the decode tokens/s of each
+``--batch`` count of sequences at once (the steps after every sequence's first token). Roofline: weight bytes one decode
 step reads / a measured multi-threaded read (torch sum over 1 GiB: a decode reads, it does not
 copy). Every figure is printed with its ratio to the roofline and to the peers run beside it,
 as markdown tables ready for docs/performance.md."""
@@ -78,20 +79,15 @@ def read_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     return nbytes / best / 1e9
 
 
-def _decode_rate(gen, n: int, rows: int, repeats: int) -> tuple[float, float]:
-    """(decode tokens/s over ``rows`` sequences, seconds for the 1-token run)."""
-    rates, firsts = [], []
+def _decode_rate(gen, n: int, repeats: int) -> float:
+    """Decode tokens/s: ``gen(n)`` returns (tokens, seconds) of its steps after every sequence
+    had its first token, so no prefill is in it (a difference of two runs, t(N) - t(1), was:
+    a quantized prefill that dequantizes every weight varies by more than a short decode takes)."""
+    rates = []
     for _ in range(repeats):
-        t = time.perf_counter()
-        gen(1)
-        one = time.perf_counter() - t
-        t = time.perf_counter()
-        gen(n)
-        dt = time.perf_counter() - t - one
-        # on a busy machine the two prefills can differ by more than the decode takes: say so
-        rates.append(rows * (n - 1) / dt if dt > 0 else float("nan"))
-        firsts.append(one)
-    return statistics.median(rates), statistics.median(firsts)
+        tokens, secs = gen(n)
+        rates.append(tokens / secs if secs > 0 else float("nan"))
+    return statistics.median(rates)
 
 
 def _ttft(gen) -> float:
@@ -137,22 +133,44 @@ def run_halserve(model: Path, backend: str, quant: str, args, row: dict) -> None
     load_s = time.perf_counter() - t
     vocab = eng.model_config.vocab_size
 
+    ids = iter(range(1 << 30))
+
     def gen(ps):
         def run(k):
-            for o in llm.generate(ps, SamplingParams(temperature=0, max_tokens=k, ignore_eos=True)):
-                c = o.outputs[0]
-                if len(c.token_ids) != k:  # a failed request would make a fast, meaningless figure
-                    raise RuntimeError(f"a request ended after {len(c.token_ids)} of {k} tokens "
-                                       f"({c.finish_reason})")
+            """(tokens, seconds) of the engine steps after the last sequence's first token."""
+            sp = SamplingParams(temperature=0, max_tokens=k, ignore_eos=True)
+            got = {}
+            for p in ps:
+                rid = f"bench-{next(ids)}"
+                eng.add_request(rid, p, sp, output_kind="delta")
+                got[rid] = 0
+            tokens, secs, t = 0, 0.0, time.perf_counter()
+            while eng.has_unfinished():
+                started = all(got.values())
+                outs = eng.step()
+                now = time.perf_counter()
+                if eng.failed:  # a failed request would make a fast, meaningless figure
+                    rid, (_, err) = eng.failed.popitem()
+                    raise RuntimeError(f"request {rid} failed: {err}")
+                new = 0
+                for o in outs:
+                    got[o.request_id] += len(o.outputs[0].token_ids)
+                    new += len(o.outputs[0].token_ids)
+                if started:
+                    tokens, secs = tokens + new, secs + now - t
+                t = now
+            if any(v != k for v in got.values()):
+                raise RuntimeError(f"a request ended with {min(got.values())} of {k} tokens")
+            return tokens, secs
         return run
 
     one = _prompts(vocab, 1, args.input_len)
     gen(one)(2)  # warm-up
     row.update(backend=eng.hal.name, weight_bytes=weight_bytes_per_token(eng.model), load_s=load_s,
                describe=eng.hal.describe())
-    row["decode_tok_s"], _ = _decode_rate(gen(one), args.output_len, 1, args.repeats)
+    row["decode_tok_s"] = _decode_rate(gen(one), args.output_len, args.repeats)
     for n in batches:
-        row["batch"][n], _ = _decode_rate(gen(_prompts(vocab, n, blen, seed=2)), args.batch_output_len, n, 1)
+        row["batch"][n] = _decode_rate(gen(_prompts(vocab, n, blen, seed=2)), args.batch_output_len, 1)
     if args.ttft_len:
         row["ttft_s"] = _ttft(gen(_prompts(vocab, 1, args.ttft_len, seed=1)))
     del llm, eng
@@ -166,23 +184,40 @@ def run_hf(model: Path, args, row: dict) -> None:
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, args.dtype)).eval()
     vocab = hf.config.vocab_size
 
+    class Clock:
+        """A generate() streamer that only notes when each step's tokens arrive (the first
+        put() is the prompt)."""
+
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
     def gen(ids):
         x = torch.tensor(ids)
 
         def run(k):
+            clock = Clock()
             with torch.no_grad():
-                hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=k, min_new_tokens=k,
-                            do_sample=False, pad_token_id=0)
+                out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=k, min_new_tokens=k,
+                                  do_sample=False, pad_token_id=0, streamer=clock)
+            if out.shape[1] != x.shape[1] + k or len(clock.times) != k + 1:
+                raise RuntimeError(f"HF generated {out.shape[1] - x.shape[1]} of {k} tokens")
+            return len(ids) * (k - 1), clock.times[-1] - clock.times[1]
         return run
 
     one = _prompts(vocab, 1, args.input_len)
     gen(one)(2)
     emb = hf.get_input_embeddings().weight
     row["weight_bytes"] = sum(t.numel() * t.element_size() for t in hf.parameters()) - emb.numel() * emb.element_size()
-    row["decode_tok_s"], _ = _decode_rate(gen(one), args.output_len, 1, args.repeats)
+    row["decode_tok_s"] = _decode_rate(gen(one), args.output_len, args.repeats)
     blen = args.batch_input_len or args.input_len
     for n in _ints(args.batch):
-        row["batch"][n], _ = _decode_rate(gen(_prompts(vocab, n, blen, seed=2)), args.batch_output_len, n, 1)
+        row["batch"][n] = _decode_rate(gen(_prompts(vocab, n, blen, seed=2)), args.batch_output_len, 1)
     if args.ttft_len:
         row["ttft_s"] = _ttft(gen(_prompts(vocab, 1, args.ttft_len, seed=1)))
     del hf
