@@ -47,9 +47,9 @@ X=${CPUBENCH_EXTRA:-}
 step cpubench_1b 135 $B --shape 1.1b --backends cpu_amx --quant none,int8,int4 --input-len 128 --output-len 32 \
   --ttft-len 1024 --batch 16,64 --batch-input-len 32 --batch-output-len 16 --gguf bf16,q8_0,q4_0 \
   --batch-gguf bf16 --json "$OUT/cpubench_1b.json" $X
-step cpubench_8b 55 $B --shape 8b --layers 4 --vocab 32000 --backends cpu_amx --quant none,int8,int4 --no-hf \
+step cpubench_8b 60 $B --shape 8b --layers 4 --vocab 32000 --backends cpu_amx --quant none,int8,int4 --no-hf \
   --input-len 32 --output-len 16 --batch 0 --gguf bf16,q8_0,q4_0 --json "$OUT/cpubench_8b.json" $X
-step cpubench_moe 45 $B --shape qwen3-moe --layers 4 --experts 64 --vocab 32000 --backends cpu_amx --quant none \
+step cpubench_moe 40 $B --shape qwen3-moe --layers 4 --experts 64 --vocab 32000 --backends cpu_amx --quant none \
   --no-hf --input-len 32 --output-len 16 --batch 0 --gguf bf16 --json "$OUT/cpubench_moe.json" $X
 echo "== tables: $MD"; cat "$MD"
 rm -rf /dev/shm/cpubench-work  # give the RAM back
