@@ -8,8 +8,8 @@ converter is run with two run-time shims (a sentencepiece stub it imports before
 for tokenizer.model, and 'gpt-2' as the pre-tokenizer name of that tiny tokenizer).
 
 Weight repacking: the static AMX build's repacked Q8_0/Q4_0 path dies with SIGILL on
-``tilezero`` (it runs AMX tile instructions without asking Linux for the tile permission), so
-a run that dies is retried once with ``--repack 0`` and the row says so."""
+``tilezero`` (an AMX tile instruction) for some shapes, so a run that dies is retried once
+with ``--repack 0`` and the row says so."""
 from __future__ import annotations
 
 import json
