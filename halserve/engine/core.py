@@ -119,7 +119,7 @@ class EngineCore:
         self.generation_tokens_total = 0
         self.async_scheduling = self._async_scheduling()
         self._inflight = None  # async scheduling: (SchedulerOutput, PendingStep, ends) launched, unread
-        self._logged_sync_reason = False
+        self._logged_sync_reasons: set[str] = set()  # the async fallbacks logged once each
         logger.info("engine ready in %.2fs: %s; model %s (%s, %s), max_model_len %d",
                     time.monotonic() - t0, self.hal.describe(), mc.architecture, mc.path,
                     str(mc.dtype).removeprefix("torch."), self.max_model_len)
@@ -368,14 +368,20 @@ class EngineCore:
     def _needs_host_tokens(self, so) -> bool:
         """A row whose sampling reads the tokens it generated (penalties) cannot be built
         before the step in flight is read: that step is then finished first."""
+        needs = False
         for s in so.scheduled:
-            if s.seq.num_pending and s.seq.params.needs_penalties:
-                if not self._logged_sync_reason:
-                    self._logged_sync_reason = True
+            p = s.seq.params
+            if p.prompt_logprobs is not None and "plp" not in self._logged_sync_reasons:
+                self._logged_sync_reasons.add("plp")
+                logger.info("async scheduling: a step with a prompt_logprobs row waits for the device "
+                            "(the prompt's logprobs are read on the host inside the step)")
+            if s.seq.num_pending and p.needs_penalties:
+                needs = True
+                if "penalties" not in self._logged_sync_reasons:
+                    self._logged_sync_reasons.add("penalties")
                     logger.info("async scheduling: a step with a presence/frequency/repetition penalty row "
                                 "waits for the step before it (the penalties read its tokens)")
-                return True
-        return False
+        return needs
 
     @staticmethod
     def _without_finished(so):

@@ -7,6 +7,8 @@ stop strings, max_tokens=1, n>1 and preemption; no token past a stop is ever emi
 the KV cache is empty at the end."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from halserve import hal
@@ -104,6 +106,11 @@ class Run:
             return src, dst
 
         runner._feed = counting
+
+        def no_failed_steps(so, error):  # a failed batch recovers row by row: none may fail here
+            raise AssertionError(f"a step failed: {error!r}")
+
+        eng._execute_rows_apart = no_failed_steps
         last = max(self.events, default=0)
         for i in range(max_steps):
             for ev in self.events.get(i, []):
@@ -211,17 +218,24 @@ def test_preemption_mid_flight_matches_sync(model):
     compare(sync, asy)
 
 
-def test_penalties_and_prompt_logprobs_fall_back_per_step(model):
+def test_penalties_and_prompt_logprobs_fall_back_per_step(model, caplog):
     """Rows whose sampling reads their own tokens (penalties) wait for the step before;
     prompt_logprobs rows are scored on the host: same tokens and numbers either way."""
-    p = [[5, 17, 42, 9, 5, 17], list(range(10, 25))]
-    events = {0: [("add", "pen", p[0], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True,
-                                                      repetition_penalty=1.3, frequency_penalty=0.5)),
-                  ("add", "plain", p[1], greedy(10))],
+    p = [[5, 17, 42, 9, 5, 17], list(range(10, 25)), [9] * 20, [2, 7, 1, 8] * 6]
+    # strong penalties: a token left out of them (its placeholder counted instead) changes the
+    # draws of these repetitive random-model outputs
+    pen = dict(temperature=0.0, max_tokens=12, ignore_eos=True, repetition_penalty=2.0, frequency_penalty=2.0,
+               presence_penalty=2.0)
+    events = {0: [("add", f"pen{i}", q, SamplingParams(**pen)) for i, q in enumerate(p)]
+              + [("add", "plain", p[1], greedy(10))],
               1: [("add", "plp", p[1], greedy(4, prompt_logprobs=2, logprobs=1))]}
     sync_e, asy_e = engine(model, False), engine(model, True)
-    sync, asy = Run(sync_e, events).go(), Run(asy_e, events).go()
+    with caplog.at_level(logging.INFO, logger="halserve"):
+        sync, asy = Run(sync_e, events).go(), Run(asy_e, events).go()
     compare(sync, asy)
+    # the fallbacks are said by name, once each
+    assert caplog.text.count("a step with a presence/frequency/repetition penalty row waits") == 1
+    assert caplog.text.count("a step with a prompt_logprobs row waits for the device") == 1
 
 
 def test_refusals(model):
