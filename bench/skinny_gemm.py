@@ -85,7 +85,8 @@ class Weights:
         self.bf16 = [w] + [w.roll(i, 0) for i in range(1, copies)] if not fp8 else [w]
         if fp8:
             q, s = quantize(w, "fp8", "per_channel")
-            self.q = [q] + [q.roll(i, 0) for i in range(1, copies)]
+            # torch has no roll for fp8: roll the bytes
+            self.q = [q] + [q.view(torch.uint8).roll(i, 0).view(q.dtype) for i in range(1, copies)]
             self.s = [s] + [s.roll(i, 0) for i in range(1, copies)]
         self.bytes = n * k * wb
 
