@@ -159,9 +159,10 @@ def step_profile(model: Path, backend: str, quant: str, steps: int, prompt: int 
                **({"gbs": nb / dt / 1e9} if nb else {})} for k, (n, dt, nb) in acc.items()}
     in_ops = sum(dt for _, dt, _ in acc.values()) / steps
     wbytes = weight_bytes_per_token(eng.model)
+    filed = file_backed_share(eng.model)
     out = {"backend": backend, "quant": quant, "describe": hal.describe(), "weight_bytes": wbytes,
            "step_ms_min": ts[0] * 1e3, "step_ms_median": ts[len(ts) // 2] * 1e3, "tok_s": 1 / ts[len(ts) // 2],
-           "step_ms_median_by_threads": {full: ts[len(ts) // 2] * 1e3, **sweep},
+           "step_ms_median_by_threads": {full: ts[len(ts) // 2] * 1e3, **sweep}, "file_backed_share": filed,
            "wrapped_step_ms": sum(wt) / steps * 1e3, "ops_ms_per_step": in_ops * 1e3,
            "outside_ops_ms_per_step": (sum(wt) / steps - in_ops) * 1e3,
            "non_linear_us_per_layer": sum(v["ms_per_step"] for k, v in ops.items() if not k.startswith("linear"))
@@ -220,6 +221,41 @@ def batched_steps(model: Path, backends: list[str], rows: int, dtype: str, steps
                 "tok_s": rows / statistics.median(ts)})
     del hf
     return out
+
+
+def file_backed_share(model) -> float:
+    """The share of the model's linear weight bytes that sit in a file mapping (safetensors
+    mmap, 4 KiB pages of the page cache) rather than anonymous memory."""
+    from halserve.hal.interface import PackedWeight
+
+    try:
+        with open("/proc/self/maps") as f:
+            maps = []
+            for ln in f:
+                parts = ln.split()
+                lo, hi = (int(v, 16) for v in parts[0].split("-"))
+                maps.append((lo, hi, len(parts) > 5 and parts[5].startswith("/")))
+    except OSError:
+        return float("nan")
+    seen, total, filed = set(), 0, 0
+    stack = [model]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, PackedWeight):
+            n = obj.weight.numel() * obj.weight.element_size()
+            addr = obj.weight.data_ptr()
+            total += n
+            filed += n if any(lo <= addr < hi and named for lo, hi, named in maps) else 0
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            stack.extend(vars(obj).values())
+    return filed / total if total else float("nan")
 
 
 def _omp_libs() -> list[str]:
@@ -289,6 +325,7 @@ def main(argv=None) -> int:
                   f"{1 / roof:.1f} tok/s; at {r['pct_read_bw']:.0f}% of read bandwidth\n"
                   f"   wrapped step {r['wrapped_step_ms']:.1f} ms = ops {r['ops_ms_per_step']:.1f} + outside ops "
                   f"{r['outside_ops_ms_per_step']:.1f}; non-linear ops {r['non_linear_us_per_layer']:.0f} us/layer\n"
+                  f"   linear weight bytes in a file mapping (safetensors mmap): {r['file_backed_share']:.0%}\n"
                   f"   step ms median by threads: "
                   + ", ".join(f"{n}: {v:.1f}" for n, v in r["step_ms_median_by_threads"].items()), flush=True)
             for k, v in sorted(r["ops"].items(), key=lambda kv: -kv[1]["ms_per_step"]):
