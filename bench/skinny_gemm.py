@@ -246,17 +246,30 @@ def sweep_bi(shapes, bw, deadline, rows, best):
             ref = x.float() @ w.float().T
             base = dict(model="8b", shape=sname, N=n, K=k, M=m, dtype="bf16_bi")
             cfg0 = configs.matmul_fixed_config(n, k)
+            sp0 = mm.fixed_splits(n, k, cfg0["BLOCK_N"], cfg0["BLOCK_K"])
             cands = [("cublas", None, [lambda: torch.nn.functional.linear(x, w)], lambda: torch.nn.functional.linear(x, w)),
                      ("persistent_grouped", None, [lambda: mm.persistent_matmul(x, w)], lambda: mm.persistent_matmul(x, w))]
+            # which tile changes keep a row's bits (same BLOCK_K and split count): "bitwise" below
             for name, over in (("persistent_ungrouped", dict(GROUP_M=1)), ("bn128_split1", dict(BLOCK_N=128, SPLITS=1)),
                                ("bm128_bn128_w8", dict(BLOCK_M=128, BLOCK_N=128, SPLITS=1, num_warps=8, num_stages=3)),
+                               ("bm128_w8_same_n_split", dict(BLOCK_M=128, SPLITS=sp0, num_warps=8, num_stages=3)),
+                               ("bm128_bn128_w8_same_split", dict(BLOCK_M=128, BLOCK_N=128, SPLITS=sp0, num_warps=8,
+                                                                  num_stages=3)),
+                               ("bn128_same_split", dict(BLOCK_N=128, SPLITS=sp0)),
                                ("progs1", dict(PROGS_PER_SM=1))):
                 c = dict(cfg0, **over)
                 cands.append((name, c, [lambda c=c: mm.persistent_matmul(x, w, cfg=c)], lambda c=c: mm.persistent_matmul(x, w, cfg=c)))
             a = run_cands(cands, ref, 2 * n * k, bw, deadline, rows, base)
+            y0 = mm.persistent_matmul(x, w)
+            bitwise = {}
+            for name, c, _, out_fn in cands[2:]:
+                try:
+                    bitwise[name] = bool(torch.equal(out_fn(), y0))
+                except Exception as e:  # noqa: BLE001 - recorded
+                    bitwise[name] = f"{type(e).__name__}"
             flops = 2 * m * n * k
-            summary = dict(base, cfg=cfg0, times_us={nm: round(u, 1) for u, nm, _ in a},
-                           tflops={nm: round(flops / u / 1e6, 1) for u, nm, _ in a})
+            summary = dict(base, cfg=cfg0, splits=sp0, times_us={nm: round(u, 1) for u, nm, _ in a},
+                           tflops={nm: round(flops / u / 1e6, 1) for u, nm, _ in a}, bitwise=bitwise)
             best.append(summary)
             print("[sweep]", json.dumps(summary), flush=True)
 
@@ -363,7 +376,7 @@ def main() -> int:
         start = time.perf_counter()
         parts = args.parts.split(",")
         # each part gets its share of what is left, so a slow part cannot starve the rest
-        share = {"fp8": 5, "bf16": 3, "bi": 2, "bf16_1b": 1, "fp8_1b": 1}
+        share = {"fp8": 5, "bf16": 3, "bi": 3, "bf16_1b": 1, "fp8_1b": 1}
         for i, part in enumerate(parts):
             left = args.budget - (time.perf_counter() - start)
             mine = left * share.get(part, 1) / sum(share.get(p, 1) for p in parts[i:])
