@@ -107,6 +107,7 @@ def step_profile(model: Path, backend: str, quant: str, steps: int, prompt: int 
         eng.step()
         ts.append(time.perf_counter() - t)
     ts.sort()
+    filed = file_backed_share(eng.model)
     # fewer threads than cores: does anything else (an engine thread, the OS) take a core
     # the pool's barrier then waits for?
     sweep = {}
@@ -154,15 +155,27 @@ def step_profile(model: Path, backend: str, quant: str, steps: int, prompt: int 
         wt.append(time.perf_counter() - t)
     for op in OPS:
         hal.__dict__.pop(op, None)
+    anon_ms = None
+    if filed > 0.05:
+        # the same steps with every weight copied into anonymous memory (the kernel table's
+        # kind): does reading from the page cache's file mapping cost bandwidth?
+        for pw in packed_weights(eng.model):
+            pw.weight = pw.weight.clone()  # a new tensor: the backend remakes its plan
+        st = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            eng.step()
+            st.append(time.perf_counter() - t)
+        anon_ms = sorted(st)[len(st) // 2] * 1e3
     layers = eng.model_config.num_layers
     ops = {k: {"calls_per_step": n / steps, "us_per_call": dt / n * 1e6, "ms_per_step": dt / steps * 1e3,
                **({"gbs": nb / dt / 1e9} if nb else {})} for k, (n, dt, nb) in acc.items()}
     in_ops = sum(dt for _, dt, _ in acc.values()) / steps
     wbytes = weight_bytes_per_token(eng.model)
-    filed = file_backed_share(eng.model)
     out = {"backend": backend, "quant": quant, "describe": hal.describe(), "weight_bytes": wbytes,
            "step_ms_min": ts[0] * 1e3, "step_ms_median": ts[len(ts) // 2] * 1e3, "tok_s": 1 / ts[len(ts) // 2],
            "step_ms_median_by_threads": {full: ts[len(ts) // 2] * 1e3, **sweep}, "file_backed_share": filed,
+           "step_ms_median_anonymous_weights": anon_ms,
            "wrapped_step_ms": sum(wt) / steps * 1e3, "ops_ms_per_step": in_ops * 1e3,
            "outside_ops_ms_per_step": (sum(wt) / steps - in_ops) * 1e3,
            "non_linear_us_per_layer": sum(v["ms_per_step"] for k, v in ops.items() if not k.startswith("linear"))
@@ -258,6 +271,26 @@ def file_backed_share(model) -> float:
     return filed / total if total else float("nan")
 
 
+def packed_weights(model) -> list:
+    from halserve.hal.interface import PackedWeight
+
+    seen, out, stack = set(), [], [model]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, PackedWeight):
+            out.append(obj)
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            stack.extend(vars(obj).values())
+    return out
+
+
 def _omp_libs() -> list[str]:
     try:
         with open("/proc/self/maps") as f:
@@ -325,7 +358,10 @@ def main(argv=None) -> int:
                   f"{1 / roof:.1f} tok/s; at {r['pct_read_bw']:.0f}% of read bandwidth\n"
                   f"   wrapped step {r['wrapped_step_ms']:.1f} ms = ops {r['ops_ms_per_step']:.1f} + outside ops "
                   f"{r['outside_ops_ms_per_step']:.1f}; non-linear ops {r['non_linear_us_per_layer']:.0f} us/layer\n"
-                  f"   linear weight bytes in a file mapping (safetensors mmap): {r['file_backed_share']:.0%}\n"
+                  f"   linear weight bytes in a file mapping (safetensors mmap): {r['file_backed_share']:.0%}"
+                  + (f"; step with every weight copied to anonymous memory: "
+                     f"{r['step_ms_median_anonymous_weights']:.1f} ms" if r["step_ms_median_anonymous_weights"] else "")
+                  + "\n"
                   f"   step ms median by threads: "
                   + ", ".join(f"{n}: {v:.1f}" for n, v in r["step_ms_median_by_threads"].items()), flush=True)
             for k, v in sorted(r["ops"].items(), key=lambda kv: -kv[1]["ms_per_step"]):
