@@ -13,11 +13,11 @@ T=${THREADS:-16}
 . "$(dirname "$0")/step.sh"
 STEP_TAIL=60
 # the first step also compiles the amx tier's C library (cached in $HALSERVE_CACHE_DIR)
-step cpuperf_kernels 22 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none,int8,int4 --no-steps \
+step cpuperf_kernels 20 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none,int8,int4 --no-steps \
   --prefetch 0,512 --set-mb 1024 --json "$OUT/cpuperf_kernels.json"
-step cpuperf_steps 35 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none,int4,int8 --no-kernels \
-  --steps 10 --json "$OUT/cpuperf_steps.json"
+step cpuperf_steps 40 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none,int4,int8 --no-kernels \
+  --steps 8 --json "$OUT/cpuperf_steps.json"
 STEP_TAIL=8
-step cpuperf_batched 18 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --no-kernels --no-steps --batched 32 \
-  --batched-backends native,cpu_amx --steps 5 --json "$OUT/cpuperf_batched.json"
-step cpuperf_conformance 15 python3 -m halserve conformance --backend cpu_amx --quick
+step cpuperf_batched 16 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --no-kernels --no-steps --batched 32 \
+  --batched-backends native,cpu_amx --batched-prompt 64 --steps 5 --json "$OUT/cpuperf_batched.json"
+step cpuperf_conformance 14 python3 -m halserve conformance --backend cpu_amx --quick
