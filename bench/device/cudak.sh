@@ -19,7 +19,7 @@ STEP_TAIL=40 step cudak_sweep 90 python3 bench/skinny_gemm.py --sweep --warm 14 
     --parts "${CUDAK_SWEEP_PARTS:-fp8,bi}" --json "$OUT/cudak_sweep.json"
 step cudak_e2e_8b 125 python3 bench/e2e_decode.py --preset llama-8b --variants fp8,bf16,bf16-bi \
     --batches 64,256 --bi-batches 64 --profile 6 --json "$OUT/cudak_e2e_8b.json"
-STEP_TAIL=30 step cudak_tests 80 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_skinny_gpu.py \
-    tests/gpu/test_cuda_backend.py tests/hal/test_triton_kernels.py \
+STEP_TAIL=30 step cudak_tests 80 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_cuda_backend.py \
+    tests/gpu/test_skinny_gpu.py tests/hal/test_triton_kernels.py \
     -k "skinny or invariant or fp8 or graph or linear or persistent"
 echo "[cudak] done in ${SECONDS}s"
