@@ -131,9 +131,26 @@ def attn_config(decode: bool) -> dict:
 
 
 # ---- persistent matmul (batch-invariant) ------------------------------------------------------
-def matmul_fixed_config(n: int, k: int) -> dict:
-    """Tiles depend on the weight's shape only (never on M), so a row's result is the same in
-    any batch. BLOCK_N shrinks until there are enough column tiles to fill the chip at M=1."""
+# Batch-invariant GEMM at prefill sizes (M >= BI_LARGE_M_ROWS): overrides that keep every
+# row's bits (same BLOCK_K and split count, so the same k-steps in the same order; only the
+# row tile and warp count grow), per family. Filled only from an H200 run that compared the
+# outputs bitwise (bench/skinny_gemm.py --sweep, "bitwise").
+BI_LARGE_M: dict = {}
+BI_LARGE_M_ROWS = 256
+
+
+def matmul_fixed_config(n: int, k: int, m: "int | None" = None) -> dict:
+    """Tiles depend on the weight's shape only, so a row's result is the same in any batch.
+    BLOCK_N shrinks until there are enough column tiles to fill the chip at M=1. ``m``: the
+    row count, which may only pick a ``BI_LARGE_M`` form (bitwise the same rows)."""
+    base = _matmul_fixed_config(n, k)
+    over = BI_LARGE_M.get(_family(arch()))
+    if over and m is not None and m >= BI_LARGE_M_ROWS:
+        base.update(over)
+    return base
+
+
+def _matmul_fixed_config(n: int, k: int) -> dict:
     fam = _family(arch())
     if fam == "interp":
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)

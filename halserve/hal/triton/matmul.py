@@ -76,9 +76,11 @@ def persistent_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return out
-    cfg = cfg or configs.matmul_fixed_config(N, K)
+    base = configs.matmul_fixed_config(N, K)
+    cfg = cfg or configs.matmul_fixed_config(N, K, M)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    splits = cfg.get("SPLITS") or fixed_splits(N, K, bn, bk)
+    # the split count (a row's order of sums) always from the row-count-free config
+    splits = cfg.get("SPLITS") or fixed_splits(N, K, base["BLOCK_N"], base["BLOCK_K"])
     k_per_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn) * splits
     progs = min(tiles, configs.num_sms() * cfg.get("PROGS_PER_SM", 2))
