@@ -63,11 +63,19 @@ void hs_rotary(const int64_t *pos, void *q, void *k, const float *cos_sin, int T
     }
 }
 
+#define SILU_CHUNK 512 /* values per work item: a decode row (T = 1) of I = 5632 spreads over 11 threads */
+
 void hs_silu_and_mul(const void *x, void *y, int T, int I, int bf16) {
-#pragma omp parallel for schedule(static) if (T >= PAR_ROWS)
-    for (int t = 0; t < T; t++) {
+    /* elementwise, so the split changes nothing in the result: chunks of a row when rows
+     * are few (decode), whole rows otherwise */
+    int per = (I + SILU_CHUNK - 1) / SILU_CHUNK;
+    int64_t items = (int64_t)T * per;
+#pragma omp parallel for schedule(static) if (items >= 4)
+    for (int64_t it = 0; it < items; it++) {
+        int t = (int)(it / per), c = (int)(it % per);
+        int i0 = c * SILU_CHUNK, i1 = i0 + SILU_CHUNK < I ? i0 + SILU_CHUNK : I;
         int64_t xo = (int64_t)t * 2 * I, yo = (int64_t)t * I;
-        for (int i = 0; i < I; i++) {
+        for (int i = i0; i < i1; i++) {
             float a = load_f(x, xo + i, bf16), b = load_f(x, xo + I + i, bf16);
             store_f(y, yo + i, a / (1.0f + expf(-a)) * b, bf16);
         }
