@@ -20,6 +20,6 @@ STEP_TAIL=40 step cudak_sweep 90 python3 bench/skinny_gemm.py --sweep --warm 14 
 step cudak_e2e_8b 125 python3 bench/e2e_decode.py --preset llama-8b --variants fp8,bf16,bf16-bi \
     --batches 64,256 --bi-batches 64 --profile 6 --json "$OUT/cudak_e2e_8b.json"
 STEP_TAIL=30 step cudak_tests 80 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_cuda_backend.py \
-    tests/gpu/test_skinny_gpu.py tests/hal/test_triton_kernels.py \
-    -k "skinny or invariant or fp8 or graph or linear or persistent"
+    tests/gpu/test_bi_gemm_gpu.py tests/gpu/test_skinny_gpu.py tests/hal/test_triton_kernels.py \
+    -k "skinny or invariant or fp8 or graph or linear or persistent or row_bits"
 echo "[cudak] done in ${SECONDS}s"
