@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from halserve.engine.kv_connector import KVConnector, LayerWaits
-from halserve.engine.sampling import SamplingRow, apply_logits_processors, compute_logprobs, sample
+from halserve.engine.sampling import SamplingRow, apply_logits_processors, compute_logprobs
+from halserve.engine.sampling import sample as sample_rows
 from halserve.engine.scheduler import SchedulerOutput
 from halserve.engine.spec.verify import row_results, scored_rows
 from halserve.hal.interface import AttentionMetadata, Backend, SamplingTensors
@@ -445,20 +446,15 @@ class ModelRunner:
         temps, top_k, top_p, min_p, seeds, steps = views[:6]
         want = [seq.params.logprobs for seq in seqs]
         raw = logits.clone() if any(k is not None for k in want) else None
-        if any(_needs_processors(seq) for seq in seqs):
-            # the generated ids with the placeholders: min_tokens counts them as a synchronous
-            # step would count their tokens (a penalty row never has one: _needs_host_tokens)
-            apply_logits_processors(logits, [SamplingRow(seq.params, seq.seed, seq.num_output_tokens,
-                                                         seq.prompt_token_ids, seq.token_ids[seq.num_prompt_tokens:])
-                                             for seq in seqs])
         host_t = [0.0 if seq.params.greedy else seq.params.temperature for seq in seqs]
-        params = SamplingTensors(
+        rows = StagedRows(seqs)
+        rows.tensors = SamplingTensors(
             temperature=temps, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds, steps=steps,
             all_greedy=all(t == 0.0 for t in host_t), all_random=all(t > 0.0 for t in host_t),
             no_top_k=all(seq.params.top_k == 0 for seq in seqs),
             no_top_p=all(seq.params.top_p >= 1.0 for seq in seqs),
             no_min_p=all(seq.params.min_p <= 0.0 for seq in seqs))
-        tokens = self.hal.sample(logits, params)
+        tokens = sample(self.hal, logits, rows)
         lp_dev = None
         if raw is not None:
             lp_dev = compute_logprobs(raw, tokens, max(k or 0 for k in want))
@@ -508,6 +504,28 @@ class ModelRunner:
             chosen, rank, top_ids, top_lp = (t.tolist() for t in compute_logprobs(logits, targets, k))
             out[seq.seq_id] = (start + 1, list(zip(chosen, rank, top_ids, top_lp)))
         return out or None
+
+
+class StagedRows(list):
+    """The sequences a launched step samples, with their sampling tensors already on the
+    device (``tensors``, from the step's one upload)."""
+
+    __slots__ = ("tensors",)
+
+
+def sample(hal: Backend, logits: torch.Tensor, rows) -> torch.Tensor:
+    """The step's draw: logits processors where a row has any, then the HAL's ``sample``.
+    ``rows``: ``StagedRows`` (launch) or ``SamplingRow``s (``sampling.sample`` builds the
+    tensors)."""
+    if not isinstance(rows, StagedRows):
+        return sample_rows(hal, logits, rows)
+    if any(_needs_processors(seq) for seq in rows):
+        # the generated ids with the placeholders: min_tokens counts them as a synchronous
+        # step would count their tokens (a penalty row never has one: _needs_host_tokens)
+        apply_logits_processors(logits, [SamplingRow(seq.params, seq.seed, seq.num_output_tokens,
+                                                     seq.prompt_token_ids, seq.token_ids[seq.num_prompt_tokens:])
+                                         for seq in rows])
+    return hal.sample(logits, rows.tensors)
 
 
 class PendingStep:
