@@ -22,7 +22,7 @@ static inline void finish(void *y, int64_t m, int N, int n, float v, const float
 
 /* software prefetch distance in bytes ahead of each weight row's stream (0: off); set
  * from Python so the perf tool can sweep it on the machine at hand */
-static int pf_bytes = 0;
+static int pf_bytes = 512; /* +5-10% on the AMX host for bf16 (device run 2026-12-04 16:01) */
 void hs_set_prefetch(int bytes) { pf_bytes = bytes > 0 ? bytes : 0; }
 #ifdef __AVX512F__
 #define PF(p) do { if (pf_bytes) _mm_prefetch((const char *)(p) + pf_bytes, _MM_HINT_T0); } while (0)

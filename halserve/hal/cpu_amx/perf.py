@@ -81,7 +81,7 @@ def kernel_rates(backend, shapes: dict, schemes: list[str], set_bytes: int, pref
                              "gbs_c": nbytes / tb / 1e9, "gbs_linear": nbytes / tf / 1e9})
                 if report:
                     report(rows[-1])
-            backend.lib.hs_set_prefetch(0)
+            backend.lib.hs_set_prefetch(512)  # the library's default
             del ws, calls
     return rows
 
@@ -313,7 +313,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=None, help="layers of the random model (default 22)")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--set-mb", type=int, default=1024, help="weight bytes per kernel timing (outgrow the L3)")
-    p.add_argument("--prefetch", default="0", help="comma list of software prefetch distances (bytes) to time")
+    p.add_argument("--prefetch", default="512", help="comma list of software prefetch distances (bytes) to time "
+                   "(the library's default: 512)")
     p.add_argument("--batched", type=int, default=0, help="also time decode steps of this many sequences: "
                    "--batched-backends through the engine beside HF transformers (0: skip)")
     p.add_argument("--batched-backends", default="native,cpu_amx")
