@@ -306,9 +306,10 @@ class EngineCore:
         self.kv.evicted_hashes.clear()  # write-through already holds them below
         outs = []
         for req in touched.values():
-            if req.output_kind != "final" or req.finished:  # nothing built for a request still running
+            done = req.finished
+            if done or req.output_kind != "final":  # nothing built for a request still running
                 outs.append(self._make_output(req))
-            if req.finished:
+            if done:
                 del self.requests[req.request_id]
         return outs
 

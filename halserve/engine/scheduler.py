@@ -277,6 +277,9 @@ class Scheduler:
         if self.spec_limit is not None and budget > 0:
             budget = self._reserve_drafts(out, budget)
         # the runner wants decode rows (one query token, sampling) first
-        out.scheduled.sort(key=lambda s: not (s.num_new_tokens == 1 and s.samples))
-        out.num_decodes = sum(1 for s in out.scheduled if s.num_new_tokens == 1 and s.samples)
+        decode = [s.num_new_tokens == 1 and s.samples for s in out.scheduled]
+        if not all(decode):  # a stable sort: decode rows first, each group in its order
+            out.scheduled = [s for s, d in zip(out.scheduled, decode) if d] + \
+                [s for s, d in zip(out.scheduled, decode) if not d]
+        out.num_decodes = sum(decode)
         return out
