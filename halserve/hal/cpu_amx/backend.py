@@ -31,6 +31,13 @@ _NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _C_SCHEMES = ("none", "int8", "int8_w8a8", *quant.INT4_SCHEMES)
 
 
+def _ready(t: torch.Tensor, dtype: "torch.dtype | None" = None) -> torch.Tensor:
+    """``t`` in ``dtype`` (default: its own) and contiguous, copied only when it is not."""
+    if (dtype is None or t.dtype == dtype) and t.is_contiguous():
+        return t
+    return t.to(dtype or t.dtype).contiguous()
+
+
 def _dtype(v) -> "torch.dtype | None":
     return _NAMES.get(v) if isinstance(v, str) else v
 
@@ -192,17 +199,23 @@ class CpuAmxBackend(NativeBackend):
         call.y = y  # where each call writes
         return call
 
+    # The small ops run ~10 times a layer at batch 1, where each torch call in their Python
+    # (a .to() or .contiguous() that returns its input still goes through the dispatcher)
+    # costs as much as the kernel: inputs are checked with attribute reads and converted
+    # only when they must be; the K/V halves of a cache are addressed by pointer arithmetic.
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
-        xc = x.contiguous()
-        t, hsz = xc.numel() // xc.shape[-1], xc.shape[-1]
+        xc = _ready(x)
+        hsz = xc.shape[-1]
+        t = xc.numel() // hsz
         dst = out if out is not None and out.is_contiguous() else torch.empty_like(xc)
         h = None if residual is None else torch.empty_like(xc)
-        res = None if residual is None else residual.to(x.dtype).contiguous()
+        res = None if residual is None else _ready(residual, x.dtype)
         # C reads a float32 or bfloat16 weight as it is (no conversion per call)
         wc = weight if weight.dtype in _CODES and weight.is_contiguous() else weight.float().contiguous()
-        self.lib.hs_rms_norm(self._ptr(xc), self._ptr(res), self._ptr(wc), _CODES[wc.dtype], self._ptr(dst),
-                             self._ptr(h), t, hsz, float(eps), _CODES[x.dtype])
+        self.lib.hs_rms_norm(xc.data_ptr(), 0 if res is None else res.data_ptr(), wc.data_ptr(), _CODES[wc.dtype],
+                             dst.data_ptr(), 0 if h is None else h.data_ptr(), t, hsz, float(eps), _CODES[x.dtype])
         if out is not None and dst is not out:
             out.copy_(dst)
             dst = out
@@ -216,19 +229,17 @@ class CpuAmxBackend(NativeBackend):
             q.copy_(qc)
             k.copy_(kc)
             return None
-        pos = positions.to(torch.int64).contiguous()
-        cs = cos_sin_cache if cos_sin_cache.dtype == torch.float32 else cos_sin_cache.float()
-        cs = cs.contiguous()
-        self.lib.hs_rotary(self._ptr(pos, "int64_t *"), self._ptr(q), self._ptr(k), self._ptr(cs, "float *"),
-                           q.shape[0], q.shape[1], k.shape[1], q.shape[2], cs.shape[-1], int(bool(is_neox)),
-                           _CODES[q.dtype])
+        pos = _ready(positions, torch.int64)
+        cs = _ready(cos_sin_cache, torch.float32)
+        self.lib.hs_rotary(pos.data_ptr(), q.data_ptr(), k.data_ptr(), cs.data_ptr(), q.shape[0], q.shape[1],
+                           k.shape[1], q.shape[2], cs.shape[-1], int(bool(is_neox)), _CODES[q.dtype])
 
     def silu_and_mul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        xc = x.contiguous()
+        xc = _ready(x)
         i = xc.shape[-1] // 2
         t = xc.numel() // xc.shape[-1]
         dst = out if out is not None and out.is_contiguous() else torch.empty(*xc.shape[:-1], i, dtype=x.dtype)
-        self.lib.hs_silu_and_mul(self._ptr(xc), self._ptr(dst), t, i, _CODES[x.dtype])
+        self.lib.hs_silu_and_mul(xc.data_ptr(), dst.data_ptr(), t, i, _CODES[x.dtype])
         if out is not None and dst is not out:
             return out.copy_(dst)
         return dst
@@ -242,26 +253,26 @@ class CpuAmxBackend(NativeBackend):
             return None
         if slot_mapping.numel() == 0:
             return
-        k = key.to(kv_cache.dtype).contiguous()
-        v = value.to(kv_cache.dtype).contiguous()
-        slots = slot_mapping.to(torch.int64).contiguous()
+        k = _ready(key, kv_cache.dtype)
+        v = _ready(value, kv_cache.dtype)
+        slots = _ready(slot_mapping, torch.int64)
         row = k.shape[1] * k.shape[2] * k.element_size()
-        self.lib.hs_write_kv(self._ptr(k, "char *"), self._ptr(v, "char *"), self._ptr(kv_cache[0], "char *"),
-                             self._ptr(kv_cache[1], "char *"), self._ptr(slots, "int64_t *"), k.shape[0], row)
+        base, half = kv_cache.data_ptr(), kv_cache.stride(0) * kv_cache.element_size()
+        self.lib.hs_write_kv(k.data_ptr(), v.data_ptr(), base, base + half, slots.data_ptr(), k.shape[0], row)
 
     def attention(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                   scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
-        kv_cache = kv_cache.contiguous()
-        qc = q.contiguous()
+        kv_cache = _ready(kv_cache)
+        qc = _ready(q)
         dst = out if out is not None and out.is_contiguous() else torch.empty_like(qc)
-        cu = meta.cu_seqlens_q.to(torch.int32).contiguous()
-        sl = meta.seq_lens.to(torch.int32).contiguous()
-        bt = meta.block_tables.to(torch.int32).contiguous()
+        cu = _ready(meta.cu_seqlens_q, torch.int32)
+        sl = _ready(meta.seq_lens, torch.int32)
+        bt = _ready(meta.block_tables, torch.int32)
         t, hq, d = qc.shape
-        self.lib.hs_attention(self._ptr(qc), self._ptr(kv_cache[0]), self._ptr(kv_cache[1]), self._ptr(dst),
-                              self._ptr(cu, "int32_t *"), self._ptr(sl, "int32_t *"), self._ptr(bt, "int32_t *"),
-                              bt.shape[1], meta.num_seqs, t, hq, kv_cache.shape[-2], d, meta.block_size,
-                              int(meta.sliding_window or 0), float(scale), _CODES[q.dtype],
+        base, half = kv_cache.data_ptr(), kv_cache.stride(0) * kv_cache.element_size()
+        self.lib.hs_attention(qc.data_ptr(), base, base + half, dst.data_ptr(), cu.data_ptr(), sl.data_ptr(),
+                              bt.data_ptr(), bt.shape[1], meta.num_seqs, t, hq, kv_cache.shape[-2], d,
+                              meta.block_size, int(meta.sliding_window or 0), float(scale), _CODES[q.dtype],
                               int(max(meta.seq_lens_host, default=0)), _CODES[kv_cache.dtype])
         if out is not None and dst is not out:
             out.copy_(dst)
