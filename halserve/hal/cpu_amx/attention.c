@@ -9,6 +9,48 @@
  * own context, never on the batch: batch-invariant by construction. */
 #include "common.h"
 #include <stdlib.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+/* s[j] = exp(s[j] - mx) in place for j < n (every s[j] <= mx), returning their sum. libm's
+ * expf is scalar and a decode's softmax calls it Hq x context times a layer; the AVX-512
+ * path is exp(x) = 2^k * 2^f, k = round(x log2 e), 2^f by Cephes' exp2f polynomial on
+ * [-0.5, 0.5] (about 2 ulp), 2^k by VSCALEFPS. Lanes and tail depend only on n. */
+static inline float exp_shift_sum(float *s, int n, float mx) {
+    float sum = 0.f;
+    int j = 0;
+#ifdef __AVX512F__
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), lo = _mm512_set1_ps(-87.3f);
+    const __m512 c6 = _mm512_set1_ps(1.535336188319500e-4f), c5 = _mm512_set1_ps(1.339887440266574e-3f),
+                 c4 = _mm512_set1_ps(9.618437357674640e-3f), c3 = _mm512_set1_ps(5.550332471162809e-2f),
+                 c2 = _mm512_set1_ps(2.402264791363012e-1f), c1 = _mm512_set1_ps(6.931472028550421e-1f),
+                 one = _mm512_set1_ps(1.f), m = _mm512_set1_ps(mx);
+    __m512 acc = _mm512_setzero_ps();
+    for (; j + 16 <= n; j += 16) {
+        __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), m), lo);
+        __m512 t = _mm512_mul_ps(x, log2e);
+        __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 f = _mm512_sub_ps(t, k);
+        __m512 p = _mm512_fmadd_ps(c6, f, c5);
+        p = _mm512_fmadd_ps(p, f, c4);
+        p = _mm512_fmadd_ps(p, f, c3);
+        p = _mm512_fmadd_ps(p, f, c2);
+        p = _mm512_fmadd_ps(p, f, c1);
+        p = _mm512_fmadd_ps(p, f, one);
+        __m512 e = _mm512_scalef_ps(p, k);
+        _mm512_storeu_ps(s + j, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#endif
+    for (; j < n; j++) {
+        float e = expf(s[j] - mx);
+        s[j] = e;
+        sum += e;
+    }
+    return sum;
+}
 
 #define SPAN 128
 
@@ -52,15 +94,10 @@ static void span(const attn_ctx *c, const int32_t *table, int h, const float *q,
         }
         for (int g = 0; g < G; g++) {
             float corr = m[g] == -INFINITY ? 0.f : expf(m[g] - mx[g]);
-            float *ag = acc + g * D, lsum = l[g] * corr;
+            float *ag = acc + g * D;
             for (int i = 0; i < D; i++) ag[i] *= corr;
-            for (int j = 0; j < n; j++) {
-                float e = expf(s[g * SPAN + j] - mx[g]);
-                s[g * SPAN + j] = e;
-                lsum += e;
-            }
             m[g] = mx[g];
-            l[g] = lsum;
+            l[g] = l[g] * corr + exp_shift_sum(s + g * SPAN, n, mx[g]);
         }
         for (int j = 0; j < n; j++) {
             int p = b0 + j;
