@@ -14,9 +14,9 @@ T=${THREADS:-16}
 . "$(dirname "$0")/step.sh"
 STEP_TAIL=60
 # the first step also compiles the amx tier's C library (cached in $HALSERVE_CACHE_DIR)
-step cpuperf_kernels 22 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none,int8,int4 --no-steps \
+step cpuperf_kernels 22 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none,int8,int4,int8_w8a8 --no-steps \
   --prefetch 0,512 --set-mb 1024 --json "$OUT/cpuperf_kernels.json"
-step cpuperf_steps 32 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none,int4,int8 --no-kernels \
+step cpuperf_steps 32 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none,int4,int8,int8_w8a8 --no-kernels \
   --steps 8 --json "$OUT/cpuperf_steps.json"
 # the same with OpenMP workers that never sleep between kernels (a fixed ~45 us per GEMV call
 # and 2-4x slower serial small ops than on a 2-core box were seen at 16 threads): A/B only

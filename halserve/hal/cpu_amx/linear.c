@@ -324,10 +324,53 @@ static void hs_linear_i4_bf16(const bf16_t *x, const bf16_t *xp, int M, int K, c
 }
 #endif
 
+#ifdef __AVX512VNNI__
+/* W8A8 with VPDPBUSD (64 byte products per instruction): it multiplies unsigned by signed
+ * bytes, so x goes in as xq + 128 (xq ^ 0x80) and 128 * sum(w) comes off, the row sums
+ * made by the same instruction against ones. Exact int32 dots: bitwise what the scalar
+ * kernel computes. */
+static void hs_linear_w8a8_vnni(const int8_t *xq, const float *xs, int M, int K, const int8_t *w,
+                                const float *scale, int N, const float *bias, float *y, uint8_t *xu) {
+    int64_t mk = (int64_t)M * K;
+    for (int64_t i = 0; i < mk; i++) xu[i] = (uint8_t)xq[i] ^ 0x80;
+    int nblk = (N + ROWS - 1) / ROWS, kv = K & ~63;
+    const __m512i ones = _mm512_set1_epi8(1);
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < nblk; b++) {
+        int n0 = b * ROWS, nr = N - n0 < ROWS ? N - n0 : ROWS;
+        const int8_t *wr[ROWS];
+        for (int r = 0; r < ROWS; r++) wr[r] = w + (int64_t)(n0 + (r < nr ? r : 0)) * K;
+        for (int m = 0; m < M; m++) {
+            const uint8_t *xr = xu + (int64_t)m * K;
+            __m512i acc[ROWS], sw[ROWS];
+            for (int r = 0; r < ROWS; r++) acc[r] = sw[r] = _mm512_setzero_si512();
+            for (int k0 = 0; k0 < kv; k0 += 64) {
+                __m512i xv = _mm512_loadu_si512((const void *)(xr + k0));
+                for (int r = 0; r < ROWS; r++) {
+                    PF(wr[r] + k0);
+                    __m512i wv = _mm512_loadu_si512((const void *)(wr[r] + k0));
+                    acc[r] = _mm512_dpbusd_epi32(acc[r], xv, wv);
+                    sw[r] = _mm512_dpbusd_epi32(sw[r], ones, wv);
+                }
+            }
+            for (int r = 0; r < nr; r++) {
+                int32_t a = _mm512_reduce_add_epi32(acc[r]) - 128 * _mm512_reduce_add_epi32(sw[r]);
+                for (int k = kv; k < K; k++) a += (int32_t)xq[(int64_t)m * K + k] * (int32_t)wr[r][k];
+                finish(y, m, N, n0 + r, (float)a * xs[m] * scale[n0 + r], bias);
+            }
+        }
+    }
+}
+#endif
+
 /* per calling thread (the pool's workers only read them): x as float32, x quantized */
 static __thread float *xf_buf;
 static __thread int8_t *xq_buf;
 static __thread int64_t xf_cap, xq_cap;
+#ifdef __AVX512VNNI__
+static __thread uint8_t *xu_buf;
+static __thread int64_t xu_cap;
+#endif
 #ifdef __AVX512BF16__
 static __thread bf16_t *xp_buf;
 static __thread int64_t xp_cap;
@@ -397,7 +440,16 @@ int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, 
             xq_cap = (int64_t)M * K;
         }
         hs_quant_rows_i8(xf, M, K, xq_buf, xs);
+#ifdef __AVX512VNNI__
+        if ((int64_t)M * K > xu_cap) {
+            free(xu_buf);
+            xu_buf = (uint8_t *)malloc((size_t)M * K);
+            xu_cap = (int64_t)M * K;
+        }
+        hs_linear_w8a8_vnni(xq_buf, xs, M, K, (const int8_t *)w, scale, N, bias, (float *)y, xu_buf);
+#else
         hs_linear_w8a8(xq_buf, xs, M, K, (const int8_t *)w, scale, N, bias, (float *)y);
+#endif
         return 0;
     }
     return -1;
