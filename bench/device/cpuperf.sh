@@ -5,7 +5,7 @@
 # decode tok/s for bf16 / int8 / int4 with a per-op breakdown (us per op, time outside the
 # ops); 32 sequences' decode step, native and cpu_amx beside HF transformers (bf16); cpu_amx
 # conformance (quick op cases); bf16 kernels and steps again with OMP_WAIT_POLICY=ACTIVE.
-# Run from the repo root: bash bench/device/cpuperf.sh (about 80 s; the step limits add up to 107 s)
+# Run from the repo root: bash bench/device/cpuperf.sh (about 85 s; the step limits add up to 119 s)
 set -uo pipefail
 OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
@@ -14,9 +14,9 @@ T=${THREADS:-16}
 . "$(dirname "$0")/step.sh"
 STEP_TAIL=60
 # the first step also compiles the amx tier's C library (cached in $HALSERVE_CACHE_DIR)
-step cpuperf_kernels 22 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none,int8,int4,int8_w8a8 --no-steps \
+step cpuperf_kernels 26 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none,int8,int4,int8_w8a8 --no-steps \
   --prefetch 0,512 --set-mb 1024 --json "$OUT/cpuperf_kernels.json"
-step cpuperf_steps 32 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none,int4,int8,int8_w8a8 --no-kernels \
+step cpuperf_steps 40 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none,int4,int8,int8_w8a8 --no-kernels \
   --steps 8 --json "$OUT/cpuperf_steps.json"
 # the same with OpenMP workers that never sleep between kernels (a fixed ~45 us per GEMV call
 # and 2-4x slower serial small ops than on a 2-core box were seen at 16 threads): A/B only
@@ -24,7 +24,7 @@ STEP_TAIL=30
 OMP_WAIT_POLICY=ACTIVE step cpuperf_kernels_active 10 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none \
   --no-steps --set-mb 1024 --json "$OUT/cpuperf_kernels_active.json"
 OMP_WAIT_POLICY=ACTIVE step cpuperf_steps_active 15 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none \
-  --no-kernels --steps 8 --json "$OUT/cpuperf_steps_active.json"
+  --no-kernels --steps 6 --json "$OUT/cpuperf_steps_active.json"
 STEP_TAIL=8
 step cpuperf_batched 18 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --no-kernels --no-steps --batched 32 \
   --batched-backends native,cpu_amx --batched-prompt 64 --steps 5 --json "$OUT/cpuperf_batched.json"
