@@ -335,8 +335,11 @@ class NativeBackend(Backend):
         ndec = 0 if self.batch_invariant else meta.num_decode_seqs
         if ndec >= 1:  # reads lengths from the device tensors only, so it also replays in graphs
             # the gather rows are the same for every layer of the step: keyed on the metadata
-            # (not when the tables are a per-layer dequantized copy's)
-            key = (meta, ndec, tuple(meta.seq_lens_host[:ndec])) if tables is meta.block_tables else None
+            # (not when the tables are a per-layer dequantized copy's). Only where no step is
+            # ever captured: a captured step's metadata is one object updated in place for
+            # each replay, and an index built outside the capture would be replayed stale.
+            key = (meta, ndec, tuple(meta.seq_lens_host[:ndec])) \
+                if tables is meta.block_tables and not self.capabilities.graphs else None
             _decode_batch(q[:ndec], kv_cache, tables[:ndec], meta.seq_lens[:ndec],
                           max(meta.seq_lens_host[:ndec]), bs, window, scale, out[:ndec], key)
         else:
