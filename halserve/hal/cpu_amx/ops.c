@@ -30,36 +30,52 @@ void hs_rms_norm(const void *x, const void *res, const void *w, int w_bf16, void
     }
 }
 
-/* In place on q [T, Hq, D] and k [T, Hk, D]; cos_sin [max_pos, rot] (cos | sin), float32. */
+/* In place on q [T, Hq, D] and k [T, Hk, D]; cos_sin [max_pos, rot] (cos | sin), float32.
+ * Each pair is read and written where it lies (no row buffers); neox halves in one vector
+ * pass. */
+static inline void rot_row(void *base, int64_t off, const float *cs, int half, int is_neox, int bf16) {
+    const float *cv = cs, *sv = cs + half;
+    if (is_neox && bf16) {  /* the halves are contiguous: one vector pass */
+        bf16_t *p1 = (bf16_t *)base + off, *p2 = p1 + half;
+#pragma omp simd
+        for (int i = 0; i < half; i++) {
+            float x1 = bf16_to_f32(p1[i]), x2 = bf16_to_f32(p2[i]);
+            p1[i] = f32_to_bf16(x1 * cv[i] - x2 * sv[i]);
+            p2[i] = f32_to_bf16(x2 * cv[i] + x1 * sv[i]);
+        }
+    } else if (is_neox) {
+        float *p1 = (float *)base + off, *p2 = p1 + half;
+#pragma omp simd
+        for (int i = 0; i < half; i++) {
+            float x1 = p1[i], x2 = p2[i];
+            p1[i] = x1 * cv[i] - x2 * sv[i];
+            p2[i] = x2 * cv[i] + x1 * sv[i];
+        }
+    } else if (bf16) {
+        bf16_t *p = (bf16_t *)base + off;
+        for (int i = 0; i < half; i++) {
+            float x1 = bf16_to_f32(p[2 * i]), x2 = bf16_to_f32(p[2 * i + 1]);
+            p[2 * i] = f32_to_bf16(x1 * cv[i] - x2 * sv[i]);
+            p[2 * i + 1] = f32_to_bf16(x2 * cv[i] + x1 * sv[i]);
+        }
+    } else {
+        float *p = (float *)base + off;
+        for (int i = 0; i < half; i++) {
+            float x1 = p[2 * i], x2 = p[2 * i + 1];
+            p[2 * i] = x1 * cv[i] - x2 * sv[i];
+            p[2 * i + 1] = x2 * cv[i] + x1 * sv[i];
+        }
+    }
+}
+
 void hs_rotary(const int64_t *pos, void *q, void *k, const float *cos_sin, int T, int Hq, int Hk,
                int D, int rot, int is_neox, int bf16) {
     int half = rot / 2;
 #pragma omp parallel for schedule(static) if (T >= PAR_ROWS)
     for (int t = 0; t < T; t++) {
         const float *cs = cos_sin + pos[t] * rot;
-        float buf[1024];
-        for (int which = 0; which < 2; which++) {
-            void *base = which ? k : q;
-            int heads = which ? Hk : Hq;
-            for (int hh = 0; hh < heads; hh++) {
-                int64_t off = ((int64_t)t * heads + hh) * D;
-                row_to_f32(base, off, rot, bf16, buf);
-                float o[1024];
-                for (int i = 0; i < half; i++) {
-                    float c = cs[i], s = cs[half + i];
-                    if (is_neox) {
-                        float x1 = buf[i], x2 = buf[half + i];
-                        o[i] = x1 * c - x2 * s;
-                        o[half + i] = x2 * c + x1 * s;
-                    } else {
-                        float x1 = buf[2 * i], x2 = buf[2 * i + 1];
-                        o[2 * i] = x1 * c - x2 * s;
-                        o[2 * i + 1] = x2 * c + x1 * s;
-                    }
-                }
-                row_from_f32(base, off, rot, bf16, o);
-            }
-        }
+        for (int hh = 0; hh < Hq; hh++) rot_row(q, ((int64_t)t * Hq + hh) * D, cs, half, is_neox, bf16);
+        for (int hh = 0; hh < Hk; hh++) rot_row(k, ((int64_t)t * Hk + hh) * D, cs, half, is_neox, bf16);
     }
 }
 
