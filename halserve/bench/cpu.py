@@ -240,7 +240,7 @@ def run_llama_cpp(root: Path, model: Path, args, threads: int, expert_fraction: 
             r = P.bench(root, path, threads, args.output_len, args.ttft_len, reps=max(args.repeats, 1))
             row["decode_tok_s"], row["repack"] = r["decode_tok_s"], r["repack"]
             if args.ttft_len:
-                row["ttft_s"] = args.ttft_len / r["prefill_tok_s"]
+                row["ttft_s"], row["pp_repack"] = args.ttft_len / r["prefill_tok_s"], r["pp_repack"]
             if kind in args.batch_gguf.split(",") and _ints(args.batch):
                 b = P.batched(root, path, threads, _ints(args.batch), args.batch_input_len or args.input_len,
                               args.batch_output_len)

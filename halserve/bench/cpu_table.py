@@ -6,7 +6,9 @@ from __future__ import annotations
 def _label(r: dict, dtype: str) -> str:
     if r["engine"] == "llama.cpp":
         q = r["quant"].upper()
-        return q if r.get("repack", True) else f"{q} (no repack)"
+        if not r.get("repack", True):
+            return f"{q} (no repack)"
+        return q if r.get("pp_repack", True) else f"{q} (pp: no repack)"
     return {"bfloat16": "bf16", "float32": "fp32"}[dtype] if r["quant"] == "none" else r["quant"]
 
 
