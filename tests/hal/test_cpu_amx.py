@@ -88,6 +88,31 @@ def test_linear_schemes(tier, scheme, dtype):
         assert nmse(y, ref) < limit, (tier, scheme, m, nmse(y, ref))
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int8_w8a8"])
+def test_bf16_activation_kernels_are_within_one_output_rounding(scheme):
+    """The byte-dot (VPDPBUSD) and bf16-dot (VDPBF16PS) kernels for bf16 activations: every
+    output is the float64 truth of the same quantized math within one bf16 step, plus for
+    int8 weight-only the proven bound of its 16-bit activation grid (each x moves at most
+    half a step of amax / 32767). A looser NMSE bound would let a 0.4% error through."""
+    b = CpuAmxBackend()
+    g = torch.Generator().manual_seed(7)
+    for m, n, k in ((1, 197, 384), (3, 64, 1024), (2, 40, 5632)):
+        w = torch.randn(n, k, generator=g).bfloat16()
+        x = torch.randn(m, k, generator=g).bfloat16()
+        pw = b.pack_weight(w, scheme)
+        ref = _ref_linear(x, pw, scheme)
+        y = b.linear(x, pw).double()
+        step = ref.abs().clamp(min=1e-30) * 2.0 ** -7  # one bf16 ulp, upper bound
+        if scheme == "int8":
+            wd = pw.weight.double() * pw.scale.double()[:, None]
+            step = step + 0.5 * (x.double().abs().amax(-1, keepdim=True) / 32767) * wd.abs().sum(-1)[None, :]
+        assert ((y - ref).abs() <= step).all(), (scheme, m, n, k, float(((y - ref).abs() / step).max()))
+        # and nearly every output is the truth's own bf16 rounding: a systematic 0.2% error
+        # (inside one step) would change the rounding of a third of them
+        off = (y.bfloat16() != ref.bfloat16()).double().mean()
+        assert off < 0.05, (scheme, m, n, k, float(off))
+
+
 def test_int4_pack_error_is_half_a_step():
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
     for group in (32, 64, 128):
