@@ -141,9 +141,11 @@ class CpuAmxBackend(NativeBackend):
 
     # ---- ops ------------------------------------------------------------------------------
     def _plan(self, w: PackedWeight) -> tuple:
-        """(weight tensor, kind, weight ptr, scale ptr, group, scale tensor), made once per
-        weight and kept in ``w.extra``: a decode token calls linear ~100 times and the
-        answer never changes while ``w.weight`` is the same tensor."""
+        """(weight tensor, kind, weight ptr, scale ptr, group, tensors held, row-sum ptr),
+        made once per weight and kept in ``w.extra``: a decode token calls linear ~100 times
+        and the answer never changes while ``w.weight`` is the same tensor. int8 weights
+        also get their row sums over the first K & ~63 values (int32), which the byte-dot
+        kernels would otherwise recompute every call."""
         plan = w.extra.get("cpu_amx_plan")
         if plan is not None and plan[0] is w.weight:
             return plan
@@ -157,13 +159,17 @@ class CpuAmxBackend(NativeBackend):
         else:  # int4 (the dispatcher sends every other scheme to native)
             kind, scale, group = 3, w.scale.float().contiguous(), w.extra["group"]
         wt = wt.contiguous()
-        plan = (w.weight, kind, wt.data_ptr(), self._ptr(scale), group, (wt, scale))
+        wsum = None
+        if kind in (2, 4):
+            kv = wt.shape[-1] & ~63
+            wsum = wt[:, :kv].sum(-1, dtype=torch.int32).contiguous()
+        plan = (w.weight, kind, wt.data_ptr(), self._ptr(scale), group, (wt, scale, wsum), self._ptr(wsum))
         w.extra["cpu_amx_plan"] = plan
         return plan
 
     def linear(self, x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
-        _, kind, wp, sp, group, _ = self._plan(w)
+        _, kind, wp, sp, group, _, ws = self._plan(w)
         m, k = x.shape
         n = w.out_features
         small = SMALL_M if w.scheme == "none" else SMALL_M_QUANT
@@ -178,18 +184,18 @@ class CpuAmxBackend(NativeBackend):
         xs = torch.empty(m) if kind == 4 else None
         bf16 = int(x.dtype == torch.bfloat16)
         self.lib.hs_linear(xc.data_ptr(), bf16, m, k, wp, kind, sp, group, n, self._ptr(bf), y.data_ptr(), bf16,
-                           self._ptr(xs))
+                           self._ptr(xs), ws)
         return y if out is None or direct else out.copy_(y)
 
     def linear_call(self, x: torch.Tensor, w: PackedWeight):
         """A closure that runs this weight's C kernel on ``x`` with every pointer made once
         (the perf tool times the kernel alone with it: no dispatch, no Python conversions)."""
-        _, kind, wp, sp, group, _ = self._plan(w)
+        _, kind, wp, sp, group, _, ws = self._plan(w)
         m, k = x.shape
         y = torch.empty(m, w.out_features, dtype=x.dtype)
         xs = torch.empty(m)
         args = (x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, wp, kind, sp, group, w.out_features, 0,
-                y.data_ptr(), int(x.dtype == torch.bfloat16), xs.data_ptr())
+                y.data_ptr(), int(x.dtype == torch.bfloat16), xs.data_ptr(), ws)
         fn = self.lib.hs_linear
         keep = (x, y, xs, w)
 
