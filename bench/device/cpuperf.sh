@@ -4,7 +4,7 @@
 # backend.linear, software prefetch off and on) vs a measured read bandwidth; end-to-end
 # decode tok/s for bf16 / int8 / int4 with a per-op breakdown (us per op, time outside the
 # ops); 32 sequences' decode step, native and cpu_amx beside HF transformers (bf16); cpu_amx
-# conformance (quick op cases); bf16 kernels and steps again with OMP_WAIT_POLICY=ACTIVE.
+# conformance (quick op cases); the bf16 step again with OMP_WAIT_POLICY=ACTIVE and with GOMP_SPINCOUNT.
 # Run from the repo root: bash bench/device/cpuperf.sh (about 85 s; the step limits add up to 119 s)
 set -uo pipefail
 OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
@@ -18,13 +18,14 @@ step cpuperf_kernels 26 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --qu
   --prefetch 0,512 --set-mb 1024 --json "$OUT/cpuperf_kernels.json"
 step cpuperf_steps 40 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none,int4,int8,int8_w8a8 --no-kernels \
   --steps 8 --json "$OUT/cpuperf_steps.json"
-# the same with OpenMP workers that never sleep between kernels (a fixed ~45 us per GEMV call
-# and 2-4x slower serial small ops than on a 2-core box were seen at 16 threads): A/B only
+# halserve/__init__.py sets OMP_WAIT_POLICY=PASSIVE (workers sleep after every parallel
+# region, so each kernel call wakes 15 threads): the bf16 decode step again with workers that
+# spin (ACTIVE), and with PASSIVE plus a bounded spin (GOMP_SPINCOUNT, ~0.1 ms, overrides it)
 STEP_TAIL=30
-OMP_WAIT_POLICY=ACTIVE step cpuperf_kernels_active 10 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none \
-  --no-steps --set-mb 1024 --json "$OUT/cpuperf_kernels_active.json"
 OMP_WAIT_POLICY=ACTIVE step cpuperf_steps_active 15 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none \
   --no-kernels --steps 6 --json "$OUT/cpuperf_steps_active.json"
+GOMP_SPINCOUNT=200000 step cpuperf_steps_spin 15 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --quant none \
+  --no-kernels --steps 6 --json "$OUT/cpuperf_steps_spin.json"
 STEP_TAIL=8
 step cpuperf_batched 18 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --no-kernels --no-steps --batched 32 \
   --batched-backends native,cpu_amx --batched-prompt 64 --steps 5 --json "$OUT/cpuperf_batched.json"

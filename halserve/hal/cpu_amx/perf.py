@@ -336,7 +336,8 @@ def main(argv=None) -> int:
     bw = read_bandwidth_gbs()
     be = CpuAmxBackend()
     print(f"{be.describe()}\nthreads {torch.get_num_threads()}  read bandwidth {bw:.1f} GB/s  "
-          f"OpenMP runtimes loaded: {_omp_libs()}", flush=True)
+          f"OpenMP runtimes loaded: {_omp_libs()}  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}", flush=True)
     res: dict = {"threads": torch.get_num_threads(), "read_gbs": bw, "tier": be.tier, "omp": _omp_libs()}
     if not a.no_kernels:
         print("| scheme | linear | N x K | prefetch | us (C) | GB/s (C) | % read bw | us (backend.linear) | GB/s | % |")
