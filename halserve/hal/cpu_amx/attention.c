@@ -159,7 +159,7 @@ void hs_attention(const void *q, const void *kc, const void *vc, void *out, cons
     size_t per = (size_t)G * (D + 2);
     int64_t items = (int64_t)nd * Hk * nspan;
     float *part = (float *)malloc((size_t)(items > 0 ? items : 1) * per * 4);
-#pragma omp parallel
+#pragma omp parallel if (hs_small_par || T >= 8)
     {
 #pragma omp for schedule(dynamic, 1) nowait
         for (int64_t it = 0; it < items; it++) {

@@ -10,6 +10,11 @@
 
 typedef uint16_t bf16_t;
 
+/* 1: ops with few rows (a decode step's silu_and_mul, attention) still split over the pool;
+ * 0: they run on the calling thread. With sleeping workers (OMP_WAIT_POLICY=PASSIVE) a
+ * parallel region pays for waking them, which can cost more than such an op's work. */
+extern int hs_small_par;
+
 typedef union { uint32_t u; float f; } hs_bits;
 
 static inline float bf16_to_f32(bf16_t h) {

@@ -86,7 +86,7 @@ void hs_silu_and_mul(const void *x, void *y, int T, int I, int bf16) {
      * are few (decode), whole rows otherwise */
     int per = (I + SILU_CHUNK - 1) / SILU_CHUNK;
     int64_t items = (int64_t)T * per;
-#pragma omp parallel for schedule(static) if (items >= 4)
+#pragma omp parallel for schedule(static) if (items >= 4 && (hs_small_par || T >= PAR_ROWS))
     for (int64_t it = 0; it < items; it++) {
         int t = (int)(it / per), c = (int)(it % per);
         int i0 = c * SILU_CHUNK, i1 = i0 + SILU_CHUNK < I ? i0 + SILU_CHUNK : I;

@@ -123,6 +123,15 @@ def step_profile(model: Path, backend: str, quant: str, steps: int, prompt: int 
         sweep[n] = sorted(st)[len(st) // 2] * 1e3
     torch.set_num_threads(full)
     hal.lib.hs_set_threads(full)
+    # the few-row ops (silu_and_mul, attention) on the calling thread instead of the pool
+    hal.lib.hs_set_small_parallel(0)
+    st = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        eng.step()
+        st.append(time.perf_counter() - t)
+    hal.lib.hs_set_small_parallel(1)
+    serial_small_ms = sorted(st)[len(st) // 2] * 1e3
     acc: dict = collections.defaultdict(lambda: [0, 0.0, 0])
 
     def wrap(op):
@@ -175,6 +184,7 @@ def step_profile(model: Path, backend: str, quant: str, steps: int, prompt: int 
     out = {"backend": backend, "quant": quant, "describe": hal.describe(), "weight_bytes": wbytes,
            "step_ms_min": ts[0] * 1e3, "step_ms_median": ts[len(ts) // 2] * 1e3, "tok_s": 1 / ts[len(ts) // 2],
            "step_ms_median_by_threads": {full: ts[len(ts) // 2] * 1e3, **sweep}, "file_backed_share": filed,
+           "step_ms_median_small_ops_serial": serial_small_ms,
            "step_ms_median_anonymous_weights": anon_ms,
            "wrapped_step_ms": sum(wt) / steps * 1e3, "ops_ms_per_step": in_ops * 1e3,
            "outside_ops_ms_per_step": (sum(wt) / steps - in_ops) * 1e3,
@@ -371,6 +381,8 @@ def main(argv=None) -> int:
                   + (f"; step with every weight copied to anonymous memory: "
                      f"{r['step_ms_median_anonymous_weights']:.1f} ms" if r["step_ms_median_anonymous_weights"] else "")
                   + "\n"
+                  f"   step with the few-row ops (silu_and_mul, attention) on one thread: "
+                  f"{r['step_ms_median_small_ops_serial']:.1f} ms\n"
                   f"   step ms median by threads: "
                   + ", ".join(f"{n}: {v:.1f}" for n, v in r["step_ms_median_by_threads"].items()), flush=True)
             for k, v in sorted(r["ops"].items(), key=lambda kv: -kv[1]["ms_per_step"]):

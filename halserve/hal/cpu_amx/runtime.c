@@ -2,6 +2,7 @@
  * ask (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); without it the first tile
  * instruction faults, so the probe asks here and falls back to AVX-512 when refused. */
 #include <omp.h>
+#include "common.h"
 #include <unistd.h>
 #include <errno.h>
 #include <sys/syscall.h>
@@ -22,6 +23,9 @@ int hs_amx_request(void) {
 }
 
 void hs_set_threads(int n) { omp_set_num_threads(n); }
+
+int hs_small_par = 1;
+void hs_set_small_parallel(int on) { hs_small_par = on != 0; }
 
 int hs_get_threads(void) { return omp_get_max_threads(); }
 
