@@ -156,6 +156,30 @@ def test_linear_plan_follows_the_weight_and_the_bare_call_matches():
     assert torch.equal(b.linear(x, pw), -first)
 
 
+def test_few_row_ops_on_one_thread_compute_the_same_bits():
+    """hs_set_small_parallel(0) runs a decode step's silu_and_mul and attention on the
+    calling thread: the same arithmetic, so the same bits."""
+    b = CpuAmxBackend()
+    g = torch.Generator().manual_seed(9)
+    q, kv, meta = C.paged_attention_case([300, 37], [1, 1], 16, 8, 2, 64, torch.bfloat16, g)
+    gu = torch.randn(2, 2 * 5632, generator=g).bfloat16()
+    outs = []
+    try:
+        for on in (1, 0):
+            b.lib.hs_set_small_parallel(on)
+            outs.append((b.attention(q, kv, meta, 0.125), b.silu_and_mul(gu)))
+    finally:
+        b.lib.hs_set_small_parallel(1)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert nmse(outs[1][0], _sdpa_ref(q, kv, meta)) < 1e-4
+
+
+def _sdpa_ref(q, kv, meta):
+    from halserve.hal import reference
+
+    return reference.attention(q, kv, meta, 0.125)
+
+
 def _meta(ctx_lens, q_lens, bs=16, window=None):
     from tests.models.test_models import metadata
 
