@@ -29,13 +29,17 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "from the checkpoint, else 1.0 (half the KV memory; docs/kv_cache_fp8.md)")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--batch-invariant", action="store_true")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule and launch step n+1 while step n runs (default: on where the backend has a "
+                        "device to overlap with and the options allow; on where it cannot is refused)")
     p.add_argument("--kv-offloading-size", type=float, default=0.0, help="host KV tier size in GiB")
     p.add_argument("--kv-offload-dir", default=None, help="filesystem KV tier directory")
     p.add_argument("--kv-offload-disk-size", type=float, default=16.0,
                    help="filesystem KV tier budget in GiB (default 16)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, vLLM\'s form: \'{"method": "ngram", "num_speculative_tokens": 4}\' '
-                        '(methods: ngram with prompt_lookup_max/min, draft_model with model)')
+                        '(methods: ngram with prompt_lookup_max/min, draft_model with model, eagle with model = '
+                        'an EAGLE head directory; callable from Python only)')
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -52,6 +56,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
             kw["speculative_config"] = json.loads(args.speculative_config)
         except ValueError as e:
             raise ValueError(f"--speculative-config {args.speculative_config!r} is not valid JSON ({e})") from None
+    if getattr(args, "async_scheduling", None) is not None:
+        kw["async_scheduling"] = args.async_scheduling
     if args.kv_cache_memory is not None:  # 0 or less is refused by name, not taken as unset
         kw["kv_cache_memory"] = int(args.kv_cache_memory * (1 << 30))
     if args.kv_offloading_size:

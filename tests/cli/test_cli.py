@@ -57,6 +57,8 @@ def test_generate_matches_llm(ckpt):
     (["generate", "{ckpt}", "--dtype", "int3"], "dtype"),
     (["generate", "{ckpt}", "--backend", "rocm"], "rocm"),  # no ROCm torch here: refused in one line
     (["generate", "{ckpt}", "--kv-offload-dir", "{ckpt}/kv", "--kv-offload-disk-size", "0"], "kv_offload_disk_bytes"),
+    # a host backend has nothing to overlap a step with: asking for async scheduling is refused
+    (["generate", "{ckpt}", "--backend", "native", "--async-scheduling", "--prompt", "x"], "async_scheduling"),
 ])
 def test_errors_are_one_line(ckpt, args, needle):
     r = halserve(*[a.format(ckpt=ckpt) for a in args])
