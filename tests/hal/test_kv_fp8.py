@@ -122,16 +122,22 @@ def _hard_values() -> torch.Tensor:
 
 
 @triton_only
+@pytest.mark.xfail(ON_GPU, strict=True, reason="on the H200 8-52 of ~10k bytes differ from torch's rule; "
+                   "the cuda backend's supports() sends an fp8 write_kv to native on a GPU until fixed")
 @pytest.mark.parametrize("ks,vs", [(1.0, 1.0), (0.37, 4.0)])
 def test_triton_write_kv_bytes_equal_native(cuda, ks, vs):
     """The kernel's rounding (ties to even, carries into the next binade, subnormals, signed
-    zeros, saturation) stores the very bytes of the torch rule."""
+    zeros, saturation) stores the very bytes of the torch rule. The kernel itself is called
+    (on a GPU the backend routes an fp8 write_kv to native)."""
     x = _hard_values().view(-1, 2, 32)
     t = x.shape[0]
     slots = torch.randperm(t + 8)[:t]
     slots[::7] = -1
     base = torch.randn(2, (t + 8 + 7) // 8, 8, 2, 32).to(FP8)
-    got = _write(cuda, x.to(DEV), (-x).to(DEV), base.clone().to(DEV), slots.to(DEV), ks, vs)
+    from halserve.hal.triton.elementwise import write_kv
+
+    got = base.clone().to(DEV)
+    write_kv(x.to(DEV), (-x).to(DEV), got, slots.to(DEV), ks, vs)
     want = _write(NativeBackend(), x, -x, base.clone(), slots, ks, vs)
     assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))
 
