@@ -11,15 +11,14 @@ OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false \
   HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 t0=$SECONDS
-hs() { python3 -c 'import sys; from halserve.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
 STEP_EXT=log
 . "$(dirname "$0")/step.sh"
 step e2e_1b 100 python3 bench/e2e_decode.py --preset llama-1b --variants bf16 --batch 8 --hf-peer \
   --json "$OUT/e2e_1b.json"
-step thr_1b 100 hs bench throughput --preset llama-1b --variants bf16 --num-prompts 1000 --hf-peer \
+step thr_1b 100 python3 -m halserve.cli bench throughput --preset llama-1b --variants bf16 --num-prompts 1000 --hf-peer \
   --hf-batch 64 --json "$OUT/thr_1b.json"
 step e2e_8b 140 python3 bench/e2e_decode.py --preset llama-8b --variants bf16 --batch 8 --hf-peer \
   --json "$OUT/e2e_8b.json"
-step thr_8b 130 hs bench throughput --preset llama-8b --variants bf16 --num-prompts 400 --hf-peer \
+step thr_8b 130 python3 -m halserve.cli bench throughput --preset llama-8b --variants bf16 --num-prompts 400 --hf-peer \
   --hf-batch 32 --json "$OUT/thr_8b.json"
 echo "=== done in $((SECONDS - t0))s"

@@ -12,13 +12,12 @@ OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false \
   HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 t0=$SECONDS
-hs() { python3 -c 'import sys; from halserve.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
 . "$(dirname "$0")/step.sh"
-STEP_TAIL=12 step conf_kv 20 hs conformance --backend cuda --op write_kv,attention --quick
+STEP_TAIL=12 step conf_kv 20 python3 -m halserve.cli conformance --backend cuda --op write_kv,attention --quick
 grep -E "kv=fp8|passed" "$OUT/conf_kv.txt" | head -12
 step tests_kv 30 python3 -m pytest -q -p no:cacheprovider tests/hal/test_kv_fp8.py tests/engine/test_kv_fp8.py \
   -k "not server and not cli and not offload and not bad_checkpoint"
-step gen_fp8 8 hs generate --kv-cache-dtype fp8 --max-num-seqs 4 --kv-cache-memory 1 --max-tokens 32 \
+step gen_fp8 8 python3 -m halserve.cli generate --kv-cache-dtype fp8 --max-num-seqs 4 --kv-cache-memory 1 --max-tokens 32 \
   --prompt "The capital of France is"
 step e2e_kv8 42 python3 bench/e2e_decode.py --preset llama-8b --num-layers 4 --variants bf16 --kv-cache-dtype auto,fp8 \
   --input-len 1024 --output-len 64 --batch 64 --json "$OUT/e2e_kv8.json"

@@ -6,8 +6,7 @@ OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false \
   HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 unset TRITON_INTERPRET
-hs() { python3 -c 'import sys; from halserve.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
 STEP_EXT=log STEP_TAIL=12
 . "$(dirname "$0")/step.sh"
-step thr_8b 95 hs bench throughput --preset llama-8b --variants bf16 --num-prompts 200 --hf-peer \
+step thr_8b 95 python3 -m halserve.cli bench throughput --preset llama-8b --variants bf16 --num-prompts 200 --hf-peer \
   --hf-batch 32 --json "$OUT/thr_8b.json"
