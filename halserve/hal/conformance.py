@@ -839,6 +839,14 @@ def _block_caches(b: Backend, p: dict, g: torch.Generator, nblocks: int):
     return _randn(g, *_kv_shape(b, nblocks, 16, 2, 64)).to(dt)
 
 
+def _blocks_of(cache: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """cache[:, ids], through a byte view for one-byte dtypes (torch 2.6, the riscv64
+    userland's, cannot index float8 tensors on the CPU)."""
+    if cache.element_size() == 1 and cache.dtype != torch.uint8:
+        return cache.view(torch.uint8)[:, ids].view(cache.dtype)
+    return cache[:, ids]
+
+
 def _run_swap_blocks(b: Backend, p: dict, g: torch.Generator, dev) -> Outcome:
     src0, dst0 = _block_caches(b, p, g, 12), _block_caches(b, p, g, 9)
     n = p["n"]
@@ -860,9 +868,9 @@ def _run_swap_blocks(b: Backend, p: dict, g: torch.Generator, dev) -> Outcome:
         b.swap_blocks(src, stage.transpose(0, 1), emap)
         b.synchronize()
         errors += _guard_errors(sbuf, stage.numel(), "the staging buffer")
-        n_bad += _mismatches(stage.transpose(0, 1), src0[:, mapping[:, 0]])
+        n_bad += _mismatches(stage.transpose(0, 1), _blocks_of(src0, mapping[:, 0]))
     else:  # staging rows -> device cache
-        stage = src0[:, ids].transpose(0, 1).contiguous()
+        stage = _blocks_of(src0, ids).transpose(0, 1).contiguous()
         dst2, buf2 = _guarded(tuple(dst0.shape), dst0.dtype, dev, fill=dst0.to(dev))
         emap = torch.stack([rows, mapping[:, 1]], dim=1)
         b.swap_blocks(stage.transpose(0, 1), dst2, emap)
