@@ -263,36 +263,7 @@ class EngineCore:
         except Exception as e:  # noqa: BLE001 - one row's fault must not end the others
             so, result = self._execute_rows_apart(so, e)
         t2 = time.perf_counter()
-        now = time.monotonic()
-        touched: dict[str, Request] = {}
-        to_save: list = []
-        j = 0
-        for s in so.scheduled:
-            seq = s.seq
-            if result.prompt_logprobs and seq.seq_id in result.prompt_logprobs:
-                self._add_prompt_logprobs(seq, *result.prompt_logprobs[seq.seq_id])
-            samples = s.samples
-            verified = result.spec.get(seq.seq_id) if result.spec else None
-            if verified is not None:
-                j += 1
-                self._append_verified(s, verified, now, to_save)
-                touched[seq.request_id] = self.requests[seq.request_id]
-                continue
-            seq.num_computed_tokens += s.num_new_tokens
-            new = self.kv.commit(seq)
-            if new:
-                to_save.extend(self.connector.blocks_to_save(seq, new))
-            if not samples:
-                continue
-            tok = result.tokens[j]
-            lp = result.logprobs[j]
-            j += 1
-            self._append_token(seq, tok, lp, now)
-            touched[seq.request_id] = self.requests[seq.request_id]
-        if self.proposer is not None:
-            for s in so.scheduled:
-                if s.seq.is_finished:
-                    self.proposer.finished(s.seq)
+        touched, to_save = self._take_rows(so, result)
         outs = self._outputs(touched, to_save)
         # host time outside the runner (scheduling, bookkeeping, outputs): what a device
         # waits on between steps when nothing overlaps it
@@ -435,6 +406,13 @@ class EngineCore:
 
     def _process_rows(self, so, result) -> list[RequestOutput]:
         """A synchronous step's results (rows run apart after a failed launch)."""
+        touched, to_save = self._take_rows(so, result)
+        self.steps_run += 1
+        return self._outputs(touched, to_save)
+
+    def _take_rows(self, so, result) -> tuple[dict, list]:
+        """Apply a synchronous step's results to its rows: computed tokens, KV commits, new
+        tokens or verified drafts; the requests touched and the blocks to save."""
         now = time.monotonic()
         touched: dict[str, Request] = {}
         to_save: list = []
@@ -443,7 +421,13 @@ class EngineCore:
             seq = s.seq
             if result.prompt_logprobs and seq.seq_id in result.prompt_logprobs:
                 self._add_prompt_logprobs(seq, *result.prompt_logprobs[seq.seq_id])
-            samples = s.samples
+            samples = s.samples  # read before num_computed_tokens moves: it derives from it
+            verified = result.spec.get(seq.seq_id) if result.spec else None
+            if verified is not None:
+                j += 1
+                self._append_verified(s, verified, now, to_save)
+                touched[seq.request_id] = self.requests[seq.request_id]
+                continue
             seq.num_computed_tokens += s.num_new_tokens
             new = self.kv.commit(seq)
             if new:
@@ -453,8 +437,11 @@ class EngineCore:
             self._append_token(seq, result.tokens[j], result.logprobs[j], now)
             j += 1
             touched[seq.request_id] = self.requests[seq.request_id]
-        self.steps_run += 1
-        return self._outputs(touched, to_save)
+        if self.proposer is not None:
+            for s in so.scheduled:
+                if s.seq.is_finished:
+                    self.proposer.finished(s.seq)
+        return touched, to_save
 
     def drain(self) -> list[RequestOutput]:
         """Finish the step in flight, if any (async scheduling)."""
