@@ -9,6 +9,7 @@ multiplies by the float32 it is given stores the very bytes the torch rule store
 from __future__ import annotations
 
 import functools
+import struct
 
 import torch
 
@@ -40,7 +41,7 @@ def is_fp8(dtype) -> bool:
 @functools.lru_cache(maxsize=1024)
 def inv_scale(scale: float) -> float:
     """1 / scale rounded to float32: the multiplier every writer uses."""
-    return float(torch.tensor(1.0 / float(scale), dtype=torch.float32))
+    return struct.unpack("f", struct.pack("f", 1.0 / float(scale)))[0]  # no tensor: nothing for a graph capture to see
 
 
 def quantize_kv(x: torch.Tensor, scale: float) -> torch.Tensor:

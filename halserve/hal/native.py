@@ -313,8 +313,11 @@ class NativeBackend(Backend):
                 flat, src = _raw(flat), _raw(quantize_kv(src, sc))
             else:
                 src = src.to(flat.dtype)
-            donor_slot = torch.where(any_valid, slots[donor], torch.zeros_like(slots[donor]))
-            donor_val = torch.where(any_valid, src[donor], flat[0])
+            # index_select with a one-element index tensor: indexing by a 0-dim tensor would
+            # read it on the host, which a CUDA graph capture forbids
+            d = donor.view(1)
+            donor_slot = torch.where(any_valid, slots.index_select(0, d), torch.zeros_like(d))
+            donor_val = torch.where(any_valid, src.index_select(0, d), flat[0])
             idx = torch.where(valid, slots, donor_slot)
             vals = torch.where(valid[:, None, None], src, donor_val)
             flat.index_copy_(0, idx, vals)
