@@ -132,9 +132,9 @@ class AsyncLLM:
     def _run_cmd(self, cmd) -> None:
         kind = cmd[0]
         if kind == "add":
-            _, rid, prompt, params, fut = cmd
+            _, rid, prompt, params, kind, fut = cmd
             try:
-                self.engine.add_request(rid, prompt, params)
+                self.engine.add_request(rid, prompt, params, output_kind=kind)
                 fut.set_result(None)
             except Exception as e:  # bad input goes back to the caller
                 fut.set_exception(e)
@@ -181,8 +181,10 @@ class AsyncLLM:
             self._metrics = self.engine.get_metrics()
 
     # ---- asyncio side ---------------------------------------------------------------------------
-    async def generate(self, prompt, sampling_params: SamplingParams | None, request_id: str
-                       ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt, sampling_params: SamplingParams | None, request_id: str,
+                       output_kind: str = "cumulative") -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as the engine makes them; ``output_kind`` as vLLM's
+        ``RequestOutputKind`` (``cumulative``, ``delta`` or ``final``: engine/outputs.py)."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -192,7 +194,7 @@ class AsyncLLM:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         finished = False
         try:
-            self._cmds.put(("add", request_id, prompt, sampling_params or SamplingParams(), fut))
+            self._cmds.put(("add", request_id, prompt, sampling_params or SamplingParams(), output_kind, fut))
             await asyncio.wrap_future(fut)
             while True:
                 item = await q.get()

@@ -46,3 +46,29 @@ class RequestOutput:
     prompt_logprobs: list | None = None
     metrics: RequestMetrics | None = field(default=None)
     num_cached_tokens: int = 0
+
+
+def accumulate(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Fold a ``delta`` output into ``acc`` (None: the first one), giving what a ``cumulative``
+    output would have said: for a consumer that wants the whole result at the end but the
+    engine's per-step work proportional to what changed."""
+    if acc is None:
+        acc = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids, [], False)
+    by_index = {c.index: c for c in acc.outputs}
+    for c in delta.outputs:
+        a = by_index.get(c.index)
+        if a is None:
+            a = CompletionOutput(c.index, "", [], None, [] if c.logprobs is not None else None)
+            by_index[c.index] = a
+            acc.outputs.append(a)
+        a.text += c.text
+        a.token_ids.extend(c.token_ids)
+        if c.logprobs is not None:
+            a.logprobs = (a.logprobs or []) + list(c.logprobs)
+        a.cumulative_logprob = c.cumulative_logprob
+        a.finish_reason, a.stop_reason = c.finish_reason, c.stop_reason
+    acc.finished = delta.finished
+    if delta.prompt_logprobs is not None:
+        acc.prompt_logprobs = delta.prompt_logprobs
+    acc.metrics, acc.num_cached_tokens = delta.metrics, delta.num_cached_tokens
+    return acc

@@ -163,8 +163,9 @@ class RequestTracker:
         self.done = False
 
     def on_output(self, out: Any) -> None:
-        n = sum(len(c.token_ids) for c in out.outputs)
-        new = n - self.num_tokens
+        """``out``: a delta output (its token ids are the new ones)."""
+        new = sum(len(c.token_ids) for c in out.outputs)
+        n = self.num_tokens + new
         if new <= 0:
             return
         t = time.perf_counter()

@@ -7,8 +7,8 @@
 Flow of one request: parse and validate (400 on any bad field) -> tokenize in a worker thread
 -> check lengths -> ``engine.generate`` per prompt, merged when a completion has several
 prompts -> wait for the first output (so engine-side rejections are still a clean 4xx) ->
-JSON body or SSE chunks whose text is the difference between successive cumulative
-``RequestOutput``s. A request whose client goes away is aborted, which frees its KV blocks.
+JSON body, or SSE chunks carrying the engine's ``delta`` outputs (the engine holds back
+text that may start a stop string, so stop strings are dealt with in one place). A request whose client goes away is aborted, which frees its KV blocks.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from halserve.engine.outputs import accumulate
 from halserve.server import protocol as P
 from halserve.server.metrics import CONTENT_TYPE, ServerMetrics
 
@@ -322,7 +323,8 @@ class OpenAIServer:
 
     async def _outputs(self, prompts: list[tuple[str | None, list[int]]], params, base_id: str,
                        arrival: float) -> AsyncIterator[tuple[int, Any]]:
-        """(prompt index, cumulative RequestOutput) for every engine step, all prompts merged."""
+        """(prompt index, delta RequestOutput) for every engine step, all prompts merged: the engine
+        sends what is new (text that may start a stop string held back), never the whole sequence."""
         ids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
         trackers = [self.metrics.track(arrival) for _ in prompts]
         finished: set[int] = set()
@@ -334,7 +336,7 @@ class OpenAIServer:
         tasks: list[asyncio.Task] = []
         try:
             if len(prompts) == 1:
-                async with aclosing(self.engine.generate(engine_prompt(0), params, ids[0])) as gen:
+                async with aclosing(self.engine.generate(engine_prompt(0), params, ids[0], "delta")) as gen:
                     async for out in gen:
                         trackers[0].on_output(out)
                         if out.finished:
@@ -345,7 +347,7 @@ class OpenAIServer:
 
             async def pump(i: int) -> None:
                 try:
-                    async with aclosing(self.engine.generate(engine_prompt(i), params, ids[i])) as gen:
+                    async with aclosing(self.engine.generate(engine_prompt(i), params, ids[i], "delta")) as gen:
                         async for out in gen:
                             queue.put_nowait((i, out))
                     queue.put_nowait((i, None))
@@ -390,14 +392,15 @@ class OpenAIServer:
 
     async def _collect(self, request: Request, gen: AsyncIterator, first: tuple[int, Any],
                        num_prompts: int) -> list[Any]:
-        """The final RequestOutput per prompt; the request is aborted if the client leaves."""
+        """The whole RequestOutput per prompt (its deltas folded); the request is aborted if the
+        client leaves."""
         final: list[Any] = [None] * num_prompts
 
         async def drain():
             i, out = first
-            final[i] = out
+            final[i] = accumulate(None, out)
             async for i, out in gen:
-                final[i] = out
+                final[i] = accumulate(final[i], out)
 
         try:
             await _until_disconnect(request, drain())
@@ -470,7 +473,6 @@ class OpenAIServer:
     async def _completion_stream(self, req: P.CompletionRequest, model: str, rid: str, created: int,
                                  prompts, gen: AsyncIterator, first) -> AsyncIterator[str]:
         states: dict[int, _ChoiceState] = {}
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         n_prompt = {}
 
         def chunk(choices: list[dict], usage: dict | None = None) -> str:
@@ -494,15 +496,14 @@ class OpenAIServer:
                 for c in out.outputs:
                     idx = i * req.n + c.index
                     st = states.setdefault(idx, _ChoiceState())
-                    tokens_before = st.num_tokens
-                    delta, new_lps = st.advance(c, stops if not req.include_stop_str_in_output else [])
+                    delta, new_lps = st.advance(c)
                     if st.num_sent_chunks == 0 and req.echo:
                         delta = (prompts[i][0] or "") + delta
                     if not delta and not new_lps and not st.finish_now:
                         continue
                     lp = None
                     if req.logprobs is not None:
-                        lp = self._completion_logprobs(new_lps, c.token_ids[tokens_before:], req.logprobs,
+                        lp = self._completion_logprobs(new_lps, c.token_ids, req.logprobs,
                                                        st.offset_before)
                     st.num_sent_chunks += 1
                     cont = usage_now() if req.stream_options and req.stream_options.continuous_usage_stats else None
@@ -608,7 +609,6 @@ class OpenAIServer:
 
     async def _chat_stream(self, req: P.ChatCompletionRequest, model: str, rid: str, created: int,
                            gen: AsyncIterator, first) -> AsyncIterator[str]:
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         states = {i: _ChoiceState() for i in range(req.n)}
         n_prompt = len(first[1].prompt_token_ids)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
@@ -635,12 +635,11 @@ class OpenAIServer:
             async for _, out in items():
                 for c in out.outputs:
                     st = states[c.index]
-                    tokens_before = st.num_tokens
-                    delta, new_lps = st.advance(c, stops if not req.include_stop_str_in_output else [])
+                    delta, new_lps = st.advance(c)
                     if not delta and not new_lps and not st.finish_now:
                         continue
                     choice = {"index": c.index, "delta": {"content": delta} if delta or not st.finish_now else {},
-                              "logprobs": {"content": self._chat_logprobs(new_lps, c.token_ids[tokens_before:],
+                              "logprobs": {"content": self._chat_logprobs(new_lps, c.token_ids,
                                                                           req.top_logprobs or 0)}
                               if req.logprobs else None,
                               "finish_reason": c.finish_reason if st.finish_now else None}
@@ -723,7 +722,7 @@ class OpenAIServer:
 # ---- streaming state ----------------------------------------------------------------------------
 
 class _ChoiceState:
-    """What one choice has streamed so far, to turn cumulative outputs into deltas."""
+    """What one choice has streamed so far (text offsets, tokens, whether it has finished)."""
 
     __slots__ = ("text_sent", "num_tokens", "finished", "finish_now", "num_sent_chunks", "offset_before")
 
@@ -735,34 +734,17 @@ class _ChoiceState:
         self.num_sent_chunks = 0
         self.offset_before = 0
 
-    def advance(self, c: Any, stops: list[str]) -> tuple[str, list]:
-        """(new text, new per-token logprobs) for output ``c``; sets ``finish_now`` once."""
+    def advance(self, c: Any) -> tuple[str, list]:
+        """(new text, new per-token logprobs) of delta output ``c``; sets ``finish_now`` once."""
         self.finish_now = False
         if self.finished:
             return "", []
-        new_lps = list(c.logprobs[self.num_tokens:]) if c.logprobs is not None else []
-        self.num_tokens = len(c.token_ids)
-        done = c.finish_reason is not None
-        text = c.text
-        # Hold back a tail that may be the start of a stop string: the engine truncates the
-        # text when the stop completes, and streamed text cannot be taken back.
-        end = len(text) if done else len(text) - _partial_stop_len(text, stops)
-        delta = text[self.text_sent:end] if end > self.text_sent else ""
+        self.num_tokens += len(c.token_ids)
         self.offset_before = self.text_sent
-        self.text_sent = max(self.text_sent, end)
-        if done:
+        self.text_sent += len(c.text)
+        if c.finish_reason is not None:
             self.finished = self.finish_now = True
-        return delta, new_lps
-
-
-def _partial_stop_len(text: str, stops: list[str]) -> int:
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
+        return c.text, list(c.logprobs or ())
 
 
 def _top(d: dict, k: int) -> list[tuple[int, Any]]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from halserve import LLM, AsyncLLM, SamplingParams
+from halserve.engine.outputs import accumulate
 from tests.helpers.checkpoints import PRESETS, make_checkpoint
 
 PROMPTS = [
@@ -238,6 +239,12 @@ def test_delta_outputs_add_up_to_the_cumulative_ones(ckpts):
         assert sum((d.token_ids for d in deltas), []) == cum.token_ids
         assert "".join(d.text for d in deltas) == cum.text
         assert all(len(d.token_ids) <= 1 for d in deltas)  # never the whole sequence again
+        acc = None
+        for o in steps["delta"]:  # what the server does for a non-streaming request
+            acc = accumulate(acc, o)
+        got = acc.outputs[0]
+        assert (got.text, got.token_ids, got.logprobs, got.finish_reason, got.stop_reason, acc.finished) == \
+            (cum.text, cum.token_ids, cum.logprobs, cum.finish_reason, cum.stop_reason, True)
         if sp.logprobs is not None:
             assert sum((d.logprobs for d in deltas), []) == cum.logprobs
         if sp.stop:

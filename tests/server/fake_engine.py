@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 from halserve.engine.outputs import CompletionOutput, RequestOutput
 from halserve.engine.sampling import Logprob
+from halserve.engine.tokenizer import partial_stop_len
 
 VOCAB = 256
 EOS = 0
@@ -55,7 +56,30 @@ class FakeEngine:
             self.active.discard(request_id)
             self.aborted.append(request_id)
 
-    async def generate(self, prompt, params, request_id):
+    async def generate(self, prompt, params, request_id, output_kind="cumulative"):
+        """Cumulative outputs, or (``delta``) what is new since the last one with text that may
+        start a stop string held back, as EngineCore makes them."""
+        sent = [(0, 0, 0)] * params.n  # tokens, characters, logprobs sent per choice
+        async for out in self._cumulative(prompt, params, request_id):
+            if output_kind == "cumulative":
+                yield out
+                continue
+            if output_kind == "final" and not out.finished:
+                continue
+            outs = []
+            for c in out.outputs:
+                nt, nc, nl = sent[c.index] if output_kind == "delta" else (0, 0, 0)
+                end = len(c.text)
+                if c.finish_reason is None and params.stop:
+                    end -= partial_stop_len(c.text, params.stop)
+                end = max(end, nc)
+                lps = c.logprobs[nl:] if c.logprobs is not None else None
+                outs.append(CompletionOutput(c.index, c.text[nc:end], c.token_ids[nt:], None, lps,
+                                             c.finish_reason))
+                sent[c.index] = (len(c.token_ids), end, nl + len(lps or ()))
+            yield RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, outs, out.finished)
+
+    async def _cumulative(self, prompt, params, request_id):
         ids = prompt["prompt_token_ids"]
         if len(ids) >= self.max_model_len:
             raise ValueError("prompt too long (engine check)")

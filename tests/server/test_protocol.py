@@ -9,7 +9,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from halserve.server.openai import _partial_stop_len, build_app
+from halserve.server.openai import build_app
 from tests.server.fake_engine import FakeEngine
 
 
@@ -218,12 +218,6 @@ def test_stream_holds_back_partial_stop_string(http):
                                                        "stop": ["cd"]}).text)
     assert "".join(e["choices"][0]["text"] for e in ev) == "ab"
     assert ev[-1]["choices"][0]["finish_reason"] == "stop"
-
-
-def test_partial_stop_len():
-    assert _partial_stop_len("hello wor", ["world"]) == 3
-    assert _partial_stop_len("hello", ["xyz", "lo!"]) == 2
-    assert _partial_stop_len("abc", []) == 0
 
 
 def test_chat_logprobs_shape(http):
