@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from halserve.hal.cpu_amx import quant
+from halserve.hal.cpu_amx import prefill, quant
 from halserve.hal.cpu_amx.tiers import SCORES, choose
 from halserve.hal.interface import AttentionMetadata, Capabilities, MoeSpec, PackedWeight, ProbeResult
 from halserve.hal.native import NativeBackend, route
@@ -271,6 +271,9 @@ class CpuAmxBackend(NativeBackend):
         kv_cache = _ready(kv_cache)
         qc = _ready(q)
         dst = out if out is not None and out.is_contiguous() else torch.empty_like(qc)
+        if not self.batch_invariant and kv_cache.dtype == qc.dtype and prefill.long_seqs(meta):
+            prefill.attention(self, qc, kv_cache, meta, scale, dst)  # torch's flash kernel for long prompts
+            return dst if out is None or dst is out else out.copy_(dst)
         cu = _ready(meta.cu_seqlens_q, torch.int32)
         sl = _ready(meta.seq_lens, torch.int32)
         bt = _ready(meta.block_tables, torch.int32)

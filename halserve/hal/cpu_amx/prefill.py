@@ -1,0 +1,95 @@
+"""Prefill attention for cpu_amx: torch's CPU flash attention on each long sequence's K/V
+gathered from the paged cache.
+
+The C kernel (attention.c) computes one query row at a time in fp32 with AVX-512 dots: right
+for decode, where a row reads its keys once, but a 1024-token prefill does ~T^2 row dots per
+head, and there it ran 7x slower than ``scaled_dot_product_attention`` (whose CPU flash kernel
+blocks queries and keys and runs QK^T and PV as bf16 GEMMs: AMX tiles where the CPU has them).
+Gathering a sequence's K/V is one ``index_select`` of its blocks, a few MB at most, which is
+small beside the T^2 work it feeds.
+
+Only sequences with at least ``LONG_Q`` query rows go this way; shorter ones (decode, a few
+speculative tokens) stay in the C kernel, called once per run of consecutive short sequences.
+Batch-invariant mode never comes here: the C kernel's rows do not depend on how the queries
+were chunked, a blocked GEMM's need not."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from halserve.hal.interface import AttentionMetadata
+
+LONG_Q = 32  # query rows of one sequence from which the flash kernel beats the C one
+_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # torch >= 2.5
+
+
+def long_seqs(meta: AttentionMetadata) -> bool:
+    return max(meta.query_lens_host, default=0) >= LONG_Q
+
+
+def _gather(half: torch.Tensor, table: torch.Tensor, slen: int, bs: int) -> torch.Tensor:
+    """[Hk, slen, D] view of one sequence's keys (or values) from half [blocks, bs, Hk, D]."""
+    nblk = -(-slen // bs)
+    rows = half.index_select(0, table[:nblk]).reshape(nblk * bs, *half.shape[2:])[:slen]
+    return rows.transpose(0, 1)
+
+
+def _mask(qlen: int, slen: int, window: int) -> "torch.Tensor | None":
+    """Bottom-right causal (query i sits at position slen - qlen + i) with an optional sliding
+    window; None when plain top-left causal says the same (no cached prefix, no window cut)."""
+    if qlen == slen and not (window and window < slen):
+        return None
+    pos = torch.arange(slen - qlen, slen)[:, None]
+    key = torch.arange(slen)[None, :]
+    vis = key <= pos
+    if window:
+        vis &= key > pos - window
+    return vis
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: "torch.Tensor | None",
+           scale: float) -> torch.Tensor:
+    """q [qlen, Hq, D], k/v [Hk, slen, D] -> [qlen, Hq, D]."""
+    qh = q.transpose(0, 1)[None]
+    kh, vh = k[None], v[None]
+    group = q.shape[1] // k.shape[0]
+    kw = {}
+    if group > 1:
+        if _GQA:
+            kw["enable_gqa"] = True
+        else:
+            kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
+    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None, scale=scale, **kw)
+    return o[0].transpose(0, 1)
+
+
+def attention(backend, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+              dst: torch.Tensor) -> torch.Tensor:
+    """Fill ``dst`` [T, Hq, D] (contiguous): long sequences through ``_flash``, each run of
+    short ones through ``backend.attention`` (the C kernel) on its slice."""
+    qlens, slens = meta.query_lens_host, meta.seq_lens_host
+    window = int(meta.sliding_window or 0)
+    starts = [0]
+    for n in qlens:
+        starts.append(starts[-1] + n)
+    i, n = 0, len(qlens)
+    while i < n:
+        if qlens[i] >= LONG_Q:
+            q0, q1, slen = starts[i], starts[i + 1], slens[i]
+            table = meta.block_tables[i]
+            k = _gather(kv_cache[0], table, slen, meta.block_size)
+            v = _gather(kv_cache[1], table, slen, meta.block_size)
+            dst[q0:q1] = _flash(q[q0:q1], k.to(q.dtype), v.to(q.dtype), _mask(q1 - q0, slen, window), scale)
+            i += 1
+            continue
+        j = i
+        while j < n and qlens[j] < LONG_Q:
+            j += 1
+        q0, q1 = starts[i], starts[j]
+        cu = meta.cu_seqlens_q[i:j + 1]
+        sub = AttentionMetadata(cu - cu[0], meta.seq_lens[i:j], meta.block_tables[i:j], meta.slot_mapping[q0:q1],
+                                max(qlens[i:j]), max(slens[i:j]), qlens[i:j], slens[i:j], meta.block_size,
+                                0, meta.sliding_window)
+        backend.attention(q[q0:q1], kv_cache, sub, scale, out=dst[q0:q1])
+        i = j
+    return dst
