@@ -132,9 +132,9 @@ class AsyncLLM:
     def _run_cmd(self, cmd) -> None:
         kind = cmd[0]
         if kind == "add":
-            _, rid, prompt, params, kind, fut = cmd
+            _, rid, prompt, params, output_kind, fut = cmd
             try:
-                self.engine.add_request(rid, prompt, params, output_kind=kind)
+                self.engine.add_request(rid, prompt, params, output_kind=output_kind)
                 fut.set_result(None)
             except Exception as e:  # bad input goes back to the caller
                 fut.set_exception(e)

@@ -129,7 +129,3 @@ def hardware_facts() -> dict:
     except Exception as e:  # belt and braces: probing must never take the process down
         return {"cpu": {}, "gpus": [], "error": f"{type(e).__name__}: {e}"}
 
-
-def has_cpu_flags(*names: str) -> bool:
-    flags = hardware_facts().get("cpu", {}).get("flags") or []
-    return all(n in flags for n in names)
