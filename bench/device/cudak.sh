@@ -15,7 +15,7 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OF
 unset TRITON_INTERPRET
 . "$(dirname "$0")/step.sh"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -2
-STEP_TAIL=40 step cudak_sweep 90 python3 bench/skinny_gemm.py --sweep --warm 14 --budget 52 \
+[ "${CUDAK_SWEEP_PARTS:-}" = none ] || STEP_TAIL=40 step cudak_sweep 90 python3 bench/skinny_gemm.py --sweep --warm 14 --budget 52 \
     --parts "${CUDAK_SWEEP_PARTS:-fp8,bi}" --json "$OUT/cudak_sweep.json"
 step cudak_e2e_8b 125 python3 bench/e2e_decode.py --preset llama-8b --variants fp8,bf16,bf16-bi \
     --batches 64,256 --bi-batches 64 --profile 6 --json "$OUT/cudak_e2e_8b.json"
