@@ -10,7 +10,7 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TOKENIZER
 unset TRITON_INTERPRET
 . "$(dirname "$0")/step.sh"
 ( export CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=8 HALSERVE_CACHE_DIR=/tmp/halserve-cache
-  timeout -k 5 320 taskset -c 8-15 python3 -m pytest -q -p no:cacheprovider tests/hal/test_cpu_amx.py \
+  timeout -k 5 320 taskset -c 8-15 python3 -m pytest -q -p no:cacheprovider tests/hal/test_cpu_amx*.py \
     > "$OUT/amx_tests.txt" 2>&1; echo "rc=$?" >> "$OUT/amx_tests.txt" ) &
 STEP_TAIL=4 step conf_full 190 taskset -c 0-7 python3 -m halserve conformance --backend cuda
 grep -c "PASS" "$OUT/conf_full.txt"; grep -E "FAIL|REFUSED" "$OUT/conf_full.txt" | head -20
