@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from halserve.hal.cpu_amx import prefill
+from halserve.hal.cpu_amx import prefill, quant
 from tests.hal.test_cpu_amx import RUNNABLE, _meta, nmse
 
 pytestmark = pytest.mark.skipif(not RUNNABLE, reason="cpu_amx needs an x86-64 CPU with AVX2 and FMA")
@@ -77,3 +77,38 @@ def test_batch_invariant_mode_keeps_the_c_kernel():
     finally:
         prefill._flash = real
     assert nmse(out, reference(q, cache, meta, 0.125)) < 1e-10
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int4_g32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequant_rows_are_bitwise_torchs_dequant(scheme, dtype):
+    """The C dequantizer writes exactly (q.float() * scale).to(dtype), row block by row block."""
+    from halserve.hal.cpu_amx.backend import CpuAmxBackend
+
+    b = CpuAmxBackend()
+    w = b.pack_weight(torch.randn(200, 1536, generator=torch.Generator().manual_seed(6)), scheme)
+    _, kind, wp, sp, group, _, _ = b._plan(w)
+    ref = quant.dequant_any(w, dtype)
+    got = torch.full_like(ref, float("nan"))
+    for n0, n1 in ((0, 7), (7, 150), (150, 200)):
+        b.lib.hs_dequant_rows(wp, kind, sp, group, 1536, n0, n1, got[n0:].data_ptr(), int(dtype == torch.bfloat16))
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_large_m_quantized_linear_in_row_tiles(monkeypatch, scheme):
+    """Prefill-size M: tiles of dequantized rows through the GEMM equal one GEMM on the whole
+    dequantized weight (to the GEMM's own rounding), bias included, for several tile sizes."""
+    from halserve.hal.cpu_amx.backend import CpuAmxBackend
+
+    b = CpuAmxBackend()
+    g = torch.Generator().manual_seed(7)
+    w = b.pack_weight(torch.randn(300, 256, generator=g) * 0.05, scheme)
+    x = torch.randn(64, 256, generator=g).to(torch.bfloat16)
+    bias = torch.randn(300, generator=g).to(torch.bfloat16)
+    ref = (x.double() @ quant.dequant_any(w, torch.bfloat16).double().T + bias.double())
+    for tile in (1 << 30, 64 * 256 * 2, 128 * 256 * 2):
+        monkeypatch.setattr(quant, "TILE_BYTES", tile)
+        y = b.linear(x, w, bias)
+        assert y.shape == (64, 300) and y.dtype == torch.bfloat16
+        assert nmse(y, ref) < 3e-5, tile

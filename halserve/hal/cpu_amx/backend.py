@@ -6,8 +6,12 @@ Which path runs where (``describe()`` says it at start-up):
   exact int32 dots; int4 group-wise).
 - linear, larger M (prefill, big batches): torch's oneDNN GEMM (F.linear), which reaches the
   AMX tiles for bf16 on AMX hosts (check ONEDNN_VERBOSE=1); int8/int4 weights are
-  dequantized in one pass first. W8A8 always runs the integer C kernel.
-- attention (split over heads and key spans for decode), rms_norm (+ residual), rotary,
+  dequantized by a C pass into a kept buffer, a block of rows at a time (quant.linear_tiled).
+  W8A8 always runs the integer C kernel.
+- attention: sequences with many query rows (prefill) through torch's CPU flash kernel on
+  their gathered K/V (prefill.py), unless batch-invariant; the rest in C (split over heads
+  and key spans for decode).
+- rms_norm (+ residual), rotary,
   silu_and_mul, write_kv, moe (routing in torch, experts' GEMMs in C): C kernels.
 - sample, swap_blocks, copy_blocks: native (torch), said so by ``supports``.
 """
@@ -174,8 +178,8 @@ class CpuAmxBackend(NativeBackend):
         n = w.out_features
         small = SMALL_M if w.scheme == "none" else SMALL_M_QUANT
         if m > small and not self.batch_invariant and kind != 4:
-            y = F.linear(x, quant.dequant_any(w, x.dtype) if w.scheme != "none" else w.weight.to(x.dtype),
-                         bias)
+            y = (F.linear(x, w.weight.to(x.dtype), bias) if w.scheme == "none"
+                 else quant.linear_tiled(self.lib, x.contiguous(), w, kind, wp, sp, group, bias))
             return y if out is None else out.copy_(y)
         xc = x if x.is_contiguous() else x.contiguous()
         bf = None if bias is None else bias.float().contiguous()

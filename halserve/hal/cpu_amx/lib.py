@@ -10,7 +10,7 @@ from pathlib import Path
 from halserve.hal.cbuild import CBuildError, load_library
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / n for n in ("linear.c", "ops.c", "attention.c", "moe.c", "runtime.c")]
+SOURCES = [HERE / n for n in ("linear.c", "ops.c", "attention.c", "moe.c", "gemm_dequant.c", "runtime.c")]
 
 TIERS = ("amx", "avx512", "avx2")
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
@@ -43,6 +43,7 @@ void hs_silu_and_mul(P x, P y, int T, int I, int bf16);
 void hs_write_kv(P key, P value, P kcache, P vcache, P slots, int T, int64_t row);
 void hs_attention(P q, P kc, P vc, P out, P cu_q, P seq_lens, P tables, int max_blocks, int num_seqs, int T, int Hq,
                   int Hk, int D, int bs, int window, float scale, int qbf16, int max_seqlen_k, int bf16);
+void hs_dequant_rows(P w, int kind, P scale, int group, int K, int n0, int n1, P dst, int bf16);
 void hs_moe_small(P x, int T, int H, int I, int topk, P ids, P tw, P w13, P s13, P w2, P s2, int kind, int rb,
                   P gu, P act, P y, P out);
 int hs_amx_request(void);
