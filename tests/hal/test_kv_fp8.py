@@ -121,25 +121,68 @@ def _hard_values() -> torch.Tensor:
     return x[:n]
 
 
-@triton_only
-@pytest.mark.xfail(ON_GPU, strict=True, reason="on the H200 8-52 of ~10k bytes differ from torch's rule; "
-                   "the cuda backend's supports() sends an fp8 write_kv to native on a GPU until fixed")
-@pytest.mark.parametrize("ks,vs", [(1.0, 1.0), (0.37, 4.0)])
-def test_triton_write_kv_bytes_equal_native(cuda, ks, vs):
-    """The kernel's rounding (ties to even, carries into the next binade, subnormals, signed
-    zeros, saturation) stores the very bytes of the torch rule. The kernel itself is called
-    (on a GPU the backend routes an fp8 write_kv to native)."""
-    x = _hard_values().view(-1, 2, 32)
+def _triton_and_native(x: torch.Tensor, ks: float, vs: float, heads: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x as keys and -x as values through the Triton kernel (DEV) and native (CPU), into a
+    random fp8 cache, every row of x stored, with padding rows (slot -1) of 7.0 shuffled in:
+    both caches as bytes."""
+    x = x.view(-1, heads, cols)
     t = x.shape[0]
-    slots = torch.randperm(t + 8)[:t]
-    slots[::7] = -1
-    base = torch.randn(2, (t + 8 + 7) // 8, 8, 2, 32).to(FP8)
+    g = torch.Generator().manual_seed(5)
+    npad = 3
+    order = torch.randperm(t + npad, generator=g)
+    x = torch.cat([x, torch.full((npad, heads, cols), 7.0, dtype=x.dtype)])[order]
+    slots = torch.cat([torch.randperm(t + 8, generator=g)[:t], torch.full((npad,), -1)])[order]
+    base = torch.randn(2, (t + 8 + 7) // 8, 8, heads, cols, generator=g).to(FP8)
     from halserve.hal.triton.elementwise import write_kv
 
     got = base.clone().to(DEV)
-    write_kv(x.to(DEV), (-x).to(DEV), got, slots.to(DEV), ks, vs)
+    write_kv(x.to(DEV), (-x).to(DEV), got, slots.to(DEV), ks, vs)  # the kernel itself, not supports()
     want = _write(NativeBackend(), x, -x, base.clone(), slots, ks, vs)
-    assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))
+    return got.cpu().view(torch.uint8), want.view(torch.uint8)
+
+
+@triton_only
+@pytest.mark.parametrize("ks,vs", [(1.0, 1.0), (0.37, 4.0), (0.002, 3.1)])
+def test_triton_write_kv_bytes_equal_native(cuda, ks, vs):
+    """The kernel's rounding (ties to even, carries into the next binade, subnormals, signed
+    zeros, saturation, inf, NaN) stores the very bytes of the torch rule, scales included."""
+    nan = torch.tensor([math.nan, math.inf, -math.inf, 0.0])
+    x = torch.cat([_hard_values(), nan, -nan.abs(), torch.zeros(56)])  # -abs: a NaN with the sign bit set
+    got, want = _triton_and_native(x, ks, vs, 2, 32)
+    assert torch.equal(got, want), f"{int((got != want).sum())} of {got.numel()} bytes differ"
+
+
+def _fp32_sweep() -> torch.Tensor:
+    """fp32 values by bit pattern: every 64th pattern over [2^-12, 512] (every binade e4m3
+    rounds in, its subnormals, the saturation edge and past it), and every pattern within 2 of
+    each midpoint between neighbouring e4m3 values (the ties and their neighbours)."""
+    lo, hi = (torch.tensor([2.0 ** -12, 512.0]).view(torch.int32)).tolist()
+    sweep = torch.arange(lo, hi + 1, 64, dtype=torch.int32)
+    grid = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8).float()
+    grid = grid[torch.isfinite(grid) & (grid >= 0)].unique()
+    mids = ((grid[1:] + grid[:-1]) / 2).view(torch.int32)  # exact: one more bit than e4m3's
+    near = (mids[:, None] + torch.arange(-2, 3, dtype=torch.int32)).flatten()
+    return torch.cat([sweep, near]).view(torch.float32)
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_e4m3_store_is_exhaustive_against_torch(cuda, dtype):
+    """The integer encoder against torch's cast over whole value classes: for fp32 inputs the
+    sweep of _fp32_sweep (both signs: keys x, values -x); for bf16 and fp16 inputs every one of
+    the 65536 bit patterns (subnormals, inf and NaN included). Scale 1: the stored byte is
+    the encoder's answer for exactly these values."""
+    if dtype == torch.float32:
+        x = _fp32_sweep()
+    else:
+        x = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    # the interpreter's cost is per op, not per element: few programs of 64k elements each; a
+    # GPU compiles rows that size slowly, and small ones run fast there
+    heads, cols = (2, 512) if ON_GPU else (16, 4096)
+    x = torch.cat([x.to(dtype), torch.zeros(-x.numel() % (heads * cols), dtype=dtype)])
+    got, want = _triton_and_native(x, 1.0, 1.0, heads, cols)
+    bad = (got != want).nonzero()
+    assert bad.numel() == 0, f"{bad.shape[0]} of {got.numel()} bytes differ"
 
 
 @triton_only
@@ -201,3 +244,7 @@ def test_cpu_backends_send_an_fp8_cache_to_native():
             assert str(ans).startswith("native fallback"), (cls.name, op, ans)
             # and a model-dtype cache still runs their kernels
             assert cls.supports(_Bare(cls), op, **{**spec, "kv_dtype": torch.bfloat16}) is True, (cls.name, op)
+    # the start-up line says so: its accelerated list is for a model-dtype cache
+    amx = _Bare(CpuAmxBackend)
+    amx.tier, amx.threads, amx.batch_invariant, amx.device = "amx", 1, False, "cpu"
+    assert CpuAmxBackend.describe(amx).endswith(" fp8-kv-cache=native[write_kv, attention]")

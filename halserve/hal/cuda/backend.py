@@ -134,12 +134,9 @@ class CudaBackend(NativeBackend):
             return f"native fallback: the fused MoE kernel takes none/fp8 weights, not {scheme}/{spec.get('w2_scheme')}"
         if op == "rotary" and spec.get("unit_stride") is False:
             return "native fallback: the rotary kernel needs q and k with a unit-stride head dim"
-        if op in ("write_kv", "attention") and is_fp8(spec.get("kv_dtype")) and self.capability < (8, 9):
+        # write_kv builds e4m3 bytes in integer ops (any GPU); attention needs Triton's e4m3 upcast
+        if op == "attention" and is_fp8(spec.get("kv_dtype")) and self.capability < (8, 9):
             return f"native fallback: Triton converts e4m3 on sm_89+ only; this GPU is {sm}"
-        if op == "write_kv" and is_fp8(spec.get("kv_dtype")) and torch.device(self.device).type != "cpu":
-            # the Triton e4m3 store is bit-exact with torch's rule in the interpreter, but on the
-            # H200 (2026-12-04) 8-52 of ~10k stored bytes differed from it: torch writes until fixed
-            return "native fallback: the Triton fp8 KV store does not yet round bit-exactly on the GPU"
         if op == "write_kv" and (spec.get("unit_stride") is False or spec.get("contiguous") is False):
             return "native fallback: the write_kv kernel needs a contiguous cache and unit-stride k, v"
         return True

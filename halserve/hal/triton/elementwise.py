@@ -160,16 +160,39 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
 
 # ---- write_kv -----------------------------------------------------------------------------------
 @triton.jit
-def _round_e4m3(x):
-    """x (fp32, |x| <= 448) rounded to the nearest e4m3 value, ties to even, in fp32 adds:
-    the cast that follows is then exact. (Triton's interpreter rounds a value that carries
-    into the next binade down; the GPU's cvt.rn.satfinite agrees with this either way.)"""
-    bits = x.to(tl.int32, bitcast=True)
-    e = tl.maximum((bits >> 23) & 0xFF, 121)  # 2^-6, the smallest normal e4m3: below it the spacing is fixed
-    # c = 1.5 * 2^23 * spacing, spacing = 2^(exponent - 3): (x + c) - c rounds x to the spacing
-    c = (((e + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)
-    r = tl.abs((x + c) - c)
-    return tl.where(bits < 0, -r, r)  # the sign bit: -0.0 and values that round to zero keep it
+def _e4m3_byte(x, neg):
+    """The e4m3fn byte of fp32 ``x`` by hal/kv_fp8.py's rule (clamp to +-448, round to nearest
+    even, NaN -> 0x7F), sign bit from ``neg``, in integer arithmetic on x's bits only: no float
+    add and no hardware cvt, whose rounding or flushing could differ between the GPU and torch
+    (on the H200 the earlier float-add-then-cvt version stored 8-52 of ~10k bytes differently)."""
+    a = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    exp = a >> 23
+    # normals (|x| >= 2^-6): keep 3 of the 23 mantissa bits, ties to even; a carry rolls into
+    # the exponent field by itself; then rebias the exponent from 127 to 7 (120 << 3). Clamping
+    # the bits at 448's clamps the value (inf too) and keeps the adds clear of int32 overflow.
+    an = tl.minimum(a, 0x43E00000)
+    normal = ((an + 0x7FFFF + ((an >> 20) & 1)) >> 20) - 960
+    # subnormals (|x| < 2^-6): the value in units of 2^-9 is m * 2^(exp - 141); a shift of 25
+    # or more leaves less than half a unit (m < 2^24), so 25 stands for every smaller exponent
+    m = (a & 0x7FFFFF) | 0x800000
+    s = tl.minimum(tl.maximum(141 - exp, 21), 25)
+    q = m >> s
+    rem = m - (q << s)
+    half = 1 << (s - 1)
+    sub = q + ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.int32)
+    mag = tl.where(exp >= 121, normal, sub)
+    mag = tl.where(a > 0x7F800000, 0x7F, mag)  # NaN
+    return tl.where(neg, mag | 0x80, mag)
+
+
+@triton.jit
+def _is_negative(x):
+    """x's sign bit, read from its own bits: a GPU multiply turns -NaN into +NaN, torch on the
+    CPU keeps the sign (and x * (1 / scale) has x's sign otherwise: the scale is positive)."""
+    if x.dtype == tl.float32:
+        return x.to(tl.int32, bitcast=True) < 0
+    else:
+        return x.to(tl.int16, bitcast=True) < 0
 
 
 @triton.jit
@@ -185,9 +208,11 @@ def _write_kv_kernel(k_ptr, k_st, k_sh, v_ptr, v_st, v_sh, cache_ptr, v_off, slo
         dst = cache_ptr + slot * HK * D + h * D + d
         kk = tl.load(k_ptr + row * k_st + h * k_sh + d, mask=mask)
         vv = tl.load(v_ptr + row * v_st + h * v_sh + d, mask=mask)
-        if FP8:  # hal/kv_fp8.py's rule: x * float32(1 / scale), saturated, round to nearest even
-            kk = _round_e4m3(tl.minimum(tl.maximum(kk.to(tl.float32) * k_inv, -448.0), 448.0))
-            vv = _round_e4m3(tl.minimum(tl.maximum(vv.to(tl.float32) * v_inv, -448.0), 448.0))
+        if FP8:  # hal/kv_fp8.py's rule; the cache comes as its uint8 view, the byte is built here
+            # one IEEE fp32 multiply (what torch does); only integer ops read its result, so
+            # nothing can fuse it
+            kk = _e4m3_byte(kk.to(tl.float32) * k_inv, _is_negative(kk))
+            vv = _e4m3_byte(vv.to(tl.float32) * v_inv, _is_negative(vv))
         tl.store(dst, kk.to(cache_ptr.dtype.element_ty), mask=mask)
         tl.store(dst + v_off, vv.to(cache_ptr.dtype.element_ty), mask=mask)
 
@@ -203,6 +228,8 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     if T == 0:
         return
     v_off = kv_cache[0].numel()
+    fp8 = is_fp8(kv_cache.dtype)
     _write_kv_kernel[(T,)](key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),
-                           kv_cache, v_off, slot_mapping, HK, D, inv_scale(k_scale), inv_scale(v_scale),
-                           BLOCK_H=_pow2(HK), BLOCK_D=_pow2(D), FP8=is_fp8(kv_cache.dtype), num_warps=4)
+                           kv_cache.view(torch.uint8) if fp8 else kv_cache, v_off, slot_mapping, HK, D,
+                           inv_scale(k_scale), inv_scale(v_scale),
+                           BLOCK_H=_pow2(HK), BLOCK_D=_pow2(D), FP8=fp8, num_warps=4)
