@@ -211,12 +211,13 @@ def test_supports_answers_for_an_fp8_cache(cuda):
     assert NativeBackend().supports("attention", **spec) is True
     assert "refused" in NativeBackend().supports("attention", **{**spec, "kv_dtype": torch.float8_e5m2})
     assert cuda.supports("write_kv", **spec) is True and cuda.supports("attention", **spec) is True
-    # an Ampere card: Triton has no e4m3 conversion there
+    # an Ampere card: Triton has no e4m3 conversion there (attention needs it, the store does not)
     old = cuda.capability
     try:
         cuda.capability = (8, 0)
         cuda._supports_cache.clear()
         assert str(cuda.supports("attention", **spec)).startswith("native fallback")
+        assert cuda.supports("write_kv", **spec) is True  # the store is integer ops: any GPU
     finally:
         cuda.capability = old
         cuda._supports_cache.clear()
