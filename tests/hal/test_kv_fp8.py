@@ -166,6 +166,44 @@ def _fp32_sweep() -> torch.Tensor:
     return torch.cat([sweep, near]).view(torch.float32)
 
 
+def _rne_e4m3_bytes(x: torch.Tensor) -> torch.Tensor:
+    """The definition, independent of torch's cast: |x| in float64 (exact for these inputs) to
+    the nearest finite e4m3 value, a tie to the even byte (bytes 0..0x7E ascend with the value
+    and their last bit is the mantissa's), clamped at 448, NaN 0x7F, the sign bit kept."""
+    grid = torch.arange(0x7F, dtype=torch.int32).to(torch.uint8).view(FP8).double()
+    xd = x.double()
+    a = xd.abs().clamp(max=448.0)
+    hi = torch.searchsorted(grid, a).clamp(1, 0x7E)
+    d_lo, d_hi = a - grid[hi - 1], grid[hi] - a
+    up = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))
+    mag = torch.where(up, hi, hi - 1)
+    mag = torch.where(torch.isnan(xd), 0x7F, mag)
+    neg = x.view({2: torch.int16, 4: torch.int32}[x.element_size()]) < 0
+    return (mag + torch.where(neg, 0x80, 0)).to(torch.uint8)
+
+
+def _value_classes(dtype: torch.dtype) -> torch.Tensor:
+    """fp32: _fp32_sweep with both signs; bf16 and fp16: all 65536 bit patterns."""
+    if dtype == torch.float32:
+        x = _fp32_sweep()
+        return torch.cat([x, -x])
+    return torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_torch_rule_is_round_to_nearest_even(dtype):
+    """hal/kv_fp8.quantize_kv (torch's cast: native's store and the reference the Triton store
+    is held to) is e4m3 round to nearest even by definition over the same value classes, on
+    the CPU and on the GPU when there is one."""
+    x = _value_classes(dtype)
+    want = _rne_e4m3_bytes(x)
+    for dev in ["cpu"] + (["cuda"] if ON_GPU else []):
+        got = quantize_kv(x.to(dev), 1.0).view(torch.uint8).cpu()
+        bad = (got != want).nonzero().flatten()
+        assert bad.numel() == 0, (dev, f"{bad.numel()} differ, e.g. x={x[bad[:4]].tolist()} "
+                                       f"torch={got[bad[:4]].tolist()} rne={want[bad[:4]].tolist()}")
+
+
 @triton_only
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN inputs in the interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -174,10 +212,7 @@ def test_triton_e4m3_store_is_exhaustive_against_torch(cuda, dtype):
     sweep of _fp32_sweep (both signs: keys x, values -x); for bf16 and fp16 inputs every one of
     the 65536 bit patterns (subnormals, inf and NaN included). Scale 1: the stored byte is
     the encoder's answer for exactly these values."""
-    if dtype == torch.float32:
-        x = _fp32_sweep()
-    else:
-        x = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    x = _fp32_sweep() if dtype == torch.float32 else _value_classes(dtype)  # values -x: the negatives
     # the interpreter's cost is per op, not per element: few programs of 64k elements each; a
     # GPU compiles rows that size slowly, and small ones run fast there
     heads, cols = (2, 512) if ON_GPU else (16, 4096)
