@@ -3,8 +3,10 @@ hardware's cvt) differed from torch's rule on the H200 in 8-52 of ~10k bytes: re
 rounding here and split the blame. (a) its fp32 result against torch's e4m3 value as fp32
 (the add trick), (b) the byte its cast stores against torch's byte for the same inputs
 (trick + cvt), (c) the byte the cvt stores for torch's own (exact) e4m3 values (the cvt
-alone), (d) the integer encoder the kernel uses now. Inputs: every bf16 and fp16 bit pattern,
-and N(0,1) times 10^[-4, 3] in fp32, each at scale 1.
+alone), (d) the integer encoder the kernel uses now; and torch's cast itself, on the CPU and
+on the GPU, against the float64 definition of round to nearest even (tests/hal/test_kv_fp8.py's
+_rne_e4m3_bytes): if torch's CPU cast is what deviated there, these say so. Inputs: every bf16
+and fp16 bit pattern, and N(0,1) times 10^[-4, 3] in fp32, each at scale 1.
 
     python bench/device/kv8_cause.py      (a GPU, or TRITON_INTERPRET=1 on a CPU; ~10 s)
 """
@@ -18,6 +20,7 @@ import triton
 import triton.language as tl
 
 from halserve.hal.triton.elementwise import _e4m3_byte, _is_negative
+from tests.hal.test_kv_fp8 import _rne_e4m3_bytes
 
 FP8 = torch.float8_e4m3fn
 
@@ -77,6 +80,12 @@ def main() -> int:
                "b_trick_then_cvt_byte_differs": int((old.cpu().view(torch.uint8) != wb).sum()),
                "c_cvt_of_exact_values_differs": int((cvt.cpu().view(torch.uint8) != wb).sum()),
                "d_integer_encoder_differs": int((new.cpu() != wb).sum())}
+        rne = _rne_e4m3_bytes(x)
+        gpu_cast = x.to(dev).float().clamp(-448, 448).to(FP8).view(torch.uint8).cpu()
+        rep["torch_cpu_cast_vs_rne_differs"] = int((wb != rne).sum())
+        rep["torch_dev_cast_vs_rne_differs"] = int((gpu_cast != rne).sum())
+        rep["integer_encoder_vs_rne_differs"] = int((new.cpu() != rne).sum())
+        rep["examples_torch_cpu_vs_rne"] = _examples(x, wb, rne)
         rep["examples_a"] = [{"x": float(x[i]), "trick": float(rb[i]), "torch": float(want[i].float())}
                              for i in a.nonzero().flatten()[:6].tolist()]
         rep["examples_b"] = _examples(x, old.cpu().view(torch.uint8), wb)
