@@ -199,7 +199,9 @@ def test_torch_rule_is_round_to_nearest_even(dtype):
     want = _rne_e4m3_bytes(x)
     for dev in ["cpu"] + (["cuda"] if ON_GPU else []):
         got = quantize_kv(x.to(dev), 1.0).view(torch.uint8).cpu()
-        bad = (got != want).nonzero().flatten()
+        # a GPU multiply returns its canonical +NaN for -NaN: NaN's sign is the CPU's only
+        keep = torch.ones_like(got, dtype=torch.bool) if dev == "cpu" else ~torch.isnan(x.float())
+        bad = ((got != want) & keep).nonzero().flatten()
         assert bad.numel() == 0, (dev, f"{bad.numel()} differ, e.g. x={x[bad[:4]].tolist()} "
                                        f"torch={got[bad[:4]].tolist()} rne={want[bad[:4]].tolist()}")
 
