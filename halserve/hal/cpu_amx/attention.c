@@ -53,6 +53,33 @@ static inline float exp_shift_sum(float *s, int n, float mx) {
 }
 
 #define SPAN 128
+/* below this many multiply-adds (QK^T + PV) a call of few rows runs on the calling thread:
+ * waking sleeping workers (OMP_WAIT_POLICY=PASSIVE) costs more than such a call's work */
+#define PAR_WORK (1 << 20)
+
+#ifdef __AVX512F__
+/* out[j] = q . k[j] for 16 rows k[j] = k + j * D (D % 16 == 0): 16 dot products in one pass,
+ * their 16 partial vectors summed by a transpose-add tree (level l adds pairs of lanes
+ * 2^l apart), so one vector op does 16 keys' reduction instead of 16 horizontal sums. */
+static inline __m512 dot16(const float *q, const float *k, int D) {
+    __m512 a[16];
+    for (int j = 0; j < 16; j++) a[j] = _mm512_setzero_ps();
+    for (int d = 0; d < D; d += 16) {
+        __m512 qv = _mm512_loadu_ps(q + d);
+        for (int j = 0; j < 16; j++) a[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k + (int64_t)j * D + d), a[j]);
+    }
+    __m512 c[8], e[4];
+    for (int i = 0; i < 8; i++)
+        c[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        __m512d x = _mm512_castps_pd(c[2 * i]), y = _mm512_castps_pd(c[2 * i + 1]);
+        e[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    __m512 f = _mm512_add_ps(_mm512_shuffle_f32x4(e[0], e[1], 0x88), _mm512_shuffle_f32x4(e[0], e[1], 0xdd));
+    __m512 g = _mm512_add_ps(_mm512_shuffle_f32x4(e[2], e[3], 0x88), _mm512_shuffle_f32x4(e[2], e[3], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(f, g, 0x88), _mm512_shuffle_f32x4(f, g, 0xdd));
+}
+#endif
 
 typedef struct {
     const void *kc, *vc;
@@ -67,8 +94,8 @@ typedef struct {
 static void span(const attn_ctx *c, const int32_t *table, int h, const float *q, int kbeg, int kend,
                  float *m, float *l, float *acc) {
     int G = c->group, D = c->D;
-    float *s = (float *)malloc(((size_t)G * SPAN + 2 * (size_t)D) * 4);
-    float *row = s + (size_t)G * SPAN;
+    float *s = (float *)malloc(((size_t)G * SPAN + 2 * (size_t)D + (size_t)SPAN * D) * 4);
+    float *row = s + (size_t)G * SPAN, *keys = row + 2 * (size_t)D;
     float mx[G];
     for (int g = 0; g < G; g++) {
         m[g] = -INFINITY;
@@ -78,17 +105,34 @@ static void span(const attn_ctx *c, const int32_t *table, int h, const float *q,
     for (int b0 = kbeg; b0 < kend; b0 += SPAN) {
         int n = kend - b0 < SPAN ? kend - b0 : SPAN;
         for (int g = 0; g < G; g++) mx[g] = m[g];
+        /* the span's keys once in fp32 [n][D], then every head of the group against them */
         for (int j = 0; j < n; j++) {
             int p = b0 + j;
             int64_t off = (((int64_t)table[p / c->bs] * c->bs + p % c->bs) * c->Hk + h) * D;
-            row_to_f32(c->kc, off, D, c->bf16, row);
-            for (int g = 0; g < G; g++) {
-                const float *qg = q + g * D;
+            row_to_f32(c->kc, off, D, c->bf16, keys + (size_t)j * D);
+        }
+        for (int g = 0; g < G; g++) {
+            const float *qg = q + g * D;
+            float *sg = s + g * SPAN;
+            int j = 0;
+#ifdef __AVX512F__
+            if (D % 16 == 0) {
+                __m512 sc = _mm512_set1_ps(c->scale), mv = _mm512_set1_ps(-INFINITY);
+                for (; j + 16 <= n; j += 16) {
+                    __m512 d = _mm512_mul_ps(dot16(qg, keys + (size_t)j * D, D), sc);
+                    _mm512_storeu_ps(sg + j, d);
+                    mv = _mm512_max_ps(mv, d);
+                }
+                mx[g] = fmaxf(mx[g], _mm512_reduce_max_ps(mv));
+            }
+#endif
+            for (; j < n; j++) {
+                const float *kr = keys + (size_t)j * D;
                 float d = 0.f;
 #pragma omp simd reduction(+ : d)
-                for (int i = 0; i < D; i++) d += qg[i] * row[i];
+                for (int i = 0; i < D; i++) d += qg[i] * kr[i];
                 d *= c->scale;
-                s[g * SPAN + j] = d;
+                sg[j] = d;
                 mx[g] = fmaxf(mx[g], d);
             }
         }
@@ -99,6 +143,32 @@ static void span(const attn_ctx *c, const int32_t *table, int h, const float *q,
             m[g] = mx[g];
             l[g] = l[g] * corr + exp_shift_sum(s + g * SPAN, n, mx[g]);
         }
+#ifdef __AVX512F__
+        if (D % 16 == 0) {
+            /* values once in fp32 [n][D] (over the keys, done with), then per 16 columns
+             * up to 8 heads' accumulators stay in registers across the span's rows */
+            for (int j = 0; j < n; j++) {
+                int p = b0 + j;
+                int64_t off = (((int64_t)table[p / c->bs] * c->bs + p % c->bs) * c->Hk + h) * D;
+                row_to_f32(c->vc, off, D, c->bf16, keys + (size_t)j * D);
+            }
+            for (int g0 = 0; g0 < G; g0 += 8) {
+                int gn = G - g0 < 8 ? G - g0 : 8;
+                for (int d = 0; d < D; d += 16) {
+                    __m512 a[8];
+                    for (int gi = 0; gi < 8; gi++)
+                        a[gi] = gi < gn ? _mm512_loadu_ps(acc + (g0 + gi) * D + d) : _mm512_setzero_ps();
+                    for (int j = 0; j < n; j++) {
+                        __m512 v = _mm512_loadu_ps(keys + (size_t)j * D + d);
+                        for (int gi = 0; gi < 8; gi++)
+                            if (gi < gn) a[gi] = _mm512_fmadd_ps(_mm512_set1_ps(s[(g0 + gi) * SPAN + j]), v, a[gi]);
+                    }
+                    for (int gi = 0; gi < gn; gi++) _mm512_storeu_ps(acc + (g0 + gi) * D + d, a[gi]);
+                }
+            }
+            continue;
+        }
+#endif
         for (int j = 0; j < n; j++) {
             int p = b0 + j;
             int64_t off = (((int64_t)table[p / c->bs] * c->bs + p % c->bs) * c->Hk + h) * D;
@@ -159,7 +229,8 @@ void hs_attention(const void *q, const void *kc, const void *vc, void *out, cons
     size_t per = (size_t)G * (D + 2);
     int64_t items = (int64_t)nd * Hk * nspan;
     float *part = (float *)malloc((size_t)(items > 0 ? items : 1) * per * 4);
-#pragma omp parallel if (hs_small_par || T >= 8)
+    int64_t work = (int64_t)T * Hq * (max_seqlen_k > 0 ? max_seqlen_k : 1) * D * 2;
+#pragma omp parallel if ((hs_small_par && work >= PAR_WORK) || T >= 8)
     {
 #pragma omp for schedule(dynamic, 1) nowait
         for (int64_t it = 0; it < items; it++) {
