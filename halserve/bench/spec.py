@@ -10,12 +10,28 @@ and attention shapes), and an oracle drafting a drifted continuation is no longe
 with probability alpha. Rows whose two continuations differ are counted (drifted_rows).
 Every figure is a ratio to the plain run in the same process (the peer) and to the ideal
 (tokens a verify step emits: the speed-up if verifying k+1 tokens cost one decode step).
-``--batch-invariant 16`` runs the batch-16 curve with both engines in batch-invariant mode:
-in bf16 a row's greedy path otherwise depends on the step's GEMM shapes (16 x (k+1) rows in
-a verify step, 16 in plain decode), so the oracle's continuation, taken from the plain run,
-drifts from what the verify steps compute and the acceptance collapses (it is no longer the
-alpha asked for).
-Greedy output must equal the plain run's (lossless); mismatches are counted and printed.
+``--batch-invariant 16`` also runs the batch-16 curve with both engines in batch-invariant
+mode (a size in both lists runs both ways).
+
+Why the oracle's continuation comes from the verify path, and what can still drift: in bf16
+a row's numbers depend on the shapes of the step that computes them (cuBLAS picks its kernel
+by the number of rows; attention's split count follows the grid). Plain decode (1 row a
+sequence) and a verify step (k+1 rows a sequence) round differently, so plain decode's greedy
+continuation is not what the verify steps compute: an oracle drafting it is right with
+probability alpha only until the first place the two differ, and then almost never (the
+acceptance collapses, e.g. 0.09 at k=8 where alpha was 0.8). A verify step's shape is its
+graph bucket: b rows of k+1 token slots whatever the drafts' lengths
+(engine/spec/verify_graph.py), so at a fixed batch every verify step computes the same
+numbers and the untimed run's continuation is what the timed runs compute. (Until 2026-12-04
+one sequence's verify step padded its k+1 tokens to a power of two by draft length: at k=8 a
+full draft ran 16 rows and a short one 2-8, the timed runs' greedy path moved with alpha:
+"rows differ".) What is left: a step where some row has no draft at all runs the decode graph,
+and at batch > 1 the bucket shrinks as rows finish; a row whose timed greedy path still
+differs from the untimed run's is counted (``mismatched_rows``, printed as "rows left the
+oracle's path"): its acceptance after that point is not alpha's. ``drifted_rows``: rows whose
+verify-path greedy differs from plain decode's (expected in bf16, harmless to the figures).
+Greedy output equal to the plain run's (lossless) holds exactly in float32 and in
+batch-invariant mode (tests/engine/test_spec_*.py).
 
 n-gram: the demo model completing and editing Python from the standard library (prompt
 lookup pays off where the output repeats the prompt), with its measured acceptance.
@@ -44,9 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ks", default="2,4,8")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--batch-invariant", default="", metavar="BATCHES",
-                   help="batch sizes whose curve runs in batch-invariant mode, plain and speculative "
-                        "alike (e.g. 16): in bf16 a row's greedy path otherwise depends on the step's "
-                        "GEMM shapes, and the oracle's continuation drifts from what a verify step computes")
+                   help="batch sizes whose curve (also) runs in batch-invariant mode, plain and "
+                        "speculative alike (e.g. 16); a size also in --batches runs both ways")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--no-curve", action="store_true", help="skip the acceptance-rate curve")
@@ -116,12 +131,11 @@ def curve(args, rows: list) -> None:
         model = demo_model_path()
     alphas = [float(a) for a in args.alphas.split(",")]
     ks = [int(k) for k in args.ks.split(",")]
-    batches = [int(b) for b in args.batches.split(",")]
-    invariant = {int(b) for b in args.batch_invariant.split(",") if b}
-    for inv in (False, True):
-        group = [b for b in batches if (b in invariant) == inv]
+    batches = [int(b) for b in args.batches.split(",") if b]
+    invariant = [int(b) for b in args.batch_invariant.split(",") if b]
+    for inv, group in ((False, batches), (True, invariant)):
         if group:
-            _curve_group(args, model, group, max(batches), alphas, ks, inv, rows)
+            _curve_group(args, model, group, max(group), alphas, ks, inv, rows)
 
 
 def _curve_group(args, model: Path, batches: list[int], bmax: int, alphas, ks, invariant: bool, rows: list):
@@ -158,6 +172,7 @@ def _curve_group(args, model: Path, batches: list[int], bmax: int, alphas, ks, i
     oracle = AlphaOracle({}, args.input_len, vocab)
     llm = LLM(str(model), speculative_config={"method": "callable", "proposer": oracle,
                                               "num_speculative_tokens": max(ks)}, **common)
+    graphed = _count_graph_steps(llm)
     for b in batches:
         for k in ks:
             # the oracle's continuation: what this engine's verify steps compute (an untimed
@@ -170,21 +185,51 @@ def _curve_group(args, model: Path, batches: list[int], bmax: int, alphas, ks, i
             drifted = sum(o != r for o, r in zip(own, refs[b]))
             for a in alphas:
                 oracle.alpha = a
+                graphed[:] = [0, 0]
+                h0, s0 = llm.engine.host_seconds, llm.engine.steps_run
                 t, outs, (steps, drafted, accepted) = _timed(llm, prompts[:b], params)
                 mismatched = sum(o != r for o, r in zip(outs, own))
                 emitted = (accepted + steps) / max(steps, 1)
                 row = dict(model=model.name, backend=name, batch=b, k=k, alpha=a, batch_invariant=invariant,
                            plain_s=base[b], spec_s=t, speedup=base[b] / t, acceptance=accepted / max(drafted, 1),
                            tokens_per_verify=emitted, pct_of_ideal=100 * base[b] / t / emitted,
-                           mismatched_rows=mismatched, drifted_rows=drifted)
+                           mismatched_rows=mismatched, drifted_rows=drifted,
+                           verify_steps_in_graphs=graphed[0], steps=graphed[1],
+                           # the engine's own timer: scheduling and outputs, not the runner or proposer
+                           engine_host_ms_per_step=1e3 * (llm.engine.host_seconds - h0)
+                           / max(llm.engine.steps_run - s0, 1))
                 rows.append(row)
                 print(f"[spec] batch {b:2d}{mode} k={k} alpha={a:.2f}: {row['speedup']:.2f}x plain "
                       f"(acceptance {row['acceptance']:.2f}, {emitted:.2f} tokens/verify -> "
-                      f"{row['pct_of_ideal']:.0f}% of ideal)" + (f"; {mismatched} rows differ" if mismatched else "")
-                      + (f"; {drifted}/{b} rows' verify-path greedy differs from plain decode's" if drifted else ""),
-                      flush=True)
+                      f"{row['pct_of_ideal']:.0f}% of ideal; {graphed[0]}/{graphed[1]} steps in verify graphs)"
+                      + (f"; {mismatched}/{b} rows left the oracle's path (their later acceptance is not "
+                         f"alpha's)" if mismatched else "")
+                      + (f"; {drifted}/{b} rows' verify-path greedy differs from plain decode's (bf16)"
+                         if drifted else ""), flush=True)
     del llm
     gc.collect()
+
+
+def _count_graph_steps(llm) -> list[int]:
+    """[steps that replayed a verify graph, steps], counted from the list's last reset."""
+    runner, counts = llm.engine.runner, [0, 0]
+    execute, verify = runner.execute, runner.verify
+
+    def counted(so):
+        counts[1] += 1
+        return execute(so)
+
+    runner.execute = counted
+    if verify is not None:
+        stage = verify.stage
+
+        def staged(so, extra=()):
+            out = stage(so, extra)
+            counts[0] += out is not None
+            return out
+
+        verify.stage = staged
+    return counts
 
 
 def _python_prompts(count: int) -> list[str]:

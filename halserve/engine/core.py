@@ -84,12 +84,12 @@ class EngineCore:
         num_blocks = self.runner.allocate_kv_cache(budget, max_useful)
         if draft_bpb:
             self.proposer.allocate(num_blocks)
-        self.runner.capture_verify = self.proposer is not None
+        self.runner.spec_k = self.proposer.k if self.proposer is not None else 0
         if getattr(self.proposer, "needs_hidden", False):
-            # a draft head reads the target's hidden states, which the eager step hands over
-            # (captured steps return logits only): such a target runs without graphs
+            # a draft head reads the target's hidden states: every step hands them over (set
+            # before capture: the captured steps then return them too)
             self.runner.hidden_sink = self.proposer.take_hidden
-        elif not config.enforce_eager:
+        if not config.enforce_eager:
             self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
         # content, not path: KV blocks cached by one server load on another with the same model
         fp = hashlib.sha256(checkpoint_fingerprint(mc.path)

@@ -52,10 +52,13 @@ class ModelRunner:
         self.tail_graphs: dict[int, object] = {}
         self._tail: dict[str, torch.Tensor] = {}
         self._tail_meta: dict[int, AttentionMetadata] = {}
-        # speculative decoding (engine/spec): one sequence verifying a draft, the same step as
-        # a tail graph's but returning every position's logits; captured when asked for
-        self.capture_verify = False
-        self.verify_graphs: dict[int, object] = {}
+        # speculative decoding (engine/spec): the most draft tokens a row verifies (0: no
+        # speculation); with graphs, verify steps replay engine/spec/verify_graph.py's
+        self.spec_k = 0
+        self.verify = None
+        # a draft head reading the target's hidden states (engine/spec/eagle.py): every step,
+        # captured ones too, hands them over
+        self.hidden_sink = None
         self._layer_events: list | None = None  # see layer_events()
         self.staging = _Staging(hal, device)
         self.tables = _BlockTables()
@@ -164,15 +167,25 @@ class ModelRunner:
                 num_decode_seqs=b, sliding_window=getattr(self.mc, "sliding_window", None))
 
             def step(b=b, meta=meta):
-                return self.model.compute_logits(self.model.forward(st["ids"][:b], st["pos"][:b],
-                                                                    self.kv_caches, meta))
+                hidden = self.model.forward(st["ids"][:b], st["pos"][:b], self.kv_caches, meta)
+                return self._outputs(self.model.compute_logits(hidden), hidden)
 
             graph = self.hal.capture_graph(step)
             if graph is None:
                 return 0
             self.graphs[b] = graph
         self._capture_tail_graphs(max_blocks, max_model_len)
+        if self.spec_k:
+            from halserve.engine.spec.verify_graph import VerifyGraphs
+
+            self.verify = VerifyGraphs(self, self.spec_k)
+            self.verify.capture(max_num_seqs, max_blocks, max_model_len, self.hidden_sink is not None)
         return len(self.graphs)
+
+    def _outputs(self, logits: torch.Tensor, hidden: torch.Tensor):
+        """A captured step's outputs: its logits, and its hidden states where a draft head
+        reads them."""
+        return logits if self.hidden_sink is None else (logits, hidden)
 
     def _capture_tail_graphs(self, max_blocks: int, max_model_len: int) -> None:
         """One sequence, ``b`` query tokens (the first ``cu[1]`` real), the last real one
@@ -203,27 +216,22 @@ class ModelRunner:
 
             def step(b=b, meta=meta, caches=caches):
                 hidden = self.model.forward(st["ids"][:b], st["pos"][:b], caches, meta)
-                return self.model.compute_logits(hidden.index_select(0, st["last"]))
+                return self._outputs(self.model.compute_logits(hidden.index_select(0, st["last"])), hidden)
 
             graph = self.hal.capture_graph(step)
             if graph is None:
                 return
             self.tail_graphs[b] = graph
             self._tail_meta[b] = meta
-            if self.capture_verify:
-                def verify(b=b, meta=meta, caches=caches):
-                    return self.model.compute_logits(self.model.forward(st["ids"][:b], st["pos"][:b], caches, meta))
-
-                graph = self.hal.capture_graph(verify)
-                if graph is not None:
-                    self.verify_graphs[b] = graph
 
     def _stage_graph(self, so: SchedulerOutput, extra: tuple = ()):
         """The captured step that runs ``so``, its inputs copied into its static buffers:
         (graph, rows it returns, whether it waits per layer on ``layer_events``, ``extra``'s
-        device views), or None when ``so`` runs eagerly. ``extra``: more host arrays for the
-        step (sampling, token feed), uploaded in the same copy."""
+        device views, cu of its hidden rows), or None when ``so`` runs eagerly. ``extra``:
+        more host arrays for the step (sampling, token feed), uploaded in the same copy."""
         staged = self._stage_decode(so, extra)
+        if staged is None and self.verify is not None:
+            staged = self.verify.stage(so, extra)
         return staged if staged is not None else self._stage_tail(so, extra)
 
     def _stage_tail(self, so: SchedulerOutput, extra: tuple = ()):
@@ -231,8 +239,8 @@ class ModelRunner:
             return None
         s = so.scheduled[0]
         seq, n = s.seq, s.num_new_tokens
-        graphs = self.verify_graphs if s.spec_token_ids else self.tail_graphs  # a draft: every position
-        if n < 2 or not graphs or n > max(graphs) or not s.samples or seq.params.prompt_logprobs is not None:
+        graphs = self.tail_graphs
+        if s.spec_token_ids or n < 2 or n > max(graphs) or not s.samples or seq.params.prompt_logprobs is not None:
             return None
         b = min(x for x in graphs if x >= n)
         st, bs = self._tail, self.block_size
@@ -241,8 +249,7 @@ class ModelRunner:
         # padding rows: beyond the sequence's query length (no attention output read), a
         # valid position, and slot -1 (nothing written)
         ids = np.zeros(b, dtype=np.int64)
-        ids[:n] = seq.token_ids[start:end] if not s.spec_token_ids else \
-            (seq.token_ids[start:] + s.spec_token_ids)[:end - start]
+        ids[:n] = seq.token_ids[start:end]
         pos = np.full(b, end - 1, dtype=np.int64)
         pos[:n] = np.arange(start, end)
         slots = np.full(b, -1, dtype=np.int64)
@@ -262,7 +269,7 @@ class ModelRunner:
         # again reads them, so they are kept true
         meta = self._tail_meta[b]
         meta.query_lens_host[0], meta.seq_lens_host[0] = n, end
-        return graphs[b], (n if s.spec_token_ids else 1), True, views[5:]
+        return graphs[b], 1, True, views[5:], [0, n]
 
     def _stage_decode(self, so: SchedulerOutput, extra: tuple = ()):
         n = len(so.scheduled)
@@ -285,7 +292,7 @@ class ModelRunner:
         for key, v in zip(("ids", "pos", "slots", "seq_lens"), views[:4]):
             st[key][:b].copy_(v)
         st["tables"][:b, :tbl.shape[1]].copy_(views[4])
-        return self.graphs[b], n, False, views[5:]  # decode graphs wait on no layer (hot path)
+        return self.graphs[b], n, False, views[5:], list(range(n + 1))  # decode graphs wait on no layer (hot path)
 
     # ---- one step -----------------------------------------------------------------------------
     def _prepare(self, so: SchedulerOutput, extra: tuple = ()):
@@ -346,7 +353,7 @@ class ModelRunner:
     def execute(self, so: SchedulerOutput) -> StepResult:
         """Run ``so`` and wait for its tokens."""
         if not so.kv_loads:
-            if self.capture_verify:  # speculative decoding (engine/spec) keeps its own step
+            if self.spec_k:  # speculative decoding (engine/spec) keeps its own step
                 return self._execute(so, self._stage_graph(so))
             return self.launch(so).resolve()
         # the connector's KV, copied in while the host launches the forward that reads it;
@@ -377,15 +384,19 @@ class ModelRunner:
     def _execute(self, so: SchedulerOutput, staged=None, prepared=None, events=None) -> StepResult:
         rows_idx = [i for i, s in enumerate(so.scheduled) if s.samples]
         plp = None
+        sink = self.hidden_sink  # engine/spec: a draft head reads the target's states
         if staged is not None:
-            graph, n = staged[:2]
-            logits = graph.replay()[:n].float().clone()  # the graph's output buffer is reused next step
+            graph, n, cu = staged[0], staged[1], staged[4]
+            out = graph.replay()
+            if sink is not None:  # the graph's output buffers are reused next step: copies
+                out, hidden = out
+                sink(so, hidden[:cu[-1]].clone(), cu)
+            logits = out[:n].float().clone()
             _, rows, spans = scored_rows(so, rows_idx, None)
         else:
             ids, pos, meta, cu, _ = prepared or self._prepare(so)
             caches = self.kv_caches if events is None else LayerWaits(self.kv_caches, events)
             hidden = self.model.forward(ids, pos, caches, meta)
-            sink = getattr(self, "hidden_sink", None)  # engine/spec: a draft head reads the target's states
             if sink is not None:
                 sink(so, hidden, cu)
             plp = self._prompt_logprobs(so, hidden, cu)
@@ -427,7 +438,7 @@ class ModelRunner:
         plp = None
         staged = self._stage_graph(so, extra)
         if staged is not None:
-            graph, n, _, views = staged
+            graph, n, _, views, _ = staged
             if views[-1].numel():
                 _feed_ids((self._static if so.num_decodes else self._tail)["ids"], views[-2], views[-1], prev)
             logits = graph.replay()[:n].float().clone()  # the graph's output buffer is reused next step

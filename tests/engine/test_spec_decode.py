@@ -340,7 +340,7 @@ def test_verify_graph_matches_eager(checkpoint):
     g = LLM(path, dtype="float32", backend="test_replay_graphs",
             speculative_config={"method": "callable", "proposer": oracle, "num_speculative_tokens": 5})
     runner = g.engine.runner
-    assert sorted(runner.verify_graphs) == sorted(runner.tail_graphs)
+    assert sorted(runner.verify.graphs) == runner.graph_buckets(64)  # max_num_seqs' buckets
     replays = []
 
     class Counted:
@@ -351,7 +351,7 @@ def test_verify_graph_matches_eager(checkpoint):
             replays.append(1)
             return self.graph.replay()
 
-    runner.verify_graphs = {b: Counted(x) for b, x in runner.verify_graphs.items()}
+    runner.verify.graphs = {b: Counted(x) for b, x in runner.verify.graphs.items()}
     assert [_tokens(g, [p], GREEDY)[0] for p in PROMPTS] == ref
     steps = g.get_metrics()["spec_decode_num_drafts"]
     assert steps > 0 and len(replays) == steps  # every verify step of one sequence: a graph

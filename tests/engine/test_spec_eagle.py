@@ -102,7 +102,8 @@ def test_greedy_identical_with_a_random_head(target, tmp_path):
         llm = LLM(str(target), dtype="float32", max_num_batched_tokens=64, speculative_config=_eagle(head, 4))
         assert _tokens(llm, PROMPTS, GREEDY) == ref
         assert _spec_metrics(llm)[0] > 0  # it drafted
-        assert llm.engine.runner.graphs == {}  # the target ran eagerly (graphs return no hidden states)
+        # where the backend captures graphs the target's steps run in them (they return the hidden states)
+        assert bool(llm.engine.runner.graphs) == llm.engine.hal.capabilities.graphs
 
 
 def test_hidden_states_reach_the_head_at_the_right_position(target, tmp_path):

@@ -41,7 +41,7 @@ class _State:
 
 class EagleProposer(Proposer):
     name = "eagle"
-    needs_hidden = True  # the engine routes the target's hidden states here (eager steps only)
+    needs_hidden = True  # the engine routes the target's hidden states here (every step, captured or not)
 
     def __init__(self, config, vocab_size, *, hal, target_config, target_model, block_size: int, device, **_):
         super().__init__(config, vocab_size)
