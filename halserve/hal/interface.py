@@ -313,10 +313,16 @@ class Backend:
     def describe(self) -> str:
         """One line for the start-up log: which ops run this backend's kernels and which
         run the native (pure torch) ones."""
+        from halserve.hal.quant import FP8_DTYPE
+
         acc = [op for op in OPS if op in type(self).kernel_ops and self.supports(op) is True]
         native = [op for op in OPS if op not in acc]
+        # the lists are for a model-dtype KV cache: name the KV ops an fp8 cache sends to native
+        fp8 = [op for op in ("write_kv", "attention")
+               if op in acc and FP8_DTYPE is not None and self.supports(op, kv_dtype=FP8_DTYPE) is not True]
         return (f"backend={self.name} device={self.device} accelerated=[{', '.join(acc) or 'none'}] "
-                f"native=[{', '.join(native) or 'none'}]")
+                f"native=[{', '.join(native) or 'none'}]"
+                + (f" fp8-kv-cache=native[{', '.join(fp8)}]" if fp8 else ""))
 
     # ---- memory, layout ---------------------------------------------------------------
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,

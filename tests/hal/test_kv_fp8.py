@@ -287,4 +287,9 @@ def test_cpu_backends_send_an_fp8_cache_to_native():
     # the start-up line says so: its accelerated list is for a model-dtype cache
     amx = _Bare(CpuAmxBackend)
     amx.tier, amx.threads, amx.batch_invariant, amx.device = "amx", 1, False, "cpu"
-    assert CpuAmxBackend.describe(amx).endswith(" fp8-kv-cache=native[write_kv, attention]")
+    assert CpuAmxBackend.describe(amx).count(" fp8-kv-cache=native[write_kv, attention]") == 1
+    rvv = _Bare(RvvBackend)
+    rvv.build, rvv.device = "scalar", "cpu"
+    assert RvvBackend.describe(rvv).count(" fp8-kv-cache=native[write_kv, attention]") == 1
+    # native runs an fp8 cache itself: nothing to say
+    assert "fp8-kv-cache" not in NativeBackend().describe()

@@ -76,15 +76,9 @@ class CpuAmxBackend(NativeBackend):
                             fp8_formats=base.fp8_formats, batch_invariant=True)
 
     def describe(self) -> str:
-        from halserve.hal.quant import FP8_DTYPE
-
-        # the accelerated list is for a model-dtype cache; say which KV ops an fp8 cache sends to native
-        fp8 = [op for op in ("write_kv", "attention")
-               if FP8_DTYPE is not None and self.supports(op, kv_dtype=FP8_DTYPE) is not True]
         return (f"{super().describe()} tier={self.tier} threads={self.threads} "
                 f"linear=C(M<={SMALL_M}{', every M' if self.batch_invariant else ''})"
-                f"{'' if self.batch_invariant else '+oneDNN(larger M)'}"
-                + (f" fp8-kv-cache=native[{', '.join(fp8)}]" if fp8 else ""))
+                f"{'' if self.batch_invariant else '+oneDNN(larger M)'}")
 
     # ---- dispatch -------------------------------------------------------------------------
     def supports(self, op: str, **spec: Any) -> "bool | str":
