@@ -13,7 +13,8 @@ Which path runs where (``describe()`` says it at start-up):
   and key spans for decode).
 - rms_norm (+ residual), rotary,
   silu_and_mul, write_kv, moe (routing in torch, experts' GEMMs in C): C kernels.
-- sample, swap_blocks, copy_blocks: native (torch), said so by ``supports``.
+- sample: C (greedy argmax; seeded Gumbel-max under top-k / top-p / min-p, native's noise).
+- swap_blocks, copy_blocks: native (torch), said so by ``supports``.
 """
 from __future__ import annotations
 
@@ -44,6 +45,18 @@ def _ready(t: torch.Tensor, dtype: "torch.dtype | None" = None) -> torch.Tensor:
 
 def _dtype(v) -> "torch.dtype | None":
     return _NAMES.get(v) if isinstance(v, str) else v
+
+
+def sample_args(logits: torch.Tensor, params, out: torch.Tensor) -> tuple[tuple, tuple]:
+    """(hs_sample's arguments, the tensors they point into) for ``out`` [B] int64 contiguous."""
+    lg = _ready(logits)
+    f = (params.all_greedy * 1 | params.all_random * 2 | params.no_top_k * 4 | params.no_top_p * 8
+         | params.no_min_p * 16)
+    keep = (lg, _ready(params.temperature, torch.float32), _ready(params.top_k, torch.int32),
+            _ready(params.top_p, torch.float32), _ready(params.min_p, torch.float32),
+            _ready(params.seeds, torch.int64), _ready(params.steps, torch.int64))
+    return (lg.data_ptr(), int(lg.dtype == torch.bfloat16), lg.shape[0], lg.shape[1],
+            *(t.data_ptr() for t in keep[1:]), f, out.data_ptr()), keep
 
 
 class CpuAmxBackend(NativeBackend):
@@ -86,7 +99,11 @@ class CpuAmxBackend(NativeBackend):
         if isinstance(base, str) and base.startswith("refused"):
             return base
         dt = _dtype(spec.get("dtype"))
-        if dt is not None and dt not in _CODES and op not in ("swap_blocks", "copy_blocks", "sample"):
+        if op == "sample":
+            if dt is not None and dt not in _CODES:
+                return f"native fallback: cpu_amx's sampler reads float32 or bfloat16 logits, not {dt}"
+            return True
+        if dt is not None and dt not in _CODES and op not in ("swap_blocks", "copy_blocks"):
             return f"native fallback: cpu_amx kernels take float32 and bfloat16, not {dt}"
         if op == "linear":
             scheme = spec.get("scheme") or "none"
@@ -291,6 +308,13 @@ class CpuAmxBackend(NativeBackend):
             out.copy_(dst)
             return out
         return dst
+
+    def sample(self, logits: torch.Tensor, params, out: torch.Tensor | None = None) -> torch.Tensor:
+        direct = out is not None and out.dtype == torch.int64 and out.is_contiguous()
+        y = out if direct else torch.empty(logits.shape[0], dtype=torch.int64)
+        args, _keep = sample_args(logits, params, y)
+        self.lib.hs_sample(*args)
+        return y if out is None or direct else out.copy_(y)
 
     def moe(self, x: torch.Tensor, router_logits: torch.Tensor, w13: PackedWeight,
             w2: PackedWeight, spec: MoeSpec, out: torch.Tensor | None = None) -> torch.Tensor:

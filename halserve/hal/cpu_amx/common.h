@@ -10,7 +10,7 @@
 
 typedef uint16_t bf16_t;
 
-/* 1: ops with few rows (a decode step's silu_and_mul, attention) still split over the pool;
+/* 1: attention with few rows (a decode step's) still splits over the pool;
  * 0: they run on the calling thread. With sleeping workers (OMP_WAIT_POLICY=PASSIVE) a
  * parallel region pays for waking them, which can cost more than such an op's work. */
 extern int hs_small_par;
@@ -52,6 +52,43 @@ static inline void row_to_f32(const void *p, int64_t off, int n, int bf16, float
         memcpy(dst, (const float *)p + off, (size_t)n * 4);
     }
 }
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+/* 16 bfloat16 -> 16 float (a 16-bit shift) */
+static inline __m512 hs_bf16x16_load(const bf16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* 16 float -> 16 bfloat16, rounded as f32_to_bf16 does (nearest even, NaN stays quiet) */
+static inline void hs_bf16x16_store(bf16_t *p, __m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i rne = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    __m512i nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    __mmask16 isnan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                              _mm512_set1_epi32(0x7f800000));
+    __m512i r = _mm512_mask_blend_epi32(isnan, rne, nan);
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(r));
+}
+
+/* exp(x) for 16 lanes, ~2 ulp: 2^k * 2^f with k = round(x log2 e), 2^f by Cephes' exp2f
+ * polynomial on [-0.5, 0.5], 2^k by VSCALEFPS (libm's expf is scalar: a decode's
+ * silu_and_mul would spend ~25 us of 5632 calls in it) */
+static inline __m512 hs_exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, k);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.535336188319500e-4f), f, _mm512_set1_ps(1.339887440266574e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, k);
+}
+#endif
 
 static inline void row_from_f32(void *p, int64_t off, int n, int bf16, const float *src) {
     if (bf16) {

@@ -10,7 +10,7 @@ from pathlib import Path
 from halserve.hal.cbuild import CBuildError, load_library
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / n for n in ("linear.c", "ops.c", "attention.c", "moe.c", "gemm_dequant.c", "runtime.c")]
+SOURCES = [HERE / n for n in ("linear.c", "ops.c", "attention.c", "moe.c", "gemm_dequant.c", "runtime.c", "sample.c")]
 
 TIERS = ("amx", "avx512", "avx2")
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
@@ -46,6 +46,8 @@ void hs_attention(P q, P kc, P vc, P out, P cu_q, P seq_lens, P tables, int max_
 void hs_dequant_rows(P w, int kind, P scale, int group, int K, int n0, int n1, P dst, int bf16);
 void hs_moe_small(P x, int T, int H, int I, int topk, P ids, P tw, P w13, P s13, P w2, P s2, int kind, int rb,
                   P gu, P act, P y, P out);
+void hs_sample(P logits, int lbf16, int64_t B, int64_t V, P temp, P top_k, P top_p, P min_p, P seeds, P steps,
+               int flags, P out);
 int hs_amx_request(void);
 void hs_set_threads(int n);
 int hs_get_threads(void);

@@ -252,6 +252,83 @@ def batched_steps(model: Path, backends: list[str], rows: int, dtype: str, steps
     return out
 
 
+def op_overheads(backend, reps: int = 200, cold: bool = False) -> list[dict]:
+    """Microseconds of each small op at batch-1 decode shapes (1.1B Llama: hidden 2048, 32 q /
+    4 kv heads of 64, intermediate 5632, vocab 32000), median over ``reps`` calls, four ways:
+    through the dispatcher (``backend.<op>``, what the model calls), the op's body without
+    dispatch, the bare C call with every pointer made once, and an empty C call (the FFI
+    floor). ``cold``: a 64 MB sweep before each call, as the GEMV before it leaves the caches."""
+    import statistics
+
+    import torch
+
+    from halserve.hal.interface import AttentionMetadata
+    from halserve.hal.rope import build_rope_cache
+    from halserve.hal.conformance import sampling_tensors
+
+    bf, lib, cls = torch.bfloat16, backend.lib, type(backend)
+    sweep = torch.empty(16 << 20)  # 64 MB
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2048, generator=g).to(bf)
+    res = torch.randn(1, 2048, generator=g).to(bf)
+    w = torch.ones(2048, dtype=bf)
+    q = torch.randn(1, 32, 64, generator=g).to(bf)
+    k = torch.randn(1, 4, 64, generator=g).to(bf)
+    pos = torch.tensor([150])
+    cs = build_rope_cache(64, 64, 4096, 10000.0)
+    gu = torch.randn(1, 11264, generator=g).to(bf)
+    bs, ctx = 16, 160
+    cache = torch.randn(2, 64, bs, 4, 64, generator=g).to(bf)
+    slots = torch.tensor([ctx - 1])
+    meta = AttentionMetadata(torch.tensor([0, 1], dtype=torch.int32), torch.tensor([ctx], dtype=torch.int32),
+                             torch.arange(16, dtype=torch.int32)[None], slots, 1, ctx, [1], [ctx], bs, 1)
+    logits = torch.randn(1, 32000, generator=g) * 3
+    greedy = sampling_tensors(1, 0.0)
+    rand = sampling_tensors(1, 0.8, top_k=40, top_p=0.9, seeds=torch.tensor([7]), steps=torch.tensor([3]))
+    y, h, o = torch.empty_like(x), torch.empty_like(x), torch.empty(1, 5632, dtype=bf)
+    half = cache.stride(0) * cache.element_size()
+    cases = {
+        "rms_norm+residual 2048": ((x, w, 1e-5, res), (lib.hs_rms_norm, x.data_ptr(), res.data_ptr(), w.data_ptr(),
+                                    1, y.data_ptr(), h.data_ptr(), 1, 2048, 1e-5, 1)),
+        "rotary 32+4 heads x 64": ((pos, q, k, cs, True), (lib.hs_rotary, pos.data_ptr(), q.data_ptr(), k.data_ptr(),
+                                   cs.data_ptr(), 1, 32, 4, 64, 64, 1, 1)),
+        "silu_and_mul 5632": ((gu,), (lib.hs_silu_and_mul, gu.data_ptr(), o.data_ptr(), 1, 5632, 1)),
+        "write_kv 4 heads x 64": ((k, k, cache, slots), (lib.hs_write_kv, k.data_ptr(), k.data_ptr(),
+                                  cache.data_ptr(), cache.data_ptr() + half, slots.data_ptr(), 1, 4 * 64 * 2)),
+        f"attention ctx {ctx}": ((q, cache, meta, 0.125), None),
+        "sample greedy 32000": ((logits, greedy), None),
+        "sample top-k/p 32000": ((logits, rand), None),
+    }
+    if hasattr(lib, "hs_sample"):
+        from halserve.hal.cpu_amx.backend import sample_args
+
+        for name, prm in (("sample greedy 32000", greedy), ("sample top-k/p 32000", rand)):
+            args, keep = sample_args(logits, prm, torch.empty(1, dtype=torch.int64))
+            cases[name] = (cases[name][0], (lib.hs_sample, *args))
+            cases[name] += (keep,)
+
+    def timed(fn) -> float:
+        ts = []
+        for _ in range(reps):
+            if cold:
+                sweep.add_(1.0)
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts) * 1e6
+
+    rows = [{"op": "empty C call (FFI floor)", "us_c": timed(lib.hs_get_threads)}]
+    for name, (args, raw, *_) in cases.items():
+        op = name.split()[0].split("+")[0]
+        row = {"op": name, "us_dispatch": timed(lambda: getattr(backend, op)(*args)),
+               "us_body": timed(lambda: getattr(cls, op)._hal_kernel(backend, *args))
+               if hasattr(getattr(cls, op), "_hal_kernel") else None}
+        if raw is not None:
+            row["us_c"] = timed(lambda: raw[0](*raw[1:]))
+        rows.append(row)
+    return rows
+
+
 def file_backed_share(model) -> float:
     """The share of the model's linear weight bytes that sit in a file mapping (safetensors
     mmap, 4 KiB pages of the page cache) rather than anonymous memory."""
@@ -330,6 +407,8 @@ def main(argv=None) -> int:
     p.add_argument("--batched-backends", default="native,cpu_amx")
     p.add_argument("--batched-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--batched-prompt", type=int, default=128, help="prompt tokens per sequence of the batched run")
+    p.add_argument("--ops", action="store_true", help="time each small op at batch-1 shapes (dispatch, body, "
+                   "bare C call), warm and after a cache sweep")
     p.add_argument("--no-kernels", action="store_true")
     p.add_argument("--no-steps", action="store_true")
     p.add_argument("--json", default=None)
@@ -349,6 +428,15 @@ def main(argv=None) -> int:
           f"OpenMP runtimes loaded: {_omp_libs()}  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
           f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}", flush=True)
     res: dict = {"threads": torch.get_num_threads(), "read_gbs": bw, "tier": be.tier, "omp": _omp_libs()}
+    if a.ops:
+        print("| op | cache | us backend.op | us body (no dispatch) | us C call |\n| --- | --- | ---: | ---: | ---: |")
+        res["ops"] = {}
+        for cold in (False, True):
+            rows = op_overheads(be, cold=cold)
+            res["ops"]["cold" if cold else "warm"] = rows
+            for r in rows:
+                cells = [f"{r[c]:.1f}" if r.get(c) is not None else "-" for c in ("us_dispatch", "us_body", "us_c")]
+                print(f"| {r['op']} | {'cold' if cold else 'warm'} | " + " | ".join(cells) + " |", flush=True)
     if not a.no_kernels:
         print("| scheme | linear | N x K | prefetch | us (C) | GB/s (C) | % read bw | us (backend.linear) | GB/s | % |")
         print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
