@@ -256,6 +256,7 @@ def main(args: argparse.Namespace) -> int:
     # descheduled mid-region; on 2 shared cores that cost 16x in throughput (docs/performance.md).
     # Must be set before torch (libgomp) loads, i.e. before the engine is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("GOMP_SPINCOUNT", "2000")  # a bounded spin: see halserve/__init__.py
 
     # SIGTERM while loading: stop like Ctrl-C (uvicorn takes the signals over once serving).
     def _interrupt(signum, frame):
