@@ -36,8 +36,8 @@ def cpu_tables(rows: list[dict], bw: float, args, head: str) -> str:
            f"Batch 1 ({args.input_len}-token prompt, {args.output_len} generated)"
            + (f"; TTFT of a {n}-token prompt (llama.cpp: {n} / its pp{n} tokens/s)" if n else "") + ":", "",
            "| engine | weights | batch-1 tok/s | GB/s read | % of read roofline | x llama.cpp (same bits) | x HF |"
-           + (f" TTFT {n} (s) | llama.cpp TTFT / this |" if n else ""),
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if n else "")]
+           + (f" TTFT {n} (s) | llama.cpp TTFT / this | HF TTFT / this |" if n else ""),
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: | ---: |" if n else "")]
     for r in rows:
         lab = _label(r, args.dtype) if "quant" in r else "-"
         if "error" in r or "decode_tok_s" not in r:
@@ -57,7 +57,7 @@ def cpu_tables(rows: list[dict], bw: float, args, head: str) -> str:
         if n:
             t = r.get("ttft_s")
             line += f" {t:.3f} |" if t else " - |"
-            line += f" {_x(peer and peer.get('ttft_s'), t)} |"
+            line += f" {_x(peer and peer.get('ttft_s'), t)} | {_x(hf and hf.get('ttft_s'), t)} |"
         out.append(line)
     counts = sorted({k for r in rows for k in r.get("batch", {})}, key=int)
     if counts:

@@ -77,10 +77,11 @@ def test_table_ratios_use_the_same_bit_width_peer():
     ]
     text = cpu_tables(rows, 100.0, _args(ttft_len=1024, batch="16"), "head")
     bf16 = _cells(text, "halserve cpu_amx", "bf16")
-    # tok/s, GB/s (2 GB x 40), % of 100 GB/s, x llama.cpp BF16, x HF, TTFT, llama.cpp TTFT / ours
-    assert bf16[2:] == ["40.00", "80.0", "80%", "0.80", "2.00", "0.500", "3.00"]
+    # tok/s, GB/s (2 GB x 40), % of 100 GB/s, x llama.cpp BF16, x HF, TTFT, llama.cpp TTFT / ours,
+    # HF TTFT / ours
+    assert bf16[2:] == ["40.00", "80.0", "80%", "0.80", "2.00", "0.500", "3.00", "2.00"]
     int8 = _cells(text, "halserve cpu_amx", "int8")
-    assert int8[5] == "2.00" and int8[8] == "1.50"  # against Q8_0, not BF16
+    assert int8[5] == "2.00" and int8[8] == "1.50" and int8[9] == "0.50"  # against Q8_0, not BF16; HF's bf16
     assert _cells(text, "halserve cpu_amx", "int4")[2] == "error: RuntimeError: boom"
     assert _cells(text, "HF transformers", "bf16")[3] == "40.0"  # HF read at our bytes, not its own
     assert _cells(text, "llama.cpp", "Q8_0 (no repack)")[5] == "-"
