@@ -9,11 +9,13 @@ import os
 
 # Spinning OpenMP barriers starve other threads (the server's event loop, the engine thread)
 # and collapse throughput on shared or small CPUs; only effective if torch is not loaded yet.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # ...but a short spin first (~0.1-0.2 ms of PAUSE loops): a decode step's GEMVs come tens of
 # microseconds apart, and waking 15 sleeping workers for each cost the 16-core AMX host 18 of
 # a 48 ms step; a 20000-spin wait already starved a loaded 2-vCPU box (docs/performance.md).
-os.environ.setdefault("GOMP_SPINCOUNT", "2000")
+# Only with our own policy: GOMP_SPINCOUNT overrides OMP_WAIT_POLICY, so a user's setting wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ.setdefault("GOMP_SPINCOUNT", "2000")
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "AsyncLLM", "SamplingParams", "__version__"]

@@ -255,8 +255,10 @@ def main(args: argparse.Namespace) -> int:
     # engine. OpenMP threads that spin at every barrier then starve them, and are themselves
     # descheduled mid-region; on 2 shared cores that cost 16x in throughput (docs/performance.md).
     # Must be set before torch (libgomp) loads, i.e. before the engine is imported.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("GOMP_SPINCOUNT", "2000")  # a bounded spin: see halserve/__init__.py
+    # (importing halserve set both unless the user chose a policy: see halserve/__init__.py)
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ.setdefault("GOMP_SPINCOUNT", "2000")
 
     # SIGTERM while loading: stop like Ctrl-C (uvicorn takes the signals over once serving).
     def _interrupt(signum, frame):
