@@ -158,10 +158,11 @@ def _curve_group(args, model: Path, batches: list[int], bmax: int, alphas, ks, i
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     wbytes = weight_bytes_per_token(llm.engine.model)
     bw = copy_bandwidth_gbs(llm.engine.runner.device)
-    base, refs = {}, {}
+    base, refs, plain_dev = {}, {}, {}
     for b in batches:
         t, outs, _ = _timed(llm, prompts[:b], params)
         base[b] = t
+        plain_dev[b] = _replay_ms(llm.engine.runner.graphs, b)
         refs[b] = outs
         roof = wbytes / (bw * 1e9)  # seconds a decode step must take to read the weights once
         print(f"[spec] plain decode batch {b}{mode}: {b * n / t:.1f} tok/s, {t / n * 1e3:.2f} ms/step = "
@@ -183,6 +184,14 @@ def _curve_group(args, model: Path, batches: list[int], bmax: int, alphas, ks, i
             _, own, _ = _timed(llm, prompts[:b], params)
             oracle.refs = {tuple(p): r for p, r in zip(prompts[:b], own)}
             drifted = sum(o != r for o, r in zip(own, refs[b]))
+            # the device time of one verify step alone (its graph replayed), beside the wall
+            # time a step takes end to end: what is left is the host's share (a spec step
+            # runs synchronously, its host work not overlapped with the device)
+            verify_dev = _replay_ms(llm.engine.runner.verify.graphs if llm.engine.runner.verify else {}, b)
+            if verify_dev is not None and plain_dev[b] is not None:
+                print(f"[spec] batch {b:2d}{mode} k={k}: verify graph replay {verify_dev:.2f} ms = "
+                      f"{verify_dev / plain_dev[b]:.2f}x a plain decode replay ({plain_dev[b]:.2f} ms; "
+                      f"plain wall {1e3 * base[b] / n:.2f} ms/step)", flush=True)
             for a in alphas:
                 oracle.alpha = a
                 graphed[:] = [0, 0]
@@ -197,7 +206,9 @@ def _curve_group(args, model: Path, batches: list[int], bmax: int, alphas, ks, i
                            verify_steps_in_graphs=graphed[0], steps=graphed[1],
                            # the engine's own timer: scheduling and outputs, not the runner or proposer
                            engine_host_ms_per_step=1e3 * (llm.engine.host_seconds - h0)
-                           / max(llm.engine.steps_run - s0, 1))
+                           / max(llm.engine.steps_run - s0, 1),
+                           wall_ms_per_step=1e3 * t / max(graphed[1], 1), verify_replay_ms=verify_dev,
+                           plain_replay_ms=plain_dev[b], plain_wall_ms_per_step=1e3 * base[b] / n)
                 rows.append(row)
                 print(f"[spec] batch {b:2d}{mode} k={k} alpha={a:.2f}: {row['speedup']:.2f}x plain "
                       f"(acceptance {row['acceptance']:.2f}, {emitted:.2f} tokens/verify -> "
@@ -208,6 +219,25 @@ def _curve_group(args, model: Path, batches: list[int], bmax: int, alphas, ks, i
                          if drifted else ""), flush=True)
     del llm
     gc.collect()
+
+
+def _replay_ms(graphs: dict, b: int) -> "float | None":
+    """Milliseconds one replay of the graph that serves ``b`` rows takes on the device
+    (CUDA events over 20 replays of its last inputs), None without CUDA graphs."""
+    import torch
+
+    fits = [x for x in graphs if x >= b]
+    if not fits or not torch.cuda.is_available():
+        return None
+    g = graphs[min(fits)]
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        g.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 20
 
 
 def _count_graph_steps(llm) -> list[int]:

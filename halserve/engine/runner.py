@@ -13,7 +13,7 @@ from halserve.engine.kv_connector import KVConnector, LayerWaits
 from halserve.engine.sampling import SamplingRow, apply_logits_processors, compute_logprobs
 from halserve.engine.sampling import sample as sample_rows
 from halserve.engine.scheduler import SchedulerOutput
-from halserve.engine.spec.verify import row_results, scored_rows
+from halserve.engine.spec.verify import position_arrays, row_results, scored_rows
 from halserve.hal.interface import AttentionMetadata, Backend, SamplingTensors
 
 logger = logging.getLogger("halserve")
@@ -354,7 +354,8 @@ class ModelRunner:
         """Run ``so`` and wait for its tokens."""
         if not so.kv_loads:
             if self.spec_k:  # speculative decoding (engine/spec) keeps its own step
-                return self._execute(so, self._stage_graph(so))
+                # a captured step's sampling state goes up in its one copy
+                return self._execute(so, self._stage_graph(so, position_arrays(so)), draws_staged=True)
             return self.launch(so).resolve()
         # the connector's KV, copied in while the host launches the forward that reads it;
         # its host memory is held until the step has synchronised. With per-layer events the
@@ -381,9 +382,11 @@ class ModelRunner:
         finally:
             self.connector.wait_for_load_kv()
 
-    def _execute(self, so: SchedulerOutput, staged=None, prepared=None, events=None) -> StepResult:
+    def _execute(self, so: SchedulerOutput, staged=None, prepared=None, events=None,
+                 draws_staged: bool = False) -> StepResult:
         rows_idx = [i for i, s in enumerate(so.scheduled) if s.samples]
         plp = None
+        draw = None
         sink = self.hidden_sink  # engine/spec: a draft head reads the target's states
         if staged is not None:
             graph, n, cu = staged[0], staged[1], staged[4]
@@ -393,6 +396,8 @@ class ModelRunner:
                 sink(so, hidden[:cu[-1]].clone(), cu)
             logits = out[:n].float().clone()
             _, rows, spans = scored_rows(so, rows_idx, None)
+            if draws_staged:
+                draw = _staged_draws(so, rows_idx, staged[3])
         else:
             ids, pos, meta, cu, _ = prepared or self._prepare(so)
             caches = self.kv_caches if events is None else LayerWaits(self.kv_caches, events)
@@ -408,7 +413,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden.index_select(0, last)).float()
         want_lp = [r.params.logprobs is not None for r in rows]
         raw = logits.clone() if any(want_lp) else None
-        tokens = sample(self.hal, logits, rows)
+        tokens = sample(self.hal, logits, draw if draw is not None else rows)
         lp_out: list = [None] * len(rows)
         if raw is not None:
             k = max(r.params.logprobs or 0 for r in rows)
@@ -676,6 +681,25 @@ def _sampling_arrays(seqs) -> tuple[np.ndarray, ...]:
             np.fromiter((p.min_p for p in ps), dtype=np.float32, count=n),
             np.fromiter((s.seed for s in seqs), dtype=np.int64, count=n),
             np.fromiter((s.num_output_tokens for s in seqs), dtype=np.int64, count=n))
+
+
+def _staged_draws(so: SchedulerOutput, rows_idx: list[int], views) -> "StagedRows | None":
+    """A spec step's draws as a launched step's: ``views`` (``spec.verify.position_arrays``,
+    uploaded with the step) as the sampling tensors, a sequence a scored position; None
+    where a logits processor must see each position's own generated ids (the SamplingRows
+    then build them)."""
+    seqs = [so.scheduled[i].seq for i in rows_idx]
+    if any(_needs_processors(seq) for seq in seqs):
+        return None
+    rows = StagedRows(seq for i, seq in zip(rows_idx, seqs) for _ in range(1 + len(so.scheduled[i].spec_token_ids)))
+    ps = [seq.params for seq in seqs]
+    temps, top_k, top_p, min_p, seeds, steps = views[:6]
+    rows.tensors = SamplingTensors(
+        temperature=temps, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds, steps=steps,
+        all_greedy=all(p.greedy for p in ps), all_random=not any(p.greedy for p in ps),
+        no_top_k=all(p.top_k == 0 for p in ps), no_top_p=all(p.top_p >= 1.0 for p in ps),
+        no_min_p=all(p.min_p <= 0.0 for p in ps))
+    return rows
 
 
 def _needs_processors(seq) -> bool:

@@ -133,3 +133,29 @@ def test_eagle_in_graphs_matches_eagle_eager(checkpoint, tmp_path):
         assert runs[True][2] == 0 and runs[False][2] > 10
         if kind == "copy":
             assert runs[False][1][1] > 0.5 * runs[False][1][0]  # most of its drafts are accepted
+
+
+def test_seeded_sampling_in_verify_graphs(checkpoint):
+    """Seeded draws in captured verify steps (the sampling state of every position uploaded
+    with the step) are the draws of plain decode, with and without logits processors."""
+    hal.register(ReplayGraphBackend)
+    path = str(checkpoint("llama"))
+    plain = LLM(path, dtype="float32", enforce_eager=True, backend="native")
+    no_processors = [SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=11, max_tokens=30, ignore_eos=True),
+                     SamplingParams(temperature=1.2, min_p=0.05, seed=3, max_tokens=30, ignore_eos=True),
+                     SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)]
+    processors = [SamplingParams(temperature=1.3, seed=5, max_tokens=25, repetition_penalty=1.3,
+                                 frequency_penalty=0.5, min_tokens=20),
+                  SamplingParams(temperature=0.7, seed=8, max_tokens=25, logit_bias={3: 2.0}),
+                  SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, presence_penalty=2.0)]
+    refs = [_tokens(plain, PROMPTS, ps) for ps in (no_processors, processors)]
+    oracle = RaggedOracle({tuple(p): r for p, r in zip(PROMPTS, refs[0])}, 512, 5)
+    llm = LLM(path, dtype="float32", backend="test_replay_graphs", max_num_seqs=4,
+              speculative_config={"method": "callable", "proposer": oracle, "num_speculative_tokens": 5})
+    before = ReplayGraph.replays
+    assert _tokens(llm, PROMPTS, no_processors) == refs[0]
+    assert ReplayGraph.replays - before > 5 and _spec_metrics(llm)[1] > 0
+    oracle.refs = {tuple(p): r for p, r in zip(PROMPTS, refs[1])}
+    accepted = _spec_metrics(llm)[1]
+    assert _tokens(llm, PROMPTS, processors) == refs[1]
+    assert _spec_metrics(llm)[1] > accepted

@@ -8,6 +8,8 @@ drafts before it counted as generated (penalties, min_tokens), the seeded draw k
 (seed, t). ``accept_deterministic`` then keeps the drafts that equal the draws."""
 from __future__ import annotations
 
+import numpy as np
+
 from halserve.engine.sampling import SamplingRow
 from halserve.engine.spec.rejection import accept_deterministic
 
@@ -23,12 +25,34 @@ def scored_rows(so, rows_idx: list[int], cu: list[int] | None):
         draft = so.scheduled[i].spec_token_ids
         spans.append((len(rows), len(draft) + 1))
         end = cu[i + 1] if cu is not None else 0
-        prompt, out = seq.prompt_token_ids, seq.output_token_ids
+        prompt, out, p = seq.prompt_token_ids, seq.output_token_ids, seq.params
+        # a position's generated ids (the drafts before it counted) are read only by the
+        # logits processors: without any, every position shares the list (no copy a token)
+        own = p.needs_penalties or p.logit_bias or seq.num_output_tokens < p.min_tokens
         for j in range(len(draft) + 1):
             hidden_rows.append(end - 1 - len(draft) + j)
-            rows.append(SamplingRow(seq.params, seq.seed, seq.num_output_tokens + j, prompt,
-                                    out + draft[:j] if j else out))
+            rows.append(SamplingRow(p, seq.seed, seq.num_output_tokens + j, prompt,
+                                    out + draft[:j] if j and own else out))
     return hidden_rows, rows, spans
+
+
+def position_arrays(so) -> tuple[np.ndarray, ...]:
+    """temperature, top_k, top_p, min_p, seed, step of every scored position of ``so``'s
+    sampled rows (as ``scored_rows`` orders them), for the step's one upload: per row, its
+    values repeated over its 1 + len(draft) positions, the step counting the drafts before."""
+    sch = [s for s in so.scheduled if s.samples]
+    n = len(sch)
+    reps = np.fromiter((1 + len(s.spec_token_ids) for s in sch), dtype=np.int64, count=n)
+    ps = [s.seq.params for s in sch]
+    first = np.zeros(n, dtype=np.int64)
+    np.cumsum(reps[:-1], out=first[1:])
+    within = np.arange(int(reps.sum())) - np.repeat(first, reps)
+    return (np.repeat(np.fromiter((0.0 if p.greedy else p.temperature for p in ps), np.float32, n), reps),
+            np.repeat(np.fromiter((p.top_k for p in ps), np.int32, n), reps),
+            np.repeat(np.fromiter((p.top_p for p in ps), np.float32, n), reps),
+            np.repeat(np.fromiter((p.min_p for p in ps), np.float32, n), reps),
+            np.repeat(np.fromiter((s.seq.seed for s in sch), np.int64, n), reps),
+            np.repeat(np.fromiter((s.seq.num_output_tokens for s in sch), np.int64, n), reps) + within)
 
 
 def row_results(so, rows_idx: list[int], spans, tokens: list[int], lps: list):
