@@ -257,7 +257,7 @@ def op_overheads(backend, reps: int = 200, cold: bool = False) -> list[dict]:
     4 kv heads of 64, intermediate 5632, vocab 32000), median over ``reps`` calls, four ways:
     through the dispatcher (``backend.<op>``, what the model calls), the op's body without
     dispatch, the bare C call with every pointer made once, and an empty C call (the FFI
-    floor). ``cold``: a 64 MB sweep before each call, as the GEMV before it leaves the caches."""
+    floor); native's op beside them (the peer). ``cold``: a 64 MB sweep before each call, as the GEMV before it leaves the caches."""
     import statistics
 
     import torch
@@ -266,7 +266,9 @@ def op_overheads(backend, reps: int = 200, cold: bool = False) -> list[dict]:
     from halserve.hal.rope import build_rope_cache
     from halserve.hal.conformance import sampling_tensors
 
-    bf, lib, cls = torch.bfloat16, backend.lib, type(backend)
+    from halserve.hal.native import NativeBackend
+
+    bf, lib, cls, native = torch.bfloat16, backend.lib, type(backend), NativeBackend()
     sweep = torch.empty(16 << 20)  # 64 MB
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 2048, generator=g).to(bf)
@@ -303,9 +305,9 @@ def op_overheads(backend, reps: int = 200, cold: bool = False) -> list[dict]:
         from halserve.hal.cpu_amx.backend import sample_args
 
         for name, prm in (("sample greedy 32000", greedy), ("sample top-k/p 32000", rand)):
-            args, keep = sample_args(logits, prm, torch.empty(1, dtype=torch.int64))
-            cases[name] = (cases[name][0], (lib.hs_sample, *args))
-            cases[name] += (keep,)
+            dst = torch.empty(1, dtype=torch.int64)
+            args, keep = sample_args(logits, prm, dst)
+            cases[name] = (cases[name][0], (lib.hs_sample, *args), (keep, dst))  # held: C writes into dst
 
     def timed(fn) -> float:
         ts = []
@@ -320,7 +322,8 @@ def op_overheads(backend, reps: int = 200, cold: bool = False) -> list[dict]:
     rows = [{"op": "empty C call (FFI floor)", "us_c": timed(lib.hs_get_threads)}]
     for name, (args, raw, *_) in cases.items():
         op = name.split()[0].split("+")[0]
-        row = {"op": name, "us_dispatch": timed(lambda: getattr(backend, op)(*args)),
+        row = {"op": name, "us_native": timed(lambda: getattr(native, op)(*args)),
+               "us_dispatch": timed(lambda: getattr(backend, op)(*args)),
                "us_body": timed(lambda: getattr(cls, op)._hal_kernel(backend, *args))
                if hasattr(getattr(cls, op), "_hal_kernel") else None}
         if raw is not None:
@@ -429,13 +432,16 @@ def main(argv=None) -> int:
           f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}", flush=True)
     res: dict = {"threads": torch.get_num_threads(), "read_gbs": bw, "tier": be.tier, "omp": _omp_libs()}
     if a.ops:
-        print("| op | cache | us backend.op | us body (no dispatch) | us C call |\n| --- | --- | ---: | ---: | ---: |")
+        print("| op | cache | us native | us backend.op | x native | us body (no dispatch) | us C call |\n"
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: |")
         res["ops"] = {}
         for cold in (False, True):
             rows = op_overheads(be, cold=cold)
             res["ops"]["cold" if cold else "warm"] = rows
             for r in rows:
-                cells = [f"{r[c]:.1f}" if r.get(c) is not None else "-" for c in ("us_dispatch", "us_body", "us_c")]
+                cells = [f"{r[c]:.1f}" if r.get(c) is not None else "-" for c in ("us_native", "us_dispatch")]
+                cells.append(f"{r['us_native'] / r['us_dispatch']:.1f}" if r.get("us_native") else "-")
+                cells += [f"{r[c]:.1f}" if r.get(c) is not None else "-" for c in ("us_body", "us_c")]
                 print(f"| {r['op']} | {'cold' if cold else 'warm'} | " + " | ".join(cells) + " |", flush=True)
     if not a.no_kernels:
         print("| scheme | linear | N x K | prefetch | us (C) | GB/s (C) | % read bw | us (backend.linear) | GB/s | % |")
@@ -469,7 +475,7 @@ def main(argv=None) -> int:
                   + (f"; step with every weight copied to anonymous memory: "
                      f"{r['step_ms_median_anonymous_weights']:.1f} ms" if r["step_ms_median_anonymous_weights"] else "")
                   + "\n"
-                  f"   step with the few-row ops (silu_and_mul, attention) on one thread: "
+                  f"   step with decode attention on one thread (hs_set_small_parallel(0)): "
                   f"{r['step_ms_median_small_ops_serial']:.1f} ms\n"
                   f"   step ms median by threads: "
                   + ", ".join(f"{n}: {v:.1f}" for n, v in r["step_ms_median_by_threads"].items()), flush=True)
