@@ -112,3 +112,29 @@ def test_large_m_quantized_linear_in_row_tiles(monkeypatch, scheme):
         y = b.linear(x, w, bias)
         assert y.shape == (64, 300) and y.dtype == torch.bfloat16
         assert nmse(y, ref) < 3e-5, tile
+
+
+@pytest.mark.parametrize("preset", ["llama", "mistral"])
+def test_long_prompt_greedy_matches_transformers_float32(checkpoint, preset):
+    """An 80-token prompt prefilled in two chunks of 40 (the second after a cached prefix: a
+    bottom-right causal mask; mistral adds a 32-token sliding window), both through the flash
+    path, then greedy decode: logits within 1e-4 of HF transformers (float32), same tokens."""
+    from halserve.hal.cpu_amx.backend import CpuAmxBackend
+    from halserve.models.loader import load_model
+    from tests.models.test_models import hf_logits, prompt, run_greedy
+
+    path = checkpoint(preset)
+    b = CpuAmxBackend()
+    model, cfg = load_model(path, b)
+    ids = prompt(80)
+    calls = []
+    real = prefill._flash
+    try:
+        prefill._flash = lambda *a: calls.append(a[0].shape[0]) or real(*a)
+        ours, generated = run_greedy(model, cfg, b, ids, 12, chunks=[40, 40])
+    finally:
+        prefill._flash = real
+    assert calls == [40] * (2 * cfg.num_layers)
+    ref = hf_logits(path, ids + generated)[:-1]
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    assert ref[79:].argmax(-1).tolist() == generated
