@@ -91,19 +91,20 @@ def test_greedy_takes_the_first_of_tied_maxima_and_nan_first(tier, v):
     """torch.argmax's rule: the first index of the maximum, and a NaN counts as the
     maximum. 300k tokens at batch 1 split the argmax over the pool: the tie crosses chunks."""
     be = backend(tier)
-    lg = _logits(3, v, seed=3)
+    lg = _logits(4, v, seed=3)
     top = float(lg.max()) + 1
     for j in (v - 1, v // 2 + 1, v // 3):  # three tied maxima, the first at v // 3
         lg[0, j] = top
     lg[1] = float("-inf")  # all masked: index 0, as torch
-    lg[2, v - 2] = float("nan")
-    lg[2, v // 4] = float("nan")
+    lg[2, v - 2] = float("nan")  # in the row's last, partial vector
     lg[2, 1] = top
+    lg[3, v - 2] = float("nan")
+    lg[3, v // 4] = float("nan")
     p = sampling_tensors(1, 0.0)
-    for r in range(3):
+    for r in range(4):
         got = be.sample(lg[r:r + 1].contiguous(), p)
         assert int(got) == int(lg[r:r + 1].argmax(-1)), r
-    assert torch.equal(be.sample(lg, sampling_tensors(3, 0.0)), lg.argmax(-1))
+    assert torch.equal(be.sample(lg, sampling_tensors(4, 0.0)), lg.argmax(-1))
 
 
 @pytest.mark.parametrize("tier", RUNNABLE)
