@@ -36,8 +36,9 @@ def _legacy(on: bool, saved: dict) -> None:
     from halserve.hal.cpu_amx import prefill, quant
 
     if not saved:
-        saved.update(long_q=prefill.LONG_Q, tiled=quant.linear_tiled)
+        saved.update(long_q=prefill.LONG_Q, long_p=prefill.LONG_Q_PREFIX, tiled=quant.linear_tiled)
     prefill.LONG_Q = 1 << 30 if on else saved["long_q"]
+    prefill.LONG_Q_PREFIX = (1 << 30, 0) if on else saved["long_p"]
     quant.linear_tiled = ((lambda lib, x, w, kind, wp, sp, group, bias: F.linear(x, quant.dequant_any(w, x.dtype), bias))
                           if on else saved["tiled"])
 

@@ -38,8 +38,8 @@ def reference(q, cache, meta, scale):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_rows_take_flash_and_match_float64(dtype):
-    """A batch mixing decode rows, a short chunk and long prefills (one after a cached prefix,
-    so its causal mask is bottom-right aligned), with and without a sliding window."""
+    """A batch mixing decode rows, short chunks and long prefills (two after a cached prefix,
+    so their causal mask is bottom-right aligned), with and without a sliding window."""
     from halserve.hal.cpu_amx.backend import CpuAmxBackend
 
     b = CpuAmxBackend()
@@ -48,7 +48,8 @@ def test_prefill_rows_take_flash_and_match_float64(dtype):
     calls = []
     real = prefill._flash
     for window in (None, 40):
-        ctx, ql = [90, 70, 130, 20, 77], [1, 70, 100, 5, 33]
+        # flash: 70, 100, 33 rows, and 16 rows after a 284-key prefix; C: 1, 5, and 20 fresh rows
+        ctx, ql = [90, 70, 130, 20, 77, 300, 20], [1, 70, 100, 5, 33, 16, 20]
         meta, nblk = _meta(ctx, ql, window=window)
         cache = torch.randn(2, nblk, 16, hk, d, generator=g).to(dtype)
         q = torch.randn(sum(ql), hq, d, generator=g).to(dtype)
@@ -61,7 +62,7 @@ def test_prefill_rows_take_flash_and_match_float64(dtype):
         assert nmse(out, ref) < (1e-10 if dtype == torch.float32 else 3e-5), window
         for r in range(out.shape[0]):  # every row, not just the batch on average
             assert nmse(out[r], ref[r]) < (1e-9 if dtype == torch.float32 else 1e-4), (window, r)
-    assert calls == [70, 100, 33] * 2  # the long rows went through the flash kernel
+    assert calls == [70, 100, 33, 16] * 2  # the long rows went through the flash kernel
 
 
 def test_batch_invariant_mode_keeps_the_c_kernel():
