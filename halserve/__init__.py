@@ -16,6 +16,14 @@ import os
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     os.environ.setdefault("GOMP_SPINCOUNT", "2000")
+# torch's oneDNN JIT-builds one GEMM primitive per (M, N, K), ~0.65 MB each, and keeps it in two
+# LRU caches (oneDNN's, and ideep's in front of it, which holds the primitive even when oneDNN's
+# drops it), 1,024 each: a server that sees many batch and prefill sizes keeps ~650 MB of them.
+# 512 caps that near 330 MB and still holds every decode batch size of the default
+# max_num_seqs; a miss costs a ~0.5 ms rebuild (docs/reliability.md). Both are read at the
+# first GEMM, so setting them here is in time even when torch is already imported.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
+os.environ.setdefault("LRU_CACHE_CAPACITY", "512")
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "AsyncLLM", "SamplingParams", "__version__"]
