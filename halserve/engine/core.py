@@ -89,8 +89,9 @@ class EngineCore:
             # a draft head reads the target's hidden states: every step hands them over (set
             # before capture: the captured steps then return them too)
             self.runner.hidden_sink = self.proposer.take_hidden
-        if not config.enforce_eager:
-            self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
+        if not config.enforce_eager and self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len) \
+                and hasattr(self.proposer, "capture_graphs"):  # a draft head's own forwards
+            self.proposer.capture_graphs(self.runner.graph_buckets(config.max_num_seqs), self.max_model_len)
         # content, not path: KV blocks cached by one server load on another with the same model
         fp = hashlib.sha256(checkpoint_fingerprint(mc.path)
                             + f"|{mc.dtype}|{config.block_size}|{config.quantization}".encode()).digest()

@@ -98,7 +98,8 @@ def test_batched_verify_graphs(checkpoint):
 
 def test_eagle_in_graphs_matches_eagle_eager(checkpoint, tmp_path):
     """The captured steps (decode, verify, and a prefix hit's tail) return the hidden states
-    the head reads: it drafts exactly what it drafts when every step runs eagerly, and the
+    the head reads, and the head's own single-token forwards (drafts 2..k) replay graphs
+    too: it drafts exactly what it drafts when every step runs eagerly, and the
     output equals plain decode's. The identity head's drafts are argmax lm_head(h) of the
     hidden row it reads, the copy head's follow the target: a wrong or stale row changes
     them. (The double, like a real graph, rewrites one output buffer at every replay.)"""
@@ -115,8 +116,12 @@ def test_eagle_in_graphs_matches_eagle_eager(checkpoint, tmp_path):
             llm = LLM(str(one), dtype="float32", backend="test_replay_graphs", max_num_seqs=8,
                       max_num_batched_tokens=64, enforce_eager=eager, speculative_config=spec)
             assert bool(llm.engine.runner.graphs) != eager
-            prop, drafts = llm.engine.proposer, []
+            prop, drafts, head_replays = llm.engine.proposer, [], []
             inner = prop.propose
+            assert (prop.graphs is None) == eager  # the head's drafting forwards are captured too
+            if not eager:
+                draft = prop.graphs.draft
+                prop.graphs.draft = lambda *a: head_replays.append(1) or draft(*a)
 
             def spy(seqs, ks, inner=inner, drafts=drafts):
                 out = inner(seqs, ks)
@@ -130,7 +135,7 @@ def test_eagle_in_graphs_matches_eagle_eager(checkpoint, tmp_path):
             assert [_tokens(llm, [p], GREEDY)[0] for p in (LONG, LONG + [7, 8, 9])] == ref_long
             runs[eager] = (sorted(drafts), _spec_metrics(llm), ReplayGraph.replays - replays)
         assert runs[True][:2] == runs[False][:2], kind  # the same drafts, the same acceptance
-        assert runs[True][2] == 0 and runs[False][2] > 10
+        assert runs[True][2] == 0 and runs[False][2] > 10 and len(head_replays) > 5
         if kind == "copy":
             assert runs[False][1][1] > 0.5 * runs[False][1][0]  # most of its drafts are accepted
 

@@ -53,6 +53,23 @@ def draft_batch(rows: list[DraftRow], block_size: int, device, max_position: int
     """(positions, attention metadata, index of each row's last token) for ``rows``, in
     their order (single-token rows must come first: the metadata's decode prefix). Positions
     and slots are built with numpy, not a loop a token (a head consumes whole prefill chunks)."""
+    pos, slots, qlens, klens, tables = host_batch(rows, block_size, max_position)
+    width = max(len(t) for t in tables)
+    cu = np.concatenate(([0], np.cumsum(qlens))).tolist()
+    meta = AttentionMetadata(
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(klens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device),
+        slot_mapping=torch.from_numpy(np.concatenate(slots)).to(device),
+        max_seqlen_q=max(qlens), max_seqlen_k=max(klens), query_lens_host=qlens, seq_lens_host=klens,
+        block_size=block_size, num_decode_seqs=sum(1 for q in qlens if q == 1), sliding_window=sliding_window)
+    last = torch.tensor(cu[1:], dtype=torch.int64, device=device) - 1
+    return torch.from_numpy(np.concatenate(pos).astype(np.int64)).to(device), meta, last
+
+
+def host_batch(rows: list[DraftRow], block_size: int, max_position: int):
+    """The host side of ``draft_batch``: per row its positions and slots (numpy), query and
+    key lengths, and block table (from its context's first block)."""
     bs = block_size
     pos, slots, qlens, klens, tables = [], [], [], [], []
     for r in rows:
@@ -69,14 +86,4 @@ def draft_batch(rows: list[DraftRow], block_size: int, device, max_position: int
         # ... and reads no further than its own blocks
         klens.append(end - r.origin if r.write else max(r.n, min(end - r.origin, len(table) * bs)))
         tables.append(table)
-    width = max(len(t) for t in tables)
-    cu = np.concatenate(([0], np.cumsum(qlens))).tolist()
-    meta = AttentionMetadata(
-        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(klens, dtype=torch.int32, device=device),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device),
-        slot_mapping=torch.from_numpy(np.concatenate(slots)).to(device),
-        max_seqlen_q=max(qlens), max_seqlen_k=max(klens), query_lens_host=qlens, seq_lens_host=klens,
-        block_size=bs, num_decode_seqs=sum(1 for q in qlens if q == 1), sliding_window=sliding_window)
-    last = torch.tensor(cu[1:], dtype=torch.int64, device=device) - 1
-    return torch.from_numpy(np.concatenate(pos).astype(np.int64)).to(device), meta, last
+    return pos, slots, qlens, klens, tables

@@ -48,7 +48,9 @@ class EagleProposer(Proposer):
         from halserve.models.eagle import EagleHead
 
         self.head = EagleHead(config.model, hal, target_model, target_config, target_config.dtype)
-        self.block_size, self.device = block_size, device
+        self.block_size, self.device, self.hal = block_size, device, hal
+        self.hidden_size, self.dtype = target_config.hf_config["hidden_size"], target_config.dtype
+        self.graphs = None  # drafts 2..k as captured graphs (eagle_graph.py), where the backend has them
         self.kv = DraftKV(hal, block_size, self.head.num_layers, self.head.num_kv_heads, self.head.head_dim,
                           target_config.dtype, device)
         self._state: dict[int, _State] = {}
@@ -63,6 +65,18 @@ class EagleProposer(Proposer):
 
     def finished(self, seq):
         self._state.pop(seq.seq_id, None)
+
+    def capture_graphs(self, buckets: list[int], max_model_len: int) -> None:
+        from halserve.engine.spec.eagle_graph import HeadGraphs
+
+        g = HeadGraphs(self.head, self.kv, self.hal, self.block_size, self.device)
+        try:
+            g.capture(buckets, max_model_len, self.hidden_size, self.dtype)
+        except Exception as e:  # noqa: BLE001 - the eager drafting path serves the same drafts
+            logger.warning("EAGLE head: drafting graphs not captured (%s: %s); its forwards run eagerly",
+                           type(e).__name__, e)
+            g.graphs = {}
+        self.graphs = g if g.graphs else None
 
     def take_hidden(self, so, hidden: torch.Tensor, cu: list[int]) -> None:
         """The runner's step ``so`` computed ``hidden`` (rows ``cu[i]:cu[i+1]`` for its row i,
@@ -137,11 +151,15 @@ class EagleProposer(Proposer):
             st.hidden, st.base, st.valid = st.hidden[last - 1 - st.base:last - st.base], last - 1, last
         # drafts 2..k at positions last.. (the scheduler reserved blocks through last+k); a row
         # whose k is done rides along unwritten
-        for j in range(1, max(k for _, _, k, _, _, _ in live)):
-            rows = [DraftRow(seq.block_ids, last - 1 + j, 1, st.origin, write=k > j)
-                    for _, seq, k, last, _, st in live]
-            tok, h = self._forward(tok, h, rows)
-            toks.append(tok)
+        steps = [[DraftRow(seq.block_ids, last - 1 + j, 1, st.origin, write=k > j)
+                  for _, seq, k, last, _, st in live] for j in range(1, max(k for _, _, k, _, _, _ in live))]
+        rest = self.graphs.draft(tok, h, steps, limit) if steps and self.graphs is not None else None
+        if rest is None:
+            rest = []
+            for rows in steps:
+                tok, h = self._forward(tok, h, rows)
+                rest.append(tok)
+        toks += rest
         drafted = torch.stack(toks, 1).tolist()  # the one device -> host read
         for (i, _, k, _, _, _), d in zip(live, drafted):
             out[i] = d[:k]
