@@ -39,8 +39,10 @@ def _legacy(on: bool, saved: dict) -> None:
         saved.update(long_q=prefill.LONG_Q, long_p=prefill.LONG_Q_PREFIX, tiled=quant.linear_tiled)
     prefill.LONG_Q = 1 << 30 if on else saved["long_q"]
     prefill.LONG_Q_PREFIX = (1 << 30, 0) if on else saved["long_p"]
-    quant.linear_tiled = ((lambda lib, x, w, kind, wp, sp, group, bias: F.linear(x, quant.dequant_any(w, x.dtype), bias))
-                          if on else saved["tiled"])
+    def whole(lib, x, w, kind, wp, sp, group, bias):
+        return F.linear(x, quant.dequant_any(w, x.dtype), bias)
+
+    quant.linear_tiled = whole if on else saved["tiled"]
 
 
 def _op_times(hal, run) -> dict[str, float]:
