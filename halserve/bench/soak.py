@@ -2,8 +2,10 @@
 loopback, with mid-stream disconnects and malformed requests injected meanwhile.
 
 Counts requests, errors by status code, truncated streams (no finish_reason or no [DONE]),
-faults injected and bad inputs tried; reads the server's RSS before (after warm-up) and after,
-and waits for its metrics to return to zero (no request running or waiting, KV usage 0).
+faults injected and bad inputs tried, and waits for the server's metrics to return to zero (no
+request running or waiting, KV usage 0). Memory is judged idle to idle: after the warm-up the
+load pauses until the server is idle (its engine trims the heap then) and that RSS is the
+baseline; the run's end is read the same way, once the last client has left.
 Every loop is bounded in count and in time. With ``--model`` it starts its own
 ``halserve serve`` on 127.0.0.1 and stops it; with ``--url`` it talks to a running one
 (loopback only)."""
@@ -19,7 +21,6 @@ import re
 import subprocess
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -63,7 +64,9 @@ class SoakReport:
     bad_inputs_5xx: int = 0
     rss_mb_start: float | None = None  # after three single requests
     rss_mb_after_warmup: float | None = None  # after warmup_seconds of the full load
-    rss_mb_after: float | None = None
+    rss_mb_baseline: float | None = None  # idle, right after the warm-up (the load paused)
+    rss_mb_peak: float | None = None  # largest sample under load
+    rss_mb_after: float | None = None  # idle, after the run
     rss_samples: list = field(default_factory=list)  # (seconds into the run, MB)
     metrics_back_to_zero: bool | None = None
     final_metrics: dict = field(default_factory=dict)
@@ -83,6 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--body-limit-mb", type=float, default=16.0, help="the server's --max-request-body-mb")
     p.add_argument("--warmup-minutes", type=float, default=None,
                    help="full load before RSS is taken as the baseline (default: a fifth of --minutes)")
+    p.add_argument("--max-rss-growth-mb", type=float, default=64.0,
+                   help="fail if the server's idle RSS after the run exceeds its idle RSS after the warm-up by more")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON here")
 
@@ -195,10 +200,13 @@ async def soak(url: str, clients: int, seconds: float, *, max_tokens: int = 32, 
         warmup = seconds / 5 if warmup_seconds is None else warmup_seconds
         deadline = time.monotonic() + seconds
         max_per_client = 100_000  # a bound on count as well as on time
+        resume = asyncio.Event()  # cleared while the load pauses for the idle baseline
+        resume.set()
 
         async def client_loop(k: int) -> None:
             rng = random.Random(seed * 1000 + k)
             for _ in range(max_per_client):
+                await resume.wait()
                 if time.monotonic() >= deadline:
                     return
                 try:
@@ -211,6 +219,7 @@ async def soak(url: str, clients: int, seconds: float, *, max_tokens: int = 32, 
             rng = random.Random(seed + 7)
             next_disc, next_bad, i = 0.0, 0.0, 0
             while time.monotonic() < deadline and i < 100_000:
+                await resume.wait()
                 now = time.monotonic()
                 try:
                     if now >= next_disc:
@@ -225,6 +234,7 @@ async def soak(url: str, clients: int, seconds: float, *, max_tokens: int = 32, 
                 await asyncio.sleep(0.05)
 
         async def ticker() -> None:
+            nonlocal deadline
             t0 = time.monotonic()
             while time.monotonic() < deadline:
                 await asyncio.sleep(min(10.0, max(0.1, deadline - time.monotonic()),
@@ -232,8 +242,18 @@ async def soak(url: str, clients: int, seconds: float, *, max_tokens: int = 32, 
                                         if report.rss_mb_after_warmup is None else 10.0))
                 now_rss = rss_mb(pid)
                 report.rss_samples.append((round(time.monotonic() - t0, 1), now_rss))
+                if now_rss is not None:
+                    report.rss_mb_peak = max(report.rss_mb_peak or 0.0, now_rss)
                 if report.rss_mb_after_warmup is None and time.monotonic() - t0 >= warmup:
                     report.rss_mb_after_warmup = now_rss
+                    resume.clear()
+                    paused = time.monotonic()
+                    await _wait_idle(client)
+                    report.rss_mb_baseline = rss_mb(pid)
+                    deadline += time.monotonic() - paused  # the pause is not load time
+                    resume.set()
+                    progress(f"soak: idle baseline after the warm-up {report.rss_mb_baseline} MB "
+                             f"(paused {time.monotonic() - paused:.1f} s)")
                 progress(f"soak: {time.monotonic() - t0:5.0f}s  requests {report.requests}  completed "
                          f"{report.completed}  errors {sum(report.errors_by_code.values())}  truncated "
                          f"{report.truncated_streams}  disconnects {report.disconnects_injected}  bad inputs "
@@ -241,26 +261,36 @@ async def soak(url: str, clients: int, seconds: float, *, max_tokens: int = 32, 
 
         await asyncio.gather(*(client_loop(k) for k in range(clients)), faults(), ticker())
         # metrics must come back to zero once the clients are gone
-        m: dict = {}
-        for _ in range(100):
-            m = await _metrics(client)
-            if m.get("halserve:num_requests_running", 1) == 0 and m.get("halserve:num_requests_waiting", 1) == 0 \
-                    and m.get("halserve:kv_cache_usage_perc", 1) == 0:
-                break
-            await asyncio.sleep(0.1)
+        m = await _wait_idle(client)
         report.final_metrics = {k: v for k, v in m.items() if "running" in k or "waiting" in k or "usage" in k}
         report.metrics_back_to_zero = all(v == 0 for v in report.final_metrics.values()) and bool(report.final_metrics)
-        await asyncio.sleep(3)  # idle: the engine thread gives freed heap pages back when out of work
         report.rss_mb_after = rss_mb(pid)
     return report
 
 
-def start_server(model: str, extra: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
-    """``halserve serve MODEL`` on 127.0.0.1, a free port; returns (process, base URL)."""
+async def _wait_idle(client, settle: float = 3.0) -> dict:
+    """Until nothing runs or waits and the KV is free (at most 10 s), then ``settle`` s more:
+    the engine thread gives freed heap pages back once out of work. Returns the last metrics."""
+    m: dict = {}
+    for _ in range(100):
+        m = await _metrics(client)
+        if m.get("halserve:num_requests_running", 1) == 0 and m.get("halserve:num_requests_waiting", 1) == 0 \
+                and m.get("halserve:kv_cache_usage_perc", 1) == 0:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(settle)
+    return m
+
+
+def start_server(model: str, extra: list[str], log_path: Path,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """``halserve serve MODEL`` on 127.0.0.1, a free port; returns (process, base URL).
+    ``env``: variables added to this process's environment for the server."""
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "halserve.cli", "serve", model, "--host", "127.0.0.1",
                              "--port", "0", "--disable-uvicorn-access-log", *extra],
-                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         m = re.search(r"ready on (http://\S+?:\d+)", log_path.read_text(errors="replace"))
@@ -304,4 +334,10 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(d, indent=2))
     bad = sum(report.errors_by_code.values()) + report.truncated_streams + report.bad_inputs_5xx
-    return 0 if bad == 0 and report.metrics_back_to_zero else 1
+    grew = None
+    if report.rss_mb_after is not None and report.rss_mb_baseline is not None:
+        grew = report.rss_mb_after - report.rss_mb_baseline
+        print(f"soak: RSS idle after the warm-up {report.rss_mb_baseline} MB, idle after the run "
+              f"{report.rss_mb_after} MB ({grew:+.1f} MB; limit {args.max_rss_growth_mb:+.0f})", flush=True)
+    rss_ok = grew is None or grew <= args.max_rss_growth_mb
+    return 0 if bad == 0 and report.metrics_back_to_zero and rss_ok else 1

@@ -13,13 +13,20 @@ import pytest
 from halserve.bench.soak import SoakReport, _metrics, _stream_once, rss_mb, soak, start_server
 
 SOAK_SECONDS = 15
+# what the server may grow from its idle baseline after the warm-up to idle after the run
+RSS_GROWTH_MB = 24
+# oneDNN's GEMM primitive caches fill as new batch/prefill sizes come (a few hundred KB a
+# shape, bounded by their capacity: test_memory.py checks the default's bound). Small here so
+# they are full within the warm-up, and what the bound judges is everything else.
+SMALL_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "32", "LRU_CACHE_CAPACITY": "32"}
 
 
 @pytest.fixture(scope="module")
 def served(checkpoint, tmp_path_factory):
     log = Path(tmp_path_factory.mktemp("soak")) / "serve.log"
-    proc, url = start_server(str(checkpoint("qwen3")), ["--dtype", "float32", "--max-num-seqs", "16",
-                                                        "--max-request-body-mb", "1"], log)
+    # bfloat16: the GEMM path a CPU server takes (oneDNN's), as the long soak's demo model
+    proc, url = start_server(str(checkpoint("qwen3")), ["--dtype", "bfloat16", "--max-num-seqs", "16",
+                                                        "--max-request-body-mb", "1"], log, env=SMALL_CACHES)
     yield proc, url, log
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0, log.read_text()[-3000:]
@@ -35,7 +42,10 @@ def test_short_soak(served):
     assert r.errors_by_code == {} and r.truncated_streams == 0, r
     assert r.disconnects_injected > 5 and r.bad_inputs_tried > 20 and r.bad_inputs_5xx == 0, r
     assert r.metrics_back_to_zero, r.final_metrics
-    assert r.rss_mb_after_warmup is not None and r.rss_mb_after - r.rss_mb_after_warmup < 300, r
+    # idle to idle: the heap trimmed when the engine ran out of work, the KV resident from the start
+    print(f"RSS start {r.rss_mb_start}, idle after the warm-up {r.rss_mb_baseline}, peak {r.rss_mb_peak}, "
+          f"idle after {r.rss_mb_after} MB")
+    assert r.rss_mb_baseline is not None and r.rss_mb_after - r.rss_mb_baseline < RSS_GROWTH_MB, r
 
 
 def test_disconnect_storm_frees_the_kv(served):
