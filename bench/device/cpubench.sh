@@ -42,7 +42,7 @@ B="python3 -m halserve.cli bench cpu --threads $T --markdown $MD --work-dir $W $
 #   THREADS=2 CPUBENCH_EXTRA="--layers 1 --vocab 1024 --ttft-len 64" bash bench/device/cpubench.sh
 X=${CPUBENCH_EXTRA:-}
 
-step cpubench_1b 130 $B --shape 1.1b --backends cpu_amx --quant none,int8,int4 --input-len 128 --output-len 32 \
+step cpubench_1b 133 $B --shape 1.1b --backends cpu_amx --quant none,int8,int4 --input-len 128 --output-len 32 \
   --ttft-len 1024 --batch 16,64 --batch-input-len 32 --batch-output-len 16 --gguf bf16,q8_0,q4_0 \
   --batch-gguf bf16 --json "$OUT/cpubench_1b.json" $X
 step cpubench_prefill 50 python3 -m halserve.bench.cpu_prefill --threads $T --work-dir $W --len 1024 \
