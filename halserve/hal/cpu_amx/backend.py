@@ -52,6 +52,9 @@ def sample_args(logits: torch.Tensor, params, out: torch.Tensor) -> tuple[tuple,
     lg = _ready(logits)
     f = (params.all_greedy * 1 | params.all_random * 2 | params.no_top_k * 4 | params.no_top_p * 8
          | params.no_min_p * 16)
+    if params.all_greedy:  # the C side reads no per-row parameter: none converted
+        return (lg.data_ptr(), int(lg.dtype == torch.bfloat16), lg.shape[0], lg.shape[1], 0, 0, 0, 0, 0, 0, f,
+                out.data_ptr()), (lg,)
     keep = (lg, _ready(params.temperature, torch.float32), _ready(params.top_k, torch.int32),
             _ready(params.top_p, torch.float32), _ready(params.min_p, torch.float32),
             _ready(params.seeds, torch.int64), _ready(params.steps, torch.int64))
