@@ -436,7 +436,7 @@ def main(argv=None) -> int:
               "| --- | --- | ---: | ---: | ---: | ---: | ---: |")
         res["ops"] = {}
         for cold in (False, True):
-            rows = op_overheads(be, cold=cold)
+            rows = op_overheads(be, reps=100 if cold else 200, cold=cold)  # a cold call costs a 64 MB sweep
             res["ops"]["cold" if cold else "warm"] = rows
             for r in rows:
                 cells = [f"{r[c]:.1f}" if r.get(c) is not None else "-" for c in ("us_native", "us_dispatch")]
