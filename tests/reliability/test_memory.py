@@ -55,11 +55,12 @@ def test_rss_returns_near_baseline_after_a_burst_of_long_prompts(checkpoint):
         llm.shutdown()
     assert llm._trimmer.trims >= 3
     # 8 prompts of 2,000 tokens went through (transient activations of ~100 MB a chunk, kept
-    # for good by glibc before the fix: +180 MB here). What may stay is the KV pages the
-    # prompts wrote (the cache is mapped lazily; they are the cache's own memory) and a little.
-    kv_mb = (64 << 20) / 2**20
+    # for good by glibc before the fix: +180 MB here). The KV cache was resident before the
+    # burst (test_kv_cache_is_resident_from_the_start); what may stay is a little: the GEMM
+    # primitives of the new prefill shapes, allocator slack (measured +18 to +21 MB; +59 MB
+    # without the trim).
     print(f"RSS base {base:.0f} MB, after each burst {peaks}, idle after {after:.0f} MB")
-    assert after - base < kv_mb + 16, (base, peaks, after)
+    assert after - base < 40, (base, peaks, after)
 
 
 # torch first, as a user's program may do: halserve's defaults must still be in time (both
