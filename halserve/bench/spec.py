@@ -173,9 +173,12 @@ def _curve_group(args, model: Path, batches: list[int], bmax: int, alphas, ks, i
     oracle = AlphaOracle({}, args.input_len, vocab)
     llm = LLM(str(model), speculative_config={"method": "callable", "proposer": oracle,
                                               "num_speculative_tokens": max(ks)}, **common)
-    graphed = _count_graph_steps(llm)
+    verifiers = _verify_graphs_by_k(llm, ks, bmax, common["max_model_len"])
+    graphed = _count_graph_steps(llm, verifiers.values())
     for b in batches:
         for k in ks:
+            if verifiers:  # the verify graphs of an engine configured with this k
+                llm.engine.runner.verify = verifiers[k]
             # the oracle's continuation: what this engine's verify steps compute (an untimed
             # run drafting the plain output, every token offered); in bf16 it can differ from
             # plain decode's, whose GEMM and attention shapes differ (counted: drifted_rows)
@@ -240,20 +243,37 @@ def _replay_ms(graphs: dict, b: int) -> "float | None":
     return start.elapsed_time(end) / 20
 
 
-def _count_graph_steps(llm) -> list[int]:
+def _verify_graphs_by_k(llm, ks: list[int], max_num_seqs: int, max_model_len: int) -> dict:
+    """k -> the verify graphs an engine with ``num_speculative_tokens=k`` captures (b rows of
+    k + 1 slots), so that one engine (configured with the largest k, its scheduler reserving
+    room for it) measures every k: the oracle drafts at most k, and the step is the one a
+    k-engine runs. Empty where the backend captures no graphs."""
+    from halserve.engine.spec.verify_graph import VerifyGraphs
+
+    runner = llm.engine.runner
+    if runner.verify is None:
+        return {}
+    out = {runner.verify.width - 1: runner.verify}
+    for k in ks:
+        if k not in out:
+            out[k] = VerifyGraphs(runner, k)
+            out[k].capture(max_num_seqs, -(-max_model_len // runner.block_size), max_model_len,
+                           runner.hidden_sink is not None)
+    return out
+
+
+def _count_graph_steps(llm, verifiers) -> list[int]:
     """[steps that replayed a verify graph, steps], counted from the list's last reset."""
     runner, counts = llm.engine.runner, [0, 0]
-    execute, verify = runner.execute, runner.verify
+    execute = runner.execute
 
     def counted(so):
         counts[1] += 1
         return execute(so)
 
     runner.execute = counted
-    if verify is not None:
-        stage = verify.stage
-
-        def staged(so, extra=()):
+    for verify in verifiers:
+        def staged(so, extra=(), stage=verify.stage):
             out = stage(so, extra)
             counts[0] += out is not None
             return out

@@ -52,6 +52,7 @@ class ModelRunner:
         self.tail_graphs: dict[int, object] = {}
         self._tail: dict[str, torch.Tensor] = {}
         self._tail_meta: dict[int, AttentionMetadata] = {}
+        self._decode_meta: dict[int, AttentionMetadata] = {}
         # speculative decoding (engine/spec): the most draft tokens a row verifies (0: no
         # speculation); with graphs, verify steps replay engine/spec/verify_graph.py's
         self.spec_k = 0
@@ -174,6 +175,7 @@ class ModelRunner:
             if graph is None:
                 return 0
             self.graphs[b] = graph
+            self._decode_meta[b] = meta
         self._capture_tail_graphs(max_blocks, max_model_len)
         if self.spec_k:
             from halserve.engine.spec.verify_graph import VerifyGraphs
@@ -292,6 +294,9 @@ class ModelRunner:
         for key, v in zip(("ids", "pos", "slots", "seq_lens"), views[:4]):
             st[key][:b].copy_(v)
         st["tables"][:b, :tbl.shape[1]].copy_(views[4])
+        # a captured graph ignores the host lengths; a backend whose 'graph' calls the step
+        # again reads them (batch-invariant attention per sequence), so they are kept true
+        self._decode_meta[b].seq_lens_host[:] = lens.tolist()
         return self.graphs[b], n, False, views[5:], list(range(n + 1))  # decode graphs wait on no layer (hot path)
 
     # ---- one step -----------------------------------------------------------------------------

@@ -164,3 +164,17 @@ def test_seeded_sampling_in_verify_graphs(checkpoint):
     accepted = _spec_metrics(llm)[1]
     assert _tokens(llm, PROMPTS, processors) == refs[1]
     assert _spec_metrics(llm)[1] > accepted
+
+
+def test_verify_graphs_batch_invariant(checkpoint):
+    """Batch-invariant mode (attention a sequence at a time, reading the host lengths the
+    runner keeps true for a replayed step): captured verify steps give plain decode's tokens."""
+    hal.register(ReplayGraphBackend)
+    path = str(checkpoint("llama"))
+    ref = _tokens(LLM(path, dtype="float32", batch_invariant=True, backend="native"), MORE, GREEDY)
+    oracle = RaggedOracle({tuple(p): r for p, r in zip(MORE, ref)}, 512, 3)
+    llm = LLM(path, dtype="float32", backend="test_replay_graphs", batch_invariant=True, max_num_seqs=8,
+              speculative_config={"method": "callable", "proposer": oracle, "num_speculative_tokens": 3})
+    before = ReplayGraph.replays
+    assert _tokens(llm, MORE, GREEDY) == ref
+    assert ReplayGraph.replays - before > 8 and 0 < _spec_metrics(llm)[1] < _spec_metrics(llm)[0]
