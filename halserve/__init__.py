@@ -9,13 +9,19 @@ import os
 
 # Spinning OpenMP barriers starve other threads (the server's event loop, the engine thread)
 # and collapse throughput on shared or small CPUs; only effective if torch is not loaded yet.
-# ...but a short spin first (~0.1-0.2 ms of PAUSE loops): a decode step's GEMVs come tens of
-# microseconds apart, and waking 15 sleeping workers for each cost the 16-core AMX host 18 of
-# a 48 ms step; a 20000-spin wait already starved a loaded 2-vCPU box (docs/performance.md).
-# Only with our own policy: GOMP_SPINCOUNT overrides OMP_WAIT_POLICY, so a user's setting wins.
+# With 8 or more CPUs, a short spin first (2000 PAUSE loops, ~0.05-0.2 ms): a decode step's
+# GEMVs come tens of microseconds apart, and waking 15 sleeping workers for each cost the
+# 16-core AMX host 18 of a 48 ms step. Never on small shared machines: on a loaded 2-vCPU box
+# the same 2000 spins made a GEMV 8 ms instead of 1 (a preempted spinner holds the barrier for
+# a scheduler tick; docs/performance.md). Only under our own policy: GOMP_SPINCOUNT overrides
+# OMP_WAIT_POLICY, so a user's setting wins; `halserve serve` drops the spin (its event loop
+# shares the cores).
+_SPIN_DEFAULTED = False
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    os.environ.setdefault("GOMP_SPINCOUNT", "2000")
+    if (os.cpu_count() or 1) >= 8 and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = "2000"
+        _SPIN_DEFAULTED = True
 # torch's oneDNN JIT-builds one GEMM primitive per (M, N, K), ~0.65 MB each, and keeps it in two
 # LRU caches (oneDNN's, and ideep's in front of it, which holds the primitive even when oneDNN's
 # drops it), 1,024 each: a server that sees many batch and prefill sizes keeps ~650 MB of them.

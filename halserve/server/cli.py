@@ -255,10 +255,13 @@ def main(args: argparse.Namespace) -> int:
     # engine. OpenMP threads that spin at every barrier then starve them, and are themselves
     # descheduled mid-region; on 2 shared cores that cost 16x in throughput (docs/performance.md).
     # Must be set before torch (libgomp) loads, i.e. before the engine is imported.
-    # (importing halserve set both unless the user chose a policy: see halserve/__init__.py)
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        os.environ.setdefault("GOMP_SPINCOUNT", "2000")
+    # (importing halserve set PASSIVE unless the user chose a policy, and on 8+ CPUs a short
+    # spin, which a server drops: see halserve/__init__.py)
+    import halserve
+
+    if halserve._SPIN_DEFAULTED:
+        os.environ.pop("GOMP_SPINCOUNT", None)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     # SIGTERM while loading: stop like Ctrl-C (uvicorn takes the signals over once serving).
     def _interrupt(signum, frame):
