@@ -20,6 +20,6 @@ step rss_primitive_cache 170 python3 bench/primitive_cache.py --caps 1024,defaul
   --json "$OUT/rss_primitive_cache.json"
 step rss_test_memory 90 python3 -m pytest -q -p no:cacheprovider -s tests/reliability/test_memory.py \
   -k "primitive or resident"
-step rss_soak 150 python -m halserve.cli bench soak --model halserve/demo_model --clients 64 --minutes 1.5 \
+step rss_soak 150 python3 -m halserve.cli bench soak --model halserve/demo_model --clients 64 --minutes 1.5 \
   --warmup-minutes 0.5 --max-tokens 32 --disconnect-every 0.5 --bad-every 0.25 --json "$OUT/rss_soak.json"
 echo "rss.sh done in $SECONDS s"
