@@ -19,7 +19,7 @@ unset TRITON_INTERPRET
 . "$(dirname "$0")/step.sh"
 STEP_TAIL=60 step spec_bench_8b 140 python3 -m halserve.cli bench spec --preset llama-8b --input-len 128 \
     --output-len 64 --batches 1,16 --batch-invariant 16 --no-ngram --json "$OUT/spec_8b.json"
-step spec_decode_tests 35 python3 -m pytest -x -q -p no:cacheprovider tests/engine/test_spec_decode.py \
+step spec_decode_tests 90 python3 -m pytest -x -q -p no:cacheprovider tests/engine/test_spec_decode.py \
     -k "greedy_identical and llama or seeded_sampling or batch_invariant"
 step spec_eagle_tests 120 python3 -m pytest -x -q -p no:cacheprovider tests/engine/test_spec_eagle.py \
     -k "random_head or right_position or copies or one_pass or preemption"

@@ -176,7 +176,9 @@ def test_head_kv_equals_one_pass_over_the_kept_tokens(target, tmp_path):
         pos, meta, _ = draft_batch([DraftRow(seq.block_ids, 0, valid)], prop.block_size, prop.device,
                                    prop.head.max_position_embeddings)
         with torch.inference_mode():
-            prop.head.forward(torch.tensor(seq.token_ids[1:valid + 1]), pos, h[:valid], scratch.caches, meta)
+            # the reference ran on the CPU; the head lives on the engine's device
+            prop.head.forward(torch.tensor(seq.token_ids[1:valid + 1], device=prop.device), pos,
+                              h[:valid].to(prop.device), scratch.caches, meta)
         full = valid // prop.block_size
         assert full >= 2
         for b in seq.block_ids[:full]:
