@@ -81,7 +81,9 @@ def _timed(llm, prompts, params):
     """(seconds, outputs, (verify steps, drafted, accepted) of the timed run alone)."""
     import torch
 
-    llm.generate(prompts[:1], params.clone(max_tokens=4))  # warm-up at this batch's shapes
+    # warm-up at this batch's shapes (all of its prompts: a batch's prefill compiles kernels a
+    # single prompt's does not, and a cold plain run made batch-16 speed-ups look > ideal)
+    llm.generate(prompts, params.clone(max_tokens=4))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     before = _spec_counts(llm)
