@@ -94,12 +94,15 @@ class Oracle:
     def __init__(self, refs: dict[tuple, list[int]], vocab: int, k: int):
         self.refs, self.vocab, self.k = refs, vocab, k
 
+    def draft_len(self, pos: int, prompt: tuple) -> int:
+        return self.k
+
     def __call__(self, ids: list[int]) -> list[int]:
         for prompt, ref in self.refs.items():
             if tuple(ids[:len(prompt)]) == prompt:
                 pos = len(ids) - len(prompt)
-                return [(t + 1) % self.vocab if (pos + j) % 3 == 2 else t
-                        for j, t in enumerate(ref[pos:pos + self.k])]
+                m = self.draft_len(pos, prompt)
+                return [(t + 1) % self.vocab if (pos + j) % 3 == 2 else t for j, t in enumerate(ref[pos:pos + m])]
         return []
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from halserve import LLM, SamplingParams, hal
 from tests.engine.test_graphs import ReplayGraph, ReplayGraphBackend
-from tests.engine.test_spec_decode import PROMPTS, _spec_metrics, _tokens
+from tests.engine.test_spec_decode import PROMPTS, Oracle, _spec_metrics, _tokens
 from tests.engine.test_spec_eagle import copyable_target, make_head
 
 MORE = PROMPTS + [[3, 1, 4, 1, 5, 9, 2, 6], list(range(300, 321))]
@@ -17,21 +17,13 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 LONG = list(range(20, 120))  # 6 full blocks + 4 tokens
 
 
-class RaggedOracle:
+class RaggedOracle(Oracle):
     """Drafts 1..k tokens of the reference continuation (the count varies with the
     position), every third draft position wrong: the rows of one verify step carry drafts of
     different lengths and accept different numbers of them."""
 
-    def __init__(self, refs: dict[tuple, list[int]], vocab: int, k: int):
-        self.refs, self.vocab, self.k = refs, vocab, k
-
-    def __call__(self, ids: list[int]) -> list[int]:
-        for prompt, ref in self.refs.items():
-            if tuple(ids[:len(prompt)]) == prompt:
-                pos = len(ids) - len(prompt)
-                m = 1 + (pos * 7 + len(prompt)) % self.k
-                return [(t + 1) % self.vocab if (pos + j) % 3 == 2 else t for j, t in enumerate(ref[pos:pos + m])]
-        return []
+    def draft_len(self, pos: int, prompt: tuple) -> int:
+        return 1 + (pos * 7 + len(prompt)) % self.k
 
 
 def _slots_of(so, bs: int) -> set[int]:
