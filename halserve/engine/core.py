@@ -202,7 +202,10 @@ class EngineCore:
                              f"{self.kv.num_blocks * self.kv.block_size}; raise kv_cache_memory")
         validate_request(params, ids, vocab_size=vocab, max_model_len=self.max_model_len,
                          max_num_seqs=self.config.max_num_seqs)
-        params = params.clone(_eos_token_ids=self.eos_token_ids)
+        # top_k >= vocab keeps every token, as off does: off, since any k past int32 would
+        # overflow the step's int32 sampling arrays
+        params = params.clone(_eos_token_ids=self.eos_token_ids,
+                              **({"top_k": 0} if params.top_k >= vocab else {}))
         req = Request(request_id, text, ids, params, output_kind=output_kind)
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         for i in range(params.n):
