@@ -304,8 +304,11 @@ static int64_t sample_row(const void *logits, int lbf16, int64_t r, int64_t V, f
     int use_min = !(flags & F_NO_MIN_P);
     if (k == V && !use_p) {
         full_ctx c = {lg, t, 0.f, 0.f, 0.f, use_min, h};
-        if (use_min) {
-            float m = argmax_span(lg, 0, V).v / t;
+        float m = use_min ? argmax_span(lg, 0, V).v / t : 0.f;
+        /* a +inf (or NaN) logit: native's softmax is NaN there and its probs < thresh drops
+         * nothing (the first +inf token then wins the draw) */
+        if (use_min && !(m < INFINITY)) c.min_p = 0;
+        if (c.min_p) {
             double sum = sum_exp(lg, V, t, m);
             c.m = m;
             c.inv_s = (float)(1.0 / sum);
