@@ -7,7 +7,6 @@ beyond the layer being built.
 from __future__ import annotations
 
 import hashlib
-
 import json
 import logging
 import time
@@ -185,9 +184,11 @@ class Weights:
         """A one-element tensor (a KV scale) as a float, never cast to the model dtype."""
         self._used.add(name)
         t = self._handles[self._file_of[name]].get_tensor(name)
-        if t.numel() != 1 or not t.is_floating_point() or not bool(torch.isfinite(t).all()) or float(t) <= 0:
-            raise ModelLoadError(f"{self.root}: {name} must be one positive finite float (a KV cache scale), "
-                                 f"got shape {tuple(t.shape)} {t.dtype}")
+        # the cache stores x * (1 / scale) in float32: a scale below ~3e-39 has no finite reciprocal
+        if t.numel() != 1 or not t.is_floating_point() or not bool(torch.isfinite(t).all()) or float(t) < 1e-30:
+            raise ModelLoadError(f"{self.root}: {name} must be one finite float >= 1e-30 (a KV cache scale), "
+                                 f"got shape {tuple(t.shape)} {t.dtype}"
+                                 + (f" = {float(t)!r}" if t.numel() == 1 and t.is_floating_point() else ""))
         return float(t.float())
 
     def maybe(self, name: str) -> torch.Tensor | None:
