@@ -37,6 +37,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     output_kind: str = "cumulative"  # see outputs.OUTPUT_KINDS
     sent: list = field(default_factory=list)  # per sequence: (tokens, text chars, logprobs) sent as deltas
+    prompt_logprobs_sent: bool = False  # delta outputs carry the prompt's logprobs once, when complete
 
     @property
     def finished(self) -> bool:
@@ -609,6 +610,11 @@ class EngineCore:
         metrics = RequestMetrics(req.arrival_time, min(first) if first else None,
                                  time.monotonic() if req.finished else None, cached)
         plp = req.seqs[0].prompt_logprobs if req.seqs else None
+        if plp is not None and req.output_kind == "delta":  # once, whole: not a copy every step
+            if req.prompt_logprobs_sent or len(plp) < len(req.prompt_token_ids):
+                plp = None
+            else:
+                req.prompt_logprobs_sent = True
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
                              prompt_logprobs=list(plp) if plp is not None else None,
                              metrics=metrics, num_cached_tokens=cached)

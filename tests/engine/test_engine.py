@@ -255,5 +255,16 @@ def test_delta_outputs_add_up_to_the_cumulative_ones(ckpts):
                 assert cum.text.startswith(sent)  # nothing sent that the stop string took back
         assert len(steps["final"]) == 1 and steps["final"][0].finished
         assert steps["final"][0].outputs[0].token_ids == cum.token_ids
+    # prompt logprobs: once in the delta stream, and whole
+    sp = GREEDY.clone(prompt_logprobs=2, max_tokens=4)
+    eng.add_request("plp-c", PROMPTS[1], sp)
+    eng.add_request("plp-d", PROMPTS[1], sp, output_kind="delta")
+    seen = {"plp-c": [], "plp-d": []}
+    while eng.has_unfinished():
+        for o in eng.step():
+            seen[o.request_id].append(o)
+    carried = [o.prompt_logprobs for o in seen["plp-d"] if o.prompt_logprobs is not None]
+    assert len(carried) == 1 and carried[0] == seen["plp-c"][-1].prompt_logprobs
+    assert len(carried[0]) == len(seen["plp-c"][-1].prompt_token_ids)
     with pytest.raises(ValueError, match="output_kind='partial'; valid: cumulative, delta, final"):
         eng.add_request("x", PROMPTS[0], GREEDY, output_kind="partial")
