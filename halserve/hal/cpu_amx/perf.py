@@ -335,8 +335,6 @@ def op_overheads(backend, reps: int = 200, cold: bool = False) -> list[dict]:
 def file_backed_share(model) -> float:
     """The share of the model's linear weight bytes that sit in a file mapping (safetensors
     mmap, 4 KiB pages of the page cache) rather than anonymous memory."""
-    from halserve.hal.interface import PackedWeight
-
     try:
         with open("/proc/self/maps") as f:
             maps = []
@@ -346,24 +344,11 @@ def file_backed_share(model) -> float:
                 maps.append((lo, hi, len(parts) > 5 and parts[5].startswith("/")))
     except OSError:
         return float("nan")
-    seen, total, filed = set(), 0, 0
-    stack = [model]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, PackedWeight):
-            n = obj.weight.numel() * obj.weight.element_size()
-            addr = obj.weight.data_ptr()
-            total += n
-            filed += n if any(lo <= addr < hi and named for lo, hi, named in maps) else 0
-        elif isinstance(obj, (list, tuple)):
-            stack.extend(obj)
-        elif isinstance(obj, dict):
-            stack.extend(obj.values())
-        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-            stack.extend(vars(obj).values())
+    total = filed = 0
+    for pw in packed_weights(model):
+        n, addr = pw.weight.numel() * pw.weight.element_size(), pw.weight.data_ptr()
+        total += n
+        filed += n if any(lo <= addr < hi and named for lo, hi, named in maps) else 0
     return filed / total if total else float("nan")
 
 
