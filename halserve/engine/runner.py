@@ -464,18 +464,9 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden.index_select(0, picked)).float() if rows_idx else None
         if not rows_idx:
             return PendingStep([], None, None, None, plp, None)
-        temps, top_k, top_p, min_p, seeds, steps = views[:6]
         want = [seq.params.logprobs for seq in seqs]
         raw = logits.clone() if any(k is not None for k in want) else None
-        host_t = [0.0 if seq.params.greedy else seq.params.temperature for seq in seqs]
-        rows = StagedRows(seqs)
-        rows.tensors = SamplingTensors(
-            temperature=temps, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds, steps=steps,
-            all_greedy=all(t == 0.0 for t in host_t), all_random=all(t > 0.0 for t in host_t),
-            no_top_k=all(seq.params.top_k == 0 for seq in seqs),
-            no_top_p=all(seq.params.top_p >= 1.0 for seq in seqs),
-            no_min_p=all(seq.params.min_p <= 0.0 for seq in seqs))
-        tokens = sample(self.hal, logits, rows)
+        tokens = sample(self.hal, logits, _staged_rows(seqs, seqs, views))
         lp_dev = None
         if raw is not None:
             lp_dev = compute_logprobs(raw, tokens, max(k or 0 for k in want))
@@ -696,15 +687,23 @@ def _staged_draws(so: SchedulerOutput, rows_idx: list[int], views) -> "StagedRow
     seqs = [so.scheduled[i].seq for i in rows_idx]
     if any(_needs_processors(seq) for seq in seqs):
         return None
-    rows = StagedRows(seq for i, seq in zip(rows_idx, seqs) for _ in range(1 + len(so.scheduled[i].spec_token_ids)))
+    positions = [seq for i, seq in zip(rows_idx, seqs) for _ in range(1 + len(so.scheduled[i].spec_token_ids))]
+    return _staged_rows(positions, seqs, views)
+
+
+def _staged_rows(rows, seqs, views) -> StagedRows:
+    """``rows`` (a sequence per sampled row) with the sampling tensors already uploaded
+    (``views``: temperature, top-k, top-p, min-p, seeds, steps) and the host hints the
+    sampler takes from ``seqs``' parameters."""
+    out = StagedRows(rows)
     ps = [seq.params for seq in seqs]
     temps, top_k, top_p, min_p, seeds, steps = views[:6]
-    rows.tensors = SamplingTensors(
+    out.tensors = SamplingTensors(
         temperature=temps, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds, steps=steps,
         all_greedy=all(p.greedy for p in ps), all_random=not any(p.greedy for p in ps),
         no_top_k=all(p.top_k == 0 for p in ps), no_top_p=all(p.top_p >= 1.0 for p in ps),
         no_min_p=all(p.min_p <= 0.0 for p in ps))
-    return rows
+    return out
 
 
 def _needs_processors(seq) -> bool:
