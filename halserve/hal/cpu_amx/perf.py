@@ -380,6 +380,48 @@ def _omp_libs() -> list[str]:
         return []
 
 
+_GEMV_GAPS = r"""
+import json, statistics, sys, time
+import torch
+from halserve.hal.cpu_amx.backend import CpuAmxBackend
+be = CpuAmxBackend()
+w = be.pack_weight(torch.randn(2048, 2048).to(torch.bfloat16))  # 8 MB
+x = torch.randn(1, 2048).to(torch.bfloat16)
+per = []
+for _ in range(int(sys.argv[1])):
+    t = time.perf_counter()
+    for _ in range(8):
+        be.linear(x, w)
+        g = time.perf_counter() + 30e-6  # the Python between two kernels of a decode step
+        while time.perf_counter() < g:
+            pass
+    per.append((time.perf_counter() - t) / 8 * 1e6 - 30)
+print(json.dumps(statistics.median(per)))
+"""
+
+
+def gemv_gaps(policies: list[str], rounds: int = 4, reps: int = 50) -> dict[str, list[float]]:
+    """us a GEMV (8 MB bf16, M = 1) when eight follow each other 30 us apart, under each
+    OpenMP wait policy (``PASSIVE``, ``PASSIVE:2000`` = with GOMP_SPINCOUNT=2000, ``ACTIVE``);
+    each policy a fresh process (libgomp reads them once), policies alternating round by round."""
+    import json
+    import subprocess
+    import sys
+
+    out: dict[str, list[float]] = {pol: [] for pol in policies}
+    for _ in range(rounds):
+        for pol in policies:
+            wait, _, spin = pol.partition(":")
+            env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+            env["OMP_WAIT_POLICY"] = wait
+            if spin:
+                env["GOMP_SPINCOUNT"] = spin
+            r = subprocess.run([sys.executable, "-c", _GEMV_GAPS, str(reps)], env=env, capture_output=True,
+                               text=True, timeout=300)
+            out[pol].append(json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else float("nan"))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m halserve.hal.cpu_amx.perf", description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=None)
@@ -397,6 +439,8 @@ def main(argv=None) -> int:
     p.add_argument("--batched-prompt", type=int, default=128, help="prompt tokens per sequence of the batched run")
     p.add_argument("--ops", action="store_true", help="time each small op at batch-1 shapes (dispatch, body, "
                    "bare C call), warm and after a cache sweep")
+    p.add_argument("--gemv-gaps", default=None, help="comma list of OpenMP policies (PASSIVE, PASSIVE:2000 for "
+                   "GOMP_SPINCOUNT=2000, ACTIVE): us a GEMV 30 us after the last, each policy in a fresh process")
     p.add_argument("--no-kernels", action="store_true")
     p.add_argument("--no-steps", action="store_true")
     p.add_argument("--json", default=None)
@@ -416,6 +460,10 @@ def main(argv=None) -> int:
           f"OpenMP runtimes loaded: {_omp_libs()}  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
           f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}", flush=True)
     res: dict = {"threads": torch.get_num_threads(), "read_gbs": bw, "tier": be.tier, "omp": _omp_libs()}
+    if a.gemv_gaps:
+        res["gemv_gaps"] = gemv_gaps([x.strip() for x in a.gemv_gaps.split(",") if x.strip()])
+        for pol, us in res["gemv_gaps"].items():
+            print(f"8 MB bf16 GEMV 30 us after the last, {pol}: " + " / ".join(f"{u:,.0f}" for u in us) + " us")
     if a.ops:
         print("| op | cache | us native | us backend.op | x native | us body (no dispatch) | us C call |\n"
               "| --- | --- | ---: | ---: | ---: | ---: | ---: |")
