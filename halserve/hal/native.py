@@ -92,6 +92,17 @@ def _dequant_blocks(kv_cache: torch.Tensor, tables: torch.Tensor, nblk: int, k_s
     return kv, torch.arange(s * nblk, dtype=torch.int32, device=tables.device).view(s, nblk)
 
 
+def causal_mask(qlen: int, slen: int, window: int | None, device=None) -> torch.Tensor:
+    """[qlen, slen] bool: query i (at position slen - qlen + i) sees key j when j <= its
+    position and, with a sliding window, j > its position - window."""
+    qpos = torch.arange(slen - qlen, slen, device=device)[:, None]
+    kpos = torch.arange(slen, device=device)[None, :]
+    allowed = kpos <= qpos
+    if window:
+        allowed = allowed & (kpos > qpos - window)
+    return allowed
+
+
 def _attend_one(q: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor, slen: int, bs: int,
                 window: int | None, scale: float) -> torch.Tensor:
     """One sequence: q [qlen, hq, d] are the last qlen positions of a slen-token context.
@@ -104,12 +115,7 @@ def _attend_one(q: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor, sl
     hk = k.shape[0]
     group = hq // hk
     qg = q.float().view(qlen, hk, group, d).permute(1, 2, 0, 3).reshape(hk, group * qlen, d)
-    qpos = torch.arange(slen - qlen, slen, device=q.device)[:, None]
-    kpos = torch.arange(slen, device=q.device)[None, :]
-    allowed = kpos <= qpos
-    if window is not None:
-        allowed = allowed & (kpos > qpos - window)
-    mask = allowed.expand(group, qlen, slen).reshape(group * qlen, slen)
+    mask = causal_mask(qlen, slen, window, q.device).expand(group, qlen, slen).reshape(group * qlen, slen)
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [hk, group*qlen, d]
     return o.view(hk, group, qlen, d).permute(2, 0, 1, 3).reshape(qlen, hq, d)
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from halserve.hal.interface import AttentionMetadata
+from halserve.hal.native import causal_mask
 
 LONG_Q = 32  # query rows of one sequence from which the flash kernel beats the C one...
 LONG_Q_PREFIX = (16, 256)  # ...or this many rows over at least this many keys (a chunk after a prefix)
@@ -46,12 +47,7 @@ def _mask(qlen: int, slen: int, window: int) -> "torch.Tensor | None":
     window; None when plain top-left causal says the same (no cached prefix, no window cut)."""
     if qlen == slen and not (window and window < slen):
         return None
-    pos = torch.arange(slen - qlen, slen)[:, None]
-    key = torch.arange(slen)[None, :]
-    vis = key <= pos
-    if window:
-        vis &= key > pos - window
-    return vis
+    return causal_mask(qlen, slen, window)
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: "torch.Tensor | None",
