@@ -11,8 +11,14 @@ cached prefix, e.g. the tail of a prompt whose prefix was a cache hit): ``NUM_SP
 gives each program an equal share of the key range and writes an unnormalised partial
 result; ``_merge_kernel`` combines them. Key tiles are aligned to absolute positions, and a tile that is fully masked
 for a row leaves that row's state bit-for-bit unchanged, so with one split a row's result
-does not depend on which other rows share its program: batch-invariant mode uses one split
-and one fixed config.
+does not depend on which other rows share its program.
+
+Batch-invariant mode: every single-token row (decode) runs on the decode tile, in its own
+launch whatever else is in the batch, with its keys split into fixed spans of
+``BI_SPLIT_KEYS`` from its first key tile and the partials merged one span at a time in
+order; the number of spans comes from the row's own length. Rows of two or more tokens run
+on the prefill tile with one split and a block of query tokens that never shrinks. So a row's
+bits depend on its own sequence only: not on the batch, its size or the other rows' lengths.
 
 KV cache layout: [2, num_blocks, block_size, Hk, D] (the HAL default). An fp8 (e4m3) cache
 is upcast to q's dtype right after each tile load (exact: e4m3 fits in bf16/fp16); its
@@ -47,6 +53,25 @@ def _find_seq(cu_q_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _decode_tiles(seq_len, window, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr):
+    # first key and key-tile count of a single-token row at position seq_len - 1 (tiles
+    # aligned to absolute positions); the merge recounts a row's spans from this
+    kv_lo = 0
+    if SLIDING:
+        kv_lo = tl.maximum(seq_len - window, 0)
+        kv_lo = (kv_lo // BLOCK_N) * BLOCK_N
+    return kv_lo, tl.cdiv(seq_len - kv_lo, BLOCK_N)
+
+
+@triton.jit
+def _fixed_spans(n_tiles, FIXED_SPAN: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    # spans a row uses: from its own tile count; at least one (an empty row stores an empty
+    # partial); capped by the grid, the last span then taking the rest (a wrong bound must
+    # not drop keys; within the bound the cap never applies)
+    return tl.minimum(tl.maximum(tl.cdiv(n_tiles, FIXED_SPAN), 1), NUM_SPLITS)
+
+
+@triton.jit
 def _attn_kernel(
     q_ptr, q_st, q_sh, k_ptr, v_ptr, c_sb, c_st, c_sh,
     o_ptr, o_st, o_sh, part_o_ptr, part_ml_ptr,
@@ -55,7 +80,7 @@ def _attn_kernel(
     G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
     DECODE_ONLY: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr, FIXED_SPAN: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    KV_FP8: tl.constexpr, SKIP_SINGLE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -70,8 +95,11 @@ def _attn_kernel(
     q_len = tl.load(cu_q_ptr + seq + 1) - q_start
     if qb * BLOCK_Q >= q_len:
         return
-    if FIXED_SPAN > 0:  # batch-invariant split-KV: only single-token rows split
-        if (split > 0) & (q_len != 1):
+    if FIXED_SPAN > 0:  # batch-invariant decode launch: single-token rows only
+        if q_len != 1:
+            return
+    if SKIP_SINGLE:  # batch-invariant prefill launch: single-token rows are the decode launch's
+        if q_len == 1:
             return
     seq_len = tl.load(seq_lens_ptr + seq)
     ctx_len = seq_len - q_len
@@ -101,13 +129,14 @@ def _attn_kernel(
         kv_lo = (kv_lo // BLOCK_N) * BLOCK_N
     n_tiles = tl.cdiv(kv_hi - kv_lo, BLOCK_N)
     if FIXED_SPAN > 0:
-        # a split is FIXED_SPAN key tiles from the row's own start: its share of work never
-        # depends on the batch, and splits past the row's keys store an empty partial
+        # a split is FIXED_SPAN key tiles from the row's own first tile: its share of work
+        # never depends on the batch; splits past the row's keys do nothing (the merge
+        # counts the row's own spans)
+        used = _fixed_spans(n_tiles, FIXED_SPAN, NUM_SPLITS)
+        if split >= used:
+            return
         t0 = split * FIXED_SPAN
-        t1 = tl.minimum(t0 + FIXED_SPAN, n_tiles)
-        if q_len != 1:
-            t0 = 0
-            t1 = n_tiles
+        t1 = tl.where(split == used - 1, n_tiles, t0 + FIXED_SPAN)
     elif NUM_SPLITS > 1:
         per = tl.cdiv(n_tiles, NUM_SPLITS)
         t0 = split * per
@@ -155,18 +184,11 @@ def _attn_kernel(
         acc = acc * v_scale  # linear in V: one multiply instead of one per tile
 
     if FIXED_SPAN > 0:
-        # single-token rows: partials by sequence, [num_seqs, HQ, S, D] and [.., 2]; merged
-        # by _merge_fixed_kernel. Longer rows: one split, normalised output.
-        single = (tl.zeros([BLOCK_M], tl.int32) + q_len) == 1
-        part = row_ok & single
+        # partials by sequence, [num_seqs, HQ, S, D] and [.., 2]: _merge_kernel(BY_SEQ)
         prow = (seq.to(tl.int64) * HQ + head) * NUM_SPLITS + split
-        tl.store(part_o_ptr + prow[:, None] * HEAD_D + d[None, :], acc, mask=part[:, None] & d_ok[None, :])
-        tl.store(part_ml_ptr + prow * 2, m_i, mask=part)
-        tl.store(part_ml_ptr + prow * 2 + 1, l_i, mask=part)
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        tl.store(o_ptr + tok[:, None] * o_st + head[:, None] * o_sh + d[None, :],
-                 (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty),
-                 mask=(row_ok & (single == 0))[:, None] & d_ok[None, :])
+        tl.store(part_o_ptr + prow[:, None] * HEAD_D + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(part_ml_ptr + prow * 2, m_i, mask=row_ok)
+        tl.store(part_ml_ptr + prow * 2 + 1, l_i, mask=row_ok)
     elif NUM_SPLITS > 1:
         # partials: o [T, HQ, S, D] fp32 unnormalised, ml [T, HQ, S, 2]
         prow = (tok * HQ + head) * NUM_SPLITS + split
@@ -182,8 +204,9 @@ def _attn_kernel(
 
 
 @triton.jit
-def _merge_kernel(part_o_ptr, part_ml_ptr, o_ptr, o_st, o_sh, HQ, cu_q_ptr,
-                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BY_SEQ: tl.constexpr):
+def _merge_kernel(part_o_ptr, part_ml_ptr, o_ptr, o_st, o_sh, HQ, cu_q_ptr, seq_lens_ptr, window,
+                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BY_SEQ: tl.constexpr,
+                  BLOCK_N: tl.constexpr = 1, FIXED_SPAN: tl.constexpr = 1, SLIDING: tl.constexpr = False):
     # BY_SEQ: partials are by sequence (batch-invariant split-KV); only single-token rows merge
     if BY_SEQ:
         seq = tl.program_id(0)
@@ -192,6 +215,8 @@ def _merge_kernel(part_o_ptr, part_ml_ptr, o_ptr, o_st, o_sh, HQ, cu_q_ptr,
             return
         tok = start.to(tl.int64)
         row = seq.to(tl.int64)
+        _, n_tiles = _decode_tiles(tl.load(seq_lens_ptr + seq), window, BLOCK_N, SLIDING)
+        used = _fixed_spans(n_tiles, FIXED_SPAN, NUM_SPLITS)
     else:
         tok = tl.program_id(0).to(tl.int64)
         row = tok
@@ -199,15 +224,15 @@ def _merge_kernel(part_o_ptr, part_ml_ptr, o_ptr, o_st, o_sh, HQ, cu_q_ptr,
     d = tl.arange(0, BLOCK_D)
     base = (row * HQ + head) * NUM_SPLITS
     if BY_SEQ:
-        # one split at a time, in order: splits past a row's keys add exact zeros, so the sum
-        # does not depend on how many splits the grid had (a batch-wide count)
+        # the row's own spans, one at a time, in order: the sum never depends on how many
+        # splits the grid had (a batch-wide count)
         m_max = tl.load(part_ml_ptr + base * 2)
-        for i in range(1, NUM_SPLITS):
+        for i in range(1, used):
             m_max = tl.maximum(m_max, tl.load(part_ml_ptr + (base + i) * 2))
         m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
         l_tot = 0.0
         acc = tl.zeros([BLOCK_D], tl.float32)
-        for i in range(0, NUM_SPLITS):
+        for i in range(0, used):
             w = tl.exp2(tl.load(part_ml_ptr + (base + i) * 2) - m_safe)
             l_tot += tl.load(part_ml_ptr + (base + i) * 2 + 1) * w
             acc += tl.load(part_o_ptr + (base + i) * HEAD_D + d, mask=d < HEAD_D, other=0.0) * w
@@ -249,11 +274,12 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tenso
               batch_invariant: bool = False, kv_len_bound: int | None = None, k_scale: float = 1.0,
               v_scale: float = 1.0) -> torch.Tensor:
     """q [T, Hq, D] -> out [T, Hq, D]. ``max_seqlen_k=None`` means 'unknown' (graph capture):
-    the split count then depends on the batch shape only. Batch-invariant mode splits the keys
-    of single-token rows (decode) into spans of ``BI_SPLIT_KEYS`` from position 0, merged in
-    a fixed order, so batch 1 fills the chip and no row's sums depend on its batch; it needs
-    ``kv_len_bound`` (any upper bound of the context lengths, e.g. max_model_len) when
-    ``max_seqlen_k`` is None. An fp8 cache reads as stored * k_scale / v_scale."""
+    the split count then depends on the batch shape only. Batch-invariant mode runs single-token
+    rows (decode) on the decode tile with their keys split into spans of ``BI_SPLIT_KEYS`` from
+    the row's first key, merged in a fixed order, so batch 1 fills the chip and no row's sums
+    depend on its batch; the grid's split count comes from ``kv_len_bound`` (any upper bound of
+    the context lengths, e.g. max_model_len) when ``max_seqlen_k`` is None. An fp8 cache reads
+    as stored * k_scale / v_scale."""
     from halserve.hal.kv_fp8 import is_fp8
 
     T, HQ, D = q.shape
@@ -266,7 +292,30 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tenso
         return out
     assert q.stride(-1) == 1 and out.stride(-1) == 1 and kv_cache.is_contiguous()
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    decode = max_seqlen_q == 1 and not batch_invariant
+    block_d = triton.next_power_of_2(D)
+    ieee = q.dtype == torch.float32 or configs.interpreting()  # interpreter: no bf16 dot
+    common = (cu_seqlens_q, seq_lens, block_tables, block_tables.stride(0),
+              float(scale) * float(k_scale) * _LOG2E, float(v_scale), num_seqs, int(sliding_window or 0), HQ)
+    flags = dict(G=G, PAGE=int(block_size), HEAD_D=D, BLOCK_D=block_d, SLIDING=bool(sliding_window), IEEE=ieee,
+                 KV_FP8=is_fp8(kv_cache.dtype))
+
+    def launch(grid, cfg, out_or_part, part_ml, **kw):
+        _attn_kernel[grid](q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
+                           k_cache.stride(2), out, out.stride(0), out.stride(1), out_or_part, part_ml, *common,
+                           BLOCK_N=cfg["block_n"], **flags, **kw, **configs.launch_opts(cfg))
+
+    if batch_invariant:
+        _bi_decode(launch, out, cu_seqlens_q, seq_lens, num_seqs, HK, G, HQ, D, block_d, sliding_window,
+                   max_seqlen_k if max_seqlen_k is not None else kv_len_bound, q.device)
+        if max_seqlen_q > 1:  # rows of 2+ tokens: prefill tile, one split, a fixed query block
+            cfg = configs.attn_config(False)
+            block_m = max(cfg["block_m"], triton.next_power_of_2(G))
+            block_q = max(block_m // triton.next_power_of_2(G), 1)
+            launch((T // block_q + num_seqs, HK, 1), cfg, out, out, BLOCK_Q=block_q, BLOCK_M=block_m,
+                   NUM_SPLITS=1, DECODE_ONLY=False, FIXED_SPAN=0, SKIP_SINGLE=True)
+        return out
+
+    decode = max_seqlen_q == 1
     cfg = configs.attn_config(decode)
     if decode:
         block_q = 1
@@ -274,45 +323,41 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tenso
     else:
         block_m = max(cfg["block_m"], triton.next_power_of_2(G))
         block_q = max(block_m // triton.next_power_of_2(G), 1)
-        if max_seqlen_q < block_q and not batch_invariant:  # short chunks: don't waste rows
+        if max_seqlen_q < block_q:  # short chunks: don't waste rows
             block_q = triton.next_power_of_2(max_seqlen_q)
             block_m = max(16, triton.next_power_of_2(block_q * G))
     block_n = cfg["block_n"]
     grid0 = num_seqs if decode else T // block_q + num_seqs
-    fixed_span = 0
-    if batch_invariant:
-        bound = max_seqlen_k if max_seqlen_k is not None else kv_len_bound
-        fixed_span = max(BI_SPLIT_KEYS // block_n, 1)
-        splits = triton.next_power_of_2(max(triton.cdiv(triton.cdiv(bound or 1, block_n), fixed_span), 1))
-    elif decode:
+    if decode:
         splits = _num_splits(num_seqs, HK, max_seqlen_k, block_n)
     else:  # a short chunk over a long cached prefix (a prefix hit) would leave the chip idle
         splits = _num_splits(grid0, HK, max_seqlen_k, block_n)
-    if fixed_span:
-        part_o = torch.empty((num_seqs, HQ, splits, D), dtype=torch.float32, device=q.device)
-        part_ml = torch.empty((num_seqs, HQ, splits, 2), dtype=torch.float32, device=q.device)
-    elif splits > 1:
+    if splits > 1:
         part_o = torch.empty((T, HQ, splits, D), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((T, HQ, splits, 2), dtype=torch.float32, device=q.device)
     else:
         part_o = part_ml = out
-    ieee = q.dtype == torch.float32 or configs.interpreting()  # interpreter: no bf16 dot
-    _attn_kernel[(grid0, HK, splits)](
-        q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out, out.stride(0), out.stride(1), part_o, part_ml,
-        cu_seqlens_q, seq_lens, block_tables, block_tables.stride(0),
-        float(scale) * float(k_scale) * _LOG2E, float(v_scale), num_seqs, int(sliding_window or 0), HQ,
-        G=G, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=int(block_size), HEAD_D=D,
-        BLOCK_D=triton.next_power_of_2(D), NUM_SPLITS=splits, DECODE_ONLY=decode,
-        SLIDING=bool(sliding_window), IEEE=ieee, FIXED_SPAN=fixed_span, KV_FP8=is_fp8(kv_cache.dtype),
-        **configs.launch_opts(cfg),
-    )
-    if fixed_span:
-        _merge_kernel[(num_seqs, HQ)](part_o, part_ml, out, out.stride(0), out.stride(1), HQ, cu_seqlens_q,
-                                      HEAD_D=D, BLOCK_D=triton.next_power_of_2(D), NUM_SPLITS=splits, BY_SEQ=True,
-                                      num_warps=4)
-    elif splits > 1:
-        _merge_kernel[(T, HQ)](part_o, part_ml, out, out.stride(0), out.stride(1), HQ, cu_seqlens_q,
-                               HEAD_D=D, BLOCK_D=triton.next_power_of_2(D), NUM_SPLITS=splits, BY_SEQ=False,
-                               num_warps=4)
+    launch((grid0, HK, splits), cfg, part_o, part_ml, BLOCK_Q=block_q, BLOCK_M=block_m, NUM_SPLITS=splits,
+           DECODE_ONLY=decode, FIXED_SPAN=0, SKIP_SINGLE=False)
+    if splits > 1:
+        _merge_kernel[(T, HQ)](part_o, part_ml, out, out.stride(0), out.stride(1), HQ, cu_seqlens_q, seq_lens, 0,
+                               HEAD_D=D, BLOCK_D=block_d, NUM_SPLITS=splits, BY_SEQ=False, num_warps=4)
     return out
+
+
+def _bi_decode(launch, out, cu_seqlens_q, seq_lens, num_seqs, HK, G, HQ, D, block_d, sliding_window, bound, device):
+    """Batch-invariant single-token rows: the decode tile (one program per sequence and KV
+    head, its G query heads together), keys in fixed spans, partials merged in span order.
+    The grid's split count comes from ``bound`` only (static under graph capture); each row
+    uses and merges just its own spans, so the count never reaches a row's sums."""
+    cfg = configs.attn_config(True)
+    block_n = cfg["block_n"]
+    span = max(BI_SPLIT_KEYS // block_n, 1)
+    splits = triton.next_power_of_2(max(triton.cdiv(triton.cdiv(bound or 1, block_n), span), 1))
+    part_o = torch.empty((num_seqs, HQ, splits, D), dtype=torch.float32, device=device)
+    part_ml = torch.empty((num_seqs, HQ, splits, 2), dtype=torch.float32, device=device)
+    launch((num_seqs, HK, splits), cfg, part_o, part_ml, BLOCK_Q=1, BLOCK_M=max(16, triton.next_power_of_2(G)),
+           NUM_SPLITS=splits, DECODE_ONLY=True, FIXED_SPAN=span, SKIP_SINGLE=False)
+    _merge_kernel[(num_seqs, HQ)](part_o, part_ml, out, out.stride(0), out.stride(1), HQ, cu_seqlens_q, seq_lens,
+                                  int(sliding_window or 0), HEAD_D=D, BLOCK_D=block_d, NUM_SPLITS=splits, BY_SEQ=True,
+                                  BLOCK_N=block_n, FIXED_SPAN=span, SLIDING=bool(sliding_window), num_warps=4)

@@ -1,0 +1,174 @@
+"""Batch-invariant attention (hal/triton/attention.py): a decode row runs on the decode tile
+with its keys in fixed spans from its first key tile, so its output is bitwise the same alone,
+inside batches of every size, beside any other lengths and beside prefill chunks, eager or
+graph-form (a length bound instead of the batch's lengths). On the CPU under
+TRITON_INTERPRET=1 (or on a GPU when there is one)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"  # read when halserve.hal.triton is first imported
+
+from halserve.hal.interface import AttentionMetadata  # noqa: E402
+from halserve.hal.native import NativeBackend  # noqa: E402
+
+DEV = "cuda" if ON_GPU else "cpu"
+BS = 16  # KV block size
+
+
+def _span() -> int:
+    from halserve.hal.triton.attention import BI_SPLIT_KEYS
+
+    return BI_SPLIT_KEYS
+
+
+class Pool:
+    """Sequences with fixed block tables, query rows and a shared KV cache: any subset, in any
+    order, forms a batch, so one sequence's output can be compared across batches."""
+
+    def __init__(self, specs, hq, hk, d, dtype=torch.float32, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.specs = specs  # [(q_len, seq_len)]
+        self.maxb = max(-(-s // BS) for _, s in specs)
+        nblocks = self.maxb * len(specs) + 3
+        perm = torch.randperm(nblocks, generator=g)[: len(specs) * self.maxb].view(len(specs), self.maxb)
+        self.tables = perm.to(torch.int32)
+        self.cache = torch.randn(2, nblocks, BS, hk, d, generator=g).to(dtype).to(DEV)
+        self.q = [torch.randn(q, hq, d, generator=g).to(dtype).to(DEV) for q, _ in specs]
+        self.scale = 1 / math.sqrt(d)
+
+    def batch(self, ids, window=None, bound=None):
+        qlens = [self.specs[i][0] for i in ids]
+        slens = [self.specs[i][1] for i in ids]
+        cu = [0]
+        for n in qlens:
+            cu.append(cu[-1] + n)
+        slots = []
+        for i in ids:
+            q, s = self.specs[i]
+            slots += [int(self.tables[i, p // BS]) * BS + p % BS for p in range(s - q, s)]
+        meta = AttentionMetadata(
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=DEV),
+            seq_lens=torch.tensor(slens, dtype=torch.int32, device=DEV),
+            block_tables=self.tables[list(ids)].to(DEV), slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEV),
+            max_seqlen_q=max(qlens), max_seqlen_k=bound or max(slens), query_lens_host=qlens, seq_lens_host=slens,
+            block_size=BS, num_decode_seqs=0, sliding_window=window)
+        return torch.cat([self.q[i] for i in ids]).contiguous(), meta, cu
+
+    def run(self, be, ids, window=None, bound=None):
+        """Outputs of batch ``ids``, per sequence."""
+        q, meta, cu = self.batch(ids, window, bound)
+        out = be.attention(q, self.cache, meta, self.scale)
+        return {i: out[cu[j]:cu[j + 1]] for j, i in enumerate(ids)}
+
+
+@pytest.fixture(scope="module")
+def bi():
+    from halserve.hal.cuda import CudaBackend
+
+    return CudaBackend(DEV, batch_invariant=True)
+
+
+def _pool(hq=8, hk=2, d=32, window=None, seed=0):
+    sp = _span()
+    # decode rows: one key, inside one span, exactly one span, several spans, past a power of
+    # two of spans; prefill chunks: a fresh prompt, a chunk over a cached prefix, two tokens
+    decode = [(1, 1), (1, 9), (1, sp), (1, 3 * sp + 5), (1, 5 * sp + 11), (1, 2 * sp - 1)]
+    prefill = [(21, 21), (7, 4 * sp + 3), (2, sp + 2)]
+    return Pool(decode + prefill, hq, hk, d, seed=seed), list(range(len(decode))), list(range(len(decode), len(decode) + 3))
+
+
+@pytest.mark.parametrize("hq,hk", [(8, 2), (3, 1)])  # GQA 4, GQA 3 (not a power of two)
+def test_decode_row_bits_alone_and_in_every_batch(bi, hq, hk):
+    pool, dec, pre = _pool(hq, hk)
+    native = NativeBackend(DEV)
+    alone = {i: pool.run(bi, [i])[i] for i in dec + pre}
+    for i in dec + pre:  # and right
+        ref = pool.run(native, [i])[i]
+        assert torch.allclose(alone[i], ref, atol=1e-5, rtol=1e-5), f"sequence {pool.specs[i]} vs native"
+    g = torch.Generator().manual_seed(1)
+    batches = [dec, dec[::-1], dec[:2], [dec[4], dec[0]], dec + pre, pre[:1] + dec[3:] + pre[1:] + dec[:3],
+               [pre[1], dec[2]]]
+    batches += [[int(x) for x in torch.randperm(len(dec) + len(pre), generator=g)[:n]] for n in (3, 7)]
+    for ids in batches:
+        got = pool.run(bi, ids)
+        for i in ids:
+            assert torch.equal(got[i], alone[i]), f"sequence {pool.specs[i]} in batch {[pool.specs[j] for j in ids]}"
+
+
+def test_graph_form_bound_gives_the_same_bits(bi):
+    """Under graph capture the split count comes from a length bound, not the batch: the bits
+    must not move, for any bound at or above the real lengths."""
+    pool, dec, pre = _pool()
+    eager = pool.run(bi, dec)
+    for bound in (max(s for _, s in pool.specs), 8 * _span(), 1000):
+        got = pool.run(bi, dec, bound=bound)
+        for i in dec:
+            assert torch.equal(got[i], eager[i]), f"bound {bound}, sequence {pool.specs[i]}"
+
+
+def test_padding_rows_and_a_wrong_bound(bi):
+    """A graph's padding row (no context) gives zeros and leaves its neighbours' bits alone;
+    a bound below the real lengths still attends to every key (the last span takes the rest)."""
+    pool, dec, _ = _pool()
+    q, meta, cu = pool.batch(dec)
+    full = bi.attention(q, pool.cache, meta, pool.scale)
+    meta.seq_lens[1] = 0
+    padded = bi.attention(q, pool.cache, meta, pool.scale)
+    assert torch.equal(padded[1], torch.zeros_like(padded[1]))
+    keep = [j for j in range(len(dec)) if j != 1]
+    assert torch.equal(padded[keep], full[keep])
+    short = pool.run(bi, dec, bound=_span())  # one span in the grid, rows with up to six
+    ref = pool.run(NativeBackend(DEV), dec)
+    for i in dec:
+        assert torch.allclose(short[i], ref[i], atol=1e-5, rtol=1e-5), f"sequence {pool.specs[i]}"
+
+
+def test_sliding_window_decode_rows(bi):
+    window = _span() + 7  # the first key tile moves with the row; spans count from it
+    pool, dec, pre = _pool(window=window, seed=3)
+    native = NativeBackend(DEV)
+    alone = {i: pool.run(bi, [i], window=window)[i] for i in dec}
+    ref = pool.run(native, dec + pre, window=window)
+    mixed = pool.run(bi, pre + dec[::-1], window=window)
+    for i in dec:
+        assert torch.allclose(alone[i], ref[i], atol=1e-5, rtol=1e-5), f"sequence {pool.specs[i]} vs native"
+        assert torch.equal(mixed[i], alone[i]), f"sequence {pool.specs[i]}"
+
+
+def test_decode_rows_take_the_decode_tile(bi, monkeypatch):
+    """The point of the design (speed): single-token rows run on the decode tile (BLOCK_M =
+    the GQA group padded to 16, one query token), in mixed batches too; the prefill tile's
+    launch leaves them alone."""
+    from halserve.hal.triton import attention as A
+
+    seen = []
+    real = A._attn_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def call(*args, **kw):
+                seen.append(dict(grid=grid, **{k: kw[k] for k in ("BLOCK_Q", "BLOCK_M", "DECODE_ONLY", "FIXED_SPAN",
+                                                                  "SKIP_SINGLE", "NUM_SPLITS")}))
+                return real[grid](*args, **kw)
+            return call
+
+    monkeypatch.setattr(A, "_attn_kernel", Spy())
+    pool, dec, pre = _pool()
+    pool.run(bi, dec)
+    assert len(seen) == 1 and seen[0]["DECODE_ONLY"] and seen[0]["BLOCK_Q"] == 1 and seen[0]["BLOCK_M"] == 16
+    assert seen[0]["FIXED_SPAN"] > 0
+    seen.clear()
+    pool.run(bi, dec + pre)
+    assert [s["DECODE_ONLY"] for s in seen] == [True, False]
+    assert seen[1]["SKIP_SINGLE"] and seen[1]["NUM_SPLITS"] == 1 and seen[1]["BLOCK_Q"] > 1
