@@ -98,7 +98,29 @@ def parse_speculative_config(d: "dict | SpeculativeConfig | None") -> Speculativ
                                          "float32, bfloat16 or float16")
         return SpeculativeConfig(method, k, model=model, draft_dtype=dtype)
     fn = d.get("proposer")
+    if isinstance(fn, str):  # "package.module:function": how a JSON config (the server's flag) names one
+        fn = _import_proposer(fn)
     if not callable(fn):
         raise SpeculativeConfigError(f"speculative_config proposer={fn!r} is not valid: a callable that takes "
                                      "a sequence's token ids and returns up to num_speculative_tokens token ids")
     return SpeculativeConfig(method, k, proposer=fn)
+
+
+def _import_proposer(path: str):
+    """The callable a "module:attribute" string names; a clear error when it cannot be had."""
+    import importlib
+
+    mod, sep, attr = path.partition(":")
+    if not sep or not mod or not attr:
+        raise SpeculativeConfigError(f"speculative_config proposer={path!r} is not valid: name a callable as "
+                                     "'package.module:function'")
+    try:
+        obj = importlib.import_module(mod)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as e:  # ImportError, AttributeError, or the module's own error on import
+        raise SpeculativeConfigError(f"speculative_config proposer={path!r} could not be loaded: "
+                                     f"{type(e).__name__}: {e}".replace("\n", " ")) from None
+    if not callable(obj):
+        raise SpeculativeConfigError(f"speculative_config proposer={path!r} is not callable")
+    return obj
