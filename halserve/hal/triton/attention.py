@@ -53,25 +53,6 @@ def _find_seq(cu_q_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _decode_tiles(seq_len, window, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr):
-    # first key and key-tile count of a single-token row at position seq_len - 1 (tiles
-    # aligned to absolute positions); the merge recounts a row's spans from this
-    kv_lo = 0
-    if SLIDING:
-        kv_lo = tl.maximum(seq_len - window, 0)
-        kv_lo = (kv_lo // BLOCK_N) * BLOCK_N
-    return kv_lo, tl.cdiv(seq_len - kv_lo, BLOCK_N)
-
-
-@triton.jit
-def _fixed_spans(n_tiles, FIXED_SPAN: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    # spans a row uses: from its own tile count; at least one (an empty row stores an empty
-    # partial); capped by the grid, the last span then taking the rest (a wrong bound must
-    # not drop keys; within the bound the cap never applies)
-    return tl.minimum(tl.maximum(tl.cdiv(n_tiles, FIXED_SPAN), 1), NUM_SPLITS)
-
-
-@triton.jit
 def _attn_kernel(
     q_ptr, q_st, q_sh, k_ptr, v_ptr, c_sb, c_st, c_sh,
     o_ptr, o_st, o_sh, part_o_ptr, part_ml_ptr,
@@ -130,9 +111,11 @@ def _attn_kernel(
     n_tiles = tl.cdiv(kv_hi - kv_lo, BLOCK_N)
     if FIXED_SPAN > 0:
         # a split is FIXED_SPAN key tiles from the row's own first tile: its share of work
-        # never depends on the batch; splits past the row's keys do nothing (the merge
-        # counts the row's own spans)
-        used = _fixed_spans(n_tiles, FIXED_SPAN, NUM_SPLITS)
+        # never depends on the batch; splits past the row's keys do nothing. Spans used: from
+        # the row's own tile count (the merge recounts them alike), at least one (an empty
+        # row stores an empty partial), capped by the grid with the last span then taking the
+        # rest (a wrong bound must not drop keys; within the bound the cap never applies)
+        used = tl.minimum(tl.maximum(tl.cdiv(n_tiles, FIXED_SPAN), 1), NUM_SPLITS)
         if split >= used:
             return
         t0 = split * FIXED_SPAN
@@ -215,8 +198,13 @@ def _merge_kernel(part_o_ptr, part_ml_ptr, o_ptr, o_st, o_sh, HQ, cu_q_ptr, seq_
             return
         tok = start.to(tl.int64)
         row = seq.to(tl.int64)
-        _, n_tiles = _decode_tiles(tl.load(seq_lens_ptr + seq), window, BLOCK_N, SLIDING)
-        used = _fixed_spans(n_tiles, FIXED_SPAN, NUM_SPLITS)
+        # the decode launch's key tiles and span count of this row (same formulas)
+        seq_len = tl.load(seq_lens_ptr + seq)
+        kv_lo = 0
+        if SLIDING:
+            kv_lo = tl.maximum(seq_len - window, 0)
+            kv_lo = (kv_lo // BLOCK_N) * BLOCK_N
+        used = tl.minimum(tl.maximum(tl.cdiv(tl.cdiv(seq_len - kv_lo, BLOCK_N), FIXED_SPAN), 1), NUM_SPLITS)
     else:
         tok = tl.program_id(0).to(tl.int64)
         row = tok
