@@ -131,11 +131,19 @@ def attn_config(decode: bool) -> dict:
 
 
 # ---- persistent matmul (batch-invariant) ------------------------------------------------------
-# Batch-invariant GEMM at prefill sizes (M >= BI_LARGE_M_ROWS): overrides that keep every
-# row's bits (same BLOCK_K and split count, so the same k-steps in the same order; only the
-# row tile and warp count grow), per family. Filled only from an H200 run that compared the
-# outputs bitwise (bench/skinny_gemm.py --sweep, "bitwise").
-BI_LARGE_M: dict = {}
+# Batch-invariant GEMM at prefill sizes (M >= BI_LARGE_M_ROWS, 16-bit inputs): overrides that
+# keep every row's bits. A row's sums are the same k-steps of the same BLOCK_K in the same
+# order, per split of the row-count-free split count, then the splits added in order; only the
+# output tile (BLOCK_M x BLOCK_N), warps and pipelining grow, and on sm_90 a tile is wgmma
+# m64nNk16 instructions per warpgroup whatever N or the warpgroup count (the H200 test
+# tests/gpu/test_bi_gemm_gpu.py compares a row's bits at M = 1, 64, 300, 4096). By arch
+# (a new MMA generation must earn its own entry there), then family.
+BI_LARGE_M: dict = {
+    # H200 sweep (bench/skinny_gemm.py, M = 4096, without split-K): 514-566 TFLOP/s vs
+    # 198-431 for the decode-form tiles (cuBLAS 786-804); rows bitwise equal to the decode
+    # form in the 19:31 GPU run with BLOCK_M 128 / 8 warps; BLOCK_N 128 is the test's to show
+    "sm90": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+}
 BI_LARGE_M_ROWS = 256
 
 
@@ -144,7 +152,7 @@ def matmul_fixed_config(n: int, k: int, m: "int | None" = None) -> dict:
     BLOCK_N shrinks until there are enough column tiles to fill the chip at M=1. ``m``: the
     row count, which may only pick a ``BI_LARGE_M`` form (bitwise the same rows)."""
     base = _matmul_fixed_config(n, k)
-    over = BI_LARGE_M.get(_family(arch()))
+    over = BI_LARGE_M.get(arch()) or BI_LARGE_M.get(_family(arch()))
     if over and m is not None and m >= BI_LARGE_M_ROWS:
         base.update(over)
     return base
@@ -209,12 +217,48 @@ def fp8_small_m_config(n: int, k: int) -> dict:
 
 # ---- skinny (decode) GEMM: hal/triton/skinny.py --------------------------------------------------
 # Winners of the H200 sweep (``bench/skinny_gemm.py --sweep``), by (weights "fp8"|"bf16", row
-# bucket 1|4|16, N, K); "bf16" entries are the shapes where streaming beat cuBLAS.
-SKINNY_TUNED: dict = {"sm90": {}}
-SKINNY_RULE: dict = {}  # (weights, row bucket) -> general form for other shapes (PER_SM: programs per SM)
-# Empty on purpose: the gemv / FUSED / QUANT_IN forms pass the interpreter tests but have not
-# been timed on the H200 yet (bench/device/cudak.sh's fp8 sweep); until then every shape keeps
-# the form measured end to end (tensor-core tiles, quantize and reduce kernels: 1.28x bf16).
+# bucket 1|4|16, N, K); "bf16" entries are the shapes where streaming beat cuBLAS (none: cuBLAS
+# was within 2-6% on every shape, docs/performance.md). fp8 W8A8 per-channel x per-token,
+# run s4call1 (bench/device/sweep8.sh, NVIDIA H200, 2026-12-04 21:08 UTC, read bandwidth
+# 4,374 GB/s): the fastest stage-A/B config per shape, every one NMSE-checked against torch on
+# the GPU; us per call incl. any quantize/reduce kernel, and what the table replaced ("default":
+# tensor-core tiles, separate quantize and reduce kernels) in brackets:
+#   M=1   8B qkv 12.0 (12.3)  o 10.1 (11.5)  gate_up 35.9 (39.2)  down 24.1 (28.0)
+#         1B qkv 7.0 (9.4)    o 6.3 (9.0)    gate_up 13.8 (17.4)  down 10.6 (12.4)
+#   M=4   8B qkv 12.8 (13.7)  o 11.0 (12.1)  gate_up 34.0 (39.3)  down 24.6 (27.9)
+#   M=16  8B qkv 13.0 (15.1)  o 11.3 (11.8)  gate_up 34.8 (41.1)  down 25.7 (28.7)
+# Left out: QUANT_IN in the tensor-core form - its amax pass then read 16-row x 256 tiles, up
+# to 56 dependent steps a program (gate_up 55 us, down 49 us at M=1); ``fp8_tiled`` at M=16
+# (9.6-24.6 us) was timed without its quantize kernel, so it is not comparable.
+_G = dict(KIND="gemv", num_warps=4, num_stages=1)
+_D = dict(KIND="dot", num_warps=4)
+SKINNY_TUNED: dict = {"sm90": {
+    ("fp8", 1, 6144, 4096): dict(_G, BLOCK_N=16, BLOCK_K=512, SPLITS=1, FUSED=False, QUANT_IN=True),
+    ("fp8", 1, 4096, 4096): dict(_G, BLOCK_N=16, BLOCK_K=512, SPLITS=2, FUSED=True, QUANT_IN=True),
+    ("fp8", 1, 28672, 4096): dict(_D, BLOCK_N=64, BLOCK_K=512, SPLITS=1, FUSED=False, QUANT_IN=False, num_stages=3),
+    ("fp8", 1, 4096, 14336): dict(_D, BLOCK_N=32, BLOCK_K=256, SPLITS=4, FUSED=True, QUANT_IN=False, num_stages=4),
+    ("fp8", 1, 3072, 2048): dict(_G, BLOCK_N=16, BLOCK_K=256, SPLITS=4, FUSED=False, QUANT_IN=True),
+    ("fp8", 1, 2048, 2048): dict(_G, BLOCK_N=16, BLOCK_K=512, SPLITS=4, FUSED=False, QUANT_IN=True),
+    ("fp8", 1, 16384, 2048): dict(_D, BLOCK_N=32, BLOCK_K=256, SPLITS=1, FUSED=False, QUANT_IN=False, num_stages=4),
+    ("fp8", 1, 2048, 8192): dict(_G, BLOCK_N=16, BLOCK_K=512, SPLITS=4, FUSED=False, QUANT_IN=True),
+    ("fp8", 4, 6144, 4096): dict(_D, BLOCK_N=64, BLOCK_K=128, SPLITS=4, FUSED=True, QUANT_IN=False, num_stages=4),
+    ("fp8", 4, 4096, 4096): dict(_D, BLOCK_N=32, BLOCK_K=128, SPLITS=4, FUSED=True, QUANT_IN=False, num_stages=4),
+    ("fp8", 4, 28672, 4096): dict(_D, BLOCK_N=32, BLOCK_K=128, SPLITS=1, FUSED=False, QUANT_IN=False, num_stages=4),
+    ("fp8", 4, 4096, 14336): dict(_D, BLOCK_N=32, BLOCK_K=256, SPLITS=4, FUSED=True, QUANT_IN=False, num_stages=4),
+    ("fp8", 16, 6144, 4096): dict(_D, BLOCK_N=64, BLOCK_K=128, SPLITS=4, FUSED=False, QUANT_IN=False, num_stages=4),
+    ("fp8", 16, 4096, 4096): dict(_D, BLOCK_N=32, BLOCK_K=128, SPLITS=4, FUSED=True, QUANT_IN=False, num_stages=4),
+    ("fp8", 16, 28672, 4096): dict(_D, BLOCK_N=32, BLOCK_K=128, SPLITS=1, FUSED=False, QUANT_IN=False, num_stages=4),
+    ("fp8", 16, 4096, 14336): dict(_D, BLOCK_N=32, BLOCK_K=256, SPLITS=4, FUSED=True, QUANT_IN=False, num_stages=4),
+}}
+# (weights, row bucket) -> the form for other shapes; PER_SM: programs per SM (-> split count).
+# From the same run: the one config that was within ~10% of the best on all eight M=1 shapes
+# (gemv, 16 x 512, splits for >= 2 programs an SM), and at 2-16 rows the tensor-core form
+# whose split counts at 2 programs an SM were the winners' on all four 8B shapes.
+SKINNY_RULE: dict = {
+    ("fp8", 1): dict(_G, BLOCK_N=16, BLOCK_K=512, FUSED=False, QUANT_IN=True, PER_SM=2),
+    ("fp8", 4): dict(_D, BLOCK_N=32, BLOCK_K=128, FUSED=True, QUANT_IN=False, num_stages=4, PER_SM=2),
+    ("fp8", 16): dict(_D, BLOCK_N=32, BLOCK_K=128, FUSED=True, QUANT_IN=False, num_stages=4, PER_SM=2),
+}
 
 
 def _rows_bucket(m: int) -> int:
