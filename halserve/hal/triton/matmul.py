@@ -77,7 +77,8 @@ def persistent_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     if M == 0:
         return out
     base = configs.matmul_fixed_config(N, K)
-    cfg = cfg or configs.matmul_fixed_config(N, K, M)
+    # the large-row form is sized for 16-bit tiles (fp32 ones would not fit shared memory)
+    cfg = cfg or configs.matmul_fixed_config(N, K, M if x.element_size() <= 2 else None)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     # the split count (a row's order of sums) always from the row-count-free config
     splits = cfg.get("SPLITS") or fixed_splits(N, K, base["BLOCK_N"], base["BLOCK_K"])
