@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from halserve.hal.cpu_amx import prefill, quant
+from halserve.hal.cpu_amx import graph, prefill, quant
 from halserve.hal.cpu_amx.tiers import SCORES, choose
 from halserve.hal.interface import AttentionMetadata, Capabilities, MoeSpec, PackedWeight, ProbeResult
 from halserve.hal.native import NativeBackend, route
@@ -74,6 +74,8 @@ class CpuAmxBackend(NativeBackend):
         # one pool the size of torch's: the two never run at once, so no oversubscription
         self.threads = torch.get_num_threads()
         self.lib.hs_set_threads(self.threads)
+        self.graphs_on = graph.enabled()  # decode steps captured and replayed by graph.py
+        self.graph_refusal: "str | None" = None  # why the last capture_graph returned None
 
     @classmethod
     def probe(cls) -> ProbeResult:
@@ -89,7 +91,13 @@ class CpuAmxBackend(NativeBackend):
     def capabilities(self) -> Capabilities:
         base = super().capabilities
         return Capabilities(quant_schemes=(*base.quant_schemes, "int8_w8a8", *quant.INT4_SCHEMES),
-                            fp8_formats=base.fp8_formats, batch_invariant=True)
+                            fp8_formats=base.fp8_formats, batch_invariant=True,
+                            graphs=getattr(self, "graphs_on", False))
+
+    def capture_graph(self, fn, *args):
+        """A decode step replayed by graph.py (C kernel runs in one C call each), or None
+        where the step reads host values a replay would not see (``graph_refusal`` says which)."""
+        return graph.capture(self, fn, args) if self.graphs_on else None
 
     def describe(self) -> str:
         return (f"{super().describe()} tier={self.tier} threads={self.threads} "

@@ -1,0 +1,167 @@
+"""cpu_amx decode graphs (graph.py): a captured step replays bit for bit what the step function
+computes eagerly on the same inputs, through the engine (greedy and seeded sampling, batch
+buckets with padding rows, prefix hits, preemption, fp32 / bf16 / int8 weights), and capture
+refuses steps that read host values."""
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from halserve import LLM, SamplingParams
+from halserve.hal.cpu_amx import graph
+from halserve.hal.cpu_amx import lib as cpu_lib
+from halserve.hal.cpu_amx import tiers
+
+X86 = platform.machine() in ("x86_64", "AMD64")
+FLAGS = tiers.cpu_flags()
+pytestmark = pytest.mark.skipif(
+    not (X86 and any(all(f in FLAGS for f in cpu_lib.NEEDS[t]) for t in cpu_lib.TIERS)),
+    reason="cpu_amx needs an x86-64 CPU with AVX2 and FMA")
+
+PROMPTS = [[5, 17, 42], list(range(10, 47)), [9] * 20, [3, 1, 4, 1, 5], [2, 7, 1, 8, 2, 8, 1]]
+
+
+def _params() -> list[SamplingParams]:
+    """Greedy with logprobs (the logits' bits show in them), seeded sampling, and lengths
+    that finish at different steps, so decode walks down the buckets 8 (3 padding rows), 4, 2, 1."""
+    return [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=3) for n in (4, 7, 10, 13)] + \
+        [SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=11, max_tokens=16, ignore_eos=True, logprobs=3)]
+
+
+def _outs(llm: LLM, prompts=PROMPTS):
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, _params())]
+
+
+@pytest.fixture
+def replays(monkeypatch):
+    count = [0]
+    orig = graph.CpuGraph.replay
+
+    def counted(self):
+        count[0] += 1
+        return orig(self)
+
+    monkeypatch.setattr(graph.CpuGraph, "replay", counted)
+    return count
+
+
+@pytest.mark.parametrize("dtype,quant", [("float32", None), ("bfloat16", None), ("bfloat16", "int8")])
+def test_engine_graphs_match_eager_bitwise(checkpoint, replays, dtype, quant):
+    path = str(checkpoint("llama"))
+    kw = dict(backend="cpu_amx", dtype=dtype, quantization=quant, max_num_seqs=8)
+    eager = LLM(path, enforce_eager=True, **kw)
+    assert not eager.engine.runner.graphs
+    g = LLM(path, **kw)
+    assert g.engine.hal.capabilities.graphs and sorted(g.engine.runner.graphs) == [1, 2, 4, 8]
+    one = g.engine.runner.graphs[1]
+    # batch 1: every kernel call in one C run, between the embedding and the logits' cast
+    # (none in float32: .float() is then the tensor itself)
+    torch_ops = 1 if dtype == "float32" else 2
+    assert one.num_torch == torch_ops and len(one.steps) == torch_ops + 1 and one.num_c >= 2 * 8
+    ref = _outs(eager)
+    before = replays[0]
+    assert _outs(g) == ref
+    assert replays[0] - before >= 12  # the decode steps replayed
+    # again: prefix hits (a prefill after a cached prefix rounds differently from a whole one,
+    # so against the eager engine's own second pass)
+    assert _outs(g) == _outs(eager)
+
+
+def test_graphs_survive_preemption(checkpoint, replays):
+    path = str(checkpoint("llama"))
+    kw = dict(backend="cpu_amx", dtype="float32", max_num_seqs=8, num_gpu_blocks_override=8,
+              enable_prefix_caching=False)
+    long = [list(range(10 + i, 40 + i)) for i in range(4)]
+    sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
+    eager = LLM(path, enforce_eager=True, **kw)
+    ref = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in eager.generate(long, sp)]
+    g = LLM(path, **kw)
+    before = replays[0]
+    got = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in g.generate(long, sp)]
+    assert g.get_metrics()["num_preemptions_total"] > 0 and replays[0] > before
+    assert got == ref
+
+
+def test_replay_is_the_step_function_bitwise(checkpoint):
+    """Each bucket's replay against its own step function run eagerly on the same static
+    inputs (true host lengths for eager attention; the graph keeps max_model_len)."""
+    g = LLM(str(checkpoint("llama")), backend="cpu_amx", dtype="bfloat16", max_num_seqs=8)
+    r = g.engine.runner
+    st, caches = r._static, r.kv_caches
+    nblk = r.num_blocks
+    gen = torch.Generator().manual_seed(0)
+    for b, gr in r.graphs.items():
+        meta = r._decode_meta[b]
+        pos = torch.randint(0, 60, (b,), generator=gen)
+        st["ids"][:b] = torch.randint(0, 500, (b,), generator=gen)
+        st["pos"][:b] = pos
+        st["slots"][:b] = -1
+        st["seq_lens"][:b] = (pos + 1).int()
+        st["tables"][:b] = (torch.arange(st["tables"].shape[1]) % nblk).int()
+        meta.seq_lens_host[:] = (pos + 1).tolist()
+        out = gr.replay()
+        got = out.clone()
+        with torch.inference_mode():
+            want = r.model.compute_logits(r.model.forward(st["ids"][:b], st["pos"][:b], caches, meta))
+        assert gr.replay() is out  # one output buffer, rewritten
+        assert torch.equal(got, want), b
+
+
+def _cpu_amx():
+    from halserve.hal.cpu_amx.backend import CpuAmxBackend
+
+    return CpuAmxBackend()
+
+
+def test_capture_replays_c_and_torch_ops_in_order():
+    hal = _cpu_amx()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 64, generator=gen)
+    w = torch.randn(64, generator=gen)
+    pw = hal.pack_weight(torch.randn(32, 64, generator=gen))
+
+    def step():
+        h = hal.rms_norm(x, w, 1e-5)
+        h = h * 2.0 + x  # torch ops between kernels
+        h.add_(0.5)  # an in-place one
+        return hal.linear(h.contiguous(), pw).float()
+
+    g = hal.capture_graph(step)
+    assert g is not None and g.num_c == 2 and g.num_torch >= 3
+    out = g.replay()
+    for _ in range(3):
+        x.copy_(torch.randn(3, 64, generator=gen))
+        assert g.replay() is out
+        assert torch.equal(out, step())
+
+
+def test_capture_refuses_host_reads():
+    hal = _cpu_amx()
+    x = torch.randn(4, 8)
+
+    def step():
+        n = int(x.abs().argmax())  # a host value: a replay would keep this one
+        return x[:, :n + 1].sum(-1)
+
+    assert hal.capture_graph(step) is None
+    assert "aten.item" in hal.graph_refusal and "host value" in hal.graph_refusal
+
+
+def test_capture_refuses_flash_prefill(checkpoint):
+    """A query long enough to take prefill.py's flash path (host lengths) is not captured:
+    the prefill-tail graphs (up to one block of queries) fall back to eager steps."""
+    g = LLM(str(checkpoint("llama")), backend="cpu_amx", dtype="float32", max_num_seqs=2)
+    assert not g.engine.runner.tail_graphs and "flash" in g.engine.hal.graph_refusal
+
+
+def test_switch(monkeypatch, checkpoint):
+    monkeypatch.setenv(graph.ENV, "0")
+    hal = _cpu_amx()
+    assert not hal.capabilities.graphs and hal.capture_graph(lambda: torch.ones(1)) is None
+    g = LLM(str(checkpoint("llama")), backend="cpu_amx", dtype="float32", max_num_seqs=2)
+    assert not g.engine.runner.graphs
+    monkeypatch.setenv(graph.ENV, "yes")
+    with pytest.raises(ValueError, match="HALSERVE_CPU_GRAPHS='yes' is not valid"):
+        _cpu_amx()
