@@ -269,7 +269,9 @@ def _skinny_cfg(kind, fused, quant_in, splits=3):
 
 SKINNY_CFGS = {"tuned": None, "dot_two_kernels": _skinny_cfg("dot", False, False),
                "gemv_fused_quant_in": _skinny_cfg("gemv", True, True),
-               "dot_fused_quant_in_1split": _skinny_cfg("dot", True, True, splits=1)}
+               "dot_fused_quant_in_1split": _skinny_cfg("dot", True, True, splits=1),
+               "gemvr_fused_quant_in": _skinny_cfg("gemvr", True, True),
+               "gemvr_two_kernels": _skinny_cfg("gemvr", False, False, splits=2)}
 
 
 @pytest.mark.parametrize("scheme", ["none", "fp8", "fp8_per_tensor", "fp8_weight_only"])
@@ -290,7 +292,7 @@ def test_skinny_matmul_matches_native(native, scheme, m, cfg):
     assert nmse(got, native.linear(x, w, b)) < 1e-4  # two bf16 roundings of the output
 
 
-@pytest.mark.parametrize("kind", ["gemv", "dot"])
+@pytest.mark.parametrize("kind", ["gemv", "gemvr", "dot"])
 def test_skinny_fused_reduction_is_the_same_sum(native, kind):
     """The last-arriving program adds the splits in the same order as the reduction kernel:
     bitwise the same output, call after call (its arrival counters re-arm themselves)."""

@@ -12,10 +12,15 @@ batch-invariant mode (at M = 64 it streamed at 20-40% on the H200, so batch-inva
 keeps ``matmul.persistent_matmul``); the bf16 and weight-only forms serve the micro-benchmark
 (``bench/skinny_gemm.py``) and the config sweep.
 
-Two inner loops (``KIND`` of ``configs.skinny_config``):
+Three inner loops (``KIND`` of ``configs.skinny_config``):
 - ``dot``: 16-row tiles through ``tl.dot`` (e4m3 x e4m3 on the tensor cores on sm_89+);
 - ``gemv``: CUDA-core FMAs into a [rows, BLOCK_N, BLOCK_K] fp32 accumulator summed over K once
-  at the end, for 1-16 rows (no 16-row padding of the MMA, wide vector loads of W).
+  at the end, for 1-16 rows (no 16-row padding of the MMA, wide vector loads of W);
+- ``gemvr``: the same FMAs summed over BLOCK_K every step into [rows, BLOCK_N], with the next
+  weight tile loaded before the current one is used. On the H200 (2026-12-04 sweep) ``gemv``
+  at one row streamed at the rate its resident programs' loads allow: its 64-register
+  accumulator held ~3 programs an SM, ~24 KB in flight, ~2.1 TB/s; this form keeps two tiles
+  in flight in a few registers.
 
 Weights: bf16/fp16/fp32 ``[N, K]``, or fp8 e4m3 ``[N, K]`` with scale [1] or [N]. For W8A8 the
 activation rows are quantized either in one small pass first (``matmul.quant_fp8_per_token``)
@@ -35,13 +40,30 @@ _MAX_TILES = 1 << 16
 
 
 @triton.jit
+def _quant_a(a, qs, w_ptr, EXACT_CVT: tl.constexpr):
+    """Activation chunk [rows, k] -> e4m3 at the rows' scales ``qs`` (quant_fp8_per_token's rule)."""
+    a = tl.clamp(a.to(tl.float32) / qs[:, None], -448.0, 448.0)
+    if EXACT_CVT:  # round to e4m3 in fp32 adds first: the interpreter's cast rounds
+        # a value that carries into the next binade down (the GPU's cvt agrees either way)
+        e = tl.maximum((a.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)  # 121: 2^-6
+        c = (((e + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)  # 1.5 * 2^23 * spacing
+        r = tl.abs((a + c) - c)
+        a = tl.where(a < 0, -r, r)
+    return a.to(w_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _skinny_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, K, s_xm, s_wn, s_ym,
-                   k_per_split, SPLITS, ONE_SPLIT: tl.constexpr, GEMV: tl.constexpr, FUSED: tl.constexpr,
-                   QUANT_IN: tl.constexpr, A_SCALE: tl.constexpr, W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   W_FP8: tl.constexpr, A_FP8: tl.constexpr, FP8_DOT: tl.constexpr, IEEE: tl.constexpr,
-                   EXACT_CVT: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   k_per_split, SPLITS, ONE_SPLIT: tl.constexpr, GEMV: tl.constexpr, ROW_ACC: tl.constexpr,
+                   FUSED: tl.constexpr, QUANT_IN: tl.constexpr, A_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, W_FP8: tl.constexpr, A_FP8: tl.constexpr, FP8_DOT: tl.constexpr,
+                   IEEE: tl.constexpr, EXACT_CVT: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # QUANT_IN: 0 off, 1 per-token, 2 per-tensor (all M rows in this tile).
     # A_SCALE / W_SCALE: 0 none, 1 per row / per column, 2 one scalar.
+    # ROW_ACC (gemv): the product is summed over BLOCK_K every step into [rows, BLOCK_N] (a few
+    # registers, so more programs stay resident) and the next weight tile is loaded before the
+    # current one is used; the first one before the amax pass, whose L2 reads it then overlaps.
     pm = tl.program_id(0)
     pn = tl.program_id(1)
     ps = tl.program_id(2)
@@ -53,46 +75,61 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, xs_ptr, ws_ptr, bias_
     x_rows = x_ptr + rm[:, None].to(tl.int64) * s_xm
     k_lo = ps * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
+    if GEMV:
+        w_rows = w_ptr + rn[:, None].to(tl.int64) * s_wn
+        if ROW_ACC:
+            b_next = tl.load(w_rows + (k_lo + rk)[None, :], mask=n_ok[:, None] & ((k_lo + rk) < k_hi)[None, :],
+                             other=0.0)
     if QUANT_IN > 0:  # the same formula as quant_fp8_per_token, over the whole row
+        # one real row at a time in wide 1D steps (a 16-row tile of the dot form would otherwise
+        # read padding rows in narrow steps): this pass is latency-bound (a few KB from L2)
         amax = tl.zeros([BLOCK_M], tl.float32)
-        rq = tl.arange(0, Q_BLOCK)  # wide steps: this pass is latency-bound (a few KB from L2)
-        for k0 in range(0, K, Q_BLOCK):
-            kk = k0 + rq
-            a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
+        rq = tl.arange(0, Q_BLOCK)
+        for r in range(0, tl.minimum(M - pm * BLOCK_M, BLOCK_M)):
+            row = x_ptr + (pm * BLOCK_M + r).to(tl.int64) * s_xm
+            mx = tl.zeros([Q_BLOCK], tl.float32)
+            for k0 in range(0, K, Q_BLOCK):
+                kk = k0 + rq
+                mx = tl.maximum(mx, tl.abs(tl.load(row + kk, mask=kk < K, other=0.0).to(tl.float32)))
+            amax = tl.where(tl.arange(0, BLOCK_M) == r, tl.max(mx, axis=0), amax)
         if QUANT_IN == 2:
             amax = tl.zeros([BLOCK_M], tl.float32) + tl.max(amax, axis=0)
         qs = tl.maximum(amax, 1e-12) / 448.0
         if (pn == 0) & (ps == 0):  # for a separate reduction kernel
             tl.store(xs_ptr + rm, qs, mask=m_ok)
     if GEMV:
-        w_rows = w_ptr + rn[:, None].to(tl.int64) * s_wn
-        if BLOCK_M == 1:
+        if ROW_ACC:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        elif BLOCK_M == 1:
             acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         else:
             acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < k_hi
+            if ROW_ACC:
+                b = b_next
+                kn = kk + BLOCK_K
+                b_next = tl.load(w_rows + kn[None, :], mask=n_ok[:, None] & (kn < k_hi)[None, :], other=0.0)
+            else:
+                b = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if QUANT_IN > 0:
-                a = tl.clamp(a.to(tl.float32) / qs[:, None], -448.0, 448.0)
-                if EXACT_CVT:  # round to e4m3 in fp32 adds first: the interpreter's cast rounds
-                    # a value that carries into the next binade down (the GPU's cvt agrees either way)
-                    e = tl.maximum((a.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)  # 121: 2^-6
-                    c = (((e + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)  # 1.5 * 2^23 * spacing
-                    r = tl.abs((a + c) - c)
-                    a = tl.where(a < 0, -r, r)
-                a = a.to(w_ptr.dtype.element_ty)
-            b = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            if BLOCK_M == 1:  # the classic GEMV: a 2D accumulator in the weight tile's layout
+                a = _quant_a(a, qs, w_ptr, EXACT_CVT)
+            if ROW_ACC:
+                if BLOCK_M == 1:
+                    acc += tl.sum(b.to(tl.float32) * a.to(tl.float32), axis=1)[None, :]
+                else:
+                    acc += tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
+            elif BLOCK_M == 1:  # the classic GEMV: a 2D accumulator in the weight tile's layout
                 acc2 += b.to(tl.float32) * a.to(tl.float32)
             else:
                 acc3 += a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :]
-        if BLOCK_M == 1:
-            acc = tl.sum(acc2, axis=1)[None, :]
-        else:
-            acc = tl.sum(acc3, axis=2)
+        if not ROW_ACC:
+            if BLOCK_M == 1:
+                acc = tl.sum(acc2, axis=1)[None, :]
+            else:
+                acc = tl.sum(acc3, axis=2)
     else:
         w_cols = w_ptr + rn[None, :].to(tl.int64) * s_wn
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -101,14 +138,7 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, xs_ptr, ws_ptr, bias_
             k_ok = kk < k_hi
             a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if QUANT_IN > 0:
-                a = tl.clamp(a.to(tl.float32) / qs[:, None], -448.0, 448.0)
-                if EXACT_CVT:  # round to e4m3 in fp32 adds first: the interpreter's cast rounds
-                    # a value that carries into the next binade down (the GPU's cvt agrees either way)
-                    e = tl.maximum((a.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)  # 121: 2^-6
-                    c = (((e + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)  # 1.5 * 2^23 * spacing
-                    r = tl.abs((a + c) - c)
-                    a = tl.where(a < 0, -r, r)
-                a = a.to(w_ptr.dtype.element_ty)
+                a = _quant_a(a, qs, w_ptr, EXACT_CVT)
             b = tl.load(w_cols + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if IEEE:
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -227,7 +257,10 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None
         raise ValueError("act_quant needs an fp8 weight")
     if cfg is None:
         cfg = configs.skinny_config(M, N, K, w.dtype.itemsize)
-    gemv = cfg.get("KIND", "dot") == "gemv"
+    kind = cfg.get("KIND", "dot")
+    if kind not in ("dot", "gemv", "gemvr"):
+        raise ValueError(f"skinny KIND {kind!r}: valid are 'dot', 'gemv', 'gemvr'")
+    gemv = kind != "dot"
     bm = min(triton.next_power_of_2(M), 16) if gemv else BLOCK_M
     quant_in = 0
     if quant and cfg.get("QUANT_IN") and (act_quant == "per_token" or M <= bm):
@@ -252,10 +285,11 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None
     _skinny_kernel[grid](
         x, w, y, part, cnt, xs if xs is not None else y, w_scale if w_scale is not None else y,
         bias if bias is not None else y, M, N, K, x.stride(0), w.stride(0), y.stride(0), k_per_split,
-        SPLITS=splits, ONE_SPLIT=splits == 1, GEMV=gemv, FUSED=fused, QUANT_IN=quant_in, A_SCALE=a_scale, W_SCALE=w_scale_mode,
+        SPLITS=splits, ONE_SPLIT=splits == 1, GEMV=gemv, ROW_ACC=kind == "gemvr", FUSED=fused, QUANT_IN=quant_in,
+        A_SCALE=a_scale, W_SCALE=w_scale_mode,
         HAS_BIAS=bias is not None, W_FP8=w_fp8, A_FP8=a_fp8, FP8_DOT=a_fp8 and _fp8_dot(x.device),
         IEEE=x.dtype == torch.float32 or configs.interpreting(), EXACT_CVT=configs.interpreting(),
-        Q_BLOCK=max(bk, 4096 // bm) if quant_in else bk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        Q_BLOCK=min(triton.next_power_of_2(K), 8192) if quant_in else 16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1 and not fused:
         reduce_splits(part, y, bias, xs, w_scale)
