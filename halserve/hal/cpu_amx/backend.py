@@ -4,6 +4,8 @@ Which path runs where (``describe()`` says it at start-up):
 - linear, M <= SMALL_M (decode) or batch-invariant mode: the C kernels, split over N across
   one OpenMP pool (bf16/fp32 weights as stored; int8 weight-only; int8 W8A8 dynamic with
   exact int32 dots; int4 group-wise).
+- linear, bf16 weights, 2..AMX_MAX_M rows (batched decode) on the AMX tier, unless
+  batch-invariant: the AMX tile kernel (gemm_amx.c), reading the weight as stored.
 - linear, larger M (prefill, big batches): torch's oneDNN GEMM (F.linear), which reaches the
   AMX tiles for bf16 on AMX hosts (check ONEDNN_VERBOSE=1); int8/int4 weights are
   dequantized by a C pass into a kept buffer, a block of rows at a time (quant.linear_tiled).
@@ -30,6 +32,7 @@ from halserve.hal.native import NativeBackend, route
 
 SMALL_M = 8  # float weights: above this torch's oneDNN GEMM (AMX where present) wins
 SMALL_M_QUANT = 16  # quantized weights: the C kernel until dequantizing per call pays off
+AMX_MAX_M = 128  # bf16 weights, 2..this many rows on the AMX tier: the tile kernel (gemm_amx.c)
 MOE_SMALL_T = 8  # up to this many tokens every (token, expert) pair runs in one C region
 _CODES = {torch.float32: 0, torch.bfloat16: 1}
 _NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,6 +77,8 @@ class CpuAmxBackend(NativeBackend):
         # one pool the size of torch's: the two never run at once, so no oversubscription
         self.threads = torch.get_num_threads()
         self.lib.hs_set_threads(self.threads)
+        # batched decode on AMX tiles; False: the pre-AMX paths (the perf tool's before/after)
+        self.amx_gemm = self.tier == "amx"
         self.graphs_on = graph.enabled()  # decode steps captured and replayed by graph.py
         self.graph_refusal: "str | None" = None  # why the last capture_graph returned None
 
@@ -102,7 +107,8 @@ class CpuAmxBackend(NativeBackend):
     def describe(self) -> str:
         return (f"{super().describe()} tier={self.tier} threads={self.threads} "
                 f"linear=C(M<={SMALL_M}{', every M' if self.batch_invariant else ''})"
-                f"{'' if self.batch_invariant else '+oneDNN(larger M)'}")
+                f"{'' if self.batch_invariant else '+oneDNN(larger M)'}"
+                f"{'+AMX tiles(bf16 W, M 2..' + str(AMX_MAX_M) + ')' if self.amx_gemm and not self.batch_invariant else ''}")
 
     # ---- dispatch -------------------------------------------------------------------------
     def supports(self, op: str, **spec: Any) -> "bool | str":
@@ -204,6 +210,8 @@ class CpuAmxBackend(NativeBackend):
         _, kind, wp, sp, group, _, ws = self._plan(w)
         m, k = x.shape
         n = w.out_features
+        if kind == 1 and 2 <= m <= AMX_MAX_M and self.amx_gemm and self.tier == "amx" and not self.batch_invariant:
+            return self._linear_amx(x, w, wp, bias, out)
         small = SMALL_M if w.scheme == "none" else SMALL_M_QUANT
         if m > small and not self.batch_invariant and kind != 4:
             y = (F.linear(x, w.weight.to(x.dtype), bias) if w.scheme == "none"
@@ -217,6 +225,19 @@ class CpuAmxBackend(NativeBackend):
         bf16 = int(x.dtype == torch.bfloat16)
         self.lib.hs_linear(xc.data_ptr(), bf16, m, k, wp, kind, sp, group, n, self._ptr(bf), y.data_ptr(), bf16,
                            self._ptr(xs), ws)
+        return y if out is None or direct else out.copy_(y)
+
+    def _linear_amx(self, x, w, wp, bias, out):
+        """bf16 weights, 2..AMX_MAX_M rows (batched decode): the AMX tile kernel (gemm_amx.c),
+        which reads the weight as stored, once for all rows."""
+        xc = x if x.is_contiguous() else x.contiguous()
+        m, k = xc.shape
+        bf = None if bias is None else _ready(bias, torch.float32)
+        direct = out is not None and out.dtype == x.dtype and out.is_contiguous()
+        y = out if direct else torch.empty(m, w.out_features, dtype=x.dtype)
+        bf16 = int(x.dtype == torch.bfloat16)
+        if self.lib.hs_gemm_amx(xc.data_ptr(), bf16, m, k, wp, w.out_features, self._ptr(bf), y.data_ptr(), bf16):
+            raise RuntimeError(f"cpu_amx AMX GEMM refused M={m} K={k} N={w.out_features} (this build has no AMX?)")
         return y if out is None or direct else out.copy_(y)
 
     def linear_call(self, x: torch.Tensor, w: PackedWeight):

@@ -10,7 +10,8 @@ from pathlib import Path
 from halserve.hal.cbuild import CBuildError, load_library
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / n for n in ("linear.c", "ops.c", "attention.c", "moe.c", "gemm_dequant.c", "runtime.c", "sample.c")]
+SOURCES = [HERE / n for n in ("linear.c", "ops.c", "attention.c", "moe.c", "gemm_dequant.c", "runtime.c", "sample.c",
+                              "gemm_amx.c")]
 
 TIERS = ("amx", "avx512", "avx2")
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
@@ -50,6 +51,8 @@ void hs_sample(P logits, int lbf16, int64_t B, int64_t V, P temp, P top_k, P top
                int flags, P out);
 int hs_amx_request(void);
 void hs_set_threads(int n);
+int hs_gemm_amx(P x, int x_bf16, int M, int K, P w, int N, P bias, P y, int y_bf16);
+void hs_set_amx_prefetch(int bytes);
 int hs_get_threads(void);
 int hs_tier(void);
 """

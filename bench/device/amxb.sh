@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# cpu_amx batched decode on the AMX host (16-core Xeon), CPU only (issue 22, helper AMXB):
+# 1. the skinny bf16 GEMMs of a 1.1B decode step, M = 1..128 rows: the AMX tile kernel
+#    (gemm_amx.c, W prefetch distance swept) beside the C GEMV and torch's oneDNN, weights
+#    streamed from DRAM, as GB/s and % of the measured read bandwidth;
+# 2. 16- and 64-sequence decode steps (32-token prompts, random TinyLlama-shape bf16) through
+#    the engine with the AMX GEMM on and off, steps interleaved, beside HF transformers' forward
+#    with its KV cache in the same process; then where each step's time goes, op by op;
+# 3. python -m pytest -q tests/hal/test_cpu_amx*.py (the new kernel's tests among them).
+# Run from the repo root: bash bench/device/amxb.sh (step limits add up to 145 s)
+set -uo pipefail
+OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+  TRANSFORMERS_VERBOSITY=error HALSERVE_CACHE_DIR=${HALSERVE_CACHE_DIR:-/tmp/halserve-cache} CUDA_VISIBLE_DEVICES=
+T=${THREADS:-16}
+export OMP_NUM_THREADS=$T
+# the random 1.1B checkpoint (2.2 GB) in RAM where there is room: writing it to disk costs seconds
+[ "$(df -BG --output=avail /dev/shm 2>/dev/null | tail -1 | tr -dc 0-9)" -gt 8 ] 2>/dev/null && \
+  export XDG_CACHE_HOME=/dev/shm/amxb-cache
+. "$(dirname "$0")/step.sh"
+STEP_TAIL=250
+# the first step also compiles the amx tier's C library (cached in $HALSERVE_CACHE_DIR)
+step amxb_kernels 30 python3 bench/device/amxb_kernels.py --set-mb 384 --reps 3 --json "$OUT/amxb_kernels.json"
+STEP_TAIL=20
+step amxb_step 65 python3 bench/device/amxb_step.py --rows 16,64 --prompt 32 --steps 8 --profile-steps 2 \
+  --json "$OUT/amxb_step.json"
+STEP_TAIL=25
+step amxb_tests 50 python3 -m pytest -q -p no:cacheprovider tests/hal/test_cpu_amx*.py
+rm -rf /dev/shm/amxb-cache  # give the RAM back

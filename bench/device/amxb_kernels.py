@@ -1,0 +1,83 @@
+"""Skinny bf16 GEMMs of a batched decode (1.1B Llama shapes, M = 1..128 rows) on cpu_amx:
+the AMX tile kernel (at several W prefetch distances) beside the C GEMV kernel and torch's
+oneDNN F.linear, each streaming its weight from DRAM (copies cycled past the L3).
+
+    python bench/device/amxb_kernels.py [--ms 1,2,4,8,16,32,64,128] [--set-mb 1024] [--json f]
+
+Prints GB/s of weight read and its share of the measured read bandwidth; the choice of
+path per M (backend.AMX_MAX_M, the M = 1 GEMV) and the prefetch default come from here."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ms", default="1,2,4,8,16,32,64,128")
+    p.add_argument("--prefetch", default="0,256,512,1024")
+    p.add_argument("--set-mb", type=int, default=1024)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    import torch
+    import torch.nn.functional as F
+
+    from halserve.bench.cpu import read_bandwidth_gbs
+    from halserve.hal.cpu_amx.perf import SHAPE_1B, linear_shapes
+    from halserve.hal.cpu_amx.tiers import choose
+
+    tier = choose()
+    lib = tier.lib
+    bw = read_bandwidth_gbs()
+    print(f"tier {tier.name}  threads {torch.get_num_threads()}  read bandwidth {bw:.1f} GB/s", flush=True)
+    pfs = [int(v) for v in a.prefetch.split(",") if v.strip()]
+    out = {"threads": torch.get_num_threads(), "read_gbs": bw, "tier": tier.name, "rows": []}
+    bf = torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    print("| linear | N x K | M | path | ms | GB/s | % read bw |\n| --- | --- | ---: | --- | ---: | ---: | ---: |")
+    for name, (n, k) in linear_shapes(SHAPE_1B).items():
+        copies = max(1, (a.set_mb << 20) // (n * k * 2))
+        ws = [(torch.rand(n, k, generator=g) - 0.5).to(bf) for _ in range(copies)]
+        for m in [int(v) for v in a.ms.split(",") if v.strip()]:
+            x = torch.randn(m, k, generator=g).to(bf)
+            y = torch.empty(m, n, dtype=bf)
+            paths = {"gemv": lambda w: lib.hs_linear(x.data_ptr(), 1, m, k, w.data_ptr(), 1, 0, 0, n, 0,
+                                                     y.data_ptr(), 1, 0, 0),
+                     "onednn": lambda w: F.linear(x, w)}
+            if tier.name == "amx":
+                for pf in pfs:
+                    def amx(w, pf=pf):
+                        lib.hs_set_amx_prefetch(pf)
+                        return lib.hs_gemm_amx(x.data_ptr(), 1, m, k, w.data_ptr(), n, 0, y.data_ptr(), 1)
+
+                    paths[f"amx pf{pf}"] = amx
+            ts: dict = {p_: [] for p_ in paths}
+            for _ in range(a.reps):  # interleaved: every path sees the same load
+                for p_, f in paths.items():
+                    t = time.perf_counter()
+                    for w in ws:
+                        f(w)
+                    ts[p_].append((time.perf_counter() - t) / len(ws))
+            for p_, v in ts.items():
+                s = statistics.median(v)
+                gbs = n * k * 2 / s / 1e9
+                out["rows"].append({"linear": name, "n": n, "k": k, "m": m, "path": p_, "ms": s * 1e3, "gbs": gbs})
+                print(f"| {name} | {n}x{k} | {m} | {p_} | {s * 1e3:.3f} | {gbs:.1f} | {gbs / bw * 100:.0f}% |",
+                      flush=True)
+        del ws
+    if tier.name == "amx":
+        lib.hs_set_amx_prefetch(512)
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

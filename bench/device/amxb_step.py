@@ -1,0 +1,165 @@
+"""Batched decode step of cpu_amx with and without the AMX tile GEMM, beside HF transformers.
+
+    python bench/device/amxb_step.py --rows 16,64 --prompt 32 --steps 8 [--layers 22] [--json f]
+
+One process, same random TinyLlama-shape weights (bf16) and prompts: HF's forward with its KV
+cache (the peer), then the halserve engine with ``rows`` sequences whose steps alternate
+between the AMX GEMM on and off (the pre-AMX paths: C GEMV for M <= 8, oneDNN above), so
+both see the same box load. Then a few steps of each with every HAL op timed: where a step
+goes. Each step time is also put against the weight read floor (weight bytes / measured
+read bandwidth)."""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+# steps run eagerly: a captured step (graph.py) would replay whichever path ran at capture,
+# and the on/off interleave below must switch paths step by step
+os.environ.setdefault("HALSERVE_CPU_GRAPHS", "0")
+
+OPS = ("linear", "rms_norm", "rotary", "silu_and_mul", "write_kv", "attention", "sample")
+
+
+def hf_step_ms(model: Path, prompts, steps: int) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
+    ts = []
+    with torch.no_grad():
+        o = hf(prompts, use_cache=True)
+        cache, nxt = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
+        for i in range(steps + 2):
+            t = time.perf_counter()
+            o = hf(nxt, past_key_values=cache, use_cache=True)
+            nxt = o.logits[:, -1].argmax(-1, keepdim=True)
+            if i >= 2:
+                ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
+
+
+def op_profile(eng, hal, steps: int) -> dict:
+    acc: dict = collections.defaultdict(lambda: [0, 0.0])
+
+    def wrap(op):
+        f = getattr(hal, op)
+
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            r = f(*a, **kw)
+            key = f"linear {a[1].out_features}x{a[1].in_features}" if op == "linear" else op
+            acc[key][0] += 1
+            acc[key][1] += time.perf_counter() - t
+            return r
+
+        setattr(hal, op, timed)
+
+    for op in OPS:
+        wrap(op)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    total = (time.perf_counter() - t0) / steps
+    for op in OPS:
+        hal.__dict__.pop(op, None)
+    ops = {k: dt / steps * 1e3 for k, (n, dt) in sorted(acc.items(), key=lambda kv: -kv[1][1])}
+    return {"step_ms": total * 1e3, "ops_ms": ops, "outside_ops_ms": total * 1e3 - sum(ops.values())}
+
+
+def halserve_steps(model: Path, prompts, steps: int, profile_steps: int) -> dict:
+    from halserve import LLM, SamplingParams
+
+    rows, plen = prompts.shape
+    llm = LLM(str(model), backend="cpu_amx", dtype="bfloat16", max_num_seqs=rows,
+              max_model_len=plen + 2 * steps + 2 * profile_steps + 16, enable_prefix_caching=False)
+    eng = llm.engine
+    hal = eng.hal
+    sp = SamplingParams(temperature=0, max_tokens=2 * steps + 2 * profile_steps + 8, ignore_eos=True)
+    for i in range(rows):
+        eng.add_request(str(i), prompts[i].tolist(), sp)
+    started: set = set()
+    while len(started) < rows:
+        started |= {o.request_id for o in eng.step() if o.outputs and o.outputs[0].token_ids}
+    for on in (True, False):
+        hal.amx_gemm = on
+        eng.step()
+    ts = {True: [], False: []}
+    for _ in range(steps):
+        for on in (True, False):
+            hal.amx_gemm = on
+            t = time.perf_counter()
+            eng.step()
+            ts[on].append(time.perf_counter() - t)
+    prof = {}
+    for on in (True, False):
+        hal.amx_gemm = on
+        prof["amx" if on else "pre_amx"] = op_profile(eng, hal, profile_steps)
+    hal.amx_gemm = True
+    return {"describe": hal.describe(), "amx_step_ms": statistics.median(ts[True]) * 1e3,
+            "pre_amx_step_ms": statistics.median(ts[False]) * 1e3, "profile": prof}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default="16,64")
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--layers", type=int, default=22)
+    p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    import torch
+
+    from halserve.bench.cpu import read_bandwidth_gbs
+    from halserve.hal.cpu_amx.perf import SHAPE_1B, _checkpoint
+
+    shape = dict(SHAPE_1B, num_hidden_layers=a.layers)
+    model = _checkpoint(shape)
+    bw = read_bandwidth_gbs()
+    h, i, L = shape["hidden_size"], shape["intermediate_size"], a.layers
+    wbytes = 2 * (L * (h * (h + 2 * h // 8) + h * h + 3 * h * i) + shape["vocab_size"] * h)
+    floor_ms = wbytes / (bw * 1e9) * 1e3
+    print(f"threads {torch.get_num_threads()}  read bandwidth {bw:.1f} GB/s  weights {wbytes / 1e9:.2f} GB "
+          f"-> read floor {floor_ms:.1f} ms a step", flush=True)
+    res = {"threads": torch.get_num_threads(), "read_gbs": bw, "weight_bytes": wbytes, "floor_ms": floor_ms,
+           "layers": L, "prompt": a.prompt, "runs": []}
+    print("| rows | HF step ms | pre-AMX step ms | AMX step ms | AMX tok/s | x HF | x pre-AMX | floor / step |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
+    for rows in [int(r) for r in a.rows.split(",") if r.strip()]:
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(3, shape["vocab_size"], (rows, a.prompt), generator=g)
+        row: dict = {"rows": rows}
+        try:
+            row["hf_step_ms"] = None if a.no_hf else hf_step_ms(model, prompts, a.steps)
+        except Exception as e:  # the peer failing must not lose our figures
+            print(f"HF {rows}: {type(e).__name__}: {e}", flush=True)
+            row["hf_step_ms"] = None
+        try:
+            row.update(halserve_steps(model, prompts, a.steps, a.profile_steps))
+        except Exception as e:
+            print(f"halserve {rows}: {type(e).__name__}: {e}", flush=True)
+            res["runs"].append(row)
+            continue
+        hf = row["hf_step_ms"]
+        amx, pre = row["amx_step_ms"], row["pre_amx_step_ms"]
+        print(f"| {rows} | {hf or float('nan'):.1f} | {pre:.1f} | {amx:.1f} | {rows / amx * 1e3:.0f} | "
+              f"{(hf / amx) if hf else float('nan'):.2f} | {pre / amx:.2f} | {floor_ms / amx:.2f} |", flush=True)
+        for k, pr in row["profile"].items():
+            top = ", ".join(f"{n} {v:.1f}" for n, v in list(pr["ops_ms"].items())[:8])
+            print(f"   {k}: step {pr['step_ms']:.1f} ms = outside ops {pr['outside_ops_ms']:.1f} + {top}", flush=True)
+        res["runs"].append(row)
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,227 @@
+/* y[M, N] = x[M, K] @ W[N, K]^T (+ bias) for bf16 W on AMX tiles, M = 2..128 (batched decode).
+ *
+ * A batched decode step is a skinny GEMM: every weight byte should be read from memory once
+ * for all rows, and the multiply-adds (M x the GEMV's) must not bound it. The roles are
+ * swapped so W needs no repacking: TDPBF16PS's A operand is 16 rows x 32 bf16, which is
+ * exactly a block of W as stored ([N][K] row-major, row stride K), and its B operand (pairs
+ * of k as rows, 16 columns) is x transposed into the VNNI pair layout, which is small and
+ * made once per call. The product tile is y^T: 16 output features x 16 rows of x.
+ *
+ * Work is split over blocks of 32 output features across the pool (W streamed once, each
+ * thread a contiguous run); within a block, 2 W tiles x 2 x tiles feed 4 accumulators per
+ * 32-wide k step, and for M > 32 the block's W rows come again from L2 for each further pair
+ * of 16-row x chunks. The K tail (K % 32) and the N tail (N % 16) read from zero-padded
+ * copies. fp32 x is split into hi + lo bf16 terms (x = hi + lo to ~2^-16 relative), each
+ * meeting the same W tile, so an fp32 activation is not rounded to bf16.
+ * Not batch-invariant (a row's sums depend on the tile schedule): batch-invariant mode
+ * keeps the C GEMV kernels. Builds without AMX export the entry as a stub returning -1. */
+#include "common.h"
+#include <stdlib.h>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <immintrin.h>
+
+#define MC 16 /* x rows per tile */
+#define KB 32 /* k per tile step (16 pairs) */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tilecfg;
+
+static void config_tiles(void) {
+    tilecfg c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.colsb[t] = 64;
+        c.rows[t] = 16;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* x [M][K] (bf16 or the hi/lo split of fp32) -> B blocks [mc][kb][16 pairs][16 rows][2],
+ * zero past M and K; a block is the 16 x 16 transpose of (row, pair) 32-bit units */
+static void pack_block(const void *x, int x_bf16, int M, int K, int mc, int kb, uint32_t *hi, uint32_t *lo) {
+    if (x_bf16 && (mc + 1) * MC <= M && (kb + 1) * KB <= K) {
+        /* a whole block: pair r of the 16 rows is one 16-lane gather (byte offsets m K * 2) */
+        const bf16_t *b = (const bf16_t *)x + (int64_t)mc * MC * K + kb * KB;
+        const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(K));
+        for (int r = 0; r < 16; r++)
+            _mm512_storeu_si512((void *)(hi + r * MC), _mm512_i32gather_epi32(idx, (const void *)(b + 2 * r), 2));
+        return;
+    }
+    for (int r = 0; r < 16; r++)
+        for (int m = 0; m < MC; m++) {
+            int row = mc * MC + m, k = kb * KB + 2 * r;
+            uint32_t h = 0, l = 0;
+            for (int j = 0; j < 2; j++) {
+                if (row >= M || k + j >= K) continue;
+                if (x_bf16) {
+                    h |= (uint32_t)((const bf16_t *)x)[(int64_t)row * K + k + j] << (16 * j);
+                } else {
+                    float v = ((const float *)x)[(int64_t)row * K + k + j];
+                    bf16_t vh = f32_to_bf16(v);
+                    h |= (uint32_t)vh << (16 * j);
+                    l |= (uint32_t)f32_to_bf16(v - bf16_to_f32(vh)) << (16 * j);
+                }
+            }
+            hi[r * MC + m] = h;
+            if (lo) lo[r * MC + m] = l;
+        }
+}
+
+/* software prefetch distance (bytes) ahead of each W row's stream on a block's first pass
+ * (0: off); a block's 32 rows are 32 concurrent streams, as many as the L2 streamer tracks */
+static int amx_pf = 512;
+void hs_set_amx_prefetch(int bytes) { amx_pf = bytes > 0 ? bytes : 0; }
+
+static __thread void *xp_buf;
+static __thread int64_t xp_cap;
+
+/* one block: rows [n0, n0 + 32) of W (a[0], a[1]: the two 16-row tiles' bases, stride lda
+ * elements; a[1] NULL when the block has 16 rows), k steps [0, kfull) from W, then the
+ * tail step from tail (32 rows x 32, zero-padded) when K % 32; all x chunks */
+static void block(const bf16_t *a0, const bf16_t *a1, int64_t lda, const bf16_t *tail, int kfull, int nkb,
+                  const uint32_t *xh, const uint32_t *xl, int nmc, int n0, int nr, int M, int N, const float *bias,
+                  void *y, int y_bf16) {
+    float out[4][16 * 16];
+    for (int mc = 0; mc < nmc; mc += 2) {
+        int two = mc + 1 < nmc;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int kb = 0; kb < nkb; kb++) {
+            const bf16_t *p0, *p1;
+            int64_t st;
+            if (kb < kfull) {
+                p0 = a0 + kb * KB;
+                p1 = a1 ? a1 + kb * KB : NULL;
+                st = lda * 2;
+                if (mc == 0 && amx_pf) {
+                    for (int i = 0; i < 16; i++) {
+                        _mm_prefetch((const char *)(p0 + i * lda) + amx_pf, _MM_HINT_T0);
+                        if (p1) _mm_prefetch((const char *)(p1 + i * lda) + amx_pf, _MM_HINT_T0);
+                    }
+                }
+            } else {
+                p0 = tail;
+                p1 = a1 ? tail + 16 * KB : NULL;
+                st = KB * 2;
+            }
+            for (int s = 0; s < (xl ? 2 : 1); s++) {
+                const uint32_t *xb = s ? xl : xh;
+                if (s == 0) { /* the lo pass meets the same W tiles */
+                    _tile_loadd(4, p0, st);
+                    if (p1) _tile_loadd(5, p1, st);
+                }
+                _tile_loadd(6, xb + ((int64_t)mc * nkb + kb) * 256, 64);
+                if (two) _tile_loadd(7, xb + ((int64_t)(mc + 1) * nkb + kb) * 256, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                if (two) _tile_dpbf16ps(1, 4, 7);
+                if (p1) {
+                    _tile_dpbf16ps(2, 5, 6);
+                    if (two) _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+        }
+        _tile_stored(0, out[0], 64);
+        if (two) _tile_stored(1, out[1], 64);
+        if (a1) {
+            _tile_stored(2, out[2], 64);
+            if (two) _tile_stored(3, out[3], 64);
+        }
+        /* out[2 * ha + hb][i][j]: feature n0 + 16 ha + i, x row (mc + hb) * 16 + j */
+        for (int hb = 0; hb < 1 + two; hb++)
+            for (int j = 0; j < MC; j++) {
+                int m = (mc + hb) * MC + j;
+                if (m >= M) break;
+                for (int i = 0; i < nr; i++) {
+                    float v = out[2 * (i >> 4) + hb][(i & 15) * 16 + j];
+                    int n = n0 + i;
+                    if (bias) v += bias[n];
+                    store_f(y, (int64_t)m * N + n, v, y_bf16);
+                }
+            }
+    }
+}
+
+int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N, const float *bias, void *y,
+                int y_bf16) {
+    if (M < 1 || M > 128 || K < 1 || N < 1) return -1;
+    int nmc = (M + MC - 1) / MC, nkb = (K + KB - 1) / KB, kfull = K / KB;
+    int64_t blk = (int64_t)nmc * nkb * 256; /* uint32 units per packed x copy */
+    int64_t need = blk * (x_bf16 ? 1 : 2);
+    if (need > xp_cap) {
+        free(xp_buf);
+        xp_buf = aligned_alloc(64, (size_t)need * 4);
+        xp_cap = need;
+    }
+    uint32_t *xh = (uint32_t *)xp_buf, *xl = x_bf16 ? NULL : xh + blk;
+    int nblk = (N + 31) / 32;
+#pragma omp parallel
+    {
+        config_tiles();
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < (int64_t)nmc * nkb; b++) {
+            int mc = (int)(b / nkb), kb = (int)(b % nkb);
+            pack_block(x, x_bf16, M, K, mc, kb, xh + b * 256, xl ? xl + b * 256 : NULL);
+        }
+        bf16_t *pad = NULL; /* the N tail's rows, zero-padded to 16 x nkb * 32 */
+        bf16_t tail[32 * KB];
+#pragma omp for schedule(static)
+        for (int b = 0; b < nblk; b++) {
+            int n0 = b * 32, nr = N - n0 < 32 ? N - n0 : 32;
+            const bf16_t *a0 = w + (int64_t)n0 * K, *a1 = nr > 16 ? a0 + (int64_t)16 * K : NULL;
+            int64_t lda = K;
+            int kf = kfull;
+            /* a partial 16-row tile: its rows copied into a zero-padded buffer */
+            int part = nr & 15;
+            const bf16_t *src = w + (int64_t)(n0 + (nr & ~15)) * K;
+            if (part) {
+                if (!pad) pad = (bf16_t *)malloc((size_t)16 * nkb * KB * 2);
+                memset(pad, 0, (size_t)16 * nkb * KB * 2);
+                for (int i = 0; i < part; i++) memcpy(pad + (int64_t)i * nkb * KB, src + (int64_t)i * K, (size_t)K * 2);
+                if (nr < 16) a0 = pad;
+                else a1 = pad;
+            }
+            if (K % KB) {
+                memset(tail, 0, sizeof tail);
+                for (int i = 0; i < nr; i++) {
+                    const bf16_t *r = (i < 16 ? a0 + (int64_t)i * (a0 == pad ? nkb * KB : K)
+                                              : a1 + (int64_t)(i - 16) * (a1 == pad ? nkb * KB : K));
+                    memcpy(tail + i * KB, r + kfull * KB, (size_t)(K - kfull * KB) * 2);
+                }
+            }
+            if (part) {
+                /* the padded copy has whole k steps; the tail buffer serves the full tile */
+                if (a0 == pad) {
+                    lda = nkb * KB;
+                    kf = nkb;
+                }
+            }
+            if (a0 == pad || a1 != pad || !part) {
+                block(a0, a1, lda, tail, kf, nkb, xh, xl, nmc, n0, nr, M, N, bias, y, y_bf16);
+            } else {
+                /* a0 from W (stride K, tail buffer), a1 from the pad (stride nkb * 32): two
+                 * separate 16-row passes keep one stride per pass */
+                block(a0, NULL, K, tail, kfull, nkb, xh, xl, nmc, n0, 16, M, N, bias, y, y_bf16);
+                block(pad, NULL, nkb * KB, NULL, nkb, nkb, xh, xl, nmc, n0 + 16, nr - 16, M, N, bias, y, y_bf16);
+            }
+        }
+        free(pad);
+        _tile_release();
+    }
+    return 0;
+}
+#else
+void hs_set_amx_prefetch(int bytes) { (void)bytes; }
+int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N, const float *bias, void *y,
+                int y_bf16) {
+    (void)x, (void)x_bf16, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)y, (void)y_bf16;
+    return -1;
+}
+#endif

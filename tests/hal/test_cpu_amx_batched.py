@@ -1,0 +1,146 @@
+"""cpu_amx's AMX tile GEMM (gemm_amx.c) for bf16 weights and 2..AMX_MAX_M rows (batched
+decode): float64 references over odd M, N and K (every tile edge), bias, bf16 and fp32
+activations; which calls reach it; a bf16 model's 16 sequences through it as accurate as
+through the pre-AMX paths against HF's float32 truth."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from halserve.hal.cpu_amx import backend as amx_backend
+from halserve.hal.cpu_amx.backend import CpuAmxBackend
+from halserve.models.loader import load_model
+from tests.hal.test_cpu_amx import RUNNABLE, backend, nmse
+from tests.models.test_models import BLOCK_SIZE, metadata
+
+pytestmark = pytest.mark.skipif("amx" not in RUNNABLE, reason="the AMX tile kernel needs amx_tile and amx_bf16")
+
+
+class _Count:
+    """The backend's C library with its hs_gemm_amx calls counted."""
+
+    def __init__(self, lib):
+        self._lib, self.calls = lib, 0
+
+    def __getattr__(self, name):
+        f = getattr(self._lib, name)
+        if name != "hs_gemm_amx":
+            return f
+
+        def counted(*a):
+            self.calls += 1
+            return f(*a)
+
+        return counted
+
+
+def _amx() -> CpuAmxBackend:
+    b = backend("amx")
+    assert b.amx_gemm
+    b.lib = _Count(b.lib)
+    return b
+
+
+@pytest.mark.parametrize("k,n", [(64, 32), (2048, 48), (100, 50), (31, 17), (77, 7), (96, 200)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_amx_gemm_against_float64(k, n, dtype):
+    """Every M class of the tile schedule (one x tile, a pair, several pairs, ragged), N and K
+    ragged against the 32 x 32 tiles; bf16 outputs within one bf16 step of the truth and
+    nearly all equal to its own rounding, fp32 activations (hi + lo split) to ~fp32."""
+    b = _amx()
+    g = torch.Generator().manual_seed(k * 1000 + n)
+    w = (torch.randn(n, k, generator=g) * k ** -0.5).bfloat16()
+    pw = b.pack_weight(w)
+    for m in (2, 3, 15, 16, 17, 32, 33, 64, 100, 128):
+        x = torch.randn(m, k, generator=g).to(dtype)
+        bias = None if m % 2 else torch.randn(n, generator=g).to(dtype)
+        before = b.lib.calls
+        y = b.linear(x, pw, bias)
+        assert b.lib.calls == before + 1, "the AMX kernel did not run"
+        ref = x.double() @ w.double().T + (0 if bias is None else bias.double())
+        assert y.dtype == dtype and y.shape == (m, n)
+        if dtype == torch.float32:
+            assert nmse(y, ref) < 1e-10, (m, k, n, nmse(y, ref))
+            continue
+        step = ref.abs().clamp(min=1e-30) * 2.0 ** -7 + 1e-6 * k ** 0.5
+        assert ((y.double() - ref).abs() <= step).all(), (m, k, n, float(((y.double() - ref).abs() / step).max()))
+        off = (y != ref.bfloat16()).double().mean()
+        assert off < 0.05, (m, k, n, float(off))
+
+
+def test_amx_gemm_writes_into_out_and_reads_strided_x():
+    b = _amx()
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 96, generator=g).bfloat16()
+    pw = b.pack_weight(w)
+    x = torch.randn(24, 192, generator=g).bfloat16()[:, ::2]  # not contiguous
+    out = torch.empty(24, 40, dtype=torch.bfloat16)
+    y = b.linear(x, pw, out=out)
+    assert y is out and b.lib.calls == 1
+    ref = x.double() @ w.double().T
+    assert nmse(out, ref) < 3e-5
+
+
+def test_which_calls_reach_the_amx_kernel():
+    """bf16 weights with 2..AMX_MAX_M rows only: one row stays on the GEMV, more rows on
+    oneDNN, fp32 and int8 weights on their kernels, batch-invariant mode on the C kernels
+    (bitwise row-independent), and amx_gemm=False turns it off."""
+    b = _amx()
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(32, 64, generator=g)
+    bfw, f32w, i8w = b.pack_weight(w.bfloat16()), b.pack_weight(w), b.pack_weight(w.bfloat16(), "int8")
+    top = amx_backend.AMX_MAX_M
+
+    def calls(pw, m, dtype=torch.bfloat16):
+        before = b.lib.calls
+        b.linear(torch.randn(m, 64, generator=g).to(dtype), pw)
+        return b.lib.calls - before
+
+    assert [calls(bfw, m) for m in (1, 2, top, top + 1)] == [0, 1, 1, 0]
+    assert calls(bfw, 8, torch.float32) == 1
+    assert calls(f32w, 8) == 0 and calls(i8w, 8) == 0
+    b.amx_gemm = False
+    assert calls(bfw, 8) == 0
+    bi = backend("amx", batch_invariant=True)
+    assert bi.amx_gemm
+    bi.lib = _Count(bi.lib)
+    x = torch.randn(20, 64, generator=g).bfloat16()
+    full = bi.linear(x, bfw)
+    assert torch.equal(bi.linear(x[:3], bfw), full[:3]) and bi.lib.calls == 0
+
+
+def test_bf16_model_batch_through_amx_is_as_accurate_as_before(checkpoint):
+    """16 sequences of 6 tokens in one forward (96 rows: every linear on the AMX kernel) of a
+    bf16 model: logits as close to HF's float32 truth as the pre-AMX paths' (C GEMV /
+    oneDNN), and the same greedy tokens as the truth wherever its top two are apart."""
+    from transformers import AutoModelForCausalLM
+
+    path = checkpoint("llama")
+    b = _amx()
+    model, cfg = load_model(path, b, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    seqs, plen = 16, 6
+    ids = torch.randint(5, 512, (seqs, plen), generator=g)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        truth = hf(ids).logits.float().reshape(seqs * plen, -1)
+    meta = metadata([([i], plen, plen) for i in range(seqs)], cfg.sliding_window)
+    shape = b.kv_cache_shape(seqs, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim)
+
+    def logits(on: bool) -> torch.Tensor:
+        b.amx_gemm = on
+        caches = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(cfg.num_layers)]
+        with torch.inference_mode():
+            h = model.forward(ids.flatten(), torch.arange(plen).repeat(seqs), caches, meta)
+            return model.compute_logits(h).float()
+
+    before = b.lib.calls
+    on = logits(True)
+    assert b.lib.calls > before
+    off = logits(False)
+    e_on, e_off = nmse(on, truth), nmse(off, truth)
+    assert e_on < 1e-3 and e_on < 1.5 * e_off + 1e-6, (e_on, e_off)
+    top2 = truth.topk(2, -1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.05 * truth.abs().amax(-1)
+    assert clear.sum() > seqs * plen // 4
+    assert torch.equal(on.argmax(-1)[clear], truth.argmax(-1)[clear])
