@@ -352,7 +352,7 @@ class CpuAmxBackend(NativeBackend):
             w2: PackedWeight, spec: MoeSpec, out: torch.Tensor | None = None) -> torch.Tensor:
         topk_w, topk_ids = route(router_logits, spec)
         kind = self._moe_kind(w13, w2, x.dtype)
-        if x.shape[0] <= MOE_SMALL_T and kind is not None:
+        if kind is not None and (x.shape[0] <= MOE_SMALL_T or self.batch_invariant):
             return self._moe_small(x, topk_w, topk_ids, w13, w2, kind, out)
         acc = torch.zeros(x.shape[0], w2.weight.shape[-2], dtype=torch.float32)
         flat = topk_ids.flatten()
@@ -377,22 +377,30 @@ class CpuAmxBackend(NativeBackend):
         return None
 
     def _moe_small(self, x, topk_w, topk_ids, w13, w2, kind, out):
+        """Every (token, expert) pair in one C region (moe.c), ``out`` written in x's dtype.
+        Pointers to the stacked weights and their scales are made once per weight."""
         t, hdim = x.shape
-        k = topk_ids.shape[1]
-        inter = w2.weight.shape[-1]
-        p = self._ptr
-        xf = x.float().contiguous()
-        ids = topk_ids.to(torch.int64).contiguous()
-        tw = topk_w.float().contiguous()
-        w13w, w2w = w13.weight.contiguous(), w2.weight.contiguous()
-        s13 = None if kind != 2 else w13.scale.float().contiguous()
-        s2 = None if kind != 2 else w2.scale.float().contiguous()
-        gu = torch.empty(t * k, 2 * inter)
-        act = torch.empty(t * k, inter)
-        y = torch.empty(t * k, hdim)
-        acc = torch.empty(t, hdim)
-        self.lib.hs_moe_small(p(xf, "float *"), t, hdim, inter, k, p(ids, "int64_t *"), p(tw, "float *"),
-                              p(w13w), p(s13, "float *"), p(w2w), p(s2, "float *"), kind,
-                              int(x.dtype == torch.bfloat16), p(gu, "float *"), p(act, "float *"),
-                              p(y, "float *"), p(acc, "float *"))
-        return acc.to(x.dtype) if out is None else out.copy_(acc)
+        xc = _ready(x)
+        ids = _ready(topk_ids, torch.int64)
+        tw = _ready(topk_w, torch.float32)
+        direct = out is not None and out.dtype == x.dtype and out.is_contiguous()
+        y = out if direct else torch.empty(t, hdim, dtype=x.dtype)
+        (w13p, s13p), (w2p, s2p) = self._moe_plan(w13), self._moe_plan(w2)
+        rc = self.lib.hs_moe(xc.data_ptr(), int(x.dtype == torch.bfloat16), t, hdim, w2.weight.shape[-1],
+                             w13.weight.shape[0], ids.shape[1], ids.data_ptr(), tw.data_ptr(), w13p, s13p, w2p, s2p,
+                             kind, y.data_ptr())
+        if rc:
+            raise RuntimeError(f"cpu_amx moe kernel failed (code {rc}: -2 an expert id outside the weights, "
+                               "-3 out of memory)")
+        return y if out is None or direct else out.copy_(y)
+
+    @staticmethod
+    def _moe_plan(w: PackedWeight) -> tuple[int, int]:
+        """(weight ptr, per-row scale ptr or 0) of a stacked expert weight, kept in ``w.extra``."""
+        plan = w.extra.get("cpu_amx_moe")
+        if plan is None or plan[0] is not w.weight:
+            wt = w.weight.contiguous()
+            sc = None if w.scheme != "int8" else w.scale.float().contiguous()
+            plan = (w.weight, wt, sc, (wt.data_ptr(), 0 if sc is None else sc.data_ptr()))
+            w.extra["cpu_amx_moe"] = plan
+        return plan[3]

@@ -1,67 +1,182 @@
-/* Fused MoE for a few tokens (decode): every (token, chosen expert) pair's gate/up GEMV,
- * activation and down GEMV run in one parallel region, the pairs' rows spread over the
- * pool together, so the experts run side by side instead of one after another (and no
- * per-expert call from Python). Weights: float32 / bfloat16 as stored, or int8 with one
- * scale per output row. ``rb``: round intermediates to bfloat16 as a bf16 model stores them. */
-#include "common.h"
+/* Fused MoE for a few tokens (decode), any number in batch-invariant mode. Every routed
+ * (token, expert) pair runs in one parallel region with one barrier, so all threads stream
+ * the routed experts' weights at once even at batch 1:
+ *   pairs are grouped by expert (a counting sort), so tokens sharing an expert read it once;
+ *   phase 1, items (expert, block of RA intermediate rows): gate and up rows against the
+ *     expert's tokens, then silu(gate) * up into the activation rows (the epilogue);
+ *   phase 2, items (block of RB hidden rows): every routed expert's down rows against its
+ *     activations, weighted and summed per token in ascending expert order (native's
+ *     order), written to ``out`` in the model's dtype.
+ * Weights: float32 / bfloat16 as stored, or int8 with one scale per output row. A bf16
+ * model's intermediates are rounded to bf16 where native rounds them (gate/up, the
+ * activation, each expert's output). Scratch is kept per calling thread (no per-call malloc
+ * once the largest shape has run). */
+#include "gemv.h"
+#include <stdlib.h>
 
-#define RB 16 /* output rows per work item */
+#define RA 16 /* intermediate values per phase-1 item: 2 x RA weight rows (gate, up) */
+#define RB 16 /* hidden rows per phase-2 item */
 
-static inline float dot_row(const float *x, const void *w, int64_t row, int K, int kind, const float *scale) {
-    float a = 0.f;
-    if (kind == 1) {
-        const bf16_t *r = (const bf16_t *)w + row * K;
-#pragma omp simd reduction(+ : a)
-        for (int k = 0; k < K; k++) a += x[k] * bf16_to_f32(r[k]);
-    } else if (kind == 2) {
-        const int8_t *r = (const int8_t *)w + row * K;
-#pragma omp simd reduction(+ : a)
-        for (int k = 0; k < K; k++) a += x[k] * (float)r[k];
-        a *= scale[row];
-    } else {
-        const float *r = (const float *)w + row * K;
-#pragma omp simd reduction(+ : a)
-        for (int k = 0; k < K; k++) a += x[k] * r[k];
+static __thread void *buf_pairs, *buf_xf, *buf_act, *buf_sum;
+static __thread int64_t cap_pairs, cap_xf, cap_act, cap_sum;
+
+static void *grow(void **buf, int64_t *cap, int64_t bytes) {
+    if (bytes > *cap) {
+        free(*buf);
+        *buf = malloc((size_t)bytes);
+        *cap = *buf ? bytes : 0;
     }
-    return a;
+    return *buf;
 }
 
 static inline float rnd(float v, int rb) { return rb ? bf16_to_f32(f32_to_bf16(v)) : v; }
 
-void hs_moe_small(const float *x, int T, int H, int I, int topk, const int64_t *ids, const float *tw,
-                  const void *w13, const float *s13, const void *w2, const float *s2, int kind, int rb,
-                  float *gu, float *act, float *y, float *out) {
-    int P = T * topk, b13 = (2 * I + RB - 1) / RB, b2 = (H + RB - 1) / RB;
+/* act[i] = rnd(silu(rnd(g[i])) * rnd(u[i])) for n <= RA values */
+static inline void silu_mul(const float *g, const float *u, int n, int rb, float *dst) {
+    float gg[RA], uu[RA], e[RA];
+    for (int i = 0; i < n; i++) {
+        gg[i] = rnd(g[i], rb);
+        uu[i] = rnd(u[i], rb);
+    }
+#ifdef __AVX512F__
+    if (n == 16) {
+        _mm512_storeu_ps(e, hs_exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(gg))));
+    } else
+#endif
+        for (int i = 0; i < n; i++) e[i] = expf(-gg[i]);
+    for (int i = 0; i < n; i++) dst[i] = rnd(gg[i] / (1.0f + e[i]) * uu[i], rb);
+}
+
+/* One dot call: nt activation rows (xs) against GV_ROWS weight rows (rows, of kind's type). */
+typedef struct {
+    int kind, dot16; /* dot16: bf16 x and bf16 W through VDPBF16PS */
+} mode_t_;
+
+static inline void dots(mode_t_ m, const void *const *xs, int nt, const void *const *rows, int K,
+                        float acc[GV_TOK][GV_ROWS]) {
+#ifdef __AVX512BF16__
+    if (m.dot16) {
+        gv_bf16dot_x((const bf16_t *const *)xs, nt, (const bf16_t *const *)rows, K, acc);
+        return;
+    }
+#endif
+    if (m.kind == 1) gv_bf16w_x((const float *const *)xs, nt, (const bf16_t *const *)rows, K, acc);
+    else if (m.kind == 2) gv_i8w_x((const float *const *)xs, nt, (const int8_t *const *)rows, K, acc);
+    else gv_f32_x((const float *const *)xs, nt, (const float *const *)rows, K, acc);
+}
+
+/* x [T, H] (bf16 or fp32), ids / tw [T, topk], w13 [E, 2I, H], w2 [E, H, I] (kind 0 fp32,
+ * 1 bf16, 2 int8 with s13 [E, 2I] / s2 [E, H]), out [T, H] in x's dtype.
+ * Returns 0, -1 for an unknown kind, -2 for an expert id outside [0, E), -3 out of memory. */
+int hs_moe(const void *x, int x_bf16, int T, int H, int I, int E, int topk, const int64_t *ids, const float *tw,
+           const void *w13, const float *s13, const void *w2, const float *s2, int kind, void *out) {
+    if (kind < 0 || kind > 2) return -1;
+    int P = T * topk;
+    for (int p = 0; p < P; p++)
+        if (ids[p] < 0 || ids[p] >= E) return -2;
+    mode_t_ m = {kind, 0};
+#ifdef __AVX512BF16__
+    m.dot16 = kind == 1 && x_bf16;
+#endif
+    int rb = x_bf16;
+    size_t esz = kind == 0 ? 4 : kind == 1 ? 2 : 1, asz = m.dot16 ? 2 : 4;
+    /* pairs sorted by expert (stable): order[P]; unique experts ue[U] with their pairs at
+     * order[us[u] .. us[u + 1]) */
+    int *ib = (int *)grow(&buf_pairs, &cap_pairs, (int64_t)(2 * P + 2 * E + 4) * sizeof(int));
+    float *ysum = (float *)grow(&buf_sum, &cap_sum, (int64_t)T * H * 4);
+    void *act = grow(&buf_act, &cap_act, (int64_t)P * I * asz);
+    const void *xa = x; /* the activation the phase-1 dots read */
+    if (!m.dot16 && x_bf16) {
+        float *xf = (float *)grow(&buf_xf, &cap_xf, (int64_t)T * H * 4);
+        if (!xf) return -3;
+        row_to_f32(x, 0, T * H, 1, xf);
+        xa = xf;
+    }
+    if (!ib || !ysum || !act) return -3;
+    int *order = ib, *cnt = ib + P, *ue = cnt + E + 1, *us = ue + (P < E ? P : E) + 1;
+    memset(cnt, 0, (size_t)(E + 1) * sizeof(int));
+    for (int p = 0; p < P; p++) cnt[ids[p] + 1]++;
+    int U = 0;
+    for (int e = 0; e < E; e++) {
+        if (cnt[e + 1]) {
+            ue[U] = e;
+            us[U++] = cnt[e];
+        }
+        cnt[e + 1] += cnt[e];
+    }
+    us[U] = P;
+    for (int p = 0; p < P; p++) order[cnt[ids[p]]++] = p;
+
+    int nba = (I + RA - 1) / RA, nbb = (H + RB - 1) / RB;
+    int64_t xrow = (int64_t)H * (m.dot16 ? 2 : 4);
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (int64_t it = 0; it < (int64_t)P * b13; it++) {
-            int p = (int)(it / b13), n0 = (int)(it % b13) * RB, t = p / topk;
-            int64_t e = ids[p];
-            int n1 = n0 + RB < 2 * I ? n0 + RB : 2 * I;
-            for (int n = n0; n < n1; n++)
-                gu[(int64_t)p * 2 * I + n] = rnd(dot_row(x + (int64_t)t * H, w13, e * 2 * I + n, H, kind, s13), rb);
+        for (int64_t it = 0; it < (int64_t)U * nba; it++) {
+            int u = (int)(it / nba), i0 = (int)(it % nba) * RA, i1 = i0 + RA < I ? i0 + RA : I;
+            int64_t e = ue[u];
+            const char *we = (const char *)w13 + (size_t)e * 2 * I * H * esz;
+            const float *se = s13 ? s13 + e * 2 * I : NULL;
+            for (int c0 = us[u]; c0 < us[u + 1]; c0 += GV_TOK) {
+                int nt = us[u + 1] - c0 < GV_TOK ? us[u + 1] - c0 : GV_TOK;
+                const void *xs[GV_TOK];
+                for (int t = 0; t < GV_TOK; t++)
+                    xs[t] = (const char *)xa + (int64_t)(order[c0 + (t < nt ? t : 0)] / topk) * xrow;
+                float g[GV_TOK][RA], up[GV_TOK][RA], acc[GV_TOK][GV_ROWS];
+                for (int i = i0; i < i1; i += GV_ROWS) {
+                    const void *rows[GV_ROWS];
+                    int nr = i1 - i < GV_ROWS ? i1 - i : GV_ROWS;
+                    for (int half = 0; half < 2; half++) {
+                        int64_t r0 = (int64_t)half * I + i;
+                        for (int r = 0; r < GV_ROWS; r++) rows[r] = we + (size_t)(r0 + (r < nr ? r : 0)) * H * esz;
+                        dots(m, xs, nt, rows, H, acc);
+                        float (*dst)[RA] = half ? up : g;
+                        for (int t = 0; t < nt; t++)
+                            for (int r = 0; r < nr; r++) dst[t][i - i0 + r] = se ? acc[t][r] * se[r0 + r] : acc[t][r];
+                    }
+                }
+                for (int t = 0; t < nt; t++) {
+                    int64_t p = order[c0 + t];
+                    float a[RA];
+                    silu_mul(g[t], up[t], i1 - i0, rb, a);
+                    if (m.dot16) row_from_f32(act, p * I + i0, i1 - i0, 1, a);
+                    else memcpy((float *)act + p * I + i0, a, (size_t)(i1 - i0) * 4);
+                }
+            }
         }
 #pragma omp for schedule(static)
-        for (int64_t pi = 0; pi < (int64_t)P * I; pi++) {
-            int64_t p = pi / I, i = pi % I;
-            float g = gu[p * 2 * I + i], u = gu[p * 2 * I + I + i];
-            act[pi] = rnd(g / (1.0f + expf(-g)) * u, rb);
-        }
-#pragma omp for schedule(static)
-        for (int64_t it = 0; it < (int64_t)P * b2; it++) {
-            int p = (int)(it / b2), n0 = (int)(it % b2) * RB;
-            int64_t e = ids[p];
-            int n1 = n0 + RB < H ? n0 + RB : H;
-            for (int n = n0; n < n1; n++)
-                y[(int64_t)p * H + n] = rnd(dot_row(act + (int64_t)p * I, w2, e * H + n, I, kind, s2), rb);
-        }
-#pragma omp for schedule(static)
-        for (int64_t tn = 0; tn < (int64_t)T * H; tn++) {
-            int64_t t = tn / H, n = tn % H;
-            float a = 0.f;
-            for (int k = 0; k < topk; k++) a += tw[t * topk + k] * y[(t * topk + k) * H + n];
-            out[tn] = a;
+        for (int b = 0; b < nbb; b++) {
+            int n0 = b * RB, n1 = n0 + RB < H ? n0 + RB : H;
+            for (int t = 0; t < T; t++) memset(ysum + (int64_t)t * H + n0, 0, (size_t)(n1 - n0) * 4);
+            for (int u = 0; u < U; u++) {
+                int64_t e = ue[u];
+                const char *we = (const char *)w2 + (size_t)e * H * I * esz;
+                const float *se = s2 ? s2 + e * H : NULL;
+                for (int c0 = us[u]; c0 < us[u + 1]; c0 += GV_TOK) {
+                    int nt = us[u + 1] - c0 < GV_TOK ? us[u + 1] - c0 : GV_TOK;
+                    const void *as[GV_TOK];
+                    for (int t = 0; t < GV_TOK; t++)
+                        as[t] = (const char *)act + (int64_t)order[c0 + (t < nt ? t : 0)] * I * asz;
+                    for (int n = n0; n < n1; n += GV_ROWS) {
+                        int nr = n1 - n < GV_ROWS ? n1 - n : GV_ROWS;
+                        const void *rows[GV_ROWS];
+                        float acc[GV_TOK][GV_ROWS];
+                        for (int r = 0; r < GV_ROWS; r++) rows[r] = we + (size_t)(n + (r < nr ? r : 0)) * I * esz;
+                        dots(m, as, nt, rows, I, acc);
+                        for (int t = 0; t < nt; t++) {
+                            int p = order[c0 + t];
+                            float *ys = ysum + (int64_t)(p / topk) * H;
+                            for (int r = 0; r < nr; r++) {
+                                float y = rnd(se ? acc[t][r] * se[n + r] : acc[t][r], rb);
+                                ys[n + r] += y * tw[p];
+                            }
+                        }
+                    }
+                }
+            }
+            for (int t = 0; t < T; t++)
+                row_from_f32(out, (int64_t)t * H + n0, n1 - n0, x_bf16, ysum + (int64_t)t * H + n0);
         }
     }
+    return 0;
 }

@@ -1,0 +1,157 @@
+/* Row-block dot kernels for GEMV-shaped work: GV_ROWS weight rows against NT (1..GV_TOK)
+ * activation vectors. Each weight vector is loaded once and meets every activation (a
+ * decode's tokens that share a weight read it once); four rows go together so each x load
+ * feeds four independent accumulators. acc[t][r] = x_t . w_r, summed in an order fixed by
+ * K and the build alone (never by NT or by which rows came together: batch invariant).
+ * Row pointers for a short block repeat a valid row; the caller drops those results.
+ * Written for moe.c; linear.c's single-token loops are the NT = 1 case of these. */
+#ifndef HALSERVE_CPU_AMX_GEMV_H
+#define HALSERVE_CPU_AMX_GEMV_H
+#include "common.h"
+
+#define GV_ROWS 4
+#define GV_TOK 4
+#define GV_PF 512 /* bytes ahead of each row's stream (linear.c's measured default) */
+#define GV_INLINE static inline __attribute__((always_inline))
+
+#ifdef __AVX512F__
+#define GV_PREFETCH(p) _mm_prefetch((const char *)(p) + GV_PF, _MM_HINT_T0)
+
+/* float32 x, float32 W */
+GV_INLINE void gv_f32_nt(const float *const *x, int NT, const float *const *w, int K, float acc[GV_TOK][GV_ROWS]) {
+    __m512 v[GV_TOK][GV_ROWS];
+    for (int t = 0; t < NT; t++)
+        for (int r = 0; r < GV_ROWS; r++) v[t][r] = _mm512_setzero_ps();
+    int kv = K & ~15;
+    for (int k = 0; k < kv; k += 16) {
+        __m512 xv[GV_TOK];
+        for (int t = 0; t < NT; t++) xv[t] = _mm512_loadu_ps(x[t] + k);
+        for (int r = 0; r < GV_ROWS; r++) {
+            GV_PREFETCH(w[r] + k);
+            __m512 wv = _mm512_loadu_ps(w[r] + k);
+            for (int t = 0; t < NT; t++) v[t][r] = _mm512_fmadd_ps(xv[t], wv, v[t][r]);
+        }
+    }
+    for (int t = 0; t < NT; t++)
+        for (int r = 0; r < GV_ROWS; r++) {
+            float a = _mm512_reduce_add_ps(v[t][r]);
+            for (int k = kv; k < K; k++) a += x[t][k] * w[r][k];
+            acc[t][r] = a;
+        }
+}
+
+/* float32 x, bfloat16 W widened (a 16-bit shift): the AVX-512 tier's bf16 path */
+GV_INLINE void gv_bf16w_nt(const float *const *x, int NT, const bf16_t *const *w, int K,
+                           float acc[GV_TOK][GV_ROWS]) {
+    __m512 v[GV_TOK][GV_ROWS];
+    for (int t = 0; t < NT; t++)
+        for (int r = 0; r < GV_ROWS; r++) v[t][r] = _mm512_setzero_ps();
+    int kv = K & ~31;
+    for (int k = 0; k < kv; k += 32) {
+        for (int h = 0; h < 32; h += 16) {
+            __m512 xv[GV_TOK];
+            for (int t = 0; t < NT; t++) xv[t] = _mm512_loadu_ps(x[t] + k + h);
+            for (int r = 0; r < GV_ROWS; r++) {
+                if (!h) GV_PREFETCH(w[r] + k);
+                __m512 wv = hs_bf16x16_load(w[r] + k + h);
+                for (int t = 0; t < NT; t++) v[t][r] = _mm512_fmadd_ps(xv[t], wv, v[t][r]);
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++)
+        for (int r = 0; r < GV_ROWS; r++) {
+            float a = _mm512_reduce_add_ps(v[t][r]);
+            for (int k = kv; k < K; k++) a += x[t][k] * bf16_to_f32(w[r][k]);
+            acc[t][r] = a;
+        }
+}
+
+/* float32 x, int8 W widened; the caller applies the row scale */
+GV_INLINE void gv_i8w_nt(const float *const *x, int NT, const int8_t *const *w, int K, float acc[GV_TOK][GV_ROWS]) {
+    __m512 v[GV_TOK][GV_ROWS];
+    for (int t = 0; t < NT; t++)
+        for (int r = 0; r < GV_ROWS; r++) v[t][r] = _mm512_setzero_ps();
+    int kv = K & ~63;
+    for (int k = 0; k < kv; k += 64) {
+        for (int h = 0; h < 64; h += 16) {
+            __m512 xv[GV_TOK];
+            for (int t = 0; t < NT; t++) xv[t] = _mm512_loadu_ps(x[t] + k + h);
+            for (int r = 0; r < GV_ROWS; r++) {
+                if (!h) GV_PREFETCH(w[r] + k);
+                __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w[r] + k + h))));
+                for (int t = 0; t < NT; t++) v[t][r] = _mm512_fmadd_ps(xv[t], wv, v[t][r]);
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++)
+        for (int r = 0; r < GV_ROWS; r++) {
+            float a = _mm512_reduce_add_ps(v[t][r]);
+            for (int k = kv; k < K; k++) a += x[t][k] * (float)w[r][k];
+            acc[t][r] = a;
+        }
+}
+
+#ifdef __AVX512BF16__
+/* bfloat16 x, bfloat16 W with VDPBF16PS (two exact products per lane, fp32 sums) */
+GV_INLINE void gv_bf16dot_nt(const bf16_t *const *x, int NT, const bf16_t *const *w, int K,
+                             float acc[GV_TOK][GV_ROWS]) {
+    __m512 v[GV_TOK][GV_ROWS];
+    for (int t = 0; t < NT; t++)
+        for (int r = 0; r < GV_ROWS; r++) v[t][r] = _mm512_setzero_ps();
+    int kv = K & ~31;
+    for (int k = 0; k < kv; k += 32) {
+        __m512bh xv[GV_TOK];
+        for (int t = 0; t < NT; t++) xv[t] = (__m512bh)_mm512_loadu_si512((const void *)(x[t] + k));
+        for (int r = 0; r < GV_ROWS; r++) {
+            GV_PREFETCH(w[r] + k);
+            __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(w[r] + k));
+            for (int t = 0; t < NT; t++) v[t][r] = _mm512_dpbf16_ps(v[t][r], xv[t], wv);
+        }
+    }
+    for (int t = 0; t < NT; t++)
+        for (int r = 0; r < GV_ROWS; r++) {
+            float a = _mm512_reduce_add_ps(v[t][r]);
+            for (int k = kv; k < K; k++) a += bf16_to_f32(x[t][k]) * bf16_to_f32(w[r][k]);
+            acc[t][r] = a;
+        }
+}
+#endif
+
+#else /* no AVX-512: plain loops GCC vectorizes for the tier (AVX2) */
+
+#define GV_GENERIC(NAME, XT, WT, XV, WV)                                                              \
+    GV_INLINE void NAME(const XT *const *x, int NT, const WT *const *w, int K, float acc[GV_TOK][GV_ROWS]) { \
+        for (int t = 0; t < NT; t++)                                                                  \
+            for (int r = 0; r < GV_ROWS; r++) {                                                       \
+                const XT *xr = x[t];                                                                  \
+                const WT *wr = w[r];                                                                  \
+                float a = 0.f;                                                                        \
+                _Pragma("omp simd reduction(+ : a)") for (int k = 0; k < K; k++) a += (XV) * (WV);    \
+                acc[t][r] = a;                                                                        \
+            }                                                                                         \
+    }
+GV_GENERIC(gv_f32_nt, float, float, xr[k], wr[k])
+GV_GENERIC(gv_bf16w_nt, float, bf16_t, xr[k], bf16_to_f32(wr[k]))
+GV_GENERIC(gv_i8w_nt, float, int8_t, xr[k], (float)wr[k])
+#undef GV_GENERIC
+#endif
+
+/* The NT-specialized entries: NT a literal in each call, so the accumulators stay in
+ * registers. ``nt`` may be 1..GV_TOK. */
+#define GV_DISPATCH(FN, XT, WT)                                                                      \
+    static inline void FN##_x(const XT *const *x, int nt, const WT *const *w, int K, float acc[GV_TOK][GV_ROWS]) { \
+        switch (nt) {                                                                                \
+        case 1: FN##_nt(x, 1, w, K, acc); break;                                                     \
+        case 2: FN##_nt(x, 2, w, K, acc); break;                                                     \
+        case 3: FN##_nt(x, 3, w, K, acc); break;                                                     \
+        default: FN##_nt(x, 4, w, K, acc); break;                                                    \
+        }                                                                                            \
+    }
+GV_DISPATCH(gv_f32, float, float)
+GV_DISPATCH(gv_bf16w, float, bf16_t)
+GV_DISPATCH(gv_i8w, float, int8_t)
+#ifdef __AVX512BF16__
+GV_DISPATCH(gv_bf16dot, bf16_t, bf16_t)
+#endif
+#undef GV_DISPATCH
+#endif
