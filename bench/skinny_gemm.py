@@ -13,7 +13,9 @@ the 50 MB L2 (the 8B qkv and o weights in fp8 would otherwise be served from it)
 num_stages, programs per SM -> split count) per (shape, M) with the separate quantize and
 reduce kernels; stage B times the best of A with the split reduction fused (FUSED) and the
 W8A8 activation quantization in the kernel (QUANT_IN). Then the batch-invariant persistent
-matmul at M = 64 and at a prefill size (tile order grouped or not), against cuBLAS. Each
+matmul at M = 64 and at a prefill size (tile order grouped or not), against cuBLAS. Parts
+``fp8_new`` / ``fp8_new_1b``: the tuned table against the ``gemvr`` loop and the tuned
+tensor-core form with in-kernel quantization (``fp8_new_space``). Each
 candidate's result is checked against torch (NMSE < 1e-4) before it may win; the run stops
 exploring when ``--budget`` seconds are spent and writes what it has.
 """
@@ -201,6 +203,69 @@ def sweep_fp8(tag, shapes, ms, bw, deadline, rows, best):
     del weights
 
 
+def fp8_new_space(m, tuned):
+    """Session-4 forms: the ``gemvr`` loop (KIND, BLOCK_N, BLOCK_K, num_warps), always with the
+    in-kernel quantization, and the tuned tensor-core config with QUANT_IN (its amax pass now
+    reads one real row at a time)."""
+    out = []
+    tiles = [(16, 512, 4), (32, 512, 4), (32, 256, 4), (64, 256, 4), (16, 1024, 4), (32, 512, 8)]
+    if m > 1:  # a [rows, BLOCK_N, BLOCK_K] product every step: small tiles
+        tiles = [(8, 256, 4), (16, 128, 4)] if m <= 4 else []
+    for bn, bk, nw in tiles:
+        for per_sm in (2, 4, 8):
+            out.append((per_sm, dict(KIND="gemvr", BLOCK_N=bn, BLOCK_K=bk, FUSED=False, QUANT_IN=True, num_warps=nw,
+                                     num_stages=1)))
+    if tuned.get("KIND") == "dot" and not tuned.get("QUANT_IN"):
+        out.append((None, dict(tuned, QUANT_IN=True)))
+    return out
+
+
+def sweep_fp8_new(tag, shapes, ms, bw, deadline, rows, best):
+    """The tuned table (``configs.skinny_config``) against the session-4 forms, each split
+    count with the reduction fused and not; cuBLASLt as the peer."""
+    weights = {s: Weights(n, k, fp8=True) for s, (n, k) in shapes.items()}
+    for m in ms:
+        for sname, (n, k) in shapes.items():
+            W = weights[sname]
+            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+            xq, xs = mm.quant_fp8_per_token(x)
+            ref = ((xq.float() * xs[:, None]) @ (W.q[0].float() * W.s[0][:, None]).T)
+            base = dict(model=tag, shape=sname, N=n, K=k, M=m, dtype="fp8_w8a8", part="fp8_new")
+            t0 = time.perf_counter()
+
+            def run(c):
+                return ([lambda i=i: skinny_matmul(x, W.q[i], W.s[i], "per_token", cfg=c) for i in range(len(W.q))],
+                        lambda: skinny_matmul(x, W.q[0], W.s[0], "per_token", cfg=c))
+
+            def scaled(i):
+                q, qs = mm.quant_fp8_per_token(x)
+                return torch._scaled_mm(q, W.q[i].t(), scale_a=qs[:, None].contiguous(),
+                                        scale_b=W.s[i][None, :].float().contiguous(), out_dtype=torch.bfloat16)
+
+            tuned = configs.skinny_config(m, n, k, 1)
+            cands = [("cublaslt_scaled_mm", None, [lambda i=i: scaled(i) for i in range(len(W.q))], lambda: scaled(0)),
+                     ("tuned", tuned, *run(tuned))]
+            seen = [tuned]
+            for per_sm, c in fp8_new_space(m, tuned):
+                sp = c.get("SPLITS") if per_sm is None else per_sm_splits(n, k, c["BLOCK_N"], c["BLOCK_K"], per_sm)
+                for fused in ((False, True) if sp > 1 else (False,)):
+                    cfg = dict(c, SPLITS=sp, FUSED=fused)
+                    if cfg in seen:
+                        continue
+                    seen.append(cfg)
+                    cands.append((f"{cfg['KIND']}_n{cfg['BLOCK_N']}_k{cfg['BLOCK_K']}_w{cfg['num_warps']}"
+                                  f"_s{cfg['num_stages']}_sp{sp}_f{int(fused)}_q{int(cfg['QUANT_IN'])}", cfg, *run(cfg)))
+            got = run_cands(cands, ref, W.bytes, bw, deadline, rows, base)
+            summary = dict(base, secs=round(time.perf_counter() - t0, 1),
+                           tuned=next((round(u, 2) for u, nm, _ in got if nm == "tuned"), None),
+                           cublaslt=next((round(u, 2) for u, nm, _ in got if nm == "cublaslt_scaled_mm"), None),
+                           best=[dict(us=round(u, 2), pct_bw=round(100 * W.bytes / u / 1e3 / bw, 1), name=nm, cfg=c)
+                                 for u, nm, c in got[:3]])
+            best.append(summary)
+            print("[sweep]", json.dumps(summary), flush=True)
+    del weights
+
+
 def sweep_bf16(tag, shapes, ms, bw, deadline, rows, best):
     for sname, (n, k) in shapes.items():
         W = Weights(n, k, fp8=False)
@@ -279,10 +344,12 @@ def _warm_worker(tasks, dev="cuda"):
     """Compile (into Triton's disk cache) the kernels of ``tasks`` on small tensors with the
     same specializations (M, SPLITS == 1, multiples of 16) as the sweep's shapes."""
     done = 0
-    for wbytes, m, cfg in tasks:
+    for task in tasks:
+        wbytes, m, cfg = task[:3]
+        k = task[3] if len(task) > 3 else 2048  # in-kernel quantization compiles per K (its amax step)
         try:
-            x = torch.randn(m, 2048, device=dev, dtype=torch.bfloat16)
-            w = torch.randn(512, 2048, device=dev, dtype=torch.bfloat16)
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            w = torch.randn(512, k, device=dev, dtype=torch.bfloat16)
             if wbytes == 1:
                 q, s = quantize(w, "fp8", "per_channel")
                 skinny_matmul(x, q, s, "per_token", cfg=cfg)
@@ -302,6 +369,18 @@ def warm(parts, procs):
 
     tasks = []
     for part in parts:
+        if part.startswith("fp8_new"):
+            seen = set()
+            for m in ((1,) if part.endswith("_1b") else (1, 4, 16)):
+                for n, k in SHAPES["1b" if part.endswith("_1b") else "8b"].values():
+                    for _, c in fp8_new_space(m, configs.skinny_config(m, n, k, 1)):
+                        for sp, fused in ((1, False), (2, False), (2, True)):
+                            cfg = dict(c, SPLITS=sp, FUSED=fused)
+                            key = (m, min(1 << (k - 1).bit_length(), 8192), json.dumps(cfg, sort_keys=True))
+                            if key not in seen:
+                                seen.add(key)
+                                tasks.append((1, m, cfg, k))
+            continue
         space = fp8_tile_space if part.startswith("fp8") else bf16_tile_space if part.startswith("bf16") else None
         if space is None:
             continue
@@ -377,7 +456,7 @@ def main() -> int:
         start = time.perf_counter()
         parts = args.parts.split(",")
         # each part gets its share of what is left, so a slow part cannot starve the rest
-        share = {"fp8": 5, "bf16": 3, "bi": 3, "bf16_1b": 1, "fp8_1b": 1}
+        share = {"fp8": 5, "bf16": 3, "bi": 3, "bf16_1b": 1, "fp8_1b": 1, "fp8_new": 4, "fp8_new_1b": 1}
         for i, part in enumerate(parts):
             left = args.budget - (time.perf_counter() - start)
             mine = left * share.get(part, 1) / sum(share.get(p, 1) for p in parts[i:])
@@ -394,6 +473,10 @@ def main() -> int:
                     sweep_bf16("1b", SHAPES["1b"], (1,), bw, deadline, rows, best)
                 elif part == "fp8_1b":
                     sweep_fp8("1b", SHAPES["1b"], (1,), bw, deadline, rows, best)
+                elif part == "fp8_new":
+                    sweep_fp8_new("8b", SHAPES["8b"], (1, 4, 16), bw, deadline, rows, best)
+                elif part == "fp8_new_1b":
+                    sweep_fp8_new("1b", SHAPES["1b"], (1,), bw, deadline, rows, best)
             except Exception as e:  # keep the other parts
                 print(f"[sweep] part {part} failed: {type(e).__name__}: {e}", flush=True)
             if args.json:  # what we have so far survives a timeout
