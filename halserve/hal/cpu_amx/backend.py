@@ -171,7 +171,9 @@ class CpuAmxBackend(NativeBackend):
             group = quant.INT4_SCHEMES[scheme]
             if scheme == "int4":  # the default: 128, or the largest of 64 / 32 dividing K
                 group = next((g for g in (128, 64, 32) if weight.shape[-1] % g == 0), 128)
-            return quant.pack_int4(weight, group)
+            pw = quant.pack_int4(weight, group)
+            # 2-D (a linear's): the decode GEMV's 16-row layout; stacked experts stay row-major
+            return quant.interleave_int4(pw) if weight.dim() == 2 and quant.INT4_INTERLEAVE else pw
         pw = super().pack_weight(weight, scheme, act_scheme=act_scheme)
         if pw.scheme == "none" or pw.scheme == "int8":
             pw.weight = pw.weight.contiguous()
@@ -195,7 +197,8 @@ class CpuAmxBackend(NativeBackend):
         elif w.scheme == "int8":
             kind, scale = (2 if w.act_scheme == "none" else 4), w.scale.float().contiguous()
         else:  # int4 (the dispatcher sends every other scheme to native)
-            kind, scale, group = 3, w.scale.float().contiguous(), w.extra["group"]
+            kind = 5 if w.extra.get("layout") == "x16" else 3  # 5: linear_q.c's 16-row layout
+            scale, group = w.scale.float().contiguous(), w.extra["group"]
         wt = wt.contiguous()
         wsum = None
         if kind in (2, 4):

@@ -8,10 +8,26 @@
  *
  * kind 2: int8 [N][K], one scale per row.  kind 3: int4 [N][K/2] (in each run of 32 values,
  * byte j holds value j in its low nibble and value j + 16 in its high one, stored q + 8),
- * one scale per row and group of ``group`` values. */
+ * one scale per row and group of ``group`` values. kind 5: int4 in the x16 layout (below). */
 #include "common.h"
 
 #define KC 512 /* columns per pass: a multiple of 32 (an int4 run) and of every int4 group */
+
+/* kind 5: int4 in linear_q.c's x16 layout (16-row blocks, 64-byte chunks of 8 columns, word
+ * 2i + e of row i holding column 8c + 2j + e in nibble j; scales [block][group][16]) */
+static void dequant_x16(const uint8_t *w, const float *scale, int group, int K, int n, int k0, int kn, float *row) {
+    int b = n / 16, i = n % 16;
+    const uint8_t *wb = w + (int64_t)b * (K / 8) * 64;
+    const float *sb = scale + (int64_t)b * (K / group) * 16 + i;
+    for (int k = 0; k < kn; k += 8) {
+        const uint8_t *p = wb + (int64_t)((k0 + k) / 8) * 64 + 4 * i;
+        unsigned w0 = p[0] | ((unsigned)p[1] << 8), w1 = p[2] | ((unsigned)p[3] << 8);
+        for (int j = 0; j < 4; j++) {
+            row[k + 2 * j] = (float)((int)((w0 >> (4 * j)) & 15) - 8) * sb[(int64_t)((k0 + k + 2 * j) / group) * 16];
+            row[k + 2 * j + 1] = (float)((int)((w1 >> (4 * j)) & 15) - 8) * sb[(int64_t)((k0 + k + 2 * j + 1) / group) * 16];
+        }
+    }
+}
 
 void hs_dequant_rows(const void *w, int kind, const float *scale, int group, int K, int n0, int n1, void *dst,
                      int bf16) {
@@ -20,7 +36,9 @@ void hs_dequant_rows(const void *w, int kind, const float *scale, int group, int
         float row[KC];
         for (int k0 = 0; k0 < K; k0 += KC) {
             int kn = K - k0 < KC ? K - k0 : KC;
-            if (kind == 2) {
+            if (kind == 5) {
+                dequant_x16((const uint8_t *)w, scale, group, K, n, k0, kn, row);
+            } else if (kind == 2) {
                 const int8_t *r = (const int8_t *)w + (int64_t)n * K + k0;
                 float s = scale[n];
 #pragma omp simd

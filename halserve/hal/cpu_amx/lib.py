@@ -10,8 +10,8 @@ from pathlib import Path
 from halserve.hal.cbuild import CBuildError, load_library
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / n for n in ("linear.c", "ops.c", "attention.c", "moe.c", "gemm_dequant.c", "runtime.c", "sample.c",
-                              "gemm_amx.c")]
+SOURCES = [HERE / n for n in ("linear.c", "linear_q.c", "ops.c", "attention.c", "moe.c", "gemm_dequant.c", "runtime.c",
+                              "sample.c", "gemm_amx.c")]
 
 TIERS = ("amx", "avx512", "avx2")
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
@@ -37,6 +37,7 @@ typedef uintptr_t P;
 int hs_linear(P x, int x_bf16, int M, int K, P w, int kind, P scale, int group, int N, P bias, P y, int y_bf16, P xs,
               P wsum);
 void hs_set_prefetch(int bytes);
+void hs_set_qkernels(int v);
 void hs_set_small_parallel(int on);
 void hs_rms_norm(P x, P res, P w, int w_bf16, P y, P h_out, int T, int H, float eps, int bf16);
 void hs_rotary(P pos, P q, P k, P cos_sin, int T, int Hq, int Hk, int D, int rot, int is_neox, int bf16);

@@ -14,6 +14,15 @@
 
 #define ROWS 4
 
+/* linear_q.c */
+extern int hs_qkernels;
+void hs_linear_i4x16(const void *x, int x_bf16, int M, int K, const uint8_t *w, const float *scales, int group,
+                     int N, const float *bias, void *y, int y_bf16);
+void hs_linear_i8_seq(const uint8_t *xb, const float *xs, int M, int K, const int8_t *w, const float *scale, int N,
+                      const float *bias, void *y, int y_bf16, const int32_t *wsum);
+void hs_linear_w8a8_seq(const int8_t *xq, const uint8_t *xu, const float *xs, int M, int K, const int8_t *w,
+                        const float *scale, int N, const float *bias, void *y, int y_bf16, const int32_t *wsum);
+
 static int ybf; /* set by hs_linear before the parallel region: y is bfloat16 */
 
 static inline void finish(void *y, int64_t m, int N, int n, float v, const float *bias) {
@@ -22,8 +31,9 @@ static inline void finish(void *y, int64_t m, int N, int n, float v, const float
 
 /* software prefetch distance in bytes ahead of each weight row's stream (0: off); set
  * from Python so the perf tool can sweep it on the machine at hand */
-static int pf_bytes = 512; /* +5-10% on the AMX host for bf16 (device run 2026-12-04 16:01) */
-void hs_set_prefetch(int bytes) { pf_bytes = bytes > 0 ? bytes : 0; }
+int hs_pf_bytes = 512; /* +5-10% on the AMX host for bf16 (device run 2026-12-04 16:01); linear_q.c reads it */
+void hs_set_prefetch(int bytes) { hs_pf_bytes = bytes > 0 ? bytes : 0; }
+#define pf_bytes hs_pf_bytes
 #ifdef __AVX512F__
 #define PF(p) do { if (pf_bytes) _mm_prefetch((const char *)(p) + pf_bytes, _MM_HINT_T0); } while (0)
 #else
@@ -372,8 +382,7 @@ static void hs_linear_w8a8_vnni(const int8_t *xq, const float *xs, int M, int K,
  * three byte-dot instructions per 64 weights instead of widening every weight to fp32. The
  * 16-bit grid (amax / 65534 at most from x) is finer than bf16's own step for every value
  * above amax / 256; the dots are exact integers, combined in double. */
-static void hs_linear_i8_x16(const bf16_t *x, int M, int K, const int8_t *w, const float *scale, int N,
-                             const float *bias, float *y, uint8_t *xb, float *xs, const int32_t *wsum) {
+static void i8_x16_planes(const bf16_t *x, int M, int K, uint8_t *xb, float *xs) {
     for (int m = 0; m < M; m++) {
         const bf16_t *xr = x + (int64_t)m * K;
         float amax = 0.f;
@@ -390,6 +399,10 @@ static void hs_linear_i8_x16(const bf16_t *x, int M, int K, const int8_t *w, con
             hi[k] = (uint8_t)(((q >> 8) + 128) & 255);  /* h = q >> 8 in [-128, 127], offset by 128 */
         }
     }
+}
+
+static void hs_linear_i8_x16(int M, int K, const int8_t *w, const float *scale, int N, const float *bias, float *y,
+                             const uint8_t *xb, const float *xs, const int32_t *wsum) {
     int nblk = (N + ROWS - 1) / ROWS, kv = K & ~63;
     const __m512i ones = _mm512_set1_epi8(1);
 #pragma omp parallel for schedule(static)
@@ -455,7 +468,8 @@ static const float *x_as_f32(const void *x, int x_bf16, int64_t n) {
 }
 
 /* kind: 0 float32 W, 1 bfloat16 W, 2 int8 per-channel weight-only, 3 int4 group-wise,
- * 4 int8 W8A8 (per-token dynamic int8 x, exact int32 dots). xs: M floats of scratch for
+ * 4 int8 W8A8 (per-token dynamic int8 x, exact int32 dots), 5 int4 group-wise in the x16
+ * layout (linear_q.c; scale then in that layout too). xs: M floats of scratch for
  * W8A8's token scales. wsum (int8 kinds, may be NULL): each row's sum over its first K & ~63
  * values, made once at pack time, saves the byte-dot kernels one instruction in three.
  * Returns 0, or -1 for an unknown kind. */
@@ -463,6 +477,10 @@ int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, 
               int group, int N, const float *bias, void *y, int y_bf16, float *xs,
               const int32_t *wsum) {
     ybf = y_bf16;
+    if (kind == 5) {
+        hs_linear_i4x16(x, x_bf16, M, K, (const uint8_t *)w, scale, group, N, bias, y, y_bf16);
+        return 0;
+    }
 #ifdef __AVX512BF16__
     if (kind == 1 && x_bf16) {
         hs_linear_bf16dot((const bf16_t *)x, M, K, (const bf16_t *)w, N, bias, (float *)y);
@@ -503,8 +521,11 @@ int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, 
             xs16_buf = (float *)malloc((size_t)M * 4);
             xs16_cap = M;
         }
-        hs_linear_i8_x16((const bf16_t *)x, M, K, (const int8_t *)w, scale, N, bias, (float *)y, xu_buf, xs16_buf,
-                         wsum);
+        i8_x16_planes((const bf16_t *)x, M, K, xu_buf, xs16_buf);
+        if (hs_qkernels && wsum)
+            hs_linear_i8_seq(xu_buf, xs16_buf, M, K, (const int8_t *)w, scale, N, bias, y, y_bf16, wsum);
+        else
+            hs_linear_i8_x16(M, K, (const int8_t *)w, scale, N, bias, (float *)y, xu_buf, xs16_buf, wsum);
         return 0;
     }
 #endif
@@ -533,7 +554,13 @@ int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, 
             xu_buf = (uint8_t *)malloc((size_t)M * K);
             xu_cap = (int64_t)M * K;
         }
-        hs_linear_w8a8_vnni(xq_buf, xs, M, K, (const int8_t *)w, scale, N, bias, (float *)y, xu_buf, wsum);
+        if (hs_qkernels && wsum) {
+            int64_t mk = (int64_t)M * K;
+            for (int64_t i = 0; i < mk; i++) xu_buf[i] = (uint8_t)xq_buf[i] ^ 0x80;
+            hs_linear_w8a8_seq(xq_buf, xu_buf, xs, M, K, (const int8_t *)w, scale, N, bias, y, y_bf16, wsum);
+        } else {
+            hs_linear_w8a8_vnni(xq_buf, xs, M, K, (const int8_t *)w, scale, N, bias, (float *)y, xu_buf, wsum);
+        }
 #else
         hs_linear_w8a8(xq_buf, xs, M, K, (const int8_t *)w, scale, N, bias, (float *)y);
 #endif

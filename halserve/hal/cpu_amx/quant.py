@@ -1,9 +1,10 @@
 """cpu_amx weight formats beyond the shared ones (``halserve.hal.quant``): int4 group-wise
 weight-only, and helpers that name a PackedWeight's scheme and dequantize any of them.
 
-int4 layout (what ``hs_linear_i4`` reads): row n holds K/2 bytes; in each run of 32 values
+int4 layout (what ``pack_int4`` makes, ``hs_linear_i4`` reads): row n holds K/2 bytes; in each run of 32 values
 byte j carries value j in its low nibble and value j + 16 in its high nibble, stored as
-q + 8 (q in [-8, 7]); one float32 scale per group (amax / 7, symmetric)."""
+q + 8 (q in [-8, 7]); one float32 scale per group (amax / 7, symmetric). 2-D weights are then
+re-laid by ``interleave_int4`` for the decode GEMV (linear_q.c); stacked experts keep this one."""
 from __future__ import annotations
 
 import threading
@@ -32,11 +33,51 @@ def pack_int4(weight: torch.Tensor, group: int) -> PackedWeight:
     return PackedWeight(packed, "int4", scale.contiguous(), "none", n, k, {"group": group})
 
 
+# 2-D int4 weights are re-laid for the decode GEMV (linear_q.c): 16 rows a block, each 64-byte
+# chunk 16 rows x 8 columns (see interleave_int4). False keeps the row-major layout (A/B timing).
+INT4_INTERLEAVE = True
+
+
+def interleave_int4(pw: PackedWeight) -> PackedWeight:
+    """A row-major int4 PackedWeight [N, K/2] -> the x16 layout linear_q.c streams: weight
+    [ceil(N/16), K/8, 64] uint8 (rows past N hold q = 0), scale [ceil(N/16), K/group, 16]
+    (0 past N). In a block's chunk c, little-endian word 2i + e holds row i's column
+    8c + 2j + e in nibble j (as q + 8). The values are pw's, bit for bit."""
+    n, k, group = pw.out_features, pw.in_features, pw.extra["group"]
+    if k % 8:
+        raise ValueError(f"int4 in_features {k} must be a multiple of 8")
+    nb = -(-n // 16)
+    b = pw.weight.reshape(n, k // 32, 16).to(torch.int32)
+    q = torch.stack([b & 15, b >> 4], dim=2).reshape(n, k)  # stored values q + 8, row-major
+    q = torch.cat([q, q.new_full((nb * 16 - n, k), 8)]) if nb * 16 > n else q
+    q = q.reshape(nb, 16, k // 8, 4, 2).permute(0, 2, 1, 4, 3)  # [block, chunk, row, e, j]
+    words = (q[..., 0] | (q[..., 1] << 4) | (q[..., 2] << 8) | (q[..., 3] << 12))  # [nb, C, 16, 2]
+    packed = torch.stack([words & 255, words >> 8], dim=-1).to(torch.uint8).reshape(nb, k // 8, 64).contiguous()
+    sc = pw.scale.float()
+    sc = torch.cat([sc, sc.new_zeros(nb * 16 - n, sc.shape[1])]) if nb * 16 > n else sc
+    scale = sc.reshape(nb, 16, k // group).permute(0, 2, 1).contiguous()
+    return PackedWeight(packed, "int4", scale, "none", n, k, {"group": group, "layout": "x16"})
+
+
+def _rowmajor_q(w: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q in [-8, 7] as int16 [N, K], scales [N, K/group]) of either int4 layout."""
+    n, k, group = w.out_features, w.in_features, w.extra["group"]
+    if w.extra.get("layout") == "x16":
+        nb = w.weight.shape[0]
+        by = w.weight.reshape(nb, k // 8, 16, 2, 2).to(torch.int32)
+        words = by[..., 0] | (by[..., 1] << 8)  # [nb, C, 16, e]
+        q = torch.stack([(words >> (4 * j)) & 15 for j in range(4)], dim=-1)  # [nb, C, 16, e, j]
+        q = q.permute(0, 2, 1, 4, 3).reshape(nb * 16, k)[:n].to(torch.int16) - 8
+        scale = w.scale.permute(0, 2, 1).reshape(nb * 16, k // group)[:n]
+        return q, scale
+    b = w.weight.reshape(n, k // 32, 16).to(torch.int16)
+    return torch.stack([b & 15, b >> 4], dim=2).reshape(n, k) - 8, w.scale
+
+
 def unpack_int4(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     n, k, group = w.out_features, w.in_features, w.extra["group"]
-    b = w.weight.reshape(n, k // 32, 16).to(torch.int16)
-    q = torch.stack([b & 15, b >> 4], dim=2).reshape(n, k) - 8
-    return (q.float().reshape(n, k // group, group) * w.scale[..., None]).reshape(n, k).to(dtype)
+    q, scale = _rowmajor_q(w)
+    return (q.float().reshape(n, k // group, group) * scale[..., None]).reshape(n, k).to(dtype)
 
 
 def scheme_name(w: PackedWeight) -> str:

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Issue 22, session 4 (helper AMXQ): cpu_amx int8 / int4 / bf16 decode GEMVs (M = 1, and M = 4, 16
+# on the MLP shape) against the measured multi-threaded read bandwidth, each quantized kernel
+# timed before (row-major int4 / four-row int8 kernels) and after (x16 int4 layout, one-row int8
+# kernels) in the same process, interleaved; then the cpu_amx tests. About 100 s on the AMX host.
+#   bash bench/device/amxq.sh            (THREADS=16 SET_MB=768 SHAPES=1.1b,8b by default)
+# Writes $OUT/amxq.txt, $OUT/amxq.json, $OUT/amxq_tests.txt.
+set -u
+OUT=${OUT:-./device_out}
+mkdir -p "$OUT"
+export PYTHONPATH=${PYTHONPATH:-.}
+case ":$PYTHONPATH:" in *":.:"*) ;; *) export PYTHONPATH="$PYTHONPATH:." ;; esac
+export PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=
+THREADS=${THREADS:-16}
+echo "amxq: $(date -u +%H:%M:%S) threads=$THREADS commit=$(git rev-parse --short HEAD 2>/dev/null)"
+nproc; grep -o -w 'amx_int8\|avx512_vnni\|avx512_bf16' /proc/cpuinfo | sort | uniq -c
+
+timeout 80 python - "$OUT" "$THREADS" "${SET_MB:-768}" "${SHAPES:-1.1b,8b}" "${REPS:-3}" <<'EOF' 2>&1 | tee "$OUT/amxq.txt" || echo "amxq: GEMV timing failed or timed out (rc ${PIPESTATUS[0]})"
+import dataclasses, json, sys, time
+import torch
+
+out, threads, set_mb, shapes_arg, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+torch.set_num_threads(threads)
+from halserve.hal.cpu_amx import quant
+from halserve.hal.cpu_amx.backend import CpuAmxBackend
+
+b = CpuAmxBackend()
+print(b.describe(), flush=True)
+
+
+def read_bw() -> float:
+    a = torch.ones(1 << 28)  # 1 GiB fp32
+    a.sum()
+    best = min(_t(lambda: a.sum()) for _ in range(5))
+    return a.numel() * 4 / best / 1e9
+
+
+def _t(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+SHAPES = {
+    "1.1b": {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632),
+             "lm_head": (32000, 2048)},
+    "8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
+}
+# (label, pack scheme, int4 interleave, int8 kernels: 1 new one-row, 0 old four-row)
+VARIANTS = [("bf16", "none", True, 1), ("int8 before", "int8", True, 0), ("int8 after", "int8", True, 1),
+            ("int4 before", "int4", False, 1), ("int4 after", "int4", True, 1),
+            ("w8a8 before", "int8_w8a8", True, 0), ("w8a8 after", "int8_w8a8", True, 1)]
+bw = read_bw()
+print(f"read bandwidth {bw:.1f} GB/s (torch sum over 1 GiB, {threads} threads)", flush=True)
+rows = []
+for shape in shapes_arg.split(","):
+    for op, (n, k) in SHAPES[shape].items():
+        w0 = torch.randn(n, k, dtype=torch.bfloat16) * k ** -0.5
+        packs = {}
+        for label, scheme, inter, qk in VARIANTS:
+            quant.INT4_INTERLEAVE = inter
+            key = (scheme, inter)
+            if key not in packs:
+                one = b.pack_weight(w0, scheme)
+                nbytes = one.weight.numel() * one.weight.element_size() + (0 if one.scale is None else one.scale.numel() * 4)
+                copies = max(2, min(48, -(-set_mb * 2**20 // nbytes)))
+                ws = [dataclasses.replace(one, weight=one.weight.clone(), extra=dict(one.extra)) for _ in range(copies)]
+                for w in ws:
+                    w.extra.pop("cpu_amx_plan", None)
+                packs[key] = (ws, nbytes)
+        quant.INT4_INTERLEAVE = True
+        ms = (1, 4, 16) if op == "gate_up" else (1,)
+        for m in ms:
+            x = torch.randn(m, k, dtype=torch.bfloat16)
+            res = {}
+            for rnd in range(reps):  # interleaved rounds: before and after see the same box
+                for label, scheme, inter, qk in VARIANTS:
+                    ws, nbytes = packs[(scheme, inter)]
+                    calls = [b.linear_call(x, w) for w in ws]
+                    b.lib.hs_set_qkernels(qk)
+                    for c in calls[:2]:
+                        c()
+                    t = _t(lambda: [c() for c in calls]) / len(calls)
+                    res[label] = min(res.get(label, 1e9), t)
+            b.lib.hs_set_qkernels(1)
+            for label, scheme, inter, qk in VARIANTS:
+                nbytes = packs[(scheme, inter)][1]
+                gbs = nbytes / res[label] / 1e9
+                r = dict(shape=shape, op=op, n=n, k=k, m=m, variant=label, us=res[label] * 1e6, bytes=nbytes,
+                         gbs=gbs, pct_read=100 * gbs / bw)
+                rows.append(r)
+                print(f"{shape:5s} {op:8s} {n:6d}x{k:<6d} M={m:<3d} {label:12s} {r['us']:9.1f} us {gbs:7.1f} GB/s "
+                      f"{r['pct_read']:5.0f}% of read", flush=True)
+        del packs
+# per-shape GEMV totals (one layer's projections; the 1.1B adds the lm_head once per 22 layers)
+print("\n| shape | variant | GEMV us a layer (M=1) | % of read bw (bytes-weighted) |")
+print("| --- | --- | ---: | ---: |")
+for shape in shapes_arg.split(","):
+    for label, *_ in VARIANTS:
+        sel = [r for r in rows if r["shape"] == shape and r["variant"] == label and r["m"] == 1 and r["op"] != "lm_head"]
+        us = sum(r["us"] for r in sel)
+        by = sum(r["bytes"] for r in sel)
+        print(f"| {shape} | {label} | {us:.0f} | {100 * by / (us * 1e-6) / 1e9 / bw:.0f}% |")
+json.dump({"read_gbs": bw, "threads": threads, "rows": rows}, open(f"{out}/amxq.json", "w"), indent=1)
+EOF
+
+echo "amxq: $(date -u +%H:%M:%S) tests"
+timeout 100 python -m pytest -q -x tests/hal/test_cpu_amx*.py -p no:cacheprovider > "$OUT/amxq_tests.txt" 2>&1
+echo "amxq: tests rc=$? ($(tail -1 "$OUT/amxq_tests.txt"))"
+echo "amxq: $(date -u +%H:%M:%S) done"

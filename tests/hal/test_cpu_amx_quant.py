@@ -1,0 +1,170 @@
+"""cpu_amx decode GEMVs on quantized weights (linear_q.c): the int4 x16 layout and the one-row
+int8 / W8A8 kernels, on every ISA tier here, against float64 references of the same quantized
+math; the layout's round trip; the new kernels against the earlier ones; batch invariance."""
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from halserve.hal.cpu_amx import lib as cpu_lib
+from halserve.hal.cpu_amx import quant, tiers
+from halserve.hal.cpu_amx.backend import CpuAmxBackend
+
+X86 = platform.machine() in ("x86_64", "AMD64")
+FLAGS = tiers.cpu_flags()
+RUNNABLE = [t for t in cpu_lib.TIERS if X86 and all(f in FLAGS for f in cpu_lib.NEEDS[t])]
+pytestmark = pytest.mark.skipif(not RUNNABLE, reason="cpu_amx needs an x86-64 CPU with AVX2 and FMA")
+
+
+def backend(tier: str, batch_invariant: bool = False) -> CpuAmxBackend:
+    b = CpuAmxBackend(batch_invariant=batch_invariant)
+    b.ffi, b.lib = cpu_lib.load(tier)
+    if tier == "amx" and b.lib.hs_amx_request() != 0:
+        pytest.skip("the kernel refused AMX tile state here")
+    b.lib.hs_set_threads(b.threads)
+    b.tier = tier
+    return b
+
+
+def nmse(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double(), ref.double()
+    return float(((a - ref) ** 2).sum() / (ref ** 2).sum().clamp(min=1e-300))
+
+
+def ref_linear(x: torch.Tensor, pw, scheme: str, bias) -> torch.Tensor:
+    """float64 truth of the scheme's own math (weight-only: x as given; W8A8: x per token
+    quantized as the kernel does)."""
+    xd = x.double()
+    if scheme == "int8_w8a8":
+        s = x.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+        xd = (torch.round(x.float() / s).clamp(-127, 127) * s).double()
+    w = quant.unpack_int4(pw, torch.float64) if pw.scheme == "int4" else pw.weight.double() * pw.scale.double()[:, None]
+    y = xd @ w.T
+    return y if bias is None else y + bias.double()
+
+
+def test_interleave_is_a_bitwise_relayout():
+    g = torch.Generator().manual_seed(0)
+    for n, k, group in ((37, 256, 64), (16, 96, 32), (5, 128, 128), (33, 384, 128)):
+        w = torch.randn(n, k, generator=g)
+        rm = quant.pack_int4(w, group)
+        x16 = quant.interleave_int4(rm)
+        nb = -(-n // 16)
+        assert x16.weight.shape == (nb, k // 8, 64) and x16.scale.shape == (nb, k // group, 16)
+        assert x16.extra == {"group": group, "layout": "x16"}
+        assert torch.equal(quant.unpack_int4(x16), quant.unpack_int4(rm))
+        # the padding rows are zero weights with zero scales (they add nothing anywhere)
+        assert (x16.scale.permute(0, 2, 1).reshape(nb * 16, -1)[n:] == 0).all()
+
+
+def test_backend_packs_2d_int4_as_x16_and_experts_row_major():
+    b = CpuAmxBackend()
+    assert b.pack_weight(torch.randn(40, 128), "int4_g32").extra.get("layout") == "x16"
+    experts = b.pack_weight(torch.randn(2, 40, 128), "int4_g32")
+    assert "layout" not in experts.extra and experts.weight.shape == (2, 40, 64)
+    with pytest.raises(ValueError, match="group size 64 must divide in_features 96"):
+        b.pack_weight(torch.randn(8, 96), "int4_g64")
+
+
+@pytest.mark.parametrize("tier", RUNNABLE)
+@pytest.mark.parametrize("scheme", ["int4_g32", "int4_g64", "int4_g128", "int8", "int8_w8a8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_gemv_every_m_against_float64(tier, scheme, dtype):
+    """M = 1..16, odd N (a partial 16-row block), bias on and off; int8 also with K not a
+    multiple of 64 (the byte-dot tail) or of 4."""
+    b = backend(tier)
+    g = torch.Generator().manual_seed(3)
+    shapes = [(197, 384), (16, 256)] + ([(45, 769), (21, 100)] if scheme.startswith("int8") else [(45, 640)])
+    for i, (n, k) in enumerate(shapes):
+        w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
+        pw = b.pack_weight(w, scheme)
+        for m in range(1, 17) if i == 0 else (1, 6, 16):
+            bias = torch.randn(n, generator=g).to(dtype) if m % 2 else None
+            x = torch.randn(m, k, generator=g).to(dtype)
+            y = b.linear(x, pw, bias)
+            assert y.dtype == dtype and y.shape == (m, n)
+            err = nmse(y, ref_linear(x, pw, scheme, bias))
+            assert err < (1e-10 if dtype == torch.float32 else 3e-5), (tier, scheme, n, k, m, err)
+
+
+@pytest.mark.parametrize("scheme", ["int4_g32", "int4_g128"])
+def test_int4_bf16_x_within_one_output_rounding(scheme):
+    """bf16 x meets exact bf16 weights (products exact in fp32): every output within one bf16
+    step of the float64 truth, and nearly all are its own rounding (catches a small bias)."""
+    b = CpuAmxBackend()
+    g = torch.Generator().manual_seed(8)
+    for m, n, k in ((1, 197, 384), (4, 64, 1024), (16, 40, 5632)):
+        w = torch.randn(n, k, generator=g).bfloat16()
+        x = torch.randn(m, k, generator=g).bfloat16()
+        pw = b.pack_weight(w, scheme)
+        ref = ref_linear(x, pw, scheme, None)
+        y = b.linear(x, pw).double()
+        assert ((y - ref).abs() <= ref.abs() * 2.0 ** -7).all(), (scheme, m, n, k)
+        assert (y.bfloat16() != ref.bfloat16()).double().mean() < 0.05
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int8_w8a8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_int8_kernels_are_bitwise_the_four_row_ones(scheme, dtype):
+    """Same exact integer dots, same final float ops: the one-row kernels (hs_qkernels 1) give
+    the four-row kernels' bits (hs_qkernels 0), every M, bias, K with a byte-dot tail."""
+    b = CpuAmxBackend()
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(131, 769, generator=g) * 0.04).to(dtype)
+    bias = torch.randn(131, generator=g).to(dtype)
+    pw = b.pack_weight(w, scheme)
+    x = torch.randn(16, 769, generator=g).to(dtype)
+    try:
+        for m in (1, 2, 7, 16):
+            b.lib.hs_set_qkernels(0)
+            old = b.linear(x[:m], pw, bias)
+            b.lib.hs_set_qkernels(1)
+            assert torch.equal(b.linear(x[:m], pw, bias), old), (scheme, m)
+    finally:
+        b.lib.hs_set_qkernels(1)
+
+
+def test_x16_int4_agrees_with_the_row_major_kernel(monkeypatch):
+    """The same int4 values through both layouts' kernels: equal to fp32 rounding."""
+    b = CpuAmxBackend()
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(100, 512, generator=g) * 0.05
+    x = torch.randn(3, 512, generator=g).bfloat16()
+    new = b.pack_weight(w, "int4_g64")
+    monkeypatch.setattr(quant, "INT4_INTERLEAVE", False)
+    old = b.pack_weight(w, "int4_g64")
+    assert "layout" not in old.extra
+    assert nmse(b.linear(x, new), b.linear(x, old).double()) < 1e-5
+
+
+@pytest.mark.parametrize("tier", RUNNABLE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_invariant_bitwise(tier, dtype):
+    b = backend(tier, batch_invariant=True)
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(75, 256, generator=g).to(dtype)
+    x = torch.randn(40, 256, generator=g).to(dtype)
+    for scheme in ("int4_g32", "int4_g128", "int8", "int8_w8a8"):
+        pw = b.pack_weight(w, scheme)
+        full = b.linear(x, pw)
+        for m in (1, 2, 3, 5, 16, 17):
+            assert torch.equal(b.linear(x[:m], pw), full[:m]), (tier, scheme, m)
+            assert torch.equal(b.linear(x[m:m + 1], pw), full[m:m + 1]), (tier, scheme, m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequant_rows_of_x16_are_bitwise_torchs(dtype):
+    """The large-M path's C dequantizer reads the x16 layout: (q.float() * scale).to(dtype)."""
+    b = CpuAmxBackend()
+    w = b.pack_weight(torch.randn(75, 1536, generator=torch.Generator().manual_seed(9)), "int4_g64")
+    _, kind, wp, sp, group, _, _ = b._plan(w)
+    assert kind == 5
+    ref = quant.dequant_any(w, dtype)
+    got = torch.full_like(ref, float("nan"))
+    for n0, n1 in ((0, 7), (7, 50), (50, 75)):
+        b.lib.hs_dequant_rows(wp, kind, sp, group, 1536, n0, n1, got[n0:].data_ptr(), int(dtype == torch.bfloat16))
+    assert torch.equal(got, ref)
+    x = torch.randn(40, 1536, dtype=dtype)  # M > SMALL_M_QUANT: the tiled GEMM on those rows
+    assert nmse(b.linear(x, w), x.double() @ quant.unpack_int4(w, torch.float64).T) < 3e-5
