@@ -77,8 +77,18 @@ def _spec_counts(llm) -> tuple[int, int, int]:
             m.get("spec_decode_num_accepted_tokens", 0))
 
 
-def _timed(llm, prompts, params):
-    """(seconds, outputs, (verify steps, drafted, accepted) of the timed run alone)."""
+class Timing(tuple):
+    """``_timed``'s answer: (seconds, outputs, (verify steps, drafted, accepted)), and
+    ``decode_s`` (from the last row's first token to the end: the decode phase alone, no
+    prefill), ``steps`` and ``host_us`` (per engine step: its wall time less the time the
+    host sat blocked on the device for the step's tokens; overlapped with the device or not)."""
+
+    decode_s: float
+    steps: int
+    host_us: float
+
+
+def _timed(llm, prompts, params) -> Timing:
     import torch
 
     # warm-up at this batch's shapes (all of its prompts: a batch's prefill compiles kernels a
@@ -86,12 +96,36 @@ def _timed(llm, prompts, params):
     llm.generate(prompts, params.clone(max_tokens=4))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    clock = _step_clock(llm.engine)
     before = _spec_counts(llm)
+    steps0, wall0, wait0 = llm.engine.steps_run, clock[0], llm.engine.runner.wait_seconds
     t = time.perf_counter()
     outs = llm.generate(prompts, params)
     t = time.perf_counter() - t
     counts = tuple(x - y for x, y in zip(_spec_counts(llm), before))
-    return t, [o.outputs[0].token_ids for o in outs], counts
+    out = Timing((t, [o.outputs[0].token_ids for o in outs], counts))
+    out.decode_s = max(o.metrics.finished_time for o in outs) - max(o.metrics.first_token_time for o in outs)
+    out.steps = llm.engine.steps_run - steps0
+    out.host_us = 1e6 * ((clock[0] - wall0) - (llm.engine.runner.wait_seconds - wait0)) / max(out.steps, 1)
+    return out
+
+
+def _step_clock(engine) -> list:
+    """[seconds inside ``engine.step``], kept by a wrapper installed once."""
+    clock = getattr(engine, "_bench_clock", None)
+    if clock is None:
+        clock = engine._bench_clock = [0.0]
+        step = engine.step
+
+        def timed_step():
+            t = time.perf_counter()
+            try:
+                return step()
+            finally:
+                clock[0] += time.perf_counter() - t
+
+        engine.step = timed_step
+    return clock
 
 
 class AlphaOracle:
@@ -160,15 +194,18 @@ def _curve_group(args, model: Path, batches: list[int], bmax: int, alphas, ks, i
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     wbytes = weight_bytes_per_token(llm.engine.model)
     bw = copy_bandwidth_gbs(llm.engine.runner.device)
-    base, refs, plain_dev = {}, {}, {}
+    base, refs, plain_dev, plain_run = {}, {}, {}, {}
     for b in batches:
-        t, outs, _ = _timed(llm, prompts[:b], params)
+        plain_run[b] = run = _timed(llm, prompts[:b], params)
+        t, outs, _ = run
         base[b] = t
         plain_dev[b] = _replay_ms(llm.engine.runner.graphs, b)
         refs[b] = outs
         roof = wbytes / (bw * 1e9)  # seconds a decode step must take to read the weights once
         print(f"[spec] plain decode batch {b}{mode}: {b * n / t:.1f} tok/s, {t / n * 1e3:.2f} ms/step = "
-              f"{100 * roof / (t / n):.0f}% of the {bw:.0f} GB/s copy-bandwidth roofline", flush=True)
+              f"{100 * roof / (t / n):.0f}% of the {bw:.0f} GB/s copy-bandwidth roofline; decode alone "
+              f"{1e3 * run.decode_s / max(n - 1, 1):.2f} ms/step; host {run.host_us:.0f} us/step "
+              f"(wall less the wait for the device; async: {llm.engine.async_scheduling})", flush=True)
     name = f"{llm.engine.hal.name} on {llm.engine.runner.device}"
     del llm
     gc.collect()
@@ -201,7 +238,8 @@ def _curve_group(args, model: Path, batches: list[int], bmax: int, alphas, ks, i
                 oracle.alpha = a
                 graphed[:] = [0, 0]
                 h0, s0 = llm.engine.host_seconds, llm.engine.steps_run
-                t, outs, (steps, drafted, accepted) = _timed(llm, prompts[:b], params)
+                run = _timed(llm, prompts[:b], params)
+                t, outs, (steps, drafted, accepted) = run
                 mismatched = sum(o != r for o, r in zip(outs, own))
                 emitted = (accepted + steps) / max(steps, 1)
                 row = dict(model=model.name, backend=name, batch=b, k=k, alpha=a, batch_invariant=invariant,
@@ -213,11 +251,18 @@ def _curve_group(args, model: Path, batches: list[int], bmax: int, alphas, ks, i
                            engine_host_ms_per_step=1e3 * (llm.engine.host_seconds - h0)
                            / max(llm.engine.steps_run - s0, 1),
                            wall_ms_per_step=1e3 * t / max(graphed[1], 1), verify_replay_ms=verify_dev,
-                           plain_replay_ms=plain_dev[b], plain_wall_ms_per_step=1e3 * base[b] / n)
+                           plain_replay_ms=plain_dev[b], plain_wall_ms_per_step=1e3 * base[b] / n,
+                           # the decode phase alone (after every row's first token: no prefill)
+                           plain_decode_s=plain_run[b].decode_s, spec_decode_s=run.decode_s,
+                           decode_speedup=plain_run[b].decode_s / max(run.decode_s, 1e-9),
+                           # per engine step, wall less the wait for the device's tokens
+                           plain_host_us_per_step=plain_run[b].host_us, spec_host_us_per_step=run.host_us)
                 rows.append(row)
                 print(f"[spec] batch {b:2d}{mode} k={k} alpha={a:.2f}: {row['speedup']:.2f}x plain "
                       f"(acceptance {row['acceptance']:.2f}, {emitted:.2f} tokens/verify -> "
-                      f"{row['pct_of_ideal']:.0f}% of ideal; {graphed[0]}/{graphed[1]} steps in verify graphs)"
+                      f"{row['pct_of_ideal']:.0f}% of ideal; {graphed[0]}/{graphed[1]} steps in verify graphs); "
+                      f"decode alone {row['decode_speedup']:.2f}x; host {run.host_us:.0f} us/step "
+                      f"(plain {plain_run[b].host_us:.0f})"
                       + (f"; {mismatched}/{b} rows left the oracle's path (their later acceptance is not "
                          f"alpha's)" if mismatched else "")
                       + (f"; {drifted}/{b} rows' verify-path greedy differs from plain decode's (bf16)"
@@ -321,14 +366,19 @@ def ngram(args, rows: list) -> None:
     llm = LLM(str(model), speculative_config={"method": "ngram", "num_speculative_tokens": args.ngram_k,
                                               "prompt_lookup_max": 4, "prompt_lookup_min": 2}, **common)
     for b in (1, len(prompts)):
-        t, outs, (steps, drafted, accepted) = _timed(llm, prompts[:b], params)
+        run = _timed(llm, prompts[:b], params)
+        t, outs, (steps, drafted, accepted) = run
         row = dict(workload="ngram python (demo model)", batch=b, k=args.ngram_k, plain_s=base[b][0], spec_s=t,
                    speedup=base[b][0] / t, acceptance=accepted / max(drafted, 1),
                    tokens_per_verify=(accepted + steps) / max(steps, 1),
-                   mismatched_rows=sum(o != r for o, r in zip(outs, base[b][1])))
+                   mismatched_rows=sum(o != r for o, r in zip(outs, base[b][1])),
+                   decode_speedup=base[b].decode_s / max(run.decode_s, 1e-9),
+                   plain_host_us_per_step=base[b].host_us, spec_host_us_per_step=run.host_us)
         rows.append(row)
-        print(f"[spec] n-gram on Python, batch {b}: {row['speedup']:.2f}x plain, acceptance "
-              f"{row['acceptance']:.2f}, {row['tokens_per_verify']:.2f} tokens/verify"
+        print(f"[spec] n-gram on Python, batch {b}: {row['speedup']:.2f}x plain (decode alone "
+              f"{row['decode_speedup']:.2f}x), acceptance {row['acceptance']:.2f}, "
+              f"{row['tokens_per_verify']:.2f} tokens/verify; host {run.host_us:.0f} us/step "
+              f"(plain {base[b].host_us:.0f})"
               + (f"; {row['mismatched_rows']} rows differ" if row["mismatched_rows"] else ""),
               flush=True)
 

@@ -13,7 +13,7 @@ from halserve.engine.kv_connector import KVConnector, LayerWaits
 from halserve.engine.sampling import SamplingRow, apply_logits_processors, compute_logprobs
 from halserve.engine.sampling import sample as sample_rows
 from halserve.engine.scheduler import SchedulerOutput
-from halserve.engine.spec.verify import position_arrays, row_results, scored_rows
+from halserve.engine.spec.verify import position_arrays, position_spans, row_results, scored_rows
 from halserve.hal.interface import AttentionMetadata, Backend, SamplingTensors
 
 logger = logging.getLogger("halserve")
@@ -64,6 +64,9 @@ class ModelRunner:
         self.staging = _Staging(hal, device)
         self.tables = _BlockTables()
         self._events: list | None = None  # see _next_event()
+        # seconds the host spent blocked on the device reading steps' tokens (its one wait a
+        # step): a step's wall time less this is its host time, overlapped or not
+        self.wait_seconds = 0.0
 
     # ---- KV cache ---------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -232,8 +235,8 @@ class ModelRunner:
         device views, cu of its hidden rows), or None when ``so`` runs eagerly. ``extra``:
         more host arrays for the step (sampling, token feed), uploaded in the same copy."""
         staged = self._stage_decode(so, extra)
-        if staged is None and self.verify is not None:
-            staged = self.verify.stage(so, extra)
+        if staged is None and self.verify is not None and not extra:  # it stages its own draws
+            staged = self.verify.stage(so)
         return staged if staged is not None else self._stage_tail(so, extra)
 
     def _stage_tail(self, so: SchedulerOutput, extra: tuple = ()):
@@ -359,8 +362,12 @@ class ModelRunner:
         """Run ``so`` and wait for its tokens."""
         if not so.kv_loads:
             if self.spec_k:  # speculative decoding (engine/spec) keeps its own step
-                # a captured step's sampling state goes up in its one copy
-                return self._execute(so, self._stage_graph(so, position_arrays(so)), draws_staged=True)
+                # a captured step's sampling state goes up in its one copy (a verify graph's
+                # staging writes its own: engine/spec/verify_graph.py)
+                staged = self.verify.stage(so) if self.verify is not None else None
+                if staged is None:
+                    staged = self._stage_graph(so, position_arrays(so))
+                return self._execute(so, staged, draws_staged=True)
             return self.launch(so).resolve()
         # the connector's KV, copied in while the host launches the forward that reads it;
         # its host memory is held until the step has synchronised. With per-layer events the
@@ -399,10 +406,12 @@ class ModelRunner:
             if sink is not None:  # the graph's output buffers are reused next step: copies
                 out, hidden = out
                 sink(so, hidden[:cu[-1]].clone(), cu)
-            logits = out[:n].float().clone()
-            _, rows, spans = scored_rows(so, rows_idx, None)
+            logits = _float_copy(out[:n])
             if draws_staged:
                 draw = _staged_draws(so, rows_idx, staged[3])
+            # staged draws carry a sequence a position: no SamplingRow a position to build
+            rows, spans = (draw, position_spans(so, rows_idx)) if draw is not None \
+                else scored_rows(so, rows_idx, None)[1:]
         else:
             ids, pos, meta, cu, _ = prepared or self._prepare(so)
             caches = self.kv_caches if events is None else LayerWaits(self.kv_caches, events)
@@ -416,23 +425,28 @@ class ModelRunner:
             picked, rows, spans = scored_rows(so, rows_idx, cu)
             last = torch.tensor(picked, dtype=torch.int64, device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, last)).float()
-        want_lp = [r.params.logprobs is not None for r in rows]
-        raw = logits.clone() if any(want_lp) else None
+        want = [r.params.logprobs for r in rows]
+        raw = logits.clone() if any(k is not None for k in want) else None
         tokens = sample(self.hal, logits, draw if draw is not None else rows)
-        lp_out: list = [None] * len(rows)
-        if raw is not None:
-            k = max(r.params.logprobs or 0 for r in rows)
-            chosen, rank, top_ids, top_lp = compute_logprobs(raw, tokens, k)
-            chosen, rank, top_ids, top_lp = chosen.tolist(), rank.tolist(), top_ids.tolist(), top_lp.tolist()
-            for j, r in enumerate(rows):
-                if want_lp[j]:
-                    n = r.params.logprobs
-                    lp_out[j] = (chosen[j], rank[j], top_ids[j][:n], top_lp[j][:n])
-        tokens = tokens.tolist()
+        # the step's one read: its tokens (and logprobs) copied together, one wait
+        result = self._queue_read(rows, tokens, raw, want, plp).resolve()
         if len(rows) == len(rows_idx):
-            return StepResult(tokens, lp_out, plp)
-        first, first_lp, spec = row_results(so, rows_idx, spans, tokens, lp_out)
+            return result
+        first, first_lp, spec = row_results(so, rows_idx, spans, result.tokens, result.logprobs)
         return StepResult(first, first_lp, plp, spec)
+
+    def _queue_read(self, rows, tokens: torch.Tensor, raw, want: list, plp) -> "PendingStep":
+        """Queue the copies of a sampled step's tokens (and, where ``want`` asks, logprobs
+        from ``raw``) to the host, and mark them: the PendingStep that reads them."""
+        lp_dev = None
+        if raw is not None:
+            lp_dev = compute_logprobs(raw, tokens, max(k or 0 for k in want))
+            lp_dev = tuple(t.to("cpu", non_blocking=True) for t in lp_dev)
+        host = tokens.to("cpu", non_blocking=True)  # page-locked, as torch does for such a copy
+        event = self._next_event()
+        if event is not None:
+            event.record()
+        return PendingStep(rows, tokens, host, event, plp, (lp_dev, want), self)
 
     @torch.inference_mode()
     def launch(self, so: SchedulerOutput, prev: "PendingStep | None" = None) -> "PendingStep":
@@ -451,7 +465,7 @@ class ModelRunner:
             graph, n, _, views, _ = staged
             if views[-1].numel():
                 _feed_ids((self._static if so.num_decodes else self._tail)["ids"], views[-2], views[-1], prev)
-            logits = graph.replay()[:n].float().clone()  # the graph's output buffer is reused next step
+            logits = _float_copy(graph.replay()[:n])  # the graph's output buffer is reused next step
         else:
             ids, pos, meta, cu, views = self._prepare(so, (*extra, np.asarray(
                 [cu_end - 1 for cu_end in _row_ends(sch, rows_idx)], dtype=np.int64)))
@@ -467,15 +481,7 @@ class ModelRunner:
         want = [seq.params.logprobs for seq in seqs]
         raw = logits.clone() if any(k is not None for k in want) else None
         tokens = sample(self.hal, logits, _staged_rows(seqs, seqs, views))
-        lp_dev = None
-        if raw is not None:
-            lp_dev = compute_logprobs(raw, tokens, max(k or 0 for k in want))
-            lp_dev = tuple(t.to("cpu", non_blocking=True) for t in lp_dev)
-        host = tokens.to("cpu", non_blocking=True)  # page-locked, as torch does for such a copy
-        event = self._next_event()
-        if event is not None:
-            event.record()
-        return PendingStep([sch[i] for i in rows_idx], tokens, host, event, plp, (lp_dev, want))
+        return self._queue_read([sch[i] for i in rows_idx], tokens, raw, want, plp)
 
     def _feed(self, so: SchedulerOutput, prev: "PendingStep | None") -> tuple[np.ndarray, np.ndarray]:
         """(rows of ``prev``'s tokens, flat input rows of ``so``) for the decode rows whose
@@ -543,22 +549,33 @@ def sample(hal: Backend, logits: torch.Tensor, rows) -> torch.Tensor:
 class PendingStep:
     """A step queued on the device whose sampled tokens the host has not read yet."""
 
-    __slots__ = ("rows", "tokens", "host", "event", "plp", "lp", "row_of")
+    __slots__ = ("rows", "tokens", "host", "event", "plp", "lp", "runner", "_row_of")
 
-    def __init__(self, rows, tokens, host, event, plp, lp):
-        self.rows = rows  # the ScheduledSeq that sampled, in order
+    def __init__(self, rows, tokens, host, event, plp, lp, runner=None):
+        self.rows = rows  # the ScheduledSeq that sampled, in order (a spec step: a row a position)
         self.tokens = tokens  # device [B]: what the next step's placeholder rows read
         self.host = host  # their copy to the host, queued
         self.event = event  # recorded after that copy (None: device work runs in order)
         self.plp = plp
         self.lp = lp  # (logprob tensors copied to the host, top-k a row) or None
-        self.row_of = {s.seq.seq_id: j for j, s in enumerate(rows)}
+        self.runner = runner  # its wait_seconds counts the wait
+        self._row_of = None
+
+    @property
+    def row_of(self) -> dict[int, int]:
+        """seq_id -> its row in ``tokens`` (what a next step's placeholder rows read)."""
+        if self._row_of is None:
+            self._row_of = {s.seq.seq_id: j for j, s in enumerate(self.rows)}
+        return self._row_of
 
     def resolve(self) -> StepResult:
         """Wait for the step (only as far as its own copies) and return its tokens."""
         if self.event is not None:
+            t0 = time.perf_counter()
             while not self.event.query():  # the host's one wait a step; the queue after it runs on
                 time.sleep(0)
+            if self.runner is not None:
+                self.runner.wait_seconds += time.perf_counter() - t0
         if not self.rows:
             return StepResult([], [], self.plp)
         tokens = self.host.tolist()
@@ -704,6 +721,12 @@ def _staged_rows(rows, seqs, views) -> StagedRows:
         no_top_k=all(p.top_k == 0 for p in ps), no_top_p=all(p.top_p >= 1.0 for p in ps),
         no_min_p=all(p.min_p <= 0.0 for p in ps))
     return out
+
+
+def _float_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float32 in memory of its own (a graph's output buffer is rewritten by the next
+    replay): the cast copies already; only float32 needs the clone."""
+    return t.float() if t.dtype != torch.float32 else t.clone()
 
 
 def _needs_processors(seq) -> bool:

@@ -36,6 +36,17 @@ def scored_rows(so, rows_idx: list[int], cu: list[int] | None):
     return hidden_rows, rows, spans
 
 
+def position_spans(so, rows_idx: list[int]) -> list[tuple[int, int]]:
+    """Per sampled row its (first, count) among the scored positions (``scored_rows``'
+    spans, without building a SamplingRow a position)."""
+    spans, at = [], 0
+    for i in rows_idx:
+        count = 1 + len(so.scheduled[i].spec_token_ids)
+        spans.append((at, count))
+        at += count
+    return spans
+
+
 def position_arrays(so) -> tuple[np.ndarray, ...]:
     """temperature, top_k, top_p, min_p, seed, step of every scored position of ``so``'s
     sampled rows (as ``scored_rows`` orders them), for the step's one upload: per row, its
