@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default="1,2,4,8,16,32,64,128")
-    p.add_argument("--prefetch", default="0,256,512,1024")
+    p.add_argument("--prefetch", default="0,512,1024,1024:l2,2048:l2",
+                   help="comma list of W prefetch distances in bytes (':l2': into L2 only)")
     p.add_argument("--set-mb", type=int, default=1024)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None)
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     lib = tier.lib
     bw = read_bandwidth_gbs()
     print(f"tier {tier.name}  threads {torch.get_num_threads()}  read bandwidth {bw:.1f} GB/s", flush=True)
-    pfs = [int(v) for v in a.prefetch.split(",") if v.strip()]
+    pfs = [v.strip() for v in a.prefetch.split(",") if v.strip()]
     out = {"threads": torch.get_num_threads(), "read_gbs": bw, "tier": tier.name, "rows": []}
     bf = torch.bfloat16
     g = torch.Generator().manual_seed(0)
@@ -53,8 +54,8 @@ def main(argv=None) -> int:
                      "onednn": lambda w: F.linear(x, w)}
             if tier.name == "amx":
                 for pf in pfs:
-                    def amx(w, pf=pf):
-                        lib.hs_set_amx_prefetch(pf)
+                    def amx(w, pf=int(pf.split(":")[0]), l2=int(pf.endswith(":l2"))):
+                        lib.hs_set_amx_prefetch(pf, l2)
                         return lib.hs_gemm_amx(x.data_ptr(), 1, m, k, w.data_ptr(), n, 0, y.data_ptr(), 1)
 
                     paths[f"amx pf{pf}"] = amx
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
                       flush=True)
         del ws
     if tier.name == "amx":
-        lib.hs_set_amx_prefetch(512)
+        lib.hs_set_amx_prefetch(512, 0)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     return 0

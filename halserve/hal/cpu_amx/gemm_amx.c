@@ -75,8 +75,13 @@ static void pack_block(const void *x, int x_bf16, int M, int K, int mc, int kb, 
 
 /* software prefetch distance (bytes) ahead of each W row's stream on a block's first pass
  * (0: off); a block's 32 rows are 32 concurrent streams, as many as the L2 streamer tracks */
-static int amx_pf = 512;
-void hs_set_amx_prefetch(int bytes) { amx_pf = bytes > 0 ? bytes : 0; }
+static int amx_pf = 512, amx_pf_l2 = 0;
+/* l2: prefetch into L2 only (T1): no L1 fill buffer held per line, so a core can have more
+ * lines in flight than its ~16 fill buffers allow */
+void hs_set_amx_prefetch(int bytes, int l2) {
+    amx_pf = bytes > 0 ? bytes : 0;
+    amx_pf_l2 = l2 != 0;
+}
 
 static __thread void *xp_buf;
 static __thread int64_t xp_cap;
@@ -102,9 +107,16 @@ static void block(const bf16_t *a0, const bf16_t *a1, int64_t lda, const bf16_t 
                 p1 = a1 ? a1 + kb * KB : NULL;
                 st = lda * 2;
                 if (mc == 0 && amx_pf) {
-                    for (int i = 0; i < 16; i++) {
-                        _mm_prefetch((const char *)(p0 + i * lda) + amx_pf, _MM_HINT_T0);
-                        if (p1) _mm_prefetch((const char *)(p1 + i * lda) + amx_pf, _MM_HINT_T0);
+                    if (amx_pf_l2) {
+                        for (int i = 0; i < 16; i++) {
+                            _mm_prefetch((const char *)(p0 + i * lda) + amx_pf, _MM_HINT_T1);
+                            if (p1) _mm_prefetch((const char *)(p1 + i * lda) + amx_pf, _MM_HINT_T1);
+                        }
+                    } else {
+                        for (int i = 0; i < 16; i++) {
+                            _mm_prefetch((const char *)(p0 + i * lda) + amx_pf, _MM_HINT_T0);
+                            if (p1) _mm_prefetch((const char *)(p1 + i * lda) + amx_pf, _MM_HINT_T0);
+                        }
                     }
                 }
             } else {
@@ -218,7 +230,7 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
     return 0;
 }
 #else
-void hs_set_amx_prefetch(int bytes) { (void)bytes; }
+void hs_set_amx_prefetch(int bytes, int l2) { (void)bytes, (void)l2; }
 int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N, const float *bias, void *y,
                 int y_bf16) {
     (void)x, (void)x_bf16, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)y, (void)y_bf16;
