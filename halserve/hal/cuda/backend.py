@@ -2,8 +2,9 @@
 (cuBLAS for bf16 GEMMs, cuBLASLt ``_scaled_mm`` for FP8), with CUDA graphs for decode.
 
 Features are gated by compute capability: FP8 W8A8 on sm_89+, NVFP4 refused below sm_100.
-Batch-invariant mode swaps cuBLAS for the persistent fixed-tile Triton matmul and uses one
-attention config with no split-KV.
+Batch-invariant mode swaps cuBLAS for the persistent fixed-tile Triton matmul and runs decode
+rows on the decode attention tile with key splits fixed by each sequence's own length
+(``halserve.hal.triton.attention``).
 
 Under ``TRITON_INTERPRET=1`` the backend runs on the CPU (``interpreter_ok()``), so the
 Triton kernels can be checked by the conformance suite without a GPU.
