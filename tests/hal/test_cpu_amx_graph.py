@@ -149,11 +149,20 @@ def test_capture_refuses_host_reads():
     assert "aten.item" in hal.graph_refusal and "host value" in hal.graph_refusal
 
 
-def test_capture_refuses_flash_prefill(checkpoint):
-    """A query long enough to take prefill.py's flash path (host lengths) is not captured:
-    the prefill-tail graphs (up to one block of queries) fall back to eager steps."""
-    g = LLM(str(checkpoint("llama")), backend="cpu_amx", dtype="float32", max_num_seqs=2)
-    assert not g.engine.runner.tail_graphs and "flash" in g.engine.hal.graph_refusal
+def test_decode_steps_only(checkpoint):
+    """Queries longer than one token (prefill tails, speculative verify steps) are not
+    captured: their flash path reads host lengths and their padding rows sit past the last
+    sequence's query rows. Those steps run eagerly; greedy speculation still matches."""
+    path = str(checkpoint("llama"))
+    spec = {"method": "callable", "proposer": lambda ids: [ids[-1]] * 3, "num_speculative_tokens": 3}
+    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in LLM(path, backend="cpu_amx", dtype="bfloat16", enforce_eager=True,
+                                                max_num_seqs=4).generate(PROMPTS[:3], sp)]
+    g = LLM(path, backend="cpu_amx", dtype="bfloat16", max_num_seqs=4, speculative_config=spec)
+    r = g.engine.runner
+    assert sorted(r.graphs) == [1, 2, 4] and not r.tail_graphs and not r.verify.graphs
+    assert "only decode steps" in g.engine.hal.graph_refusal
+    assert [o.outputs[0].token_ids for o in g.generate(PROMPTS[:3], sp)] == ref
 
 
 def test_switch(monkeypatch, checkpoint):

@@ -16,8 +16,10 @@ Replay reruns the plan on the same memory, as a CUDA graph does:
 
 What a step reads on the host is baked in at capture, so capture refuses (returns None: the
 engine runs that step eagerly) where that could change the result: an op returning a Python
-value (``.item()``, ``.tolist()``), one whose output shape depends on data, and attention that
-leaves the C kernel (prefill.py's flash path slices by host lengths). The C attention's one
+value (``.item()``, ``.tolist()``), one whose output shape depends on data, attention that
+leaves the C kernel, and any query longer than one token (prefill.py's flash path slices by
+host lengths; the prefill-tail and verify graphs pad query rows past the last sequence's,
+which the C kernel does not map): decode steps only. The C attention's one
 host value, ``max_seqlen_k``, is the engine's ``max_model_len`` at capture: an upper bound
 that only adds empty key spans (skipped, bitwise the same result).
 
@@ -226,15 +228,16 @@ def _c_run(rows: list, names: list):
 
 
 def _attention_guard(backend, plan: list):
-    """The backend's attention while capturing: refuses unless the call runs exactly one C
-    kernel call (no flash path slicing by host lengths, no torch fallback)."""
-    from halserve.hal.cpu_amx import prefill
-
+    """The backend's attention while capturing: refuses a step with a query longer than one
+    token (a prefill tail, a speculative verify: their flash path slices by host lengths, and
+    the C kernel maps no query row past the last sequence's, which their padding rows are),
+    and one that does not run exactly one C kernel call (a torch fallback)."""
     attention = backend.attention  # the dispatching bound method
 
     def guarded(q, kv_cache, meta, *a, **kw):
-        if prefill.long_seqs(meta) or (meta.query_lens_host and max(meta.query_lens_host) >= prefill.LONG_Q_PREFIX[0]):
-            raise CaptureRefused("a query this long can take the flash path, which slices by host lengths")
+        if any(n != 1 for n in meta.query_lens_host):
+            raise CaptureRefused("only decode steps (one query token a sequence) are captured: longer queries "
+                                 "take the flash path by host lengths or pad rows past the last sequence")
         before = sum(1 for e in plan if e[0] == "c" and e[1] == "hs_attention")
         out = attention(q, kv_cache, meta, *a, **kw)
         if sum(1 for e in plan if e[0] == "c" and e[1] == "hs_attention") != before + 1:
