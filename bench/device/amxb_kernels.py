@@ -21,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default="1,2,4,8,16,32,64,128")
-    p.add_argument("--prefetch", default="0,512,1024,1024:l2,2048:l2",
-                   help="comma list of W prefetch distances in bytes (':l2': into L2 only)")
+    p.add_argument("--prefetch", default="0,512,1024,1024:l2,2048:l2,512:r16,1024:l2:r16",
+                   help="comma list of W prefetch distances in bytes (':l2': into L2 only; ':r16': blocks "
+                   "of 16 W rows, not 32)")
     p.add_argument("--set-mb", type=int, default=1024)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None)
@@ -54,8 +55,9 @@ def main(argv=None) -> int:
                      "onednn": lambda w: F.linear(x, w)}
             if tier.name == "amx":
                 for pf in pfs:
-                    def amx(w, pf=int(pf.split(":")[0]), l2=int(pf.endswith(":l2"))):
+                    def amx(w, pf=int(pf.split(":")[0]), l2=int(":l2" in pf), rows=16 if ":r16" in pf else 32):
                         lib.hs_set_amx_prefetch(pf, l2)
+                        lib.hs_set_amx_rows(rows)
                         return lib.hs_gemm_amx(x.data_ptr(), 1, m, k, w.data_ptr(), n, 0, y.data_ptr(), 1)
 
                     paths[f"amx pf{pf}"] = amx
@@ -75,6 +77,7 @@ def main(argv=None) -> int:
         del ws
     if tier.name == "amx":
         lib.hs_set_amx_prefetch(512, 0)
+        lib.hs_set_amx_rows(32)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -41,9 +41,18 @@ def _amx() -> CpuAmxBackend:
     return b
 
 
+@pytest.fixture(params=[32, 16], ids=["rows32", "rows16"])
+def block_rows(request):
+    """Both W block heights the kernel offers (hs_set_amx_rows), the default put back after."""
+    lib = backend("amx").lib
+    lib.hs_set_amx_rows(request.param)
+    yield request.param
+    lib.hs_set_amx_rows(32)
+
+
 @pytest.mark.parametrize("k,n", [(64, 32), (2048, 48), (100, 50), (31, 17), (77, 7), (96, 200)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_amx_gemm_against_float64(k, n, dtype):
+def test_amx_gemm_against_float64(k, n, dtype, block_rows):
     """Every M class of the tile schedule (one x tile, a pair, several pairs, ragged), N and K
     ragged against the 32 x 32 tiles; bf16 outputs within one bf16 step of the truth and
     nearly all equal to its own rounding, fp32 activations (hi + lo split) to ~fp32."""

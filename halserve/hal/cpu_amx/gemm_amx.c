@@ -83,6 +83,11 @@ void hs_set_amx_prefetch(int bytes, int l2) {
     amx_pf_l2 = l2 != 0;
 }
 
+/* W rows per block: 32 (two W tiles share each x tile load) or 16 (half the concurrent
+ * row streams per core); the perf sweep on the AMX host picks */
+static int amx_rows = 32;
+void hs_set_amx_rows(int rows) { amx_rows = rows == 16 ? 16 : 32; }
+
 static __thread void *xp_buf;
 static __thread int64_t xp_cap;
 
@@ -173,7 +178,7 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
         xp_cap = need;
     }
     uint32_t *xh = (uint32_t *)xp_buf, *xl = x_bf16 ? NULL : xh + blk;
-    int nblk = (N + 31) / 32;
+    int br = amx_rows, nblk = (N + br - 1) / br;
 #pragma omp parallel
     {
         config_tiles();
@@ -186,7 +191,7 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
         bf16_t tail[32 * KB];
 #pragma omp for schedule(static)
         for (int b = 0; b < nblk; b++) {
-            int n0 = b * 32, nr = N - n0 < 32 ? N - n0 : 32;
+            int n0 = b * br, nr = N - n0 < br ? N - n0 : br;
             const bf16_t *a0 = w + (int64_t)n0 * K, *a1 = nr > 16 ? a0 + (int64_t)16 * K : NULL;
             int64_t lda = K;
             int kf = kfull;
@@ -231,6 +236,7 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
 }
 #else
 void hs_set_amx_prefetch(int bytes, int l2) { (void)bytes, (void)l2; }
+void hs_set_amx_rows(int rows) { (void)rows; }
 int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N, const float *bias, void *y,
                 int y_bf16) {
     (void)x, (void)x_bf16, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)y, (void)y_bf16;
