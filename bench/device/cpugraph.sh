@@ -16,7 +16,7 @@ STEP_TAIL=12
 # the first step also compiles the amx tier's C library (cached in $HALSERVE_CACHE_DIR)
 step cpugraph_tiny 40 python3 bench/device/cpugraph.py --shapes tiny --threads "$T" --tokens 48 --repeats 5 \
   --json "$OUT/cpugraph_tiny.json"
-step cpugraph_1b 70 python3 bench/device/cpugraph.py --shapes 1.1b --threads "$T" --tokens 32 --repeats 3 \
+step cpugraph_1b 60 python3 bench/device/cpugraph.py --shapes 1.1b --threads "$T" --tokens 32 --repeats 3 \
   --json "$OUT/cpugraph_1b.json"
 STEP_TAIL=8
-OMP_NUM_THREADS=$T step cpugraph_tests 40 python3 -m pytest -q -p no:cacheprovider tests/hal/test_cpu_amx_graph.py
+OMP_NUM_THREADS=$T step cpugraph_tests 50 python3 -m pytest -q -p no:cacheprovider tests/hal/test_cpu_amx_graph.py
