@@ -8,8 +8,8 @@
 #     greedy through LLM.generate, speculative decoding in batch-invariant mode);
 #  2. the 8B end to end, bf16 vs bf16 batch-invariant at batch 1 and 64, with the kernel
 #     table of one decode step (--profile);
-#  3. the batch-invariant GEMM at M = 64 / 4096 against cuBLAS, with the bitwise column
-#     (bench/skinny_gemm.py --sweep --parts bi), if time is left.
+#  3. if time is left, the batch-invariant GEMM's prefill forms at M = 4096 against cuBLAS, each
+#     with whether sampled rows keep their M = 1 bits (bench/device/biatt_forms.py).
 #   OUT=<dir> bash bench/device/biatt.sh
 set -uo pipefail
 OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
@@ -28,11 +28,11 @@ STEP_TAIL=30 step biatt_tests 80 python3 -m pytest -q -p no:cacheprovider -rfE -
     tests/engine/test_spec_decode.py::test_batch_invariant_with_speculation
 STEP_TAIL=20 step biatt_e2e_8b 100 python3 bench/e2e_decode.py --preset llama-8b --variants bf16,bf16-bi \
     --batches 64 --bi-batches 64 --profile 6 --json "$OUT/biatt_e2e_8b.json"
-left=$((195 - SECONDS))
+left=$((198 - SECONDS))
 if [ "$left" -ge 15 ]; then
-  STEP_TAIL=12 step biatt_gemm_sweep "$left" python3 bench/skinny_gemm.py --sweep --parts bi \
-      --budget $((left - 10)) --json "$OUT/biatt_gemm_sweep.json"
+  STEP_TAIL=30 step biatt_gemm_forms "$left" python3 bench/device/biatt_forms.py --budget $((left - 12)) \
+      --json "$OUT/biatt_gemm_forms.json"
 else
-  echo "[biatt] no time left for the GEMM sweep"
+  echo "[biatt] no time left for the GEMM forms"
 fi
 echo "[biatt] done in ${SECONDS}s"
