@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default="1,2,4,8,16,32,64,128")
-    p.add_argument("--prefetch", default="0,512,1024,1024:l2,2048:l2,512:r16,1024:l2:r16",
+    p.add_argument("--prefetch", default="512,1024:l2,2048:l2,512:r16,1024:l2:r16",
                    help="comma list of W prefetch distances in bytes (':l2': into L2 only; ':r16': blocks "
                    "of 16 W rows, not 32)")
     p.add_argument("--set-mb", type=int, default=1024)

@@ -106,6 +106,35 @@ def halserve_steps(model: Path, prompts, steps: int, profile_steps: int) -> dict
             "pre_amx_step_ms": statistics.median(ts[False]) * 1e3, "profile": prof}
 
 
+def graph_steps(model: Path, prompts, steps: int) -> float:
+    """Median decode step ms with the engine's default: steps captured and replayed
+    (graph.py), the AMX GEMM on."""
+    from halserve import LLM, SamplingParams
+
+    os.environ["HALSERVE_CPU_GRAPHS"] = "1"
+    try:
+        rows, plen = prompts.shape
+        llm = LLM(str(model), backend="cpu_amx", dtype="bfloat16", max_num_seqs=rows,
+                  max_model_len=plen + steps + 16, enable_prefix_caching=False)
+        eng = llm.engine
+        sp = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+        for i in range(rows):
+            eng.add_request(str(i), prompts[i].tolist(), sp)
+        started: set = set()
+        while len(started) < rows:
+            started |= {o.request_id for o in eng.step() if o.outputs and o.outputs[0].token_ids}
+        eng.step()
+        ts = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            eng.step()
+            ts.append(time.perf_counter() - t)
+        del llm, eng
+        return statistics.median(ts) * 1e3
+    finally:
+        os.environ["HALSERVE_CPU_GRAPHS"] = "0"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="16,64")
@@ -114,6 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--layers", type=int, default=22)
     p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--no-graphs", action="store_true", help="skip the engine-default run (captured steps)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     import torch
@@ -155,6 +185,13 @@ def main(argv=None) -> int:
         for k, pr in row["profile"].items():
             top = ", ".join(f"{n} {v:.1f}" for n, v in list(pr["ops_ms"].items())[:8])
             print(f"   {k}: step {pr['step_ms']:.1f} ms = outside ops {pr['outside_ops_ms']:.1f} + {top}", flush=True)
+        if not a.no_graphs:
+            try:
+                gm = row["graph_step_ms"] = graph_steps(model, prompts, a.steps)
+                print(f"   engine default (captured steps, AMX on): step {gm:.1f} ms, {rows / gm * 1e3:.0f} tok/s, "
+                      f"{(hf / gm) if hf else float('nan'):.2f}x HF, {floor_ms / gm:.2f} of the read floor", flush=True)
+            except Exception as e:
+                print(f"graphs {rows}: {type(e).__name__}: {e}", flush=True)
         res["runs"].append(row)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
