@@ -26,8 +26,11 @@ PROMPTS = [[5, 17, 42], list(range(10, 47)), [9] * 20, [3, 1, 4, 1, 5], [2, 7, 1
 def _params() -> list[SamplingParams]:
     """Greedy with logprobs (the logits' bits show in them), seeded sampling, and lengths
     that finish at different steps, so decode walks down the buckets 8 (3 padding rows), 4, 2, 1."""
-    return [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=3) for n in (4, 7, 10, 13)] + \
-        [SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=11, max_tokens=16, ignore_eos=True, logprobs=3)]
+    return [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=3) for n in (4, 7, 10)] + [
+        # penalties and a bias edit the logits a replay returns (its reused output buffer)
+        SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True, logprobs=3, repetition_penalty=1.3,
+                       presence_penalty=0.5, logit_bias={7: 2.0}),
+        SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=11, max_tokens=16, ignore_eos=True, logprobs=3)]
 
 
 def _outs(llm: LLM, prompts=PROMPTS):
