@@ -1,7 +1,8 @@
 """The weight-streaming GEMM (hal/triton/skinny.py) on the GPU at decode shapes: every inner
 loop / reduction / quantization form against a float64 reference, the fused split reduction
-bitwise equal to the two-kernel one (the arrival counters' memory ordering), and the fused
-form replayed from a CUDA graph (the counters re-arm themselves)."""
+bitwise equal to the two-kernel one (the arrival counters' memory ordering), the fused form
+replayed from a CUDA graph (the counters re-arm themselves), and the tuned table's configs on
+the shapes they were chosen for, eager and replayed from a graph as the engine runs them."""
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,12 @@ import torch
 from halserve.hal.quant import quantize
 
 CFGS = [dict(KIND=k, BLOCK_N=bn, BLOCK_K=bk, SPLITS=sp, FUSED=f, QUANT_IN=q, num_warps=4, num_stages=ns)
-        for k, bn, bk, ns in (("gemv", 32, 256, 1), ("dot", 64, 256, 4))
+        for k, bn, bk, ns in (("gemv", 32, 256, 1), ("gemvr", 32, 512, 1), ("dot", 64, 256, 4))
         for sp, f, q in ((1, False, True), (8, False, False), (8, True, True))]
+# the CUDA-core loops run at 1-3 rows (at 16 they would hold a 16 x BLOCK_N x BLOCK_K product
+# in registers; no config picks them there)
+FORMS = [(c, m) for c in CFGS for m in (1, 3, 16) if c["KIND"] == "dot" or m <= 3]
+SHAPES_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
 
 def _name(c):
@@ -26,28 +31,35 @@ def _case(m, n=1000, k=4096 + 96, seed=0):
     return x, q, s
 
 
-@pytest.mark.parametrize("cfg", CFGS, ids=_name)
-@pytest.mark.parametrize("m", [1, 3, 16])
-def test_skinny_fp8_forms_match_reference(cfg, m):
+def _ref(x, q, s, bias=None):
     from halserve.hal.triton import matmul as mm
+
+    xq, xs = mm.quant_fp8_per_token(x)
+    ref = (xq.double() * xs.double()[:, None]) @ (q.double() * s.double().reshape(-1)[:, None]).T
+    return ref + bias.double() if bias is not None else ref
+
+
+def _nmse(got, ref):
+    return float(((got.double() - ref) ** 2).sum() / (ref ** 2).sum())
+
+
+@pytest.mark.parametrize("cfg,m", FORMS, ids=[f"{_name(c)}-m{m}" for c, m in FORMS])
+def test_skinny_fp8_forms_match_reference(cfg, m):
     from halserve.hal.triton.skinny import skinny_matmul
 
     x, q, s = _case(m)
     bias = torch.randn(q.shape[0], device="cuda", dtype=torch.bfloat16)
-    xq, xs = mm.quant_fp8_per_token(x)
-    ref = (xq.double() * xs.double()[:, None]) @ (q.double() * s.double().reshape(-1)[:, None]).T + bias.double()
-    got = skinny_matmul(x, q, s, "per_token", bias, cfg=cfg).double()
-    err = ((got - ref) ** 2).sum() / (ref ** 2).sum()
+    err = _nmse(skinny_matmul(x, q, s, "per_token", bias, cfg=cfg), _ref(x, q, s, bias))
     assert err < 1e-4, f"nmse {err:.3g}"
 
 
-@pytest.mark.parametrize("kind", ["gemv", "dot"])
+@pytest.mark.parametrize("kind", ["gemv", "gemvr", "dot"])
 def test_skinny_fused_reduction_bitwise_and_graph_replay(kind):
     from halserve.hal.triton.skinny import skinny_matmul
 
     x, q, s = _case(2, n=6144, k=4096, seed=1)
-    base = dict(KIND=kind, BLOCK_N=32 if kind == "gemv" else 64, BLOCK_K=256, SPLITS=8, QUANT_IN=True, num_warps=4,
-                num_stages=1 if kind == "gemv" else 4)
+    base = dict(KIND=kind, BLOCK_N=32 if kind != "dot" else 64, BLOCK_K=256, SPLITS=8, QUANT_IN=True, num_warps=4,
+                num_stages=1 if kind != "dot" else 4)
     two = skinny_matmul(x, q, s, "per_token", cfg=dict(base, FUSED=False))
     for _ in range(3):
         assert torch.equal(skinny_matmul(x, q, s, "per_token", cfg=dict(base, FUSED=True)), two)
@@ -63,8 +75,34 @@ def test_skinny_fused_reduction_bitwise_and_graph_replay(kind):
         assert torch.equal(y, skinny_matmul(x2, q, s, "per_token", cfg=dict(base, FUSED=False)))
 
 
-@pytest.mark.parametrize("cfg", [dict(c, QUANT_IN=False) for c in CFGS if c["SPLITS"] > 1], ids=_name)
-@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("shape", list(SHAPES_8B))
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_skinny_tuned_configs_eager_and_in_graphs(shape, m):
+    """What the cuda backend runs at decode (configs.skinny_config on the 8B shapes): right
+    against float64, and a CUDA graph of it replayed on new rows gives the eager bits."""
+    from halserve.hal.triton.skinny import skinny_matmul
+
+    n, k = SHAPES_8B[shape]
+    x, q, s = _case(m, n=n, k=k, seed=6)
+    err = _nmse(skinny_matmul(x, q, s, "per_token"), _ref(x, q, s))
+    assert err < 1e-4, f"nmse {err:.3g}"
+    xs = x.clone()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = skinny_matmul(xs, q, s, "per_token")
+    for seed in (7, 8):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        x2 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        xs.copy_(x2)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, skinny_matmul(x2, q, s, "per_token"))
+
+
+BF16_FORMS = [(dict(c, QUANT_IN=False), m) for c, m in FORMS if c["SPLITS"] > 1 and m != 3 and c["KIND"] != "gemv"]
+
+
+@pytest.mark.parametrize("cfg,m", BF16_FORMS, ids=[f"{_name(c)}-m{m}" for c, m in BF16_FORMS])
 def test_skinny_bf16_forms_match_reference(cfg, m):
     """The 16-bit form the cuda backend may route few-row linears to (configs.skinny_bf16_config)."""
     from halserve.hal.triton.skinny import skinny_matmul
