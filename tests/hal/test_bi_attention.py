@@ -121,7 +121,7 @@ def test_graph_form_bound_gives_the_same_bits(bi, dtype):
     must not move, for any bound at or above the real lengths."""
     pool, dec, pre = _pool(dtype=dtype)
     eager = pool.run(bi, dec)
-    for bound in (max(s for _, s in pool.specs), 8 * _span(), 40 * _span()):
+    for bound in (max(s for _, s in pool.specs), 7 * _span(), 16 * _span()):
         got = pool.run(bi, dec, bound=bound)
         for i in dec:
             assert torch.equal(got[i], eager[i]), f"bound {bound}, sequence {pool.specs[i]}"
