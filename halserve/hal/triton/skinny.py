@@ -62,8 +62,8 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, xs_ptr, ws_ptr, bias_
     # QUANT_IN: 0 off, 1 per-token, 2 per-tensor (all M rows in this tile).
     # A_SCALE / W_SCALE: 0 none, 1 per row / per column, 2 one scalar.
     # ROW_ACC (gemv): the product is summed over BLOCK_K every step into [rows, BLOCK_N] (a few
-    # registers, so more programs stay resident) and the next weight tile is loaded before the
-    # current one is used; the first one before the amax pass, whose L2 reads it then overlaps.
+    # registers, so more programs stay resident) and the next weight and activation tiles are
+    # loaded before the current ones are used; the first before the amax pass, which they overlap.
     pm = tl.program_id(0)
     pn = tl.program_id(1)
     ps = tl.program_id(2)
@@ -78,8 +78,9 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, xs_ptr, ws_ptr, bias_
     if GEMV:
         w_rows = w_ptr + rn[:, None].to(tl.int64) * s_wn
         if ROW_ACC:
-            b_next = tl.load(w_rows + (k_lo + rk)[None, :], mask=n_ok[:, None] & ((k_lo + rk) < k_hi)[None, :],
-                             other=0.0)
+            k_ok = (k_lo + rk) < k_hi
+            b_next = tl.load(w_rows + (k_lo + rk)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            a_next = tl.load(x_rows + (k_lo + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
     if QUANT_IN > 0:  # the same formula as quant_fp8_per_token, over the whole row
         # one real row at a time in wide 1D steps (a 16-row tile of the dot form would otherwise
         # read padding rows in narrow steps): this pass is latency-bound (a few KB from L2)
@@ -109,11 +110,13 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, xs_ptr, ws_ptr, bias_
             k_ok = kk < k_hi
             if ROW_ACC:
                 b = b_next
+                a = a_next
                 kn = kk + BLOCK_K
                 b_next = tl.load(w_rows + kn[None, :], mask=n_ok[:, None] & (kn < k_hi)[None, :], other=0.0)
+                a_next = tl.load(x_rows + kn[None, :], mask=m_ok[:, None] & (kn < k_hi)[None, :], other=0.0)
             else:
                 b = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if QUANT_IN > 0:
                 a = _quant_a(a, qs, w_ptr, EXACT_CVT)
             if ROW_ACC:
