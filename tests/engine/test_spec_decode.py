@@ -55,6 +55,36 @@ def test_ngram_prefers_longest_latest_match():
     assert ngram_lookup([1, 2, 3, 1, 2], 2, 2, 0) == []
 
 
+def test_ngram_proposer_drafts_what_the_lookup_rule_drafts():
+    """The proposer (the rule matched from the last token back, on an array grown a step at a
+    time) drafts exactly ``ngram_lookup``'s answer at every length of random sequences, small
+    vocabularies making long and overlapping matches; a list replaced, or cut short, is re-read."""
+    import random
+    from types import SimpleNamespace
+
+    from halserve.engine.spec.ngram import NgramProposer
+
+    rng = random.Random(7)
+    for trial in range(60):
+        nmax = rng.randint(1, 5)
+        cfg = parse_speculative_config({"method": "ngram", "num_speculative_tokens": 4,
+                                        "prompt_lookup_max": nmax, "prompt_lookup_min": rng.randint(1, nmax)})
+        prop = NgramProposer(cfg, 512)
+        vocab = rng.choice([2, 3, 6, 40])
+        seq = SimpleNamespace(seq_id=trial, token_ids=[rng.randrange(vocab)], is_finished=False)
+        while len(seq.token_ids) < 90:
+            if rng.random() < 0.03:  # the list replaced by another (a rebuild)
+                seq.token_ids = [rng.randrange(vocab) for _ in range(rng.randint(1, len(seq.token_ids)))]
+            elif rng.random() < 0.03:  # cut short in place
+                del seq.token_ids[rng.randint(1, len(seq.token_ids)):]
+            k = rng.randint(0, 4)
+            want = ngram_lookup(seq.token_ids, cfg.prompt_lookup_max, cfg.prompt_lookup_min, k)
+            assert prop.propose([seq], [k]) == [want], (seq.token_ids, cfg, k)
+            seq.token_ids.extend(rng.randrange(vocab) for _ in range(rng.randint(1, 5)))
+        prop.finished(seq)
+        assert not prop._arrays
+
+
 # ---- acceptance rules ----------------------------------------------------------------------------
 def test_accept_deterministic():
     assert accept_deterministic([5, 6, 7], [5, 6, 9, 4]) == [5, 6, 9]
