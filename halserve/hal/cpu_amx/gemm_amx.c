@@ -44,13 +44,17 @@ static void config_tiles(void) {
 /* x [M][K] (bf16 or the hi/lo split of fp32) -> B blocks [mc][kb][16 pairs][16 rows][2],
  * zero past M and K; a block is the 16 x 16 transpose of (row, pair) 32-bit units */
 static void pack_block(const void *x, int x_bf16, int M, int K, int mc, int kb, uint32_t *hi, uint32_t *lo) {
-    if (x_bf16 && (mc + 1) * MC <= M && (kb + 1) * KB <= K) {
-        /* a whole block: pair r of the 16 rows is one 16-lane gather (byte offsets m K * 2) */
+    if (x_bf16 && (kb + 1) * KB <= K) {
+        /* whole k step: pair r of the block's rows is one 16-lane gather (byte offsets m K * 2),
+         * lanes past M masked to zero */
+        int rows = M - mc * MC < MC ? M - mc * MC : MC;
+        __mmask16 valid = (__mmask16)((1u << rows) - 1u);
         const bf16_t *b = (const bf16_t *)x + (int64_t)mc * MC * K + kb * KB;
         const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                                _mm512_set1_epi32(K));
         for (int r = 0; r < 16; r++)
-            _mm512_storeu_si512((void *)(hi + r * MC), _mm512_i32gather_epi32(idx, (const void *)(b + 2 * r), 2));
+            _mm512_storeu_si512((void *)(hi + r * MC),
+                                _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, idx, (const void *)(b + 2 * r), 2));
         return;
     }
     for (int r = 0; r < 16; r++)
@@ -87,6 +91,17 @@ void hs_set_amx_prefetch(int bytes, int l2) {
  * row streams per core); the perf sweep on the AMX host picks */
 static int amx_rows = 32;
 void hs_set_amx_rows(int rows) { amx_rows = rows == 16 ? 16 : 32; }
+
+/* the first popcount(k) lanes of v as bfloat16, rounded as f32_to_bf16 does */
+static inline void store_bf16x16_mask(bf16_t *p, __m512 v, __mmask16 k) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i rne = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    __m512i nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    __mmask16 isnan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                              _mm512_set1_epi32(0x7f800000));
+    _mm256_mask_storeu_epi16((void *)p, k, _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(isnan, rne, nan)));
+}
 
 static __thread void *xp_buf;
 static __thread int64_t xp_cap;
@@ -151,16 +166,21 @@ static void block(const bf16_t *a0, const bf16_t *a1, int64_t lda, const bf16_t 
             _tile_stored(2, out[2], 64);
             if (two) _tile_stored(3, out[3], 64);
         }
-        /* out[2 * ha + hb][i][j]: feature n0 + 16 ha + i, x row (mc + hb) * 16 + j */
+        /* out[2 * ha + hb][i][j]: feature n0 + 16 ha + i, x row (mc + hb) * 16 + j; one
+         * 16-lane gather (stride 16 floats) turns a tile column into 16 features of a row */
+        const __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(16));
         for (int hb = 0; hb < 1 + two; hb++)
             for (int j = 0; j < MC; j++) {
                 int m = (mc + hb) * MC + j;
                 if (m >= M) break;
-                for (int i = 0; i < nr; i++) {
-                    float v = out[2 * (i >> 4) + hb][(i & 15) * 16 + j];
-                    int n = n0 + i;
-                    if (bias) v += bias[n];
-                    store_f(y, (int64_t)m * N + n, v, y_bf16);
+                for (int ha = 0; ha * 16 < nr; ha++) {
+                    int nv = nr - ha * 16 < 16 ? nr - ha * 16 : 16, n = n0 + ha * 16;
+                    __mmask16 k = (__mmask16)((1u << nv) - 1u);
+                    __m512 v = _mm512_i32gather_ps(col, out[2 * ha + hb] + j, 4);
+                    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, bias + n));
+                    if (y_bf16) store_bf16x16_mask((bf16_t *)y + (int64_t)m * N + n, v, k);
+                    else _mm512_mask_storeu_ps((float *)y + (int64_t)m * N + n, k, v);
                 }
             }
     }
