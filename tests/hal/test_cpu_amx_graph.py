@@ -62,11 +62,10 @@ def test_engine_graphs_match_eager_bitwise(checkpoint, replays, preset, dtype, q
     g = LLM(path, **kw)
     assert g.engine.hal.capabilities.graphs and sorted(g.engine.runner.graphs) == [1, 2, 4, 8]
     one = g.engine.runner.graphs[1]
-    # batch 1: every kernel call in one C run, between the embedding and the logits' cast
-    # (none in float32: .float() is then the tensor itself)
-    torch_ops = 1 if dtype == "float32" else 2
+    # batch 1: the whole step one C call, the embedding and the logits' cast (none in float32:
+    # .float() is then the tensor itself) included
     if preset == "llama":  # (MoE routing runs in torch)
-        assert one.num_torch == torch_ops and len(one.steps) == torch_ops + 1 and one.num_c >= 2 * 8
+        assert one.num_torch == (1 if dtype == "float32" else 2) and len(one.steps) == 1 and one.num_c >= 2 * 8
     ref = _outs(eager)
     before = replays[0]
     assert _outs(g) == ref
@@ -127,21 +126,28 @@ def test_capture_replays_c_and_torch_ops_in_order():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 64, generator=gen)
     w = torch.randn(64, generator=gen)
-    pw = hal.pack_weight(torch.randn(32, 64, generator=gen))
+    pw = hal.pack_weight(torch.randn(32, 64, generator=gen).bfloat16())
+    emb = torch.randn(50, 8, generator=gen).bfloat16()
+    ids = torch.tensor([3, 0, 49])
 
     def step():
         h = hal.rms_norm(x, w, 1e-5)
         h = h * 2.0 + x  # torch ops between kernels
         h.add_(0.5)  # an in-place one
-        return hal.linear(h.contiguous(), pw).float()
+        t = h.t().contiguous().t().contiguous()  # strided copies (graph.c's): inner stride 3, then 64
+        y = hal.linear(t.bfloat16(), pw)  # float32 -> bfloat16 rounds: torch's
+        e = torch.nn.functional.embedding(ids, emb)  # graph.c's gather
+        return y.float(), e.float()  # bfloat16 -> float32: graph.c's
 
     g = hal.capture_graph(step)
-    assert g is not None and g.num_c == 2 and g.num_torch >= 3
+    assert g is not None and g.num_c == 2 and g.num_torch >= 8 and len(g.steps) >= 3
     out = g.replay()
     for _ in range(3):
         x.copy_(torch.randn(3, 64, generator=gen))
+        ids.copy_(torch.randint(0, 50, (3,), generator=gen))
         assert g.replay() is out
-        assert torch.equal(out, step())
+        want = step()
+        assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
 
 
 def test_capture_refuses_host_reads():

@@ -205,19 +205,67 @@ def _entry(layout, args: tuple, ret) -> list[int]:
     return [v - (1 << 64) if v >= 1 << 63 else v for v in row]
 
 
+_GRAPH_CDEF = """
+int hs_graph_run(uintptr_t prog, int n);
+int hs_graph_copy(uintptr_t src, uintptr_t dst, int kind, int64_t n0, int64_t n1, int64_t n2, int64_t n3, int64_t s0,
+                  int64_t s1, int64_t s2, int64_t s3, int64_t d0, int64_t d1, int64_t d2, int64_t d3);
+int hs_graph_embed(uintptr_t weight, uintptr_t ids, uintptr_t dst, int64_t n, int64_t row_bytes, int64_t rows);
+"""
+
+
 def replay_lib():
-    """graph.c's library: its own small build (it calls kernels by address, so it needs no
+    """(ffi, lib) of graph.c: its own small build (it calls kernels by address, so it needs no
     tier's flags and none of their declarations)."""
     from halserve.hal.cbuild import load_library
 
-    return load_library("cpu_amx_graph", [Path(__file__).with_name("graph.c")],
-                        "int hs_graph_run(uintptr_t prog, int n);", ["-O2"])[1]
+    return load_library("cpu_amx_graph", [Path(__file__).with_name("graph.c")], _GRAPH_CDEF, ["-O2"])
+
+
+def _copy_args(src: torch.Tensor, dst: torch.Tensor) -> "tuple | None":
+    """hs_graph_copy's arguments for ``dst.copy_(src)`` where it can do it exactly (same shape,
+    at most 4 dims, same dtype or bfloat16 -> float32, no overlap), else None."""
+    if src.shape != dst.shape or src.dim() > 4 or src.device.type != "cpu" or dst.device.type != "cpu":
+        return None
+    if src.dtype == dst.dtype and not src.dtype.is_complex and src.element_size() in (1, 2, 4, 8):
+        kind = src.element_size()
+    elif src.dtype == torch.bfloat16 and dst.dtype == torch.float32:
+        kind = 16
+    else:
+        return None
+    if _storage(src) == _storage(dst):
+        return None
+    pad = 4 - src.dim()
+    return (src.data_ptr(), dst.data_ptr(), kind, *([1] * pad), *src.shape, *([0] * pad), *src.stride(),
+            *([0] * pad), *dst.stride())
+
+
+def _as_c(e, gffi, glib) -> "tuple | None":
+    """A torch entry of the plan as one of graph.c's own entries (layout, args), or None."""
+    func, args = e[1], e[2]
+    name = func._schema.name.split("::")[-1]
+    ts = [a for a in args if isinstance(a, torch.Tensor)]
+    a = None
+    fn = glib.hs_graph_copy
+    if e[0] == "functional" and name in _COPIES and ts and args[0] is ts[0] and len(e[4]) == 1:
+        a = _copy_args(args[0], e[4][0])
+    elif e[0] == "inplace" and name == "copy_" and len(ts) == 2 and args[0] is ts[0]:
+        a = _copy_args(args[1], args[0])
+    elif e[0] == "functional" and name == "embedding" and len(e[4]) == 1:
+        w, ids, dst = args[0], args[1], e[4][0]
+        if w.dim() == 2 and w.is_contiguous() and ids.dtype == torch.int64 and ids.is_contiguous() \
+                and dst.is_contiguous() and dst.dtype == w.dtype and tuple(dst.shape) == (*ids.shape, w.shape[1]):
+            fn = glib.hs_graph_embed
+            a = (w.data_ptr(), ids.data_ptr(), dst.data_ptr(), ids.numel(), w.shape[1] * w.element_size(),
+                 w.shape[0])
+    if a is None:
+        return None
+    return _layout(gffi, fn), a
 
 
 def _c_run(rows: list, names: list):
     """One ``hs_graph_run`` call over the program ``rows``."""
     prog = torch.tensor(rows, dtype=torch.int64).contiguous()
-    ptr, n, run_fn = prog.data_ptr(), len(rows), replay_lib().hs_graph_run
+    ptr, n, run_fn = prog.data_ptr(), len(rows), replay_lib()[1].hs_graph_run
 
     def run():
         rc = run_fn(ptr, n)
@@ -268,7 +316,15 @@ def build(ffi, plan: list) -> tuple[list, int, int]:
     """Replay steps from a plan: (steps, C calls, torch ops)."""
     steps, rows, names, nc, nt = [], [], [], 0, 0
     layouts: dict = {}
+    gffi, glib = replay_lib()
     for e in plan:
+        if e[0] != "c":
+            own = _as_c(e, gffi, glib)
+            if own is not None:  # a copy or an embedding gather: stays in the C run
+                rows.append(_entry(own[0], own[1], 0))
+                names.append(e[1]._schema.name)
+                nt += 1
+                continue
         if e[0] == "c":
             nc += 1
             name, fn, args, ret = e[1:]
