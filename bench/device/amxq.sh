@@ -3,7 +3,7 @@
 # on the MLP shape) against the measured multi-threaded read bandwidth, each quantized kernel
 # timed before (row-major int4 / four-row int8 kernels) and after (x16 int4 layout, one-row int8
 # kernels) in the same process, interleaved; then the cpu_amx tests. About 100 s on the AMX host.
-#   bash bench/device/amxq.sh            (THREADS=16 SET_MB=768 SHAPES=1.1b,8b by default)
+#   bash bench/device/amxq.sh            (THREADS=16 SET_MB=512 SHAPES=1.1b,8b GEMV_S=65 TEST_S=50)
 # Writes $OUT/amxq.txt, $OUT/amxq.json, $OUT/amxq_tests.txt.
 set -u
 OUT=${OUT:-./device_out}
@@ -15,7 +15,7 @@ THREADS=${THREADS:-16}
 echo "amxq: $(date -u +%H:%M:%S) threads=$THREADS commit=$(git rev-parse --short HEAD 2>/dev/null)"
 nproc; grep -o -w 'amx_int8\|avx512_vnni\|avx512_bf16' /proc/cpuinfo | sort | uniq -c
 
-timeout 80 python - "$OUT" "$THREADS" "${SET_MB:-768}" "${SHAPES:-1.1b,8b}" "${REPS:-3}" <<'EOF' 2>&1 | tee "$OUT/amxq.txt" || echo "amxq: GEMV timing failed or timed out (rc ${PIPESTATUS[0]})"
+timeout ${GEMV_S:-65} python - "$OUT" "$THREADS" "${SET_MB:-512}" "${SHAPES:-1.1b,8b}" "${REPS:-3}" <<'EOF' 2>&1 | tee "$OUT/amxq.txt" || echo "amxq: GEMV timing failed or timed out (rc ${PIPESTATUS[0]})"
 import dataclasses, json, sys, time
 import torch
 
@@ -56,19 +56,27 @@ rows = []
 for shape in shapes_arg.split(","):
     for op, (n, k) in SHAPES[shape].items():
         w0 = torch.randn(n, k, dtype=torch.bfloat16) * k ** -0.5
-        packs = {}
+        packs, made = {}, {}
         for label, scheme, inter, qk in VARIANTS:
-            quant.INT4_INTERLEAVE = inter
             key = (scheme, inter)
             if key not in packs:
-                one = b.pack_weight(w0, scheme)
+                # one quantization per bit width: int4's layouts and W8A8's flag share it
+                if scheme.startswith("int4"):
+                    rm = made.setdefault("int4", quant.pack_int4(w0, 128))
+                    one = quant.interleave_int4(rm) if inter else rm
+                elif scheme.startswith("int8"):
+                    one = made.setdefault("int8", b.pack_weight(w0, "int8"))
+                    if scheme == "int8_w8a8":
+                        one = dataclasses.replace(one, act_scheme="per_token", extra={})
+                else:
+                    one = b.pack_weight(w0, scheme)
                 nbytes = one.weight.numel() * one.weight.element_size() + (0 if one.scale is None else one.scale.numel() * 4)
                 copies = max(2, min(48, -(-set_mb * 2**20 // nbytes)))
                 ws = [dataclasses.replace(one, weight=one.weight.clone(), extra=dict(one.extra)) for _ in range(copies)]
                 for w in ws:
                     w.extra.pop("cpu_amx_plan", None)
                 packs[key] = (ws, nbytes)
-        quant.INT4_INTERLEAVE = True
+        del made
         ms = (1, 4, 16) if op == "gate_up" else (1,)
         for m in ms:
             x = torch.randn(m, k, dtype=torch.bfloat16)
@@ -102,9 +110,35 @@ for shape in shapes_arg.split(","):
         by = sum(r["bytes"] for r in sel)
         print(f"| {shape} | {label} | {us:.0f} | {100 * by / (us * 1e-6) / 1e9 / bw:.0f}% |")
 json.dump({"read_gbs": bw, "threads": threads, "rows": rows}, open(f"{out}/amxq.json", "w"), indent=1)
+# software prefetch distance for the new kernels (the default is 512 bytes), 8B MLP shapes, M = 1
+print("\n| prefetch bytes | variant | op | GB/s | % of read |")
+print("| ---: | --- | --- | ---: | ---: |")
+for op, (n, k) in [(o, SHAPES["8b"][o]) for o in ("gate_up", "down")] if "8b" in shapes_arg else []:
+    w0 = torch.randn(n, k, dtype=torch.bfloat16) * k ** -0.5
+    x = torch.randn(1, k, dtype=torch.bfloat16)
+    for scheme in ("int8", "int4"):
+        one = b.pack_weight(w0, scheme)
+        nbytes = one.weight.numel() * one.weight.element_size() + one.scale.numel() * 4
+        ws = [dataclasses.replace(one, weight=one.weight.clone(), extra=dict(one.extra))
+              for _ in range(max(2, set_mb * 2**20 // nbytes))]
+        calls = [b.linear_call(x, w) for w in ws]
+        best = {}
+        for rnd in range(reps):
+            for pf in (0, 256, 512, 1024, 2048):
+                b.lib.hs_set_prefetch(pf)
+                calls[0]()
+                t = _t(lambda: [c() for c in calls]) / len(calls)
+                best[pf] = min(best.get(pf, 1e9), t)
+        for pf, t in best.items():
+            print(f"| {pf} | {scheme} after | {op} {n}x{k} | {nbytes / t / 1e9:.1f} | {100 * nbytes / t / 1e9 / bw:.0f}% |",
+                  flush=True)
+        del ws, calls
+b.lib.hs_set_prefetch(512)
 EOF
 
 echo "amxq: $(date -u +%H:%M:%S) tests"
-timeout 100 python -m pytest -q -x tests/hal/test_cpu_amx*.py -p no:cacheprovider > "$OUT/amxq_tests.txt" 2>&1
+# this helper's tests first (fast), then the rest of the cpu_amx files
+timeout ${TEST_S:-50} python -m pytest -q tests/hal/test_cpu_amx_quant.py $(ls tests/hal/test_cpu_amx*.py | grep -v _quant) \
+    -p no:cacheprovider > "$OUT/amxq_tests.txt" 2>&1
 echo "amxq: tests rc=$? ($(tail -1 "$OUT/amxq_tests.txt"))"
 echo "amxq: $(date -u +%H:%M:%S) done"

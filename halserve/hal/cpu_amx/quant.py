@@ -47,12 +47,13 @@ def interleave_int4(pw: PackedWeight) -> PackedWeight:
     if k % 8:
         raise ValueError(f"int4 in_features {k} must be a multiple of 8")
     nb = -(-n // 16)
-    b = pw.weight.reshape(n, k // 32, 16).to(torch.int32)
+    b = pw.weight.reshape(n, k // 32, 16).to(torch.int16)
     q = torch.stack([b & 15, b >> 4], dim=2).reshape(n, k)  # stored values q + 8, row-major
     q = torch.cat([q, q.new_full((nb * 16 - n, k), 8)]) if nb * 16 > n else q
     q = q.reshape(nb, 16, k // 8, 4, 2).permute(0, 2, 1, 4, 3)  # [block, chunk, row, e, j]
-    words = (q[..., 0] | (q[..., 1] << 4) | (q[..., 2] << 8) | (q[..., 3] << 12))  # [nb, C, 16, 2]
-    packed = torch.stack([words & 255, words >> 8], dim=-1).to(torch.uint8).reshape(nb, k // 8, 64).contiguous()
+    lo = (q[..., 0] | (q[..., 1] << 4)).to(torch.uint8)  # byte 0 of each little-endian word
+    hi = (q[..., 2] | (q[..., 3] << 4)).to(torch.uint8)
+    packed = torch.stack([lo, hi], dim=-1).reshape(nb, k // 8, 64).contiguous()  # [nb, C, 16, 2, 2]
     sc = pw.scale.float()
     sc = torch.cat([sc, sc.new_zeros(nb * 16 - n, sc.shape[1])]) if nb * 16 > n else sc
     scale = sc.reshape(nb, 16, k // group).permute(0, 2, 1).contiguous()
