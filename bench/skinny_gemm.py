@@ -435,6 +435,8 @@ def main() -> int:
     ap.add_argument("--parts", default="fp8,bf16,bi,bf16_1b", help="sweep parts, in order")
     ap.add_argument("--warm", type=int, default=0, help="compile stage A first in this many processes")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
+    ap.add_argument("--emit-table", help="write the fp8_new parts' fastest skinny config per shape here, in the "
+                    "format configs reads from $HALSERVE_SKINNY_CONFIGS (an end-to-end run on what this sweep found)")
     args = ap.parse_args()
     if args.smoke:
         global DEV, L2_MISS_BYTES
@@ -485,6 +487,16 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+    if args.emit_table and args.sweep:
+        entries = []
+        for b in out["best"]:
+            win = next((x for x in b.get("best", []) if x.get("cfg")), None) if b.get("part") == "fp8_new" else None
+            if win is not None:
+                entries.append(dict(weights="fp8", rows=b["M"], N=b["N"], K=b["K"], cfg=win["cfg"], us=win["us"],
+                                    name=win["name"], tuned_us=b.get("tuned")))
+        with open(args.emit_table, "w") as f:
+            json.dump({"arch": configs.arch(), "card": card, "date": out["date"], "entries": entries}, f, indent=1)
+        print(f"[sweep] wrote {len(entries)} configs to {args.emit_table}", flush=True)
     return 0
 
 

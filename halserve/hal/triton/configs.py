@@ -261,6 +261,43 @@ SKINNY_RULE: dict = {
 }
 
 
+SKINNY_FILE_ENV = "HALSERVE_SKINNY_CONFIGS"
+_SKINNY_KEYS = {"KIND", "BLOCK_N", "BLOCK_K", "SPLITS", "FUSED", "QUANT_IN", "num_warps", "num_stages"}
+
+
+@functools.lru_cache(maxsize=None)
+def _skinny_file(path: str) -> dict:
+    """Configs a sweep wrote (``bench/skinny_gemm.py --emit-table``), read before the table:
+    a device run times the engine end to end on what its own sweep found. Format:
+    ``{"arch": "sm90", "entries": [{"weights": "fp8", "rows": 1, "N": .., "K": .., "cfg": {..}}]}``."""
+    import json
+
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        out = {}
+        for e in doc["entries"]:
+            cfg = dict(e["cfg"])
+            if set(cfg) != _SKINNY_KEYS or cfg["KIND"] not in ("dot", "gemv", "gemvr"):
+                raise ValueError(f"config keys {sorted(cfg)} / KIND {cfg.get('KIND')!r}")
+            out[(doc["arch"], e["weights"], int(e["rows"]), int(e["N"]), int(e["K"]))] = cfg
+        return out
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{SKINNY_FILE_ENV}={path}: not a skinny config file ({type(e).__name__}: {e}); "
+                         f"valid: the JSON that bench/skinny_gemm.py --emit-table writes") from None
+
+
+def _skinny_tuned(wt: str, m: int, n: int, k: int) -> "dict | None":
+    key = (wt, _rows_bucket(m), n, k)
+    path = os.environ.get(SKINNY_FILE_ENV)
+    if path:
+        hit = _skinny_file(path).get((arch(),) + key)
+        if hit is not None:
+            return dict(hit)
+    hit = SKINNY_TUNED.get(arch(), {}).get(key)
+    return dict(hit) if hit is not None else None
+
+
 def _rows_bucket(m: int) -> int:
     return 1 if m <= 1 else 4 if m <= 4 else 16
 
@@ -286,9 +323,9 @@ def skinny_config(m: int, n: int, k: int, w_bytes: int) -> dict:
         return dict(KIND="gemv" if m <= 4 else "dot", BLOCK_N=16, BLOCK_K=bk, SPLITS=2 if k > 2 * bk else 1,
                     FUSED=True, QUANT_IN=True, num_warps=1, num_stages=1)
     wt = "fp8" if w_bytes == 1 else "bf16"
-    hit = SKINNY_TUNED.get(arch(), {}).get((wt, _rows_bucket(m), n, k))
+    hit = _skinny_tuned(wt, m, n, k)
     if hit is not None:
-        return dict(hit)
+        return hit
     rule = SKINNY_RULE.get((wt, _rows_bucket(m))) if fam == "hopper+" else None
     if rule is not None:
         cfg = {key: v for key, v in rule.items() if key != "PER_SM"}
@@ -308,8 +345,7 @@ def skinny_bf16_config(m: int, n: int, k: int) -> "dict | None":
     fam = _family(arch())
     if fam == "interp":
         return skinny_config(m, n, k, 2) if m <= 4 else None
-    hit = SKINNY_TUNED.get(arch(), {}).get(("bf16", _rows_bucket(m), n, k))
-    return dict(hit) if hit is not None else None
+    return _skinny_tuned("bf16", m, n, k)
 
 
 # ---- fused MoE ---------------------------------------------------------------------------------
