@@ -3,8 +3,9 @@
 #   OUT=<dir> bash bench/device/fp8.sh
 # 1. sweep of the session-4 skinny forms only (gemvr loop, in-kernel quantization in the
 #    tensor-core form) against the tuned table (configs.SKINNY_TUNED, from the 21:08 sweep);
-# 2. end to end, 8B shape, on the sweep's winners ($HALSERVE_SKINNY_CONFIGS): fp8 W8A8 and bf16, batch-1 ms/token and batch 1/16/64/256 tok/s, the
-#    kernel tables of one decode step at batch 1 and 16;
+# 2. end to end, 8B shape, on the sweep's winners ($HALSERVE_SKINNY_CONFIGS): fp8 W8A8 and
+#    bf16, batch-1 ms/token and batch 1/16/64/256 tok/s, the kernel tables of one decode step
+#    at batch 1 and 16;
 # 3. the skinny kernel's GPU tests (every form, fused reduction in graphs, the winners' configs
 #    on the 8B shapes eager and replayed from graphs);
 # 4. conformance of the cuda backend's linear op (the fp8 schemes' cases), quick set.
@@ -15,7 +16,7 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OF
 unset TRITON_INTERPRET
 . "$(dirname "$0")/step.sh"
 git log --oneline -1 2>/dev/null | head -1
-STEP_TAIL=30 step fp8_sweep 75 python3 bench/skinny_gemm.py --sweep --warm 14 --budget 40 \
+STEP_TAIL=30 step fp8_sweep 90 python3 bench/skinny_gemm.py --sweep --warm 14 --budget 36 \
     --parts fp8_new,fp8_new_1b --json "$OUT/fp8_sweep.json" --emit-table "$OUT/fp8_table.json"
 # the engine runs on what this sweep found (the fastest of the table and the new forms per shape)
 [ -s "$OUT/fp8_table.json" ] && export HALSERVE_SKINNY_CONFIGS="$OUT/fp8_table.json"
