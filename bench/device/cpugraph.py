@@ -21,13 +21,14 @@ TINY = dict(hidden_size=64, num_hidden_layers=22, num_attention_heads=4, num_key
             intermediate_size=128, vocab_size=32000, max_position_embeddings=4096)
 
 
-def checkpoint(shape: str, work: Path) -> Path:
+def checkpoint(shape: str, work: Path, layers: int = 0) -> Path:
     from halserve.bench.cpu import SHAPES
     from halserve.bench.cpu_ckpt import write_random
 
     if shape == "tiny":
         return write_random(work / "cpugraph-tiny-bf16", dict(TINY))
-    cfg = SHAPES[shape]  # where `halserve bench cpu` writes it: one written there is reused
+    cfg = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
+    # where `halserve bench cpu` writes it: one written there is reused
     return write_random(work / f"cpu-{shape}-L{cfg['num_hidden_layers']}-V{cfg['vocab_size']}-random-bf16", dict(cfg))
 
 
@@ -40,7 +41,7 @@ def run_shape(shape: str, args, out: dict) -> None:
     from halserve.engine.runner import ModelRunner
 
     row = out.setdefault(shape, {})
-    path = checkpoint(shape, Path(args.work_dir))
+    path = checkpoint(shape, Path(args.work_dir), args.layers)
     cap = ModelRunner.capture_decode_graphs
     timing = {}
 
@@ -146,6 +147,7 @@ def main() -> int:
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-num-seqs", type=int, default=4)
+    p.add_argument("--layers", type=int, default=0, help="override the shape's layer count (not tiny's)")
     # the graph's attention runs every key span up to this (empty ones skipped): a real length
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--work-dir", default="", help="checkpoints' folder (default: halserve bench cpu's)")
