@@ -11,13 +11,14 @@ import time
 
 import torch
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+# o and down have split-K 2 on the H200 (their column tiles alone leave SMs idle at M = 1)
+SHAPES = {"o": (4096, 4096), "qkv": (6144, 4096), "down": (4096, 14336), "gate_up": (28672, 4096)}
 FORMS = {  # overrides of the decode form; BLOCK_K and the split count are what a row's sums follow
     "in_use": None,
-    "bm128_bn128_k128_w8_s3": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-    "bm128_bn128_k64_w8_s4": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
-    "bm128_bn256_k64_w8_s3": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
-    "bm256_bn128_k64_w8_s3": dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    "bm128_bn128_k128_w8_s3_partials": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    "bm128_bn128_k64_w8_s4": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, SPLITS_INLINE=True),
+    "bm128_bn256_k64_w8_s3": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, SPLITS_INLINE=True),
+    "bm256_bn128_k64_w8_s3": dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, SPLITS_INLINE=True),
 }
 ROWS = (0, 1, 127, 128, 2049, 4095)
 

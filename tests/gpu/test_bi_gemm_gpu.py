@@ -11,7 +11,7 @@ import torch
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # qkv, o (split-K), gate_up, down
 # what BI_LARGE_M holds on sm_90; checked even where the table has no entry, so a candidate
 # can be proven before it is enabled
-CANDIDATE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+CANDIDATE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, SPLITS_INLINE=True)
 
 
 def _large_form():
@@ -30,7 +30,8 @@ def test_large_row_tile_keeps_row_bits(n, k):
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
     base = configs.matmul_fixed_config(n, k)
     want = mm.persistent_matmul(x, w, cfg=base)
-    for over in (CANDIDATE, dict(BLOCK_M=128, num_warps=8, num_stages=3), _large_form() or {}):
+    for over in (CANDIDATE, dict(CANDIDATE, SPLITS_INLINE=False), dict(BLOCK_M=128, num_warps=8, num_stages=3),
+                 _large_form() or {}):
         assert torch.equal(mm.persistent_matmul(x, w, cfg=dict(base, **over)), want), over
     assert torch.equal(mm.persistent_matmul(x, w), want)  # whatever form 300 rows get now
     assert torch.equal(mm.persistent_matmul(x[:1].contiguous(), w), want[:1])

@@ -142,7 +142,8 @@ BI_LARGE_M: dict = {
     # H200 sweep (bench/skinny_gemm.py, M = 4096, without split-K): 514-566 TFLOP/s vs
     # 198-431 for the decode-form tiles (cuBLAS 786-804); rows bitwise equal to the decode
     # form in the 19:31 GPU run with BLOCK_M 128 / 8 warps; BLOCK_N 128 is the test's to show
-    "sm90": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    # (SPLITS_INLINE: a tile's K splits added inside the program, same order as the reduction)
+    "sm90": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, SPLITS_INLINE=True),
 }
 BI_LARGE_M_ROWS = 256
 

@@ -22,12 +22,13 @@ FP8_MAX = 448.0  # e4m3fn
 @triton.jit
 def _persistent_mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, part_ptr, M, N, K, s_am, s_ak, s_bn, s_bk, s_cm, s_cn,
                           NUM_PROGS, k_per_split, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                          SPLITS_INLINE: tl.constexpr = False):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_split = num_m * num_n
-    total = per_split * SPLITS
+    total = per_split if SPLITS_INLINE else per_split * SPLITS
     offs_k = tl.arange(0, BLOCK_K)
     group = GROUP_M * num_n
     for tile in range(pid, total, NUM_PROGS):
@@ -45,19 +46,39 @@ def _persistent_mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, part_ptr, M, N, K, s_am
         rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
         a_rows = a_ptr + rm[:, None].to(tl.int64) * s_am
         b_cols = b_ptr + rn[None, :].to(tl.int64) * s_bn
-        k_lo = ps * k_per_split
-        k_hi = tl.minimum(k_lo + k_per_split, K)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            kk = k0 + offs_k
-            a = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < k_hi), other=0.0)
-            b = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < k_hi) & (rn[None, :] < N), other=0.0)
-            if IEEE:
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
+        if SPLITS_INLINE:
+            # every split of this tile here, one after the other, each from a zero accumulator
+            # and added to the total in split order: the same operations as the fp32 partials
+            # and _reduce_kernel's ordered sum, without the partials' round trip through memory
+            tot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for s in range(0, SPLITS):
+                k_lo = s * k_per_split
+                k_hi = tl.minimum(k_lo + k_per_split, K)
+                acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                for k0 in range(k_lo, k_hi, BLOCK_K):
+                    kk = k0 + offs_k
+                    a = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < k_hi), other=0.0)
+                    b = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < k_hi) & (rn[None, :] < N), other=0.0)
+                    if IEEE:
+                        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(a, b, acc)
+                tot += acc
+            acc = tot
+        else:
+            k_lo = ps * k_per_split
+            k_hi = tl.minimum(k_lo + k_per_split, K)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                kk = k0 + offs_k
+                a = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < k_hi), other=0.0)
+                b = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < k_hi) & (rn[None, :] < N), other=0.0)
+                if IEEE:
+                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, b, acc)
         ok = (rm[:, None] < M) & (rn[None, :] < N)
-        if SPLITS > 1:  # fp32 partials [S, M, N], added in split order by the reduction
+        if (SPLITS > 1) and (not SPLITS_INLINE):  # fp32 partials [S, M, N], added in split order by the reduction
             tl.store(part_ptr + (ps.to(tl.int64) * M + rm[:, None]) * N + rn[None, :], acc, mask=ok)
         else:
             if HAS_BIAS:
@@ -82,16 +103,20 @@ def persistent_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     # the split count (a row's order of sums) always from the row-count-free config
     splits = cfg.get("SPLITS") or fixed_splits(N, K, base["BLOCK_N"], base["BLOCK_K"])
-    k_per_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn) * splits
+    # split boundaries in the row-count-free config's BLOCK_K (a form with another BLOCK_K
+    # must not move them)
+    k_per_split = triton.cdiv(triton.cdiv(K, splits), base["BLOCK_K"]) * base["BLOCK_K"]
+    inline = bool(cfg.get("SPLITS_INLINE")) and splits > 1
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn) * (1 if inline else splits)
     progs = min(tiles, configs.num_sms() * cfg.get("PROGS_PER_SM", 2))
-    part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else out
+    part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 and not inline else out
     _persistent_mm_kernel[(progs,)](
         x, w, out, bias if bias is not None else x, part, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         out.stride(0), out.stride(1), progs, k_per_split, HAS_BIAS=bias is not None,
         IEEE=x.dtype == torch.float32 or configs.interpreting(), SPLITS=splits,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 8), **configs.launch_opts(cfg))
-    if splits > 1:
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 8), SPLITS_INLINE=inline,
+        **configs.launch_opts(cfg))
+    if splits > 1 and not inline:
         from halserve.hal.triton.skinny import reduce_splits
 
         reduce_splits(part, out, bias)
