@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # BIATT (issue 20, batch-invariant mode nearly free at batch 64), about 200 s on one H200:
-#  1. the batch-invariance tests on the GPU: the GEMM's prefill form keeps a row's bits at
+#  1. the batch-invariance tests on the GPU: the GEMM's prefill form (splits added in the
+#     program, tests/hal/test_bi_gemm.py) keeps a row's bits at
 #     M = 1/64/300/4096 (tests/gpu/test_bi_gemm_gpu.py), batch-invariant decode attention on
 #     the decode tile bitwise alone / in batches / mixed with prefill / under a graph bound, in
 #     bf16 (tests/hal/test_bi_attention.py), the Triton kernel tests' batch-invariant cases,
@@ -19,7 +20,7 @@ unset TRITON_INTERPRET
 . "$(dirname "$0")/step.sh"
 git log --oneline -1 > "$OUT/biatt_commit.txt" 2>/dev/null
 STEP_TAIL=30 step biatt_tests 80 python3 -m pytest -q -p no:cacheprovider -rfE --durations=12 \
-    tests/gpu/test_bi_gemm_gpu.py tests/hal/test_bi_attention.py \
+    tests/gpu/test_bi_gemm_gpu.py tests/hal/test_bi_gemm.py tests/hal/test_bi_attention.py \
     tests/hal/test_triton_kernels.py::test_attention tests/hal/test_triton_kernels.py::test_attention_row_invariance \
     tests/hal/test_triton_kernels.py::test_attention_batch_invariant_decode_splits \
     tests/hal/test_triton_kernels.py::test_persistent_matmul_rows_invariant \
