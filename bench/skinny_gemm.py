@@ -217,7 +217,14 @@ def fp8_new_space(m, tuned):
                                      num_stages=1)))
     if tuned.get("KIND") == "dot" and not tuned.get("QUANT_IN"):
         out.append((None, dict(tuned, QUANT_IN=True)))
-    return out
+    # launched as programmatic dependents (the start overlaps the previous kernel's tail; gemvr
+    # reads its first weight tile before the wait)
+    pdl = [(None, dict(c, PDL=True)) for _, c in out[-1:] if c.get("QUANT_IN") and c["KIND"] == "dot"]
+    pdl.append((None, dict(tuned, PDL=True)))
+    if m <= 4:
+        pdl.append((2, dict(KIND="gemvr", BLOCK_N=16 if m == 1 else 8, BLOCK_K=512 if m == 1 else 256, FUSED=False,
+                            QUANT_IN=True, num_warps=4, num_stages=1, PDL=True)))
+    return out + pdl
 
 
 def sweep_fp8_new(tag, shapes, ms, bw, deadline, rows, best):
@@ -254,7 +261,8 @@ def sweep_fp8_new(tag, shapes, ms, bw, deadline, rows, best):
                         continue
                     seen.append(cfg)
                     cands.append((f"{cfg['KIND']}_n{cfg['BLOCK_N']}_k{cfg['BLOCK_K']}_w{cfg['num_warps']}"
-                                  f"_s{cfg['num_stages']}_sp{sp}_f{int(fused)}_q{int(cfg['QUANT_IN'])}", cfg, *run(cfg)))
+                                  f"_s{cfg['num_stages']}_sp{sp}_f{int(fused)}_q{int(cfg['QUANT_IN'])}"
+                                  f"{'_pdl' if cfg.get('PDL') else ''}", cfg, *run(cfg)))
             got = run_cands(cands, ref, W.bytes, bw, deadline, rows, base)
             try:  # the same bytes read by one torch reduction: the per-call floor at this size
                 floor = round(timed_us([lambda i=i: W.q[i].view(torch.int16).amax() for i in range(len(W.q))]), 2)

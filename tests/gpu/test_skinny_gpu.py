@@ -116,3 +116,35 @@ def test_skinny_bf16_forms_match_reference(cfg, m):
     got = skinny_matmul(x, w, bias=bias, cfg=cfg).double()
     err = ((got - ref) ** 2).sum() / (ref ** 2).sum()
     assert err < 1e-4, f"nmse {err:.3g}"
+
+
+@pytest.mark.parametrize("kind", ["gemvr", "dot"])
+def test_skinny_pdl_reads_what_the_kernel_before_wrote(kind):
+    """Launched as a programmatic dependent (PDL=True), the kernel may start while the one
+    before it runs: it must still read that kernel's output (a fresh x written just before),
+    eager and replayed from a graph, bitwise what the ordinary launch gives."""
+    from halserve.hal.triton.skinny import skinny_matmul
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    x, q, s = _case(1, n=6144, k=4096, seed=9)
+    cfg = dict(KIND=kind, BLOCK_N=16 if kind == "gemvr" else 64, BLOCK_K=512 if kind == "gemvr" else 256, SPLITS=2,
+               FUSED=True, QUANT_IN=True, num_warps=4, num_stages=1 if kind == "gemvr" else 4)
+    src = x.clone()
+    xs = torch.empty_like(x)
+
+    def step():
+        torch.mul(src, 3.0, out=xs)  # the writer right before
+        return skinny_matmul(xs, q, s, "per_token", cfg=dict(cfg, PDL=True))
+
+    want = skinny_matmul(x * 3.0, q, s, "per_token", cfg=cfg)
+    assert torch.equal(step(), want)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = step()
+    for seed in (10, 11):
+        x2, _, _ = _case(1, n=8, k=4096, seed=seed)
+        src.copy_(x2)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, skinny_matmul(x2 * 3.0, q, s, "per_token", cfg=cfg))

@@ -279,7 +279,7 @@ def _skinny_file(path: str) -> dict:
         out = {}
         for e in doc["entries"]:
             cfg = dict(e["cfg"])
-            if set(cfg) != _SKINNY_KEYS or cfg["KIND"] not in ("dot", "gemv", "gemvr"):
+            if not _SKINNY_KEYS <= set(cfg) <= _SKINNY_KEYS | {"PDL"} or cfg["KIND"] not in ("dot", "gemv", "gemvr"):
                 raise ValueError(f"config keys {sorted(cfg)} / KIND {cfg.get('KIND')!r}")
             out[(doc["arch"], e["weights"], int(e["rows"]), int(e["N"]), int(e["K"]))] = cfg
         return out

@@ -34,6 +34,13 @@ import triton.language as tl
 
 from halserve.hal.triton import configs
 
+try:  # griddepcontrol.wait (sm_90+): triton >= 3.4; older ones refuse configs with PDL at launch
+    from triton.language.extra import cuda as _tl_cuda
+
+    _HAS_GDC = hasattr(_tl_cuda, "gdc_wait")
+except ImportError:  # pragma: no cover
+    _HAS_GDC = False
+
 BLOCK_M = 16
 _COUNTERS: dict = {}  # device -> int32 arrival counters of FUSED tiles (reset by their last program)
 _MAX_TILES = 1 << 16
@@ -58,12 +65,15 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, xs_ptr, ws_ptr, bias_
                    FUSED: tl.constexpr, QUANT_IN: tl.constexpr, A_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
                    HAS_BIAS: tl.constexpr, W_FP8: tl.constexpr, A_FP8: tl.constexpr, FP8_DOT: tl.constexpr,
                    IEEE: tl.constexpr, EXACT_CVT: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     # QUANT_IN: 0 off, 1 per-token, 2 per-tensor (all M rows in this tile).
     # A_SCALE / W_SCALE: 0 none, 1 per row / per column, 2 one scalar.
     # ROW_ACC (gemv): the product is summed over BLOCK_K every step into [rows, BLOCK_N] (a few
     # registers, so more programs stay resident) and the next weight and activation tiles are
     # loaded before the current ones are used; the first before the amax pass, which they overlap.
+    # PDL (launched as a programmatic dependent): the program may start while the kernel before
+    # it in the stream finishes; it reads nothing that kernel wrote (x) and writes nothing before
+    # griddepcontrol.wait, and the weights, which no kernel writes, may be read before it.
     pm = tl.program_id(0)
     pn = tl.program_id(1)
     ps = tl.program_id(2)
@@ -80,6 +90,10 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, xs_ptr, ws_ptr, bias_
         if ROW_ACC:
             k_ok = (k_lo + rk) < k_hi
             b_next = tl.load(w_rows + (k_lo + rk)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    if GEMV:
+        if ROW_ACC:
             a_next = tl.load(x_rows + (k_lo + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
     if QUANT_IN > 0:  # the same formula as quant_fp8_per_token, over the whole row
         # one real row at a time in wide 1D steps (a 16-row tile of the dot form would otherwise
@@ -282,6 +296,10 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None
     fused = bool(cfg.get("FUSED")) and splits > 1 and grid[0] * grid[1] <= _MAX_TILES
     part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else y
     cnt = _counters(x.device) if fused else y
+    pdl = bool(cfg.get("PDL")) and not configs.interpreting()  # the interpreter runs kernels one by one
+    if pdl and (not _HAS_GDC or x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) < (9, 0)):
+        raise ValueError("skinny config PDL=True needs sm_90+ and triton >= 3.4 (griddepcontrol)")
+    launch = {"launch_pdl": True} if pdl else {}
     a_fp8 = x.dtype.itemsize == 1 or quant_in > 0
     a_scale = 0 if xs is None else (1 if quant_in or xs.numel() > 1 else 2)
     w_scale_mode = 0 if w_scale is None else (1 if w_scale.numel() > 1 else 2)
@@ -293,7 +311,7 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None
         HAS_BIAS=bias is not None, W_FP8=w_fp8, A_FP8=a_fp8, FP8_DOT=a_fp8 and _fp8_dot(x.device),
         IEEE=x.dtype == torch.float32 or configs.interpreting(), EXACT_CVT=configs.interpreting(),
         Q_BLOCK=min(triton.next_power_of_2(K), 8192) if quant_in else 16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch)
     if splits > 1 and not fused:
         reduce_splits(part, y, bias, xs, w_scale)
     return y
