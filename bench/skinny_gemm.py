@@ -227,9 +227,39 @@ def fp8_new_space(m, tuned):
     return out + pdl
 
 
+_PDL_OK: list = []
+
+
+def pdl_ok() -> bool:
+    """One small PDL launch, eager and captured in a graph, before any is timed: a capture that
+    fails mid-sweep could leave the stream unusable for the candidates after it."""
+    if not _PDL_OK:
+        try:
+            x = torch.randn(1, 1024, device=DEV, dtype=torch.bfloat16)
+            q, s = quantize(torch.randn(256, 1024, device=DEV, dtype=torch.bfloat16), "fp8", "per_channel")
+            cfg = dict(KIND="gemvr", BLOCK_N=16, BLOCK_K=256, SPLITS=2, FUSED=True, QUANT_IN=True, num_warps=4,
+                       num_stages=1, PDL=True)
+            want = skinny_matmul(x, q, s, "per_token", cfg=dict(cfg, PDL=False))
+            ok = torch.equal(skinny_matmul(x, q, s, "per_token", cfg=cfg), want)
+            if DEV == "cuda":
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    y = skinny_matmul(x, q, s, "per_token", cfg=cfg)
+                g.replay()
+                torch.cuda.synchronize()
+                ok = ok and torch.equal(y, want)
+            _PDL_OK.append(ok)
+        except Exception as e:  # noqa: BLE001 - reported, the sweep goes on without PDL
+            print(f"[sweep] PDL probe failed: {type(e).__name__}: {e}"[:300], flush=True)
+            _PDL_OK.append(False)
+        print(f"[sweep] PDL launches: {'on' if _PDL_OK[0] else 'off'}", flush=True)
+    return _PDL_OK[0]
+
+
 def sweep_fp8_new(tag, shapes, ms, bw, deadline, rows, best):
     """The tuned table (``configs.skinny_config``) against the session-4 forms, each split
     count with the reduction fused and not; cuBLASLt as the peer."""
+    use_pdl = pdl_ok()
     weights = {s: Weights(n, k, fp8=True) for s, (n, k) in shapes.items()}
     for m in ms:
         for sname, (n, k) in shapes.items():
@@ -254,6 +284,8 @@ def sweep_fp8_new(tag, shapes, ms, bw, deadline, rows, best):
                      ("tuned", tuned, *run(tuned))]
             seen = [tuned]
             for per_sm, c in fp8_new_space(m, tuned):
+                if c.get("PDL") and not use_pdl:
+                    continue
                 sp = c.get("SPLITS") if per_sm is None else per_sm_splits(n, k, c["BLOCK_N"], c["BLOCK_K"], per_sm)
                 for fused in ((False, True) if sp > 1 else (False,)):
                     cfg = dict(c, SPLITS=sp, FUSED=fused)
