@@ -25,6 +25,8 @@ Three inner loops (``KIND`` of ``configs.skinny_config``):
 Weights: bf16/fp16/fp32 ``[N, K]``, or fp8 e4m3 ``[N, K]`` with scale [1] or [N]. For W8A8 the
 activation rows are quantized either in one small pass first (``matmul.quant_fp8_per_token``)
 or, with ``QUANT_IN``, inside every program (it re-reads its rows for the amax, from L2).
+With ``PDL`` (sm_90+) the kernel is launched as a programmatic dependent: it may start while
+the kernel before it finishes, and waits (griddepcontrol.wait) before it reads x or writes.
 """
 from __future__ import annotations
 
