@@ -153,3 +153,30 @@ def test_bf16_model_batch_through_amx_is_as_accurate_as_before(checkpoint):
     clear = (top2[:, 0] - top2[:, 1]) > 0.05 * truth.abs().amax(-1)
     assert clear.sum() > seqs * plen // 4
     assert torch.equal(on.argmax(-1)[clear], truth.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_sequence_decode_attention(dtype):
+    """40 decode rows of 1..600 keys (one to five spans each) in one call: against native's
+    attention, bit-equal whether the key bound is the longest row or a captured step's
+    max_model_len (only the rows' own spans are work items), and each row alone as in the batch."""
+    from halserve.hal.native import NativeBackend
+    from tests.hal.test_cpu_amx import _meta
+
+    b, nat = backend("amx"), NativeBackend()
+    g = torch.Generator().manual_seed(11)
+    hq, hk, d = 8, 2, 64
+    ctx = torch.randint(1, 600, (40,), generator=g).tolist()
+    ctx[:3] = [1, 128, 129]  # span edges
+    meta, nblk = _meta(ctx, [1] * len(ctx))
+    cache = torch.randn(2, nblk, BLOCK_SIZE, hk, d, generator=g).to(dtype)
+    q = torch.randn(len(ctx), hq, d, generator=g).to(dtype)
+    out = b.attention(q, cache, meta, 0.125)
+    ref = nat.attention(q.float(), cache.float(), meta, 0.125)
+    assert nmse(out, ref) < (1e-10 if dtype == torch.float32 else 3e-5), nmse(out, ref)
+    meta.seq_lens_host = [4096] * len(ctx)  # the bound a captured step passes (max_model_len)
+    assert torch.equal(b.attention(q, cache, meta, 0.125), out)
+    for i in (0, 2, 17):
+        one, _ = _meta([ctx[i]], [1])
+        one.block_tables = meta.block_tables[i:i + 1]
+        assert torch.equal(b.attention(q[i:i + 1], cache, one, 0.125), out[i:i + 1]), i

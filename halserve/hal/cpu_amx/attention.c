@@ -224,18 +224,32 @@ void hs_attention(const void *q, const void *kc, const void *vc, void *out, cons
         if (cu_q[i + 1] - cu_q[i] == 1) dec[nd++] = t;
         else pre[np++] = t;
     }
-    int nspan = (max_seqlen_k + SPAN - 1) / SPAN;
-    if (nspan < 1) nspan = 1;
+    /* decode row d's items are [first[d], first[d + 1]): its kv heads x the spans up to its
+     * own position (a bound like max_model_len, which a captured step passes, would add
+     * empty items; a longer row adds no work to a shorter one) */
     size_t per = (size_t)G * (D + 2);
-    int64_t items = (int64_t)nd * Hk * nspan;
+    int64_t *first = (int64_t *)malloc(((size_t)nd + 1) * 8);
+    first[0] = 0;
+    for (int d = 0; d < nd; d++) {
+        int nsp = (tok_pos[dec[d]] + SPAN) / SPAN;
+        first[d + 1] = first[d] + (int64_t)Hk * nsp;
+    }
+    int64_t items = first[nd];
     float *part = (float *)malloc((size_t)(items > 0 ? items : 1) * per * 4);
     int64_t work = (int64_t)T * Hq * (max_seqlen_k > 0 ? max_seqlen_k : 1) * D * 2;
 #pragma omp parallel if ((hs_small_par && work >= PAR_WORK) || T >= 8)
     {
 #pragma omp for schedule(dynamic, 1) nowait
         for (int64_t it = 0; it < items; it++) {
-            int sp = (int)(it % nspan), h = (int)((it / nspan) % Hk);
-            int t = dec[it / nspan / Hk], i = tok_seq[t];
+            int lo = 0, hi = nd - 1; /* the decode row holding item it */
+            while (lo < hi) {
+                int mid = (lo + hi + 1) / 2;
+                if (first[mid] <= it) lo = mid;
+                else hi = mid - 1;
+            }
+            int nsp = (int)((first[lo + 1] - first[lo]) / Hk);
+            int sp = (int)((it - first[lo]) % nsp), h = (int)((it - first[lo]) / nsp);
+            int t = dec[lo], i = tok_seq[t];
             float *pm = part + it * per, *pl = pm + G, *pa = pl + G;
             int s0 = sp * SPAN, s1 = s0 + SPAN;
             if (s0 < tok_beg[t]) s0 = tok_beg[t];
@@ -259,15 +273,17 @@ void hs_attention(const void *q, const void *kc, const void *vc, void *out, cons
         /* merge each decode row's spans in span order */
 #pragma omp for schedule(static)
         for (int64_t th = 0; th < (int64_t)nd * Hk; th++) {
-            int t = dec[th / Hk], h = (int)(th % Hk);
+            int d = (int)(th / Hk), t = dec[d], h = (int)(th % Hk);
+            int nsp = (int)((first[d + 1] - first[d]) / Hk);
+            const float *p0 = part + (first[d] + (int64_t)h * nsp) * per;
             float L[G], o[G * D];
             for (int g = 0; g < G; g++) {
                 float M = -INFINITY;
-                for (int sp = 0; sp < nspan; sp++) M = fmaxf(M, part[(th * nspan + sp) * per + g]);
+                for (int sp = 0; sp < nsp; sp++) M = fmaxf(M, p0[sp * per + g]);
                 L[g] = 0.f;
                 for (int i = 0; i < D; i++) o[g * D + i] = 0.f;
-                for (int sp = 0; sp < nspan; sp++) {
-                    const float *pm = part + (th * nspan + sp) * per;
+                for (int sp = 0; sp < nsp; sp++) {
+                    const float *pm = p0 + sp * per;
                     if (pm[g] == -INFINITY) continue;
                     float w = expf(pm[g] - M);
                     L[g] += w * pm[G + g];
@@ -279,6 +295,7 @@ void hs_attention(const void *q, const void *kc, const void *vc, void *out, cons
         }
     }
     free(part);
+    free(first);
     free(dec);
     free(pre);
     free(tok);
