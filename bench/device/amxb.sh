@@ -7,7 +7,7 @@
 #    the engine with the AMX GEMM on and off, steps interleaved, beside HF transformers' forward
 #    with its KV cache in the same process; then where each step's time goes, op by op; then the
 #    engine default (captured steps, graph.py) with the AMX GEMM on;
-# 3. python -m pytest -q tests/hal/test_cpu_amx*.py (the new kernel's tests among them).
+# 3. python -m pytest -q tests/hal/test_cpu_amx*.py (the new kernel's file first, then the others).
 # Run from the repo root: bash bench/device/amxb.sh (step limits add up to 150 s)
 set -uo pipefail
 OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
@@ -19,12 +19,16 @@ export OMP_NUM_THREADS=$T
 [ "$(df -BG --output=avail /dev/shm 2>/dev/null | tail -1 | tr -dc 0-9)" -gt 8 ] 2>/dev/null && \
   export XDG_CACHE_HOME=/dev/shm/amxb-cache
 . "$(dirname "$0")/step.sh"
-STEP_TAIL=300
-# the first step also compiles the amx tier's C library (cached in $HALSERVE_CACHE_DIR)
-step amxb_kernels 35 python3 bench/device/amxb_kernels.py --set-mb 384 --reps 3 --json "$OUT/amxb_kernels.json"
+STEP_TAIL=4
+# the amx tier's C library compiled once (cached in $HALSERVE_CACHE_DIR) before anything is timed
+step amxb_build 20 python3 -c "from halserve.hal.cpu_amx.tiers import choose; t = choose(); print(t.name, '|', t.reason)"
 STEP_TAIL=20
-step amxb_step 70 python3 bench/device/amxb_step.py --rows 16,64 --prompt 32 --steps 8 --profile-steps 2 \
+step amxb_step 60 python3 bench/device/amxb_step.py --rows 16,64 --prompt 32 --steps 6 --profile-steps 2 \
   --json "$OUT/amxb_step.json"
-STEP_TAIL=25
-step amxb_tests 45 python3 -m pytest -q -p no:cacheprovider tests/hal/test_cpu_amx*.py
+STEP_TAIL=300
+step amxb_kernels 25 python3 bench/device/amxb_kernels.py --set-mb 320 --reps 3 --json "$OUT/amxb_kernels.json"
+STEP_TAIL=6
+step amxb_tests_batched 15 python3 -m pytest -q -p no:cacheprovider tests/hal/test_cpu_amx_batched.py
+step amxb_tests 30 python3 -m pytest -q -p no:cacheprovider tests/hal/test_cpu_amx*.py \
+  --ignore=tests/hal/test_cpu_amx_batched.py
 rm -rf /dev/shm/amxb-cache  # give the RAM back

@@ -117,6 +117,62 @@ GV_INLINE void gv_bf16dot_nt(const bf16_t *const *x, int NT, const bf16_t *const
 }
 #endif
 
+#ifdef __AVX512VNNI__
+/* int8 W against x in 16-bit fixed point split into bytes (linear.c's hs_linear_i8_x16
+ * form): x[t] points at K low bytes (unsigned) followed by K high bytes (offset by 128), so
+ * VPDPBUSD takes 64 products per instruction; wsum[r] (the row's sum over its first K & ~63
+ * values) takes the 128 offset back off. acc = exact integer dot, to be scaled by the
+ * caller's x scale and row scale. */
+GV_INLINE void gv_i8x16_nt(const uint8_t *const *x, int NT, const int8_t *const *w, const int32_t *wsum, int K,
+                           float acc[GV_TOK][GV_ROWS]) {
+    __m512i al[GV_TOK][GV_ROWS], ah[GV_TOK][GV_ROWS];
+    for (int t = 0; t < NT; t++)
+        for (int r = 0; r < GV_ROWS; r++) al[t][r] = ah[t][r] = _mm512_setzero_si512();
+    int kv = K & ~63;
+    for (int k = 0; k < kv; k += 64) {
+        __m512i xl[GV_TOK], xh[GV_TOK];
+        for (int t = 0; t < NT; t++) {
+            xl[t] = _mm512_loadu_si512((const void *)(x[t] + k));
+            xh[t] = _mm512_loadu_si512((const void *)(x[t] + K + k));
+        }
+        for (int r = 0; r < GV_ROWS; r++) {
+            GV_PREFETCH(w[r] + k);
+            __m512i wv = _mm512_loadu_si512((const void *)(w[r] + k));
+            for (int t = 0; t < NT; t++) {
+                al[t][r] = _mm512_dpbusd_epi32(al[t][r], xl[t], wv);
+                ah[t][r] = _mm512_dpbusd_epi32(ah[t][r], xh[t], wv);
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++)
+        for (int r = 0; r < GV_ROWS; r++) {
+            int64_t l = _mm512_reduce_add_epi32(al[t][r]);
+            int64_t h = (int64_t)_mm512_reduce_add_epi32(ah[t][r]) - 128 * (int64_t)wsum[r];
+            for (int k = kv; k < K; k++) {
+                l += (int64_t)x[t][k] * w[r][k];
+                h += (int64_t)((int)x[t][K + k] - 128) * w[r][k];
+            }
+            acc[t][r] = (float)(256.0 * (double)h + (double)l);
+        }
+}
+
+/* x row (bf16) -> the 16-bit fixed point bytes gv_i8x16 reads; returns the x scale */
+static inline float gv_x16_quant(const bf16_t *x, int K, uint8_t *dst) {
+    float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+    for (int k = 0; k < K; k++) amax = fmaxf(amax, fabsf(bf16_to_f32(x[k])));
+    float sc = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / sc;
+#pragma omp simd
+    for (int k = 0; k < K; k++) {
+        int q = (int)nearbyintf(bf16_to_f32(x[k]) * inv);
+        q = q > 32767 ? 32767 : (q < -32767 ? -32767 : q);
+        dst[k] = (uint8_t)(q & 255);
+        dst[K + k] = (uint8_t)(((q >> 8) + 128) & 255);
+    }
+    return sc;
+}
+#endif
+
 #else /* no AVX-512: plain loops GCC vectorizes for the tier (AVX2) */
 
 #define GV_GENERIC(NAME, XT, WT, XV, WV)                                                              \
@@ -154,4 +210,15 @@ GV_DISPATCH(gv_i8w, float, int8_t)
 GV_DISPATCH(gv_bf16dot, bf16_t, bf16_t)
 #endif
 #undef GV_DISPATCH
+#ifdef __AVX512VNNI__
+static inline void gv_i8x16_x(const uint8_t *const *x, int nt, const int8_t *const *w, const int32_t *wsum, int K,
+                              float acc[GV_TOK][GV_ROWS]) {
+    switch (nt) {
+    case 1: gv_i8x16_nt(x, 1, w, wsum, K, acc); break;
+    case 2: gv_i8x16_nt(x, 2, w, wsum, K, acc); break;
+    case 3: gv_i8x16_nt(x, 3, w, wsum, K, acc); break;
+    default: gv_i8x16_nt(x, 4, w, wsum, K, acc); break;
+    }
+}
+#endif
 #endif

@@ -49,7 +49,7 @@ static inline void silu_mul(const float *g, const float *u, int n, int rb, float
 
 /* One dot call: nt activation rows (xs) against GV_ROWS weight rows (rows, of kind's type). */
 typedef struct {
-    int kind, dot16; /* dot16: bf16 x and bf16 W through VDPBF16PS */
+    int kind, dot16, x16; /* dot16: bf16 x and bf16 W through VDPBF16PS; x16: see hs_moe */
 } mode_t_;
 
 static inline void dots(mode_t_ m, const void *const *xs, int nt, const void *const *rows, int K,
@@ -66,15 +66,19 @@ static inline void dots(mode_t_ m, const void *const *xs, int nt, const void *co
 }
 
 /* x [T, H] (bf16 or fp32), ids / tw [T, topk], w13 [E, 2I, H], w2 [E, H, I] (kind 0 fp32,
- * 1 bf16, 2 int8 with s13 [E, 2I] / s2 [E, H]), out [T, H] in x's dtype.
+ * 1 bf16, 2 int8 with s13 [E, 2I] / s2 [E, H]), out [T, H] in x's dtype. ws13 (int8, may be
+ * NULL): each w13 row's sum over its first H & ~63 values; with it and bf16 x, the gate/up
+ * dots take x as 16-bit fixed point through VPDPBUSD (linear.c's int8 x bf16 form) instead
+ * of widening every weight to fp32.
  * Returns 0, -1 for an unknown kind, -2 for an expert id outside [0, E), -3 out of memory. */
 int hs_moe(const void *x, int x_bf16, int T, int H, int I, int E, int topk, const int64_t *ids, const float *tw,
-           const void *w13, const float *s13, const void *w2, const float *s2, int kind, void *out) {
+           const void *w13, const float *s13, const int32_t *ws13, const void *w2, const float *s2, int kind,
+           void *out) {
     if (kind < 0 || kind > 2) return -1;
     int P = T * topk;
     for (int p = 0; p < P; p++)
         if (ids[p] < 0 || ids[p] >= E) return -2;
-    mode_t_ m = {kind, 0};
+    mode_t_ m = {kind, 0, 0};
 #ifdef __AVX512BF16__
     m.dot16 = kind == 1 && x_bf16;
 #endif
@@ -86,13 +90,27 @@ int hs_moe(const void *x, int x_bf16, int T, int H, int I, int E, int topk, cons
     float *ysum = (float *)grow(&buf_sum, &cap_sum, (int64_t)T * H * 4);
     void *act = grow(&buf_act, &cap_act, (int64_t)P * I * asz);
     const void *xa = x; /* the activation the phase-1 dots read */
-    if (!m.dot16 && x_bf16) {
+    const float *xsc = NULL; /* x16: each token's x scale */
+#ifdef __AVX512VNNI__
+    m.x16 = kind == 2 && x_bf16 && ws13;
+    if (m.x16) {
+        char *xq = (char *)grow(&buf_xf, &cap_xf, (int64_t)T * (2 * H + 4));
+        if (!xq) return -3;
+        float *sc = (float *)(xq + (int64_t)T * 2 * H);
+        for (int t = 0; t < T; t++) sc[t] = gv_x16_quant((const bf16_t *)x + (int64_t)t * H, H, (uint8_t *)xq + (int64_t)t * 2 * H);
+        xa = xq;
+        xsc = sc;
+    }
+#endif
+    if (!m.dot16 && !m.x16 && x_bf16) {
         float *xf = (float *)grow(&buf_xf, &cap_xf, (int64_t)T * H * 4);
         if (!xf) return -3;
         row_to_f32(x, 0, T * H, 1, xf);
         xa = xf;
     }
     if (!ib || !ysum || !act) return -3;
+    (void)xsc;
+    (void)ws13;
     int *order = ib, *cnt = ib + P, *ue = cnt + E + 1, *us = ue + (P < E ? P : E) + 1;
     memset(cnt, 0, (size_t)(E + 1) * sizeof(int));
     for (int p = 0; p < P; p++) cnt[ids[p] + 1]++;
@@ -108,7 +126,7 @@ int hs_moe(const void *x, int x_bf16, int T, int H, int I, int E, int topk, cons
     for (int p = 0; p < P; p++) order[cnt[ids[p]]++] = p;
 
     int nba = (I + RA - 1) / RA, nbb = (H + RB - 1) / RB;
-    int64_t xrow = (int64_t)H * (m.dot16 ? 2 : 4);
+    int64_t xrow = (int64_t)H * (m.dot16 || m.x16 ? 2 : 4);
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
@@ -129,8 +147,20 @@ int hs_moe(const void *x, int x_bf16, int T, int H, int I, int E, int topk, cons
                     for (int half = 0; half < 2; half++) {
                         int64_t r0 = (int64_t)half * I + i;
                         for (int r = 0; r < GV_ROWS; r++) rows[r] = we + (size_t)(r0 + (r < nr ? r : 0)) * H * esz;
-                        dots(m, xs, nt, rows, H, acc);
                         float (*dst)[RA] = half ? up : g;
+#ifdef __AVX512VNNI__
+                        if (m.x16) {
+                            int32_t ws[GV_ROWS];
+                            for (int r = 0; r < GV_ROWS; r++) ws[r] = ws13[e * 2 * I + r0 + (r < nr ? r : 0)];
+                            gv_i8x16_x((const uint8_t *const *)xs, nt, (const int8_t *const *)rows, ws, H, acc);
+                            for (int t = 0; t < nt; t++) {
+                                float xt = xsc[order[c0 + t] / topk];
+                                for (int r = 0; r < nr; r++) dst[t][i - i0 + r] = acc[t][r] * xt * se[r0 + r];
+                            }
+                            continue;
+                        }
+#endif
+                        dots(m, xs, nt, rows, H, acc);
                         for (int t = 0; t < nt; t++)
                             for (int r = 0; r < nr; r++) dst[t][i - i0 + r] = se ? acc[t][r] * se[r0 + r] : acc[t][r];
                     }
