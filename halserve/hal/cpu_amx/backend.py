@@ -397,22 +397,28 @@ class CpuAmxBackend(NativeBackend):
         tw = _ready(topk_w, torch.float32)
         direct = out is not None and out.dtype == x.dtype and out.is_contiguous()
         y = out if direct else torch.empty(t, hdim, dtype=x.dtype)
-        (w13p, s13p), (w2p, s2p) = self._moe_plan(w13), self._moe_plan(w2)
+        (w13p, s13p, ws13p), (w2p, s2p, _) = self._moe_plan(w13), self._moe_plan(w2)
         rc = self.lib.hs_moe(xc.data_ptr(), int(x.dtype == torch.bfloat16), t, hdim, w2.weight.shape[-1],
-                             w13.weight.shape[0], ids.shape[1], ids.data_ptr(), tw.data_ptr(), w13p, s13p, w2p, s2p,
-                             kind, y.data_ptr())
+                             w13.weight.shape[0], ids.shape[1], ids.data_ptr(), tw.data_ptr(), w13p, s13p, ws13p, w2p,
+                             s2p, kind, y.data_ptr())
         if rc:
             raise RuntimeError(f"cpu_amx moe kernel failed (code {rc}: -2 an expert id outside the weights, "
                                "-3 out of memory)")
         return y if out is None or direct else out.copy_(y)
 
     @staticmethod
-    def _moe_plan(w: PackedWeight) -> tuple[int, int]:
-        """(weight ptr, per-row scale ptr or 0) of a stacked expert weight, kept in ``w.extra``."""
+    def _moe_plan(w: PackedWeight) -> tuple[int, int, int]:
+        """(weight ptr, per-row scale ptr or 0, int8 row sums ptr or 0) of a stacked expert
+        weight, kept in ``w.extra``; the row sums (over the first K & ~63 values) are what
+        the byte-dot kernel would otherwise recompute every call."""
         plan = w.extra.get("cpu_amx_moe")
         if plan is None or plan[0] is not w.weight:
             wt = w.weight.contiguous()
-            sc = None if w.scheme != "int8" else w.scale.float().contiguous()
-            plan = (w.weight, wt, sc, (wt.data_ptr(), 0 if sc is None else sc.data_ptr()))
+            sc = ws = None
+            if w.scheme == "int8":
+                sc = w.scale.float().contiguous()
+                ws = wt[..., :wt.shape[-1] & ~63].sum(-1, dtype=torch.int32).contiguous()
+            ptrs = tuple(0 if v is None else v.data_ptr() for v in (wt, sc, ws))
+            plan = (w.weight, wt, sc, ws, ptrs)
             w.extra["cpu_amx_moe"] = plan
-        return plan[3]
+        return plan[4]
