@@ -129,24 +129,33 @@ def _step_clock(engine) -> list:
 
 
 class AlphaOracle:
-    """Drafts the reference continuation; each token right with probability ``alpha``
-    (seeded by the position, so every run drafts the same), the draft ending at the first
-    wrong one."""
+    """Drafts the reference continuation; each token right with probability ``alpha``, the
+    draft ending at the first wrong one. A coin an output position, drawn once a prompt
+    (seeded by the prompt: every run drafts the same): the draft token at position p is
+    right iff coin[p] < alpha. Each position is drafted at most once before the target's own
+    token lands there, so the draws are independent. Cheap a call (a dict lookup and k
+    compares): its own cost is counted in the speculative run's time, as a real proposer's
+    would be; it had seeded a Mersenne Twister a call."""
 
     def __init__(self, refs: dict, input_len: int, vocab: int):
         self.refs, self.input_len, self.vocab = refs, input_len, vocab
         self.alpha, self.k = 1.0, 0
+        self._coins: dict = {}
         self.__name__ = "alpha_oracle"
 
     def __call__(self, token_ids: list[int]) -> list[int]:
-        ref = self.refs.get(tuple(token_ids[:self.input_len]))
+        key = tuple(token_ids[:self.input_len])
+        ref = self.refs.get(key)
         if ref is None:
             return []
+        coins = self._coins.get(key)
+        if coins is None or len(coins) < len(ref):
+            rng = random.Random(hash(key[:8]))
+            coins = self._coins[key] = [rng.random() for _ in range(len(ref))]
         pos = len(token_ids) - self.input_len
-        rng = random.Random(hash((tuple(token_ids[:8]), pos, self.alpha)))
         out = []
-        for t in ref[pos:pos + self.k]:
-            if rng.random() < self.alpha:
+        for t, c in zip(ref[pos:pos + self.k], coins[pos:pos + self.k]):
+            if c < self.alpha:
                 out.append(t)
             else:
                 out.append((t + 1) % self.vocab)
