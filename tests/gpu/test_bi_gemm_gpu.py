@@ -30,9 +30,11 @@ def test_large_row_tile_keeps_row_bits(n, k):
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
     base = configs.matmul_fixed_config(n, k)
     want = mm.persistent_matmul(x, w, cfg=base)
-    for over in (CANDIDATE, dict(CANDIDATE, SPLITS_INLINE=False), dict(BLOCK_M=128, num_warps=8, num_stages=3),
-                 _large_form() or {}):
-        assert torch.equal(mm.persistent_matmul(x, w, cfg=dict(base, **over)), want), over
+    forms = {"candidate": CANDIDATE, "candidate_partials": dict(CANDIDATE, SPLITS_INLINE=False),
+             "bm128_w8_decode_bn": dict(BLOCK_M=128, num_warps=8, num_stages=3), "in_table": _large_form() or {}}
+    bad = [name for name, over in forms.items()
+           if not torch.equal(mm.persistent_matmul(x, w, cfg=dict(base, **over)), want)]
+    assert not bad, f"forms that change a row's bits: {bad}"
     assert torch.equal(mm.persistent_matmul(x, w), want)  # whatever form 300 rows get now
     assert torch.equal(mm.persistent_matmul(x[:1].contiguous(), w), want[:1])
 
