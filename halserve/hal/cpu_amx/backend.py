@@ -239,8 +239,10 @@ class CpuAmxBackend(NativeBackend):
         direct = out is not None and out.dtype == x.dtype and out.is_contiguous()
         y = out if direct else torch.empty(m, w.out_features, dtype=x.dtype)
         bf16 = int(x.dtype == torch.bfloat16)
-        if self.lib.hs_gemm_amx(xc.data_ptr(), bf16, m, k, wp, w.out_features, self._ptr(bf), y.data_ptr(), bf16):
-            raise RuntimeError(f"cpu_amx AMX GEMM refused M={m} K={k} N={w.out_features} (this build has no AMX?)")
+        rc = self.lib.hs_gemm_amx(xc.data_ptr(), bf16, m, k, wp, w.out_features, self._ptr(bf), y.data_ptr(), bf16)
+        if rc:
+            why = "out of memory for the packed activations" if rc == -3 else "this build has no AMX, or M outside 1..128"
+            raise RuntimeError(f"cpu_amx AMX GEMM failed for M={m} K={k} N={w.out_features}: {why}")
         return y if out is None or direct else out.copy_(y)
 
     def linear_call(self, x: torch.Tensor, w: PackedWeight):

@@ -195,7 +195,8 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
     if (need > xp_cap) {
         free(xp_buf);
         xp_buf = aligned_alloc(64, (size_t)need * 4);
-        xp_cap = need;
+        xp_cap = xp_buf ? need : 0;
+        if (!xp_buf) return -3;
     }
     uint32_t *xh = (uint32_t *)xp_buf, *xl = x_bf16 ? NULL : xh + blk;
     int br = amx_rows, nblk = (N + br - 1) / br;
@@ -220,6 +221,7 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
             const bf16_t *src = w + (int64_t)(n0 + (nr & ~15)) * K;
             if (part) {
                 if (!pad) pad = (bf16_t *)malloc((size_t)16 * nkb * KB * 2);
+                if (!pad) abort(); /* 16 rows of K: a machine without them cannot run the model */
                 memset(pad, 0, (size_t)16 * nkb * KB * 2);
                 for (int i = 0; i < part; i++) memcpy(pad + (int64_t)i * nkb * KB, src + (int64_t)i * K, (size_t)K * 2);
                 if (nr < 16) a0 = pad;
