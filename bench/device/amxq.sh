@@ -91,8 +91,17 @@ for shape in shapes_arg.split(","):
                     t = _t(lambda: [c() for c in calls]) / len(calls)
                     res[label] = min(res.get(label, 1e9), t)
             b.lib.hs_set_qkernels(1)
-            for label, scheme, inter, qk in VARIANTS:
-                nbytes = packs[(scheme, inter)][1]
+            if m > 1:  # the large-M path (dequantized row tiles through oneDNN) at the same M: where to switch
+                for scheme in ("int8", "int4"):
+                    ws = packs[(scheme, True)][0][:4]
+                    plans = [b._plan(w) for w in ws]
+                    run = lambda: [quant.linear_tiled(b.lib, x, w, p[1], p[2], p[3], p[4], None) for w, p in zip(ws, plans)]
+                    run()
+                    res[f"{scheme} tiled"] = min(_t(run) for _ in range(reps)) / len(ws)
+            keys = {v[0]: (v[1], v[2]) for v in VARIANTS}
+            keys.update({"int8 tiled": ("int8", True), "int4 tiled": ("int4", True)})
+            for label in res:
+                nbytes = packs[keys[label]][1]
                 gbs = nbytes / res[label] / 1e9
                 r = dict(shape=shape, op=op, n=n, k=k, m=m, variant=label, us=res[label] * 1e6, bytes=nbytes,
                          gbs=gbs, pct_read=100 * gbs / bw)

@@ -120,7 +120,7 @@ def test_one_row_int8_kernels_are_bitwise_the_four_row_ones(scheme, dtype):
     pw = b.pack_weight(w, scheme)
     x = torch.randn(16, 769, generator=g).to(dtype)
     try:
-        for m in (1, 2, 7, 16):
+        for m in (1, 2, 3, 16):  # one-row kernels up to M = 2, four-row ones above
             b.lib.hs_set_qkernels(0)
             old = b.linear(x[:m], pw, bias)
             b.lib.hs_set_qkernels(1)

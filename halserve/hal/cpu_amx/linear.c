@@ -14,7 +14,10 @@
 
 #define ROWS 4
 
-/* linear_q.c */
+/* linear_q.c. Its one-row int8 kernels read every activation row per weight row: beyond a
+ * few rows the activations outgrow L1 and the four-row kernels here (each x load feeding four
+ * rows) win (2-vCPU box: M = 16 1.5-2x slower one row at a time). Same bits either way. */
+#define SEQ_M 2
 extern int hs_qkernels;
 void hs_linear_i4x16(const void *x, int x_bf16, int M, int K, const uint8_t *w, const float *scales, int group,
                      int N, const float *bias, void *y, int y_bf16);
@@ -522,7 +525,7 @@ int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, 
             xs16_cap = M;
         }
         i8_x16_planes((const bf16_t *)x, M, K, xu_buf, xs16_buf);
-        if (hs_qkernels && wsum)
+        if (hs_qkernels && wsum && M <= SEQ_M)
             hs_linear_i8_seq(xu_buf, xs16_buf, M, K, (const int8_t *)w, scale, N, bias, y, y_bf16, wsum);
         else
             hs_linear_i8_x16(M, K, (const int8_t *)w, scale, N, bias, (float *)y, xu_buf, xs16_buf, wsum);
@@ -554,7 +557,7 @@ int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, 
             xu_buf = (uint8_t *)malloc((size_t)M * K);
             xu_cap = (int64_t)M * K;
         }
-        if (hs_qkernels && wsum) {
+        if (hs_qkernels && wsum && M <= SEQ_M) {
             int64_t mk = (int64_t)M * K;
             for (int64_t i = 0; i < mk; i++) xu_buf[i] = (uint8_t)xq_buf[i] ^ 0x80;
             hs_linear_w8a8_seq(xq_buf, xu_buf, xs, M, K, (const int8_t *)w, scale, N, bias, y, y_bf16, wsum);

@@ -14,8 +14,8 @@
  * int8 weight-only and W8A8 keep the row-major [N, K] tensor (the HAL contract's int8 layout,
  * which conformance and the references read); their kernels walk one row at a time with four
  * independent accumulators, so a thread's weights are one sequential stream (the four-row
- * kernels of linear.c interleave four streams per thread; hs_set_qkernels(0) selects them
- * back for A/B timing).
+ * kernels of linear.c interleave four streams per thread; they still run M > 2, and
+ * hs_set_qkernels(0) selects them for every M, for A/B timing).
  *
  * Every output's arithmetic depends only on K, the layout and the build, never on M or on
  * which rows share a block: batch-invariant. */
