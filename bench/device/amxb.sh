@@ -21,14 +21,14 @@ export OMP_NUM_THREADS=$T
 . "$(dirname "$0")/step.sh"
 STEP_TAIL=4
 # the amx tier's C library compiled once (cached in $HALSERVE_CACHE_DIR) before anything is timed
-step amxb_build 20 python3 -c "from halserve.hal.cpu_amx.tiers import choose; t = choose(); print(t.name, '|', t.reason)"
+step amxb_build 15 python3 -c "from halserve.hal.cpu_amx.tiers import choose; t = choose(); print(t.name, '|', t.reason)"
 STEP_TAIL=20
-step amxb_step 60 python3 bench/device/amxb_step.py --rows 16,64 --prompt 32 --steps 6 --profile-steps 2 \
+step amxb_step 55 python3 bench/device/amxb_step.py --rows 16,64 --prompt 32 --steps 6 --profile-steps 2 \
   --json "$OUT/amxb_step.json"
 STEP_TAIL=300
-step amxb_kernels 25 python3 bench/device/amxb_kernels.py --set-mb 320 --reps 3 --json "$OUT/amxb_kernels.json"
+step amxb_kernels 25 python3 bench/device/amxb_kernels.py --set-mb 400 --reps 3 --json "$OUT/amxb_kernels.json"
 STEP_TAIL=6
 step amxb_tests_batched 15 python3 -m pytest -q -p no:cacheprovider tests/hal/test_cpu_amx_batched.py
-step amxb_tests 30 python3 -m pytest -q -p no:cacheprovider tests/hal/test_cpu_amx*.py \
+step amxb_tests 40 python3 -m pytest -q -p no:cacheprovider tests/hal/test_cpu_amx*.py \
   --ignore=tests/hal/test_cpu_amx_batched.py
 rm -rf /dev/shm/amxb-cache  # give the RAM back
