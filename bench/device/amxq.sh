@@ -54,7 +54,7 @@ bw = read_bw()
 print(f"read bandwidth {bw:.1f} GB/s (torch sum over 1 GiB, {threads} threads)", flush=True)
 rows = []
 for shape in shapes_arg.split(","):
-    for op, (n, k) in SHAPES[shape].items():
+    for op, (n, k) in SHAPES.get(shape, {}).items():
         w0 = torch.randn(n, k, dtype=torch.bfloat16) * k ** -0.5
         packs, made = {}, {}
         for label, scheme, inter, qk in VARIANTS:
@@ -117,6 +117,8 @@ for shape in shapes_arg.split(","):
         sel = [r for r in rows if r["shape"] == shape and r["variant"] == label and r["m"] == 1 and r["op"] != "lm_head"]
         us = sum(r["us"] for r in sel)
         by = sum(r["bytes"] for r in sel)
+        if not sel:
+            continue
         print(f"| {shape} | {label} | {us:.0f} | {100 * by / (us * 1e-6) / 1e9 / bw:.0f}% |")
 json.dump({"read_gbs": bw, "threads": threads, "rows": rows}, open(f"{out}/amxq.json", "w"), indent=1)
 # software prefetch distance for the new kernels (the default is 512 bytes), 8B MLP shapes, M = 1
@@ -143,6 +145,28 @@ for op, (n, k) in [(o, SHAPES["8b"][o]) for o in ("gate_up", "down")] if "8b" in
                   flush=True)
         del ws, calls
 b.lib.hs_set_prefetch(512)
+# per-core compute: one thread, a 1024 x 2048 weight that stays in L2, best of 40 interleaved rounds
+b.lib.hs_set_threads(1)
+w0 = torch.randn(1024, 2048, dtype=torch.bfloat16) * 0.05
+rm = quant.pack_int4(w0, 128)
+i8 = b.pack_weight(w0, "int8")
+per = {"int4 before": (rm, 1), "int4 after": (quant.interleave_int4(rm), 1), "int8 before": (i8, 0),
+       "int8 after": (i8, 1), "bf16": (b.pack_weight(w0, "none"), 1)}
+print("\n| per core (1 thread, weight in L2) | M | Gweights/s |")
+print("| --- | ---: | ---: |")
+for m in (1, 4):
+    x = torch.randn(m, 2048, dtype=torch.bfloat16)
+    calls = {lab: b.linear_call(x, w) for lab, (w, _) in per.items()}
+    best = {lab: 1e9 for lab in per}
+    for _ in range(40):
+        for lab, (w, qk) in per.items():
+            b.lib.hs_set_qkernels(qk)
+            calls[lab]()
+            best[lab] = min(best[lab], _t(lambda: [calls[lab]() for _ in range(3)]) / 3)
+    for lab in per:
+        print(f"| {lab} | {m} | {1024 * 2048 * m / best[lab] / 1e9:.1f} |", flush=True)
+b.lib.hs_set_qkernels(1)
+b.lib.hs_set_threads(threads)
 EOF
 
 echo "amxq: $(date -u +%H:%M:%S) tests"
