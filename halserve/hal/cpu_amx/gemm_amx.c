@@ -7,8 +7,8 @@
  * of k as rows, 16 columns) is x transposed into the VNNI pair layout, which is small and
  * made once per call. The product tile is y^T: 16 output features x 16 rows of x.
  *
- * Work is split over blocks of 32 output features across the pool (W streamed once, each
- * thread a contiguous run); within a block, 2 W tiles x 2 x tiles feed 4 accumulators per
+ * Work is split over blocks of 32 output features (16: hs_set_amx_rows) across the pool (W
+ * streamed once, each thread a contiguous run); within a block, 2 W tiles x 2 x tiles feed 4 accumulators per
  * 32-wide k step, and for M > 32 the block's W rows come again from L2 for each further pair
  * of 16-row x chunks. The K tail (K % 32) and the N tail (N % 16) read from zero-padded
  * copies. fp32 x is split into hi + lo bf16 terms (x = hi + lo to ~2^-16 relative), each
