@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default="1,2,4,8,16,32,64,128")
-    p.add_argument("--prefetch", default="512,1024:l2,2048:l2,512:r16,1024:l2:r16",
-                   help="comma list of W prefetch distances in bytes (':l2': into L2 only; ':r16': blocks "
-                   "of 16 W rows, not 32)")
+    p.add_argument("--prefetch", default="512,512:nb,1024:l2,1024:l2:nb,2048:l2:nb,512:r16,1024:l2:r16:nb",
+                   help="comma list of W prefetch distances in bytes (':l2': into L2 only; ':nb': also the next "
+                   "block's first lines; ':r16': blocks of 16 W rows, not 32)")
     p.add_argument("--set-mb", type=int, default=1024)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None)
@@ -55,8 +55,9 @@ def main(argv=None) -> int:
                      "onednn": lambda w: F.linear(x, w)}
             if tier.name == "amx":
                 for pf in pfs:
-                    def amx(w, pf=int(pf.split(":")[0]), l2=int(":l2" in pf), rows=16 if ":r16" in pf else 32):
-                        lib.hs_set_amx_prefetch(pf, l2)
+                    def amx(w, pf=int(pf.split(":")[0]), fl=int(":l2" in pf) | 2 * int(":nb" in pf),
+                            rows=16 if ":r16" in pf else 32):
+                        lib.hs_set_amx_prefetch(pf, fl)
                         lib.hs_set_amx_rows(rows)
                         return lib.hs_gemm_amx(x.data_ptr(), 1, m, k, w.data_ptr(), n, 0, y.data_ptr(), 1)
 

@@ -79,12 +79,14 @@ static void pack_block(const void *x, int x_bf16, int M, int K, int mc, int kb, 
 
 /* software prefetch distance (bytes) ahead of each W row's stream on a block's first pass
  * (0: off); a block's 32 rows are 32 concurrent streams, as many as the L2 streamer tracks */
-static int amx_pf = 512, amx_pf_l2 = 0;
-/* l2: prefetch into L2 only (T1): no L1 fill buffer held per line, so a core can have more
- * lines in flight than its ~16 fill buffers allow */
-void hs_set_amx_prefetch(int bytes, int l2) {
+static int amx_pf = 512, amx_pf_l2 = 0, amx_pf_next = 0;
+/* flags 1: prefetch into L2 only (T1): no L1 fill buffer held per line, so a core can have
+ * more lines in flight than its ~16 fill buffers allow; 2: also the next block's first
+ * ``bytes`` of each row, at the start of a block */
+void hs_set_amx_prefetch(int bytes, int flags) {
     amx_pf = bytes > 0 ? bytes : 0;
-    amx_pf_l2 = l2 != 0;
+    amx_pf_l2 = (flags & 1) != 0;
+    amx_pf_next = (flags & 2) != 0;
 }
 
 /* W rows per block: 32 (two W tiles share each x tile load) or 16 (half the concurrent
@@ -213,6 +215,14 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
 #pragma omp for schedule(static)
         for (int b = 0; b < nblk; b++) {
             int n0 = b * br, nr = N - n0 < br ? N - n0 : br;
+            if (amx_pf && amx_pf_next && b + 1 < nblk) {
+                /* the next block's first lines (the in-block prefetch starts amx_pf bytes in):
+                 * into L2 now, so the next block does not open with demand misses */
+                int nn = N - n0 - br < br ? N - n0 - br : br, lim = amx_pf < K * 2 ? amx_pf : K * 2;
+                const char *nb = (const char *)(w + (int64_t)(n0 + br) * K);
+                for (int i = 0; i < nn; i++)
+                    for (int off = 0; off < lim; off += 64) _mm_prefetch(nb + (int64_t)i * K * 2 + off, _MM_HINT_T1);
+            }
             const bf16_t *a0 = w + (int64_t)n0 * K, *a1 = nr > 16 ? a0 + (int64_t)16 * K : NULL;
             int64_t lda = K;
             int kf = kfull;
@@ -257,7 +267,7 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
     return 0;
 }
 #else
-void hs_set_amx_prefetch(int bytes, int l2) { (void)bytes, (void)l2; }
+void hs_set_amx_prefetch(int bytes, int flags) { (void)bytes, (void)flags; }
 void hs_set_amx_rows(int rows) { (void)rows; }
 int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N, const float *bias, void *y,
                 int y_bf16) {

@@ -53,7 +53,7 @@ void hs_sample(P logits, int lbf16, int64_t B, int64_t V, P temp, P top_k, P top
 int hs_amx_request(void);
 void hs_set_threads(int n);
 int hs_gemm_amx(P x, int x_bf16, int M, int K, P w, int N, P bias, P y, int y_bf16);
-void hs_set_amx_prefetch(int bytes, int l2);
+void hs_set_amx_prefetch(int bytes, int flags);
 void hs_set_amx_rows(int rows);
 int hs_get_threads(void);
 int hs_tier(void);
