@@ -121,7 +121,7 @@ for shape in shapes_arg.split(","):
             continue
         print(f"| {shape} | {label} | {us:.0f} | {100 * by / (us * 1e-6) / 1e9 / bw:.0f}% |")
 json.dump({"read_gbs": bw, "threads": threads, "rows": rows}, open(f"{out}/amxq.json", "w"), indent=1)
-# software prefetch distance for the new kernels (the default is 512 bytes), 8B MLP shapes, M = 1
+# software prefetch distance of the new kernels (hs_set_qprefetch; default: linear.c's 512 bytes), 8B MLP, M = 1
 print("\n| prefetch bytes | variant | op | GB/s | % of read |")
 print("| ---: | --- | --- | ---: | ---: |")
 for op, (n, k) in [(o, SHAPES["8b"][o]) for o in ("gate_up", "down")] if "8b" in shapes_arg else []:
@@ -136,7 +136,7 @@ for op, (n, k) in [(o, SHAPES["8b"][o]) for o in ("gate_up", "down")] if "8b" in
         best = {}
         for rnd in range(reps):
             for pf in (0, 256, 512, 1024, 2048):
-                b.lib.hs_set_prefetch(pf)
+                b.lib.hs_set_qprefetch(pf)
                 calls[0]()
                 t = _t(lambda: [c() for c in calls]) / len(calls)
                 best[pf] = min(best.get(pf, 1e9), t)
@@ -144,7 +144,7 @@ for op, (n, k) in [(o, SHAPES["8b"][o]) for o in ("gate_up", "down")] if "8b" in
             print(f"| {pf} | {scheme} after | {op} {n}x{k} | {nbytes / t / 1e9:.1f} | {100 * nbytes / t / 1e9 / bw:.0f}% |",
                   flush=True)
         del ws, calls
-b.lib.hs_set_prefetch(512)
+b.lib.hs_set_qprefetch(-1)
 # per-core compute: one thread, a 1024 x 2048 weight that stays in L2, best of 40 interleaved rounds
 b.lib.hs_set_threads(1)
 w0 = torch.randn(1024, 2048, dtype=torch.bfloat16) * 0.05

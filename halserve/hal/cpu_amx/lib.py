@@ -38,6 +38,7 @@ int hs_linear(P x, int x_bf16, int M, int K, P w, int kind, P scale, int group, 
               P wsum);
 void hs_set_prefetch(int bytes);
 void hs_set_qkernels(int v);
+void hs_set_qprefetch(int bytes);
 void hs_set_small_parallel(int on);
 void hs_rms_norm(P x, P res, P w, int w_bf16, P y, P h_out, int T, int H, float eps, int bf16);
 void hs_rotary(P pos, P q, P k, P cos_sin, int T, int Hq, int Hk, int D, int rot, int is_neox, int bf16);

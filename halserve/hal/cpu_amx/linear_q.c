@@ -31,6 +31,10 @@
 extern int hs_pf_bytes; /* linear.c: software prefetch distance, 0 = off */
 int hs_qkernels = 1;    /* 1: the sequential int8 kernels here; 0: linear.c's four-row ones */
 void hs_set_qkernels(int v) { hs_qkernels = v; }
+/* these kernels' own prefetch distance in bytes (0 off); negative: linear.c's (bf16) one */
+static int q_pf = -1;
+void hs_set_qprefetch(int bytes) { q_pf = bytes; }
+static inline int qpf(void) { return q_pf < 0 ? hs_pf_bytes : q_pf; }
 
 static inline void put(void *y, int64_t i, float v, int ybf) {
     if (ybf) ((bf16_t *)y)[i] = f32_to_bf16(v);
@@ -52,7 +56,7 @@ INL void i4x16_bf16_tile(const bf16_t *x, int K, const uint8_t *wb, const float 
         0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000, 0xbf80, 0xc000, 0xc040, 0xc080, 0xc0a0,
         0xc0c0, 0xc0e0, 0xc100, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000, 0xbf80, 0xc000,
         0xc040, 0xc080, 0xc0a0, 0xc0c0, 0xc0e0, 0xc100);
-    int ng = K / group, cpg = group / 8, pf = hs_pf_bytes;
+    int ng = K / group, cpg = group / 8, pf = qpf();
     __m512 tot[MT_MAX];
     for (int t = 0; t < MT; t++) tot[t] = _mm512_setzero_ps();
     for (int g = 0; g < ng; g++) {
@@ -90,7 +94,7 @@ INL void i4x16_f32_tile(const float *x, int K, const uint8_t *wb, const float *s
                         float out[MT_MAX][16]) {
     const __m512i nib = _mm512_set1_epi32(0x000f000f), lo16 = _mm512_set1_epi32(0xffff);
     const __m512 eight = _mm512_set1_ps(8.f);
-    int ng = K / group, cpg = group / 8, pf = hs_pf_bytes;
+    int ng = K / group, cpg = group / 8, pf = qpf();
     __m512 tot[MT_MAX];
     for (int t = 0; t < MT; t++) tot[t] = _mm512_setzero_ps();
     for (int g = 0; g < ng; g++) {
@@ -282,7 +286,7 @@ INL void dot2_u8s8(const uint8_t *lo, const uint8_t *hi, const int8_t *w, int kv
  * bytes (planes made by the caller), xs: M scales, wsum: row sums over k < K & ~63. */
 void hs_linear_i8_seq(const uint8_t *xb, const float *xs, int M, int K, const int8_t *w, const float *scale, int N,
                       const float *bias, void *y, int y_bf16, const int32_t *wsum) {
-    int kv = K & ~63, pf = hs_pf_bytes;
+    int kv = K & ~63, pf = qpf();
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const int8_t *wr = w + (int64_t)n * K;
@@ -305,7 +309,7 @@ void hs_linear_i8_seq(const uint8_t *xb, const float *xs, int M, int K, const in
 /* W8A8: xu = xq ^ 0x80 (M K bytes), exact int32 dots less 128 x the row sum */
 void hs_linear_w8a8_seq(const int8_t *xq, const uint8_t *xu, const float *xs, int M, int K, const int8_t *w,
                         const float *scale, int N, const float *bias, void *y, int y_bf16, const int32_t *wsum) {
-    int kv = K & ~63, pf = hs_pf_bytes;
+    int kv = K & ~63, pf = qpf();
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const int8_t *wr = w + (int64_t)n * K;
