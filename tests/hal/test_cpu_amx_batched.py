@@ -52,10 +52,11 @@ def block_rows(request):
 
 @pytest.mark.parametrize("k,n", [(64, 32), (2048, 48), (100, 50), (31, 17), (77, 7), (96, 200)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_amx_gemm_against_float64(k, n, dtype, block_rows):
+def test_amx_gemm_against_float64(k, n, dtype, block_rows, monkeypatch):
     """Every M class of the tile schedule (one x tile, a pair, several pairs, ragged), N and K
     ragged against the 32 x 32 tiles; bf16 outputs within one bf16 step of the truth and
     nearly all equal to its own rounding, fp32 activations (hi + lo split) to ~fp32."""
+    monkeypatch.setattr(amx_backend, "AMX_MIN_M", 2)  # the kernel's own range, whatever the dispatch
     b = _amx()
     g = torch.Generator().manual_seed(k * 1000 + n)
     w = (torch.randn(n, k, generator=g) * k ** -0.5).bfloat16()
@@ -91,25 +92,26 @@ def test_amx_gemm_writes_into_out_and_reads_strided_x():
 
 
 def test_which_calls_reach_the_amx_kernel():
-    """bf16 weights with 2..AMX_MAX_M rows only: one row stays on the GEMV, more rows on
+    """bf16 weights with AMX_MIN_M..AMX_MAX_M rows only: one row stays on the GEMV, more rows on
     oneDNN, fp32 and int8 weights on their kernels, batch-invariant mode on the C kernels
     (bitwise row-independent), and amx_gemm=False turns it off."""
     b = _amx()
     g = torch.Generator().manual_seed(4)
     w = torch.randn(32, 64, generator=g)
     bfw, f32w, i8w = b.pack_weight(w.bfloat16()), b.pack_weight(w), b.pack_weight(w.bfloat16(), "int8")
-    top = amx_backend.AMX_MAX_M
+    lo, top = amx_backend.AMX_MIN_M, amx_backend.AMX_MAX_M
+    mid = max(lo, 8)
 
     def calls(pw, m, dtype=torch.bfloat16):
         before = b.lib.calls
         b.linear(torch.randn(m, 64, generator=g).to(dtype), pw)
         return b.lib.calls - before
 
-    assert [calls(bfw, m) for m in (1, 2, top, top + 1)] == [0, 1, 1, 0]
-    assert calls(bfw, 8, torch.float32) == 1
-    assert calls(f32w, 8) == 0 and calls(i8w, 8) == 0
+    assert lo >= 2 and [calls(bfw, m) for m in (1, lo - 1, lo, top, top + 1)] == [0, 0, 1, 1, 0]
+    assert calls(bfw, mid, torch.float32) == 1
+    assert calls(f32w, mid) == 0 and calls(i8w, mid) == 0
     b.amx_gemm = False
-    assert calls(bfw, 8) == 0
+    assert calls(bfw, mid) == 0
     bi = backend("amx", batch_invariant=True)
     assert bi.amx_gemm
     bi.lib = _Count(bi.lib)

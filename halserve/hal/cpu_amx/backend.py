@@ -372,13 +372,25 @@ class CpuAmxBackend(NativeBackend):
         start = 0
         for e, c in enumerate(counts):
             if c:
-                h = self.silu_and_mul(self.linear(xs[start:start + c], quant.expert(w13, e), None))
-                ys[start:start + c] = self.linear(h, quant.expert(w2, e), None)
+                h = self.silu_and_mul(self.linear(xs[start:start + c], self._expert(w13, e), None))
+                ys[start:start + c] = self.linear(h, self._expert(w2, e), None)
                 start += c
         y = torch.empty_like(ys)
         y[order] = ys
         acc = (y.view(t, k, hdim).float() * topk_w.float().unsqueeze(-1)).sum(1)
         return acc.to(x.dtype) if out is None else out.copy_(acc)
+
+    @staticmethod
+    def _expert(w: PackedWeight, e: int) -> PackedWeight:
+        """Expert e of a stacked weight, made once and kept in ``w.extra``, so its linear plan
+        (int8 row sums: a pass over the expert) is made once, not every prefill call."""
+        cache = w.extra.get("cpu_amx_experts")
+        if cache is None or cache[0] is not w.weight:
+            cache = w.extra["cpu_amx_experts"] = (w.weight, {})
+        pw = cache[1].get(e)
+        if pw is None:
+            pw = cache[1][e] = quant.expert(w, e)
+        return pw
 
     def _moe_kind(self, w13: PackedWeight, w2: PackedWeight, dtype: torch.dtype) -> "int | None":
         """The fused small-batch MoE kernel's weight code, or None when the per-expert path runs."""
