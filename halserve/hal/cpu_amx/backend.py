@@ -4,7 +4,7 @@ Which path runs where (``describe()`` says it at start-up):
 - linear, M <= SMALL_M (decode) or batch-invariant mode: the C kernels, split over N across
   one OpenMP pool (bf16/fp32 weights as stored; int8 weight-only; int8 W8A8 dynamic with
   exact int32 dots; int4 group-wise).
-- linear, bf16 weights, 2..AMX_MAX_M rows (batched decode) on the AMX tier, unless
+- linear, bf16 weights, AMX_MIN_M..AMX_MAX_M rows (batched decode) on the AMX tier, unless
   batch-invariant: the AMX tile kernel (gemm_amx.c), reading the weight as stored.
 - linear, larger M (prefill, big batches): torch's oneDNN GEMM (F.linear), which reaches the
   AMX tiles for bf16 on AMX hosts (check ONEDNN_VERBOSE=1); int8/int4 weights are
@@ -32,7 +32,7 @@ from halserve.hal.native import NativeBackend, route
 
 SMALL_M = 8  # float weights: above this torch's oneDNN GEMM (AMX where present) wins
 SMALL_M_QUANT = 16  # quantized weights: the C kernel until dequantizing per call pays off
-AMX_MAX_M = 128  # bf16 weights, 2..this many rows on the AMX tier: the tile kernel (gemm_amx.c)
+AMX_MIN_M, AMX_MAX_M = 2, 128  # bf16 weights with this many rows on the AMX tier: the tile kernel (gemm_amx.c)
 MOE_SMALL_T = 8  # tokens (x E / (2 top_k) when larger) up to which every pair runs in one C region (moe.c)
 _CODES = {torch.float32: 0, torch.bfloat16: 1}
 _NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -108,7 +108,7 @@ class CpuAmxBackend(NativeBackend):
         return (f"{super().describe()} tier={self.tier} threads={self.threads} "
                 f"linear=C(M<={SMALL_M}{', every M' if self.batch_invariant else ''})"
                 f"{'' if self.batch_invariant else '+oneDNN(larger M)'}"
-                f"{'+AMX tiles(bf16 W, M 2..' + str(AMX_MAX_M) + ')' if self.amx_gemm and not self.batch_invariant else ''}")
+                f"{f'+AMX tiles(bf16 W, M {AMX_MIN_M}..{AMX_MAX_M})' if self.amx_gemm and not self.batch_invariant else ''}")
 
     # ---- dispatch -------------------------------------------------------------------------
     def supports(self, op: str, **spec: Any) -> "bool | str":
@@ -213,7 +213,8 @@ class CpuAmxBackend(NativeBackend):
         _, kind, wp, sp, group, _, ws = self._plan(w)
         m, k = x.shape
         n = w.out_features
-        if kind == 1 and 2 <= m <= AMX_MAX_M and self.amx_gemm and self.tier == "amx" and not self.batch_invariant:
+        if (kind == 1 and AMX_MIN_M <= m <= AMX_MAX_M and self.amx_gemm and self.tier == "amx"
+                and not self.batch_invariant):
             return self._linear_amx(x, w, wp, bias, out)
         small = SMALL_M if w.scheme == "none" else SMALL_M_QUANT
         if m > small and not self.batch_invariant and kind != 4:
@@ -231,7 +232,7 @@ class CpuAmxBackend(NativeBackend):
         return y if out is None or direct else out.copy_(y)
 
     def _linear_amx(self, x, w, wp, bias, out):
-        """bf16 weights, 2..AMX_MAX_M rows (batched decode): the AMX tile kernel (gemm_amx.c),
+        """bf16 weights, AMX_MIN_M..AMX_MAX_M rows (batched decode): the AMX tile kernel (gemm_amx.c),
         which reads the weight as stored, once for all rows."""
         xc = x if x.is_contiguous() else x.contiguous()
         m, k = xc.shape
