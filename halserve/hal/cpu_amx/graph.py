@@ -250,9 +250,10 @@ def _as_c(e, gffi, glib) -> "tuple | None":
         a = _copy_args(args[0], e[4][0])
     elif e[0] == "inplace" and name == "copy_" and len(ts) == 2 and args[0] is ts[0]:
         a = _copy_args(args[1], args[0])
-    elif e[0] == "functional" and name == "embedding" and len(e[4]) == 1:
-        w, ids, dst = args[0], args[1], e[4][0]
-        if w.dim() == 2 and w.is_contiguous() and ids.dtype == torch.int64 and ids.is_contiguous() \
+    elif e[0] == "functional" and name in ("embedding", "index_select") and len(e[4]) == 1 and (
+            name == "embedding" or (len(args) == 3 and args[1] == 0)):  # index_select(w, 0, ids)
+        w, ids, dst = args[0], args[1 if name == "embedding" else 2], e[4][0]
+        if isinstance(ids, torch.Tensor) and w.dim() == 2 and w.is_contiguous() and ids.dtype == torch.int64 and ids.is_contiguous() \
                 and dst.is_contiguous() and dst.dtype == w.dtype and tuple(dst.shape) == (*ids.shape, w.shape[1]):
             fn = glib.hs_graph_embed
             a = (w.data_ptr(), ids.data_ptr(), dst.data_ptr(), ids.numel(), w.shape[1] * w.element_size(),
