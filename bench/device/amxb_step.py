@@ -142,6 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--layers", type=int, default=22)
+    p.add_argument("--work-dir", default=None, help="folder of the random checkpoint (default: the perf tool's)")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-graphs", action="store_true", help="skip the engine-default run (captured steps)")
     p.add_argument("--json", default=None)
@@ -152,7 +153,12 @@ def main(argv=None) -> int:
     from halserve.hal.cpu_amx.perf import SHAPE_1B, _checkpoint
 
     shape = dict(SHAPE_1B, num_hidden_layers=a.layers)
-    model = _checkpoint(shape)
+    if a.work_dir:  # where `halserve bench cpu` / cpugraph.py write theirs: one there is reused
+        from halserve.bench.cpu_ckpt import write_random
+
+        model = write_random(Path(a.work_dir) / f"cpu-1.1b-L{a.layers}-V{shape['vocab_size']}-random-bf16", shape)
+    else:
+        model = _checkpoint(shape)
     bw = read_bandwidth_gbs()
     h, i, L = shape["hidden_size"], shape["intermediate_size"], a.layers
     wbytes = 2 * (L * (h * (h + 2 * h // 8) + h * h + 3 * h * i) + shape["vocab_size"] * h)
