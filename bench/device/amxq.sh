@@ -46,10 +46,10 @@ SHAPES = {
              "lm_head": (32000, 2048)},
     "8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
 }
-# (label, pack scheme, int4 interleave, int8 kernels: 1 new one-row, 0 old four-row)
-VARIANTS = [("bf16", "none", True, 1), ("int8 before", "int8", True, 0), ("int8 after", "int8", True, 1),
-            ("int4 before", "int4", False, 1), ("int4 after", "int4", True, 1),
-            ("w8a8 before", "int8_w8a8", True, 0), ("w8a8 after", "int8_w8a8", True, 1)]
+# (label, pack scheme, int4 interleave, int8 kernels: 3 new (one-row M <= 2, AMX tiles M 3..16), 0 old four-row)
+VARIANTS = [("bf16", "none", True, 3), ("int8 before", "int8", True, 0), ("int8 after", "int8", True, 3),
+            ("int4 before", "int4", False, 3), ("int4 after", "int4", True, 3),
+            ("w8a8 before", "int8_w8a8", True, 0), ("w8a8 after", "int8_w8a8", True, 3)]
 bw = read_bw()
 print(f"read bandwidth {bw:.1f} GB/s (torch sum over 1 GiB, {threads} threads)", flush=True)
 rows = []
@@ -90,7 +90,7 @@ for shape in shapes_arg.split(","):
                         c()
                     t = _t(lambda: [c() for c in calls]) / len(calls)
                     res[label] = min(res.get(label, 1e9), t)
-            b.lib.hs_set_qkernels(1)
+            b.lib.hs_set_qkernels(3)
             if m > 1:  # the large-M path (dequantized row tiles through oneDNN) at the same M: where to switch
                 for scheme in ("int8", "int4"):
                     ws = packs[(scheme, True)][0][:4]
@@ -150,11 +150,11 @@ b.lib.hs_set_threads(1)
 w0 = torch.randn(1024, 2048, dtype=torch.bfloat16) * 0.05
 rm = quant.pack_int4(w0, 128)
 i8 = b.pack_weight(w0, "int8")
-per = {"int4 before": (rm, 1), "int4 after": (quant.interleave_int4(rm), 1), "int8 before": (i8, 0),
-       "int8 after": (i8, 1), "bf16": (b.pack_weight(w0, "none"), 1)}
+per = {"int4 before": (rm, 3), "int4 after": (quant.interleave_int4(rm), 3), "int8 before": (i8, 0),
+       "int8 after": (i8, 3), "bf16": (b.pack_weight(w0, "none"), 3)}
 print("\n| per core (1 thread, weight in L2) | M | Gweights/s |")
 print("| --- | ---: | ---: |")
-for m in (1, 4):
+for m in (1, 4, 16):
     x = torch.randn(m, 2048, dtype=torch.bfloat16)
     calls = {lab: b.linear_call(x, w) for lab, (w, _) in per.items()}
     best = {lab: 1e9 for lab in per}
@@ -165,7 +165,7 @@ for m in (1, 4):
             best[lab] = min(best[lab], _t(lambda: [calls[lab]() for _ in range(3)]) / 3)
     for lab in per:
         print(f"| {lab} | {m} | {1024 * 2048 * m / best[lab] / 1e9:.1f} |", flush=True)
-b.lib.hs_set_qkernels(1)
+b.lib.hs_set_qkernels(3)
 b.lib.hs_set_threads(threads)
 EOF
 

@@ -108,25 +108,31 @@ def test_int4_bf16_x_within_one_output_rounding(scheme):
         assert (y.bfloat16() != ref.bfloat16()).double().mean() < 0.05
 
 
+@pytest.mark.parametrize("tier", RUNNABLE)
 @pytest.mark.parametrize("scheme", ["int8", "int8_w8a8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_row_int8_kernels_are_bitwise_the_four_row_ones(scheme, dtype):
-    """Same exact integer dots, same final float ops: the one-row kernels (hs_qkernels 1) give
-    the four-row kernels' bits (hs_qkernels 0), every M, bias, K with a byte-dot tail."""
-    b = CpuAmxBackend()
+def test_int8_kernel_choices_are_bitwise_equal(tier, scheme, dtype):
+    """Same exact integer dots, same final float ops: the one-row kernels (M <= 2) and the AMX
+    int8 tiles (M = 3..16, AMX builds) give the four-row kernels' bits (hs_qkernels 0), every
+    M, bias, K with a byte-dot tail (769) and without (128), N with a partial 16-row block."""
+    b = backend(tier)
+    default = b.lib.hs_get_qkernels()
+    assert default == 3
     g = torch.Generator().manual_seed(4)
-    w = (torch.randn(131, 769, generator=g) * 0.04).to(dtype)
-    bias = torch.randn(131, generator=g).to(dtype)
-    pw = b.pack_weight(w, scheme)
-    x = torch.randn(16, 769, generator=g).to(dtype)
     try:
-        for m in (1, 2, 3, 16):  # one-row kernels up to M = 2, four-row ones above
-            b.lib.hs_set_qkernels(0)
-            old = b.linear(x[:m], pw, bias)
-            b.lib.hs_set_qkernels(1)
-            assert torch.equal(b.linear(x[:m], pw, bias), old), (scheme, m)
+        for n, k in ((131, 769), (40, 128)):
+            w = (torch.randn(n, k, generator=g) * 0.04).to(dtype)
+            bias = torch.randn(n, generator=g).to(dtype)
+            pw = b.pack_weight(w, scheme)
+            x = torch.randn(16, k, generator=g).to(dtype)
+            for m in range(1, 17):
+                b.lib.hs_set_qkernels(0)
+                old = b.linear(x[:m], pw, bias if m % 2 else None)
+                for mode in (1, 3):
+                    b.lib.hs_set_qkernels(mode)
+                    assert torch.equal(b.linear(x[:m], pw, bias if m % 2 else None), old), (scheme, n, k, m, mode)
     finally:
-        b.lib.hs_set_qkernels(1)
+        b.lib.hs_set_qkernels(default)
 
 
 def test_x16_int4_agrees_with_the_row_major_kernel(monkeypatch):

@@ -38,6 +38,7 @@ int hs_linear(P x, int x_bf16, int M, int K, P w, int kind, P scale, int group, 
               P wsum);
 void hs_set_prefetch(int bytes);
 void hs_set_qkernels(int v);
+int hs_get_qkernels(void);
 void hs_set_qprefetch(int bytes);
 void hs_set_small_parallel(int on);
 void hs_rms_norm(P x, P res, P w, int w_bf16, P y, P h_out, int T, int H, float eps, int bf16);

@@ -25,6 +25,9 @@ void hs_linear_i8_seq(const uint8_t *xb, const float *xs, int M, int K, const in
                       const float *bias, void *y, int y_bf16, const int32_t *wsum);
 void hs_linear_w8a8_seq(const int8_t *xq, const uint8_t *xu, const float *xs, int M, int K, const int8_t *w,
                         const float *scale, int N, const float *bias, void *y, int y_bf16, const int32_t *wsum);
+void hs_linear_i8_amx(const uint8_t *xb, int64_t mstride, int np, const int8_t *xq, const float *xs, int M, int K,
+                      const int8_t *w, const float *scale, int N, const float *bias, void *y, int y_bf16,
+                      const int32_t *wsum);
 
 static int ybf; /* set by hs_linear before the parallel region: y is bfloat16 */
 
@@ -525,6 +528,13 @@ int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, 
             xs16_cap = M;
         }
         i8_x16_planes((const bf16_t *)x, M, K, xu_buf, xs16_buf);
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+        if ((hs_qkernels & 2) && wsum && M > SEQ_M && M <= 16) {
+            hs_linear_i8_amx(xu_buf, 2 * (int64_t)K, 2, NULL, xs16_buf, M, K, (const int8_t *)w, scale, N, bias, y,
+                             y_bf16, wsum);
+            return 0;
+        }
+#endif
         if (hs_qkernels && wsum && M <= SEQ_M)
             hs_linear_i8_seq(xu_buf, xs16_buf, M, K, (const int8_t *)w, scale, N, bias, y, y_bf16, wsum);
         else
@@ -557,10 +567,18 @@ int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, 
             xu_buf = (uint8_t *)malloc((size_t)M * K);
             xu_cap = (int64_t)M * K;
         }
-        if (hs_qkernels && wsum && M <= SEQ_M) {
+        int amx = 0;
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+        amx = (hs_qkernels & 2) && M > SEQ_M && M <= 16;
+#endif
+        if (hs_qkernels && wsum && (M <= SEQ_M || amx)) {
             int64_t mk = (int64_t)M * K;
             for (int64_t i = 0; i < mk; i++) xu_buf[i] = (uint8_t)xq_buf[i] ^ 0x80;
-            hs_linear_w8a8_seq(xq_buf, xu_buf, xs, M, K, (const int8_t *)w, scale, N, bias, y, y_bf16, wsum);
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+            if (amx) hs_linear_i8_amx(xu_buf, K, 1, xq_buf, xs, M, K, (const int8_t *)w, scale, N, bias, y, y_bf16, wsum);
+            else
+#endif
+                hs_linear_w8a8_seq(xq_buf, xu_buf, xs, M, K, (const int8_t *)w, scale, N, bias, y, y_bf16, wsum);
         } else {
             hs_linear_w8a8_vnni(xq_buf, xs, M, K, (const int8_t *)w, scale, N, bias, (float *)y, xu_buf, wsum);
         }

@@ -29,8 +29,11 @@
 #define MT_MAX 4 /* activation rows per pass over a block's chunk (accumulators: 4 per row) */
 
 extern int hs_pf_bytes; /* linear.c: software prefetch distance, 0 = off */
-int hs_qkernels = 1;    /* 1: the sequential int8 kernels here; 0: linear.c's four-row ones */
+/* bit 0: the one-row int8 kernels here at M <= 2 (else linear.c's four-row ones at every M);
+ * bit 1: AMX int8 tiles at M = 3..16 (AMX builds). All give the same bits: a speed choice. */
+int hs_qkernels = 3;
 void hs_set_qkernels(int v) { hs_qkernels = v; }
+int hs_get_qkernels(void) { return hs_qkernels; }
 /* these kernels' own prefetch distance in bytes (0 off); negative: linear.c's (bf16) one */
 static int q_pf = -1;
 void hs_set_qprefetch(int bytes) { q_pf = bytes; }
@@ -319,6 +322,137 @@ void hs_linear_w8a8_seq(const int8_t *xq, const uint8_t *xu, const float *xs, in
             float v = (float)a * xs[m] * scale[n];
             put(y, (int64_t)m * N + n, bias ? v + bias[n] : v, y_bf16);
         }
+    }
+}
+#endif
+
+/* ---- int8 on AMX tiles, M = 3..16 ----------------------------------------------------- */
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+/* The roles of gemm_amx.c: TDPBSUD's A operand (16 rows x 64 signed bytes) is a block of W as
+ * stored (row stride K), its B operand (16 rows of 4-column groups x 16 activation rows x 4
+ * unsigned bytes) is an activation byte plane transposed once per call. The product tile is
+ * 16 output features x 16 activation rows of exact int32 dots over k < K & ~63: the very
+ * integers the VPDPBUSD kernels make, so the outputs are theirs bit for bit (the K tail, the
+ * N tail and the final float ops are the one-row code's). np byte planes (2: bf16 x as 16-bit
+ * fixed point, 1: W8A8), plane p of activation row m at xb + m * mstride + p * K. */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} q_tilecfg;
+
+static __thread uint8_t *bq_buf;
+static __thread int64_t bq_cap;
+
+void hs_linear_i8_amx(const uint8_t *xb, int64_t mstride, int np, const int8_t *xq, const float *xs, int M, int K,
+                      const int8_t *w, const float *scale, int N, const float *bias, void *y, int y_bf16,
+                      const int32_t *wsum) {
+    int kv = K & ~63, ns = kv / 64, nb = N / 16, pf = qpf();
+    int64_t need = (int64_t)np * ns * 1024;
+    if (need > bq_cap) {
+        free(bq_buf);
+        bq_buf = (uint8_t *)aligned_alloc(64, (size_t)(need > 64 ? need : 64));
+        bq_cap = need;
+    }
+    uint8_t *bq = bq_buf;
+#pragma omp parallel
+    {
+        /* B blocks [p][s][quad 0..15][m 0..15][4], zero past M */
+#pragma omp for schedule(static)
+        for (int ps = 0; ps < np * ns; ps++) {
+            int p = ps / ns, s = ps % ns;
+            uint32_t *d = (uint32_t *)(bq + (int64_t)ps * 1024);
+            for (int q = 0; q < 16; q++)
+                for (int m = 0; m < 16; m++) {
+                    uint32_t v = 0;
+                    if (m < M) memcpy(&v, xb + (int64_t)m * mstride + (int64_t)p * K + s * 64 + q * 4, 4);
+                    d[q * 16 + m] = v;
+                }
+        }
+        q_tilecfg c;
+        memset(&c, 0, sizeof c);
+        c.palette = 1;
+        for (int t = 0; t < 5; t++) {
+            c.colsb[t] = 64;
+            c.rows[t] = 16;
+        }
+        _tile_loadconfig(&c);
+        int32_t acc[2][16][16];
+#pragma omp for schedule(static)
+        for (int b = 0; b <= nb; b++) {
+            int n0 = b * 16, nr = b < nb ? 16 : N - n0;
+            if (nr <= 0) continue;
+            if (b < nb) {
+                const int8_t *wb = w + (int64_t)n0 * K;
+                _tile_zero(3);
+                _tile_zero(4);
+                for (int s = 0; s < ns; s++) {
+                    if (pf)
+                        for (int r = 0; r < 16; r++) _mm_prefetch((const char *)(wb + (int64_t)r * K + s * 64) + pf, _MM_HINT_T0);
+                    _tile_loadd(0, wb + s * 64, K);
+                    _tile_loadd(1, bq + (int64_t)s * 1024, 64);
+                    _tile_dpbsud(3, 0, 1);
+                    if (np == 2) {
+                        _tile_loadd(2, bq + (int64_t)(ns + s) * 1024, 64);
+                        _tile_dpbsud(4, 0, 2);
+                    }
+                }
+                _tile_stored(3, acc[0], 64);
+                if (np == 2) _tile_stored(4, acc[1], 64);
+            } else {
+                /* the N tail: the same dots one row at a time */
+                for (int i = 0; i < nr; i++)
+                    for (int m = 0; m < M; m++) {
+                        const uint8_t *x0 = xb + (int64_t)m * mstride;
+                        int32_t sl, sh = 0;
+                        if (np == 2) dot2_u8s8(x0, x0 + K, w + (int64_t)(n0 + i) * K, kv, 0, &sl, &sh);
+                        else sl = dot_u8s8(x0, w + (int64_t)(n0 + i) * K, kv, 0);
+                        acc[0][i][m] = sl;
+                        acc[1][i][m] = sh;
+                    }
+            }
+            /* the K tail's exact integers, then the float ops of the one-row kernels, in
+             * loops over the activation rows that vectorize */
+            float vals[16][16];
+            for (int i = 0; i < nr; i++) {
+                int n = n0 + i;
+                const int8_t *wr = w + (int64_t)n * K;
+                int64_t l[16], h[16];
+                for (int m = 0; m < M; m++) {
+                    l[m] = acc[0][i][m];
+                    h[m] = np == 2 ? (int64_t)acc[1][i][m] - 128 * (int64_t)wsum[n] : 0;
+                }
+                for (int k = kv; k < K; k++)
+                    for (int m = 0; m < M; m++) {
+                        if (np == 2) {
+                            l[m] += (int64_t)xb[(int64_t)m * mstride + k] * wr[k];
+                            h[m] += (int64_t)((int)xb[(int64_t)m * mstride + K + k] - 128) * wr[k];
+                        } else {
+                            l[m] += (int64_t)xq[(int64_t)m * K + k] * wr[k];
+                        }
+                    }
+                float sc = scale[n], bn = bias ? bias[n] : 0.f;
+                if (np == 2) {
+                    for (int m = 0; m < M; m++) {
+                        double dot = 256.0 * (double)h[m] + (double)l[m];
+                        vals[m][i] = (float)(dot * xs[m]) * sc;
+                    }
+                } else {
+                    /* W8A8's dot is an int32 (wsum's 128 x removed once: l holds acc + tail) */
+                    for (int m = 0; m < M; m++)
+                        vals[m][i] = (float)(int32_t)(l[m] - 128 * (int64_t)wsum[n]) * xs[m] * sc;
+                }
+                if (bias)
+                    for (int m = 0; m < M; m++) vals[m][i] += bn;
+            }
+            for (int m = 0; m < M; m++) {
+                if (y_bf16)
+                    for (int i = 0; i < nr; i++) ((bf16_t *)y)[(int64_t)m * N + n0 + i] = f32_to_bf16(vals[m][i]);
+                else
+                    memcpy((float *)y + (int64_t)m * N + n0, vals[m], (size_t)nr * 4);
+            }
+        }
+        _tile_release();
     }
 }
 #endif
