@@ -52,6 +52,28 @@ VARIANTS = [("bf16", "none", True, 3), ("int8 before", "int8", True, 0), ("int8 
             ("w8a8 before", "int8_w8a8", True, 0), ("w8a8 after", "int8_w8a8", True, 3)]
 bw = read_bw()
 print(f"read bandwidth {bw:.1f} GB/s (torch sum over 1 GiB, {threads} threads)", flush=True)
+# per-core compute: one thread, a 1024 x 2048 weight that stays in L2, best of 40 interleaved rounds
+b.lib.hs_set_threads(1)
+w0 = torch.randn(1024, 2048, dtype=torch.bfloat16) * 0.05
+rm = quant.pack_int4(w0, 128)
+i8 = b.pack_weight(w0, "int8")
+per = {"int4 before": (rm, 3), "int4 after": (quant.interleave_int4(rm), 3), "int8 before": (i8, 0),
+       "int8 after": (i8, 3), "bf16": (b.pack_weight(w0, "none"), 3)}
+print("\n| per core (1 thread, weight in L2) | M | Gweights/s |")
+print("| --- | ---: | ---: |")
+for m in (1, 4, 16):
+    x = torch.randn(m, 2048, dtype=torch.bfloat16)
+    calls = {lab: b.linear_call(x, w) for lab, (w, _) in per.items()}
+    best = {lab: 1e9 for lab in per}
+    for _ in range(40):
+        for lab, (w, qk) in per.items():
+            b.lib.hs_set_qkernels(qk)
+            calls[lab]()
+            best[lab] = min(best[lab], _t(lambda: [calls[lab]() for _ in range(3)]) / 3)
+    for lab in per:
+        print(f"| {lab} | {m} | {1024 * 2048 * m / best[lab] / 1e9:.1f} |", flush=True)
+b.lib.hs_set_qkernels(3)
+b.lib.hs_set_threads(threads)
 rows = []
 for shape in shapes_arg.split(","):
     for op, (n, k) in SHAPES.get(shape, {}).items():
@@ -145,28 +167,6 @@ for op, (n, k) in [(o, SHAPES["8b"][o]) for o in ("gate_up", "down")] if "8b" in
                   flush=True)
         del ws, calls
 b.lib.hs_set_qprefetch(-1)
-# per-core compute: one thread, a 1024 x 2048 weight that stays in L2, best of 40 interleaved rounds
-b.lib.hs_set_threads(1)
-w0 = torch.randn(1024, 2048, dtype=torch.bfloat16) * 0.05
-rm = quant.pack_int4(w0, 128)
-i8 = b.pack_weight(w0, "int8")
-per = {"int4 before": (rm, 3), "int4 after": (quant.interleave_int4(rm), 3), "int8 before": (i8, 0),
-       "int8 after": (i8, 3), "bf16": (b.pack_weight(w0, "none"), 3)}
-print("\n| per core (1 thread, weight in L2) | M | Gweights/s |")
-print("| --- | ---: | ---: |")
-for m in (1, 4, 16):
-    x = torch.randn(m, 2048, dtype=torch.bfloat16)
-    calls = {lab: b.linear_call(x, w) for lab, (w, _) in per.items()}
-    best = {lab: 1e9 for lab in per}
-    for _ in range(40):
-        for lab, (w, qk) in per.items():
-            b.lib.hs_set_qkernels(qk)
-            calls[lab]()
-            best[lab] = min(best[lab], _t(lambda: [calls[lab]() for _ in range(3)]) / 3)
-    for lab in per:
-        print(f"| {lab} | {m} | {1024 * 2048 * m / best[lab] / 1e9:.1f} |", flush=True)
-b.lib.hs_set_qkernels(3)
-b.lib.hs_set_threads(threads)
 EOF
 
 echo "amxq: $(date -u +%H:%M:%S) tests"
