@@ -19,12 +19,15 @@ static void dequant_x16(const uint8_t *w, const float *scale, int group, int K, 
     int b = n / 16, i = n % 16;
     const uint8_t *wb = w + (int64_t)b * (K / 8) * 64;
     const float *sb = scale + (int64_t)b * (K / group) * 16 + i;
-    for (int k = 0; k < kn; k += 8) {
-        const uint8_t *p = wb + (int64_t)((k0 + k) / 8) * 64 + 4 * i;
-        unsigned w0 = p[0] | ((unsigned)p[1] << 8), w1 = p[2] | ((unsigned)p[3] << 8);
-        for (int j = 0; j < 4; j++) {
-            row[k + 2 * j] = (float)((int)((w0 >> (4 * j)) & 15) - 8) * sb[(int64_t)((k0 + k + 2 * j) / group) * 16];
-            row[k + 2 * j + 1] = (float)((int)((w1 >> (4 * j)) & 15) - 8) * sb[(int64_t)((k0 + k + 2 * j + 1) / group) * 16];
+    /* a chunk's 8 columns share a group (groups are multiples of 8 columns) */
+    for (int g0 = 0; g0 < kn; g0 += group) {
+        int ge = g0 + group < kn ? g0 + group : kn;
+        float s = sb[(int64_t)((k0 + g0) / group) * 16];
+        const uint8_t *p = wb + (int64_t)((k0 + g0) / 8) * 64 + 4 * i;
+        for (int k = g0; k < ge; k += 8, p += 64) {
+            uint32_t d;
+            memcpy(&d, p, 4); /* word 0: columns 2j (nibble j), word 1: columns 2j + 1 */
+            for (int t = 0; t < 8; t++) row[k + t] = (float)((int)((d >> (16 * (t & 1) + 4 * (t >> 1))) & 15) - 8) * s;
         }
     }
 }
