@@ -74,6 +74,15 @@ for m in (1, 4, 16):
         print(f"| {lab} | {m} | {1024 * 2048 * m / best[lab] / 1e9:.1f} |", flush=True)
 b.lib.hs_set_qkernels(3)
 b.lib.hs_set_threads(threads)
+# the large-M (prefill) path dequantizes int4 rows for oneDNN: both layouts, all threads
+w0 = torch.randn(11264, 2048, dtype=torch.bfloat16) * 0.05
+rm = quant.pack_int4(w0, 128)
+dst = torch.empty(11264, 2048, dtype=torch.bfloat16)
+for lab, pw in (("int4 before (row-major)", rm), ("int4 after (x16)", quant.interleave_int4(rm))):
+    _, kind, wp, sp, g, _, _ = b._plan(pw)
+    run = lambda: b.lib.hs_dequant_rows(wp, kind, sp, g, 2048, 0, 11264, dst.data_ptr(), 1)
+    run()
+    print(f"dequant 11264x2048 -> bf16, {lab}: {min(_t(run) for _ in range(5)) * 1e3:.2f} ms", flush=True)
 rows = []
 for shape in shapes_arg.split(","):
     for op, (n, k) in SHAPES.get(shape, {}).items():
