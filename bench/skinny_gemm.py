@@ -420,7 +420,7 @@ def warm(parts, procs):
                     for _, c in fp8_new_space(m, configs.skinny_config(m, n, k, 1)):
                         for sp, fused in ((1, False), (2, False), (2, True)):
                             cfg = dict(c, SPLITS=sp, FUSED=fused)
-                            key = (m, min(1 << (k - 1).bit_length(), 8192), json.dumps(cfg, sort_keys=True))
+                            key = (m, min(1 << (k - 1).bit_length(), 4096), json.dumps(cfg, sort_keys=True))
                             if key not in seen:
                                 seen.add(key)
                                 tasks.append((1, m, cfg, k))

@@ -312,7 +312,7 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None
         A_SCALE=a_scale, W_SCALE=w_scale_mode,
         HAS_BIAS=bias is not None, W_FP8=w_fp8, A_FP8=a_fp8, FP8_DOT=a_fp8 and _fp8_dot(x.device),
         IEEE=x.dtype == torch.float32 or configs.interpreting(), EXACT_CVT=configs.interpreting(),
-        Q_BLOCK=min(triton.next_power_of_2(K), 8192) if quant_in else 16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        Q_BLOCK=min(triton.next_power_of_2(K), 4096) if quant_in else 16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch)
     if splits > 1 and not fused:
         reduce_splits(part, y, bias, xs, w_scale)
