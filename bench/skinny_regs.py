@@ -1,0 +1,102 @@
+"""Compile skinny-GEMM configs for sm_90 on a machine without a GPU and print each one's
+registers, local memory (spills), shared memory and whether its weight loads are 16-byte
+vectors: the occupancy side of a config, before any device time is spent on it.
+
+    python bench/skinny_regs.py                       # the fp8_new sweep's candidates, 8B, M = 1
+    python bench/skinny_regs.py --m 4 --shape down    # other rows / shape
+
+Uses the triton wheel's own ptxas and cuobjdump. Run without TRITON_INTERPRET.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from halserve.hal.quant import quantize  # noqa: E402
+from halserve.hal.rocm.aot import _TYPES, Recorder  # noqa: E402
+from halserve.hal.triton import configs, skinny  # noqa: E402
+
+
+def launch_of(m, n, k, cfg):
+    """(kernel, args, kwargs) of the skinny launch for this config, recorded, not run."""
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    q, s = quantize(torch.randn(n, k, dtype=torch.bfloat16) * 0.02, "fp8", "per_channel")
+    rec = Recorder()
+    with rec.active():
+        skinny.skinny_matmul(x, q, s, "per_token", cfg={key: v for key, v in cfg.items() if key != "PDL"})
+    fn, args, kwargs = next(c for c in rec.calls if getattr(c[0], "__name__", "") == "_skinny_kernel")
+    kwargs = dict(kwargs, PDL=bool(cfg.get("PDL")))
+    if kwargs.get("A_FP8"):  # what the launcher picks on sm_89+ (it sees a CPU tensor here)
+        kwargs["FP8_DOT"] = True
+    return fn, args, kwargs
+
+
+def compile_sm90(fn, args, kwargs) -> dict:
+    opts = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages")}
+    if kwargs.get("PDL"):
+        opts["launch_pdl"] = True
+    bound = dict({p.name: a for p, a in zip(fn.params, args)}, **kwargs)
+    sig, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):  # the specializations the launcher makes: ints == 1, % 16
+        v = bound[p.name]
+        if p.is_constexpr or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
+            sig[p.name], constexprs[p.name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[p.name], attrs[(i,)] = "*" + _TYPES[v.dtype], [["tt.divisibility", 16]]
+        else:
+            sig[p.name] = "i1" if isinstance(v, bool) else "i32"
+            if not isinstance(v, bool) and v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    kern = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kern.asm["cubin"])
+        f.flush()
+        use = subprocess.run([os.path.join(bindir, "cuobjdump"), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True).stdout
+    get = lambda key: int(m.group(1)) if (m := re.search(key + r":(\d+)", use)) else -1  # noqa: E731
+    ptx = kern.asm["ptx"]
+    return dict(regs=get("REG"), local=get("LOCAL"), shared=kern.metadata.shared,
+                ld16=len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx)), pdl="griddepcontrol.wait" in ptx)
+
+
+def main() -> int:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import skinny_gemm as sg
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--m", type=int, default=1)
+    ap.add_argument("--model", default="8b", choices=list(sg.SHAPES))
+    ap.add_argument("--shape", default="qkv")
+    args = ap.parse_args()
+    n, k = sg.SHAPES[args.model][args.shape]
+    configs._device_sms = lambda index=0: 132  # H200
+    with configs.forced_arch("sm90"):
+        tuned = configs.skinny_config(args.m, n, k, 1)
+        cands = [(None, tuned)] + sg.fp8_new_space(args.m, tuned)
+    seen = []
+    for per_sm, c in cands:
+        cfg = dict(c, SPLITS=c.get("SPLITS") if per_sm is None else 2)  # registers hardly depend on it
+        if cfg in seen:
+            continue
+        seen.append(cfg)
+        try:
+            print(cfg, compile_sm90(*launch_of(args.m, n, k, cfg)), flush=True)
+        except Exception as e:  # noqa: BLE001 - one failing config is a result
+            print(cfg, f"ERROR {type(e).__name__}: {e}"[:400], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
