@@ -20,7 +20,8 @@ Three inner loops (``KIND`` of ``configs.skinny_config``):
   weight tile loaded before the current one is used. On the H200 (2026-12-04 sweep) ``gemv``
   at one row streamed at the rate its resident programs' loads allow: its 64-register
   accumulator held ~3 programs an SM, ~24 KB in flight, ~2.1 TB/s; this form keeps two tiles
-  in flight in a few registers.
+  in flight with no accumulator tile (16 x 512 at sm_90: ~100 registers against 119,
+  ``bench/skinny_regs.py``).
 
 Weights: bf16/fp16/fp32 ``[N, K]``, or fp8 e4m3 ``[N, K]`` with scale [1] or [N]. For W8A8 the
 activation rows are quantized either in one small pass first (``matmul.quant_fp8_per_token``)
@@ -70,8 +71,8 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, part_ptr, cnt_ptr, xs_ptr, ws_ptr, bias_
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     # QUANT_IN: 0 off, 1 per-token, 2 per-tensor (all M rows in this tile).
     # A_SCALE / W_SCALE: 0 none, 1 per row / per column, 2 one scalar.
-    # ROW_ACC (gemv): the product is summed over BLOCK_K every step into [rows, BLOCK_N] (a few
-    # registers, so more programs stay resident) and the next weight and activation tiles are
+    # ROW_ACC (gemv): the product is summed over BLOCK_K every step into [rows, BLOCK_N] (no
+    # accumulator tile, so more programs stay resident) and the next weight and activation tiles are
     # loaded before the current ones are used; the first before the amax pass, which they overlap.
     # PDL (launched as a programmatic dependent): the program may start while the kernel before
     # it in the stream finishes; it reads nothing that kernel wrote (x) and writes nothing before
