@@ -210,11 +210,11 @@ def fp8_new_space(m, tuned):
     out = []
     # 64 weight bytes a thread a step: wider tiles at 4 warps held their fp32 products in
     # 190-230 registers (sm_90 compiles), 1-2 programs an SM
-    tiles = [(16, 512, 4), (32, 256, 4), (8, 1024, 4), (32, 512, 8), (64, 256, 8), (16, 1024, 8)]
+    tiles = [(16, 512, 4), (32, 256, 4), (8, 1024, 4), (32, 512, 8)]
     if m > 1:  # a [rows, BLOCK_N, BLOCK_K] product every step: small tiles
         tiles = [(8, 256, 4), (16, 128, 4)] if m <= 4 else []
     for bn, bk, nw in tiles:
-        for per_sm in (2, 4, 8):
+        for per_sm in (2, 4):
             out.append((per_sm, dict(KIND="gemvr", BLOCK_N=bn, BLOCK_K=bk, FUSED=False, QUANT_IN=True, num_warps=nw,
                                      num_stages=1)))
     if tuned.get("KIND") == "dot" and not tuned.get("QUANT_IN"):
