@@ -46,10 +46,13 @@ SHAPES = {
              "lm_head": (32000, 2048)},
     "8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
 }
-# (label, pack scheme, int4 interleave, int8 kernels: 3 new (one-row M <= 2, AMX tiles M 3..16), 0 old four-row)
-VARIANTS = [("bf16", "none", True, 3), ("int8 before", "int8", True, 0), ("int8 after", "int8", True, 3),
-            ("int4 before", "int4", False, 3), ("int4 after", "int4", True, 3),
-            ("w8a8 before", "int8_w8a8", True, 0), ("w8a8 after", "int8_w8a8", True, 3)]
+# (label, pack scheme, int4 interleave, hs_set_qkernels (0: four-row VPDPBUSD at every M, 2: the
+# default, AMX tiles at M 3..16, 3: also one-row kernels at M <= 2), hs_set_qprefetch bytes
+# (512: before this session, 2048: the default now))
+VARIANTS = [("bf16", "none", True, 2, 2048), ("int8 before", "int8", True, 0, 512),
+            ("int8 after", "int8", True, 2, 2048), ("int8 1row", "int8", True, 3, 2048),
+            ("int4 before", "int4", False, 2, 512), ("int4 after", "int4", True, 2, 2048),
+            ("w8a8 before", "int8_w8a8", True, 0, 512), ("w8a8 after", "int8_w8a8", True, 2, 2048)]
 bw = read_bw()
 print(f"read bandwidth {bw:.1f} GB/s (torch sum over 1 GiB, {threads} threads)", flush=True)
 # per-core compute: one thread, a 1024 x 2048 weight that stays in L2, best of 40 interleaved rounds
@@ -57,8 +60,8 @@ b.lib.hs_set_threads(1)
 w0 = torch.randn(1024, 2048, dtype=torch.bfloat16) * 0.05
 rm = quant.pack_int4(w0, 128)
 i8 = b.pack_weight(w0, "int8")
-per = {"int4 before": (rm, 3), "int4 after": (quant.interleave_int4(rm), 3), "int8 before": (i8, 0),
-       "int8 after": (i8, 3), "bf16": (b.pack_weight(w0, "none"), 3)}
+per = {"int4 before": (rm, 2), "int4 after": (quant.interleave_int4(rm), 2), "int8 before": (i8, 0),
+       "int8 after": (i8, 2), "int8 1row": (i8, 3), "bf16": (b.pack_weight(w0, "none"), 2)}
 print("\n| per core (1 thread, weight in L2) | M | Gweights/s |")
 print("| --- | ---: | ---: |")
 for m in (1, 4, 16):
@@ -72,7 +75,7 @@ for m in (1, 4, 16):
             best[lab] = min(best[lab], _t(lambda: [calls[lab]() for _ in range(3)]) / 3)
     for lab in per:
         print(f"| {lab} | {m} | {1024 * 2048 * m / best[lab] / 1e9:.1f} |", flush=True)
-b.lib.hs_set_qkernels(3)
+b.lib.hs_set_qkernels(2)
 b.lib.hs_set_threads(threads)
 # the large-M (prefill) path dequantizes int4 rows for oneDNN: both layouts, all threads
 w0 = torch.randn(11264, 2048, dtype=torch.bfloat16) * 0.05
@@ -88,7 +91,7 @@ for shape in shapes_arg.split(","):
     for op, (n, k) in SHAPES.get(shape, {}).items():
         w0 = torch.randn(n, k, dtype=torch.bfloat16) * k ** -0.5
         packs, made = {}, {}
-        for label, scheme, inter, qk in VARIANTS:
+        for label, scheme, inter, qk, qpf in VARIANTS:
             key = (scheme, inter)
             if key not in packs:
                 # one quantization per bit width: int4's layouts and W8A8's flag share it
@@ -113,15 +116,17 @@ for shape in shapes_arg.split(","):
             x = torch.randn(m, k, dtype=torch.bfloat16)
             res = {}
             for rnd in range(reps):  # interleaved rounds: before and after see the same box
-                for label, scheme, inter, qk in VARIANTS:
+                for label, scheme, inter, qk, qpf in VARIANTS:
                     ws, nbytes = packs[(scheme, inter)]
                     calls = [b.linear_call(x, w) for w in ws]
                     b.lib.hs_set_qkernels(qk)
+                    b.lib.hs_set_qprefetch(qpf)
                     for c in calls[:2]:
                         c()
                     t = _t(lambda: [c() for c in calls]) / len(calls)
                     res[label] = min(res.get(label, 1e9), t)
-            b.lib.hs_set_qkernels(3)
+            b.lib.hs_set_qkernels(2)
+            b.lib.hs_set_qprefetch(2048)
             if m > 1:  # the large-M path (dequantized row tiles through oneDNN) at the same M: where to switch
                 for scheme in ("int8", "int4"):
                     ws = packs[(scheme, True)][0][:4]
@@ -152,7 +157,7 @@ for shape in shapes_arg.split(","):
             continue
         print(f"| {shape} | {label} | {us:.0f} | {100 * by / (us * 1e-6) / 1e9 / bw:.0f}% |")
 json.dump({"read_gbs": bw, "threads": threads, "rows": rows}, open(f"{out}/amxq.json", "w"), indent=1)
-# software prefetch distance of the new kernels (hs_set_qprefetch; default: linear.c's 512 bytes), 8B MLP, M = 1
+# software prefetch distance of the quantized kernels (hs_set_qprefetch; default 2048 bytes), 8B MLP, M = 1
 print("\n| prefetch bytes | variant | op | GB/s | % of read |")
 print("| ---: | --- | --- | ---: | ---: |")
 for op, (n, k) in [(o, SHAPES["8b"][o]) for o in ("gate_up", "down")] if "8b" in shapes_arg else []:
@@ -175,7 +180,7 @@ for op, (n, k) in [(o, SHAPES["8b"][o]) for o in ("gate_up", "down")] if "8b" in
             print(f"| {pf} | {scheme} after | {op} {n}x{k} | {nbytes / t / 1e9:.1f} | {100 * nbytes / t / 1e9 / bw:.0f}% |",
                   flush=True)
         del ws, calls
-b.lib.hs_set_qprefetch(-1)
+b.lib.hs_set_qprefetch(2048)
 EOF
 
 echo "amxq: $(date -u +%H:%M:%S) tests"

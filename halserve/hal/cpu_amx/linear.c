@@ -45,6 +45,9 @@ void hs_set_prefetch(int bytes) { hs_pf_bytes = bytes > 0 ? bytes : 0; }
 #else
 #define PF(p) do { } while (0)
 #endif
+/* the int8 byte-dot kernels prefetch at linear_q.c's distance (qd, read once per call) */
+int hs_qpf(void);
+#define PFQ(p) do { if (qd) _mm_prefetch((const char *)(p) + qd, _MM_HINT_T0); } while (0)
 
 static void hs_linear_f(const float *x, int M, int K, const void *w, int w_bf16, int N,
                  const float *bias, float *y) {
@@ -350,7 +353,7 @@ static void hs_linear_w8a8_vnni(const int8_t *xq, const float *xs, int M, int K,
                                 const int32_t *wsum) {
     int64_t mk = (int64_t)M * K;
     for (int64_t i = 0; i < mk; i++) xu[i] = (uint8_t)xq[i] ^ 0x80;
-    int nblk = (N + ROWS - 1) / ROWS, kv = K & ~63;
+    int nblk = (N + ROWS - 1) / ROWS, kv = K & ~63, qd = hs_qpf();
     const __m512i ones = _mm512_set1_epi8(1);
 #pragma omp parallel for schedule(static)
     for (int b = 0; b < nblk; b++) {
@@ -364,7 +367,7 @@ static void hs_linear_w8a8_vnni(const int8_t *xq, const float *xs, int M, int K,
             for (int k0 = 0; k0 < kv; k0 += 64) {
                 __m512i xv = _mm512_loadu_si512((const void *)(xr + k0));
                 for (int r = 0; r < ROWS; r++) {
-                    PF(wr[r] + k0);
+                    PFQ(wr[r] + k0);
                     __m512i wv = _mm512_loadu_si512((const void *)(wr[r] + k0));
                     acc[r] = _mm512_dpbusd_epi32(acc[r], xv, wv);
                     if (!wsum) sw[r] = _mm512_dpbusd_epi32(sw[r], ones, wv);
@@ -409,7 +412,7 @@ static void i8_x16_planes(const bf16_t *x, int M, int K, uint8_t *xb, float *xs)
 
 static void hs_linear_i8_x16(int M, int K, const int8_t *w, const float *scale, int N, const float *bias, float *y,
                              const uint8_t *xb, const float *xs, const int32_t *wsum) {
-    int nblk = (N + ROWS - 1) / ROWS, kv = K & ~63;
+    int nblk = (N + ROWS - 1) / ROWS, kv = K & ~63, qd = hs_qpf();
     const __m512i ones = _mm512_set1_epi8(1);
 #pragma omp parallel for schedule(static)
     for (int b = 0; b < nblk; b++) {
@@ -424,7 +427,7 @@ static void hs_linear_i8_x16(int M, int K, const int8_t *w, const float *scale, 
                 __m512i xl = _mm512_loadu_si512((const void *)(lo + k0));
                 __m512i xh = _mm512_loadu_si512((const void *)(hi + k0));
                 for (int r = 0; r < ROWS; r++) {
-                    PF(wr[r] + k0);
+                    PFQ(wr[r] + k0);
                     __m512i wv = _mm512_loadu_si512((const void *)(wr[r] + k0));
                     al[r] = _mm512_dpbusd_epi32(al[r], xl, wv);
                     ah[r] = _mm512_dpbusd_epi32(ah[r], xh, wv);

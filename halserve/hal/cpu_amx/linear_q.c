@@ -12,10 +12,9 @@
  * for 16 rows x 8 columns. Scales: [blocks][groups][16] fp32, applied once per group.
  *
  * int8 weight-only and W8A8 keep the row-major [N, K] tensor (the HAL contract's int8 layout,
- * which conformance and the references read); their kernels walk one row at a time with four
- * independent accumulators, so a thread's weights are one sequential stream (the four-row
- * kernels of linear.c interleave four streams per thread; they still run M > 2, and
- * hs_set_qkernels(0) selects them for every M, for A/B timing).
+ * which conformance and the references read). At M = 3..16 they run on AMX int8 tiles (below);
+ * at M <= 2 linear.c's four-row VPDPBUSD kernels run, or (hs_set_qkernels bit 0, opt-in: no
+ * faster on the 2-vCPU box) the one-row kernels here, each thread then one sequential stream.
  *
  * Every output's arithmetic depends only on K, the layout and the build, never on M or on
  * which rows share a block: batch-invariant. */
@@ -31,13 +30,17 @@
 extern int hs_pf_bytes; /* linear.c: software prefetch distance, 0 = off */
 /* bit 0: the one-row int8 kernels here at M <= 2 (else linear.c's four-row ones at every M);
  * bit 1: AMX int8 tiles at M = 3..16 (AMX builds). All give the same bits: a speed choice. */
-int hs_qkernels = 3;
+int hs_qkernels = 2; /* the one-row kernels measured no faster here (1 thread, DRAM): opt-in */
 void hs_set_qkernels(int v) { hs_qkernels = v; }
 int hs_get_qkernels(void) { return hs_qkernels; }
-/* these kernels' own prefetch distance in bytes (0 off); negative: linear.c's (bf16) one */
-static int q_pf = -1;
+/* the quantized kernels' own software-prefetch distance in bytes (0 off; negative: linear.c's
+ * bf16 one). 2048: one thread streaming int4 x16 weights here ran 22-31% faster than at 512
+ * (their decode takes ~10 cycles a 64-byte line, so 512 bytes covers ~80 cycles of a DRAM
+ * miss); the int8 kernels 3-6% (2026-12-04, 1.1B shapes, `amxq.sh`'s sweep). */
+static int q_pf = 2048;
 void hs_set_qprefetch(int bytes) { q_pf = bytes; }
 static inline int qpf(void) { return q_pf < 0 ? hs_pf_bytes : q_pf; }
+int hs_qpf(void) { return qpf(); }
 
 static inline void put(void *y, int64_t i, float v, int ybf) {
     if (ybf) ((bf16_t *)y)[i] = f32_to_bf16(v);
