@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Issue 22, session 4 (helper AMXQ): cpu_amx int8 / int4 / bf16 decode GEMVs (M = 1, and M = 4, 16
 # on the MLP shape) against the measured multi-threaded read bandwidth, each quantized kernel
-# timed before (row-major int4 / four-row int8 kernels) and after (x16 int4 layout, one-row int8
-# kernels) in the same process, interleaved; then the cpu_amx tests. About 100 s on the AMX host.
-#   bash bench/device/amxq.sh            (THREADS=16 SET_MB=512 SHAPES=1.1b,8b GEMV_S=65 TEST_S=50)
+# timed before (row-major int4, four-row int8 kernels at every M, prefetch 512) and after (the x16
+# int4 layout; int8 on AMX tiles at M = 3..16; prefetch 2048) in the same process, interleaved;
+# then the cpu_amx tests. About 100 s on the AMX host.
+#   bash bench/device/amxq.sh            (THREADS=16 SET_MB=512 SHAPES=1.1b,8b GEMV_S=65 TEST_S=50;
+#                                         SWEEP_OPS=8b:gate_up,8b:down: the prefetch sweep's shapes)
 # Writes $OUT/amxq.txt, $OUT/amxq.json, $OUT/amxq_tests.txt.
 set -u
 OUT=${OUT:-./device_out}
@@ -16,7 +18,7 @@ echo "amxq: $(date -u +%H:%M:%S) threads=$THREADS commit=$(git rev-parse --short
 nproc; grep -o -w 'amx_int8\|avx512_vnni\|avx512_bf16' /proc/cpuinfo | sort | uniq -c
 
 timeout ${GEMV_S:-65} python - "$OUT" "$THREADS" "${SET_MB:-512}" "${SHAPES:-1.1b,8b}" "${REPS:-3}" <<'EOF' 2>&1 | tee "$OUT/amxq.txt" || echo "amxq: GEMV timing failed or timed out (rc ${PIPESTATUS[0]})"
-import dataclasses, json, sys, time
+import dataclasses, json, os, sys, time
 import torch
 
 out, threads, set_mb, shapes_arg, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
@@ -167,7 +169,8 @@ json.dump({"read_gbs": bw, "threads": threads, "rows": rows}, open(f"{out}/amxq.
 # software prefetch distance of the quantized kernels (hs_set_qprefetch; default 2048 bytes), 8B MLP, M = 1
 print("\n| prefetch bytes | variant | op | GB/s | % of read |")
 print("| ---: | --- | --- | ---: | ---: |")
-for op, (n, k) in [(o, SHAPES["8b"][o]) for o in ("gate_up", "down")] if "8b" in shapes_arg else []:
+sweep = os.environ.get("SWEEP_OPS", "8b:gate_up,8b:down" if "8b" in shapes_arg else "")
+for op, (n, k) in [(so, SHAPES[so.split(":")[0]][so.split(":")[1]]) for so in sweep.split(",") if so]:
     w0 = torch.randn(n, k, dtype=torch.bfloat16) * k ** -0.5
     x = torch.randn(1, k, dtype=torch.bfloat16)
     for scheme in ("int8", "int4"):
