@@ -90,6 +90,7 @@ def scenarios():
         yield f"bi gemm M=1 {n}x{k}", gemm(1, n, k)
         yield f"bi gemm M=4096 {n}x{k}", gemm(4096, n, k)
     yield "bi gemm M=300 fp32 (decode form)", gemm(300, 4096, 4096, torch.float32)
+    yield "bi gemm M=1 fp32 lm_head", gemm(1, 128256, 4096, torch.float32)
 
 
 def main() -> int:

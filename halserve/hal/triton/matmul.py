@@ -101,6 +101,7 @@ def persistent_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     # the large-row form is sized for 16-bit tiles (fp32 ones would not fit shared memory)
     cfg = cfg or configs.matmul_fixed_config(N, K, M if x.element_size() <= 2 else None)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    cfg = _fit_stages(cfg, (bm * bk + bk * bn) * x.element_size())
     # the split count (a row's order of sums) always from the row-count-free config
     splits = cfg.get("SPLITS") or fixed_splits(N, K, base["BLOCK_N"], base["BLOCK_K"])
     # split boundaries in the row-count-free config's BLOCK_K (a form with another BLOCK_K
@@ -121,6 +122,21 @@ def persistent_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
 
         reduce_splits(part, out, bias)
     return out
+
+
+# shared memory one NVIDIA block may use, by family (the configs are sized for 16-bit tiles)
+_SMEM = {"hopper+": 227 * 1024, "ampere": 163 * 1024}
+
+
+def _fit_stages(cfg: dict, stage_bytes: int) -> dict:
+    """Fewer pipeline stages where the tiles would not fit shared memory (fp32 inputs: e.g. the
+    lm_head's 64 x 128 x 128 tiles need 288 KiB at 4 stages on sm_90). Stages only overlap loads
+    with the dots: a row's sums are unchanged."""
+    limit = _SMEM.get(configs._family(configs.arch()))
+    stages = cfg["num_stages"]
+    while limit and stages > 2 and stage_bytes * (stages - 1) > limit:
+        stages -= 1
+    return cfg if stages == cfg["num_stages"] else dict(cfg, num_stages=stages)
 
 
 def fixed_splits(n: int, k: int, block_n: int, block_k: int) -> int:
