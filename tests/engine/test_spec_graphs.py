@@ -170,3 +170,42 @@ def test_verify_graphs_batch_invariant(checkpoint):
     before = ReplayGraph.replays
     assert _tokens(llm, MORE, GREEDY) == ref
     assert ReplayGraph.replays - before > 8 and 0 < _spec_metrics(llm)[1] < _spec_metrics(llm)[0]
+
+
+def test_verify_staging_is_one_copy(checkpoint):
+    """A verify step's staging (the host's work between two replays) writes its inputs and its
+    draws' sampling state into a page-locked mirror and sends it in one copy: the only torch
+    calls are that copy_ and the views it reads and returns (no tensor made, split or copied
+    field by field a step); the output stays plain decode's."""
+    from torch.overrides import TorchFunctionMode
+
+    class Calls(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    hal.register(ReplayGraphBackend)
+    path = str(checkpoint("llama"))
+    ref = _tokens(LLM(path, dtype="float32", enforce_eager=True, backend="native"), MORE, GREEDY)
+    oracle = RaggedOracle({tuple(p): r for p, r in zip(MORE, ref)}, 512, 4)
+    llm = LLM(path, dtype="float32", backend="test_replay_graphs", max_num_seqs=8,
+              speculative_config={"method": "callable", "proposer": oracle, "num_speculative_tokens": 4})
+    verify = llm.engine.runner.verify
+    stage, staged = verify.stage, []
+
+    def spy(so, extra=()):
+        with Calls() as calls:
+            out = stage(so, extra)
+        if out is not None:
+            staged.append(calls.names)
+        return out
+
+    verify.stage = spy
+    assert _tokens(llm, MORE, GREEDY) == ref
+    assert len(staged) > 5
+    for names in staged:
+        assert names.count("copy_") == 1 and set(names) == {"copy_", "__getitem__"}, names
