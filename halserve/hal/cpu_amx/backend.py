@@ -412,10 +412,10 @@ class CpuAmxBackend(NativeBackend):
         tw = _ready(topk_w, torch.float32)
         direct = out is not None and out.dtype == x.dtype and out.is_contiguous()
         y = out if direct else torch.empty(t, hdim, dtype=x.dtype)
-        (w13p, s13p, ws13p), (w2p, s2p, _) = self._moe_plan(w13), self._moe_plan(w2)
+        (w13p, s13p, ws13p), (w2p, s2p, ws2p) = self._moe_plan(w13), self._moe_plan(w2)
         rc = self.lib.hs_moe(xc.data_ptr(), int(x.dtype == torch.bfloat16), t, hdim, w2.weight.shape[-1],
                              w13.weight.shape[0], ids.shape[1], ids.data_ptr(), tw.data_ptr(), w13p, s13p, ws13p, w2p,
-                             s2p, kind, y.data_ptr())
+                             s2p, ws2p, kind, y.data_ptr())
         if rc:
             raise RuntimeError(f"cpu_amx moe kernel failed (code {rc}: -2 an expert id outside the weights, "
                                "-3 out of memory)")

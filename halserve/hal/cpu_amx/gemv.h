@@ -156,15 +156,15 @@ GV_INLINE void gv_i8x16_nt(const uint8_t *const *x, int NT, const int8_t *const 
         }
 }
 
-/* x row (bf16) -> the 16-bit fixed point bytes gv_i8x16 reads; returns the x scale */
-static inline float gv_x16_quant(const bf16_t *x, int K, uint8_t *dst) {
+/* x row (bf16 or fp32) -> the 16-bit fixed point bytes gv_i8x16 reads; returns the x scale */
+static inline float gv_x16_quant(const void *x, int x_bf16, int K, uint8_t *dst) {
     float amax = 0.f;
 #pragma omp simd reduction(max : amax)
-    for (int k = 0; k < K; k++) amax = fmaxf(amax, fabsf(bf16_to_f32(x[k])));
+    for (int k = 0; k < K; k++) amax = fmaxf(amax, fabsf(load_f(x, k, x_bf16)));
     float sc = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / sc;
 #pragma omp simd
     for (int k = 0; k < K; k++) {
-        int q = (int)nearbyintf(bf16_to_f32(x[k]) * inv);
+        int q = (int)nearbyintf(load_f(x, k, x_bf16) * inv);
         q = q > 32767 ? 32767 : (q < -32767 ? -32767 : q);
         dst[k] = (uint8_t)(q & 255);
         dst[K + k] = (uint8_t)(((q >> 8) + 128) & 255);

@@ -19,6 +19,10 @@
 
 static __thread void *buf_pairs, *buf_xf, *buf_act, *buf_sum;
 static __thread int64_t cap_pairs, cap_xf, cap_act, cap_sum;
+#ifdef __AVX512VNNI__
+static __thread void *buf_aq;
+static __thread int64_t cap_aq;
+#endif
 
 static void *grow(void **buf, int64_t *cap, int64_t bytes) {
     if (bytes > *cap) {
@@ -66,14 +70,15 @@ static inline void dots(mode_t_ m, const void *const *xs, int nt, const void *co
 }
 
 /* x [T, H] (bf16 or fp32), ids / tw [T, topk], w13 [E, 2I, H], w2 [E, H, I] (kind 0 fp32,
- * 1 bf16, 2 int8 with s13 [E, 2I] / s2 [E, H]), out [T, H] in x's dtype. ws13 (int8, may be
- * NULL): each w13 row's sum over its first H & ~63 values; with it and bf16 x, the gate/up
- * dots take x as 16-bit fixed point through VPDPBUSD (linear.c's int8 x bf16 form) instead
- * of widening every weight to fp32.
+ * 1 bf16, 2 int8 with s13 [E, 2I] / s2 [E, H]), out [T, H] in x's dtype. ws13 / ws2 (int8,
+ * may be NULL): each row's sum over its first H (I) & ~63 values; with them and bf16 x, the
+ * dots take x and the activations as 16-bit fixed point through VPDPBUSD (linear.c's int8 x
+ * bf16 form) instead of widening every weight to fp32. The activations get their scale in a
+ * short pass between the phases (one more barrier: a row's amax needs all its items).
  * Returns 0, -1 for an unknown kind, -2 for an expert id outside [0, E), -3 out of memory. */
 int hs_moe(const void *x, int x_bf16, int T, int H, int I, int E, int topk, const int64_t *ids, const float *tw,
-           const void *w13, const float *s13, const int32_t *ws13, const void *w2, const float *s2, int kind,
-           void *out) {
+           const void *w13, const float *s13, const int32_t *ws13, const void *w2, const float *s2,
+           const int32_t *ws2, int kind, void *out) {
     if (kind < 0 || kind > 2) return -1;
     int P = T * topk;
     for (int p = 0; p < P; p++)
@@ -91,13 +96,15 @@ int hs_moe(const void *x, int x_bf16, int T, int H, int I, int E, int topk, cons
     void *act = grow(&buf_act, &cap_act, (int64_t)P * I * asz);
     const void *xa = x; /* the activation the phase-1 dots read */
     const float *xsc = NULL; /* x16: each token's x scale */
+    uint8_t *aq = NULL;      /* x16: the activations' bytes [P, 2I], then their scales [P] */
 #ifdef __AVX512VNNI__
-    m.x16 = kind == 2 && x_bf16 && ws13;
+    m.x16 = kind == 2 && x_bf16 && ws13 && ws2;
     if (m.x16) {
         char *xq = (char *)grow(&buf_xf, &cap_xf, (int64_t)T * (2 * H + 4));
-        if (!xq) return -3;
+        aq = (uint8_t *)grow(&buf_aq, &cap_aq, (int64_t)P * (2 * I + 4));
+        if (!xq || !aq) return -3;
         float *sc = (float *)(xq + (int64_t)T * 2 * H);
-        for (int t = 0; t < T; t++) sc[t] = gv_x16_quant((const bf16_t *)x + (int64_t)t * H, H, (uint8_t *)xq + (int64_t)t * 2 * H);
+        for (int t = 0; t < T; t++) sc[t] = gv_x16_quant((const bf16_t *)x + (int64_t)t * H, 1, H, (uint8_t *)xq + (int64_t)t * 2 * H);
         xa = xq;
         xsc = sc;
     }
@@ -111,6 +118,8 @@ int hs_moe(const void *x, int x_bf16, int T, int H, int I, int E, int topk, cons
     if (!ib || !ysum || !act) return -3;
     (void)xsc;
     (void)ws13;
+    (void)ws2;
+    (void)aq;
     int *order = ib, *cnt = ib + P, *ue = cnt + E + 1, *us = ue + (P < E ? P : E) + 1;
     memset(cnt, 0, (size_t)(E + 1) * sizeof(int));
     for (int p = 0; p < P; p++) cnt[ids[p] + 1]++;
@@ -174,6 +183,13 @@ int hs_moe(const void *x, int x_bf16, int T, int H, int I, int E, int topk, cons
                 }
             }
         }
+#ifdef __AVX512VNNI__
+        if (m.x16) {
+            float *asc = (float *)(aq + (int64_t)P * 2 * I);
+#pragma omp for schedule(static)
+            for (int p = 0; p < P; p++) asc[p] = gv_x16_quant((const float *)act + (int64_t)p * I, 0, I, aq + (int64_t)p * 2 * I);
+        }
+#endif
 #pragma omp for schedule(static)
         for (int b = 0; b < nbb; b++) {
             int n0 = b * RB, n1 = n0 + RB < H ? n0 + RB : H;
@@ -192,12 +208,26 @@ int hs_moe(const void *x, int x_bf16, int T, int H, int I, int E, int topk, cons
                         const void *rows[GV_ROWS];
                         float acc[GV_TOK][GV_ROWS];
                         for (int r = 0; r < GV_ROWS; r++) rows[r] = we + (size_t)(n + (r < nr ? r : 0)) * I * esz;
-                        dots(m, as, nt, rows, I, acc);
+                        float ascale[GV_TOK] = {1.f, 1.f, 1.f, 1.f};
+#ifdef __AVX512VNNI__
+                        if (m.x16) {
+                            const uint8_t *qs[GV_TOK];
+                            int32_t ws[GV_ROWS];
+                            for (int t = 0; t < GV_TOK; t++) {
+                                int p = order[c0 + (t < nt ? t : 0)];
+                                qs[t] = aq + (int64_t)p * 2 * I;
+                                ascale[t] = ((const float *)(aq + (int64_t)P * 2 * I))[p];
+                            }
+                            for (int r = 0; r < GV_ROWS; r++) ws[r] = ws2[e * H + n + (r < nr ? r : 0)];
+                            gv_i8x16_x(qs, nt, (const int8_t *const *)rows, ws, I, acc);
+                        } else
+#endif
+                            dots(m, as, nt, rows, I, acc);
                         for (int t = 0; t < nt; t++) {
                             int p = order[c0 + t];
                             float *ys = ysum + (int64_t)(p / topk) * H;
                             for (int r = 0; r < nr; r++) {
-                                float y = rnd(se ? acc[t][r] * se[n + r] : acc[t][r], rb);
+                                float y = rnd(se ? acc[t][r] * ascale[t] * se[n + r] : acc[t][r], rb);
                                 ys[n + r] += y * tw[p];
                             }
                         }
