@@ -26,6 +26,8 @@ def main(argv=None) -> int:
                    "block's first lines; ':r16': blocks of 16 W rows, not 32)")
     p.add_argument("--set-mb", type=int, default=1024)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--shapes", default="qkv,o,gate_up,down,lm_head")
+    p.add_argument("--best", action="store_true", help="the fastest call, not the median (a shared, noisy box)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     import torch
@@ -45,6 +47,8 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     print("| linear | N x K | M | path | ms | GB/s | % read bw |\n| --- | --- | ---: | --- | ---: | ---: | ---: |")
     for name, (n, k) in linear_shapes(SHAPE_1B).items():
+        if name not in a.shapes.split(","):
+            continue
         copies = max(1, (a.set_mb << 20) // (n * k * 2))
         ws = [(torch.rand(n, k, generator=g) - 0.5).to(bf) for _ in range(copies)]
         for m in [int(v) for v in a.ms.split(",") if v.strip()]:
@@ -65,17 +69,30 @@ def main(argv=None) -> int:
             ts: dict = {p_: [] for p_ in paths}
             for _ in range(a.reps):  # interleaved: every path sees the same load
                 for p_, f in paths.items():
-                    t = time.perf_counter()
                     for w in ws:
+                        t = time.perf_counter()
                         f(w)
-                    ts[p_].append((time.perf_counter() - t) / len(ws))
+                        ts[p_].append(time.perf_counter() - t)
             for p_, v in ts.items():
-                s = statistics.median(v)
+                s = min(v) if a.best else statistics.median(v)
                 gbs = n * k * 2 / s / 1e9
                 out["rows"].append({"linear": name, "n": n, "k": k, "m": m, "path": p_, "ms": s * 1e3, "gbs": gbs})
                 print(f"| {name} | {n}x{k} | {m} | {p_} | {s * 1e3:.3f} | {gbs:.1f} | {gbs / bw * 100:.0f}% |",
                       flush=True)
         del ws
+    # one layer: the four projections summed, per M and path (lm_head left out)
+    layer = {}
+    for r in out["rows"]:
+        if r["linear"] != "lm_head":
+            e = layer.setdefault((r["m"], r["path"]), [0.0, 0])
+            e[0] += r["ms"]
+            e[1] += r["n"] * r["k"] * 2
+    paths = list(dict.fromkeys(p_ for _, p_ in layer))
+    print("\n| M | " + " | ".join(f"{p_} ms (GB/s)" for p_ in paths) + " |\n| ---: |" + " ---: |" * len(paths))
+    for m in sorted({m for m, _ in layer}):
+        print(f"| {m} | " + " | ".join(f"{layer[(m, p_)][0]:.2f} ({layer[(m, p_)][1] / layer[(m, p_)][0] / 1e6:.1f})"
+                                      for p_ in paths) + " |", flush=True)
+    out["layer"] = [{"m": m, "path": p_, "ms": v[0]} for (m, p_), v in layer.items()]
     if tier.name == "amx":
         lib.hs_set_amx_prefetch(512, 0)
         lib.hs_set_amx_rows(32)
