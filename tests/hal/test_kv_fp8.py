@@ -286,7 +286,7 @@ def test_cpu_backends_send_an_fp8_cache_to_native():
             assert cls.supports(_Bare(cls), op, **{**spec, "kv_dtype": torch.bfloat16}) is True, (cls.name, op)
     # the start-up line says so: its accelerated list is for a model-dtype cache
     amx = _Bare(CpuAmxBackend)
-    amx.tier, amx.threads, amx.batch_invariant, amx.device = "amx", 1, False, "cpu"
+    amx.tier, amx.threads, amx.batch_invariant, amx.device, amx.amx_gemm = "amx", 1, False, "cpu", True
     assert CpuAmxBackend.describe(amx).count(" fp8-kv-cache=native[write_kv, attention]") == 1
     rvv = _Bare(RvvBackend)
     rvv.build, rvv.device = "scalar", "cpu"
