@@ -28,13 +28,14 @@ from halserve.hal.rocm.aot import _TYPES, Recorder  # noqa: E402
 from halserve.hal.triton import configs, skinny  # noqa: E402
 
 
-def launch_of(m, n, k, cfg):
+def launch_of(m, n, k, cfg, act="per_token", wscheme="per_channel", bias=False):
     """(kernel, args, kwargs) of the skinny launch for this config, recorded, not run."""
     x = torch.randn(m, k, dtype=torch.bfloat16)
-    q, s = quantize(torch.randn(n, k, dtype=torch.bfloat16) * 0.02, "fp8", "per_channel")
+    q, s = quantize(torch.randn(n, k, dtype=torch.bfloat16) * 0.02, "fp8", wscheme)
+    b = torch.randn(n, dtype=torch.bfloat16) if bias else None
     rec = Recorder()
     with rec.active():
-        skinny.skinny_matmul(x, q, s, "per_token", cfg={key: v for key, v in cfg.items() if key != "PDL"})
+        skinny.skinny_matmul(x, q, s, act, b, cfg={key: v for key, v in cfg.items() if key != "PDL"})
     fn, args, kwargs = next(c for c in rec.calls if getattr(c[0], "__name__", "") == "_skinny_kernel")
     kwargs = dict(kwargs, PDL=bool(cfg.get("PDL")))
     if kwargs.get("A_FP8"):  # what the launcher picks on sm_89+ (it sees a CPU tensor here)
@@ -71,6 +72,31 @@ def compile_sm90(fn, args, kwargs) -> dict:
                 ld16=len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx)), pdl="griddepcontrol.wait" in ptx)
 
 
+def check_table() -> int:
+    configs._device_sms = lambda index=0: 132  # H200
+    cases = []
+    with configs.forced_arch("sm90"):
+        for (wt, rows, n, k) in configs.SKINNY_TUNED["sm90"]:
+            if wt == "fp8":
+                cases += [(m, n, k) for m in {1: (1,), 4: (2, 4), 16: (5, 16)}[rows]]
+        for (wt, rows) in configs.SKINNY_RULE:
+            if wt == "fp8":
+                cases += [(m, n, k) for m in {1: (1,), 4: (3,), 16: (16,)}[rows] for n, k in ((389, 257), (5120, 13824))]
+        cases = [(m, n, k, configs.skinny_config(m, n, k, 1)) for m, n, k in cases]
+    bad = 0
+    for m, n, k, cfg in cases:
+        for act, wscheme, bias in (("per_token", "per_channel", False), ("per_token", "per_channel", True),
+                                   ("per_tensor", "per_tensor", False)):
+            try:
+                got = compile_sm90(*launch_of(m, n, k, cfg, act, wscheme, bias))
+            except Exception as e:  # noqa: BLE001 - counted and printed
+                bad += 1
+                got = f"ERROR {type(e).__name__}: {e}"[:400]
+            print(f"M={m} N={n} K={k} {act}/{wscheme} bias={bias} {cfg} {got}", flush=True)
+    print(f"[skinny_regs] {len(cases) * 3 - bad}/{len(cases) * 3} compiled for sm_90", flush=True)
+    return 1 if bad else 0
+
+
 def main() -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import skinny_gemm as sg
@@ -79,7 +105,12 @@ def main() -> int:
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--model", default="8b", choices=list(sg.SHAPES))
     ap.add_argument("--shape", default="qkv")
+    ap.add_argument("--table", action="store_true", help="instead: every configs.SKINNY_TUNED entry at its shape "
+                    "and every SKINNY_RULE at odd shapes, per-token and per-tensor activations, with and "
+                    "without bias (the cuda backend's default fp8 decode path); exit 1 on any failure")
     args = ap.parse_args()
+    if args.table:
+        return check_table()
     n, k = sg.SHAPES[args.model][args.shape]
     configs._device_sms = lambda index=0: 132  # H200
     with configs.forced_arch("sm90"):
