@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 20, session 4 (helper FP8), one H200, <= 220 s, fine on 4 cores (s4bench.sh's GPU lane):
 #   OUT=<dir> bash bench/device/fp8.sh
+# (Written for session 4's 22:40 sitting; no device was lent then: not run yet.)
 # 1. sweep of the session-4 skinny forms only (gemvr loop, in-kernel quantization in the
 #    tensor-core form, PDL launches) against the tuned table (configs.SKINNY_TUNED, from the
 #    21:08 sweep) on the 8B shapes, compiled first in 4 processes; it writes the fastest config

@@ -18,10 +18,10 @@ Three inner loops (``KIND`` of ``configs.skinny_config``):
   at the end, for 1-16 rows (no 16-row padding of the MMA, wide vector loads of W);
 - ``gemvr``: the same FMAs summed over BLOCK_K every step into [rows, BLOCK_N], with the next
   weight tile loaded before the current one is used. On the H200 (2026-12-04 sweep) ``gemv``
-  at one row streamed at the rate its resident programs' loads allow: its 64-register
-  accumulator held ~3 programs an SM, ~24 KB in flight, ~2.1 TB/s; this form keeps two tiles
-  in flight with no accumulator tile (16 x 512 at sm_90: ~100 registers against 119,
-  ``bench/skinny_regs.py``).
+  at one row streamed at the rate its programs' loads allow: ~3 programs an SM with one tile
+  each in flight, ~24 KB, ~2.1 TB/s; this form keeps two tiles in flight a program, with no
+  accumulator tile (16 x 512 at sm_90: ~100 registers against 119, ``bench/skinny_regs.py``).
+  Not yet timed on a GPU; no tuned config selects it.
 
 Weights: bf16/fp16/fp32 ``[N, K]``, or fp8 e4m3 ``[N, K]`` with scale [1] or [N]. For W8A8 the
 activation rows are quantized either in one small pass first (``matmul.quant_fp8_per_token``)
