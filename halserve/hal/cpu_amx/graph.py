@@ -296,6 +296,24 @@ def _attention_guard(backend, plan: list):
     return guarded
 
 
+def _moe_guard(backend, plan: list):
+    """The backend's moe while capturing: refuses a call that does not run as exactly one fused
+    C kernel call (the per-expert path splits the sorted pairs by expert counts read on the
+    host with ``.tolist()``, which no dispatch mode sees: a replay would keep the capture's
+    split and send tokens through the wrong experts)."""
+    moe = backend.moe
+
+    def guarded(*a, **kw):
+        before = sum(1 for e in plan if e[0] == "c" and e[1] == "hs_moe")
+        out = moe(*a, **kw)
+        if sum(1 for e in plan if e[0] == "c" and e[1] == "hs_moe") != before + 1:
+            raise CaptureRefused("moe did not run as one fused C kernel call (the per-expert path splits "
+                                 "tokens by expert counts read on the host)")
+        return out
+
+    return guarded
+
+
 def record(backend, fn, args: tuple) -> tuple[list, object, list]:
     """Run ``fn(*args)`` once recording: (plan, output, tensors to keep)."""
     plan: list = []
@@ -303,12 +321,14 @@ def record(backend, fn, args: tuple) -> tuple[list, object, list]:
     lib = backend.lib
     backend.lib = _RecordingLib(lib, plan)
     backend.attention = _attention_guard(backend, plan)
+    backend.moe = _moe_guard(backend, plan)
     try:
         with torch.inference_mode(), _Recorder(plan, keep):
             out = fn(*args)
     finally:
         backend.lib = lib
-        del backend.attention  # back to the class's dispatching method
+        del backend.attention  # back to the class's dispatching methods
+        del backend.moe
     keep.extend(_tensors(out))
     return plan, out, keep
 

@@ -1,0 +1,59 @@
+"""Review regressions (issue 22, session 4): cpu_amx decode graphs and kernels on inputs the
+other cpu_amx tests do not reach."""
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from halserve import LLM, SamplingParams
+from halserve.hal.cpu_amx import lib as cpu_lib
+from halserve.hal.cpu_amx import tiers
+
+X86 = platform.machine() in ("x86_64", "AMD64")
+FLAGS = tiers.cpu_flags()
+pytestmark = pytest.mark.skipif(
+    not (X86 and any(all(f in FLAGS for f in cpu_lib.NEEDS[t]) for t in cpu_lib.TIERS)),
+    reason="cpu_amx needs an x86-64 CPU with AVX2 and FMA")
+
+
+def _replays_match_step(llm: LLM) -> None:
+    """Each captured decode bucket's replay against its step function run eagerly on the same
+    static inputs, with routing different from the capture's (new token ids)."""
+    r = llm.engine.runner
+    st, nblk = r._static, r.num_blocks
+    gen = torch.Generator().manual_seed(0)
+    for b, gr in r.graphs.items():
+        meta = r._decode_meta[b]
+        pos = torch.randint(0, 60, (b,), generator=gen)
+        st["ids"][:b] = torch.randint(0, 500, (b,), generator=gen)
+        st["pos"][:b] = pos
+        st["slots"][:b] = -1
+        st["seq_lens"][:b] = (pos + 1).int()
+        st["tables"][:b] = (torch.arange(st["tables"].shape[1]) % nblk).int()
+        meta.seq_lens_host[:] = (pos + 1).tolist()
+        got = gr.replay().clone()
+        with torch.inference_mode():
+            want = r.model.compute_logits(r.model.forward(st["ids"][:b], st["pos"][:b], r.kv_caches, meta))
+        assert torch.equal(got, want), b
+
+
+@pytest.mark.parametrize("quant,max_num_seqs", [("int4", 2), ("int8_w8a8", 1), (None, 16)])
+def test_moe_graphs_never_replay_a_host_split(checkpoint, quant, max_num_seqs):
+    """MoE steps that leave the fused C kernel (int4 / W8A8 experts at any batch; a bucket past
+    the fused kernel's token limit: Mixtral preset, 4 experts, top 2: 8 tokens, bucket 16)
+    split the pairs by expert with host counts (``.tolist()``, unseen by the dispatch mode):
+    such a step is not captured; whatever is captured replays its step function bitwise, and
+    the engine's tokens are the eager engine's."""
+    path = str(checkpoint("mixtral"))
+    kw = dict(backend="cpu_amx", dtype="bfloat16", quantization=quant, max_num_seqs=max_num_seqs)
+    g = LLM(path, **kw)
+    if not g.engine.runner.graphs:
+        assert "moe did not run as one fused C kernel call" in g.engine.hal.graph_refusal
+    _replays_match_step(g)
+    prompts = [[3 + i, 17, 42 + 2 * i, 9] for i in range(max(2, max_num_seqs - 4))]
+    sp = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=2)
+    ref = [(o.outputs[0].token_ids, o.outputs[0].logprobs)
+           for o in LLM(path, enforce_eager=True, **kw).generate(prompts, sp)]
+    assert [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in g.generate(prompts, sp)] == ref
