@@ -293,3 +293,21 @@ def test_moe_small_batch_fused_kernel(monkeypatch, scheme, dtype):
         ref = nat.moe(x, logits, w13, w2, spec)
         limit = 1e-10 if dtype == torch.float32 else 3e-5
         assert nmse(fused, looped) < limit and nmse(fused, ref) < limit, (t, nmse(fused, ref))
+
+
+@pytest.mark.parametrize("tier", RUNNABLE)
+def test_attention_query_rows_past_the_last_sequence_are_zero(tier):
+    """A padded step (a graph bucket's spare rows) may pass more query rows than its
+    sequences own: those rows read no sequence's keys and come out zero; the real rows are
+    what they are without the padding."""
+    b = backend(tier)
+    g = torch.Generator().manual_seed(5)
+    hq, hk, d = 8, 2, 64
+    meta, nblk = _meta([300, 20], [1, 3])
+    cache = torch.randn(2, nblk, 16, hk, d, generator=g)
+    q = torch.randn(4, hq, d, generator=g)
+    real = b.attention(q, cache, meta, 0.125)
+    padded = torch.cat([q, torch.full((5, hq, d), float("nan"))])
+    out = b.attention(padded, cache, meta, 0.125)
+    assert torch.equal(out[:4], real)
+    assert torch.equal(out[4:], torch.zeros(5, hq, d))

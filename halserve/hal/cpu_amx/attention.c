@@ -218,8 +218,14 @@ void hs_attention(const void *q, const void *kc, const void *vc, void *out, cons
     int32_t *tok_seq = tok, *tok_pos = tok + T, *tok_beg = tok + 2 * T;
     token_map(cu_q, seq_lens, num_seqs, window, tok_seq, tok_pos, tok_beg);
     int32_t *dec = (int32_t *)malloc((size_t)T * 4 + 4), *pre = (int32_t *)malloc((size_t)T * 4 + 4);
-    int nd = 0, np = 0;
-    for (int t = 0; t < T; t++) {
+    int nd = 0, np = 0, qend = num_seqs > 0 ? cu_q[num_seqs] : 0;
+    /* query rows past the last sequence's (a padded graph's spare rows) belong to no sequence:
+     * they read nothing and come out zero */
+    float zero[D];
+    for (int i = 0; i < D; i++) zero[i] = 0.f;
+    for (int t = qend < 0 ? 0 : qend; t < T; t++)
+        for (int h = 0; h < Hq; h++) row_from_f32(out, ((int64_t)t * Hq + h) * D, D, qbf16, zero);
+    for (int t = 0; t < T && t < qend; t++) {
         int i = tok_seq[t];
         if (cu_q[i + 1] - cu_q[i] == 1) dec[nd++] = t;
         else pre[np++] = t;
