@@ -57,3 +57,46 @@ def test_moe_graphs_never_replay_a_host_split(checkpoint, quant, max_num_seqs):
     ref = [(o.outputs[0].token_ids, o.outputs[0].logprobs)
            for o in LLM(path, enforce_eager=True, **kw).generate(prompts, sp)]
     assert [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in g.generate(prompts, sp)] == ref
+
+
+@pytest.mark.parametrize("scheme,dtype", [("int8", torch.bfloat16), ("int8_w8a8", torch.float32),
+                                          ("int8_w8a8", torch.bfloat16)])
+@pytest.mark.parametrize("m", [1, 2, 5])  # one-row / four-row VPDPBUSD, AMX int8 tiles (amx tier)
+def test_a_nan_in_x_makes_its_row_nan_through_the_int8_kernels(scheme, dtype, m):
+    """The int8 kernels quantize x per row (amax by fmaxf, which skips NaN): a NaN or inf in x
+    must not come out as finite numbers (native's dequantize-then-GEMM gives NaN/inf); the
+    other rows keep their bits."""
+    from tests.hal.test_cpu_amx import RUNNABLE, backend
+
+    g = torch.Generator().manual_seed(0)
+    for tier in RUNNABLE:
+        b = backend(tier)
+        pw = b.pack_weight(torch.randn(40, 200, generator=g), scheme)
+        x = torch.randn(m, 200, generator=g).to(dtype)
+        clean = b.linear(x, pw)
+        for bad in (float("nan"), float("inf")):
+            xb = x.clone()
+            xb[m - 1, 3] = bad
+            y = b.linear(xb, pw)
+            assert not y[m - 1].float().isfinite().any(), (tier, bad)
+            assert torch.equal(y[:m - 1], clean[:m - 1]), tier
+
+
+def test_a_nan_in_x_makes_its_token_nan_through_the_int8_moe_kernel():
+    """moe.c's int8 x bf16 path (16-bit fixed point x and activations) likewise."""
+    from tests.hal.test_cpu_amx import RUNNABLE, backend
+    from tests.hal.test_cpu_amx_moe import call, weights
+
+    g = torch.Generator().manual_seed(0)
+    for tier in RUNNABLE:
+        b = backend(tier)
+        w13, w2 = (b.pack_weight(w, "int8") for w in weights(torch.bfloat16))
+        x = torch.randn(3, w13.weight.shape[-1], generator=g).bfloat16()
+        ids = torch.tensor([[0, 1], [2, 3], [4, 5]])  # no expert shared: the clean tokens keep their bits
+        tw = torch.full((3, 2), 0.5)
+        clean = call(b, x, tw, ids, w13, w2)
+        xb = x.clone()
+        xb[2, 3] = float("nan")
+        y = call(b, xb, tw, ids, w13, w2)
+        assert y[2].isnan().all(), tier
+        assert torch.equal(y[:2], clean[:2]), tier

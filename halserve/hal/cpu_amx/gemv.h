@@ -158,9 +158,13 @@ GV_INLINE void gv_i8x16_nt(const uint8_t *const *x, int NT, const int8_t *const 
 
 /* x row (bf16 or fp32) -> the 16-bit fixed point bytes gv_i8x16 reads; returns the x scale */
 static inline float gv_x16_quant(const void *x, int x_bf16, int K, uint8_t *dst) {
-    float amax = 0.f;
-#pragma omp simd reduction(max : amax)
-    for (int k = 0; k < K; k++) amax = fmaxf(amax, fabsf(load_f(x, k, x_bf16)));
+    float amax = 0.f, z = 0.f; /* z = sum of x * 0: NaN where x holds a NaN or an inf, else 0 */
+#pragma omp simd reduction(max : amax) reduction(+ : z)
+    for (int k = 0; k < K; k++) {
+        float v = load_f(x, k, x_bf16);
+        amax = fmaxf(amax, fabsf(v));
+        z += v * 0.f;
+    }
     float sc = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / sc;
 #pragma omp simd
     for (int k = 0; k < K; k++) {
@@ -169,7 +173,7 @@ static inline float gv_x16_quant(const void *x, int x_bf16, int K, uint8_t *dst)
         dst[k] = (uint8_t)(q & 255);
         dst[K + k] = (uint8_t)(((q >> 8) + 128) & 255);
     }
-    return sc;
+    return sc + z; /* fmaxf skips NaN: without z a NaN in x would give finite outputs */
 }
 #endif
 

@@ -173,10 +173,13 @@ static void hs_linear_i8(const float *x, int M, int K, const int8_t *w, const fl
 static void hs_quant_rows_i8(const float *x, int M, int K, int8_t *xq, float *xs) {
     for (int m = 0; m < M; m++) {
         const float *xr = x + (int64_t)m * K;
-        float amax = 0.f;
-        for (int k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xr[k]));
+        float amax = 0.f, z = 0.f; /* z: NaN where x holds a NaN or an inf (fmaxf skips NaN) */
+        for (int k = 0; k < K; k++) {
+            amax = fmaxf(amax, fabsf(xr[k]));
+            z += xr[k] * 0.f;
+        }
         float s = fmaxf(amax, 1e-12f) / 127.f;
-        xs[m] = s;
+        xs[m] = s + z;
         for (int k = 0; k < K; k++) {
             float q = nearbyintf(xr[k] / s);
             q = fminf(fmaxf(q, -127.f), 127.f);
@@ -394,11 +397,15 @@ static void hs_linear_w8a8_vnni(const int8_t *xq, const float *xs, int M, int K,
 static void i8_x16_planes(const bf16_t *x, int M, int K, uint8_t *xb, float *xs) {
     for (int m = 0; m < M; m++) {
         const bf16_t *xr = x + (int64_t)m * K;
-        float amax = 0.f;
-#pragma omp simd reduction(max : amax)
-        for (int k = 0; k < K; k++) amax = fmaxf(amax, fabsf(bf16_to_f32(xr[k])));
+        float amax = 0.f, z = 0.f; /* z = sum of x * 0: NaN where x holds a NaN or an inf, else 0 */
+#pragma omp simd reduction(max : amax) reduction(+ : z)
+        for (int k = 0; k < K; k++) {
+            float v = bf16_to_f32(xr[k]);
+            amax = fmaxf(amax, fabsf(v));
+            z += v * 0.f;
+        }
         float sc = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / sc;
-        xs[m] = sc;
+        xs[m] = sc + z; /* fmaxf skips NaN: without z a NaN in x would give finite outputs */
         uint8_t *lo = xb + (int64_t)m * 2 * K, *hi = lo + K;
 #pragma omp simd
         for (int k = 0; k < K; k++) {
