@@ -50,7 +50,8 @@ def test_moe_graphs_never_replay_a_host_split(checkpoint, quant, max_num_seqs):
     kw = dict(backend="cpu_amx", dtype="bfloat16", quantization=quant, max_num_seqs=max_num_seqs)
     g = LLM(path, **kw)
     if not g.engine.runner.graphs:
-        assert "moe did not run as one fused C kernel call" in g.engine.hal.graph_refusal
+        why = g.engine.hal.graph_refusal
+        assert "moe did not run as one fused C kernel call" in why or "Tensor.tolist()" in why, why
     _replays_match_step(g)
     prompts = [[3 + i, 17, 42 + 2 * i, 9] for i in range(max(2, max_num_seqs - 4))]
     sp = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=2)
@@ -100,3 +101,19 @@ def test_a_nan_in_x_makes_its_token_nan_through_the_int8_moe_kernel():
         y = call(b, xb, tw, ids, w13, w2)
         assert y[2].isnan().all(), tier
         assert torch.equal(y[:2], clean[:2]), tier
+
+
+def test_capture_refuses_tolist_and_numpy():
+    """``.tolist()`` / ``.numpy()`` read data with no aten op the dispatch mode sees: refused
+    by name, and the methods are torch's own again after the capture."""
+    from halserve.hal.cpu_amx.backend import CpuAmxBackend
+
+    hal = CpuAmxBackend()
+    x = torch.randn(4, 8)
+    for read in (lambda t: t.tolist(), lambda t: t.numpy()):
+        def step(read=read):
+            n = int(read(x.abs().argmax(-1))[0])
+            return x[:, :n + 1].sum(-1)
+
+        assert hal.capture_graph(step) is None and "reads data on the host" in hal.graph_refusal
+    assert x[0].tolist() == [float(v) for v in x[0]] and x.numpy().shape == (4, 8)

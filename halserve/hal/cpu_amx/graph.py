@@ -314,6 +314,16 @@ def _moe_guard(backend, plan: list):
     return guarded
 
 
+# Tensor methods that read data on the host without an aten op the dispatch mode would see
+_HOST_READS = ("tolist", "numpy")
+
+
+def _refuse_host_read(name: str):
+    def refused(self, *a, **kw):
+        raise CaptureRefused(f"Tensor.{name}() reads data on the host (a replay would keep the capture's values)")
+    return refused
+
+
 def record(backend, fn, args: tuple) -> tuple[list, object, list]:
     """Run ``fn(*args)`` once recording: (plan, output, tensors to keep)."""
     plan: list = []
@@ -322,10 +332,15 @@ def record(backend, fn, args: tuple) -> tuple[list, object, list]:
     backend.lib = _RecordingLib(lib, plan)
     backend.attention = _attention_guard(backend, plan)
     backend.moe = _moe_guard(backend, plan)
+    saved = {n: getattr(torch.Tensor, n) for n in _HOST_READS}
     try:
+        for n in _HOST_READS:
+            setattr(torch.Tensor, n, _refuse_host_read(n))
         with torch.inference_mode(), _Recorder(plan, keep):
             out = fn(*args)
     finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
         backend.lib = lib
         del backend.attention  # back to the class's dispatching methods
         del backend.moe
