@@ -117,3 +117,16 @@ def test_capture_refuses_tolist_and_numpy():
 
         assert hal.capture_graph(step) is None and "reads data on the host" in hal.graph_refusal
     assert x[0].tolist() == [float(v) for v in x[0]] and x.numpy().shape == (4, 8)
+
+
+def test_moe_with_no_tokens_returns_an_empty_result():
+    """Zero tokens: an empty [0, H] result, not an 'out of memory' error (malloc(0) may be NULL)."""
+    from halserve.hal.cpu_amx.backend import CpuAmxBackend
+    from halserve.hal.interface import MoeSpec
+
+    hal = CpuAmxBackend()
+    for scheme, dtype in (("none", torch.bfloat16), ("int8", torch.bfloat16), ("none", torch.float32)):
+        w13 = hal.pack_weight(torch.randn(4, 64, 32).to(dtype), scheme)
+        w2 = hal.pack_weight(torch.randn(4, 32, 32).to(dtype), scheme)
+        y = hal.moe(torch.empty(0, 32, dtype=dtype), torch.empty(0, 4, dtype=dtype), w13, w2, MoeSpec(top_k=2))
+        assert y.shape == (0, 32) and y.dtype == dtype

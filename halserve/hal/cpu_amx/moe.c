@@ -80,6 +80,7 @@ int hs_moe(const void *x, int x_bf16, int T, int H, int I, int E, int topk, cons
            const void *w13, const float *s13, const int32_t *ws13, const void *w2, const float *s2,
            const int32_t *ws2, int kind, void *out) {
     if (kind < 0 || kind > 2) return -1;
+    if (T <= 0 || topk <= 0) return 0; /* nothing routed (a 0-byte malloc may be NULL: not out of memory) */
     int P = T * topk;
     for (int p = 0; p < P; p++)
         if (ids[p] < 0 || ids[p] >= E) return -2;
