@@ -175,10 +175,12 @@ class ModelRunner:
                 return self._outputs(self.model.compute_logits(hidden), hidden)
 
             graph = self.hal.capture_graph(step)
-            if graph is None:
-                return 0
+            if graph is None:  # this bucket runs eagerly (a backend may refuse some sizes only)
+                continue
             self.graphs[b] = graph
             self._decode_meta[b] = meta
+        if not self.graphs:
+            return 0
         self._capture_tail_graphs(max_blocks, max_model_len)
         if self.spec_k:
             from halserve.engine.spec.verify_graph import VerifyGraphs

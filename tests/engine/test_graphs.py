@@ -87,3 +87,30 @@ def test_tail_graph_matches_eager(checkpoint, tmp_path):
     out = g.generate([prompts[1]], sp)[0]
     assert out.outputs[0].token_ids == ref[1] and out.num_cached_tokens == 96
     assert g.get_metrics()["offload"]["host"]["hits"] >= 6
+
+
+class RefusesLargeBatches(ReplayGraphBackend):
+    """Captures decode steps of up to 4 rows only (as cpu_amx refuses a MoE bucket past its
+    fused kernel's reach): the larger buckets run eagerly, the smaller stay captured."""
+    name = "test_replay_graphs_small"
+
+    def capture_graph(self, fn, *args):
+        out = fn(*args)
+        logits = out[0] if isinstance(out, tuple) else out
+        return None if logits.shape[0] > 4 else super().capture_graph(fn, *args)
+
+
+def test_a_refused_bucket_leaves_the_others_captured(checkpoint):
+    hal.register(RefusesLargeBatches)
+    path = checkpoint("llama")
+    prompts = [[5, 17, 42], list(range(10, 47)), [9] * 20, [3, 1, 4, 1, 5], [2, 7, 1, 8, 2, 8, 1], [4] * 3]
+    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in LLM(str(path), dtype="float32", max_num_seqs=16,
+                                                 backend="native").generate(prompts, sp)]
+    g = LLM(str(path), dtype="float32", max_num_seqs=16, backend="test_replay_graphs_small")
+    assert sorted(g.engine.runner.graphs) == [1, 2, 4]
+    before = ReplayGraph.replays
+    # 6 rows step eagerly until 4 or fewer are left, then replay the 4-row graph
+    assert [o.outputs[0].token_ids for o in g.generate(prompts, sp)] == ref
+    assert [o.outputs[0].token_ids for o in g.generate(prompts[:3], sp)] == ref[:3]
+    assert ReplayGraph.replays > before
