@@ -188,3 +188,19 @@ def test_switch(monkeypatch, checkpoint):
     monkeypatch.setenv(graph.ENV, "yes")
     with pytest.raises(ValueError, match="HALSERVE_CPU_GRAPHS='yes' is not valid"):
         _cpu_amx()
+
+
+def test_buckets_past_the_row_cap_run_eagerly(checkpoint, replays):
+    """Decode buckets up to graph.GRAPH_MAX_ROWS rows are captured, larger ones step eagerly
+    (each captured bucket keeps its activations resident); both give the eager tokens."""
+    path = str(checkpoint("llama"))
+    sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompts = [[i + 3, i + 7, 11] for i in range(20)]
+    eager = LLM(path, backend="cpu_amx", dtype="float32", max_num_seqs=32, enforce_eager=True)
+    ref = [o.outputs[0].token_ids for o in eager.generate(prompts, sp)]
+    g = LLM(path, backend="cpu_amx", dtype="float32", max_num_seqs=32)
+    assert sorted(g.engine.runner.graphs) == [b for b in (1, 2, 4, 8, 16) if b <= graph.GRAPH_MAX_ROWS]
+    assert [o.outputs[0].token_ids for o in g.generate(prompts, sp)] == ref  # 20 rows: eager steps
+    before = replays[0]
+    assert [o.outputs[0].token_ids for o in g.generate(prompts[:5], sp)] == ref[:5]  # the 8-row graph
+    assert replays[0] > before

@@ -387,11 +387,23 @@ def build(ffi, plan: list) -> tuple[list, int, int]:
     return steps, nc, nt
 
 
+# Largest decode bucket captured: an 8B model's step keeps ~6 MB of activations a row alive in
+# its graph (not counted where the KV cache is sized), and past ~16 rows the step's Python is a
+# few percent of it.
+GRAPH_MAX_ROWS = 16
+
+
 def capture(backend, fn, args: tuple) -> "CpuGraph | None":
     """The captured step, or None (with the reason in ``backend.graph_refusal``) when it reads
     host values a replay would not see."""
     with torch.inference_mode():
-        fn(*args)  # warm-up: lazily made caches (weight plans, rope tables) exist before recording
+        warm = fn(*args)  # warm-up: lazily made caches (weight plans, rope tables) exist before recording
+    rows = (warm[0] if isinstance(warm, tuple) else warm).shape[0]
+    if rows > GRAPH_MAX_ROWS:
+        backend.graph_refusal = (f"a step of {rows} rows runs eagerly: captured buckets go up to {GRAPH_MAX_ROWS} "
+                                 "rows (the Python a replay saves is a small share of a larger step, and every "
+                                 "captured bucket keeps its activations resident)")
+        return None
     try:
         plan, out, keep = record(backend, fn, args)
         steps, nc, nt = build(backend.ffi, plan)
