@@ -55,3 +55,31 @@ def test_bad_sweep_file_is_refused_by_name(sm90, tmp_path, monkeypatch, doc):
     monkeypatch.setenv(configs.SKINNY_FILE_ENV, str(path))
     with pytest.raises(ValueError, match="HALSERVE_SKINNY_CONFIGS=.*bad.json"):
         configs.skinny_config(1, 6144, 4096, 1)
+
+
+@pytest.mark.parametrize("entry, words", [
+    ({"rows": 2}, "rows 2"), ({"weights": "int8"}, "weights 'int8'"), ({"cfg_BLOCK_N": 0}, "positive integers"),
+    ({"cfg_SPLITS": "2"}, "positive integers")])
+def test_sweep_file_values_are_checked(sm90, tmp_path, monkeypatch, entry, words):
+    cfg = dict(KIND="gemv", BLOCK_N=16, BLOCK_K=512, SPLITS=1, FUSED=False, QUANT_IN=True, num_warps=4, num_stages=1)
+    e = {"weights": "fp8", "rows": 1, "N": 6144, "K": 4096}
+    for key, v in entry.items():
+        if key.startswith("cfg_"):
+            cfg[key[4:]] = v
+        else:
+            e[key] = v
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"arch": "sm90", "entries": [dict(e, cfg=cfg)]}))
+    monkeypatch.setenv(configs.SKINNY_FILE_ENV, str(path))
+    with pytest.raises(ValueError, match=words):
+        configs.skinny_config(1, 6144, 4096, 1)
+
+
+def test_sweep_file_for_another_card_is_refused(sm90, tmp_path, monkeypatch):
+    cfg = dict(KIND="gemv", BLOCK_N=16, BLOCK_K=512, SPLITS=1, FUSED=False, QUANT_IN=True, num_warps=4, num_stages=1)
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"arch": "sm100", "entries": [
+        {"weights": "fp8", "rows": 1, "N": 6144, "K": 4096, "cfg": cfg}]}))
+    monkeypatch.setenv(configs.SKINNY_FILE_ENV, str(path))
+    with pytest.raises(ValueError, match="for sm100, this device is sm90"):
+        configs.skinny_config(1, 6144, 4096, 1)

@@ -285,6 +285,12 @@ def _skinny_file(path: str) -> dict:
             cfg = dict(e["cfg"])
             if not _SKINNY_KEYS <= set(cfg) <= _SKINNY_KEYS | {"PDL"} or cfg["KIND"] not in ("dot", "gemv", "gemvr"):
                 raise ValueError(f"config keys {sorted(cfg)} / KIND {cfg.get('KIND')!r}")
+            ints = ("BLOCK_N", "BLOCK_K", "SPLITS", "num_warps", "num_stages")
+            if not all(isinstance(cfg[key], int) and cfg[key] >= 1 for key in ints):
+                raise ValueError(f"{', '.join(ints)} must be positive integers, got {[cfg[key] for key in ints]}")
+            if int(e["rows"]) not in (1, 4, 16) or e["weights"] not in ("fp8", "bf16"):
+                raise ValueError(f"rows {e['rows']!r} / weights {e['weights']!r} (rows: 1, 4 or 16; "
+                                 "weights: fp8 or bf16)")
             out[(doc["arch"], e["weights"], int(e["rows"]), int(e["N"]), int(e["K"]))] = cfg
         return out
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -296,7 +302,12 @@ def _skinny_tuned(wt: str, m: int, n: int, k: int) -> "dict | None":
     key = (wt, _rows_bucket(m), n, k)
     path = os.environ.get(SKINNY_FILE_ENV)
     if path:
-        hit = _skinny_file(path).get((arch(),) + key)
+        table = _skinny_file(path)
+        archs = sorted({k[0] for k in table})
+        if table and arch() not in archs:  # a file for another card would be ignored without a word
+            raise ValueError(f"{SKINNY_FILE_ENV}={path}: its configs are for {', '.join(archs)}, this device is "
+                             f"{arch()}; unset it or sweep this card (bench/skinny_gemm.py --emit-table)")
+        hit = table.get((arch(),) + key)
         if hit is not None:
             return dict(hit)
     hit = SKINNY_TUNED.get(arch(), {}).get(key)

@@ -300,8 +300,9 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None
     part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else y
     cnt = _counters(x.device) if fused else y
     pdl = bool(cfg.get("PDL")) and not configs.interpreting()  # the interpreter runs kernels one by one
-    if pdl and (not _HAS_GDC or x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) < (9, 0)):
-        raise ValueError("skinny config PDL=True needs sm_90+ and triton >= 3.4 (griddepcontrol)")
+    if pdl and (not _HAS_GDC or x.device.type != "cuda" or torch.version.hip is not None
+                or torch.cuda.get_device_capability(x.device) < (9, 0)):  # ROCm reports cuda devices too
+        raise ValueError("skinny config PDL=True needs an NVIDIA sm_90+ GPU and triton >= 3.4 (griddepcontrol)")
     launch = {"launch_pdl": True} if pdl else {}
     a_fp8 = x.dtype.itemsize == 1 or quant_in > 0
     a_scale = 0 if xs is None else (1 if quant_in or xs.numel() > 1 else 2)
