@@ -53,6 +53,9 @@ static inline void row_to_f32(const void *p, int64_t off, int n, int bf16, float
     }
 }
 
+/* x as fp32: x itself, or a per-thread copy converted from bf16 (linear.c; grown, never shrunk) */
+const float *hs_x_as_f32(const void *x, int x_bf16, int64_t n);
+
 #ifdef __AVX512F__
 #include <immintrin.h>
 /* 16 bfloat16 -> 16 float (a 16-bit shift) */
@@ -60,17 +63,18 @@ static inline __m512 hs_bf16x16_load(const bf16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-/* 16 float -> 16 bfloat16, rounded as f32_to_bf16 does (nearest even, NaN stays quiet) */
-static inline void hs_bf16x16_store(bf16_t *p, __m512 v) {
+/* 16 float -> 16 bfloat16 bit patterns, rounded as f32_to_bf16 does (nearest even, NaN stays quiet) */
+static inline __m256i hs_bf16x16_round(__m512 v) {
     __m512i u = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i rne = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
     __m512i nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
     __mmask16 isnan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
                                               _mm512_set1_epi32(0x7f800000));
-    __m512i r = _mm512_mask_blend_epi32(isnan, rne, nan);
-    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(r));
+    return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(isnan, rne, nan));
 }
+
+static inline void hs_bf16x16_store(bf16_t *p, __m512 v) { _mm256_storeu_si256((__m256i *)p, hs_bf16x16_round(v)); }
 
 /* exp(x) for 16 lanes, ~2 ulp: 2^k * 2^f with k = round(x log2 e), 2^f by Cephes' exp2f
  * polynomial on [-0.5, 0.5], 2^k by VSCALEFPS (libm's expf is scalar: a decode's

@@ -96,13 +96,7 @@ void hs_set_amx_rows(int rows) { amx_rows = rows == 16 ? 16 : 32; }
 
 /* the first popcount(k) lanes of v as bfloat16, rounded as f32_to_bf16 does */
 static inline void store_bf16x16_mask(bf16_t *p, __m512 v, __mmask16 k) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i rne = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-    __m512i nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-    __mmask16 isnan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                              _mm512_set1_epi32(0x7f800000));
-    _mm256_mask_storeu_epi16((void *)p, k, _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(isnan, rne, nan)));
+    _mm256_mask_storeu_epi16((void *)p, k, hs_bf16x16_round(v));
 }
 
 static __thread void *xp_buf;

@@ -472,7 +472,7 @@ static __thread bf16_t *xp_buf;
 static __thread int64_t xp_cap;
 #endif
 
-static const float *x_as_f32(const void *x, int x_bf16, int64_t n) {
+const float *hs_x_as_f32(const void *x, int x_bf16, int64_t n) {
     if (!x_bf16) return (const float *)x;
     if (n > xf_cap) {
         free(xf_buf);
@@ -552,7 +552,7 @@ int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, 
         return 0;
     }
 #endif
-    const float *xf = x_as_f32(x, x_bf16, (int64_t)M * K);
+    const float *xf = hs_x_as_f32(x, x_bf16, (int64_t)M * K);
     switch (kind) {
     case 0:
     case 1:

@@ -163,21 +163,6 @@ static void i4x16_f32_tile(const float *x, int K, const uint8_t *wb, const float
 }
 #endif
 
-/* per calling thread, grown never shrunk (no malloc per call once warm) */
-static __thread float *xf_buf;
-static __thread int64_t xf_cap;
-
-static const float *as_f32(const void *x, int x_bf16, int64_t n) {
-    if (!x_bf16) return (const float *)x;
-    if (n > xf_cap) {
-        free(xf_buf);
-        xf_buf = (float *)malloc((size_t)n * 4);
-        xf_cap = n;
-    }
-    row_to_f32(x, 0, (int)n, 1, xf_buf);
-    return xf_buf;
-}
-
 /* y[M, N] = x[M, K] @ W^T (+ bias) for int4 x16 weights; K % group == 0, group % 8 == 0. */
 void hs_linear_i4x16(const void *x, int x_bf16, int M, int K, const uint8_t *w, const float *scales, int group,
                      int N, const float *bias, void *y, int y_bf16) {
@@ -206,7 +191,7 @@ void hs_linear_i4x16(const void *x, int x_bf16, int M, int K, const uint8_t *w, 
         return;
     }
 #endif
-    const float *xf = as_f32(x, x_bf16, (int64_t)M * K);
+    const float *xf = hs_x_as_f32(x, x_bf16, (int64_t)M * K);
 #ifdef __AVX512F__
     const int step = MT_MAX;
 #else

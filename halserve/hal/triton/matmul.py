@@ -20,6 +20,23 @@ FP8_MAX = 448.0  # e4m3fn
 
 
 @triton.jit
+def _k_steps(a_rows, b_cols, s_ak, s_bk, rm, rn, offs_k, M, N, k_lo, k_hi, IEEE: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One tile's product over keys [k_lo, k_hi), ascending BLOCK_K steps from a zero
+    accumulator: the one reduction order of batch-invariant mode (inlined where it is called)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < k_hi), other=0.0)
+        b = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < k_hi) & (rn[None, :] < N), other=0.0)
+        if IEEE:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
 def _persistent_mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, part_ptr, M, N, K, s_am, s_ak, s_bn, s_bk, s_cm, s_cn,
                           NUM_PROGS, k_per_split, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -54,29 +71,14 @@ def _persistent_mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, part_ptr, M, N, K, s_am
             for s in range(0, SPLITS):
                 k_lo = s * k_per_split
                 k_hi = tl.minimum(k_lo + k_per_split, K)
-                acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                for k0 in range(k_lo, k_hi, BLOCK_K):
-                    kk = k0 + offs_k
-                    a = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < k_hi), other=0.0)
-                    b = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < k_hi) & (rn[None, :] < N), other=0.0)
-                    if IEEE:
-                        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(a, b, acc)
-                tot += acc
+                tot += _k_steps(a_rows, b_cols, s_ak, s_bk, rm, rn, offs_k, M, N, k_lo, k_hi, IEEE,
+                                BLOCK_M, BLOCK_N, BLOCK_K)
             acc = tot
         else:
             k_lo = ps * k_per_split
             k_hi = tl.minimum(k_lo + k_per_split, K)
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                kk = k0 + offs_k
-                a = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < k_hi), other=0.0)
-                b = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < k_hi) & (rn[None, :] < N), other=0.0)
-                if IEEE:
-                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, b, acc)
+            acc = _k_steps(a_rows, b_cols, s_ak, s_bk, rm, rn, offs_k, M, N, k_lo, k_hi, IEEE,
+                           BLOCK_M, BLOCK_N, BLOCK_K)
         ok = (rm[:, None] < M) & (rn[None, :] < N)
         if (SPLITS > 1) and (not SPLITS_INLINE):  # fp32 partials [S, M, N], added in split order by the reduction
             tl.store(part_ptr + (ps.to(tl.int64) * M + rm[:, None]) * N + rn[None, :], acc, mask=ok)
