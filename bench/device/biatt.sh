@@ -12,12 +12,8 @@
 #  3. if time is left, the batch-invariant GEMM's prefill forms at M = 4096 against cuBLAS, each
 #     with whether sampled rows keep their M = 1 bits (bench/device/biatt_forms.py).
 #   OUT=<dir> bash bench/device/biatt.sh
-set -uo pipefail
-OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-  TRANSFORMERS_VERBOSITY=error
-unset TRITON_INTERPRET
 . "$(dirname "$0")/step.sh"
+stage_env
 git log --oneline -1 > "$OUT/biatt_commit.txt" 2>/dev/null
 STEP_TAIL=30 step biatt_tests 80 python3 -m pytest -q -p no:cacheprovider -rfE --durations=12 \
     tests/gpu/test_bi_gemm_gpu.py tests/hal/test_bi_gemm.py tests/hal/test_bi_attention.py \

@@ -8,12 +8,8 @@
 #     batch 1, 64 and 256 (bi: 64), each batch size warmed first, with the kernel table of one decode step at batch 1 and 64;
 # then the GPU tests: the skinny kernel's forms, the backend's batch-invariance / fp8 / graph
 # tests, the Triton kernel tests that touch GEMMs.
-set -uo pipefail
-OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-  TRANSFORMERS_VERBOSITY=error
-unset TRITON_INTERPRET
 . "$(dirname "$0")/step.sh"
+stage_env
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -2
 [ "${CUDAK_SWEEP_PARTS:-}" = none ] || STEP_TAIL=40 step cudak_sweep 90 python3 bench/skinny_gemm.py --sweep --warm 14 --budget 52 \
     --parts "${CUDAK_SWEEP_PARTS:-fp8,bi}" --json "$OUT/cudak_sweep.json"

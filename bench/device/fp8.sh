@@ -11,12 +11,8 @@
 #    batch 1 and 16;
 # 3. the GPU test of the winners on the 8B shapes (eager and replayed from graphs), if time is
 #    left (s4final.sh runs all of tests/gpu and the full conformance on the committed table).
-set -uo pipefail
-OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-  TRANSFORMERS_VERBOSITY=error
-unset TRITON_INTERPRET
 . "$(dirname "$0")/step.sh"
+stage_env
 git log --oneline -1 2>/dev/null | head -1
 STEP_TAIL=30 step fp8_sweep 70 python3 bench/skinny_gemm.py --sweep --warm 4 --budget 34 \
     --parts fp8_new --json "$OUT/fp8_sweep.json" --emit-table "$OUT/fp8_table.json"

@@ -1,12 +1,8 @@
 #!/usr/bin/env bash
 # Device call B1: the conformance engine tier on cuda and the GPU tests again (after A's two
 # findings), speculative decoding on the GPU, and the 8B end-to-end decode.
-set -uo pipefail
-OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-  TRANSFORMERS_VERBOSITY=error
-unset TRITON_INTERPRET
 . "$(dirname "$0")/step.sh"
+stage_env
 step engine_tier_cuda 90 python3 -m halserve conformance --engine --backend cuda
 step gpu_tests 75 python3 -m pytest -q -p no:cacheprovider tests/gpu
 step spec_tests 70 python3 -m pytest -q -p no:cacheprovider tests/engine/test_spec_decode.py \

@@ -11,12 +11,8 @@
 # Then n-gram's acceptance and speed-up on the demo model completing Python from the stdlib.
 # The lossless tests on the GPU are bench/device/spectests.sh.
 # Run from the repo root: bash bench/device/spec.sh   (logs and spec_8b.json in $OUT)
-set -uo pipefail
-OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-  TRANSFORMERS_VERBOSITY=error
-unset TRITON_INTERPRET
 . "$(dirname "$0")/step.sh"
+stage_env
 STEP_TAIL=70 step spec_bench_8b 230 python3 -m halserve.cli bench spec --preset llama-8b --input-len 128 \
     --output-len 64 --batches 1,16 --batch-invariant 16 --json "$OUT/spec_8b.json"
 echo "--- [$SECONDS s] done"

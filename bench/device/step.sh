@@ -10,3 +10,13 @@ step() {
   echo "--- [$SECONDS s] $name rc=$?"
   grep -v -i 'it/s\]\|graph/s\]\|warn\|nanobind\|^ - ' "$log" | tail -n "${STEP_TAIL:-16}"
 }
+
+# The GPU stages' common set-up (`. step.sh; stage_env`): strict mode, $OUT made, this tree on
+# PYTHONPATH, offline, no Triton interpreter.
+stage_env() {
+  set -uo pipefail
+  OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
+  export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+    TRANSFORMERS_VERBOSITY=error
+  unset TRITON_INTERPRET
+}
