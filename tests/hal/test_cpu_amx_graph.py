@@ -4,21 +4,12 @@ buckets with padding rows, prefix hits, preemption, fp32 / bf16 / int8 weights),
 refuses steps that read host values."""
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
 
 from halserve import LLM, SamplingParams
 from halserve.hal.cpu_amx import graph
-from halserve.hal.cpu_amx import lib as cpu_lib
-from halserve.hal.cpu_amx import tiers
-
-X86 = platform.machine() in ("x86_64", "AMD64")
-FLAGS = tiers.cpu_flags()
-pytestmark = pytest.mark.skipif(
-    not (X86 and any(all(f in FLAGS for f in cpu_lib.NEEDS[t]) for t in cpu_lib.TIERS)),
-    reason="cpu_amx needs an x86-64 CPU with AVX2 and FMA")
+from tests.hal.test_cpu_amx import pytestmark  # noqa: F401 (its skip mark: an x86-64 CPU with AVX2 and FMA)
 
 PROMPTS = [[5, 17, 42], list(range(10, 47)), [9] * 20, [3, 1, 4, 1, 5], [2, 7, 1, 8, 2, 8, 1]]
 

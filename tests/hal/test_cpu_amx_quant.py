@@ -3,34 +3,12 @@ int8 / W8A8 kernels, on every ISA tier here, against float64 references of the s
 math; the layout's round trip; the new kernels against the earlier ones; batch invariance."""
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
 
-from halserve.hal.cpu_amx import lib as cpu_lib
-from halserve.hal.cpu_amx import quant, tiers
+from halserve.hal.cpu_amx import quant
 from halserve.hal.cpu_amx.backend import CpuAmxBackend
-
-X86 = platform.machine() in ("x86_64", "AMD64")
-FLAGS = tiers.cpu_flags()
-RUNNABLE = [t for t in cpu_lib.TIERS if X86 and all(f in FLAGS for f in cpu_lib.NEEDS[t])]
-pytestmark = pytest.mark.skipif(not RUNNABLE, reason="cpu_amx needs an x86-64 CPU with AVX2 and FMA")
-
-
-def backend(tier: str, batch_invariant: bool = False) -> CpuAmxBackend:
-    b = CpuAmxBackend(batch_invariant=batch_invariant)
-    b.ffi, b.lib = cpu_lib.load(tier)
-    if tier == "amx" and b.lib.hs_amx_request() != 0:
-        pytest.skip("the kernel refused AMX tile state here")
-    b.lib.hs_set_threads(b.threads)
-    b.tier = tier
-    return b
-
-
-def nmse(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.double(), ref.double()
-    return float(((a - ref) ** 2).sum() / (ref ** 2).sum().clamp(min=1e-300))
+from tests.hal.test_cpu_amx import RUNNABLE, backend, nmse, pytestmark  # noqa: F401 (the skip mark)
 
 
 def ref_linear(x: torch.Tensor, pw, scheme: str, bias) -> torch.Tensor:

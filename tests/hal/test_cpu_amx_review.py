@@ -2,20 +2,12 @@
 other cpu_amx tests do not reach."""
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
 
 from halserve import LLM, SamplingParams
-from halserve.hal.cpu_amx import lib as cpu_lib
-from halserve.hal.cpu_amx import tiers
 
-X86 = platform.machine() in ("x86_64", "AMD64")
-FLAGS = tiers.cpu_flags()
-pytestmark = pytest.mark.skipif(
-    not (X86 and any(all(f in FLAGS for f in cpu_lib.NEEDS[t]) for t in cpu_lib.TIERS)),
-    reason="cpu_amx needs an x86-64 CPU with AVX2 and FMA")
+from tests.hal.test_cpu_amx import pytestmark  # noqa: F401 (its skip mark: an x86-64 CPU with AVX2 and FMA)
 
 
 def _replays_match_step(llm: LLM) -> None:
