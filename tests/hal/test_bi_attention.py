@@ -5,24 +5,16 @@ graph-form (a length bound instead of the batch's lengths). On the CPU under
 TRITON_INTERPRET=1 (or on a GPU when there is one)."""
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"  # read when halserve.hal.triton is first imported
+from tests.helpers.triton_here import DEV, ON_GPU  # noqa: E402,F401 (first: it sets the interpreter up)
 
 from halserve.hal.interface import AttentionMetadata  # noqa: E402
 from halserve.hal.native import NativeBackend  # noqa: E402
 
-DEV = "cuda" if ON_GPU else "cpu"
 BS = 16  # KV block size
 HEAD_D = 128 if ON_GPU else 32  # the GPU runs the real head size (tile shapes follow it)
 # bf16 on the GPU is the dtype served; the interpreter gets bf16 wrong (and is slow)

@@ -5,20 +5,10 @@ change with its batch's size (the large form serves M >= BI_LARGE_M_ROWS only). 
 under TRITON_INTERPRET=1 (or on a GPU when there is one)."""
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"  # read when halserve.hal.triton is first imported
-
-DEV = "cuda" if ON_GPU else "cpu"
+from tests.helpers.triton_here import DEV, ON_GPU  # noqa: E402,F401 (first: it sets the interpreter up)
 
 
 @pytest.mark.parametrize("splits", [2, 3])

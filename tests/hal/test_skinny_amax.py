@@ -7,22 +7,13 @@ past the first step, in one row of several (per token) and in a row other than t
 On the CPU under TRITON_INTERPRET=1 (or on a GPU when there is one)."""
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"  # read when halserve.hal.triton is first imported
+from tests.helpers.triton_here import DEV, ON_GPU  # noqa: E402,F401 (first: it sets the interpreter up)
 
 from halserve.hal.native import NativeBackend  # noqa: E402
 
-DEV = "cuda" if ON_GPU else "cpu"
 K = 4096 + 40  # two amax steps, the second ragged
 
 
