@@ -31,18 +31,9 @@ def hf_step_ms(model: Path, prompts, steps: int) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
-    ts = []
-    with torch.no_grad():
-        o = hf(prompts, use_cache=True)
-        cache, nxt = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
-        for i in range(steps + 2):
-            t = time.perf_counter()
-            o = hf(nxt, past_key_values=cache, use_cache=True)
-            nxt = o.logits[:, -1].argmax(-1, keepdim=True)
-            if i >= 2:
-                ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
+    from halserve.hal.cpu_amx.perf import hf_step_ms as step_ms
+
+    return step_ms(AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval(), prompts, steps)
 
 
 def op_profile(eng, hal, steps: int) -> dict:

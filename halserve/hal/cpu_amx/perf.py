@@ -194,6 +194,27 @@ def step_profile(model: Path, backend: str, quant: str, steps: int, prompt: int 
     return out
 
 
+
+def hf_step_ms(hf, prompts, steps: int) -> float:
+    """HF transformers' greedy decode step with its KV cache after a prefill of ``prompts``
+    [rows, len]: median ms of ``steps`` steps after two warm-up steps (the bench's peer)."""
+    import statistics
+
+    import torch
+
+    ts = []
+    with torch.no_grad():
+        o = hf(prompts, use_cache=True)
+        cache, nxt = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
+        for i in range(steps + 2):
+            t = time.perf_counter()
+            o = hf(nxt, past_key_values=cache, use_cache=True)
+            nxt = o.logits[:, -1].argmax(-1, keepdim=True)
+            if i >= 2:
+                ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
+
+
 def batched_steps(model: Path, backends: list[str], rows: int, dtype: str, steps: int, prompt: int = 128,
                   report=None) -> list[dict]:
     """Decode step time of ``rows`` sequences at once: HF transformers' forward with its KV
@@ -214,19 +235,9 @@ def batched_steps(model: Path, backends: list[str], rows: int, dtype: str, steps
             report(row)
 
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
-    with torch.no_grad():
-        o = hf(prompts, use_cache=True)
-        cache, nxt = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
-        ts = []
-        for i in range(steps + 2):
-            t = time.perf_counter()
-            o = hf(nxt, past_key_values=cache, use_cache=True)
-            nxt = o.logits[:, -1].argmax(-1, keepdim=True)
-            if i >= 2:
-                ts.append(time.perf_counter() - t)
-    add({"engine": "HF transformers", "rows": rows, "dtype": dtype, "step_ms": statistics.median(ts) * 1e3,
-         "tok_s": rows / statistics.median(ts)})
-    del hf, o, cache
+    ms = hf_step_ms(hf, prompts, steps)
+    add({"engine": "HF transformers", "rows": rows, "dtype": dtype, "step_ms": ms, "tok_s": rows / ms * 1e3})
+    del hf
     for be in backends:
         from halserve import LLM, SamplingParams
 
