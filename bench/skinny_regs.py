@@ -44,20 +44,27 @@ def launch_of(m, n, k, cfg, act="per_token", wscheme="per_channel", bias=False):
 
 
 def compile_sm90(fn, args, kwargs) -> dict:
-    opts = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages")}
+    """Compile one recorded launch for sm_90 with the specializations its launcher makes (ints
+    == 1 as constexprs, multiples of 16 as divisible) and read back registers, local memory
+    (spills), shared memory, 16-byte global loads, wgmma and the PDL wait. Also used by
+    bench/device/biatt_sm90.py."""
+    kwargs = dict(kwargs)
+    opts = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages", 3)}
     if kwargs.get("PDL"):
         opts["launch_pdl"] = True
     bound = dict({p.name: a for p, a in zip(fn.params, args)}, **kwargs)
     sig, constexprs, attrs = {}, {}, {}
-    for i, p in enumerate(fn.params):  # the specializations the launcher makes: ints == 1, % 16
-        v = bound[p.name]
+    for i, p in enumerate(fn.params):
+        v = bound[p.name] if p.name in bound else p.default
         if p.is_constexpr or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
             sig[p.name], constexprs[p.name] = "constexpr", v
         elif isinstance(v, torch.Tensor):
             sig[p.name], attrs[(i,)] = "*" + _TYPES[v.dtype], [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[p.name] = "fp32"
         else:
-            sig[p.name] = "i1" if isinstance(v, bool) else "i32"
-            if not isinstance(v, bool) and v % 16 == 0:
+            sig[p.name] = "i1" if isinstance(v, bool) else ("i32" if -2**31 <= v < 2**31 else "i64")
+            if not isinstance(v, bool) and v % 16 == 0 and v != 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     kern = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -69,7 +76,8 @@ def compile_sm90(fn, args, kwargs) -> dict:
     get = lambda key: int(m.group(1)) if (m := re.search(key + r":(\d+)", use)) else -1  # noqa: E731
     ptx = kern.asm["ptx"]
     return dict(regs=get("REG"), local=get("LOCAL"), shared=kern.metadata.shared,
-                ld16=len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx)), pdl="griddepcontrol.wait" in ptx)
+                ld16=len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx)), pdl="griddepcontrol.wait" in ptx,
+                wgmma="wgmma" in ptx)
 
 
 def check_table() -> int:

@@ -10,54 +10,20 @@ memory than an sm_90 block may have.
 from __future__ import annotations
 
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
-from halserve.hal.rocm.aot import _TYPES, Recorder  # noqa: E402
+from bench.skinny_regs import compile_sm90  # noqa: E402
+from halserve.hal.rocm.aot import Recorder  # noqa: E402
 from halserve.hal.triton import attention as AT  # noqa: E402
 from halserve.hal.triton import configs  # noqa: E402
 from halserve.hal.triton import matmul as MM  # noqa: E402
 
 SM90_SHARED = 227 * 1024  # largest dynamic shared memory of one sm_90 block
-
-
-def compile_sm90(fn, args, kwargs) -> dict:
-    kwargs = dict(kwargs)
-    opts = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages", 3)}
-    bound = {p.name: a for p, a in zip(fn.params, args)}
-    bound.update(kwargs)
-    sig, constexprs, attrs = {}, {}, {}
-    for i, p in enumerate(fn.params):  # the launcher's specializations: ints == 1, multiples of 16
-        v = bound[p.name] if p.name in bound else p.default
-        if p.is_constexpr or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
-            sig[p.name], constexprs[p.name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            sig[p.name], attrs[(i,)] = "*" + _TYPES[v.dtype], [["tt.divisibility", 16]]
-        elif isinstance(v, float):
-            sig[p.name] = "fp32"
-        else:
-            sig[p.name] = "i1" if isinstance(v, bool) else ("i32" if -2**31 <= v < 2**31 else "i64")
-            if not isinstance(v, bool) and v % 16 == 0 and v != 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    kern = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
-    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kern.asm["cubin"])
-        f.flush()
-        use = subprocess.run([os.path.join(bindir, "cuobjdump"), "--dump-resource-usage", f.name],
-                             capture_output=True, text=True).stdout
-    get = lambda key: int(m.group(1)) if (m := re.search(key + r":(\d+)", use)) else -1  # noqa: E731
-    return dict(regs=get("REG"), local=get("LOCAL"), shared=kern.metadata.shared, wgmma="wgmma" in kern.asm["ptx"])
 
 
 def scenarios():
