@@ -81,13 +81,12 @@ def test_graphs_survive_preemption(checkpoint, replays):
     assert got == ref
 
 
-def test_replay_is_the_step_function_bitwise(checkpoint):
-    """Each bucket's replay against its own step function run eagerly on the same static
-    inputs (true host lengths for eager attention; the graph keeps max_model_len)."""
-    g = LLM(str(checkpoint("llama")), backend="cpu_amx", dtype="bfloat16", max_num_seqs=8)
-    r = g.engine.runner
-    st, caches = r._static, r.kv_caches
-    nblk = r.num_blocks
+def replays_match_step(llm: LLM) -> None:
+    """Each captured decode bucket's replay against its own step function run eagerly on the
+    same static inputs (new token ids and lengths; true host lengths for eager attention, the
+    graph keeps max_model_len); one output buffer, rewritten."""
+    r = llm.engine.runner
+    st, nblk = r._static, r.num_blocks
     gen = torch.Generator().manual_seed(0)
     for b, gr in r.graphs.items():
         meta = r._decode_meta[b]
@@ -101,9 +100,13 @@ def test_replay_is_the_step_function_bitwise(checkpoint):
         out = gr.replay()
         got = out.clone()
         with torch.inference_mode():
-            want = r.model.compute_logits(r.model.forward(st["ids"][:b], st["pos"][:b], caches, meta))
-        assert gr.replay() is out  # one output buffer, rewritten
+            want = r.model.compute_logits(r.model.forward(st["ids"][:b], st["pos"][:b], r.kv_caches, meta))
+        assert gr.replay() is out
         assert torch.equal(got, want), b
+
+
+def test_replay_is_the_step_function_bitwise(checkpoint):
+    replays_match_step(LLM(str(checkpoint("llama")), backend="cpu_amx", dtype="bfloat16", max_num_seqs=8))
 
 
 def _cpu_amx():

@@ -8,27 +8,7 @@ import torch
 from halserve import LLM, SamplingParams
 
 from tests.hal.test_cpu_amx import pytestmark  # noqa: F401 (its skip mark: an x86-64 CPU with AVX2 and FMA)
-
-
-def _replays_match_step(llm: LLM) -> None:
-    """Each captured decode bucket's replay against its step function run eagerly on the same
-    static inputs, with routing different from the capture's (new token ids)."""
-    r = llm.engine.runner
-    st, nblk = r._static, r.num_blocks
-    gen = torch.Generator().manual_seed(0)
-    for b, gr in r.graphs.items():
-        meta = r._decode_meta[b]
-        pos = torch.randint(0, 60, (b,), generator=gen)
-        st["ids"][:b] = torch.randint(0, 500, (b,), generator=gen)
-        st["pos"][:b] = pos
-        st["slots"][:b] = -1
-        st["seq_lens"][:b] = (pos + 1).int()
-        st["tables"][:b] = (torch.arange(st["tables"].shape[1]) % nblk).int()
-        meta.seq_lens_host[:] = (pos + 1).tolist()
-        got = gr.replay().clone()
-        with torch.inference_mode():
-            want = r.model.compute_logits(r.model.forward(st["ids"][:b], st["pos"][:b], r.kv_caches, meta))
-        assert torch.equal(got, want), b
+from tests.hal.test_cpu_amx_graph import replays_match_step
 
 
 @pytest.mark.parametrize("quant,max_num_seqs", [("int4", 2), ("int8_w8a8", 1), (None, 16)])
@@ -44,7 +24,7 @@ def test_moe_graphs_never_replay_a_host_split(checkpoint, quant, max_num_seqs):
     if not g.engine.runner.graphs:
         why = g.engine.hal.graph_refusal
         assert "moe did not run as one fused C kernel call" in why or "Tensor.tolist()" in why, why
-    _replays_match_step(g)
+    replays_match_step(g)
     prompts = [[3 + i, 17, 42 + 2 * i, 9] for i in range(max(2, max_num_seqs - 4))]
     sp = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=2)
     ref = [(o.outputs[0].token_ids, o.outputs[0].logprobs)

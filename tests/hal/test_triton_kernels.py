@@ -4,25 +4,16 @@ wrong, so bf16 is left to the GPU tests)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    # Read when a kernel is decorated, i.e. when halserve.hal.triton.* is first imported.
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.helpers.triton_here import DEV, ON_GPU  # noqa: E402 (first: it sets the interpreter up)
 
 from halserve.hal.interface import AttentionMetadata, MoeSpec, SamplingTensors  # noqa: E402
 from halserve.hal.native import NativeBackend, build_rope_cache  # noqa: E402
 
-DEV = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float32, torch.float16]
 
 
