@@ -53,7 +53,8 @@ NMSE_LIMITS: dict[str, dict[str, float]] = {
     "fp8": {"float32": 1e-4, "bfloat16": 1e-4, "float16": 1e-4},  # W8A8 fp8 vs the same quantization in f64
 }
 OP_CLASS = {"linear": "matmul", "attention": "matmul", "moe": "moe",
-            "rms_norm": "elementwise", "rotary": "elementwise", "silu_and_mul": "elementwise"}
+            "rms_norm": "elementwise", "rotary": "elementwise", "silu_and_mul": "elementwise",
+            "rotary_write_kv": "elementwise"}
 # How far pack_weight's quantized weight may be from the original (NMSE): catches bad scales.
 PACK_LIMITS = {"int8": 1e-4, "fp8": 2e-3}
 # The Triton interpreter (TRITON_INTERPRET=1) converts float32 -> bfloat16 by truncation,
@@ -239,6 +240,26 @@ def cases(quick: bool = False, ops: "list[str] | None" = None) -> list[Case]:
                     kscale=0.002, vscale=3.1))
     table.append(_c("write_kv", False, dtype="float16", T=37, Hk=2, D=96, bs=32, pad="ends+middle", kv="fp8",
                     kscale=0.37, vscale=8.0))
+    # rotary_write_kv: rotary's and write_kv's parameters together (the cache is checked
+    # bit-exactly against the k the op left rotated, q and k by NMSE)
+    for dt in DTYPES:
+        for neox in (True, False):
+            table.append(_c("rotary_write_kv", dt != "float16" or neox, dtype=dt, T=33, Hq=8, Hk=2, D=128,
+                            rot=128, neox=neox, scaling="llama3" if neox else "none", pos="random", bs=16,
+                            pad="ends+middle"))
+    for neox in (True, False):
+        table.append(_c("rotary_write_kv", True, dtype="bfloat16", T=17, Hq=4, Hk=4, D=96, rot=48, neox=neox,
+                        scaling="none", pos="random", bs=32, pad="none"))
+    table.append(_c("rotary_write_kv", True, dtype="float32", T=15, Hq=4, Hk=2, D=64, rot=32, neox=False,
+                    scaling="yarn", pos="edges", bs=16, pad="ends+middle"))
+    table.append(_c("rotary_write_kv", False, dtype="float32", T=13, Hq=4, Hk=1, D=64, rot=64, neox=True,
+                    scaling="linear", pos="random", bs=16, pad="ends+middle"))
+    table.append(_c("rotary_write_kv", True, dtype="bfloat16", T=37, Hq=8, Hk=2, D=128, rot=128, neox=True,
+                    scaling="llama3", pos="random", bs=16, pad="ends+middle", kv="fp8", kscale=0.002, vscale=3.1))
+    table.append(_c("rotary_write_kv", True, dtype="float32", T=21, Hq=4, Hk=4, D=64, rot=32, neox=False,
+                    scaling="none", pos="random", bs=16, pad="none", kv="fp8", kscale=0.37, vscale=1.0))
+    table.append(_c("rotary_write_kv", False, dtype="float16", T=37, Hq=8, Hk=2, D=96, rot=96, neox=True,
+                    scaling="none", pos="random", bs=32, pad="ends+middle", kv="fp8", kscale=1.0, vscale=8.0))
     # attention
     configs = [(hq, hk, d, bs) for hq, hk in ((8, 8), (8, 2), (16, 2)) for d in (64, 128, 96) for bs in (16, 32)]
     for scen in ("prefill_cached", "chunked", "decode", "mixed"):
@@ -693,6 +714,76 @@ def _run_write_kv(b: Backend, p: dict, g: torch.Generator, dev) -> Outcome:
                    bytes=2.0 * t * hk * d * (_esize(p["dtype"]) + cdt.itemsize))
 
 
+def _run_rotary_write_kv(b: Backend, p: dict, g: torch.Generator, dev) -> Outcome:
+    """q and k by NMSE against the float64 rotation; the cache bit-exactly against write_kv's
+    rule applied to the k the op left (as rotated and stored) and v; both call forms."""
+    from halserve.hal.rope import build_rope_cache
+
+    dt = DTYPES[p["dtype"]]
+    t, hq, hk, d, rot, bs, neox = p["T"], p["Hq"], p["Hk"], p["D"], p["rot"], p["bs"], p["neox"]
+    cache = build_rope_cache(d, rot, ROPE_MAX_POS, 500000.0, ROPE_SCALINGS[p["scaling"]])
+    pos = _positions(p, g, t)
+    width = (hq + 2 * hk) * d
+    qkv0 = _randn(g, t, width).to(dt)
+    q0, k0 = qkv0[:, :hq * d].view(t, hq, d), qkv0[:, hq * d:(hq + hk) * d].view(t, hk, d)
+    v0 = qkv0[:, (hq + hk) * d:].view(t, hk, d)
+    rq, rk = _ref(R.rotary, pos, q0, k0, cache, neox)
+    nblocks = 9
+    shape = _kv_shape(b, nblocks, bs, hk, d)
+    cdt, scales = _kv_case(p, dt)
+    cache0 = _randn(g, *shape).to(cdt)
+    slots = torch.randperm(nblocks * bs, generator=g)[:t]
+    if p.get("pad", "ends+middle") != "none":
+        pad = torch.rand(t, generator=g) < 0.25
+        pad[0] = pad[-1] = pad[t // 2] = True
+        slots = torch.where(pad, torch.full_like(slots, -1), slots)
+    pd, cd, sd = pos.to(dev), cache.to(dev), slots.to(dev)
+    limit = _limit("rotary_write_kv", p["dtype"])
+
+    def want(k_after: torch.Tensor) -> torch.Tensor:
+        kk, vv = k_after.cpu(), v0
+        if scales:
+            kk, vv = quantize_kv(kk, scales["k_scale"]), quantize_kv(vv, scales["v_scale"])
+        return R.write_kv(kk, vv, cache0, slots)
+
+    # engine form: contiguous q, k, v and layer 1 of a stacked cache (Attention.__call__)
+    qe, qbuf = _guarded((t, hq, d), dt, dev, fill=q0.to(dev))
+    ke, kbuf = _guarded((t, hk, d), dt, dev, fill=k0.to(dev))
+    ve, vbuf = _guarded((t, hk, d), dt, dev, fill=v0.to(dev))
+    view, stack, sbuf = _stacked(shape, cdt, dev, cache0)
+    b.rotary_write_kv(pd, qe, ke, ve, cd, neox, view, sd, **scales)
+    b.synchronize()
+    errors = (_guard_errors(qbuf, qe.numel(), "q") + _guard_errors(kbuf, ke.numel(), "k")
+              + _guard_errors(sbuf, stack.numel(), "the stacked kv cache") + _neighbours_untouched(stack, "layer")
+              + _guard_errors(vbuf, ve.numel(), "v") + _unchanged(ve, v0, "v"))
+    values = [R.nmse(qe, rq), R.nmse(ke, rk)]
+    n = _mismatches(view, want(ke))
+    if rot < d:
+        errors += _unchanged(qe[..., rot:], q0[..., rot:], "q past rot_dim")
+        errors += _unchanged(ke[..., rot:], k0[..., rot:], "k past rot_dim")
+    # strided form: q, k, v as views of one fused qkv row (a backend that needs contiguous
+    # tensors says so in supports())
+    qkv, buf = _guarded((t, width), dt, dev, fill=qkv0.to(dev))
+    q, k = qkv[:, :hq * d].view(t, hq, d), qkv[:, hq * d:(hq + hk) * d].view(t, hk, d)
+    v = qkv[:, (hq + hk) * d:].view(t, hk, d)
+    kvc, cbuf = _guarded(shape, cdt, dev, fill=cache0.to(dev))
+    b.rotary_write_kv(pd, q, k, v, cd, neox, kvc, sd, **scales)
+    b.synchronize()
+    errors += _guard_errors(buf, qkv.numel(), "qkv") + _guard_errors(cbuf, kvc.numel(), "kv_cache")
+    errors += _unchanged(v, v0, "v (in qkv)")
+    values += [R.nmse(q, rq), R.nmse(k, rk)]
+    n += _mismatches(kvc, want(k))
+    errors += _forms_agree("rotary_write_kv", p["dtype"], qe, q, limit)
+    errors += _forms_agree("rotary_write_kv", p["dtype"], ke, k, limit)
+    if n:
+        errors.append(f"{n} cache elements differ from write_kv of the rotated k and v")
+    nbytes = (2 * t * (hq + hk) * rot + 2 * t * hk * d) * _esize(p["dtype"]) + t * rot * 4 \
+        + 2 * t * hk * d * cdt.itemsize
+    return Outcome("nmse", max(values), limit, errors,
+                   timer=lambda: b.rotary_write_kv(pd, q, k, v, cd, neox, kvc, sd, **scales),
+                   flops=3.0 * t * (hq + hk) * rot, bytes=nbytes)
+
+
 def _kv_case(p: dict, dt: torch.dtype) -> tuple[torch.dtype, dict]:
     """A case's cache dtype and the scale arguments the engine passes with it (an fp8
     cache only: ``kv``, ``kscale``, ``vscale``)."""
@@ -1066,7 +1157,7 @@ def _run_sample(b: Backend, p: dict, g: torch.Generator, dev) -> Outcome:
 
 RUNNERS: dict[str, Callable[[Backend, dict, torch.Generator, Any], Outcome]] = {
     "linear": _run_linear, "rms_norm": _run_rms_norm, "rotary": _run_rotary, "silu_and_mul": _run_silu_and_mul,
-    "write_kv": _run_write_kv, "attention": _run_attention, "moe": _run_moe, "swap_blocks": _run_swap_blocks,
+    "write_kv": _run_write_kv, "rotary_write_kv": _run_rotary_write_kv, "attention": _run_attention, "moe": _run_moe, "swap_blocks": _run_swap_blocks,
     "copy_blocks": _run_copy_blocks, "sample": _run_sample,
 }
 assert set(RUNNERS) == set(OPS), "every HAL op needs a conformance runner"
@@ -1099,6 +1190,9 @@ COVERAGE: dict[str, dict[str, Any]] = {
     "silu_and_mul": {"x": "I", "out": _FORMS},
     "write_kv": {"key": "Hk", "value": "D", "kv_cache": "bs", "slot_mapping": "pad", "k_scale": "kscale",
                  "v_scale": "vscale"},
+    "rotary_write_kv": {"positions": "pos", "q": "Hq", "k": "Hk", "v": "D", "cos_sin_cache": "scaling",
+                        "is_neox": "neox", "kv_cache": "bs", "slot_mapping": "pad", "k_scale": "kscale",
+                        "v_scale": "vscale"},
     "attention": {"q": "Hq", "kv_cache": "Hk", **{f"meta.{k}": v for k, v in _META.items()},
                   "scale": "scale", "out": _FORMS, "k_scale": "kscale", "v_scale": "vscale"},
     "moe": {"x": "T", "router_logits": "E", **{f"w13.{k}": v for k, v in _PACKED.items()},

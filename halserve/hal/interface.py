@@ -58,6 +58,7 @@ Spec keys (``SPEC_KEYS``; values: torch dtypes, ints, bools, strings, tuples):
 | rotary | dtype, head_dim, rot_dim, is_neox, num_heads, num_kv_heads, unit_stride (q, k last dim), contiguous |
 | silu_and_mul | dtype, intermediate_size, out, contiguous |
 | write_kv | dtype (k's), kv_dtype, head_dim, num_kv_heads, block_size, cache_shape, unit_stride (k, v), contiguous (cache) |
+| rotary_write_kv | dtype (q's), kv_dtype, head_dim, rot_dim, is_neox, num_heads, num_kv_heads, block_size, cache_shape, unit_stride (q, k, v), contiguous (q, k, v), cache_contiguous |
 | attention | dtype (q's), kv_dtype, num_heads, num_kv_heads, head_dim, block_size, sliding_window, cache_shape, out |
 | moe | dtype, num_experts, top_k, scoring, scheme, w2_scheme, act_scheme, num_expert_group, topk_group, renormalize, correction_bias (present), out |
 | swap_blocks | dtype, src_device, dst_device (device types) |
@@ -86,6 +87,10 @@ Layout contract (what a C or Triton kernel may assume; the engine's call form fi
   D unless ``unit_stride`` is False); kv_cache: one layer of the backend's own
   ``kv_cache_shape`` layout (dim 0: k/v, dim 1: block), a contiguous view into a stacked
   [L, ...] tensor; slot_mapping [T] int64, slot = block * block_size + offset, -1 = skip.
+- rotary_write_kv: rotary's q, k, positions and cos_sin_cache, then write_kv's k (as
+  rotated), v, kv_cache and slot_mapping, in one call: the fusion a backend may run as one
+  kernel. NativeBackend's is the composite (``self.rotary`` then ``self.write_kv``), so a
+  backend without its own fused kernel keeps its two accelerated pieces.
 - KV cache dtype (``kv_dtype``): the model dtype, or float8_e4m3fn (``--kv-cache-dtype fp8``,
   hal/kv_fp8.py) with per-layer float ``k_scale`` / ``v_scale`` (keyword-only args of write_kv
   and attention: stored = fp8(x / scale), read = stored * scale). The engine passes the scales
@@ -125,6 +130,7 @@ OPS: tuple[str, ...] = (
     "rotary",
     "silu_and_mul",
     "write_kv",
+    "rotary_write_kv",
     "attention",
     "moe",
     "swap_blocks",
@@ -413,6 +419,17 @@ class Backend:
         slot -1 is skipped. An fp8 cache stores ``hal.kv_fp8.quantize_kv(x, scale)``."""
         raise NotImplementedError
 
+    def rotary_write_kv(self, positions: "torch.Tensor", q: "torch.Tensor", k: "torch.Tensor",
+                        v: "torch.Tensor", cos_sin_cache: "torch.Tensor", is_neox: bool,
+                        kv_cache: "torch.Tensor", slot_mapping: "torch.Tensor", *, k_scale: float = 1.0,
+                        v_scale: float = 1.0) -> None:
+        """``rotary(positions, q, k, cos_sin_cache, is_neox)`` then ``write_kv(k, v, kv_cache,
+        slot_mapping, k_scale=, v_scale=)``: q and k rotated in place, the rotated k (as
+        stored in k's dtype) and v scattered into the cache, as the two ops would leave
+        them. One kernel where a backend has it (one launch or parallel region a layer
+        fewer); NativeBackend runs the two ops."""
+        raise NotImplementedError
+
     def attention(self, q: "torch.Tensor", kv_cache: "torch.Tensor", meta: AttentionMetadata,
                   scale: float, out: "torch.Tensor | None" = None, *, k_scale: float = 1.0,
                   v_scale: float = 1.0) -> "torch.Tensor":
@@ -468,6 +485,8 @@ SPEC_KEYS: dict[str, tuple[str, ...]] = {
     "silu_and_mul": ("dtype", "intermediate_size", "out", "contiguous"),
     "write_kv": ("dtype", "kv_dtype", "head_dim", "num_kv_heads", "block_size", "cache_shape", "unit_stride",
                  "contiguous"),
+    "rotary_write_kv": ("dtype", "kv_dtype", "head_dim", "rot_dim", "is_neox", "num_heads", "num_kv_heads",
+                        "block_size", "cache_shape", "unit_stride", "contiguous", "cache_contiguous"),
     "attention": ("dtype", "kv_dtype", "num_heads", "num_kv_heads", "head_dim", "block_size", "sliding_window",
                   "cache_shape", "out"),
     "moe": ("dtype", "num_experts", "top_k", "scoring", "scheme", "w2_scheme", "act_scheme", "num_expert_group",
@@ -502,6 +521,14 @@ def _key_write_kv(key, value, kv_cache, slot_mapping, *, k_scale=1.0, v_scale=1.
     shape = tuple(kv_cache.shape)
     return ("write_kv", key.dtype, kv_cache.dtype, key.shape[-1], key.shape[-2], shape[2] if len(shape) > 2 else 0,
             shape[2:], _unit(key, value), kv_cache.is_contiguous())
+
+
+def _key_rotary_write_kv(positions, q, k, v, cos_sin_cache, is_neox, kv_cache, slot_mapping, *, k_scale=1.0,
+                         v_scale=1.0):
+    shape = tuple(kv_cache.shape)
+    return ("rotary_write_kv", q.dtype, kv_cache.dtype, q.shape[-1], cos_sin_cache.shape[-1], bool(is_neox),
+            q.shape[-2], k.shape[-2], shape[2] if len(shape) > 2 else 0, shape[2:], _unit(q, k, v),
+            _contig(q, k, v), kv_cache.is_contiguous())
 
 
 def _key_attention(q, kv_cache, meta, scale, out=None, *, k_scale=1.0, v_scale=1.0):

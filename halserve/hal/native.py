@@ -196,7 +196,7 @@ class NativeBackend(Backend):
             if name not in self.capabilities.dtypes:
                 return f"refused: dtype {name} not in {self.capabilities.dtypes}"
         kv = spec.get("kv_dtype")
-        if op in ("write_kv", "attention") and kv is not None and not is_fp8(kv):
+        if op in ("write_kv", "rotary_write_kv", "attention") and kv is not None and not is_fp8(kv):
             name = _DTYPES.get(kv, str(kv).removeprefix("torch."))
             if name not in self.capabilities.dtypes:
                 return f"refused: KV cache dtype {name} is not float32, bfloat16, float16 or float8_e4m3fn"
@@ -327,6 +327,16 @@ class NativeBackend(Backend):
             idx = torch.where(valid, slots, donor_slot)
             vals = torch.where(valid[:, None, None], src, donor_val)
             flat.index_copy_(0, idx, vals)
+
+    def rotary_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        cos_sin_cache: torch.Tensor, is_neox: bool, kv_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor, *, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+        # the composite through the dispatcher: a backend without a fused kernel keeps its
+        # own rotary and write_kv; scales go only with an fp8 cache, as the engine passes
+        # them (a backend that never holds one may leave them out of its write_kv)
+        self.rotary(positions, q, k, cos_sin_cache, is_neox)
+        scales = {"k_scale": k_scale, "v_scale": v_scale} if is_fp8(kv_cache.dtype) else {}
+        self.write_kv(k, v, kv_cache, slot_mapping, **scales)
 
     def attention(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                   scale: float, out: torch.Tensor | None = None, *, k_scale: float = 1.0,

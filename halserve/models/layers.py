@@ -71,7 +71,7 @@ class RotaryEmbedding:
 
 
 class Attention:
-    """qkv -> optional per-head q/k RMSNorm -> rotary -> write_kv -> paged attention -> o."""
+    """qkv -> optional per-head q/k RMSNorm -> rotary + write_kv (one op) -> paged attention -> o."""
 
     def __init__(self, hal: Backend, qkv: Linear, o_proj: Linear, num_heads: int, num_kv_heads: int,
                  head_dim: int, rotary: RotaryEmbedding, q_norm: RMSNorm | None = None,
@@ -95,8 +95,11 @@ class Attention:
         if self.q_norm is not None:
             q = self.q_norm(q.view(-1, d)).view(t, self.num_heads, d)
             k = self.k_norm(k.view(-1, d)).view(t, self.num_kv_heads, d)
-        self.rotary(positions, q, k)
-        self.hal.write_kv(k, v, kv_cache, meta.slot_mapping, **self.kv_scales)
+        # rotary then write_kv as one HAL op: one kernel launch (GPU) or C call (CPU) a
+        # layer fewer where the backend fuses them, the two ops where it does not
+        r = self.rotary
+        self.hal.rotary_write_kv(positions, q, k, v, r.cos_sin_cache, r.is_neox, kv_cache, meta.slot_mapping,
+                                 **self.kv_scales)
         out = self.hal.attention(q, kv_cache, meta, self.scale, **self.kv_scales)
         return self.o_proj(out.view(t, self.num_heads * d))
 

@@ -226,6 +226,38 @@ class WriteKvStorageBase(Mutant):
         self._ref.write_kv(key, value, base, slot_mapping)
 
 
+# ---- rotary_write_kv -----------------------------------------------------------------------
+
+class FusedCachesUnrotatedK(Mutant):
+    """The fused kernel stores k into the cache as loaded, before rotating it (q, k right)."""
+    op = "rotary_write_kv"
+    expect = "cache elements differ"
+
+    def rotary_write_kv(self, positions, q, k, v, cos_sin_cache, is_neox, kv_cache, slot_mapping, **scales):
+        self._ref.write_kv(k, v, kv_cache, slot_mapping, **scales)
+        self._ref.rotary(positions, q, k, cos_sin_cache, is_neox)
+
+
+class FusedKNotStoredBack(Mutant):
+    """The rotated k goes to the cache only: k itself is left unrotated (attention of the
+    new token then reads the cache, but a kernel that reads k would not)."""
+    op = "rotary_write_kv"
+
+    def rotary_write_kv(self, positions, q, k, v, cos_sin_cache, is_neox, kv_cache, slot_mapping, **scales):
+        kc = k.clone()
+        self._ref.rotary(positions, q, kc, cos_sin_cache, is_neox)
+        self._ref.write_kv(kc, v, kv_cache, slot_mapping, **scales)
+
+
+class FusedDropsKvScales(Mutant):
+    """An fp8 cache written with scale 1 (the fused kernel's signature lost the scales)."""
+    op = "rotary_write_kv"
+
+    def rotary_write_kv(self, positions, q, k, v, cos_sin_cache, is_neox, kv_cache, slot_mapping, **scales):
+        self._ref.rotary(positions, q, k, cos_sin_cache, is_neox)
+        self._ref.write_kv(k, v, kv_cache, slot_mapping)
+
+
 # ---- attention -----------------------------------------------------------------------------
 
 def _attention(q, kv_cache, meta: AttentionMetadata, scale, out=None, *, causal_shift=0, window_shift=0,

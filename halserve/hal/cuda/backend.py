@@ -140,6 +140,8 @@ class CudaBackend(NativeBackend):
             return f"native fallback: Triton converts e4m3 on sm_89+ only; this GPU is {sm}"
         if op == "write_kv" and (spec.get("unit_stride") is False or spec.get("contiguous") is False):
             return "native fallback: the write_kv kernel needs a contiguous cache and unit-stride k, v"
+        if op == "rotary_write_kv" and (spec.get("unit_stride") is False or spec.get("cache_contiguous") is False):
+            return "native fallback: the fused kernel needs a contiguous cache and unit-stride q, k, v"
         return True
 
     def describe(self) -> str:
@@ -324,6 +326,13 @@ class CudaBackend(NativeBackend):
         from halserve.hal.triton.elementwise import write_kv
 
         write_kv(key, value, kv_cache, slot_mapping, k_scale, v_scale)
+
+    def rotary_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        cos_sin_cache: torch.Tensor, is_neox: bool, kv_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor, *, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+        from halserve.hal.triton.fused import rotary_write_kv
+
+        rotary_write_kv(positions, q, k, v, cos_sin_cache, is_neox, kv_cache, slot_mapping, k_scale, v_scale)
 
     def attention(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                   scale: float, out: torch.Tensor | None = None, *, k_scale: float = 1.0,

@@ -108,7 +108,7 @@ class RocmBackend(CudaBackend):
         scheme = spec.get("scheme")
         if scheme in _FP4_SCHEMES:
             return "refused: FP4 kernels are not implemented for rocm (gfx950 has MXFP4 MFMA; gfx942 has none)"
-        if op in ("write_kv", "attention") and is_fp8(spec.get("kv_dtype")):
+        if op in ("write_kv", "rotary_write_kv", "attention") and is_fp8(spec.get("kv_dtype")):
             # the cache is OCP e4m3fn; gfx942 reads fnuz, and no AMD run has checked the kernels
             return "native fallback: rocm's KV kernels are not checked with an fp8 cache"
         return super().supports(op, **spec)
@@ -160,6 +160,13 @@ class RocmBackend(CudaBackend):
                  slot_mapping: torch.Tensor) -> None:
         with forced_arch(self.arch):
             return CudaBackend.write_kv(self, key, value, kv_cache, slot_mapping)
+
+    def rotary_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        cos_sin_cache: torch.Tensor, is_neox: bool, kv_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> None:
+        with forced_arch(self.arch):
+            return CudaBackend.rotary_write_kv(self, positions, q, k, v, cos_sin_cache, is_neox, kv_cache,
+                                               slot_mapping)
 
     def attention(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                   scale: float, out: "torch.Tensor | None" = None) -> torch.Tensor:
