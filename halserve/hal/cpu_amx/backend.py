@@ -14,7 +14,7 @@ Which path runs where (``describe()`` says it at start-up):
   their gathered K/V (prefill.py), unless batch-invariant; the rest in C (split over heads
   and key spans for decode).
 - rms_norm (+ residual), rotary,
-  silu_and_mul, write_kv, moe (routing in torch, experts' GEMMs in C): C kernels.
+  silu_and_mul, write_kv, rotary_write_kv (the two in one C call), moe (routing in torch, experts' GEMMs in C): C kernels.
 - sample: C (greedy argmax; seeded Gumbel-max under top-k / top-p / min-p, native's noise).
 - swap_blocks, copy_blocks: native (torch), said so by ``supports``.
 """
@@ -138,6 +138,11 @@ class CpuAmxBackend(NativeBackend):
         if op in ("rms_norm", "silu_and_mul", "write_kv"):
             return True
         if op == "rotary":
+            d = spec.get("head_dim") or 0
+            return True if d <= 1024 else "native fallback: head_dim > 1024"
+        if op == "rotary_write_kv":
+            if kv is not None and kv != dt:
+                return f"native fallback: the fused kernel copies k into a cache of k's dtype, not {kv}"
             d = spec.get("head_dim") or 0
             return True if d <= 1024 else "native fallback: head_dim > 1024"
         if op == "attention":
@@ -324,6 +329,28 @@ class CpuAmxBackend(NativeBackend):
         row = k.shape[1] * k.shape[2] * k.element_size()
         base, half = kv_cache.data_ptr(), kv_cache.stride(0) * kv_cache.element_size()
         self.lib.hs_write_kv(k.data_ptr(), v.data_ptr(), base, base + half, slots.data_ptr(), k.shape[0], row)
+
+    def rotary_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        cos_sin_cache: torch.Tensor, is_neox: bool, kv_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> None:
+        if k.dtype != q.dtype:  # supports() saw q's dtype only; the engine's q, k, v share one
+            raise ValueError(f"rotary_write_kv: k is {k.dtype} and q {q.dtype}; cpu_amx takes one dtype for both")
+        if not (q.is_contiguous() and k.is_contiguous() and kv_cache.is_contiguous()):
+            # the engine's tensors are; other views go through contiguous copies, as in rotary
+            qc, kc, cc = q.contiguous(), k.contiguous(), kv_cache.contiguous()
+            self.rotary_write_kv(positions, qc, kc, v, cos_sin_cache, is_neox, cc, slot_mapping)
+            for dst, src in ((q, qc), (k, kc), (kv_cache, cc)):
+                if dst is not src:
+                    dst.copy_(src)
+            return None
+        pos = _ready(positions, torch.int64)
+        cs = _ready(cos_sin_cache, torch.float32)
+        vc = _ready(v, kv_cache.dtype)
+        slots = _ready(slot_mapping, torch.int64)
+        base, half = kv_cache.data_ptr(), kv_cache.stride(0) * kv_cache.element_size()
+        self.lib.hs_rotary_write_kv(pos.data_ptr(), q.data_ptr(), k.data_ptr(), vc.data_ptr(), cs.data_ptr(), base,
+                                    base + half, slots.data_ptr(), q.shape[0], q.shape[1], k.shape[1], q.shape[2],
+                                    cs.shape[-1], int(bool(is_neox)), _CODES[q.dtype])
 
     def attention(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                   scale: float, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -155,3 +155,24 @@ void hs_write_kv(const char *key, const char *value, char *kcache, char *vcache,
         memcpy(vcache + s * row, value + (int64_t)t * row, (size_t)row);
     }
 }
+
+/* rotary then write_kv in one call (the engine's rotary_write_kv): each token's q and k heads
+ * rotated in place by rot_row, then its k row as rotated and its v row copied to the cache
+ * slot (skipped for -1); the same bytes the two calls leave. One region over the tokens from
+ * PAR_ROWS; a decode token runs on the calling thread, one FFI call a layer fewer. */
+void hs_rotary_write_kv(const int64_t *pos, void *q, void *k, const void *v, const float *cos_sin,
+                        char *kcache, char *vcache, const int64_t *slots, int T, int Hq, int Hk, int D,
+                        int rot, int is_neox, int bf16) {
+    int half = rot / 2;
+    int64_t row = (int64_t)Hk * D * (bf16 ? 2 : 4);
+#pragma omp parallel for schedule(static) if (T >= PAR_ROWS)
+    for (int t = 0; t < T; t++) {
+        const float *cs = cos_sin + pos[t] * rot;
+        for (int hh = 0; hh < Hq; hh++) rot_row(q, ((int64_t)t * Hq + hh) * D, cs, half, is_neox, bf16);
+        for (int hh = 0; hh < Hk; hh++) rot_row(k, ((int64_t)t * Hk + hh) * D, cs, half, is_neox, bf16);
+        int64_t s = slots[t];
+        if (s < 0) continue;
+        memcpy(kcache + s * row, (const char *)k + (int64_t)t * row, (size_t)row);
+        memcpy(vcache + s * row, (const char *)v + (int64_t)t * row, (size_t)row);
+    }
+}

@@ -1,0 +1,75 @@
+"""cpu_amx's fused rotary + write_kv C call against the two calls it replaces, bit for bit:
+cpu_amx's own rotary then write_kv, and native's torch ops. Batch 1 (the calling thread) and
+enough tokens for the parallel region; neox and gpt-j, partial rotary, pad slots."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from halserve.hal.native import NativeBackend, build_rope_cache
+from tests.hal.test_cpu_amx import RUNNABLE, backend, nmse
+
+pytestmark = pytest.mark.skipif(not RUNNABLE, reason="cpu_amx needs an x86-64 CPU with AVX2 and FMA")
+
+
+@pytest.fixture(scope="module", params=RUNNABLE or ["none"])
+def amx(request):
+    return backend(request.param)
+
+
+def _inputs(dtype, t, hq, hk, d, rot, strided, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=g).to(dtype)
+    parts = qkv.split([hq * d, hk * d, hk * d], dim=1)
+    q, k, v = (p.view(t, -1, d) if strided else p.reshape(t, -1, d).contiguous() for p in parts)
+    pos = torch.randint(0, 2048, (t,), generator=g)
+    cs = build_rope_cache(d, rot, 2048, 10000.0, None)
+    bs = 16
+    nblocks = t // bs + 3
+    slots = torch.randperm(nblocks * bs, generator=g)[:t]
+    if t > 1:  # a pad slot, skipped (a decode token always writes)
+        slots[t // 2] = -1
+    stack = torch.randn(3, 2, nblocks, bs, hk, d, generator=g).to(dtype)  # the engine's stacked layers
+    return q, k, v, pos, cs, stack, slots
+
+
+CASES = [  # dtype, T, Hq, Hk, D, rot, neox, strided
+    (torch.bfloat16, 1, 32, 4, 64, 64, True, False),  # the 1.1B decode token
+    (torch.bfloat16, 9, 8, 2, 96, 48, False, False),  # 9 tokens: the parallel region
+    (torch.float32, 1, 4, 4, 64, 32, True, False),
+    (torch.float32, 12, 8, 1, 128, 128, False, False),
+    (torch.bfloat16, 5, 8, 2, 64, 64, True, True),  # views of one qkv row: contiguous copies
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+@pytest.mark.parametrize("peer", ["cpu_amx", "native"])
+def test_fused_equals_rotary_then_write_kv(amx, case, peer):
+    dtype, t, hq, hk, d, rot, neox, strided = case
+    qa, ka, va, pos, cs, stack_a, slots = _inputs(dtype, t, hq, hk, d, rot, strided)
+    qb, kb, vb, _, _, stack_b, _ = _inputs(dtype, t, hq, hk, d, rot, strided)
+    before = stack_a.clone()
+    amx.native_ran.clear()
+    amx.rotary_write_kv(pos, qa, ka, va, cs, neox, stack_a[1], slots)
+    assert amx.native_ran["rotary_write_kv"] == 0  # the C call ran, not the composite
+    two = amx if peer == "cpu_amx" else NativeBackend()
+    two.rotary(pos, qb, kb, cs, neox)
+    two.write_kv(kb, vb, stack_b[1], slots)
+    if peer == "native" and dtype == torch.float32:
+        # gcc contracts the C rotation into FMAs (so does cpu_amx's rotary): last bits differ
+        for a, b in ((qa, qb), (ka, kb), (stack_a, stack_b)):
+            assert nmse(a, b) < 1e-13
+    else:
+        assert torch.equal(qa, qb) and torch.equal(ka, kb) and torch.equal(stack_a, stack_b)
+    assert torch.equal(va, vb)
+    assert torch.equal(stack_a[0], before[0]) and torch.equal(stack_a[2], before[2])  # other layers
+    assert not torch.equal(stack_a[1], before[1])
+
+
+def test_supports_sends_other_caches_to_the_composite(amx):
+    spec = dict(head_dim=64, rot_dim=64, is_neox=True, num_heads=4, num_kv_heads=2, block_size=16)
+    assert amx.supports("rotary_write_kv", dtype=torch.bfloat16, kv_dtype=torch.bfloat16, **spec) is True
+    assert str(amx.supports("rotary_write_kv", dtype=torch.bfloat16, kv_dtype=torch.float32,
+                                **spec)).startswith("native fallback")
+    assert str(amx.supports("rotary_write_kv", dtype=torch.float16, kv_dtype=torch.float16,
+                                **spec)).startswith("native fallback")
