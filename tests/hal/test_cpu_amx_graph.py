@@ -184,17 +184,55 @@ def test_switch(monkeypatch, checkpoint):
         _cpu_amx()
 
 
-def test_buckets_past_the_row_cap_run_eagerly(checkpoint, replays):
-    """Decode buckets up to graph.GRAPH_MAX_ROWS rows are captured, larger ones step eagerly
-    (each captured bucket keeps its activations resident); both give the eager tokens."""
+@pytest.fixture
+def refusals(monkeypatch):
+    """Every capture refusal's reason, in order (graph_refusal keeps only the last)."""
+    got, orig = [], graph.capture
+
+    def capture(backend, fn, args):
+        g = orig(backend, fn, args)
+        if g is None:
+            got.append(backend.graph_refusal)
+        return g
+
+    monkeypatch.setattr(graph, "capture", capture)
+    return got
+
+
+def test_buckets_past_the_row_cap_run_eagerly(checkpoint, replays, refusals):
+    """Decode buckets up to graph.GRAPH_MAX_ROWS rows are captured (the 32-, 48- and 64-row ones
+    too, with padding rows), larger ones step eagerly; all give the eager tokens, and each
+    bucket's replay is its step function's bits."""
+    assert graph.GRAPH_MAX_ROWS == 64  # the goal's batch sizes (16, 64 sequences) replay
     path = str(checkpoint("llama"))
-    sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    prompts = [[i + 3, i + 7, 11] for i in range(20)]
-    eager = LLM(path, backend="cpu_amx", dtype="float32", max_num_seqs=32, enforce_eager=True)
+    sp = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    prompts = [[i + 3, i + 7, 11] for i in range(70)]
+    eager = LLM(path, backend="cpu_amx", dtype="float32", max_num_seqs=80, enforce_eager=True)
     ref = [o.outputs[0].token_ids for o in eager.generate(prompts, sp)]
-    g = LLM(path, backend="cpu_amx", dtype="float32", max_num_seqs=32)
-    assert sorted(g.engine.runner.graphs) == [b for b in (1, 2, 4, 8, 16) if b <= graph.GRAPH_MAX_ROWS]
-    assert [o.outputs[0].token_ids for o in g.generate(prompts, sp)] == ref  # 20 rows: eager steps
+    g = LLM(path, backend="cpu_amx", dtype="float32", max_num_seqs=80)
+    graphs = g.engine.runner.graphs
+    assert sorted(graphs) == [1, 2, 4, 8, 16, 32, 48, 64]  # not 80
+    assert "step of 80 rows runs eagerly: captured buckets go up to 64" in refusals[0]
+    # what a bucket keeps is counted: its buffers grow with its rows
+    assert 0 < graphs[16].nbytes < graphs[32].nbytes < graphs[64].nbytes
     before = replays[0]
-    assert [o.outputs[0].token_ids for o in g.generate(prompts[:5], sp)] == ref[:5]  # the 8-row graph
+    assert [o.outputs[0].token_ids for o in g.generate(prompts, sp)] == ref  # 70 rows: eager steps
+    assert replays[0] == before
+    assert [o.outputs[0].token_ids for o in g.generate(prompts[:40], sp)] == ref[:40]  # the 48-row graph
     assert replays[0] > before
+    replays_match_step(g)
+
+
+def test_big_buckets_refused_past_their_memory_budget(checkpoint, monkeypatch, refusals):
+    """A bucket above GRAPH_FREE_ROWS rows whose buffers exceed GRAPH_BIG_BYTES runs eagerly,
+    and the refusal names its size; smaller buckets are captured whatever their bytes."""
+    monkeypatch.setattr(graph, "GRAPH_BIG_BYTES", 0)
+    g = LLM(str(checkpoint("llama")), backend="cpu_amx", dtype="float32", max_num_seqs=64)
+    assert sorted(g.engine.runner.graphs) == [1, 2, 4, 8, 16]
+    assert [r.split(":")[0] for r in refusals[:3]] == [f"a step of {b} rows runs eagerly" for b in (64, 48, 32)]
+    assert all("MiB of buffers resident" in r for r in refusals[:3])
+    sp = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    prompts = [[i + 3, 11] for i in range(30)]
+    ref = LLM(str(checkpoint("llama")), backend="cpu_amx", dtype="float32", max_num_seqs=64, enforce_eager=True)
+    assert [o.outputs[0].token_ids for o in g.generate(prompts, sp)] == \
+        [o.outputs[0].token_ids for o in ref.generate(prompts, sp)]

@@ -65,13 +65,14 @@ class CpuGraph:
     """A captured step: ``replay()`` reruns it on the captured memory and returns the captured
     output object (copy new inputs into the captured tensors first)."""
 
-    __slots__ = ("steps", "output", "keep", "num_c", "num_torch")
+    __slots__ = ("steps", "output", "keep", "num_c", "num_torch", "nbytes")
 
-    def __init__(self, steps: list, output, keep: list, num_c: int, num_torch: int):
+    def __init__(self, steps: list, output, keep: list, num_c: int, num_torch: int, nbytes: int = 0):
         self.steps = steps
         self.output = output
         self.keep = keep  # every tensor the plan points into
         self.num_c, self.num_torch = num_c, num_torch
+        self.nbytes = nbytes  # its own buffers (activations, logits), resident while it lives
 
     def replay(self):
         with torch.inference_mode():
@@ -118,6 +119,12 @@ class _Recorder(TorchDispatchMode):
     def __init__(self, plan: list, keep: list):
         super().__init__()
         self.plan, self.keep = plan, keep
+        self.fresh: dict = {}  # storage address -> bytes of the buffers the step allocated
+
+    def _fresh(self, outs: list) -> None:
+        for t in outs:
+            s = t.untyped_storage()
+            self.fresh[s.data_ptr()] = s.nbytes()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -134,12 +141,15 @@ class _Recorder(TorchDispatchMode):
         schema = func._schema
         if any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
             self.plan.append(("inplace", func, args, kwargs))
-        elif name not in _ALLOC:  # a fresh buffer needs nothing: what fills it is in the plan
+        elif name in _ALLOC:  # a fresh buffer needs nothing: what fills it is in the plan
+            self._fresh(outs)
+        else:
             # by storage, not schema: 'to' may alias (a no-op) or copy, views alias
             shared = {_storage(t) for t in ins}
             aliased = [_storage(t) in shared for t in outs]
             if not any(aliased):
                 self.plan.append(("functional", func, args, kwargs, outs))
+                self._fresh(outs)
             elif not all(aliased):
                 raise CaptureRefused(f"{func} returned some outputs aliasing its inputs and some fresh")
         return out
@@ -324,10 +334,12 @@ def _refuse_host_read(name: str):
     return refused
 
 
-def record(backend, fn, args: tuple) -> tuple[list, object, list]:
-    """Run ``fn(*args)`` once recording: (plan, output, tensors to keep)."""
+def record(backend, fn, args: tuple) -> tuple[list, object, list, int]:
+    """Run ``fn(*args)`` once recording: (plan, output, tensors to keep, bytes of the buffers the
+    step allocated: what the graph holds beyond the weights and the KV cache)."""
     plan: list = []
     keep: list = []
+    rec = _Recorder(plan, keep)
     lib = backend.lib
     backend.lib = _RecordingLib(lib, plan)
     backend.attention = _attention_guard(backend, plan)
@@ -336,7 +348,7 @@ def record(backend, fn, args: tuple) -> tuple[list, object, list]:
     try:
         for n in _HOST_READS:
             setattr(torch.Tensor, n, _refuse_host_read(n))
-        with torch.inference_mode(), _Recorder(plan, keep):
+        with torch.inference_mode(), rec:
             out = fn(*args)
     finally:
         for n, f in saved.items():
@@ -345,7 +357,7 @@ def record(backend, fn, args: tuple) -> tuple[list, object, list]:
         del backend.attention  # back to the class's dispatching methods
         del backend.moe
     keep.extend(_tensors(out))
-    return plan, out, keep
+    return plan, out, keep, sum(rec.fresh.values())
 
 
 def build(ffi, plan: list) -> tuple[list, int, int]:
@@ -387,10 +399,15 @@ def build(ffi, plan: list) -> tuple[list, int, int]:
     return steps, nc, nt
 
 
-# Largest decode bucket captured: an 8B model's step keeps ~6 MB of activations a row alive in
-# its graph (not counted where the KV cache is sized), and past ~16 rows the step's Python is a
-# few percent of it.
-GRAPH_MAX_ROWS = 16
+# Largest decode bucket captured. A captured bucket keeps its step's buffers resident (not
+# counted where the KV cache is sized): ~1.5 MB a row for a 1.1B Llama, ~6 MB for an 8B. Up to
+# GRAPH_FREE_ROWS rows a bucket is always kept; a larger one only while its buffers stay within
+# GRAPH_BIG_BYTES (a 1.1B's 64-row bucket holds ~95 MB; an 8B's 48- and 64-row ones are
+# refused). The goal sizes (16, 64 sequences) need them: a 32-row step here spent ~5-10% of its
+# time in Python and dispatch (docs/performance.md, "Batched decode, session 5").
+GRAPH_MAX_ROWS = 64
+GRAPH_FREE_ROWS = 16
+GRAPH_BIG_BYTES = 256 << 20
 
 
 def capture(backend, fn, args: tuple) -> "CpuGraph | None":
@@ -405,9 +422,13 @@ def capture(backend, fn, args: tuple) -> "CpuGraph | None":
                                  "captured bucket keeps its activations resident)")
         return None
     try:
-        plan, out, keep = record(backend, fn, args)
+        plan, out, keep, nbytes = record(backend, fn, args)
+        if rows > GRAPH_FREE_ROWS and nbytes > GRAPH_BIG_BYTES:
+            raise CaptureRefused(f"a step of {rows} rows runs eagerly: its graph would keep {nbytes / 2**20:.0f} MiB "
+                                 f"of buffers resident (buckets above {GRAPH_FREE_ROWS} rows are kept up to "
+                                 f"{GRAPH_BIG_BYTES / 2**20:.0f} MiB each)")
         steps, nc, nt = build(backend.ffi, plan)
     except CaptureRefused as e:
         backend.graph_refusal = str(e)
         return None
-    return CpuGraph(steps, out, keep, nc, nt)
+    return CpuGraph(steps, out, keep, nc, nt, nbytes)
