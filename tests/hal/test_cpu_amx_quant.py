@@ -155,3 +155,86 @@ def test_dequant_rows_of_x16_are_bitwise_torchs(dtype):
     assert torch.equal(got, ref)
     x = torch.randn(40, 1536, dtype=dtype)  # M > SMALL_M_QUANT: the tiled GEMM on those rows
     assert nmse(b.linear(x, w), x.double() @ quant.unpack_int4(w, torch.float64).T) < 3e-5
+
+
+@pytest.mark.parametrize("tier", RUNNABLE)
+@pytest.mark.parametrize("scheme", ["int8", "int8_w8a8", "int4_g32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_claimed_split_writes_every_row_once_with_the_static_bits(tier, scheme, dtype):
+    """The batch-1 GEMVs hand out chunks of rows by atomic claims (a thread done with its own
+    run takes the others' next chunks): at 1, 2 and 3 threads, N from a single partial chunk
+    to many uneven ones, every output is written (y starts as NaN) and equals the static
+    split's bits (hs_qkernels bit 2) and the float64 truth."""
+    b = backend(tier)
+    default, threads = b.lib.hs_get_qkernels(), b.lib.hs_get_threads()
+    g = torch.Generator().manual_seed(10)
+    k = 320 if scheme.startswith("int4") else 200  # int8: a K tail past the 64-byte dots
+    try:
+        for n in (5, 16, 197, 1031):
+            w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
+            pw = b.pack_weight(w, scheme)
+            for m in (1, 2):
+                x = torch.randn(m, k, generator=g).to(dtype)
+                got = {}
+                for nt in (1, 2, 3):
+                    b.lib.hs_set_threads(nt)
+                    for static in (0, 4):
+                        b.lib.hs_set_qkernels((default | 1) & ~4 | static)
+                        call = b.linear_call(x, pw)
+                        call.y.fill_(float("nan"))
+                        call()
+                        assert not call.y.isnan().any(), (scheme, n, m, nt, static)
+                        got[nt, static] = call.y.clone()
+                first = got[1, 4]
+                for key, y in got.items():
+                    assert torch.equal(y, first), (scheme, n, m, key)
+                assert nmse(first, ref_linear(x, pw, scheme, None)) < (1e-10 if dtype == torch.float32 else 3e-5)
+    finally:
+        b.lib.hs_set_qkernels(default)
+        b.lib.hs_set_threads(threads)
+
+
+def _thp_eligible(addr: int) -> "bool | None":
+    """THPeligible of the mapping holding ``addr`` (None where /proc does not say)."""
+    try:
+        lines = open("/proc/self/smaps").read().splitlines()
+    except OSError:
+        return None
+    inside = False
+    for ln in lines:
+        head = ln.split()[0] if ln else ""
+        if "-" in head and ":" not in head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and ln.startswith("THPeligible:"):
+            return ln.split()[1] == "1"
+    return None
+
+
+def test_quantized_weights_sit_on_huge_pages_with_their_values():
+    """pack_weight puts int8 / W8A8 / int4 (x16 and stacked experts) weights 2 MiB-aligned in
+    a mapping advised MADV_HUGEPAGE (the kernel says THPeligible where THP is not 'never'),
+    bit for bit the values of the plain allocation; small weights stay as they were."""
+    b = CpuAmxBackend()
+    g = torch.Generator().manual_seed(11)
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        mode = ""
+    w2, w3 = torch.randn(2200, 2048, generator=g), torch.randn(2, 2200, 1024, generator=g)  # int4: 2.2 MB
+    for scheme, w in (("int8", w2), ("int8_w8a8", w2), ("int4_g64", w2), ("int4_g64", w3), ("int8", w3)):
+        quant.HUGE_PAGES = False
+        try:
+            plain = b.pack_weight(w, scheme)
+        finally:
+            quant.HUGE_PAGES = True
+        huge = b.pack_weight(w, scheme)
+        assert torch.equal(huge.weight, plain.weight) and huge.weight.dtype == plain.weight.dtype, scheme
+        assert huge.weight.is_contiguous() and huge.weight.data_ptr() % quant.HUGE_PAGE == 0, scheme
+        if "[never]" not in mode and mode:
+            assert _thp_eligible(huge.weight.data_ptr()) is not False, scheme
+        x = torch.randn(1, w.shape[-1], generator=g).bfloat16()
+        if w.dim() == 2:
+            assert torch.equal(b.linear(x, huge), b.linear(x, plain)), scheme
+    small = b.pack_weight(torch.randn(64, 256, generator=g), "int8")
+    assert small.weight.data_ptr() % quant.HUGE_PAGE != 0 or small.weight.numel() < quant.HUGE_PAGE

@@ -171,6 +171,7 @@ class CpuAmxBackend(NativeBackend):
         if scheme == "int8_w8a8":
             pw = super().pack_weight(weight, "int8", act_scheme="per_token")
             pw.extra["c_scheme"] = "w8a8"
+            pw.weight = quant.on_huge_pages(pw.weight.contiguous())  # the GEMVs stream it: 2 MiB pages
             return pw
         if scheme in quant.INT4_SCHEMES:
             group = quant.INT4_SCHEMES[scheme]
@@ -178,10 +179,15 @@ class CpuAmxBackend(NativeBackend):
                 group = next((g for g in (128, 64, 32) if weight.shape[-1] % g == 0), 128)
             pw = quant.pack_int4(weight, group)
             # 2-D (a linear's): the decode GEMV's 16-row layout; stacked experts stay row-major
-            return quant.interleave_int4(pw) if weight.dim() == 2 and quant.INT4_INTERLEAVE else pw
+            if weight.dim() == 2 and quant.INT4_INTERLEAVE:
+                return quant.interleave_int4(pw)
+            pw.weight = quant.on_huge_pages(pw.weight)
+            return pw
         pw = super().pack_weight(weight, scheme, act_scheme=act_scheme)
         if pw.scheme == "none" or pw.scheme == "int8":
             pw.weight = pw.weight.contiguous()
+        if pw.scheme == "int8":
+            pw.weight = quant.on_huge_pages(pw.weight)
         return pw
 
     # ---- ops ------------------------------------------------------------------------------

@@ -19,20 +19,18 @@
  * Every output's arithmetic depends only on K, the layout and the build, never on M or on
  * which rows share a block: batch-invariant. */
 #include "common.h"
+#include <omp.h>
 #include <stdlib.h>
-#ifdef __AVX512F__
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#else
+#define _mm_pause() __asm__ __volatile__("" ::: "memory")
 #endif
 
 #define INL static inline __attribute__((always_inline))
 #define MT_MAX 4 /* activation rows per pass over a block's chunk (accumulators: 4 per row) */
 
 extern int hs_pf_bytes; /* linear.c: software prefetch distance, 0 = off */
-/* bit 0: the one-row int8 kernels here at M <= 2 (else linear.c's four-row ones at every M);
- * bit 1: AMX int8 tiles at M = 3..16 (AMX builds). All give the same bits: a speed choice. */
-int hs_qkernels = 2; /* the one-row kernels measured no faster here (1 thread, DRAM): opt-in */
-void hs_set_qkernels(int v) { hs_qkernels = v; }
-int hs_get_qkernels(void) { return hs_qkernels; }
 /* the quantized kernels' own software-prefetch distance in bytes (0 off; negative: linear.c's
  * bf16 one). 2048: one thread streaming int4 x16 weights here ran 22-31% faster than at 512
  * (their decode takes ~10 cycles a 64-byte line, so 512 bytes covers ~80 cycles of a DRAM
@@ -41,6 +39,74 @@ static int q_pf = 2048;
 void hs_set_qprefetch(int bytes) { q_pf = bytes; }
 static inline int qpf(void) { return q_pf < 0 ? hs_pf_bytes : q_pf; }
 int hs_qpf(void) { return qpf(); }
+
+/* bit 0: the one-row int8 kernels here at M <= 2 (else linear.c's four-row ones at every M);
+ * bit 1: AMX int8 tiles at M = 3..16 (AMX builds); bit 2: a static split of the
+ * rows over the threads instead of the claims below (A/B timing). All give the same bits: a speed choice. */
+int hs_qkernels = 2; /* the one-row kernels measured no faster here (1 thread, DRAM): opt-in */
+void hs_set_qkernels(int v) { hs_qkernels = v; }
+int hs_get_qkernels(void) { return hs_qkernels; }
+
+/* ---- work claiming for the batch-1 GEMVs ----------------------------------------------
+ * A parallel region starts its workers late: with sleeping workers (OMP_WAIT_POLICY=PASSIVE)
+ * waking one on this 2-vCPU VM took 2-125 us (mean 70-125 us with the other vCPU idle), and
+ * a decode token opens ~150 such regions. A static split then costs the whole delay (the
+ * calling thread finishes its half and waits for the late half); here each thread owns a
+ * contiguous run of chunks (one sequential stream, as a static split) but claims them one at
+ * a time, and a thread whose run is done takes the next chunks of the others' runs: a late
+ * worker finds part of its run already done. Which thread computes a row never changes its
+ * arithmetic (same bits; batch invariance holds). The calling thread, done, waits for the
+ * others in a short spin instead of the region's end barrier, so it is never the sleeper
+ * the last worker must wake (a second wake-up on the critical path). */
+#define Q_MAXT 64
+#define Q_CHUNK_BYTES 65536 /* one chunk: ~10 us of streaming a core, so a claim's atomic is ~1% */
+typedef struct {
+    int next, end;
+    char pad[56]; /* one cache line per run: the owners' claims do not contend */
+} q_run;
+
+/* sets up T runs over nchunks chunks (before the region) */
+static inline int q_runs(q_run *r, int nchunks) {
+    int T = omp_get_max_threads();
+    T = T < 1 ? 1 : (T > Q_MAXT ? Q_MAXT : T);
+    for (int t = 0; t < T; t++) {
+        r[t].next = (int)((int64_t)nchunks * t / T);
+        r[t].end = (int)((int64_t)nchunks * (t + 1) / T);
+    }
+    return T;
+}
+
+/* the next unclaimed chunk, own run first (*cur: the run this thread works on now); -1 when none */
+static inline int q_claim(q_run *r, int T, int *cur) {
+    for (int i = 0; i < T; i++) {
+        q_run *u = &r[(*cur + i) % T];
+        if (__atomic_load_n(&u->next, __ATOMIC_RELAXED) >= u->end) continue;
+        int c = __atomic_fetch_add(&u->next, 1, __ATOMIC_RELAXED);
+        if (c < u->end) {
+            *cur = (*cur + i) % T;
+            return c;
+        }
+        if (hs_qkernels & 4) return -1; /* the static split (A/B timing): own run only */
+    }
+    return -1;
+}
+
+/* called by every thread once its claims run dry: the calling thread spins (bounded, ~0.1-1
+ * ms) until the others have too, so it reaches the end barrier last */
+static inline void q_done(int *done) {
+    __atomic_fetch_add(done, 1, __ATOMIC_ACQ_REL);
+    if (omp_get_thread_num() != 0 || (hs_qkernels & 4)) return;
+    int nt = omp_get_num_threads();
+    for (int i = 0; i < 8192 && __atomic_load_n(done, __ATOMIC_ACQUIRE) < nt; i++) _mm_pause();
+}
+
+/* rows per chunk for a row-major weight of K bytes a row, at least 4 chunks a thread */
+static inline int q_chunk_rows(int64_t row_bytes, int N) {
+    int r = (int)(Q_CHUNK_BYTES / (row_bytes > 0 ? row_bytes : 1));
+    int per = N / (4 * omp_get_max_threads());
+    if (r > per) r = per;
+    return r < 1 ? 1 : r;
+}
 
 static inline void put(void *y, int64_t i, float v, int ybf) {
     if (ybf) ((bf16_t *)y)[i] = f32_to_bf16(v);
@@ -163,56 +229,66 @@ static void i4x16_f32_tile(const float *x, int K, const uint8_t *wb, const float
 }
 #endif
 
-/* y[M, N] = x[M, K] @ W^T (+ bias) for int4 x16 weights; K % group == 0, group % 8 == 0. */
-void hs_linear_i4x16(const void *x, int x_bf16, int M, int K, const uint8_t *w, const float *scales, int group,
-                     int N, const float *bias, void *y, int y_bf16) {
-    int nb = (N + 15) / 16;
+/* the M rows of one 16-row block b (MT_MAX activation rows a pass) */
+static void i4x16_block(const void *x, int x_bf16, int M, int K, const uint8_t *w, const float *scales, int group,
+                        int N, const float *bias, void *y, int y_bf16, int b) {
     int64_t bstride = (int64_t)(K / 8) * 64, sstride = (int64_t)(K / group) * 16;
+    const uint8_t *wb = w + b * bstride;
+    const float *sb = scales + b * sstride;
+    float out[MT_MAX][16];
 #ifdef __AVX512BF16__
     if (x_bf16) {
-        const bf16_t *xb = (const bf16_t *)x;
-#pragma omp parallel for schedule(static)
-        for (int b = 0; b < nb; b++) {
-            float out[MT_MAX][16];
-            for (int m0 = 0; m0 < M; m0 += MT_MAX) {
-                int mt = M - m0 < MT_MAX ? M - m0 : MT_MAX;
-                const bf16_t *xm = xb + (int64_t)m0 * K;
-                const uint8_t *wb = w + b * bstride;
-                const float *sb = scales + b * sstride;
-                switch (mt) {
-                case 4: i4x16_bf16_tile(xm, K, wb, sb, group, mt, 4, out); break;
-                case 3: i4x16_bf16_tile(xm, K, wb, sb, group, mt, 3, out); break;
-                case 2: i4x16_bf16_tile(xm, K, wb, sb, group, mt, 2, out); break;
-                default: i4x16_bf16_tile(xm, K, wb, sb, group, mt, 1, out); break;
-                }
-                for (int t = 0; t < mt; t++) put16(y, y_bf16, m0 + t, N, b, out[t], bias);
+        for (int m0 = 0; m0 < M; m0 += MT_MAX) {
+            int mt = M - m0 < MT_MAX ? M - m0 : MT_MAX;
+            const bf16_t *xm = (const bf16_t *)x + (int64_t)m0 * K;
+            switch (mt) {
+            case 4: i4x16_bf16_tile(xm, K, wb, sb, group, mt, 4, out); break;
+            case 3: i4x16_bf16_tile(xm, K, wb, sb, group, mt, 3, out); break;
+            case 2: i4x16_bf16_tile(xm, K, wb, sb, group, mt, 2, out); break;
+            default: i4x16_bf16_tile(xm, K, wb, sb, group, mt, 1, out); break;
             }
+            for (int t = 0; t < mt; t++) put16(y, y_bf16, m0 + t, N, b, out[t], bias);
         }
         return;
     }
 #endif
-    const float *xf = hs_x_as_f32(x, x_bf16, (int64_t)M * K);
 #ifdef __AVX512F__
     const int step = MT_MAX;
 #else
     const int step = 1; /* the portable loops vectorize differently per row count: one row a pass */
 #endif
-#pragma omp parallel for schedule(static)
-    for (int b = 0; b < nb; b++) {
-        float out[MT_MAX][16];
-        for (int m0 = 0; m0 < M; m0 += step) {
-            int mt = M - m0 < step ? M - m0 : step;
-            const float *xm = xf + (int64_t)m0 * K;
-            const uint8_t *wb = w + b * bstride;
-            const float *sb = scales + b * sstride;
-            switch (mt) {
-            case 4: i4x16_f32_tile(xm, K, wb, sb, group, mt, 4, out); break;
-            case 3: i4x16_f32_tile(xm, K, wb, sb, group, mt, 3, out); break;
-            case 2: i4x16_f32_tile(xm, K, wb, sb, group, mt, 2, out); break;
-            default: i4x16_f32_tile(xm, K, wb, sb, group, mt, 1, out); break;
-            }
-            for (int t = 0; t < mt; t++) put16(y, y_bf16, m0 + t, N, b, out[t], bias);
+    for (int m0 = 0; m0 < M; m0 += step) {
+        int mt = M - m0 < step ? M - m0 : step;
+        const float *xm = (const float *)x + (int64_t)m0 * K;
+        switch (mt) {
+        case 4: i4x16_f32_tile(xm, K, wb, sb, group, mt, 4, out); break;
+        case 3: i4x16_f32_tile(xm, K, wb, sb, group, mt, 3, out); break;
+        case 2: i4x16_f32_tile(xm, K, wb, sb, group, mt, 2, out); break;
+        default: i4x16_f32_tile(xm, K, wb, sb, group, mt, 1, out); break;
         }
+        for (int t = 0; t < mt; t++) put16(y, y_bf16, m0 + t, N, b, out[t], bias);
+    }
+}
+
+/* y[M, N] = x[M, K] @ W^T (+ bias) for int4 x16 weights; K % group == 0, group % 8 == 0. */
+void hs_linear_i4x16(const void *x, int x_bf16, int M, int K, const uint8_t *w, const float *scales, int group,
+                     int N, const float *bias, void *y, int y_bf16) {
+    int nb = (N + 15) / 16;
+#ifdef __AVX512BF16__
+    int xbf = x_bf16; /* the bf16 kernel reads bf16 x as it is */
+#else
+    int xbf = 0;
+#endif
+    const void *xk = xbf ? x : (const void *)hs_x_as_f32(x, x_bf16, (int64_t)M * K);
+    q_run runs[Q_MAXT];
+    int cb = q_chunk_rows((int64_t)(K / 8) * 64, nb), nc = (nb + cb - 1) / cb, T = q_runs(runs, nc), done = 0;
+#pragma omp parallel
+    {
+        int cur = omp_get_thread_num() % T;
+        for (int c; (c = q_claim(runs, T, &cur)) >= 0;)
+            for (int b = c * cb; b < nb && b < (c + 1) * cb; b++)
+                i4x16_block(xk, xbf, M, K, w, scales, group, N, bias, y, y_bf16, b);
+        q_done(&done);
     }
 }
 
@@ -278,22 +354,29 @@ INL void dot2_u8s8(const uint8_t *lo, const uint8_t *hi, const int8_t *w, int kv
 void hs_linear_i8_seq(const uint8_t *xb, const float *xs, int M, int K, const int8_t *w, const float *scale, int N,
                       const float *bias, void *y, int y_bf16, const int32_t *wsum) {
     int kv = K & ~63, pf = qpf();
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const int8_t *wr = w + (int64_t)n * K;
-        for (int m = 0; m < M; m++) {
-            const uint8_t *lo = xb + (int64_t)m * 2 * K, *hi = lo + K;
-            int32_t sl, sh;
-            dot2_u8s8(lo, hi, wr, kv, m == 0 ? pf : 0, &sl, &sh);
-            int64_t l = sl, h = (int64_t)sh - 128 * (int64_t)wsum[n];
-            for (int k = kv; k < K; k++) {
-                l += (int64_t)lo[k] * wr[k];
-                h += (int64_t)((int)hi[k] - 128) * wr[k];
+    q_run runs[Q_MAXT];
+    int cr = q_chunk_rows(K, N), nc = (N + cr - 1) / cr, T = q_runs(runs, nc), done = 0;
+#pragma omp parallel
+    {
+        int cur = omp_get_thread_num() % T;
+        for (int c; (c = q_claim(runs, T, &cur)) >= 0;)
+            for (int n = c * cr; n < N && n < (c + 1) * cr; n++) {
+                const int8_t *wr = w + (int64_t)n * K;
+                for (int m = 0; m < M; m++) {
+                    const uint8_t *lo = xb + (int64_t)m * 2 * K, *hi = lo + K;
+                    int32_t sl, sh;
+                    dot2_u8s8(lo, hi, wr, kv, m == 0 ? pf : 0, &sl, &sh);
+                    int64_t l = sl, h = (int64_t)sh - 128 * (int64_t)wsum[n];
+                    for (int k = kv; k < K; k++) {
+                        l += (int64_t)lo[k] * wr[k];
+                        h += (int64_t)((int)hi[k] - 128) * wr[k];
+                    }
+                    double dot = 256.0 * (double)h + (double)l;
+                    float v = (float)(dot * xs[m]) * scale[n];
+                    put(y, (int64_t)m * N + n, bias ? v + bias[n] : v, y_bf16);
+                }
             }
-            double dot = 256.0 * (double)h + (double)l;
-            float v = (float)(dot * xs[m]) * scale[n];
-            put(y, (int64_t)m * N + n, bias ? v + bias[n] : v, y_bf16);
-        }
+        q_done(&done);
     }
 }
 
@@ -301,15 +384,22 @@ void hs_linear_i8_seq(const uint8_t *xb, const float *xs, int M, int K, const in
 void hs_linear_w8a8_seq(const int8_t *xq, const uint8_t *xu, const float *xs, int M, int K, const int8_t *w,
                         const float *scale, int N, const float *bias, void *y, int y_bf16, const int32_t *wsum) {
     int kv = K & ~63, pf = qpf();
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const int8_t *wr = w + (int64_t)n * K;
-        for (int m = 0; m < M; m++) {
-            int32_t a = dot_u8s8(xu + (int64_t)m * K, wr, kv, m == 0 ? pf : 0) - 128 * wsum[n];
-            for (int k = kv; k < K; k++) a += (int32_t)xq[(int64_t)m * K + k] * (int32_t)wr[k];
-            float v = (float)a * xs[m] * scale[n];
-            put(y, (int64_t)m * N + n, bias ? v + bias[n] : v, y_bf16);
-        }
+    q_run runs[Q_MAXT];
+    int cr = q_chunk_rows(K, N), nc = (N + cr - 1) / cr, T = q_runs(runs, nc), done = 0;
+#pragma omp parallel
+    {
+        int cur = omp_get_thread_num() % T;
+        for (int c; (c = q_claim(runs, T, &cur)) >= 0;)
+            for (int n = c * cr; n < N && n < (c + 1) * cr; n++) {
+                const int8_t *wr = w + (int64_t)n * K;
+                for (int m = 0; m < M; m++) {
+                    int32_t a = dot_u8s8(xu + (int64_t)m * K, wr, kv, m == 0 ? pf : 0) - 128 * wsum[n];
+                    for (int k = kv; k < K; k++) a += (int32_t)xq[(int64_t)m * K + k] * (int32_t)wr[k];
+                    float v = (float)a * xs[m] * scale[n];
+                    put(y, (int64_t)m * N + n, bias ? v + bias[n] : v, y_bf16);
+                }
+            }
+        q_done(&done);
     }
 }
 #endif

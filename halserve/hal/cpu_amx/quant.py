@@ -7,6 +7,7 @@ q + 8 (q in [-8, 7]); one float32 scale per group (amax / 7, symmetric). 2-D wei
 re-laid by ``interleave_int4`` for the decode GEMV (linear_q.c); stacked experts keep this one."""
 from __future__ import annotations
 
+import mmap
 import threading
 
 import torch
@@ -33,6 +34,39 @@ def pack_int4(weight: torch.Tensor, group: int) -> PackedWeight:
     return PackedWeight(packed, "int4", scale.contiguous(), "none", n, k, {"group": group})
 
 
+HUGE_PAGE = 2 << 20
+# Quantized weights go on transparent huge pages (on_huge_pages). A decode GEMV streams every
+# weight byte once; with 4 KiB pages every 64 cache lines cost a TLB miss and a page
+# walk in the middle of the stream (the STLB covers a few MB). This 2-vCPU box, same
+# process, int8 gate_up 11264 x 2048 at M = 1, one thread: 11.1 -> 15.0 GB/s (p20 of the calls),
+# int4 9.2 -> 11.0, int8 qkv on two threads 24.4 -> 27.5 (2026-12-05, /tmp THP "madvise").
+# False keeps torch's own allocation (A/B timing).
+HUGE_PAGES = True
+
+
+def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in fresh anonymous memory whose 2 MiB-aligned part is advised
+    MADV_HUGEPAGE (Linux THP in "always" or "madvise" mode then backs it with 2 MiB pages as
+    the copy first touches it). ``t`` itself where that cannot help or is not offered: under
+    one huge page, HUGE_PAGES off, no MADV_HUGEPAGE (not Linux). The memory lives as long as
+    the returned tensor (it holds the mapping)."""
+    n = t.numel() * t.element_size()
+    if not HUGE_PAGES or n < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return t
+    # private (a shared anonymous mapping is shmem, whose THP setting is another, usually
+    # "never") and untouched: the advice applies at the first fault
+    m = mmap.mmap(-1, n + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
+    raw = torch.frombuffer(m, dtype=torch.uint8)
+    off = -raw.data_ptr() % HUGE_PAGE
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE, off, (n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE)
+    except OSError:  # a kernel without THP: plain pages, still a valid copy
+        pass
+    out = raw[off:off + n].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
+
+
 # 2-D int4 weights are re-laid for the decode GEMV (linear_q.c): 16 rows a block, each 64-byte
 # chunk 16 rows x 8 columns (see interleave_int4). False keeps the row-major layout (A/B timing).
 INT4_INTERLEAVE = True
@@ -53,7 +87,7 @@ def interleave_int4(pw: PackedWeight) -> PackedWeight:
     q = q.reshape(nb, 16, k // 8, 4, 2).permute(0, 2, 1, 4, 3)  # [block, chunk, row, e, j]
     lo = (q[..., 0] | (q[..., 1] << 4)).to(torch.uint8)  # byte 0 of each little-endian word
     hi = (q[..., 2] | (q[..., 3] << 4)).to(torch.uint8)
-    packed = torch.stack([lo, hi], dim=-1).reshape(nb, k // 8, 64).contiguous()  # [nb, C, 16, 2, 2]
+    packed = on_huge_pages(torch.stack([lo, hi], dim=-1).reshape(nb, k // 8, 64).contiguous())  # [nb, C, 16, 2, 2]
     sc = pw.scale.float()
     sc = torch.cat([sc, sc.new_zeros(nb * 16 - n, sc.shape[1])]) if nb * 16 > n else sc
     scale = sc.reshape(nb, 16, k // group).permute(0, 2, 1).contiguous()
