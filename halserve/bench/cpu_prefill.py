@@ -49,7 +49,7 @@ def _op_times(hal, run) -> dict[str, float]:
     """Seconds per HAL op (linear keyed by its weight's N x K) over one ``run()``."""
     acc: dict[str, float] = collections.defaultdict(float)
     orig = {}
-    for op in ("linear", "rms_norm", "rotary", "silu_and_mul", "write_kv", "attention", "sample"):
+    for op in ("linear", "rms_norm", "rotary", "silu_and_mul", "write_kv", "rotary_write_kv", "attention", "sample"):
         f = orig[op] = getattr(hal, op)
 
         def timed(*a, _f=f, _op=op, **k):

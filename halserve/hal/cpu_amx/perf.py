@@ -23,7 +23,7 @@ from pathlib import Path
 
 SHAPE_1B = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                 intermediate_size=5632, vocab_size=32000, max_position_embeddings=4096)
-OPS = ("linear", "rms_norm", "rotary", "silu_and_mul", "write_kv", "attention", "sample")
+OPS = ("linear", "rms_norm", "rotary", "silu_and_mul", "write_kv", "rotary_write_kv", "attention", "sample")
 
 
 def linear_shapes(s: dict) -> dict[str, tuple[int, int]]:
