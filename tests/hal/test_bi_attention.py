@@ -1,8 +1,9 @@
-"""Batch-invariant attention (hal/triton/attention.py): a decode row runs on the decode tile
-with its keys in fixed spans from its first key tile, so its output is bitwise the same alone,
-inside batches of every size, beside any other lengths and beside prefill chunks, eager or
-graph-form (a length bound instead of the batch's lengths). On the CPU under
-TRITON_INTERPRET=1 (or on a GPU when there is one)."""
+"""Batch-invariant attention (hal/triton/attention.py): every row runs on the decode tile with
+its keys in fixed spans from key 0, so its output is bitwise the same alone, inside batches of
+every size, beside any other lengths and beside prefill chunks, eager or graph-form (a length
+bound instead of the batch's lengths), and a token's output is the same whether it came as a
+decode row or inside a prefill chunk of any split. On the CPU under TRITON_INTERPRET=1 (or on
+a GPU when there is one)."""
 from __future__ import annotations
 
 import math
@@ -160,8 +161,9 @@ def test_decode_rows_take_the_decode_tile(bi, monkeypatch):
     class Spy:
         def __getitem__(self, grid):
             def call(*args, **kw):
-                seen.append(dict(grid=grid, **{k: kw[k] for k in ("BLOCK_Q", "BLOCK_M", "DECODE_ONLY", "FIXED_SPAN",
-                                                                  "SKIP_SINGLE", "NUM_SPLITS")}))
+                seen.append(dict(grid=grid, **{k: kw.get(k, 0) for k in ("BLOCK_Q", "BLOCK_M", "DECODE_ONLY",
+                                                                         "FIXED_SPAN", "SKIP_SINGLE", "NUM_SPLITS",
+                                                                         "SPAN_LOOP", "BLOCK_N", "num_warps")}))
                 return real[grid](*args, **kw)
             return call
 
@@ -174,3 +176,79 @@ def test_decode_rows_take_the_decode_tile(bi, monkeypatch):
     pool.run(bi, dec + pre)
     assert [s["DECODE_ONLY"] for s in seen] == [True, False]
     assert seen[1]["SKIP_SINGLE"] and seen[1]["NUM_SPLITS"] == 1 and seen[1]["BLOCK_Q"] > 1
+    # rows of 2+ tokens: the decode tile's shape and warps, the decode launch's spans
+    assert seen[1]["SPAN_LOOP"] == seen[0]["FIXED_SPAN"]
+    assert all(seen[1][k] == seen[0][k] for k in ("BLOCK_M", "BLOCK_N", "num_warps"))
+
+
+class Seqs:
+    """Whole sequences (every position's query and a written cache): a batch is a list of
+    chunks (sequence, first token, end), each a batch row with ``end`` keys, so the same token
+    can be computed as a decode row, in any chunk and beside any other rows."""
+
+    def __init__(self, lens, hq, hk, d, dtype=torch.float32, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.maxb = max(-(-n // BS) for n in lens)
+        nblocks = self.maxb * len(lens) + 2
+        self.tables = torch.randperm(nblocks, generator=g)[: len(lens) * self.maxb].view(len(lens), self.maxb)
+        self.tables = self.tables.to(torch.int32)
+        self.cache = torch.randn(2, nblocks, BS, hk, d, generator=g).to(dtype).to(DEV)
+        self.q = [torch.randn(n, hq, d, generator=g).to(dtype).to(DEV) for n in lens]
+        self.scale = 1 / math.sqrt(d)
+
+    def run(self, be, chunks, window=None):
+        """{(sequence, position): output row} for every token of ``chunks``."""
+        qlens = [e - s for _, s, e in chunks]
+        cu = [0]
+        for n in qlens:
+            cu.append(cu[-1] + n)
+        meta = AttentionMetadata(
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=DEV),
+            seq_lens=torch.tensor([e for *_, e in chunks], dtype=torch.int32, device=DEV),
+            block_tables=self.tables[[i for i, *_ in chunks]].to(DEV),
+            slot_mapping=torch.zeros(cu[-1], dtype=torch.int64, device=DEV),  # attention reads only
+            max_seqlen_q=max(qlens), max_seqlen_k=max(e for *_, e in chunks), query_lens_host=qlens,
+            seq_lens_host=[e for *_, e in chunks], block_size=BS, num_decode_seqs=0, sliding_window=window)
+        q = torch.cat([self.q[i][s:e] for i, s, e in chunks]).contiguous()
+        out = be.attention(q, self.cache, meta, self.scale)
+        return {(i, p): out[cu[j] + p - s] for j, (i, s, e) in enumerate(chunks) for p in range(s, e)}
+
+
+def _split(n, cuts):
+    edges = [0] + sorted(set(c for c in cuts if 0 < c < n)) + [n]
+    return [(a, b) for a, b in zip(edges, edges[1:])]
+
+
+@pytest.mark.parametrize("hq,hk,window", [(8, 2, None), (3, 1, "span+7")])  # GQA 4; GQA 3 with a window
+def test_a_token_has_the_same_bits_in_every_chunking(bi, hq, hk, window):
+    """A token's output is the same as a decode row, in one prefill, after a prefix computed as
+    a prefill, and in any chunk split (1-token chunks, chunks crossing spans), beside other
+    sequences' rows in the batch: what a preempted-and-recomputed or differently-chunked
+    request meets in the engine."""
+    sp = _span()
+    w = sp + 7 if window else None
+    L = 2 * sp + 9  # three spans (two would not show a wrong merge order), the last one partial
+    seqs = Seqs([L, 2 * sp + 3], hq, hk, HEAD_D, seed=5)
+    ref = seqs.run(bi, [(0, 0, L), (1, 0, 2 * sp + 3)], w)  # (a): one prefill each
+    native = seqs.run(NativeBackend(DEV), [(0, 0, L)], w)
+    for p in range(L):
+        assert _close(ref[0, p], native[0, p]), f"position {p} vs native"
+    g = torch.Generator().manual_seed(2)
+    other = [(1, a, b) for a, b in _split(2 * sp + 3, [5, 6, sp + 1])]
+    ways = {
+        # (b) every token as a decode row once: the first span's and the next, alone, the rest
+        # after a prefix computed as a prefill, beside the other sequence's chunks
+        "decode rows": [(0, p, p + 1) for p in range(sp + 2)],
+        "prefill + decode rows": [(0, 0, sp + 2)] + [(0, p, p + 1) for p in range(sp + 2, L)][::-1] + other,
+        "1-token chunks and span-crossing chunks": other[::-1] + [(0, a, b) for a, b in _split(L, [1, 2, 3, sp - 1,
+                                                                                                    sp + 1, 2 * sp + 2,
+                                                                                                    L - 1])],
+    }
+    for n in (6,):  # (c) a random split, shuffled among the other sequence's chunks
+        cuts = torch.randperm(L - 1, generator=g)[:n].add(1).tolist()
+        mixed = [(0, a, b) for a, b in _split(L, cuts)] + other
+        ways[f"random split {sorted(cuts)}"] = [mixed[i] for i in torch.randperm(len(mixed), generator=g).tolist()]
+    for name, chunks in ways.items():
+        got = seqs.run(bi, chunks, w)
+        for (i, p), row in got.items():
+            assert torch.equal(row, ref[i, p]), f"{name}: sequence {i} position {p}"

@@ -13,12 +13,16 @@ result; ``_merge_kernel`` combines them. Key tiles are aligned to absolute posit
 for a row leaves that row's state bit-for-bit unchanged, so with one split a row's result
 does not depend on which other rows share its program.
 
-Batch-invariant mode: every single-token row (decode) runs on the decode tile, in its own
-launch whatever else is in the batch, with its keys split into fixed spans of
-``BI_SPLIT_KEYS`` from its first key tile and the partials merged one span at a time in
-order; the number of spans comes from the row's own length. Rows of two or more tokens run
-on the prefill tile with one split and a block of query tokens that never shrinks. So a row's
-bits depend on its own sequence only: not on the batch, its size or the other rows' lengths.
+Batch-invariant mode: a token's bits depend on its sequence and position only, not on its
+batch, nor on whether it came as a decode row or inside a prefill chunk of any split (the
+engine recomputes a preempted request's tokens as a prefill, and a shared token budget decides
+where chunks end). Every row runs on the decode tile (one tile shape, warp count and MMA kind)
+with its keys in fixed spans of ``BI_SPLIT_KEYS`` counted from key 0, each span an online
+softmax from a fresh state, the spans merged in order by one formula (``_span_weights``).
+Single-token rows get a program per span (batch 1 still fills the chip) and a merge kernel;
+rows of 2+ tokens loop over the spans in their program. Spans and tiles outside a row's keys
+(causal limit, window) leave its state bit-for-bit unchanged, so which rows share a program
+does not matter. fp contraction is off in these launches, so a formula is its IEEE operations.
 
 KV cache layout: [2, num_blocks, block_size, Hk, D] (the HAL default). An fp8 (e4m3) cache
 is upcast to q's dtype right after each tile load (exact: e4m3 fits in bf16/fp16); its
@@ -53,6 +57,57 @@ def _find_seq(cu_q_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _span_weights(m_run, m_span):
+    # one ordered step of merging a key span's partial into the running state; the decode
+    # merge and the prefill tile's span loop both use it (fp contraction is off in
+    # batch-invariant launches, so the same formula is the same fp32 operations)
+    m_new = tl.maximum(m_run, m_span)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, tl.exp2(m_run - m_safe), tl.exp2(m_span - m_safe)
+
+
+@triton.jit
+def _tiles(q, m_i, l_i, acc, t0, t1, kv_lo, kv_hi, pos, window, scale_log2, bt_row, k_ptr, v_ptr, q_ptr,
+           c_sb, c_st, c_sh, kvh, d, d_ok,
+           BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr,
+           KV_FP8: tl.constexpr):
+    # online softmax over key tiles t0..t1 (relative to kv_lo): a tile fully masked for a row
+    # leaves that row's state bit-for-bit unchanged
+    offs_n = tl.arange(0, BLOCK_N)
+    for t in range(t0, t1):
+        kpos = kv_lo + t * BLOCK_N + offs_n
+        k_ok = kpos < kv_hi
+        blk = tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
+        coff = blk * c_sb + (kpos % PAGE) * c_st + kvh * c_sh
+        kt = tl.load(k_ptr + coff[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        if KV_FP8:
+            kt = kt.to(q_ptr.dtype.element_ty)
+        if IEEE:
+            s = tl.dot(q, kt.to(tl.float32), input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        s = s * scale_log2
+        ok = (kpos[None, :] <= pos[:, None]) & k_ok[None, :]
+        if SLIDING:
+            ok = ok & (kpos[None, :] > pos[:, None] - window)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + coff[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        if KV_FP8:
+            v = v.to(q_ptr.dtype.element_ty)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _attn_kernel(
     q_ptr, q_st, q_sh, k_ptr, v_ptr, c_sb, c_st, c_sh,
     o_ptr, o_st, o_sh, part_o_ptr, part_ml_ptr,
@@ -61,7 +116,7 @@ def _attn_kernel(
     G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
     DECODE_ONLY: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr, FIXED_SPAN: tl.constexpr,
-    KV_FP8: tl.constexpr, SKIP_SINGLE: tl.constexpr,
+    KV_FP8: tl.constexpr, SKIP_SINGLE: tl.constexpr, SPAN_LOOP: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -109,17 +164,47 @@ def _attn_kernel(
         kv_lo = tl.maximum(first_pos - window + 1, 0)
         kv_lo = (kv_lo // BLOCK_N) * BLOCK_N
     n_tiles = tl.cdiv(kv_hi - kv_lo, BLOCK_N)
+    if SPAN_LOOP > 0:
+        # batch-invariant rows of 2+ tokens: the decode launch's spans (SPAN_LOOP key tiles from
+        # absolute tile 0), each from a fresh state with the same tile loop, merged in order
+        # with the decode merge's formula; spans and tiles outside a row's keys leave it as is
+        lo_t = kv_lo // BLOCK_N
+        hi_t = lo_t + n_tiles
+        bt_row = bt_ptr + seq.to(tl.int64) * bt_stride
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for sp in range(lo_t // SPAN_LOOP, tl.cdiv(hi_t, SPAN_LOOP)):
+            a0 = tl.maximum(sp * SPAN_LOOP, lo_t) - lo_t
+            a1 = tl.minimum(sp * SPAN_LOOP + SPAN_LOOP, hi_t) - lo_t
+            ms, ls, accs = _tiles(q, tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+                                  tl.zeros([BLOCK_M, BLOCK_D], tl.float32), a0, a1, kv_lo, kv_hi, pos, window,
+                                  scale_log2, bt_row, k_ptr, v_ptr, q_ptr, c_sb, c_st, c_sh, kvh, d, d_ok,
+                                  BLOCK_N, PAGE, SLIDING, IEEE, KV_FP8)
+            if KV_FP8:
+                accs = accs * v_scale
+            m_i, wa, wb = _span_weights(m_i, ms)
+            l_i = l_i * wa + ls * wb
+            acc = acc * wa[:, None] + accs * wb[:, None]
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        tl.store(o_ptr + tok[:, None] * o_st + head[:, None] * o_sh + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        return
     if FIXED_SPAN > 0:
-        # a split is FIXED_SPAN key tiles from the row's own first tile: its share of work
-        # never depends on the batch; splits past the row's keys do nothing. Spans used: from
-        # the row's own tile count (the merge recounts them alike), at least one (an empty
-        # row stores an empty partial), capped by the grid with the last span then taking the
-        # rest (a wrong bound must not drop keys; within the bound the cap never applies)
-        used = tl.minimum(tl.maximum(tl.cdiv(n_tiles, FIXED_SPAN), 1), NUM_SPLITS)
+        # batch-invariant decode: split s is the row's s-th span of FIXED_SPAN key tiles,
+        # counted from absolute tile 0 (so a prefill row at the same position sees the same
+        # spans), from the span of the row's first tile. Spans used: from the row's own length
+        # (the merge recounts them alike), at least one (an empty row stores an empty partial),
+        # capped by the grid with the last span then taking the rest (a wrong bound must not
+        # drop keys; within the bound the cap never applies)
+        lo_t = kv_lo // BLOCK_N
+        first = lo_t // FIXED_SPAN
+        used = tl.minimum(tl.maximum(tl.cdiv(lo_t + n_tiles, FIXED_SPAN) - first, 1), NUM_SPLITS)
         if split >= used:
             return
-        t0 = split * FIXED_SPAN
-        t1 = tl.where(split == used - 1, n_tiles, t0 + FIXED_SPAN)
+        t0 = tl.maximum((first + split) * FIXED_SPAN, lo_t) - lo_t
+        t1 = tl.where(split == used - 1, n_tiles, tl.minimum((first + split + 1) * FIXED_SPAN - lo_t, n_tiles))
     elif NUM_SPLITS > 1:
         per = tl.cdiv(n_tiles, NUM_SPLITS)
         t0 = split * per
@@ -131,38 +216,9 @@ def _attn_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
     bt_row = bt_ptr + seq.to(tl.int64) * bt_stride
-    for t in range(t0, t1):
-        kpos = kv_lo + t * BLOCK_N + offs_n
-        k_ok = kpos < kv_hi
-        blk = tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
-        coff = blk * c_sb + (kpos % PAGE) * c_st + kvh * c_sh
-        kt = tl.load(k_ptr + coff[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        if KV_FP8:
-            kt = kt.to(q_ptr.dtype.element_ty)
-        if IEEE:
-            s = tl.dot(q, kt.to(tl.float32), input_precision="ieee")
-        else:
-            s = tl.dot(q, kt)
-        s = s * scale_log2
-        ok = (kpos[None, :] <= pos[:, None]) & k_ok[None, :]
-        if SLIDING:
-            ok = ok & (kpos[None, :] > pos[:, None] - window)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + coff[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        if KV_FP8:
-            v = v.to(q_ptr.dtype.element_ty)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    m_i, l_i, acc = _tiles(q, m_i, l_i, acc, t0, t1, kv_lo, kv_hi, pos, window, scale_log2, bt_row, k_ptr, v_ptr,
+                           q_ptr, c_sb, c_st, c_sh, kvh, d, d_ok, BLOCK_N, PAGE, SLIDING, IEEE, KV_FP8)
     if KV_FP8:
         acc = acc * v_scale  # linear in V: one multiply instead of one per tile
 
@@ -204,7 +260,9 @@ def _merge_kernel(part_o_ptr, part_ml_ptr, o_ptr, o_st, o_sh, HQ, cu_q_ptr, seq_
         if SLIDING:
             kv_lo = tl.maximum(seq_len - window, 0)
             kv_lo = (kv_lo // BLOCK_N) * BLOCK_N
-        used = tl.minimum(tl.maximum(tl.cdiv(tl.cdiv(seq_len - kv_lo, BLOCK_N), FIXED_SPAN), 1), NUM_SPLITS)
+        lo_t = kv_lo // BLOCK_N
+        used = tl.minimum(tl.maximum(tl.cdiv(tl.cdiv(seq_len, BLOCK_N), FIXED_SPAN) - lo_t // FIXED_SPAN, 1),
+                          NUM_SPLITS)
     else:
         tok = tl.program_id(0).to(tl.int64)
         row = tok
@@ -212,18 +270,16 @@ def _merge_kernel(part_o_ptr, part_ml_ptr, o_ptr, o_st, o_sh, HQ, cu_q_ptr, seq_
     d = tl.arange(0, BLOCK_D)
     base = (row * HQ + head) * NUM_SPLITS
     if BY_SEQ:
-        # the row's own spans, one at a time, in order: the sum never depends on how many
-        # splits the grid had (a batch-wide count)
-        m_max = tl.load(part_ml_ptr + base * 2)
-        for i in range(1, used):
-            m_max = tl.maximum(m_max, tl.load(part_ml_ptr + (base + i) * 2))
-        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+        # the row's own spans, one at a time, in order, each by _span_weights' step (the
+        # prefill tile's span loop does the same): the sum never depends on how many splits
+        # the grid had (a batch-wide count), nor on whether the row came as a decode row
+        m_run = tl.full([], float("-inf"), tl.float32)
         l_tot = 0.0
         acc = tl.zeros([BLOCK_D], tl.float32)
         for i in range(0, used):
-            w = tl.exp2(tl.load(part_ml_ptr + (base + i) * 2) - m_safe)
-            l_tot += tl.load(part_ml_ptr + (base + i) * 2 + 1) * w
-            acc += tl.load(part_o_ptr + (base + i) * HEAD_D + d, mask=d < HEAD_D, other=0.0) * w
+            m_run, wa, wb = _span_weights(m_run, tl.load(part_ml_ptr + (base + i) * 2))
+            l_tot = l_tot * wa + tl.load(part_ml_ptr + (base + i) * 2 + 1) * wb
+            acc = acc * wa + tl.load(part_o_ptr + (base + i) * HEAD_D + d, mask=d < HEAD_D, other=0.0) * wb
     else:
         s = tl.arange(0, NUM_SPLITS)
         m = tl.load(part_ml_ptr + (base + s) * 2)
@@ -262,12 +318,11 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tenso
               batch_invariant: bool = False, kv_len_bound: int | None = None, k_scale: float = 1.0,
               v_scale: float = 1.0) -> torch.Tensor:
     """q [T, Hq, D] -> out [T, Hq, D]. ``max_seqlen_k=None`` means 'unknown' (graph capture):
-    the split count then depends on the batch shape only. Batch-invariant mode runs single-token
-    rows (decode) on the decode tile with their keys split into spans of ``BI_SPLIT_KEYS`` from
-    the row's first key, merged in a fixed order, so batch 1 fills the chip and no row's sums
-    depend on its batch; the grid's split count comes from ``kv_len_bound`` (any upper bound of
-    the context lengths, e.g. max_model_len) when ``max_seqlen_k`` is None. An fp8 cache reads
-    as stored * k_scale / v_scale."""
+    the split count then depends on the batch shape only. Batch-invariant mode: every row on
+    the decode tile with its keys in spans of ``BI_SPLIT_KEYS`` from key 0, merged in order
+    (``_bi_launches``), so a token's bits depend on its sequence and position only; the decode
+    grid's split count comes from ``kv_len_bound`` (any upper bound of the context lengths, e.g.
+    max_model_len) when ``max_seqlen_k`` is None. An fp8 cache reads as stored * k_scale / v_scale."""
     from halserve.hal.kv_fp8 import is_fp8
 
     T, HQ, D = q.shape
@@ -293,14 +348,8 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tenso
                            BLOCK_N=cfg["block_n"], **flags, **kw, **configs.launch_opts(cfg))
 
     if batch_invariant:
-        _bi_decode(launch, out, cu_seqlens_q, seq_lens, num_seqs, HK, G, HQ, D, block_d, sliding_window,
-                   max_seqlen_k if max_seqlen_k is not None else kv_len_bound, q.device)
-        if max_seqlen_q > 1:  # rows of 2+ tokens: prefill tile, one split, a fixed query block
-            cfg = configs.attn_config(False)
-            block_m = max(cfg["block_m"], triton.next_power_of_2(G))
-            block_q = max(block_m // triton.next_power_of_2(G), 1)
-            launch((T // block_q + num_seqs, HK, 1), cfg, out, out, BLOCK_Q=block_q, BLOCK_M=block_m,
-                   NUM_SPLITS=1, DECODE_ONLY=False, FIXED_SPAN=0, SKIP_SINGLE=True)
+        _bi_launches(launch, out, T, cu_seqlens_q, seq_lens, num_seqs, HK, G, HQ, D, block_d, sliding_window,
+                     max_seqlen_q, max_seqlen_k if max_seqlen_k is not None else kv_len_bound, q.device)
         return out
 
     decode = max_seqlen_q == 1
@@ -333,19 +382,34 @@ def attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tenso
     return out
 
 
-def _bi_decode(launch, out, cu_seqlens_q, seq_lens, num_seqs, HK, G, HQ, D, block_d, sliding_window, bound, device):
-    """Batch-invariant single-token rows: the decode tile (one program per sequence and KV
-    head, its G query heads together), keys in fixed spans, partials merged in span order.
-    The grid's split count comes from ``bound`` only (static under graph capture); each row
-    uses and merges just its own spans, so the count never reaches a row's sums."""
+def _bi_launches(launch, out, T, cu_seqlens_q, seq_lens, num_seqs, HK, G, HQ, D, block_d, sliding_window,
+                 max_seqlen_q, bound, device):
+    """Batch-invariant mode. Every row runs on the decode tile (its config, BLOCK_M and warps:
+    the same MMA shapes and reduction layouts, so a row's arithmetic is the same in either
+    launch) with its keys in spans of ``BI_SPLIT_KEYS`` counted from key 0, merged in span
+    order by one formula. Single-token rows: one program per (sequence, KV head, span), the
+    partials merged by ``_merge_kernel``; the grid's split count comes from ``bound`` only
+    (static under graph capture) and each row uses and merges just its own spans. Rows of 2+
+    tokens: ``BLOCK_M // G`` tokens a program, the spans looped and merged in the program.
+    So a token's bits depend on its sequence and position only, not on its batch, nor on
+    whether it came as a decode row or inside a prefill chunk of any split. fp contraction
+    is off in these launches: each formula is then exactly its IEEE operations, wherever the
+    compiler puts it."""
     cfg = configs.attn_config(True)
     block_n = cfg["block_n"]
     span = max(BI_SPLIT_KEYS // block_n, 1)
+    block_m = max(16, triton.next_power_of_2(G))
+    exact = dict(enable_fp_fusion=False)
     splits = triton.next_power_of_2(max(triton.cdiv(triton.cdiv(bound or 1, block_n), span), 1))
     part_o = torch.empty((num_seqs, HQ, splits, D), dtype=torch.float32, device=device)
     part_ml = torch.empty((num_seqs, HQ, splits, 2), dtype=torch.float32, device=device)
-    launch((num_seqs, HK, splits), cfg, part_o, part_ml, BLOCK_Q=1, BLOCK_M=max(16, triton.next_power_of_2(G)),
-           NUM_SPLITS=splits, DECODE_ONLY=True, FIXED_SPAN=span, SKIP_SINGLE=False)
+    launch((num_seqs, HK, splits), cfg, part_o, part_ml, BLOCK_Q=1, BLOCK_M=block_m, NUM_SPLITS=splits,
+           DECODE_ONLY=True, FIXED_SPAN=span, SKIP_SINGLE=False, **exact)
     _merge_kernel[(num_seqs, HQ)](part_o, part_ml, out, out.stride(0), out.stride(1), HQ, cu_seqlens_q, seq_lens,
                                   int(sliding_window or 0), HEAD_D=D, BLOCK_D=block_d, NUM_SPLITS=splits, BY_SEQ=True,
-                                  BLOCK_N=block_n, FIXED_SPAN=span, SLIDING=bool(sliding_window), num_warps=4)
+                                  BLOCK_N=block_n, FIXED_SPAN=span, SLIDING=bool(sliding_window), num_warps=4,
+                                  **exact)
+    if max_seqlen_q > 1:
+        block_q = max(block_m // triton.next_power_of_2(G), 1)
+        launch((T // block_q + num_seqs, HK, 1), cfg, out, out, BLOCK_Q=block_q, BLOCK_M=block_m, NUM_SPLITS=1,
+               DECODE_ONLY=False, FIXED_SPAN=0, SKIP_SINGLE=True, SPAN_LOOP=span, **exact)
