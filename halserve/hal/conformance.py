@@ -1157,7 +1157,8 @@ def _run_sample(b: Backend, p: dict, g: torch.Generator, dev) -> Outcome:
 
 RUNNERS: dict[str, Callable[[Backend, dict, torch.Generator, Any], Outcome]] = {
     "linear": _run_linear, "rms_norm": _run_rms_norm, "rotary": _run_rotary, "silu_and_mul": _run_silu_and_mul,
-    "write_kv": _run_write_kv, "rotary_write_kv": _run_rotary_write_kv, "attention": _run_attention, "moe": _run_moe, "swap_blocks": _run_swap_blocks,
+    "write_kv": _run_write_kv, "rotary_write_kv": _run_rotary_write_kv, "attention": _run_attention,
+    "moe": _run_moe, "swap_blocks": _run_swap_blocks,
     "copy_blocks": _run_copy_blocks, "sample": _run_sample,
 }
 assert set(RUNNERS) == set(OPS), "every HAL op needs a conformance runner"

@@ -13,8 +13,8 @@ Which path runs where (``describe()`` says it at start-up):
 - attention: sequences with many query rows (prefill) through torch's CPU flash kernel on
   their gathered K/V (prefill.py), unless batch-invariant; the rest in C (split over heads
   and key spans for decode).
-- rms_norm (+ residual), rotary,
-  silu_and_mul, write_kv, rotary_write_kv (the two in one C call), moe (routing in torch, experts' GEMMs in C): C kernels.
+- rms_norm (+ residual), rotary, silu_and_mul, write_kv, rotary_write_kv (the two in one
+  C call), moe (routing in torch, experts' GEMMs in C): C kernels.
 - sample: C (greedy argmax; seeded Gumbel-max under top-k / top-p / min-p, native's noise).
 - swap_blocks, copy_blocks: native (torch), said so by ``supports``.
 """
