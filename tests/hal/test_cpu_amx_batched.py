@@ -10,7 +10,7 @@ import torch
 from halserve.hal.cpu_amx import backend as amx_backend
 from halserve.hal.cpu_amx.backend import CpuAmxBackend
 from halserve.models.loader import load_model
-from tests.hal.test_cpu_amx import RUNNABLE, backend, nmse
+from tests.hal.test_cpu_amx import RUNNABLE, _meta, backend, nmse
 from tests.models.test_models import BLOCK_SIZE, metadata
 
 pytestmark = pytest.mark.skipif("amx" not in RUNNABLE, reason="the AMX tile kernel needs amx_tile and amx_bf16")
@@ -182,3 +182,64 @@ def test_many_sequence_decode_attention(dtype):
         one, _ = _meta([ctx[i]], [1])
         one.block_tables = meta.block_tables[i:i + 1]
         assert torch.equal(b.attention(q[i:i + 1], cache, one, 0.125), out[i:i + 1]), i
+
+
+def _attention_f64(q, cache, meta, scale):
+    """Decode/prefill attention in float64 from the paged cache: the truth."""
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    hq, hk = q.shape[1], cache.shape[3]
+    cu, lens, tables = meta.cu_seqlens_q.tolist(), meta.seq_lens.tolist(), meta.block_tables
+    for i, ctx in enumerate(lens):
+        pos = torch.arange(ctx)
+        slots = tables[i][pos // BLOCK_SIZE].long()
+        k = cache[0][slots, pos % BLOCK_SIZE].double()  # [ctx, hk, d]
+        v = cache[1][slots, pos % BLOCK_SIZE].double()
+        for t in range(cu[i], cu[i + 1]):
+            p = ctx - (cu[i + 1] - t)  # this query's position: keys 0..p
+            kk = k[:p + 1].repeat_interleave(hq // hk, 1)
+            vv = v[:p + 1].repeat_interleave(hq // hk, 1)
+            w = torch.softmax(torch.einsum("hd,khd->hk", q[t].double(), kk) * scale, -1)
+            out[t] = torch.einsum("hk,khd->hd", w, vv)
+    return out
+
+
+@pytest.mark.parametrize("hq,hk,d", [(32, 4, 64), (4, 4, 32), (16, 1, 128), (6, 2, 96)])
+def test_amx_attention_against_float64(hq, hk, d):
+    """bf16 q and cache take the AMX tile span (hs_set_attn_amx; attention.c's span_amx):
+    groups of 1..16 heads, head sizes 32..128, decode rows of 1..300 keys (partial 16-key
+    tiles, 32-key P V steps and 128-key spans at every edge) and two short prefill rows, with
+    the unused rows of every cache block NaN. Within the bf16 output's own rounding of the
+    float64 truth (P is split hi + lo, so not rounded to bf16), as close as the AVX-512 span,
+    and not its bits (the switch reaches the tiles)."""
+    b = backend("amx")
+    g = torch.Generator().manual_seed(5)
+    ctx = [1, 2, 15, 16, 17, 31, 32, 33, 127, 128, 129, 255, 256, 257, 300] + torch.randint(1, 300, (9,), generator=g).tolist()
+    ql = [1] * len(ctx)
+    ctx += [40, 7]  # prefill rows: 5 and 7 query tokens
+    ql += [5, 7]
+    meta, nblk = _meta(ctx, ql)
+    cache = torch.randn(2, nblk, BLOCK_SIZE, hk, d, generator=g).to(torch.bfloat16)
+    used = torch.zeros(nblk, BLOCK_SIZE, dtype=torch.bool)
+    for i, c in enumerate(ctx):
+        pos = torch.arange(c)
+        used[meta.block_tables[i][pos // BLOCK_SIZE].long(), pos % BLOCK_SIZE] = True
+    cache[:, ~used] = float("nan")  # what a block's rows past its sequence may hold
+    q = torch.randn(sum(ql), hq, d, generator=g).to(torch.bfloat16)
+    scale = d ** -0.5
+    truth = _attention_f64(q, cache, meta, scale)
+    floor = nmse(truth.to(torch.bfloat16), truth)  # the output's own rounding
+    try:
+        b.lib.hs_set_attn_amx(0)
+        avx = b.attention(q, cache, meta, scale)
+    finally:
+        b.lib.hs_set_attn_amx(1)
+    out = b.attention(q, cache, meta, scale)
+    assert torch.isfinite(out.float()).all()
+    assert nmse(out, truth) < 1.05 * floor, (nmse(out, truth), floor)
+    assert nmse(avx, truth) < 1.05 * floor
+    assert not torch.equal(out, avx)
+    # each decode row alone gives its bits in the batch
+    for i in (0, 10, 14):
+        one, _ = _meta([ctx[i]], [1])
+        one.block_tables = meta.block_tables[i:i + 1]
+        assert torch.equal(b.attention(q[i:i + 1], cache, one, scale), out[i:i + 1]), i

@@ -88,13 +88,27 @@ typedef struct {
     float scale;
 } attn_ctx;
 
+/* a worker's scratch for span(): one allocation per thread, grown, never shrunk (a malloc and
+ * free of ~40 KB per work item cost as much as a short span's arithmetic) */
+static __thread float *scratch;
+static __thread size_t scratch_cap;
+static float *span_scratch(size_t bytes) {
+    if (bytes > scratch_cap) {
+        free(scratch);
+        scratch = (float *)aligned_alloc(64, (bytes + 63) / 64 * 64);
+        scratch_cap = scratch ? bytes : 0;
+    }
+    return scratch;
+}
+
 /* online softmax over keys [kbeg, kend) of one sequence for one kv head:
  * q [group][D] fp32 -> m [group], l [group], acc [group][D] (unnormalised).
  * Each key and value row is converted once and used by every head of the group. */
 static void span(const attn_ctx *c, const int32_t *table, int h, const float *q, int kbeg, int kend,
                  float *m, float *l, float *acc) {
     int G = c->group, D = c->D;
-    float *s = (float *)malloc(((size_t)G * SPAN + 2 * (size_t)D + (size_t)SPAN * D) * 4);
+    float *s = span_scratch(((size_t)G * SPAN + 2 * (size_t)D + (size_t)SPAN * D) * 4);
+    if (!s) abort(); /* tens of KB: a machine without them cannot run the model */
     float *row = s + (size_t)G * SPAN, *keys = row + 2 * (size_t)D;
     float mx[G];
     for (int g = 0; g < G; g++) {
@@ -180,7 +194,199 @@ static void span(const attn_ctx *c, const int32_t *table, int h, const float *q,
             }
         }
     }
-    free(s);
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+/* The same span on AMX tiles, for bf16 queries and cache (D % 32 == 0, a group of <= 16
+ * heads, 16-key tiles inside one cache block): a decode row's item is 8 heads x <= 128 keys x
+ * D, a few thousand cycles of AVX-512 FMAs but a few dozen tile products. Scores: one tile
+ * of 16 keys x 16 heads = K (16 rows at the cache's key stride, as stored) times q^T in the
+ * pair layout (packed once an item). Softmax as span() does, per head (tile columns gathered
+ * into rows). P V: P's rows (heads) as the A tile, split into bf16 hi + lo (P = hi + lo to
+ * ~2^-16, so the weights are not rounded to bf16), V as key pairs x 16 columns (two key
+ * rows interleaved). Keys past the span's end are zero in P and V (a cache block's unused
+ * rows may hold anything, NaN included). Each row's arithmetic depends only on its own keys. */
+#include <immintrin.h>
+static int attn_amx = 1;
+void hs_set_attn_amx(int on) { attn_amx = on != 0; }
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} attn_tilecfg;
+
+#define ACC_TILES 4 /* tiles 0..3: 4 x 16 output columns per pass over the span's keys */
+#define QK_STEP(T, K, U)                                                                 \
+    if (U < nq) {                                                                        \
+        _tile_loadd(K, kr[U] + kk * 32, kstride * 2);                                    \
+        _tile_dpbf16ps(T, K, 6);                                                         \
+    }
+#define PV_STEP(T, V, DT)                                                                \
+    if (DT < ndt) {                                                                      \
+        _tile_loadd(V, vb + ((int64_t)kc * nd16 + dt0 + DT) * 256, 64);                  \
+        _tile_dpbf16ps(T, 5, V);                                                         \
+        _tile_dpbf16ps(T, 7, V);                                                         \
+    }
+
+static void span_amx(const attn_ctx *c, const int32_t *table, int h, const bf16_t *q, int kbeg, int kend, float *m,
+                     float *l, float *acc) {
+    int G = c->group, D = c->D, nk = D / 32, nd16 = D / 16, bs = c->bs;
+    int64_t kstride = (int64_t)c->Hk * D; /* elements between consecutive keys of a block */
+    /* scratch: q^T pairs [nk][16][16] u32, scores [16 heads][SPAN] f32, tile out [16][16] f32,
+     * P hi/lo [16][SPAN] bf16, V pairs [SPAN/32][nd16][16][16] u32 */
+    size_t qb_n = (size_t)nk * 256, sc_n = 16 * (size_t)SPAN, t_n = 256, p_n = 16 * (size_t)SPAN / 2,
+           vb_n = (size_t)(SPAN / 32) * nd16 * 256;
+    uint32_t *qb = (uint32_t *)span_scratch((qb_n + sc_n + t_n + 2 * p_n + vb_n) * 4);
+    if (!qb) abort();
+    float *s = (float *)(qb + qb_n), *to = s + sc_n;
+    bf16_t *ph = (bf16_t *)(to + t_n), *pl = ph + 16 * SPAN;
+    uint32_t *vb = (uint32_t *)(pl + 16 * SPAN);
+    const uint32_t *q32 = (const uint32_t *)q;
+    for (int kk = 0; kk < nk; kk++)
+        for (int r = 0; r < 16; r++)
+            for (int g = 0; g < 16; g++) qb[kk * 256 + r * 16 + g] = g < G ? q32[g * (D / 2) + kk * 16 + r] : 0u;
+    memset(ph, 0, (size_t)2 * 16 * SPAN * 2); /* rows G..15 stay zero */
+    float mx[16], corr[16];
+    for (int g = 0; g < G; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+        for (int i = 0; i < D; i++) acc[g * D + i] = 0.f;
+    }
+    attn_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+    _tile_loadconfig(&cfg);
+    const __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(16));
+    const __m512 sc = _mm512_set1_ps(c->scale);
+    const bf16_t *kc = (const bf16_t *)c->kc, *vc = (const bf16_t *)c->vc;
+    for (int b0 = kbeg; b0 < kend; b0 += SPAN) {
+        int n = kend - b0 < SPAN ? kend - b0 : SPAN, nt = (n + 15) / 16, n32 = (n + 31) / 32;
+        for (int g = 0; g < G; g++) mx[g] = m[g];
+        /* scores, 4 key tiles at a time: 4 independent accumulator chains (tiles 0..3) */
+        for (int t0 = 0; t0 < nt; t0 += 4) {
+            int nq = nt - t0 < 4 ? nt - t0 : 4;
+            const bf16_t *kr[4];
+            for (int u = 0; u < nq; u++) {
+                int p = b0 + (t0 + u) * 16;
+                kr[u] = kc + (((int64_t)table[p / bs] * bs + p % bs) * c->Hk + h) * D;
+            }
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int kk = 0; kk < nk; kk++) {
+                _tile_loadd(6, qb + kk * 256, 64);
+                QK_STEP(0, 5, 0)
+                QK_STEP(1, 7, 1)
+                QK_STEP(2, 5, 2)
+                QK_STEP(3, 7, 3)
+            }
+            for (int u = 0; u < nq; u++) {
+                switch (u) {
+                case 0: _tile_stored(0, to, 64); break;
+                case 1: _tile_stored(1, to, 64); break;
+                case 2: _tile_stored(2, to, 64); break;
+                default: _tile_stored(3, to, 64); break;
+                }
+                int tt = t0 + u, valid = n - tt * 16 < 16 ? n - tt * 16 : 16;
+                __mmask16 k = (__mmask16)((1u << valid) - 1u);
+                for (int g = 0; g < G; g++) {
+                    /* column g of the tile: head g's scores of the 16 keys */
+                    __m512 v = _mm512_mul_ps(_mm512_i32gather_ps(col, to + g, 4), sc);
+                    _mm512_mask_storeu_ps(s + g * SPAN + tt * 16, k, v);
+                    mx[g] = fmaxf(mx[g], _mm512_mask_reduce_max_ps(k, v));
+                }
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            corr[g] = m[g] == -INFINITY ? 0.f : expf(m[g] - mx[g]);
+            m[g] = mx[g];
+            l[g] = l[g] * corr[g] + exp_shift_sum(s + g * SPAN, n, mx[g]);
+            /* P's row g as bf16 hi + lo, zero past n up to the 32-key step */
+            for (int j = 0; j < n32 * 32; j += 16) {
+                int left = n - j;
+                __mmask16 k = left >= 16 ? (__mmask16)0xffff : left > 0 ? (__mmask16)((1u << left) - 1u) : 0;
+                __m512 v = _mm512_maskz_loadu_ps(k, s + g * SPAN + j);
+                __m256i hi = hs_bf16x16_round(v);
+                __m512 rest = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16)));
+                _mm256_storeu_si256((__m256i *)(ph + g * SPAN + j), hi);
+                _mm256_storeu_si256((__m256i *)(pl + g * SPAN + j), hs_bf16x16_round(rest));
+            }
+        }
+        /* V as key pairs: vb[kc][dt][r][c] = (v[2r][dt*16 + c], v[2r + 1][dt*16 + c]) */
+        for (int kc2 = 0; kc2 < n32; kc2++)
+            for (int r = 0; r < 16; r++) {
+                int j0 = kc2 * 32 + 2 * r;
+                const bf16_t *va = NULL, *vb2 = NULL;
+                if (j0 < n) {
+                    int p = b0 + j0;
+                    va = vc + (((int64_t)table[p / bs] * bs + p % bs) * c->Hk + h) * D;
+                }
+                if (j0 + 1 < n) {
+                    int p = b0 + j0 + 1;
+                    vb2 = vc + (((int64_t)table[p / bs] * bs + p % bs) * c->Hk + h) * D;
+                }
+                for (int dt = 0; dt < nd16; dt++) {
+                    __m512i a = va ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(va + dt * 16)))
+                                   : _mm512_setzero_si512();
+                    __m512i b = vb2 ? _mm512_slli_epi32(
+                                          _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vb2 + dt * 16))), 16)
+                                    : _mm512_setzero_si512();
+                    _mm512_storeu_si512((void *)(vb + ((int64_t)kc2 * nd16 + dt) * 256 + r * 16), _mm512_or_si512(a, b));
+                }
+            }
+        for (int dt0 = 0; dt0 < nd16; dt0 += ACC_TILES) {
+            int ndt = nd16 - dt0 < ACC_TILES ? nd16 - dt0 : ACC_TILES;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int kc = 0; kc < n32; kc++) {
+                _tile_loadd(5, ph + kc * 32, SPAN * 2);
+                _tile_loadd(7, pl + kc * 32, SPAN * 2);
+                PV_STEP(0, 6, 0)
+                PV_STEP(1, 4, 1)
+                PV_STEP(2, 6, 2)
+                PV_STEP(3, 4, 3)
+            }
+            for (int dt = 0; dt < ndt; dt++) {
+                switch (dt) {
+                case 0: _tile_stored(0, to, 64); break;
+                case 1: _tile_stored(1, to, 64); break;
+                case 2: _tile_stored(2, to, 64); break;
+                default: _tile_stored(3, to, 64); break;
+                }
+                for (int g = 0; g < G; g++) {
+                    float *ag = acc + g * D + (dt0 + dt) * 16;
+                    _mm512_storeu_ps(ag, _mm512_fmadd_ps(_mm512_loadu_ps(ag), _mm512_set1_ps(corr[g]),
+                                                         _mm512_loadu_ps(to + g * 16)));
+                }
+            }
+        }
+    }
+    _tile_release();
+}
+#else
+void hs_set_attn_amx(int on) { (void)on; }
+#endif
+
+/* span() for one item: on AMX tiles where they serve (bf16 q and cache; fixed per model, so a
+ * row takes the same path whatever else is in the batch), else the AVX-512 / scalar one */
+static void span_any(const attn_ctx *c, const int32_t *table, int h, const float *qf, const void *q, int64_t qoff,
+                     int kbeg, int kend, float *m, float *l, float *acc) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (attn_amx && c->bf16 && c->qbf16 && c->D % 32 == 0 && c->D <= 256 && c->group <= 16 && c->bs % 16 == 0 &&
+        kbeg % 16 == 0) {
+        span_amx(c, table, h, (const bf16_t *)q + qoff, kbeg, kend, m, l, acc);
+        return;
+    }
+#else
+    (void)q, (void)qoff;
+#endif
+    span(c, table, h, qf, kbeg, kend, m, l, acc);
 }
 
 /* per-token facts: sequence, absolute position, first visible key */
@@ -266,14 +472,15 @@ void hs_attention(const void *q, const void *kc, const void *vc, void *out, cons
             }
             float qf[G * D];
             for (int g = 0; g < G; g++) row_to_f32(q, ((int64_t)t * Hq + h * G + g) * D, D, qbf16, qf + g * D);
-            span(&c, tables + (int64_t)i * max_blocks, h, qf, s0, s1, pm, pl, pa);
+            span_any(&c, tables + (int64_t)i * max_blocks, h, qf, q, ((int64_t)t * Hq + h * G) * D, s0, s1, pm, pl, pa);
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < (int64_t)np * Hk; it++) {
             int h = (int)(it % Hk), t = pre[it / Hk], i = tok_seq[t];
             float qf[G * D], ml[2 * G], acc[G * D];
             for (int g = 0; g < G; g++) row_to_f32(q, ((int64_t)t * Hq + h * G + g) * D, D, qbf16, qf + g * D);
-            span(&c, tables + (int64_t)i * max_blocks, h, qf, tok_beg[t], tok_pos[t] + 1, ml, ml + G, acc);
+            span_any(&c, tables + (int64_t)i * max_blocks, h, qf, q, ((int64_t)t * Hq + h * G) * D, tok_beg[t],
+                     tok_pos[t] + 1, ml, ml + G, acc);
             write_norm(&c, out, t, Hq, h, ml + G, acc);
         }
         /* merge each decode row's spans in span order */

@@ -59,6 +59,7 @@ void hs_set_threads(int n);
 int hs_gemm_amx(P x, int x_bf16, int M, int K, P w, int N, P bias, P y, int y_bf16);
 void hs_set_amx_prefetch(int bytes, int flags);
 void hs_set_amx_rows(int rows);
+void hs_set_attn_amx(int on);
 int hs_get_threads(void);
 int hs_tier(void);
 """
