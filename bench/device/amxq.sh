@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Issue 22, session 4 (helper AMXQ): cpu_amx int8 / int4 / bf16 decode GEMVs (M = 1, and M = 4, 16
-# on the MLP shape) against the measured multi-threaded read bandwidth, each quantized kernel
-# timed before (row-major int4, four-row int8 kernels at every M, prefetch 512) and after (the x16
-# int4 layout; int8 on AMX tiles at M = 3..16; prefetch 2048) in the same process, interleaved;
-# then the cpu_amx tests. About 100 s on the AMX host.
-#   bash bench/device/amxq.sh            (THREADS=16 SET_MB=512 SHAPES=1.1b,8b GEMV_S=65 TEST_S=50;
-#                                         SWEEP_OPS=8b:gate_up,8b:down: the prefetch sweep's shapes)
-# Writes $OUT/amxq.txt, $OUT/amxq.json, $OUT/amxq_tests.txt.
+# Issue 22 (helper AMXQ, sessions 4-5): cpu_amx int8 / int4 / W8A8 / bf16 decode GEMVs (M = 1, and
+# M = 4, 16 on the MLP shape) against the measured multi-threaded read bandwidth, each quantized
+# kernel timed before and after in the same process, interleaved. Session 5's "after": weights on
+# 2 MiB transparent huge pages (quant.on_huge_pages, as pack_weight now places them) and the
+# batch-1 kernels claiming chunks of rows (hs_qkernels bit 2 off); "before" = session 4's default
+# (4 KiB pages, four-row int8 kernel, static split). Then a whole-step A/B (1.1B int8,
+# 4 KiB vs 2 MiB pages, static vs claimed split) and the cpu_amx tests. About 140 s on the AMX host.
+#   bash bench/device/amxq.sh            (THREADS=16 SET_MB=512 SHAPES=1.1b,8b GEMV_S=60 STEP_S=60
+#                                         TEST_S=30; SWEEP_OPS=8b:gate_up,8b:down: the prefetch sweep)
+# Writes $OUT/amxq.txt, $OUT/amxq.json, $OUT/amxq_step.txt, $OUT/amxq_tests.txt.
 set -u
 OUT=${OUT:-./device_out}
 mkdir -p "$OUT"
@@ -16,8 +18,9 @@ export PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=
 THREADS=${THREADS:-16}
 echo "amxq: $(date -u +%H:%M:%S) threads=$THREADS commit=$(git rev-parse --short HEAD 2>/dev/null)"
 nproc; grep -o -w 'amx_int8\|avx512_vnni\|avx512_bf16' /proc/cpuinfo | sort | uniq -c
+echo "THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null) defrag $(cat /sys/kernel/mm/transparent_hugepage/defrag 2>/dev/null)"
 
-timeout ${GEMV_S:-65} python - "$OUT" "$THREADS" "${SET_MB:-512}" "${SHAPES:-1.1b,8b}" "${REPS:-3}" <<'EOF' 2>&1 | tee "$OUT/amxq.txt" || echo "amxq: GEMV timing failed or timed out (rc ${PIPESTATUS[0]})"
+timeout ${GEMV_S:-60} python - "$OUT" "$THREADS" "${SET_MB:-512}" "${SHAPES:-1.1b,8b}" "${REPS:-3}" <<'EOF' 2>&1 | tee "$OUT/amxq.txt" || echo "amxq: GEMV timing failed or timed out (rc ${PIPESTATUS[0]})"
 import dataclasses, json, os, sys, time
 import torch
 
@@ -27,6 +30,7 @@ from halserve.hal.cpu_amx import quant
 from halserve.hal.cpu_amx.backend import CpuAmxBackend
 
 b = CpuAmxBackend()
+QK0 = b.lib.hs_get_qkernels()  # the library's default kernel choice, restored after each A/B
 print(b.describe(), flush=True)
 
 
@@ -48,13 +52,15 @@ SHAPES = {
              "lm_head": (32000, 2048)},
     "8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
 }
-# (label, pack scheme, int4 interleave, hs_set_qkernels (0: four-row VPDPBUSD at every M, 2: the
-# default, AMX tiles at M 3..16, 3: also one-row kernels at M <= 2), hs_set_qprefetch bytes
-# (512: before this session, 2048: the default now))
-VARIANTS = [("bf16", "none", True, 2, 2048), ("int8 before", "int8", True, 0, 512),
-            ("int8 after", "int8", True, 2, 2048), ("int8 1row", "int8", True, 3, 2048),
-            ("int4 before", "int4", False, 2, 512), ("int4 after", "int4", True, 2, 2048),
-            ("w8a8 before", "int8_w8a8", True, 0, 512), ("w8a8 after", "int8_w8a8", True, 2, 2048)]
+# (label, pack scheme, int4 interleave, hs_set_qkernels, hs_set_qprefetch bytes, 2 MiB pages).
+# hs_set_qkernels: bit 0 one-row int8 kernels at M <= 2 (else linear.c's four-row ones), bit 1 AMX
+# int8 tiles at M 3..16, bit 2 static split instead of claimed chunks. "before" = session 4's
+# default (6: four-row int8, static split; 4 KiB pages); "after" = this session's default.
+VARIANTS = [("bf16", "none", True, 2, 2048, False), ("bf16 2M", "none", True, 2, 2048, True),
+            ("int8 before", "int8", True, 6, 2048, False), ("int8 2M", "int8", True, 6, 2048, True),
+            ("int8 after", "int8", True, 3, 2048, True), ("int8 4row", "int8", True, 2, 2048, True),
+            ("int4 before", "int4", True, 6, 2048, False), ("int4 after", "int4", True, 2, 2048, True),
+            ("w8a8 before", "int8_w8a8", True, 6, 2048, False), ("w8a8 after", "int8_w8a8", True, 3, 2048, True)]
 bw = read_bw()
 print(f"read bandwidth {bw:.1f} GB/s (torch sum over 1 GiB, {threads} threads)", flush=True)
 # per-core compute: one thread, a 1024 x 2048 weight that stays in L2, best of 40 interleaved rounds
@@ -62,8 +68,8 @@ b.lib.hs_set_threads(1)
 w0 = torch.randn(1024, 2048, dtype=torch.bfloat16) * 0.05
 rm = quant.pack_int4(w0, 128)
 i8 = b.pack_weight(w0, "int8")
-per = {"int4 before": (rm, 2), "int4 after": (quant.interleave_int4(rm), 2), "int8 before": (i8, 0),
-       "int8 after": (i8, 2), "int8 1row": (i8, 3), "bf16": (b.pack_weight(w0, "none"), 2)}
+per = {"int4 row-major": (rm, 2), "int4 x16": (quant.interleave_int4(rm), 2), "int8 four-row": (i8, 2),
+       "int8 one-row": (i8, 3), "bf16": (b.pack_weight(w0, "none"), 2)}
 print("\n| per core (1 thread, weight in L2) | M | Gweights/s |")
 print("| --- | ---: | ---: |")
 for m in (1, 4, 16):
@@ -77,7 +83,7 @@ for m in (1, 4, 16):
             best[lab] = min(best[lab], _t(lambda: [calls[lab]() for _ in range(3)]) / 3)
     for lab in per:
         print(f"| {lab} | {m} | {1024 * 2048 * m / best[lab] / 1e9:.1f} |", flush=True)
-b.lib.hs_set_qkernels(2)
+b.lib.hs_set_qkernels(QK0)
 b.lib.hs_set_threads(threads)
 # the large-M (prefill) path dequantizes int4 rows for oneDNN: both layouts, all threads
 w0 = torch.randn(11264, 2048, dtype=torch.bfloat16) * 0.05
@@ -93,8 +99,8 @@ for shape in shapes_arg.split(","):
     for op, (n, k) in SHAPES.get(shape, {}).items():
         w0 = torch.randn(n, k, dtype=torch.bfloat16) * k ** -0.5
         packs, made = {}, {}
-        for label, scheme, inter, qk, qpf in VARIANTS:
-            key = (scheme, inter)
+        for label, scheme, inter, qk, qpf, huge in VARIANTS:
+            key = (scheme, inter, huge)
             if key not in packs:
                 # one quantization per bit width: int4's layouts and W8A8's flag share it
                 if scheme.startswith("int4"):
@@ -108,7 +114,8 @@ for shape in shapes_arg.split(","):
                     one = b.pack_weight(w0, scheme)
                 nbytes = one.weight.numel() * one.weight.element_size() + (0 if one.scale is None else one.scale.numel() * 4)
                 copies = max(2, min(48, -(-set_mb * 2**20 // nbytes)))
-                ws = [dataclasses.replace(one, weight=one.weight.clone(), extra=dict(one.extra)) for _ in range(copies)]
+                ws = [dataclasses.replace(one, weight=quant.on_huge_pages(one.weight.clone()) if huge
+                                          else one.weight.clone(), extra=dict(one.extra)) for _ in range(copies)]
                 for w in ws:
                     w.extra.pop("cpu_amx_plan", None)
                 packs[key] = (ws, nbytes)
@@ -119,8 +126,8 @@ for shape in shapes_arg.split(","):
             x = torch.randn(m, k, dtype=torch.bfloat16)
             res = {}
             for rnd in range(reps):  # interleaved rounds: before and after see the same box
-                for label, scheme, inter, qk, qpf in VARIANTS:
-                    ws, nbytes = packs[(scheme, inter)]
+                for label, scheme, inter, qk, qpf, huge in VARIANTS:
+                    ws, nbytes = packs[(scheme, inter, huge)]
                     calls = [b.linear_call(x, w) for w in ws]
                     b.lib.hs_set_qkernels(qk)
                     b.lib.hs_set_qprefetch(qpf)
@@ -128,17 +135,17 @@ for shape in shapes_arg.split(","):
                         c()
                     t = _t(lambda: [c() for c in calls]) / len(calls)
                     res[label] = min(res.get(label, 1e9), t)
-            b.lib.hs_set_qkernels(2)
+            b.lib.hs_set_qkernels(QK0)
             b.lib.hs_set_qprefetch(2048)
             if m > 1:  # the large-M path (dequantized row tiles through oneDNN) at the same M: where to switch
                 for scheme in ("int8", "int4"):
-                    ws = packs[(scheme, True)][0][:4]
+                    ws = packs[(scheme, True, True)][0][:4]
                     plans = [b._plan(w) for w in ws]
                     run = lambda: [quant.linear_tiled(b.lib, x, w, p[1], p[2], p[3], p[4], None) for w, p in zip(ws, plans)]
                     run()
                     res[f"{scheme} tiled"] = min(_t(run) for _ in range(reps)) / len(ws)
-            keys = {v[0]: (v[1], v[2]) for v in VARIANTS}
-            keys.update({"int8 tiled": ("int8", True), "int4 tiled": ("int4", True)})
+            keys = {v[0]: (v[1], v[2], v[5]) for v in VARIANTS}
+            keys.update({"int8 tiled": ("int8", True, True), "int4 tiled": ("int4", True, True)})
             for label in res:
                 nbytes = packs[keys[label]][1]
                 gbs = nbytes / res[label] / 1e9
@@ -176,7 +183,7 @@ for op, (n, k) in [(so, SHAPES[so.split(":")[0]][so.split(":")[1]]) for so in sw
     for scheme in ("int8", "int4"):
         one = b.pack_weight(w0, scheme)
         nbytes = one.weight.numel() * one.weight.element_size() + one.scale.numel() * 4
-        ws = [dataclasses.replace(one, weight=one.weight.clone(), extra=dict(one.extra))
+        ws = [dataclasses.replace(one, weight=quant.on_huge_pages(one.weight.clone()), extra=dict(one.extra))
               for _ in range(max(2, set_mb * 2**20 // nbytes))]
         calls = [b.linear_call(x, w) for w in ws]
         best = {}
@@ -193,9 +200,59 @@ for op, (n, k) in [(so, SHAPES[so.split(":")[0]][so.split(":")[1]]) for so in sw
 b.lib.hs_set_qprefetch(2048)
 EOF
 
+echo "amxq: $(date -u +%H:%M:%S) decode step A/B (1.1B int8, 4 KiB vs 2 MiB pages, kernel modes)"
+timeout ${STEP_S:-60} python - "$THREADS" <<'EOF' 2>&1 | grep -v "capturing\|Loading" | tee "$OUT/amxq_step.txt" || echo "amxq: step A/B failed or timed out (rc ${PIPESTATUS[0]})"
+import os, sys, time
+import torch
+
+th = int(sys.argv[1])
+torch.set_num_threads(th)
+from halserve import LLM, SamplingParams
+from halserve.bench.cpu import read_bandwidth_gbs
+from halserve.bench.latency import weight_bytes_per_token
+from halserve.hal.cpu_amx import quant
+from halserve.hal.cpu_amx.perf import SHAPE_1B, _checkpoint
+
+model = _checkpoint(dict(SHAPE_1B))
+engines = {}
+for huge in (False, True):  # pack_weight places the int8 weights as quant.HUGE_PAGES says at load
+    quant.HUGE_PAGES = huge
+    eng = LLM(str(model), backend="cpu_amx", dtype="bfloat16", quantization="int8", max_num_seqs=1,
+              max_model_len=1024, enable_prefix_caching=False).engine
+    g = torch.Generator().manual_seed(0)
+    eng.add_request("0", torch.randint(3, 32000, (128,), generator=g).tolist(),
+                    SamplingParams(temperature=0, max_tokens=800, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    engines[huge] = eng
+quant.HUGE_PAGES = True
+lib = engines[True].hal.lib
+qk0 = lib.hs_get_qkernels()
+wb, bw = weight_bytes_per_token(engines[True].model), read_bandwidth_gbs()
+print(f"int8 1.1B: {wb / 1e9:.3f} GB a token, read probe {bw:.1f} GB/s, {th} threads", flush=True)
+# (2 MiB pages, hs_qkernels): session 4's default (4 KiB, 6), then 2 MiB pages with each kernel choice
+configs = [(False, 6), (True, 6), (True, 2), (True, 3)]
+res = {c: [] for c in configs}
+for _ in range(5):
+    for c in configs:
+        lib.hs_set_qkernels(c[1])
+        for _ in range(3):
+            t = time.perf_counter()
+            engines[c[0]].step()
+            res[c].append(time.perf_counter() - t)
+lib.hs_set_qkernels(qk0)
+print("| pages | hs_qkernels | step ms (median) | tok/s | % of read bw | step ms (p20) |")
+print("| --- | ---: | ---: | ---: | ---: | ---: |")
+for (huge, qk), v in res.items():
+    v.sort()
+    med, p20 = v[len(v) // 2], v[len(v) // 5]
+    print(f"| {'2 MiB' if huge else '4 KiB'} | {qk} | {med * 1e3:.1f} | {1 / med:.2f} | {wb / med / 1e9 / bw * 100:.0f}% "
+          f"| {p20 * 1e3:.1f} |", flush=True)
+EOF
+
 echo "amxq: $(date -u +%H:%M:%S) tests"
 # this helper's tests first (fast), then the rest of the cpu_amx files
-timeout ${TEST_S:-50} python -m pytest -q tests/hal/test_cpu_amx_quant.py $(ls tests/hal/test_cpu_amx*.py | grep -v _quant) \
+timeout ${TEST_S:-30} python -m pytest -q tests/hal/test_cpu_amx_quant.py $(ls tests/hal/test_cpu_amx*.py | grep -v _quant) \
     -p no:cacheprovider > "$OUT/amxq_tests.txt" 2>&1
 echo "amxq: tests rc=$? ($(tail -1 "$OUT/amxq_tests.txt"))"
 echo "amxq: $(date -u +%H:%M:%S) done"
