@@ -126,6 +126,58 @@ def graph_steps(model: Path, prompts, steps: int) -> float:
         os.environ["HALSERVE_CPU_GRAPHS"] = "0"
 
 
+def s5_steps(model: Path, prompts, steps: int, hf_model=None) -> dict:
+    """Session 5's changes, before/after in one process, steps interleaved: engine A runs
+    eagerly (what a 32/64-row step did before: buckets stopped at 16 rows) with the AVX-512
+    attention span ("before") and with the AMX one ("+attention"); engine B replays captured
+    steps (buckets up to graph.GRAPH_MAX_ROWS) with the AMX span ("after"); HF's step (its
+    forward with its KV cache, greedy) between them when ``hf_model`` is given. Median ms."""
+    import torch
+
+    from halserve import LLM, SamplingParams
+    from halserve.hal.cpu_amx.perf import hf_step_ms as hf_ms
+
+    rows, plen = prompts.shape
+    engs = {}
+    os.environ["HALSERVE_CPU_GRAPHS"] = "1"
+    try:
+        for eager in (True, False):
+            llm = LLM(str(model), backend="cpu_amx", dtype="bfloat16", max_num_seqs=rows, enforce_eager=eager,
+                      max_model_len=plen + 3 * steps + 24, enable_prefix_caching=False)
+            eng = llm.engine
+            if not eager and rows not in eng.runner.graphs:
+                print(f"   {rows} rows: no captured bucket ({eng.hal.graph_refusal})", flush=True)
+            sp = SamplingParams(temperature=0, max_tokens=3 * steps + 16, ignore_eos=True)
+            for i in range(rows):
+                eng.add_request(str(i), prompts[i].tolist(), sp)
+            started: set = set()
+            while len(started) < rows:
+                started |= {o.request_id for o in eng.step() if o.outputs and o.outputs[0].token_ids}
+            eng.step()
+            engs[eager] = (llm, eng)
+    finally:
+        os.environ["HALSERVE_CPU_GRAPHS"] = "0"
+    lib = engs[True][1].hal.lib
+    runs = {"before": (True, 0), "+attention": (True, 1), "after": (False, 1)}
+    ts: dict = {k: [] for k in runs}
+    hf = None
+    if hf_model is not None:
+        hf = hf_ms(hf_model, prompts, max(2, steps // 2))
+    for _ in range(steps):
+        for k, (eager, attn) in runs.items():
+            lib.hs_set_attn_amx(attn)
+            t = time.perf_counter()
+            engs[eager][1].step()
+            ts[k].append(time.perf_counter() - t)
+    lib.hs_set_attn_amx(1)
+    if hf_model is not None:  # again after: the box's load drifts
+        hf = min(hf, hf_ms(hf_model, prompts, max(2, steps // 2)))
+    out = {k: statistics.median(v) * 1e3 for k, v in ts.items()}
+    out["hf"] = hf
+    del engs
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="16,64")
@@ -136,6 +188,8 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default=None, help="folder of the random checkpoint (default: the perf tool's)")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-graphs", action="store_true", help="skip the engine-default run (captured steps)")
+    p.add_argument("--s5", action="store_true", help="only session 5's before/after (eager + AVX-512 attention "
+                   "vs captured steps + AMX attention) beside HF, steps interleaved in one process")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     import torch
@@ -158,6 +212,29 @@ def main(argv=None) -> int:
           f"-> read floor {floor_ms:.1f} ms a step", flush=True)
     res = {"threads": torch.get_num_threads(), "read_gbs": bw, "weight_bytes": wbytes, "floor_ms": floor_ms,
            "layers": L, "prompt": a.prompt, "runs": []}
+    if a.s5:
+        from transformers import AutoModelForCausalLM
+
+        hfm = None if a.no_hf else AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
+        print("| rows | HF ms | before ms | +AMX attention ms | after (graphs + AMX attention) ms | after tok/s | "
+              "x before | x HF | floor / step |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
+        for rows in [int(r) for r in a.rows.split(",") if r.strip()]:
+            g = torch.Generator().manual_seed(0)
+            prompts = torch.randint(3, shape["vocab_size"], (rows, a.prompt), generator=g)
+            try:
+                r = s5_steps(model, prompts, a.steps, hfm)
+            except Exception as e:  # one size failing must not lose the others
+                print(f"s5 {rows}: {type(e).__name__}: {e}", flush=True)
+                continue
+            hf = r["hf"] or float("nan")
+            print(f"| {rows} | {hf:.1f} | {r['before']:.1f} | {r['+attention']:.1f} | {r['after']:.1f} | "
+                  f"{rows / r['after'] * 1e3:.0f} | {r['before'] / r['after']:.2f} | {hf / r['after']:.2f} | "
+                  f"{floor_ms / r['after']:.2f} |", flush=True)
+            res["runs"].append(dict(r, rows=rows))
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=1))
+        return 0
     print("| rows | HF step ms | pre-AMX step ms | AMX step ms | AMX tok/s | x HF | x pre-AMX | floor / step |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
     for rows in [int(r) for r in a.rows.split(",") if r.strip()]:

@@ -78,6 +78,30 @@ def test_amx_gemm_against_float64(k, n, dtype, block_rows, monkeypatch):
         assert off < 0.05, (m, k, n, float(off))
 
 
+def test_amx_gemm_block_schedule_does_not_change_bits():
+    """W blocks handed out one at a time to whichever thread is free (hs_set_amx_sched(1), the
+    default) or split evenly (0): a block's sums never depend on the thread that ran it, so
+    the output is the same bits, with as many threads as the pool has and with one."""
+    b = _amx()
+    g = torch.Generator().manual_seed(8)
+    w = (torch.randn(7 * 32 + 5, 160, generator=g) * 0.1).bfloat16()  # 8 blocks, a ragged one
+    pw = b.pack_weight(w)
+    threads = b.threads
+    try:
+        for t in sorted({1, max(2, threads)}):
+            b.lib.hs_set_threads(t)
+            for m, dtype in ((32, torch.bfloat16), (45, torch.float32)):
+                x = torch.randn(m, 160, generator=g).to(dtype)
+                b.lib.hs_set_amx_sched(0)
+                even = b.linear(x, pw, None)
+                b.lib.hs_set_amx_sched(1)
+                assert torch.equal(b.linear(x, pw, None), even), (t, m)
+                assert nmse(even, x.double() @ w.double().T) < 3e-5
+    finally:
+        b.lib.hs_set_amx_sched(1)
+        b.lib.hs_set_threads(threads)
+
+
 def test_amx_gemm_writes_into_out_and_reads_strided_x():
     b = _amx()
     g = torch.Generator().manual_seed(3)

@@ -16,6 +16,7 @@
  * Not batch-invariant (a row's sums depend on the tile schedule): batch-invariant mode
  * keeps the C GEMV kernels. Builds without AMX export the entry as a stub returning -1. */
 #include "common.h"
+#include <omp.h>
 #include <stdlib.h>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -98,6 +99,14 @@ void hs_set_amx_rows(int rows) { amx_rows = rows == 16 ? 16 : 32; }
 static inline void store_bf16x16_mask(bf16_t *p, __m512 v, __mmask16 k) {
     _mm256_mask_storeu_epi16((void *)p, k, hs_bf16x16_round(v));
 }
+
+/* how the W blocks go to the threads: 1 (default) one block at a time to whichever thread is
+ * free, so a thread the OS has descheduled (a shared machine, a server's other threads) holds
+ * back one block, not its 1/threads share of the call; 0 the even static split. A W row of a
+ * 2048-wide layer is one 4 KB page, which the hardware prefetcher does not cross anyway, so
+ * contiguous runs across blocks buy little. */
+static int amx_dyn = 1;
+void hs_set_amx_sched(int dynamic) { amx_dyn = dynamic != 0; }
 
 static __thread void *xp_buf;
 static __thread int64_t xp_cap;
@@ -196,6 +205,7 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
     }
     uint32_t *xh = (uint32_t *)xp_buf, *xl = x_bf16 ? NULL : xh + blk;
     int br = amx_rows, nblk = (N + br - 1) / br;
+    omp_set_schedule(amx_dyn ? omp_sched_dynamic : omp_sched_static, amx_dyn ? 1 : 0);
 #pragma omp parallel
     {
         config_tiles();
@@ -206,7 +216,7 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
         }
         bf16_t *pad = NULL; /* the N tail's rows, zero-padded to 16 x nkb * 32 */
         bf16_t tail[32 * KB];
-#pragma omp for schedule(static)
+#pragma omp for schedule(runtime)
         for (int b = 0; b < nblk; b++) {
             int n0 = b * br, nr = N - n0 < br ? N - n0 : br;
             if (amx_pf && amx_pf_next && b + 1 < nblk) {
@@ -261,6 +271,7 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
     return 0;
 }
 #else
+void hs_set_amx_sched(int dynamic) { (void)dynamic; }
 void hs_set_amx_prefetch(int bytes, int flags) { (void)bytes, (void)flags; }
 void hs_set_amx_rows(int rows) { (void)rows; }
 int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N, const float *bias, void *y,
