@@ -8,7 +8,10 @@
 #    with its KV cache in the same process; then where each step's time goes, op by op; then the
 #    engine default (captured steps, graph.py) with the AMX GEMM on;
 # 3. python -m pytest -q tests/hal/test_cpu_amx_batched.py, then tests/hal/test_cpu_amx.py.
-# Run from the repo root: bash bench/device/amxb.sh (step limits add up to 104 s: s4bench gives it 110)
+# 0. (session 5, first) amxb_step.py --s5: 16- and 64-sequence steps before (eager, AVX-512 attention
+#    span) / +AMX attention / after (captured 16..64-row buckets + AMX attention), interleaved in one
+#    process, beside HF's step: the ">= 3x HF at 16 and 64 sequences" figure.
+# Run from the repo root: bash bench/device/amxb.sh (step limits add up to 144 s)
 set -uo pipefail
 OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
@@ -25,13 +28,16 @@ elif [ "$(df -BG --output=avail /dev/shm 2>/dev/null | tail -1 | tr -dc 0-9)" -g
 STEP_TAIL=4
 # the amx tier's C library compiled once (cached in $HALSERVE_CACHE_DIR) before anything is timed
 step amxb_build 12 python3 -c "from halserve.hal.cpu_amx.tiers import choose; t = choose(); print(t.name, '|', t.reason)"
+STEP_TAIL=12
+step amxb_s5 40 python3 bench/device/amxb_step.py --s5 --rows 16,64 --prompt 32 --steps 8 \
+  ${WORK:+--work-dir $WORK} --json "$OUT/amxb_s5.json"
 STEP_TAIL=20
-step amxb_step 45 python3 bench/device/amxb_step.py --rows 16,64 --prompt 32 --steps 6 --profile-steps 2 \
+step amxb_step 35 python3 bench/device/amxb_step.py --rows 16,64 --prompt 32 --steps 4 --profile-steps 2 --no-hf \
   ${WORK:+--work-dir $WORK} --json "$OUT/amxb_step.json"
 STEP_TAIL=300
 step amxb_kernels 20 python3 bench/device/amxb_kernels.py --set-mb 400 --reps 3 --json "$OUT/amxb_kernels.json"
 STEP_TAIL=6
-step amxb_tests_batched 12 python3 -m pytest -q -p no:cacheprovider tests/hal/test_cpu_amx_batched.py
+step amxb_tests_batched 14 python3 -m pytest -q -p no:cacheprovider tests/hal/test_cpu_amx_batched.py
 # the rest of tests/hal/test_cpu_amx*.py runs in amxq.sh, amxmoe.sh and cpugraph.sh; the core file here
 step amxb_tests 15 python3 -m pytest -q -p no:cacheprovider tests/hal/test_cpu_amx.py
 rm -rf /dev/shm/amxb-cache  # give the RAM back
