@@ -53,14 +53,15 @@ SHAPES = {
     "8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
 }
 # (label, pack scheme, int4 interleave, hs_set_qkernels, hs_set_qprefetch bytes, 2 MiB pages).
-# hs_set_qkernels: bit 0 one-row int8 kernels at M <= 2 (else linear.c's four-row ones), bit 1 AMX
-# int8 tiles at M 3..16, bit 2 static split instead of claimed chunks. "before" = session 4's
-# default (6: four-row int8, static split; 4 KiB pages); "after" = this session's default.
+# hs_set_qkernels: 0 = linear.c's four-row int8 kernels at every M (no AMX tiles); else one-row
+# int8 kernels at M <= 2, bit 1 AMX int8 tiles at M 3..16, bit 2 static split instead of claimed
+# chunks. "before" = session 4's default (6: one-row int8, static split; 4 KiB pages); "after" =
+# this session's (2: claimed chunks; 2 MiB pages).
 VARIANTS = [("bf16", "none", True, 2, 2048, False), ("bf16 2M", "none", True, 2, 2048, True),
             ("int8 before", "int8", True, 6, 2048, False), ("int8 2M", "int8", True, 6, 2048, True),
-            ("int8 after", "int8", True, 3, 2048, True), ("int8 4row", "int8", True, 2, 2048, True),
+            ("int8 after", "int8", True, 2, 2048, True), ("int8 4row 2M", "int8", True, 0, 2048, True),
             ("int4 before", "int4", True, 6, 2048, False), ("int4 after", "int4", True, 2, 2048, True),
-            ("w8a8 before", "int8_w8a8", True, 6, 2048, False), ("w8a8 after", "int8_w8a8", True, 3, 2048, True)]
+            ("w8a8 before", "int8_w8a8", True, 6, 2048, False), ("w8a8 after", "int8_w8a8", True, 2, 2048, True)]
 bw = read_bw()
 print(f"read bandwidth {bw:.1f} GB/s (torch sum over 1 GiB, {threads} threads)", flush=True)
 # per-core compute: one thread, a 1024 x 2048 weight that stays in L2, best of 40 interleaved rounds
@@ -68,8 +69,8 @@ b.lib.hs_set_threads(1)
 w0 = torch.randn(1024, 2048, dtype=torch.bfloat16) * 0.05
 rm = quant.pack_int4(w0, 128)
 i8 = b.pack_weight(w0, "int8")
-per = {"int4 row-major": (rm, 2), "int4 x16": (quant.interleave_int4(rm), 2), "int8 four-row": (i8, 2),
-       "int8 one-row": (i8, 3), "bf16": (b.pack_weight(w0, "none"), 2)}
+per = {"int4 row-major": (rm, 2), "int4 x16": (quant.interleave_int4(rm), 2), "int8 four-row": (i8, 0),
+       "int8 one-row": (i8, 2), "bf16": (b.pack_weight(w0, "none"), 2)}
 print("\n| per core (1 thread, weight in L2) | M | Gweights/s |")
 print("| --- | ---: | ---: |")
 for m in (1, 4, 16):
@@ -230,8 +231,9 @@ lib = engines[True].hal.lib
 qk0 = lib.hs_get_qkernels()
 wb, bw = weight_bytes_per_token(engines[True].model), read_bandwidth_gbs()
 print(f"int8 1.1B: {wb / 1e9:.3f} GB a token, read probe {bw:.1f} GB/s, {th} threads", flush=True)
-# (2 MiB pages, hs_qkernels): session 4's default (4 KiB, 6), then 2 MiB pages with each kernel choice
-configs = [(False, 6), (True, 6), (True, 2), (True, 3)]
+# (2 MiB pages, hs_qkernels): session 4's default (4 KiB, 6: static split), then 2 MiB pages static,
+# claimed (2: the default now), and linear.c's four-row kernels (0)
+configs = [(False, 6), (True, 6), (True, 2), (True, 0)]
 res = {c: [] for c in configs}
 for _ in range(5):
     for c in configs:

@@ -13,8 +13,8 @@
  *
  * int8 weight-only and W8A8 keep the row-major [N, K] tensor (the HAL contract's int8 layout,
  * which conformance and the references read). At M = 3..16 they run on AMX int8 tiles (below);
- * at M <= 2 linear.c's four-row VPDPBUSD kernels run, or (hs_set_qkernels bit 0, opt-in: no
- * faster on the 2-vCPU box) the one-row kernels here, each thread then one sequential stream.
+ * at M <= 2 the one-row kernels here (each thread one sequential stream, rows claimed in
+ * chunks), or with hs_set_qkernels(0) linear.c's four-row VPDPBUSD kernels.
  *
  * Every output's arithmetic depends only on K, the layout and the build, never on M or on
  * which rows share a block: batch-invariant. */
@@ -40,10 +40,11 @@ void hs_set_qprefetch(int bytes) { q_pf = bytes; }
 static inline int qpf(void) { return q_pf < 0 ? hs_pf_bytes : q_pf; }
 int hs_qpf(void) { return qpf(); }
 
-/* bit 0: the one-row int8 kernels here at M <= 2 (else linear.c's four-row ones at every M);
- * bit 1: AMX int8 tiles at M = 3..16 (AMX builds); bit 2: a static split of the
- * rows over the threads instead of the claims below (A/B timing). All give the same bits: a speed choice. */
-int hs_qkernels = 2; /* the one-row kernels measured no faster here (1 thread, DRAM): opt-in */
+/* 0: linear.c's four-row int8 kernels at every M. Any other value: the one-row int8 kernels
+ * here at M <= 2 (linear.c tests hs_qkernels != 0, so the default 2 runs them), and bit 1: AMX
+ * int8 tiles at M = 3..16 (AMX builds); bit 2: a static split of the rows over the threads
+ * instead of the claims below (A/B timing). All give the same bits: a speed choice. */
+int hs_qkernels = 2;
 void hs_set_qkernels(int v) { hs_qkernels = v; }
 int hs_get_qkernels(void) { return hs_qkernels; }
 
