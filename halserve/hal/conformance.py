@@ -260,6 +260,15 @@ def cases(quick: bool = False, ops: "list[str] | None" = None) -> list[Case]:
                     scaling="none", pos="random", bs=16, pad="none", kv="fp8", kscale=0.37, vscale=1.0))
     table.append(_c("rotary_write_kv", False, dtype="float16", T=37, Hq=8, Hk=2, D=96, rot=96, neox=True,
                     scaling="none", pos="random", bs=32, pad="ends+middle", kv="fp8", kscale=1.0, vscale=8.0))
+    # Qwen3's per-head q/k RMSNorm first: eps over orders of magnitude on inputs whose mean
+    # square is near it (x_scale), partial rotary (the dims past rot_dim are normalised too)
+    for dt, neox, rot, eps, xs in (("bfloat16", True, 128, 1e-6, 1.0), ("float32", False, 64, 1e-1, 0.3),
+                                   ("float16", True, 128, 1e-3, 0.03)):
+        table.append(_c("rotary_write_kv", True, dtype=dt, T=9, Hq=8, Hk=2, D=128, rot=rot, neox=neox,
+                        scaling="none", pos="random", bs=16, pad="ends+middle", qk_norm=True, eps=eps, x_scale=xs))
+    table.append(_c("rotary_write_kv", False, dtype="bfloat16", T=37, Hq=8, Hk=2, D=128, rot=128, neox=True,
+                    scaling="llama3", pos="random", bs=16, pad="ends+middle", kv="fp8", kscale=0.5, vscale=2.0,
+                    qk_norm=True, eps=1e-6, x_scale=1.0))
     # attention
     configs = [(hq, hk, d, bs) for hq, hk in ((8, 8), (8, 2), (16, 2)) for d in (64, 128, 96) for bs in (16, 32)]
     for scen in ("prefill_cached", "chunked", "decode", "mixed"):
@@ -724,10 +733,19 @@ def _run_rotary_write_kv(b: Backend, p: dict, g: torch.Generator, dev) -> Outcom
     cache = build_rope_cache(d, rot, ROPE_MAX_POS, 500000.0, ROPE_SCALINGS[p["scaling"]])
     pos = _positions(p, g, t)
     width = (hq + 2 * hk) * d
-    qkv0 = _randn(g, t, width).to(dt)
+    qkv0 = _randn(g, t, width, scale=p.get("x_scale", 1.0)).to(dt)
     q0, k0 = qkv0[:, :hq * d].view(t, hq, d), qkv0[:, hq * d:(hq + hk) * d].view(t, hk, d)
     v0 = qkv0[:, (hq + hk) * d:].view(t, hk, d)
-    rq, rk = _ref(R.rotary, pos, q0, k0, cache, neox)
+    norm: dict = {}
+    if p.get("qk_norm"):  # Qwen3: rms_norm of each head row, then rotary
+        qw, kw = (_randn(g, d, scale=0.5).add(1.0).to(dt) for _ in range(2))
+        eps = p["eps"]
+        qn = R.rms_norm(q0.reshape(-1, d), qw, eps).view(t, hq, d)
+        kn = R.rms_norm(k0.reshape(-1, d), kw, eps).view(t, hk, d)
+        rq, rk = _ref(R.rotary, pos, qn, kn, cache, neox)
+        norm = {"q_norm_weight": qw.to(dev), "k_norm_weight": kw.to(dev), "norm_eps": eps}
+    else:
+        rq, rk = _ref(R.rotary, pos, q0, k0, cache, neox)
     nblocks = 9
     shape = _kv_shape(b, nblocks, bs, hk, d)
     cdt, scales = _kv_case(p, dt)
@@ -751,14 +769,14 @@ def _run_rotary_write_kv(b: Backend, p: dict, g: torch.Generator, dev) -> Outcom
     ke, kbuf = _guarded((t, hk, d), dt, dev, fill=k0.to(dev))
     ve, vbuf = _guarded((t, hk, d), dt, dev, fill=v0.to(dev))
     view, stack, sbuf = _stacked(shape, cdt, dev, cache0)
-    b.rotary_write_kv(pd, qe, ke, ve, cd, neox, view, sd, **scales)
+    b.rotary_write_kv(pd, qe, ke, ve, cd, neox, view, sd, **scales, **norm)
     b.synchronize()
     errors = (_guard_errors(qbuf, qe.numel(), "q") + _guard_errors(kbuf, ke.numel(), "k")
               + _guard_errors(sbuf, stack.numel(), "the stacked kv cache") + _neighbours_untouched(stack, "layer")
               + _guard_errors(vbuf, ve.numel(), "v") + _unchanged(ve, v0, "v"))
     values = [R.nmse(qe, rq), R.nmse(ke, rk)]
     n = _mismatches(view, want(ke))
-    if rot < d:
+    if rot < d and not norm:
         errors += _unchanged(qe[..., rot:], q0[..., rot:], "q past rot_dim")
         errors += _unchanged(ke[..., rot:], k0[..., rot:], "k past rot_dim")
     # strided form: q, k, v as views of one fused qkv row (a backend that needs contiguous
@@ -767,7 +785,7 @@ def _run_rotary_write_kv(b: Backend, p: dict, g: torch.Generator, dev) -> Outcom
     q, k = qkv[:, :hq * d].view(t, hq, d), qkv[:, hq * d:(hq + hk) * d].view(t, hk, d)
     v = qkv[:, (hq + hk) * d:].view(t, hk, d)
     kvc, cbuf = _guarded(shape, cdt, dev, fill=cache0.to(dev))
-    b.rotary_write_kv(pd, q, k, v, cd, neox, kvc, sd, **scales)
+    b.rotary_write_kv(pd, q, k, v, cd, neox, kvc, sd, **scales, **norm)
     b.synchronize()
     errors += _guard_errors(buf, qkv.numel(), "qkv") + _guard_errors(cbuf, kvc.numel(), "kv_cache")
     errors += _unchanged(v, v0, "v (in qkv)")
@@ -780,7 +798,7 @@ def _run_rotary_write_kv(b: Backend, p: dict, g: torch.Generator, dev) -> Outcom
     nbytes = (2 * t * (hq + hk) * rot + 2 * t * hk * d) * _esize(p["dtype"]) + t * rot * 4 \
         + 2 * t * hk * d * cdt.itemsize
     return Outcome("nmse", max(values), limit, errors,
-                   timer=lambda: b.rotary_write_kv(pd, q, k, v, cd, neox, kvc, sd, **scales),
+                   timer=lambda: b.rotary_write_kv(pd, q, k, v, cd, neox, kvc, sd, **scales, **norm),
                    flops=3.0 * t * (hq + hk) * rot, bytes=nbytes)
 
 
@@ -1193,7 +1211,8 @@ COVERAGE: dict[str, dict[str, Any]] = {
                  "v_scale": "vscale"},
     "rotary_write_kv": {"positions": "pos", "q": "Hq", "k": "Hk", "v": "D", "cos_sin_cache": "scaling",
                         "is_neox": "neox", "kv_cache": "bs", "slot_mapping": "pad", "k_scale": "kscale",
-                        "v_scale": "vscale"},
+                        "v_scale": "vscale", "q_norm_weight": "qk_norm", "k_norm_weight": "qk_norm",
+                        "norm_eps": "eps"},
     "attention": {"q": "Hq", "kv_cache": "Hk", **{f"meta.{k}": v for k, v in _META.items()},
                   "scale": "scale", "out": _FORMS, "k_scale": "kscale", "v_scale": "vscale"},
     "moe": {"x": "T", "router_logits": "E", **{f"w13.{k}": v for k, v in _PACKED.items()},

@@ -58,7 +58,7 @@ Spec keys (``SPEC_KEYS``; values: torch dtypes, ints, bools, strings, tuples):
 | rotary | dtype, head_dim, rot_dim, is_neox, num_heads, num_kv_heads, unit_stride (q, k last dim), contiguous |
 | silu_and_mul | dtype, intermediate_size, out, contiguous |
 | write_kv | dtype (k's), kv_dtype, head_dim, num_kv_heads, block_size, cache_shape, unit_stride (k, v), contiguous (cache) |
-| rotary_write_kv | dtype (q's), kv_dtype, head_dim, rot_dim, is_neox, num_heads, num_kv_heads, block_size, cache_shape, unit_stride (q, k, v), contiguous (q, k, v), cache_contiguous |
+| rotary_write_kv | dtype (q's), kv_dtype, head_dim, rot_dim, is_neox, num_heads, num_kv_heads, block_size, cache_shape, unit_stride (q, k, v), contiguous (q, k, v), cache_contiguous, qk_norm |
 | attention | dtype (q's), kv_dtype, num_heads, num_kv_heads, head_dim, block_size, sliding_window, cache_shape, out |
 | moe | dtype, num_experts, top_k, scoring, scheme, w2_scheme, act_scheme, num_expert_group, topk_group, renormalize, correction_bias (present), out |
 | swap_blocks | dtype, src_device, dst_device (device types) |
@@ -90,7 +90,9 @@ Layout contract (what a C or Triton kernel may assume; the engine's call form fi
 - rotary_write_kv: rotary's q, k, positions and cos_sin_cache, then write_kv's k (as
   rotated), v, kv_cache and slot_mapping, in one call: the fusion a backend may run as one
   kernel. NativeBackend's is the composite (``self.rotary`` then ``self.write_kv``), so a
-  backend without its own fused kernel keeps its two accelerated pieces.
+  backend without its own fused kernel keeps its two accelerated pieces. With
+  ``q_norm_weight`` / ``k_norm_weight`` [D] (Qwen3's per-head RMSNorm) q and k are first
+  normalised per head row (``rms_norm`` with ``norm_eps``, stored in their dtype).
 - KV cache dtype (``kv_dtype``): the model dtype, or float8_e4m3fn (``--kv-cache-dtype fp8``,
   hal/kv_fp8.py) with per-layer float ``k_scale`` / ``v_scale`` (keyword-only args of write_kv
   and attention: stored = fp8(x / scale), read = stored * scale). The engine passes the scales
@@ -422,12 +424,15 @@ class Backend:
     def rotary_write_kv(self, positions: "torch.Tensor", q: "torch.Tensor", k: "torch.Tensor",
                         v: "torch.Tensor", cos_sin_cache: "torch.Tensor", is_neox: bool,
                         kv_cache: "torch.Tensor", slot_mapping: "torch.Tensor", *, k_scale: float = 1.0,
-                        v_scale: float = 1.0) -> None:
+                        v_scale: float = 1.0, q_norm_weight: "torch.Tensor | None" = None,
+                        k_norm_weight: "torch.Tensor | None" = None, norm_eps: float = 1e-6) -> None:
         """``rotary(positions, q, k, cos_sin_cache, is_neox)`` then ``write_kv(k, v, kv_cache,
         slot_mapping, k_scale=, v_scale=)``: q and k rotated in place, the rotated k (as
         stored in k's dtype) and v scattered into the cache, as the two ops would leave
-        them. One kernel where a backend has it (one launch or parallel region a layer
-        fewer); NativeBackend runs the two ops."""
+        them. With the norm weights (both or neither), q and k are first replaced by
+        ``rms_norm`` of each head row (weight [D], ``norm_eps``) in their dtype. One kernel
+        where a backend has it (launches or C calls a layer fewer); NativeBackend runs the
+        ops one by one."""
         raise NotImplementedError
 
     def attention(self, q: "torch.Tensor", kv_cache: "torch.Tensor", meta: AttentionMetadata,
@@ -486,7 +491,7 @@ SPEC_KEYS: dict[str, tuple[str, ...]] = {
     "write_kv": ("dtype", "kv_dtype", "head_dim", "num_kv_heads", "block_size", "cache_shape", "unit_stride",
                  "contiguous"),
     "rotary_write_kv": ("dtype", "kv_dtype", "head_dim", "rot_dim", "is_neox", "num_heads", "num_kv_heads",
-                        "block_size", "cache_shape", "unit_stride", "contiguous", "cache_contiguous"),
+                        "block_size", "cache_shape", "unit_stride", "contiguous", "cache_contiguous", "qk_norm"),
     "attention": ("dtype", "kv_dtype", "num_heads", "num_kv_heads", "head_dim", "block_size", "sliding_window",
                   "cache_shape", "out"),
     "moe": ("dtype", "num_experts", "top_k", "scoring", "scheme", "w2_scheme", "act_scheme", "num_expert_group",
@@ -524,11 +529,11 @@ def _key_write_kv(key, value, kv_cache, slot_mapping, *, k_scale=1.0, v_scale=1.
 
 
 def _key_rotary_write_kv(positions, q, k, v, cos_sin_cache, is_neox, kv_cache, slot_mapping, *, k_scale=1.0,
-                         v_scale=1.0):
+                         v_scale=1.0, q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6):
     shape = tuple(kv_cache.shape)
     return ("rotary_write_kv", q.dtype, kv_cache.dtype, q.shape[-1], cos_sin_cache.shape[-1], bool(is_neox),
             q.shape[-2], k.shape[-2], shape[2] if len(shape) > 2 else 0, shape[2:], _unit(q, k, v),
-            _contig(q, k, v), kv_cache.is_contiguous())
+            _contig(q, k, v), kv_cache.is_contiguous(), q_norm_weight is not None)
 
 
 def _key_attention(q, kv_cache, meta, scale, out=None, *, k_scale=1.0, v_scale=1.0):

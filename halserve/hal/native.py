@@ -330,10 +330,17 @@ class NativeBackend(Backend):
 
     def rotary_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         cos_sin_cache: torch.Tensor, is_neox: bool, kv_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor, *, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+                        slot_mapping: torch.Tensor, *, k_scale: float = 1.0, v_scale: float = 1.0,
+                        q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+                        norm_eps: float = 1e-6) -> None:
         # the composite through the dispatcher: a backend without a fused kernel keeps its
-        # own rotary and write_kv; scales go only with an fp8 cache, as the engine passes
-        # them (a backend that never holds one may leave them out of its write_kv)
+        # own rms_norm, rotary and write_kv; scales go only with an fp8 cache, as the engine
+        # passes them (a backend that never holds one may leave them out of its write_kv)
+        if (q_norm_weight is None) != (k_norm_weight is None):
+            raise ValueError("rotary_write_kv: pass q_norm_weight and k_norm_weight together, or neither")
+        if q_norm_weight is not None:
+            for t, w in ((q, q_norm_weight), (k, k_norm_weight)):
+                t.copy_(self.rms_norm(t.reshape(-1, t.shape[-1]), w, norm_eps).view(t.shape))
         self.rotary(positions, q, k, cos_sin_cache, is_neox)
         scales = {"k_scale": k_scale, "v_scale": v_scale} if is_fp8(kv_cache.dtype) else {}
         self.write_kv(k, v, kv_cache, slot_mapping, **scales)

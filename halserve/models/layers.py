@@ -92,14 +92,17 @@ class Attention:
         q = q.reshape(t, self.num_heads, d).contiguous()
         k = k.reshape(t, self.num_kv_heads, d).contiguous()
         v = v.reshape(t, self.num_kv_heads, d).contiguous()
-        if self.q_norm is not None:
+        norm: dict = {}
+        if self.q_norm is not None and self.q_norm.eps == self.k_norm.eps:  # Qwen3's: into the same op
+            norm = dict(q_norm_weight=self.q_norm.weight, k_norm_weight=self.k_norm.weight, norm_eps=self.q_norm.eps)
+        elif self.q_norm is not None:
             q = self.q_norm(q.view(-1, d)).view(t, self.num_heads, d)
             k = self.k_norm(k.view(-1, d)).view(t, self.num_kv_heads, d)
-        # rotary then write_kv as one HAL op: one kernel launch (GPU) or C call (CPU) a
-        # layer fewer where the backend fuses them, the two ops where it does not
+        # (q/k norm,) rotary and write_kv as one HAL op: one kernel launch (GPU) or C call
+        # (CPU) where the backend fuses them, the ops one by one where it does not
         r = self.rotary
         self.hal.rotary_write_kv(positions, q, k, v, r.cos_sin_cache, r.is_neox, kv_cache, meta.slot_mapping,
-                                 **self.kv_scales)
+                                 **self.kv_scales, **norm)
         out = self.hal.attention(q, kv_cache, meta, self.scale, **self.kv_scales)
         return self.o_proj(out.view(t, self.num_heads * d))
 

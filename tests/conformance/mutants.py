@@ -258,6 +258,30 @@ class FusedDropsKvScales(Mutant):
         self._ref.write_kv(k, v, kv_cache, slot_mapping)
 
 
+class FusedNormAfterRotary(Mutant):
+    """Qwen3's q/k RMSNorm applied after the rotation (the norm weight then lands on the wrong
+    lanes; the rms itself is the same: a rotation keeps each row's norm)."""
+    op = "rotary_write_kv"
+
+    def rotary_write_kv(self, positions, q, k, v, cos_sin_cache, is_neox, kv_cache, slot_mapping, *,
+                        q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6, **scales):
+        self._ref.rotary(positions, q, k, cos_sin_cache, is_neox)
+        if q_norm_weight is not None:
+            for t, w in ((q, q_norm_weight), (k, k_norm_weight)):
+                t.copy_(self._ref.rms_norm(t.reshape(-1, t.shape[-1]), w, norm_eps).view(t.shape))
+        self._ref.write_kv(k, v, kv_cache, slot_mapping, **scales)
+
+
+class FusedNormEpsIgnored(Mutant):
+    """The fused kernel's q/k norm drops eps (fine on unit-variance heads)."""
+    op = "rotary_write_kv"
+
+    def rotary_write_kv(self, positions, q, k, v, cos_sin_cache, is_neox, kv_cache, slot_mapping, *,
+                        norm_eps=1e-6, **kw):
+        self._ref.rotary_write_kv(positions, q, k, v, cos_sin_cache, is_neox, kv_cache, slot_mapping,
+                                  norm_eps=0.0, **kw)
+
+
 # ---- attention -----------------------------------------------------------------------------
 
 def _attention(q, kv_cache, meta: AttentionMetadata, scale, out=None, *, causal_shift=0, window_shift=0,

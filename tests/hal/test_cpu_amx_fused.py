@@ -33,8 +33,11 @@ def _inputs(dtype, t, hq, hk, d, rot, strided, seed=0):
     return q, k, v, pos, cs, stack, slots
 
 
-CASES = [  # dtype, T, Hq, Hk, D, rot, neox, strided
+CASES = [  # dtype, T, Hq, Hk, D, rot, neox, strided[, Qwen3's q/k norm]
     (torch.bfloat16, 1, 32, 4, 64, 64, True, False),  # the 1.1B decode token
+    (torch.bfloat16, 1, 16, 4, 128, 128, True, False, True),  # a Qwen3 decode token
+    (torch.float32, 9, 8, 2, 64, 32, False, False, True),
+    (torch.bfloat16, 3, 4, 2, 64, 64, False, True, True),
     (torch.bfloat16, 9, 8, 2, 96, 48, False, False),  # 9 tokens: the parallel region
     (torch.float32, 1, 4, 4, 64, 32, True, False),
     (torch.float32, 12, 8, 1, 128, 128, False, False),
@@ -45,20 +48,29 @@ CASES = [  # dtype, T, Hq, Hk, D, rot, neox, strided
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
 @pytest.mark.parametrize("peer", ["cpu_amx", "native"])
 def test_fused_equals_rotary_then_write_kv(amx, case, peer):
-    dtype, t, hq, hk, d, rot, neox, strided = case
+    dtype, t, hq, hk, d, rot, neox, strided, *qk = case
     qa, ka, va, pos, cs, stack_a, slots = _inputs(dtype, t, hq, hk, d, rot, strided)
     qb, kb, vb, _, _, stack_b, _ = _inputs(dtype, t, hq, hk, d, rot, strided)
     before = stack_a.clone()
     amx.native_ran.clear()
-    amx.rotary_write_kv(pos, qa, ka, va, cs, neox, stack_a[1], slots)
+    norm = {}
+    if qk:
+        g = torch.Generator().manual_seed(1)
+        qw, kw = (torch.randn(d, generator=g).add(1.0).to(dtype) for _ in range(2))
+        norm = dict(q_norm_weight=qw, k_norm_weight=kw, norm_eps=1e-5)
+    amx.rotary_write_kv(pos, qa, ka, va, cs, neox, stack_a[1], slots, **norm)
     assert amx.native_ran["rotary_write_kv"] == 0  # the C call ran, not the composite
     two = amx if peer == "cpu_amx" else NativeBackend()
+    if qk:  # what the model ran before: rms_norm of each head row into new tensors
+        qb = two.rms_norm(qb.reshape(-1, d), qw, 1e-5).view(qb.shape)
+        kb = two.rms_norm(kb.reshape(-1, d), kw, 1e-5).view(kb.shape)
     two.rotary(pos, qb, kb, cs, neox)
     two.write_kv(kb, vb, stack_b[1], slots)
-    if peer == "native" and dtype == torch.float32:
-        # gcc contracts the C rotation into FMAs (so does cpu_amx's rotary): last bits differ
+    if peer == "native" and (dtype == torch.float32 or qk):
+        # gcc contracts the C rotation into FMAs (so does cpu_amx's rotary), and native's
+        # rms_norm is torch's (its own rsqrt): last bits differ
         for a, b in ((qa, qb), (ka, kb), (stack_a, stack_b)):
-            assert nmse(a, b) < 1e-13
+            assert nmse(a, b) < (1e-13 if dtype == torch.float32 else 1e-5)
     else:
         assert torch.equal(qa, qb) and torch.equal(ka, kb) and torch.equal(stack_a, stack_b)
     assert torch.equal(va, vb)

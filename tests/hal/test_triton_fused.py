@@ -50,8 +50,11 @@ def _nmse(a, b) -> float:
     return float(((a - b) ** 2).sum() / (b ** 2).sum())
 
 
-CASES = [  # dtype, T, Hq, Hk, D, rot, neox, strided, fp8 cache
+CASES = [  # dtype, T, Hq, Hk, D, rot, neox, strided, fp8 cache[, Qwen3's q/k norm]
     (torch.float32, 5, 4, 2, 64, 64, True, False, False),
+    (torch.float32, 5, 4, 2, 64, 32, False, True, False, True),
+    (torch.bfloat16, 4, 8, 2, 128, 128, True, False, False, True),
+    (torch.float16, 3, 40, 8, 128, 128, True, False, True, True),
     (torch.float32, 5, 4, 2, 64, 32, False, True, False),
     (torch.float16, 3, 40, 8, 128, 128, True, False, False),  # 40 heads: the head loop and its mask
     (torch.bfloat16, 4, 8, 2, 96, 48, True, False, False),  # interpreter: the kernel's own rounding
@@ -64,7 +67,7 @@ CASES = [  # dtype, T, Hq, Hk, D, rot, neox, strided, fp8 cache
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
 @pytest.mark.parametrize("peer", ["cuda", "native"])
 def test_fused_equals_rotary_then_write_kv(cuda, case, peer):
-    dtype, t, hq, hk, d, rot, neox, strided, fp8 = case
+    dtype, t, hq, hk, d, rot, neox, strided, fp8, *qk = case
     if fp8 and FP8_DTYPE is None:
         pytest.skip("this torch has no float8_e4m3fn")
     kv_dtype = FP8_DTYPE if fp8 else None
@@ -72,12 +75,22 @@ def test_fused_equals_rotary_then_write_kv(cuda, case, peer):
     qkv_a, qa, ka, va, pos, cs, cache_a, slots = _inputs(dtype, t, hq, hk, d, rot, strided, kv_dtype)
     qkv_b, qb, kb, vb, _, _, cache_b, _ = _inputs(dtype, t, hq, hk, d, rot, strided, kv_dtype)
     cache_before = cache_a.clone()
-    cuda.rotary_write_kv(pos, qa, ka, va, cs, neox, cache_a, slots, **scales)
+    norm = {}
+    if qk:
+        g = torch.Generator().manual_seed(1)
+        qw, kw = (torch.randn(d, generator=g).add(1.0).to(dtype).to(DEV) for _ in range(2))
+        norm = dict(q_norm_weight=qw, k_norm_weight=kw, norm_eps=1e-5)
+    cuda.rotary_write_kv(pos, qa, ka, va, cs, neox, cache_a, slots, **scales, **norm)
     two = cuda if peer == "cuda" else NativeBackend(DEV)
+    if qk:  # what the model ran before: rms_norm of each head row into new tensors
+        qb = two.rms_norm(qb.reshape(-1, d), qw, 1e-5).view(qb.shape)
+        kb = two.rms_norm(kb.reshape(-1, d), kw, 1e-5).view(kb.shape)
     two.rotary(pos, qb, kb, cs, neox)
     two.write_kv(kb, vb, cache_b, slots, **scales)
     assert torch.equal(_bits(va), _bits(vb))
-    if ON_GPU:
+    # native's rms_norm is torch's fused one on the CPU (its own rsqrt): the norm cases match it
+    # to rounding; everything else, and the cuda peer always, bit for bit in the interpreter
+    if ON_GPU or (qk and peer == "native"):
         limit = 1e-12 if dtype == torch.float32 else 1e-5
         for a, b in ((qa, qb), (ka, kb)):
             assert _nmse(a, b) < limit
@@ -87,7 +100,7 @@ def test_fused_equals_rotary_then_write_kv(cuda, case, peer):
     else:
         assert torch.equal(_bits(qa), _bits(qb)) and torch.equal(_bits(ka), _bits(kb))
         assert torch.equal(_bits(cache_a), _bits(cache_b))
-        if strided:
+        if strided and not qk:
             assert torch.equal(_bits(qkv_a), _bits(qkv_b))
     # the op did something: rotated q and wrote the unpadded slots
     assert not torch.equal(_bits(cache_a), _bits(cache_before))

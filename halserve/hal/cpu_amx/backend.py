@@ -338,13 +338,17 @@ class CpuAmxBackend(NativeBackend):
 
     def rotary_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         cos_sin_cache: torch.Tensor, is_neox: bool, kv_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor) -> None:
+                        slot_mapping: torch.Tensor, *, q_norm_weight: torch.Tensor | None = None,
+                        k_norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6) -> None:
         if k.dtype != q.dtype:  # supports() saw q's dtype only; the engine's q, k, v share one
             raise ValueError(f"rotary_write_kv: k is {k.dtype} and q {q.dtype}; cpu_amx takes one dtype for both")
+        if (q_norm_weight is None) != (k_norm_weight is None):
+            raise ValueError("rotary_write_kv: pass q_norm_weight and k_norm_weight together, or neither")
+        norm = dict(q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps)
         if not (q.is_contiguous() and k.is_contiguous() and kv_cache.is_contiguous()):
             # the engine's tensors are; other views go through contiguous copies, as in rotary
             qc, kc, cc = q.contiguous(), k.contiguous(), kv_cache.contiguous()
-            self.rotary_write_kv(positions, qc, kc, v, cos_sin_cache, is_neox, cc, slot_mapping)
+            self.rotary_write_kv(positions, qc, kc, v, cos_sin_cache, is_neox, cc, slot_mapping, **norm)
             for dst, src in ((q, qc), (k, kc), (kv_cache, cc)):
                 if dst is not src:
                     dst.copy_(src)
@@ -354,9 +358,16 @@ class CpuAmxBackend(NativeBackend):
         vc = _ready(v, kv_cache.dtype)
         slots = _ready(slot_mapping, torch.int64)
         base, half = kv_cache.data_ptr(), kv_cache.stride(0) * kv_cache.element_size()
+        qw = kw = None
+        if q_norm_weight is not None:  # C reads one float32 or bfloat16 dtype for both, as stored
+            qw, kw = (w if w.dtype in _CODES and w.is_contiguous() else w.float().contiguous()
+                      for w in (q_norm_weight, k_norm_weight))
+            if qw.dtype != kw.dtype:
+                qw, kw = qw.float(), kw.float()
         self.lib.hs_rotary_write_kv(pos.data_ptr(), q.data_ptr(), k.data_ptr(), vc.data_ptr(), cs.data_ptr(), base,
                                     base + half, slots.data_ptr(), q.shape[0], q.shape[1], k.shape[1], q.shape[2],
-                                    cs.shape[-1], int(bool(is_neox)), _CODES[q.dtype])
+                                    cs.shape[-1], int(bool(is_neox)), _CODES[q.dtype], self._ptr(qw), self._ptr(kw),
+                                    _CODES[qw.dtype] if qw is not None else 0, float(norm_eps))
 
     def attention(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                   scale: float, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -158,16 +158,25 @@ void hs_write_kv(const char *key, const char *value, char *kcache, char *vcache,
 
 /* rotary then write_kv in one call (the engine's rotary_write_kv): each token's q and k heads
  * rotated in place by rot_row, then its k row as rotated and its v row copied to the cache
- * slot (skipped for -1); the same bytes the two calls leave. One region over the tokens from
- * PAR_ROWS; a decode token runs on the calling thread, one FFI call a layer fewer. */
+ * slot (skipped for -1); the same bytes the two calls leave. With qw, kw (Qwen3's per-head
+ * norms, w_bf16 their dtype) each head row first goes through rms_row in place, as
+ * hs_rms_norm over [T * heads, D] rows. One region over the tokens from PAR_ROWS; a decode
+ * token runs on the calling thread, one FFI call a layer fewer (three with the norms). */
 void hs_rotary_write_kv(const int64_t *pos, void *q, void *k, const void *v, const float *cos_sin,
                         char *kcache, char *vcache, const int64_t *slots, int T, int Hq, int Hk, int D,
-                        int rot, int is_neox, int bf16) {
+                        int rot, int is_neox, int bf16, const void *qw, const void *kw, int w_bf16, float eps) {
     int half = rot / 2;
     int64_t row = (int64_t)Hk * D * (bf16 ? 2 : 4);
 #pragma omp parallel for schedule(static) if (T >= PAR_ROWS)
     for (int t = 0; t < T; t++) {
         const float *cs = cos_sin + pos[t] * rot;
+        if (qw) {
+            float *h = scratch_row(D);
+            for (int hh = 0; hh < Hq; hh++)
+                rms_row(q, NULL, qw, w_bf16, q, NULL, ((int64_t)t * Hq + hh) * D, D, eps, bf16, h);
+            for (int hh = 0; hh < Hk; hh++)
+                rms_row(k, NULL, kw, w_bf16, k, NULL, ((int64_t)t * Hk + hh) * D, D, eps, bf16, h);
+        }
         for (int hh = 0; hh < Hq; hh++) rot_row(q, ((int64_t)t * Hq + hh) * D, cs, half, is_neox, bf16);
         for (int hh = 0; hh < Hk; hh++) rot_row(k, ((int64_t)t * Hk + hh) * D, cs, half, is_neox, bf16);
         int64_t s = slots[t];

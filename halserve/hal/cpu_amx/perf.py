@@ -311,7 +311,7 @@ def op_overheads(backend, reps: int = 200, cold: bool = False) -> list[dict]:
         # the model's call: the two rows above in one (v aliases k: timing only)
         "rotary_write_kv 32+4 heads x 64": ((pos, q, k, k, cs, True, cache, slots), (
             lib.hs_rotary_write_kv, pos.data_ptr(), q.data_ptr(), k.data_ptr(), k.data_ptr(), cs.data_ptr(),
-            cache.data_ptr(), cache.data_ptr() + half, slots.data_ptr(), 1, 32, 4, 64, 64, 1, 1)),
+            cache.data_ptr(), cache.data_ptr() + half, slots.data_ptr(), 1, 32, 4, 64, 64, 1, 1, 0, 0, 0, 0.0)),
         f"attention ctx {ctx}": ((q, cache, meta, 0.125), None),
         "sample greedy 32000": ((logits, greedy), None),
         "sample top-k/p 32000": ((logits, rand), None),

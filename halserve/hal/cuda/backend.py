@@ -329,10 +329,13 @@ class CudaBackend(NativeBackend):
 
     def rotary_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         cos_sin_cache: torch.Tensor, is_neox: bool, kv_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor, *, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+                        slot_mapping: torch.Tensor, *, k_scale: float = 1.0, v_scale: float = 1.0,
+                        q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+                        norm_eps: float = 1e-6) -> None:
         from halserve.hal.triton.fused import rotary_write_kv
 
-        rotary_write_kv(positions, q, k, v, cos_sin_cache, is_neox, kv_cache, slot_mapping, k_scale, v_scale)
+        rotary_write_kv(positions, q, k, v, cos_sin_cache, is_neox, kv_cache, slot_mapping, k_scale, v_scale,
+                        q_norm_weight, k_norm_weight, norm_eps)
 
     def attention(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                   scale: float, out: torch.Tensor | None = None, *, k_scale: float = 1.0,

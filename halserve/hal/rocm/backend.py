@@ -163,10 +163,12 @@ class RocmBackend(CudaBackend):
 
     def rotary_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         cos_sin_cache: torch.Tensor, is_neox: bool, kv_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor) -> None:
+                        slot_mapping: torch.Tensor, *, q_norm_weight: "torch.Tensor | None" = None,
+                        k_norm_weight: "torch.Tensor | None" = None, norm_eps: float = 1e-6) -> None:
         with forced_arch(self.arch):
             return CudaBackend.rotary_write_kv(self, positions, q, k, v, cos_sin_cache, is_neox, kv_cache,
-                                               slot_mapping)
+                                               slot_mapping, q_norm_weight=q_norm_weight,
+                                               k_norm_weight=k_norm_weight, norm_eps=norm_eps)
 
     def attention(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                   scale: float, out: "torch.Tensor | None" = None) -> torch.Tensor:

@@ -32,10 +32,20 @@ def _bf16_rne(x):
 
 
 @triton.jit
-def _rotated(ptr, row_off, heads, d, NH, D, h_stride, cs_ptr, HALF, ROT,
-             NEOX: tl.constexpr, RNE: tl.constexpr):
+def _rounded(x, dtype, RNE: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` and back (bf16 under the interpreter: _bf16_rne)."""
+    if RNE:
+        return _bf16_rne(x)
+    else:
+        return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _rotated(ptr, row_off, heads, d, NH, D, h_stride, cs_ptr, HALF, ROT, w_ptr, eps,
+             NEOX: tl.constexpr, RNE: tl.constexpr, NORM: tl.constexpr):
     """The rotated rows [heads, d] of one token (d past ROT unchanged), rounded to the
-    tensor's dtype (as fp32 when RNE), and their addresses and mask."""
+    tensor's dtype (as fp32 when RNE), and their addresses and mask. NORM: each row first
+    becomes rms_norm(row) * w in the tensor's dtype (elementwise.rms_norm's arithmetic)."""
     mask = (heads < NH) & (d < D)
     rotm = mask & (d < ROT)
     if NEOX:
@@ -50,12 +60,18 @@ def _rotated(ptr, row_off, heads, d, NH, D, h_stride, cs_ptr, HALF, ROT,
     x = tl.load(p + d, mask=mask, other=0.0)
     xf = x.to(tl.float32)
     xp = tl.load(p + partner, mask=rotm, other=0.0).to(tl.float32)
+    if NORM:
+        rstd = (1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / D + eps))[:, None]
+        xf = _rounded(xf * rstd * tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32), x.dtype, RNE)
+        xp = _rounded(xp * rstd * tl.load(w_ptr + partner, mask=rotm, other=0.0).to(tl.float32), x.dtype, RNE)
     c = tl.load(cs_ptr + j, mask=rotm, other=0.0)
     s = tl.load(cs_ptr + HALF + j, mask=rotm, other=0.0)
     o = tl.where(first, xf * c - xp * s, xf * c + xp * s)
     if RNE:
         o = _bf16_rne(o)
         o = tl.where(d < ROT, o, xf)
+    elif NORM:
+        o = tl.where(d < ROT, o, xf).to(x.dtype)
     else:
         o = tl.where(d < ROT, o.to(x.dtype), x)
     return o, p + d, mask
@@ -71,7 +87,8 @@ def _store_kv(dst, x, mask, inv, FP8: tl.constexpr):
 @triton.jit
 def _rotary_write_kv_kernel(pos_ptr, q_ptr, q_st, q_sh, k_ptr, k_st, k_sh, v_ptr, v_st, v_sh,
                             cs_ptr, cs_stride, cache_ptr, v_off, slot_ptr, HQ, HK, D, HALF, ROT,
-                            k_inv, v_inv, NEOX: tl.constexpr, FP8: tl.constexpr, RNE: tl.constexpr,
+                            k_inv, v_inv, qw_ptr, kw_ptr, eps, NEOX: tl.constexpr, FP8: tl.constexpr,
+                            RNE: tl.constexpr, NORM: tl.constexpr,
                             BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + row).to(tl.int64)
@@ -79,12 +96,14 @@ def _rotary_write_kv_kernel(pos_ptr, q_ptr, q_st, q_sh, k_ptr, k_st, k_sh, v_ptr
     d = tl.arange(0, BLOCK_D)[None, :]
     for h0 in range(0, HQ, BLOCK_HQ):
         heads = h0 + tl.arange(0, BLOCK_HQ)[:, None]
-        o, dst, mask = _rotated(q_ptr, row * q_st, heads, d, HQ, D, q_sh, cs, HALF, ROT, NEOX, RNE)
+        o, dst, mask = _rotated(q_ptr, row * q_st, heads, d, HQ, D, q_sh, cs, HALF, ROT, qw_ptr, eps, NEOX, RNE,
+                                NORM)
         tl.store(dst, o.to(q_ptr.dtype.element_ty), mask=mask)
     slot = tl.load(slot_ptr + row).to(tl.int64)
     for h0 in range(0, HK, BLOCK_HK):
         heads = h0 + tl.arange(0, BLOCK_HK)[:, None]
-        o, dst, mask = _rotated(k_ptr, row * k_st, heads, d, HK, D, k_sh, cs, HALF, ROT, NEOX, RNE)
+        o, dst, mask = _rotated(k_ptr, row * k_st, heads, d, HK, D, k_sh, cs, HALF, ROT, kw_ptr, eps, NEOX, RNE,
+                                NORM)
         tl.store(dst, o.to(k_ptr.dtype.element_ty), mask=mask)
         if slot >= 0:
             # cache [2, blocks, block_size, HK, D] contiguous: token slot s starts at s * HK * D
@@ -100,9 +119,12 @@ def _heads_block(h: int, block_d: int) -> int:
 
 def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cos_sin_cache: torch.Tensor, is_neox: bool, kv_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+                    slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0,
+                    q_norm_weight: "torch.Tensor | None" = None, k_norm_weight: "torch.Tensor | None" = None,
+                    norm_eps: float = 1e-6) -> None:
     """q [T, Hq, D] and k [T, Hk, D] rotated in place (any row/head strides, unit stride on D),
-    k and v [T, Hk, D] written to the contiguous default-layout cache at slot_mapping."""
+    k and v [T, Hk, D] written to the contiguous default-layout cache at slot_mapping; with
+    the norm weights [D] (contiguous), each head row RMS-normalised first."""
     from halserve.hal.kv_fp8 import inv_scale, is_fp8
     from halserve.hal.triton import configs
 
@@ -111,16 +133,20 @@ def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
         f"kv_cache {tuple(kv_cache.shape)} must be contiguous [2, blocks, block_size, {HK}, {D}]"
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "unit stride on the head dim"
     assert q.dtype == k.dtype, f"q is {q.dtype}, k is {k.dtype}: one dtype"
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("rotary_write_kv: pass q_norm_weight and k_norm_weight together, or neither")
     if T == 0:
         return
     rot = cos_sin_cache.shape[-1]
     fp8 = is_fp8(kv_cache.dtype)
     block_d = _pow2(D)
+    norm = None if q_norm_weight is None else (q_norm_weight.contiguous(), k_norm_weight.contiguous())
     rne = q.dtype == torch.bfloat16 and configs.interpreting()
     _rotary_write_kv_kernel[(T,)](
         positions, q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
         cos_sin_cache, cos_sin_cache.stride(0), kv_cache.view(torch.uint8) if fp8 else kv_cache,
         kv_cache[0].numel(), slot_mapping, q.shape[1], HK, D, rot // 2, rot,
-        inv_scale(k_scale), inv_scale(v_scale), NEOX=bool(is_neox), FP8=fp8, RNE=rne,
+        inv_scale(k_scale), inv_scale(v_scale), q if norm is None else norm[0], q if norm is None else norm[1],
+        float(norm_eps), NEOX=bool(is_neox), FP8=fp8, RNE=rne, NORM=norm is not None,
         BLOCK_HQ=_heads_block(q.shape[1], block_d), BLOCK_HK=_heads_block(HK, block_d), BLOCK_D=block_d,
         num_warps=4)
