@@ -34,6 +34,7 @@ from halserve.hal.quant import (  # noqa: F401  (re-exported)
 from halserve.hal.rng import counter_uniform  # noqa: F401
 from halserve.hal.rope import build_rope_cache, rope_params_from_hf_config  # noqa: F401
 from halserve.hal.routing import route
+from halserve.hal.span_attention import attend_spans
 from halserve.hal.sampling import sample_random, sampling_mask  # noqa: F401
 
 # the old private names, for callers written before the split
@@ -104,14 +105,17 @@ def causal_mask(qlen: int, slen: int, window: int | None, device=None) -> torch.
 
 
 def _attend_one(q: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor, slen: int, bs: int,
-                window: int | None, scale: float) -> torch.Tensor:
+                window: int | None, scale: float, spans: bool = False) -> torch.Tensor:
     """One sequence: q [qlen, hq, d] are the last qlen positions of a slen-token context.
     GQA without copying K/V per query head: the query heads of one KV head are packed
-    along the query axis."""
+    along the query axis. ``spans``: batch-invariant, a token's bits the same in any chunk
+    or as a decode row (hal/span_attention.py)."""
     qlen, hq, d = q.shape
     nblk = (slen + bs - 1) // bs
     k = _gather_kv(kv_cache[0], table, nblk)[:, :slen]  # [hk, slen, d]
     v = _gather_kv(kv_cache[1], table, nblk)[:, :slen]
+    if spans:
+        return attend_spans(q, k, v, window, scale)
     hk = k.shape[0]
     group = hq // hk
     qg = q.float().view(qlen, hk, group, d).permute(1, 2, 0, 3).reshape(hk, group * qlen, d)
@@ -376,7 +380,7 @@ class NativeBackend(Backend):
             if qlen == 0:
                 continue
             out[start:start + qlen] = _attend_one(q[start:start + qlen], kv_cache, tables[i],
-                                                  slen, bs, window, scale).to(out.dtype)
+                                                  slen, bs, window, scale, self.batch_invariant).to(out.dtype)
             start += qlen
         return out
 
