@@ -21,22 +21,26 @@ from halserve.hal.quant import FP8_DTYPE  # noqa: E402
 from halserve.hal.rocm.aot import Recorder, _signature  # noqa: E402
 from halserve.hal.triton import fused  # noqa: E402
 
-# (name, Hq, Hk, D, rot, dtype, fp8 cache): 1B and 8B Llamas, a 64-head model, partial rotary
-SHAPES = [("llama-1b", 32, 4, 64, 64, torch.bfloat16, False), ("llama-8b", 32, 8, 128, 128, torch.bfloat16, False),
+# (name, Hq, Hk, D, rot, dtype, fp8 cache[, q/k norm]): 1B and 8B Llamas, a 64-head model,
+# partial rotary, Qwen3's heads with their q/k RMSNorm
+SHAPES = [("qwen3 32/4 x 128 + q/k norm", 32, 4, 128, 128, torch.bfloat16, False, True),
+          ("qwen3 fp8 kv + q/k norm", 32, 4, 128, 128, torch.bfloat16, True, True),
+          ("llama-1b", 32, 4, 64, 64, torch.bfloat16, False), ("llama-8b", 32, 8, 128, 128, torch.bfloat16, False),
           ("llama-8b fp8 kv", 32, 8, 128, 128, torch.bfloat16, True), ("64 heads", 64, 8, 128, 128, torch.bfloat16,
                                                                        False),
           ("partial rot 96/48 fp16", 16, 16, 96, 48, torch.float16, False), ("fp32 8/2 x 64", 8, 2, 64, 64,
                                                                               torch.float32, False)]
 
 
-def launch_of(hq, hk, d, rot, dtype, fp8, neox=True):
+def launch_of(hq, hk, d, rot, dtype, fp8, neox=True, norm=False):
     t, bs = 8, 16
     q, k, v = torch.randn(t, hq, d).to(dtype), torch.randn(t, hk, d).to(dtype), torch.randn(t, hk, d).to(dtype)
     cache = torch.zeros(2, 4, bs, hk, d, dtype=FP8_DTYPE if fp8 else dtype)
     rec = Recorder()
     with rec.active():
+        w = torch.ones(d, dtype=dtype) if norm else None
         fused.rotary_write_kv(torch.arange(t), q, k, v, torch.randn(4096, rot), neox, cache, torch.arange(t),
-                              0.5, 2.0)
+                              0.5, 2.0, w, w, 1e-6)
     return rec.calls[0]
 
 
@@ -63,10 +67,10 @@ def main() -> int:
     from skinny_regs import compile_sm90
 
     bad = 0
-    for name, hq, hk, d, rot, dtype, fp8 in SHAPES:
+    for name, hq, hk, d, rot, dtype, fp8, *norm in SHAPES:
         for neox in (True, False):
-            fn, a, kw = launch_of(hq, hk, d, rot, dtype, fp8, neox)
-            tag = f"{name:<24} {'neox' if neox else 'gptj'}"
+            fn, a, kw = launch_of(hq, hk, d, rot, dtype, fp8, neox, bool(norm))
+            tag = f"{name:<28} {'neox' if neox else 'gptj'}"
             try:
                 r = compile_sm90(fn, a, kw)
                 bad += r["local"] != 0
