@@ -160,8 +160,9 @@ def _decode_batch(q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor,
     b, hq, d = q.shape
     hk = kv_cache.shape[-2]
     rows, mask = _decode_rows(tables, seq_lens, max_len, bs, window, key)
-    k = kv_cache[0].reshape(-1, hk, d).index_select(0, rows).view(b, max_len, hk, d).transpose(1, 2).float()
-    v = kv_cache[1].reshape(-1, hk, d).index_select(0, rows).view(b, max_len, hk, d).transpose(1, 2).float()
+    # K and V in one gather and one upcast (two parallel regions a layer, not four)
+    kv = kv_cache.reshape(2, -1, hk, d).index_select(1, rows).view(2, b, max_len, hk, d).transpose(2, 3).float()
+    k, v = kv[0], kv[1]
     qg = q.float().view(b, hk, hq // hk, d)
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     out.copy_(o.reshape(b, hq, d))
@@ -288,19 +289,24 @@ class NativeBackend(Backend):
         rot = cos_sin_cache.shape[-1]
         cs = cos_sin_cache.index_select(0, positions.to(torch.int64)).float()
         cos, sin = cs[:, None, : rot // 2], cs[:, None, rot // 2:]
+        # Both halves are computed before either is written (a float32 part is t itself) and
+        # written straight into t, the copy rounding to t's dtype: no cat, no .to. On a CPU
+        # every op over torch's grain is a parallel region, which a shared box makes costly.
+        first, second = (slice(0, rot // 2), slice(rot // 2, rot)) if is_neox else \
+            (slice(0, rot, 2), slice(1, rot, 2))
         for t in (q, k):
             part = t[..., :rot].float()
-            if is_neox:
-                x1, x2 = part[..., : rot // 2], part[..., rot // 2:]
-                new = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-            else:
-                x1, x2 = part[..., 0::2], part[..., 1::2]
-                new = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
-            t[..., :rot] = new.to(t.dtype)
+            x1, x2 = part[..., first], part[..., second]
+            a, b = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+            t[..., first] = a
+            t[..., second] = b
 
     def silu_and_mul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         i = x.shape[-1] // 2
-        y = F.silu(x[..., :i].float()).mul_(x[..., i:])  # mul_ upcasts the up half in place of a copy
+        # one upcast of both halves: a mixed-dtype mul_ on a CPU upcasts its operand in a
+        # temporary anyway (one parallel region more than this)
+        xf = x.float()
+        y = F.silu(xf[..., :i], inplace=xf is not x).mul_(xf[..., i:])
         if out is None:
             return y.to(x.dtype)
         out.copy_(y)
