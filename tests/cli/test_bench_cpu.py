@@ -95,3 +95,17 @@ def test_shape_overrides_refuse_what_does_not_apply():
     with pytest.raises(SystemExit, match="--experts does not apply to --shape 8b"):
         cpu._checkpoint(_args(shape="8b", experts=8))
     assert SHAPES["qwen3-moe"]["num_experts_per_tok"] == 8
+
+
+def test_batched_sequences_decode_in_lockstep(tmp_path):
+    """The batched figure is n sequences decoding together, as HF's generate runs them: all
+    prompts prefill in one step, so each of the k - 1 timed steps decodes all n (with the
+    engine's default 2048-token budget, 5 x 500 prompt tokens would start one sequence a
+    step late and end the timed steps on a 1-row step)."""
+    from halserve.bench.cpu import run_halserve
+
+    path = write_random(tmp_path / "m", dict(TINY, max_position_embeddings=1024))
+    args = _args(batch="5", input_len=4, output_len=3, batch_input_len=500, batch_output_len=4)
+    row = {"batch": {}}
+    run_halserve(path, "native", "none", args, row)
+    assert row["batch_rows"] == {5: "3 steps of 5-5 rows"} and row["batch"][5] > 0 and row["batch_mean"][5] > 0
