@@ -10,11 +10,12 @@ reduction orders change with the query and key lengths), so here:
 - query rows (token x query head of one KV head) go in blocks of ``ROWS`` and keys in spans
   of ``SPAN_KEYS`` through GEMMs of one fixed shape each: CPU BLAS picks its kernel by shape,
   and within one shape a row's result is the same at any place in its block;
-- each span is a softmax of its own (max, exp, and the sum of p from the P @ [V | 1] GEMM),
-  and the spans are merged one at a time, in order, by elementwise operations;
+- each span is a softmax of its own (max, exp, and the sum of p from the P @ [V | 1] GEMM);
+  the spans are weighed by the row's overall max (exact: a max has no order) and added in
+  span order by a cumulative sum (sequential by definition);
 - a span or key outside a row's keys (causal limit, window, padding) leaves that row exactly
-  as it was (p = 0, and a merge with an empty span is exact), so spans no row of a block can
-  see are skipped and the keys past a chunk's end do not matter.
+  as it was (p = 0, weight 0, and adding 0 is exact), so spans no row of a group of blocks
+  can see are skipped and the keys past a chunk's end do not matter.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 ROWS = 16  # query rows per GEMM block (NativeBackend's batch-invariant GEMM uses 16 too)
 SPAN_KEYS = 64  # keys per span
+GROUP_ELEMS = 1 << 23  # scores computed at once (32 MiB of float32)
 
 
 def attend_spans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
@@ -34,7 +36,7 @@ def attend_spans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int 
     group = hq // hk
     nsp = -(-slen // SPAN_KEYS)
     pad = nsp * SPAN_KEYS - slen
-    k = F.pad(k, (0, 0, 0, pad)).view(hk, nsp, SPAN_KEYS, d)
+    k = F.pad(k, (0, 0, 0, pad)).view(hk, nsp, SPAN_KEYS, d).transpose(-1, -2).contiguous()  # [.., d, S]
     v = F.pad(torch.cat([v, v.new_ones(hk, slen, 1)], -1), (0, 0, 0, pad)).view(hk, nsp, SPAN_KEYS, d + 1)
     rows = qlen * group
     nrb = -(-rows // ROWS)
@@ -43,35 +45,29 @@ def attend_spans(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int 
     # each row's position (padding rows: past the chunk; their keys stop at slen, outputs dropped)
     ctx = slen - qlen
     pos = (ctx + torch.arange(nrb * ROWS, device=q.device) // group).view(nrb, ROWS)
-    first = [ctx + b * ROWS // group for b in range(nrb)]  # rising with the block
-    last = [ctx + (b * ROWS + ROWS - 1) // group for b in range(nrb)]
+    kpos = torch.arange(nsp * SPAN_KEYS, device=q.device).view(nsp, SPAN_KEYS)
+    out = torch.empty(hk, nrb, ROWS, d, device=q.device)
     neg = float("-inf")
-    m_run = torch.full((hk, nrb, ROWS), neg, device=q.device)
-    l_run = torch.zeros(hk, nrb, ROWS, device=q.device)
-    acc = torch.zeros(hk, nrb, ROWS, d, device=q.device)
-    for j in range(nsp):
-        lo, hi = j * SPAN_KEYS, (j + 1) * SPAN_KEYS
-        b1 = nrb  # blocks that see a key of this span: a contiguous range [b0, b1)
-        b0 = next((b for b in range(nrb) if last[b] >= lo), nrb)
+    # row blocks at a time: about one span of positions (few spans of a group's are masked for
+    # all its rows in a causal prefill), within bounded memory
+    step = max(1, min(-(-SPAN_KEYS * group // ROWS), GROUP_ELEMS // (hk * ROWS * nsp * SPAN_KEYS)))
+    for b0 in range(0, nrb, step):
+        b1 = min(b0 + step, nrb)
+        # the spans some row of blocks b0..b1 sees (positions rise with the block)
+        j1 = min(nsp, (ctx + (b1 * ROWS - 1) // group) // SPAN_KEYS + 1)
+        j0 = 0 if window is None else min(j1 - 1, max(0, ctx + b0 * ROWS // group - window + 1) // SPAN_KEYS)
+        p_at = pos[b0:b1, None, :, None]
+        kp = kpos[j0:j1, None, :]
+        ok = (kp <= p_at) & (kp < slen)
         if window is not None:
-            b1 = next((b for b in range(nrb) if first[b] - window + 1 >= hi), nrb)
-        if b0 >= b1:
-            continue
-        kpos = torch.arange(lo, hi, device=q.device)
-        p_at = pos[b0:b1, :, None]
-        ok = (kpos <= p_at) & (kpos < slen)
-        if window is not None:
-            ok = ok & (kpos > p_at - window)
-        s = torch.matmul(qg[:, b0:b1], k[:, j, None].transpose(-1, -2)).masked_fill(~ok, neg)
-        m = s.amax(-1)
-        p = torch.exp(s - torch.where(m == neg, 0.0, m)[..., None])
-        pv = torch.matmul(p, v[:, j, None])  # [.., d + 1]: p @ V and the sum of p
-        mr = m_run[:, b0:b1]
-        m_new = torch.maximum(mr, m)
-        m_safe = torch.where(m_new == neg, 0.0, m_new)
-        wa, wb = torch.exp(mr - m_safe), torch.exp(m - m_safe)
-        l_run[:, b0:b1] = l_run[:, b0:b1] * wa + pv[..., d] * wb
-        acc[:, b0:b1] = acc[:, b0:b1] * wa[..., None] + pv[..., :d] * wb[..., None]
-        m_run[:, b0:b1] = m_new
-    out = acc / torch.where(l_run == 0.0, 1.0, l_run)[..., None]
+            ok = ok & (kp > p_at - window)
+        # [hk, blocks, spans, ROWS, SPAN_KEYS]: one [ROWS, d] @ [d, SPAN_KEYS] GEMM each
+        sc = torch.matmul(qg[:, b0:b1, None], k[:, None, j0:j1]).masked_fill(~ok, neg)
+        m = sc.amax(-1)
+        p = torch.exp(sc - torch.where(m == neg, 0.0, m)[..., None])
+        pv = torch.matmul(p, v[:, None, j0:j1])  # [.., d + 1]: p @ V and the sum of p
+        top = m.amax(2, keepdim=True)
+        w = torch.exp(m - torch.where(top == neg, 0.0, top))
+        tot = (pv * w[..., None]).cumsum(2)[:, :, -1]
+        out[:, b0:b1] = tot[..., :d] / torch.where(tot[..., d] == 0.0, 1.0, tot[..., d])[..., None]
     return out.view(hk, nrb * ROWS, d)[:, :rows].view(hk, qlen, group, d).permute(1, 0, 2, 3).reshape(qlen, hq, d)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from halserve import LLM, SamplingParams
+from tests.engine.test_engine import hf_greedy
 from tests.helpers.checkpoints import make_checkpoint
 
 # 140 tokens: past cpu_amx's 128-key span and two of native's 64-key spans
@@ -81,6 +82,7 @@ def check_chunking_and_preemption(path, backend, prompt=PROMPT, others=OTHERS, p
     assert seen["preempted"] > 0, seen
     assert any(n > 1 and start + n > len(prompt) for start, n in seen["chunks"]), seen["chunks"]
     assert squeezed == alone, f"chunks {seen['chunks']}"
+    return alone
 
 
 @pytest.mark.parametrize("backend", [
@@ -90,4 +92,12 @@ def check_chunking_and_preemption(path, backend, prompt=PROMPT, others=OTHERS, p
         pytest.mark.xfail(strict=True, reason=AMX_XFAIL)]),
 ])
 def test_a_request_has_the_same_bits_however_it_is_chunked_or_preempted(checkpoint, backend):
-    check_chunking_and_preemption(checkpoint, backend, dtype="float32")
+    alone = check_chunking_and_preemption(checkpoint, backend, dtype="float32")
+    assert alone[1] == hf_greedy(checkpoint, [PROMPT], PARAMS.max_tokens)[0]  # and right
+
+
+def test_with_a_sliding_window(tmp_path):
+    """Mistral's 32-token window: a row's first span moves with it (native)."""
+    path = str(make_checkpoint("mistral", tmp_path))
+    alone = check_chunking_and_preemption(path, "native", dtype="float32")
+    assert alone[1] == hf_greedy(path, [PROMPT], PARAMS.max_tokens)[0]
