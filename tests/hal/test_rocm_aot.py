@@ -27,7 +27,7 @@ ARCHS = [a for a in os.environ.get("HALSERVE_ROCM_AOT_ARCHS", "gfx942,gfx950").s
 TRITON_KERNELS = {"_attn_kernel", "_merge_kernel", "_persistent_mm_kernel", "_reduce_kernel", "_fp8_mm_kernel",
                   "_quant_per_token_kernel", "_moe_gemm_kernel", "_rms_norm_kernel", "_rotary_kernel",
                   "_silu_and_mul_kernel", "_write_kv_kernel", "_gumbel_argmax_kernel"}
-HELPERS = {"_find_seq", "_rotate", "_mix32", "_e4m3_byte", "_is_negative", "_quant_a", "_k_steps"}
+HELPERS = {"_find_seq", "_tiles", "_span_weights", "_rotate", "_mix32", "_e4m3_byte", "_is_negative", "_quant_a", "_k_steps"}
 NOT_ROCM = {"_skinny_kernel"}
 GLUON_KERNELS = {"decode_attention_kernel", "fp8_gemm_kernel"}
 MATMUL = {"_attn_kernel", "_persistent_mm_kernel", "_fp8_mm_kernel", "_moe_gemm_kernel"} | GLUON_KERNELS
