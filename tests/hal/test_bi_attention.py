@@ -196,7 +196,7 @@ class Seqs:
         self.q = [torch.randn(n, hq, d, generator=g).to(dtype).to(DEV) for n in lens]
         self.scale = 1 / math.sqrt(d)
 
-    def run(self, be, chunks, window=None):
+    def run(self, be, chunks, window=None, **scales):
         """{(sequence, position): output row} for every token of ``chunks``."""
         qlens = [e - s for _, s, e in chunks]
         cu = [0]
@@ -210,7 +210,7 @@ class Seqs:
             max_seqlen_q=max(qlens), max_seqlen_k=max(e for *_, e in chunks), query_lens_host=qlens,
             seq_lens_host=[e for *_, e in chunks], block_size=BS, num_decode_seqs=0, sliding_window=window)
         q = torch.cat([self.q[i][s:e] for i, s, e in chunks]).contiguous()
-        out = be.attention(q, self.cache, meta, self.scale)
+        out = be.attention(q, self.cache, meta, self.scale, **scales)
         return {(i, p): out[cu[j] + p - s] for j, (i, s, e) in enumerate(chunks) for p in range(s, e)}
 
 
@@ -219,8 +219,8 @@ def _split(n, cuts):
     return [(a, b) for a, b in zip(edges, edges[1:])]
 
 
-@pytest.mark.parametrize("hq,hk,window", [(8, 2, None), (3, 1, "span+7")])  # GQA 4; GQA 3 with a window
-def test_a_token_has_the_same_bits_in_every_chunking(bi, hq, hk, window):
+@pytest.mark.parametrize("hq,hk,window,fp8", [(8, 2, None, False), (3, 1, "span+7", False), (4, 2, None, True)])
+def test_a_token_has_the_same_bits_in_every_chunking(bi, hq, hk, window, fp8):
     """A token's output is the same as a decode row, in one prefill, after a prefix computed as
     a prefill, and in any chunk split (1-token chunks, chunks crossing spans), beside other
     sequences' rows in the batch: what a preempted-and-recomputed or differently-chunked
@@ -229,8 +229,12 @@ def test_a_token_has_the_same_bits_in_every_chunking(bi, hq, hk, window):
     w = sp + 7 if window else None
     L = 2 * sp + 9  # three spans (two would not show a wrong merge order), the last one partial
     seqs = Seqs([L, 2 * sp + 3], hq, hk, HEAD_D, seed=5)
-    ref = seqs.run(bi, [(0, 0, L), (1, 0, 2 * sp + 3)], w)  # (a): one prefill each
-    native = seqs.run(NativeBackend(DEV), [(0, 0, L)], w)
+    scales = {}
+    if fp8:  # an e4m3 cache: v_scale applies to each span's partial, in both launches
+        seqs.cache = seqs.cache.to(torch.float8_e4m3fn)
+        scales = dict(k_scale=0.5, v_scale=0.7)  # not a power of two: where it applies shows
+    ref = seqs.run(bi, [(0, 0, L), (1, 0, 2 * sp + 3)], w, **scales)  # (a): one prefill each
+    native = seqs.run(NativeBackend(DEV), [(0, 0, L)], w, **scales)
     for p in range(L):
         assert _close(ref[0, p], native[0, p]), f"position {p} vs native"
     g = torch.Generator().manual_seed(2)
@@ -249,6 +253,6 @@ def test_a_token_has_the_same_bits_in_every_chunking(bi, hq, hk, window):
         mixed = [(0, a, b) for a, b in _split(L, cuts)] + other
         ways[f"random split {sorted(cuts)}"] = [mixed[i] for i in torch.randperm(len(mixed), generator=g).tolist()]
     for name, chunks in ways.items():
-        got = seqs.run(bi, chunks, w)
+        got = seqs.run(bi, chunks, w, **scales)
         for (i, p), row in got.items():
             assert torch.equal(row, ref[i, p]), f"{name}: sequence {i} position {p}"
