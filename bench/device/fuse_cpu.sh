@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# FUSE (issue 22) on the AMX host, CPU only, 16 threads, about 2 minutes:
+# 1. the small ops at batch-1 shapes warm and cold (a 64 MB sweep first), rotary and write_kv
+#    beside the fused rotary_write_kv row (python -m halserve.hal.cpu_amx.perf --ops);
+# 2. batch-1 decode through one engine with the fused op and with rotary then write_kv,
+#    interleaved, eager and graph-replayed, tiny-hidden 22 layers and the 1.1B shape (bf16),
+#    tokens + logprobs compared (bench/fuse_cpu.py);
+# 3. the fused op's cpu_amx tests on the AMX tier.
+# Run from the repo root: bash bench/device/fuse_cpu.sh (the step limits add up to 150 s)
+set -uo pipefail
+OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+  TRANSFORMERS_VERBOSITY=error HALSERVE_CACHE_DIR=${HALSERVE_CACHE_DIR:-/tmp/halserve-cache} CUDA_VISIBLE_DEVICES=
+T=${THREADS:-16}
+. "$(dirname "$0")/step.sh"
+STEP_TAIL=24
+# the first step also compiles the amx tier's C library (cached in $HALSERVE_CACHE_DIR)
+step fuse_ops 40 python3 -m halserve.hal.cpu_amx.perf --ops --no-kernels --no-steps --threads "$T" \
+  --json "$OUT/fuse_ops.json"
+STEP_TAIL=8
+step fuse_step 80 python3 bench/fuse_cpu.py --shapes tiny,1.1b --threads "$T" --tokens 16 --repeats 5 \
+  --json "$OUT/fuse_step.json"
+OMP_NUM_THREADS=$T step fuse_cpu_tests 30 python3 -m pytest -q -p no:cacheprovider tests/hal/test_cpu_amx_fused.py
+echo "[fuse_cpu] done in ${SECONDS}s"
