@@ -15,10 +15,12 @@ T=${THREADS:-16}
 . "$(dirname "$0")/step.sh"
 STEP_TAIL=24
 # the first step also compiles the amx tier's C library (cached in $HALSERVE_CACHE_DIR)
-step fuse_ops 40 python3 -m halserve.hal.cpu_amx.perf --ops --no-kernels --no-steps --threads "$T" \
+step fuse_ops 30 python3 -m halserve.hal.cpu_amx.perf --ops --no-kernels --no-steps --threads "$T" \
   --json "$OUT/fuse_ops.json"
 STEP_TAIL=8
-step fuse_step 80 python3 bench/fuse_cpu.py --shapes tiny,1.1b --threads "$T" --tokens 16 --repeats 5 \
-  --json "$OUT/fuse_step.json"
-OMP_NUM_THREADS=$T step fuse_cpu_tests 30 python3 -m pytest -q -p no:cacheprovider tests/hal/test_cpu_amx_fused.py
+step fuse_step_tiny 30 python3 bench/fuse_cpu.py --shapes tiny --threads "$T" --tokens 24 --repeats 7 \
+  --json "$OUT/fuse_step_tiny.json"
+step fuse_step_1b 65 python3 bench/fuse_cpu.py --shapes 1.1b --threads "$T" --tokens 12 --repeats 4 \
+  --json "$OUT/fuse_step_1b.json"
+OMP_NUM_THREADS=$T step fuse_cpu_tests 25 python3 -m pytest -q -p no:cacheprovider tests/hal/test_cpu_amx_fused.py
 echo "[fuse_cpu] done in ${SECONDS}s"
