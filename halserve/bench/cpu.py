@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-input-len", type=int, default=0, help="prompt tokens per batched sequence (0: --input-len)")
     p.add_argument("--batch-output-len", type=int, default=16)
     p.add_argument("--batch-quants", default="none", help="halserve quantizations that also run batched")
+    p.add_argument("--batch-mode", default="interleaved", choices=["interleaved", "sequential"],
+                   help="interleaved: every engine loaded at once, one decode step of each in turn (the same "
+                   "load for all: halserve/bench/cpu_batched.py); sequential: each engine's own run, one after another")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--llama-cpp", default=None, help="an extracted llama.cpp archive dir (bin/, converter/)")
     p.add_argument("--gguf", default="bf16,q8_0,q4_0",
@@ -127,16 +130,11 @@ def _bits(quant: str, dtype: str) -> int:
     return QUANT_BITS.get(quant, 4 if quant.startswith("int4") else 8)
 
 
-def run_halserve(model: Path, backend: str, quant: str, args, row: dict) -> None:
-    """Fill ``row`` figure by figure (a time limit keeps what was measured): batch 1, batched,
-    then the TTFT (slowest with quantized weights)."""
-    from halserve import LLM, SamplingParams
-    from halserve.bench.latency import weight_bytes_per_token
+def _llm(model: Path, backend: str, quant: str, args, batches: list[int]):
+    from halserve import LLM
 
-    batches = _ints(args.batch) if quant in args.batch_quants.split(",") else []
     blen = args.batch_input_len or args.input_len
     max_len = max(args.input_len + args.output_len, blen + args.batch_output_len, args.ttft_len + 1) + 16
-    t = time.perf_counter()
     # A token budget that holds every batched prompt: all sequences prefill in one step and
     # then decode together, as HF's generate does. Under the default 2048 a 32 x 128 prefill
     # splits unevenly, one sequence starts a step late, and the timed steps end with a
@@ -145,8 +143,24 @@ def run_halserve(model: Path, backend: str, quant: str, args, row: dict) -> None
     llm = LLM(str(model), backend=backend, dtype=args.dtype, quantization=None if quant == "none" else quant,
               max_num_seqs=max(batches + [1]), max_model_len=max_len, enable_prefix_caching=False,
               max_num_batched_tokens=max([2048, args.ttft_len] + [n * blen for n in batches]))
+    return llm
+
+
+def run_halserve(model: Path, backend: str, quant: str, args, row: dict) -> None:
+    """Fill ``row`` figure by figure (a time limit keeps what was measured): batch 1, batched
+    (``--batch-mode sequential``; interleaved: ``run_batched_interleaved``), then the TTFT
+    (slowest with quantized weights)."""
+    from halserve import SamplingParams
+    from halserve.bench.latency import weight_bytes_per_token
+
+    batches = _ints(args.batch) if quant in args.batch_quants.split(",") else []
+    blen = args.batch_input_len or args.input_len
+    t = time.perf_counter()
+    llm = _llm(model, backend, quant, args, batches)
     eng = llm.engine
     load_s = time.perf_counter() - t
+    if args.batch_mode != "sequential":
+        batches = []
     vocab = eng.model_config.vocab_size
 
     ids = iter(range(1 << 30))
@@ -240,7 +254,7 @@ def run_hf(model: Path, args, row: dict) -> None:
     row["weight_bytes"] = sum(t.numel() * t.element_size() for t in hf.parameters()) - emb.numel() * emb.element_size()
     row["decode_tok_s"] = _decode_rate(gen(one), args.output_len, args.repeats)
     blen = args.batch_input_len or args.input_len
-    for n in _ints(args.batch):
+    for n in _ints(args.batch) if args.batch_mode == "sequential" else []:
         g = gen(_prompts(vocab, n, blen, seed=2))
         row.setdefault("batch_mean", {})[n] = _decode_rate(g, args.batch_output_len, 1)
         row["batch"][n] = _step_rate(g, n)
@@ -248,6 +262,41 @@ def run_hf(model: Path, args, row: dict) -> None:
         row["ttft_s"] = _ttft(gen(_prompts(vocab, 1, args.ttft_len, seed=1)))
     del hf
     gc.collect()
+
+
+def run_batched_interleaved(model: Path, args, rows: list[dict]) -> None:
+    """The batched figures of every halserve row that runs batched and of HF's row, with all
+    the engines loaded at once and stepped in turn (halserve/bench/cpu_batched.py)."""
+    from halserve.bench.cpu_batched import interleaved
+
+    batches = _ints(args.batch)
+    ours = {r["engine"] + ("" if r["quant"] == "none" else f" {r['quant']}"): r for r in rows
+            if r["engine"].startswith("halserve") and r["quant"] in args.batch_quants.split(",") and "error" not in r}
+    hf = next((r for r in rows if r["engine"] == "HF transformers" and "error" not in r), None)
+    if not batches or not (ours or hf):
+        return
+    llms = {}
+    try:
+        for label, r in ours.items():
+            llms[label] = _llm(model, r["backend"], r["quant"], args, batches)
+        vocab = next(iter(llms.values())).engine.model_config.vocab_size if llms else \
+            json.loads((model / "config.json").read_text())["vocab_size"]
+        for n in batches:
+            got = interleaved(model, llms, hf is not None, args.dtype, n,
+                              _prompts(vocab, n, args.batch_input_len or args.input_len, seed=2),
+                              max(args.batch_output_len - 1, 1))
+            for label, res in got.items():
+                row = hf if label == "HF transformers" else ours[label]
+                row["batch"][n] = res["tok_s"]
+                row.setdefault("batch_step_ms", {})[n] = res["step_ms_all"]
+            print(f"  {n} sequences, interleaved: " + ", ".join(f"{k} {v['tok_s']:.1f} tok/s" for k, v in got.items()),
+                  flush=True)
+    except Exception as e:  # the batch-1 figures above stay
+        for r in list(ours.values()) + ([hf] if hf else []):
+            r["error"] = f"batched: {type(e).__name__}: {e}"[:200]
+    finally:
+        del llms
+        gc.collect()
 
 
 def run_llama_cpp(root: Path, model: Path, args, threads: int, expert_fraction: float, out: list[dict]) -> None:
@@ -359,6 +408,8 @@ def main(args: argparse.Namespace) -> int:
             except Exception as e:
                 rows[-1]["error"] = f"{type(e).__name__}: {e}"[:200]
             print(f"  {_short(rows[-1])}", flush=True)
+        if args.batch_mode == "interleaved":
+            run_batched_interleaved(model, args, rows)
         if args.llama_cpp:
             run_llama_cpp(Path(args.llama_cpp), model, args, threads, expert_fraction, rows)
         run_ours([o for o in ours if o[1] != "none"])

@@ -105,7 +105,26 @@ def test_batched_sequences_decode_in_lockstep(tmp_path):
     from halserve.bench.cpu import run_halserve
 
     path = write_random(tmp_path / "m", dict(TINY, max_position_embeddings=1024))
-    args = _args(batch="5", input_len=4, output_len=3, batch_input_len=500, batch_output_len=4)
+    args = _args(batch="5", input_len=4, output_len=3, batch_input_len=500, batch_output_len=4,
+                 batch_mode="sequential")
     row = {"batch": {}}
     run_halserve(path, "native", "none", args, row)
     assert row["batch_rows"] == {5: "3 steps of 5-5 rows"} and row["batch"][5] > 0 and row["batch_mean"][5] > 0
+
+
+def test_interleaved_batched_steps_every_engine_in_turn(tmp_path):
+    """--batch-mode interleaved (the default): the batch-1 runs leave the batched figures out,
+    then every engine (halserve rows and HF) is stepped in turn, k - 1 timed steps each."""
+    from halserve.bench.cpu import run_batched_interleaved, run_halserve, run_hf
+
+    path = write_random(tmp_path / "m", dict(TINY, max_position_embeddings=1024))
+    args = _args(batch="3", input_len=4, output_len=3, batch_input_len=40, batch_output_len=5)
+    rows = [{"engine": "halserve native", "quant": "none", "batch": {}},
+            {"engine": "HF transformers", "quant": "none", "batch": {}}]
+    run_halserve(path, "native", "none", args, rows[0])
+    run_hf(path, args, rows[1])
+    assert rows[0]["batch"] == {} and rows[1]["batch"] == {}
+    run_batched_interleaved(path, args, rows)
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert r["batch"][3] > 0 and len(r["batch_step_ms"][3]) == 4
