@@ -129,8 +129,9 @@ def graph_steps(model: Path, prompts, steps: int) -> float:
 def s5_steps(model: Path, prompts, steps: int, hf_model=None) -> dict:
     """Session 5's changes, before/after in one process, steps interleaved: engine A runs
     eagerly (what a 32/64-row step did before: buckets stopped at 16 rows) with the AVX-512
-    attention span and the GEMM's even static split ("before"), and with the AMX span and
-    blocks handed out one at a time ("+attention"); engine B replays captured
+    attention span, the GEMM's even static split and 32-row W blocks at every M ("before"),
+    and with the AMX span, blocks handed out one at a time and 16-row blocks above 32 rows
+    ("+attention": session 5's kernels); engine B replays captured
     steps (buckets up to graph.GRAPH_MAX_ROWS) with the AMX span ("after"); HF's step (its
     forward with its KV cache, greedy) between them when ``hf_model`` is given. Median ms."""
     import torch
@@ -159,21 +160,23 @@ def s5_steps(model: Path, prompts, steps: int, hf_model=None) -> dict:
     finally:
         os.environ["HALSERVE_CPU_GRAPHS"] = "0"
     lib = engs[True][1].hal.lib
-    # (eager, AMX attention span, dynamic GEMM blocks)
-    runs = {"before": (True, 0, 0), "+attention": (True, 1, 1), "after": (False, 1, 1)}
+    # (eager, AMX attention span, dynamic GEMM blocks, W block rows: 32 = session 4's, 0 = default)
+    runs = {"before": (True, 0, 0, 32), "+attention": (True, 1, 1, 0), "after": (False, 1, 1, 0)}
     ts: dict = {k: [] for k in runs}
     hf = None
     if hf_model is not None:
         hf = hf_ms(hf_model, prompts, max(2, steps // 2))
     for _ in range(steps):
-        for k, (eager, attn, dyn) in runs.items():
+        for k, (eager, attn, dyn, wrows) in runs.items():
             lib.hs_set_attn_amx(attn)
             lib.hs_set_amx_sched(dyn)
+            lib.hs_set_amx_rows(wrows)
             t = time.perf_counter()
             engs[eager][1].step()
             ts[k].append(time.perf_counter() - t)
     lib.hs_set_attn_amx(1)
     lib.hs_set_amx_sched(1)
+    lib.hs_set_amx_rows(0)
     if hf_model is not None:  # again after: the box's load drifts
         hf = min(hf, hf_ms(hf_model, prompts, max(2, steps // 2)))
     out = {k: statistics.median(v) * 1e3 for k, v in ts.items()}
@@ -220,7 +223,7 @@ def main(argv=None) -> int:
         from transformers import AutoModelForCausalLM
 
         hfm = None if a.no_hf else AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
-        print("| rows | HF ms | before ms | +AMX attention, dynamic blocks ms | after (graphs + AMX attention) ms | after tok/s | "
+        print("| rows | HF ms | before ms | eager, session 5's kernels ms | after (graphs + AMX attention) ms | after tok/s | "
               "x before | x HF | floor / step |")
         print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
         for rows in [int(r) for r in a.rows.split(",") if r.strip()]:

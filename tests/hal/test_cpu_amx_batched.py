@@ -41,13 +41,15 @@ def _amx() -> CpuAmxBackend:
     return b
 
 
-@pytest.fixture(params=[32, 16], ids=["rows32", "rows16"])
+@pytest.fixture(params=[32, 16, 0], ids=["rows32", "rows16", "auto"])
 def block_rows(request):
-    """Both W block heights the kernel offers (hs_set_amx_rows), the default put back after."""
+    """Every W block height the kernel offers (hs_set_amx_rows: 32 with 2 x tiles a W tile and
+    passes again over the block for more x, 16 with up to 4 x tiles a W tile, 0 the default:
+    32 up to 32 rows, 16 above), the default put back after."""
     lib = backend("amx").lib
     lib.hs_set_amx_rows(request.param)
     yield request.param
-    lib.hs_set_amx_rows(32)
+    lib.hs_set_amx_rows(0)
 
 
 @pytest.mark.parametrize("k,n", [(64, 32), (2048, 48), (100, 50), (31, 17), (77, 7), (96, 200)])

@@ -7,10 +7,10 @@
  * of k as rows, 16 columns) is x transposed into the VNNI pair layout, which is small and
  * made once per call. The product tile is y^T: 16 output features x 16 rows of x.
  *
- * Work is split over blocks of 32 output features (16: hs_set_amx_rows) across the pool (W
- * streamed once, each thread a contiguous run); within a block, 2 W tiles x 2 x tiles feed 4 accumulators per
- * 32-wide k step, and for M > 32 the block's W rows come again from L2 for each further pair
- * of 16-row x chunks. The K tail (K % 32) and the N tail (N % 16) read from zero-padded
+ * Work is split over blocks of 32 output features (16 when M > 32: hs_set_amx_rows) across
+ * the pool (W streamed once, a block at a time to whichever thread is free); within a 32-row
+ * block, 2 W tiles x 2 x tiles feed 4 accumulators per 32-wide k step; a 16-row block's one W
+ * tile feeds 4 x tiles (64 rows of x) per k step, so W is loaded once for up to 64 rows. The K tail (K % 32) and the N tail (N % 16) read from zero-padded
  * copies. fp32 x is split into hi + lo bf16 terms (x = hi + lo to ~2^-16 relative), each
  * meeting the same W tile, so an fp32 activation is not rounded to bf16.
  * Not batch-invariant (a row's sums depend on the tile schedule): batch-invariant mode
@@ -90,10 +90,12 @@ void hs_set_amx_prefetch(int bytes, int flags) {
     amx_pf_next = (flags & 2) != 0;
 }
 
-/* W rows per block: 32 (two W tiles share each x tile load) or 16 (half the concurrent
- * row streams per core); the perf sweep on the AMX host picks */
-static int amx_rows = 32;
-void hs_set_amx_rows(int rows) { amx_rows = rows == 16 ? 16 : 32; }
+/* W rows per block: 32 (two W tiles share each x tile load), 16 (one W tile meets up to 4 x
+ * chunks: block4), or 0 (default): 32 up to 32 rows of x, 16 above. With W in cache, one
+ * thread: 16-row blocks beat 32 by 1.25x at 48 rows, 1.3x at 64, 2x at 128 (the 32-row block
+ * passes over its W again per further 32 rows); the perf sweep on the AMX host checks */
+static int amx_rows = 0;
+void hs_set_amx_rows(int rows) { amx_rows = rows == 16 || rows == 32 ? rows : 0; }
 
 /* the first popcount(k) lanes of v as bfloat16, rounded as f32_to_bf16 does */
 static inline void store_bf16x16_mask(bf16_t *p, __m512 v, __mmask16 k) {
@@ -108,6 +110,73 @@ static inline void store_bf16x16_mask(bf16_t *p, __m512 v, __mmask16 k) {
 static int amx_dyn = 1;
 void hs_set_amx_sched(int dynamic) { amx_dyn = dynamic != 0; }
 
+/* a 16-row block (one W tile) against up to 4 x chunks at once: 4 accumulators, so each W
+ * tile is loaded once for 64 rows of x (M > 32 with 32-row blocks passes over the block's W
+ * again from L2 per further pair of chunks, while the DRAM stream waits) */
+#define X4(T, X, U)                                                                    \
+    if (U < cnt) {                                                                     \
+        _tile_loadd(X, xb + ((int64_t)(mc + U) * nkb + kb) * 256, 64);                 \
+        _tile_dpbf16ps(T, 4, X);                                                       \
+    }
+
+static void block4(const bf16_t *a0, int64_t lda, const bf16_t *tail, int kfull, int nkb, const uint32_t *xh,
+                   const uint32_t *xl, int nmc, int n0, int nr, int M, int N, const float *bias, void *y,
+                   int y_bf16) {
+    float out[16 * 16];
+    const __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(16));
+    __mmask16 km = (__mmask16)((1u << nr) - 1u);
+    for (int mc = 0; mc < nmc; mc += 4) {
+        int cnt = nmc - mc < 4 ? nmc - mc : 4;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int kb = 0; kb < nkb; kb++) {
+            const bf16_t *p0;
+            int64_t st;
+            if (kb < kfull) {
+                p0 = a0 + kb * KB;
+                st = lda * 2;
+                if (mc == 0 && amx_pf) {
+                    if (amx_pf_l2)
+                        for (int i = 0; i < 16; i++) _mm_prefetch((const char *)(p0 + i * lda) + amx_pf, _MM_HINT_T1);
+                    else
+                        for (int i = 0; i < 16; i++) _mm_prefetch((const char *)(p0 + i * lda) + amx_pf, _MM_HINT_T0);
+                }
+            } else {
+                p0 = tail;
+                st = KB * 2;
+            }
+            _tile_loadd(4, p0, st);
+            for (int s = 0; s < (xl ? 2 : 1); s++) {
+                const uint32_t *xb = s ? xl : xh; /* the lo pass meets the same W tile */
+                X4(0, 5, 0)
+                X4(1, 6, 1)
+                X4(2, 7, 2)
+                X4(3, 5, 3)
+            }
+        }
+        for (int u = 0; u < cnt; u++) {
+            switch (u) {
+            case 0: _tile_stored(0, out, 64); break;
+            case 1: _tile_stored(1, out, 64); break;
+            case 2: _tile_stored(2, out, 64); break;
+            default: _tile_stored(3, out, 64); break;
+            }
+            /* out[i][j]: feature n0 + i, x row (mc + u) * 16 + j */
+            for (int j = 0; j < MC; j++) {
+                int m = (mc + u) * MC + j;
+                if (m >= M) break;
+                __m512 v = _mm512_i32gather_ps(col, out + j, 4);
+                if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(km, bias + n0));
+                if (y_bf16) store_bf16x16_mask((bf16_t *)y + (int64_t)m * N + n0, v, km);
+                else _mm512_mask_storeu_ps((float *)y + (int64_t)m * N + n0, km, v);
+            }
+        }
+    }
+}
+
 static __thread void *xp_buf;
 static __thread int64_t xp_cap;
 
@@ -117,6 +186,10 @@ static __thread int64_t xp_cap;
 static void block(const bf16_t *a0, const bf16_t *a1, int64_t lda, const bf16_t *tail, int kfull, int nkb,
                   const uint32_t *xh, const uint32_t *xl, int nmc, int n0, int nr, int M, int N, const float *bias,
                   void *y, int y_bf16) {
+    if (!a1 && nmc > 2) {
+        block4(a0, lda, tail, kfull, nkb, xh, xl, nmc, n0, nr, M, N, bias, y, y_bf16);
+        return;
+    }
     float out[4][16 * 16];
     for (int mc = 0; mc < nmc; mc += 2) {
         int two = mc + 1 < nmc;
@@ -204,7 +277,7 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
         if (!xp_buf) return -3;
     }
     uint32_t *xh = (uint32_t *)xp_buf, *xl = x_bf16 ? NULL : xh + blk;
-    int br = amx_rows, nblk = (N + br - 1) / br;
+    int br = amx_rows ? amx_rows : M > 32 ? 16 : 32, nblk = (N + br - 1) / br;
     omp_set_schedule(amx_dyn ? omp_sched_dynamic : omp_sched_static, amx_dyn ? 1 : 0);
 #pragma omp parallel
     {
