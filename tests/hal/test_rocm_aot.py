@@ -26,8 +26,9 @@ ARCHS = [a for a in os.environ.get("HALSERVE_ROCM_AOT_ARCHS", "gfx942,gfx950").s
 # quantize + the tiled fp8 GEMM)
 TRITON_KERNELS = {"_attn_kernel", "_merge_kernel", "_persistent_mm_kernel", "_reduce_kernel", "_fp8_mm_kernel",
                   "_quant_per_token_kernel", "_moe_gemm_kernel", "_rms_norm_kernel", "_rotary_kernel",
-                  "_silu_and_mul_kernel", "_write_kv_kernel", "_gumbel_argmax_kernel"}
-HELPERS = {"_find_seq", "_tiles", "_span_weights", "_rotate", "_mix32", "_e4m3_byte", "_is_negative", "_quant_a", "_k_steps"}
+                  "_silu_and_mul_kernel", "_write_kv_kernel", "_gumbel_argmax_kernel", "_rotary_write_kv_kernel"}
+HELPERS = {"_find_seq", "_tiles", "_span_weights", "_rotate", "_mix32", "_e4m3_byte", "_is_negative", "_quant_a", "_k_steps",
+           "_bf16_rne", "_rounded", "_rotated", "_store_kv"}
 NOT_ROCM = {"_skinny_kernel"}
 GLUON_KERNELS = {"decode_attention_kernel", "fp8_gemm_kernel"}
 MATMUL = {"_attn_kernel", "_persistent_mm_kernel", "_fp8_mm_kernel", "_moe_gemm_kernel"} | GLUON_KERNELS
@@ -51,7 +52,7 @@ def test_kernel_list_is_complete():
     from triton.runtime.jit import JITFunction
 
     found = set()
-    for mod in ("attention", "matmul", "moe", "elementwise", "sample", "skinny"):
+    for mod in ("attention", "matmul", "moe", "elementwise", "sample", "skinny", "fused"):
         m = importlib.import_module(f"halserve.hal.triton.{mod}")
         found |= {n for n, v in vars(m).items() if isinstance(v, JITFunction) or type(v).__name__ == "InterpretedFunction"}
     assert found - HELPERS - NOT_ROCM == TRITON_KERNELS

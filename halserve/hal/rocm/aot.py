@@ -135,6 +135,7 @@ def scenarios(arch: str):
     """(name, thunk) pairs: each thunk calls real launchers the way the rocm backend does."""
     from halserve.hal.triton import attention as A
     from halserve.hal.triton import elementwise as E
+    from halserve.hal.triton import fused as FU
     from halserve.hal.triton import matmul as M
     from halserve.hal.triton import moe as MO
     from halserve.hal.triton import sample as S
@@ -202,6 +203,10 @@ def scenarios(arch: str):
         ("moe fp8 weight-only (T=512, E=128, top-8, 2048/768)", moe(512, fp8)),
         ("rms_norm + residual (T=8, H=4096, bf16)", lambda: E.rms_norm(rnd(8, H), rnd(H), 1e-6, rnd(8, H))),
         ("rotary neox (T=7, 32/8 heads, D=128, bf16)", rope()),
+        ("rotary_write_kv (T=8, 32/8 heads, D=128, bf16, q/k norm)",
+         lambda: FU.rotary_write_kv(torch.arange(8), rnd(8, HQ, D), rnd(8, HK, D), rnd(8, HK, D),
+                                    torch.randn(4096, D, generator=g), True, rnd(2, 4, BS, HK, D), torch.arange(8),
+                                    q_norm_weight=rnd(D), k_norm_weight=rnd(D))),
         ("silu_and_mul (T=8, I=14336, bf16)", lambda: E.silu_and_mul(rnd(8, 2 * I))),
         ("write_kv (T=8, 8 heads, D=128, bf16)",
          lambda: E.write_kv(rnd(8, HK, D), rnd(8, HK, D), rnd(2, 4, BS, HK, D), torch.arange(8))),
