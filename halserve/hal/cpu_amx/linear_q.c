@@ -63,8 +63,8 @@ int hs_get_qkernels(void) { return hs_qkernels; }
 #define Q_CHUNK_BYTES 65536 /* one chunk: ~10 us of streaming a core, so a claim's atomic is ~1% */
 typedef struct {
     int next, end;
-    char pad[56]; /* one cache line per run: the owners' claims do not contend */
-} q_run;
+    char pad[56];
+} __attribute__((aligned(64))) q_run; /* one cache line per run: the owners' claims do not contend */
 
 /* sets up T runs over nchunks chunks (before the region) */
 static inline int q_runs(q_run *r, int nchunks) {
