@@ -196,8 +196,10 @@ def test_rope_params_both_config_forms():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul(hal, dtype):
     x = torch.randn(9, 2 * 176, generator=gen(4)).to(dtype)
+    x0 = x.clone()
     y = hal.silu_and_mul(x)
     assert y.shape == (9, 176)
+    assert torch.equal(x, x0)  # the input is read only (a float32 x is its own upcast)
     assert R.nmse(y, R.silu_and_mul(x)) < TOL[dtype]
     assert R.nmse(y, F.silu(x[:, :176].double()) * x[:, 176:].double()) < TOL[dtype]
 
