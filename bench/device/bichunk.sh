@@ -3,8 +3,7 @@
 # H200, run from the repo root:   OUT=<dir> bash bench/device/bichunk.sh
 #  1. bitwise on the GPU (bf16 and fp32, D 128, 256-key spans): a token's attention output as
 #     a decode row = in one prefill = in any chunk split (1-token chunks, span-crossing chunks)
-#     beside other rows, GQA 4 and 3, a sliding window (tests/hal/test_bi_attention.py); the
-#     Triton kernel tests' batch-invariant attention cases;
+#     beside other rows, GQA 4 and 3, a sliding window, an fp8 cache (tests/hal/test_bi_attention.py);
 #  2. the engine on cuda: a 600-token prompt's tokens and logprobs alone = with 1-token chunks
 #     beside other requests = after preemption and recompute (bf16 with CUDA graphs, fp32 eager;
 #     tests/gpu/test_bi_chunking_gpu.py);
@@ -15,11 +14,10 @@
 . "$(dirname "$0")/step.sh"
 stage_env
 git log --oneline -1 > "$OUT/bichunk_commit.txt" 2>/dev/null
-STEP_TAIL=20 step bichunk_attn_tests 45 python3 -m pytest -q -p no:cacheprovider -rfE --durations=6 \
-    tests/hal/test_bi_attention.py tests/hal/test_triton_kernels.py::test_attention \
-    tests/hal/test_triton_kernels.py::test_attention_batch_invariant_decode_splits
-STEP_TAIL=20 step bichunk_engine 40 python3 -m pytest -q -p no:cacheprovider -rfE --durations=4 \
+STEP_TAIL=20 step bichunk_attn_tests 35 python3 -m pytest -q -p no:cacheprovider -rfE --durations=6 \
+    tests/hal/test_bi_attention.py
+STEP_TAIL=20 step bichunk_engine 45 python3 -m pytest -q -p no:cacheprovider -rfE --durations=4 \
     tests/gpu/test_bi_chunking_gpu.py
 STEP_TAIL=12 step bichunk_perf 20 python3 bench/device/bichunk_perf.py --json "$OUT/bichunk_perf.json"
-STEP_TAIL=6 step bichunk_sm90 20 env CUDA_VISIBLE_DEVICES= python3 bench/device/bichunk_sm90.py
+STEP_TAIL=6 step bichunk_sm90 15 env CUDA_VISIBLE_DEVICES= python3 bench/device/bichunk_sm90.py
 echo "[bichunk] done in ${SECONDS}s"
