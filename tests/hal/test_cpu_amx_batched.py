@@ -269,3 +269,37 @@ def test_amx_attention_against_float64(hq, hk, d):
         one, _ = _meta([ctx[i]], [1])
         one.block_tables = meta.block_tables[i:i + 1]
         assert torch.equal(b.attention(q[i:i + 1], cache, one, scale), out[i:i + 1]), i
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 40])
+def test_prefill_rows_through_decode_spans_have_decode_bits(dtype, window):
+    """hs_set_attn_prefill_spans(1): a token computed inside a prefill chunk gives the bits it
+    gets as a decode row (both through the same 128-key spans and merge), at positions in one
+    span and past two; with the switch off (the default, one pass per prefill row) the bits
+    past one span differ, so the check can fail. (The switch makes
+    tests/engine/test_bi_chunking.py's cpu_amx case pass: its strict xfail goes with it.)"""
+    b = backend("amx")
+    g = torch.Generator().manual_seed(21)
+    hq, hk, d, chunk = 8, 2, 64, 6
+    ctx = [50, 300, 140, 129]  # each sequence's last chunk of 6 query tokens ends at its context
+    meta, nblk = _meta(ctx, [chunk] * len(ctx), window=window)
+    cache = torch.randn(2, nblk, BLOCK_SIZE, hk, d, generator=g).to(dtype)
+    q = torch.randn(chunk * len(ctx), hq, d, generator=g).to(dtype)
+    try:
+        for on in (1, 0):
+            b.lib.hs_set_attn_prefill_spans(on)
+            pre = b.attention(q, cache, meta, 0.125)
+            same = []
+            for i, c in enumerate(ctx):
+                for j in (0, chunk - 1):  # the chunk's first and last tokens as decode rows
+                    one, _ = _meta([c - (chunk - 1 - j)], [1], window=window)
+                    one.block_tables = meta.block_tables[i:i + 1]
+                    row = i * chunk + j
+                    same.append(torch.equal(b.attention(q[row:row + 1], cache, one, 0.125), pre[row:row + 1]))
+            if on:
+                assert all(same), same
+            else:
+                assert not all(same)  # past 128 keys one pass rounds otherwise
+    finally:
+        b.lib.hs_set_attn_prefill_spans(0)

@@ -414,6 +414,55 @@ static void write_norm(const attn_ctx *c, void *out, int64_t t, int Hq, int h, c
     }
 }
 
+/* Prefill rows through the decode rows' spans (0: one pass over their keys, the default for
+ * now). On, a token's bits do not depend on whether it ran as a decode row or inside a prefill
+ * chunk (batch-invariant mode's chunking and preemption: tests/engine/test_bi_chunking.py): both
+ * compute the same 128-key spans from fresh states (span_item) and merge them with one function
+ * (merge_write). Costs a partial state per span and a merge for each prefill token. */
+static int attn_prefill_spans = 0;
+void hs_set_attn_prefill_spans(int on) { attn_prefill_spans = on != 0; }
+static __thread float *pscratch;
+static __thread size_t pscratch_cap;
+
+/* span sp's partial state (m [G], l [G], acc [G][D] at pm) of the token at position pos whose
+ * first visible key is beg: keys [sp * SPAN, sp * SPAN + SPAN) clipped to [beg, pos] */
+static void span_item(const attn_ctx *c, const int32_t *table, int h, const float *qf, const void *q, int64_t qoff,
+                      int sp, int beg, int pos, float *pm) {
+    int G = c->group;
+    float *pl = pm + G, *pa = pl + G;
+    int s0 = sp * SPAN, s1 = s0 + SPAN;
+    if (s0 < beg) s0 = beg;
+    if (s1 > pos + 1) s1 = pos + 1;
+    if (s0 >= s1) {
+        for (int g = 0; g < G; g++) pm[g] = -INFINITY, pl[g] = 0.f;
+        return;
+    }
+    span_any(c, table, h, qf, q, qoff, s0, s1, pm, pl, pa);
+}
+
+/* a token's nsp span states (stride per floats) merged in span order and written out; one
+ * function (not inlined) for decode and prefill rows, so both round alike */
+static __attribute__((noinline)) void merge_write(const attn_ctx *c, void *out, int64_t t, int Hq, int h,
+                                                  const float *p0, int nsp, size_t per) {
+    int G = c->group, D = c->D;
+    float L[G], o[G * D];
+    for (int g = 0; g < G; g++) {
+        float M = -INFINITY;
+        for (int sp = 0; sp < nsp; sp++) M = fmaxf(M, p0[sp * per + g]);
+        L[g] = 0.f;
+        for (int i = 0; i < D; i++) o[g * D + i] = 0.f;
+        for (int sp = 0; sp < nsp; sp++) {
+            const float *pm = p0 + sp * per;
+            if (pm[g] == -INFINITY) continue;
+            float w = expf(pm[g] - M);
+            L[g] += w * pm[G + g];
+            const float *pa = pm + 2 * G + g * D;
+            for (int i = 0; i < D; i++) o[g * D + i] += w * pa[i];
+        }
+    }
+    write_norm(c, out, t, Hq, h, L, o);
+}
+
 void hs_attention(const void *q, const void *kc, const void *vc, void *out, const int32_t *cu_q,
                   const int32_t *seq_lens, const int32_t *tables, int max_blocks, int num_seqs,
                   int T, int Hq, int Hk, int D, int bs, int window, float scale, int qbf16,
@@ -462,25 +511,34 @@ void hs_attention(const void *q, const void *kc, const void *vc, void *out, cons
             int nsp = (int)((first[lo + 1] - first[lo]) / Hk);
             int sp = (int)((it - first[lo]) % nsp), h = (int)((it - first[lo]) / nsp);
             int t = dec[lo], i = tok_seq[t];
-            float *pm = part + it * per, *pl = pm + G, *pa = pl + G;
-            int s0 = sp * SPAN, s1 = s0 + SPAN;
-            if (s0 < tok_beg[t]) s0 = tok_beg[t];
-            if (s1 > tok_pos[t] + 1) s1 = tok_pos[t] + 1;
-            if (s0 >= s1) {
-                for (int g = 0; g < G; g++) pm[g] = -INFINITY, pl[g] = 0.f;
-                continue;
-            }
             float qf[G * D];
             for (int g = 0; g < G; g++) row_to_f32(q, ((int64_t)t * Hq + h * G + g) * D, D, qbf16, qf + g * D);
-            span_any(&c, tables + (int64_t)i * max_blocks, h, qf, q, ((int64_t)t * Hq + h * G) * D, s0, s1, pm, pl, pa);
+            span_item(&c, tables + (int64_t)i * max_blocks, h, qf, q, ((int64_t)t * Hq + h * G) * D, sp, tok_beg[t],
+                      tok_pos[t], part + it * per);
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < (int64_t)np * Hk; it++) {
             int h = (int)(it % Hk), t = pre[it / Hk], i = tok_seq[t];
-            float qf[G * D], ml[2 * G], acc[G * D];
+            float qf[G * D];
             for (int g = 0; g < G; g++) row_to_f32(q, ((int64_t)t * Hq + h * G + g) * D, D, qbf16, qf + g * D);
-            span_any(&c, tables + (int64_t)i * max_blocks, h, qf, q, ((int64_t)t * Hq + h * G) * D, tok_beg[t],
-                     tok_pos[t] + 1, ml, ml + G, acc);
+            const int32_t *table = tables + (int64_t)i * max_blocks;
+            int64_t qoff = ((int64_t)t * Hq + h * G) * D;
+            if (attn_prefill_spans) {
+                int nsp = (tok_pos[t] + SPAN) / SPAN;
+                size_t need = (size_t)nsp * per * 4;
+                if (need > pscratch_cap) {
+                    free(pscratch);
+                    pscratch = (float *)malloc(need);
+                    pscratch_cap = pscratch ? need : 0;
+                    if (!pscratch) abort(); /* a few KB a span: a machine without them cannot run the model */
+                }
+                for (int sp = 0; sp < nsp; sp++)
+                    span_item(&c, table, h, qf, q, qoff, sp, tok_beg[t], tok_pos[t], pscratch + sp * per);
+                merge_write(&c, out, t, Hq, h, pscratch, nsp, per);
+                continue;
+            }
+            float ml[2 * G], acc[G * D];
+            span_any(&c, table, h, qf, q, qoff, tok_beg[t], tok_pos[t] + 1, ml, ml + G, acc);
             write_norm(&c, out, t, Hq, h, ml + G, acc);
         }
         /* merge each decode row's spans in span order */
@@ -488,23 +546,7 @@ void hs_attention(const void *q, const void *kc, const void *vc, void *out, cons
         for (int64_t th = 0; th < (int64_t)nd * Hk; th++) {
             int d = (int)(th / Hk), t = dec[d], h = (int)(th % Hk);
             int nsp = (int)((first[d + 1] - first[d]) / Hk);
-            const float *p0 = part + (first[d] + (int64_t)h * nsp) * per;
-            float L[G], o[G * D];
-            for (int g = 0; g < G; g++) {
-                float M = -INFINITY;
-                for (int sp = 0; sp < nsp; sp++) M = fmaxf(M, p0[sp * per + g]);
-                L[g] = 0.f;
-                for (int i = 0; i < D; i++) o[g * D + i] = 0.f;
-                for (int sp = 0; sp < nsp; sp++) {
-                    const float *pm = p0 + sp * per;
-                    if (pm[g] == -INFINITY) continue;
-                    float w = expf(pm[g] - M);
-                    L[g] += w * pm[G + g];
-                    const float *pa = pm + 2 * G + g * D;
-                    for (int i = 0; i < D; i++) o[g * D + i] += w * pa[i];
-                }
-            }
-            write_norm(&c, out, t, Hq, h, L, o);
+            merge_write(&c, out, t, Hq, h, part + (first[d] + (int64_t)h * nsp) * per, nsp, per);
         }
     }
     free(part);

@@ -60,6 +60,7 @@ int hs_gemm_amx(P x, int x_bf16, int M, int K, P w, int N, P bias, P y, int y_bf
 void hs_set_amx_prefetch(int bytes, int flags);
 void hs_set_amx_rows(int rows);
 void hs_set_attn_amx(int on);
+void hs_set_attn_prefill_spans(int on);
 void hs_set_amx_sched(int dynamic);
 int hs_get_threads(void);
 int hs_tier(void);
