@@ -16,15 +16,6 @@ from tests.helpers.checkpoints import make_checkpoint
 PROMPT = [(7 * i + 3) % 500 + 5 for i in range(140)]
 OTHERS = [list(range(300, 311)), [9, 8, 7, 6, 5, 4, 3, 2, 1, 10, 11, 12, 13, 14, 15, 16, 17], [450, 451, 452]]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=3, prompt_logprobs=3)
-# cpu_amx: hal/cpu_amx/attention.c splits a decode row's keys into 128-key spans merged in
-# order, but computes a prefill row's keys in one pass, so a generated token recomputed inside
-# a chunk after preemption (past 128 keys) changes bits. Fix (attention.c, hs_attention): run
-# each prefill row's (token, kv head) through the decode items' spans, s0 = sp * SPAN clipped
-# to [tok_beg, pos + 1), each span_any from a fresh state, merged by the decode merge's loop.
-AMX_XFAIL = ("cpu_amx attention.c: prefill rows take one pass over their keys, decode rows "
-             "128-key spans merged in order (see the comment above)")
-
-
 def _cpu_amx_runs() -> bool:
     from halserve.hal.cpu_amx.backend import CpuAmxBackend
 
@@ -88,8 +79,7 @@ def check_chunking_and_preemption(path, backend, prompt=PROMPT, others=OTHERS, p
 @pytest.mark.parametrize("backend", [
     "native",
     pytest.param("cpu_amx", marks=[
-        pytest.mark.skipif(not _cpu_amx_runs(), reason="cpu_amx needs an x86-64 CPU with AVX2 and FMA"),
-        pytest.mark.xfail(strict=True, reason=AMX_XFAIL)]),
+        pytest.mark.skipif(not _cpu_amx_runs(), reason="cpu_amx needs an x86-64 CPU with AVX2 and FMA")]),
 ])
 def test_a_request_has_the_same_bits_however_it_is_chunked_or_preempted(checkpoint, backend):
     alone = check_chunking_and_preemption(checkpoint, backend, dtype="float32")

@@ -414,8 +414,8 @@ static void write_norm(const attn_ctx *c, void *out, int64_t t, int Hq, int h, c
     }
 }
 
-/* Prefill rows through the decode rows' spans (0: one pass over their keys, the default for
- * now). On, a token's bits do not depend on whether it ran as a decode row or inside a prefill
+/* Prefill rows through the decode rows' spans (0: one pass over their keys; the backend sets
+ * 1 in batch-invariant mode). On, a token's bits do not depend on whether it ran as a decode row or inside a prefill
  * chunk (batch-invariant mode's chunking and preemption: tests/engine/test_bi_chunking.py): both
  * compute the same 128-key spans from fresh states (span_item) and merge them with one function
  * (merge_write). Costs a partial state per span and a merge for each prefill token. */
