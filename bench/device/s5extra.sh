@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Session 5's third sitting (<= 500 s), if device time is left after s5bench.sh and s5final.sh:
+#   GPU lane, cores 0-3:  bichunk.sh (chunk-invariance on the GPU: tests, its cost beside the normal
+#                         attention kernels, the sm_90 compile check), fuse.sh (rotary_write_kv: cuda
+#                         conformance --perf, its GPU tests, the 1B batch-1 kernel table);
+#   CPU lane, cores 4-15: THREADS=12: fuse_cpu.sh (batch-1 decode, fused rotary_write_kv vs the two ops),
+#                         amxmoe.sh (fused MoE decode beside llama.cpp), nativeb.sh (native and cpu_amx
+#                         batched, interleaved beside HF; its sequential half is cut by the lane's limit).
+set -uo pipefail
+OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
+D="$(dirname "$0")"
+T0=$SECONDS
+run_lane() {  # run_lane CORES DEADLINE_S "script:limit" ...
+  local cores=$1 deadline=$2; shift 2
+  for spec in "$@"; do
+    local s=${spec%%:*} lim=${spec#*:} left
+    left=$((deadline - (SECONDS - T0)))
+    [ "$left" -lt "$lim" ] && lim=$left
+    if [ "$lim" -lt 20 ]; then echo "[$s] skipped: no time left" > "$OUT/$s.log"; continue; fi
+    mkdir -p "$OUT/$s"
+    echo "[$s] start +$((SECONDS - T0))s limit ${lim}s" > "$OUT/$s.log"
+    OUT="$OUT/$s" timeout -k 5 "$lim" taskset -c "$cores" bash "$D/$s.sh" >> "$OUT/$s.log" 2>&1
+    echo "[$s] rc=$? at +$((SECONDS - T0))s" >> "$OUT/$s.log"
+  done
+}
+( export THREADS=12 OMP_NUM_THREADS=12 CUDA_VISIBLE_DEVICES= HALSERVE_CACHE_DIR=/tmp/halserve-cache-cpu
+  run_lane 4-15 490 fuse_cpu:150 amxmoe:120 nativeb:215 ) &
+run_lane 0-3 490 bichunk:125 fuse:150
+wait
+for s in bichunk fuse fuse_cpu amxmoe nativeb; do
+  echo "=================== $s"; grep -v -i 'it/s\]\|graph/s\]\|warn' "$OUT/$s.log" 2>/dev/null | tail -n 30
+done
