@@ -303,3 +303,26 @@ def test_prefill_rows_through_decode_spans_have_decode_bits(dtype, window):
                 assert not all(same)  # past 128 keys one pass rounds otherwise
     finally:
         b.lib.hs_set_attn_prefill_spans(0)
+
+
+def test_amx_gemm_fp32_inf_activations_match_torch(monkeypatch):
+    """fp32 x is split into bf16 hi + lo: an inf x must not become NaN (lo = inf - inf), and a
+    finite x that rounds up to bf16 inf must stay finite; NaN stays NaN. Against torch's
+    float32 matmul of the same values, position by position (inf, -inf, NaN, finite)."""
+    monkeypatch.setattr(amx_backend, "AMX_MIN_M", 2)
+    b = _amx()
+    g = torch.Generator().manual_seed(11)
+    w = (torch.rand(40, 64, generator=g) + 0.5).bfloat16()  # all positive: inf rows stay inf
+    x = torch.randn(5, 64, generator=g)
+    x[0, 3] = float("inf")
+    x[1, 7] = float("-inf")
+    x[2, 5] = float("nan")
+    w[:, 9] = 0.25  # a finite product with the next line's x
+    x[3, 9] = torch.finfo(torch.float32).max  # rounds up to bf16 inf
+    y = b.linear(x, b.pack_weight(w), None)
+    assert b.lib.calls == 1
+    ref = x @ w.float().T
+    assert torch.equal(torch.isposinf(y), torch.isposinf(ref)) and torch.isposinf(y[0]).all()
+    assert torch.equal(torch.isneginf(y), torch.isneginf(ref)) and torch.isneginf(y[1]).all()
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isnan(y[2]).all()
+    assert nmse(y[3:], x[3:].double() @ w.double().T) < 1e-10

@@ -69,8 +69,16 @@ static void pack_block(const void *x, int x_bf16, int M, int K, int mc, int kb, 
                 } else {
                     float v = ((const float *)x)[(int64_t)row * K + k + j];
                     bf16_t vh = f32_to_bf16(v);
+                    float r = v - bf16_to_f32(vh);
+                    if (!isfinite(r)) {
+                        /* inf or NaN x: lo 0 (inf - inf would make the product NaN where
+                         * torch's is inf); a finite x that rounds up to inf: hi truncated */
+                        hs_bits bv = {.f = v};
+                        if (isfinite(v)) vh = (bf16_t)(bv.u >> 16);
+                        r = isfinite(v) ? v - bf16_to_f32(vh) : 0.f;
+                    }
                     h |= (uint32_t)vh << (16 * j);
-                    l |= (uint32_t)f32_to_bf16(v - bf16_to_f32(vh)) << (16 * j);
+                    l |= (uint32_t)f32_to_bf16(r) << (16 * j);
                 }
             }
             hi[r * MC + m] = h;
