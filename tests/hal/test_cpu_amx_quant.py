@@ -238,3 +238,23 @@ def test_quantized_weights_sit_on_huge_pages_with_their_values():
             assert torch.equal(b.linear(x, huge), b.linear(x, plain)), scheme
     small = b.pack_weight(torch.randn(64, 256, generator=g), "int8")
     assert small.weight.data_ptr() % quant.HUGE_PAGE != 0 or small.weight.numel() < quant.HUGE_PAGE
+
+
+def test_int4_with_float16_activations_is_refused_by_name():
+    """float16 activations fall back to native for the C kernels' other schemes, but native
+    cannot read cpu_amx's int4 layout (it raised torch's own 't() expects ...'): linear and
+    moe refuse by name; int8 weights still run through native."""
+    from halserve.errors import OpRefused
+    from halserve.hal.interface import MoeSpec
+
+    b = CpuAmxBackend()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 128, generator=g).half()
+    with pytest.raises(OpRefused, match="int4 weights take float32 or bfloat16 activations, not torch.float16"):
+        b.linear(x, b.pack_weight(torch.randn(64, 128, generator=g), "int4_g32"))
+    w = torch.randn(64, 128, generator=g)
+    assert nmse(b.linear(x, b.pack_weight(w, "int8")), x.double() @ w.double().T) < 1e-4
+    w13 = b.pack_weight(torch.randn(4, 64, 128, generator=g) * 0.1, "int4")
+    w2 = b.pack_weight(torch.randn(4, 128, 32, generator=g) * 0.1, "int4")
+    with pytest.raises(OpRefused, match="int4 weights take float32 or bfloat16"):
+        b.moe(x, torch.randn(3, 4, generator=g), w13, w2, MoeSpec(top_k=2))

@@ -125,6 +125,9 @@ class CpuAmxBackend(NativeBackend):
             if dt is not None and dt not in _CODES:
                 return f"native fallback: cpu_amx's sampler reads float32 or bfloat16 logits, not {dt}"
             return True
+        if dt is not None and dt not in _CODES and op in ("linear", "moe") and spec.get("scheme") == "int4":
+            # native cannot read cpu_amx's own int4 layout: no fallback exists
+            return f"refused: cpu_amx's int4 weights take float32 or bfloat16 activations, not {dt}"
         if dt is not None and dt not in _CODES and op not in ("swap_blocks", "copy_blocks"):
             return f"native fallback: cpu_amx kernels take float32 and bfloat16, not {dt}"
         if op == "linear":
