@@ -65,11 +65,6 @@ def sample_args(logits: torch.Tensor, params, out: torch.Tensor) -> tuple[tuple,
             *(t.data_ptr() for t in keep[1:]), f, out.data_ptr()), keep
 
 
-# attention.c's process-wide switch, last value set (one library a process, shared by every
-# backend object: batch-invariant and normal ones alternate in tests)
-_PREFILL_SPANS: list = [None]
-
-
 class CpuAmxBackend(NativeBackend):
     name = "cpu_amx"
 
@@ -390,10 +385,10 @@ class CpuAmxBackend(NativeBackend):
         bt = _ready(meta.block_tables, torch.int32)
         t, hq, d = qc.shape
         base, half = kv_cache.data_ptr(), kv_cache.stride(0) * kv_cache.element_size()
-        spans = int(self.batch_invariant)  # prefill rows through the decode rows' key spans
-        if _PREFILL_SPANS[0] != spans:  # a token's bits then never depend on its chunking
-            self.lib.hs_set_attn_prefill_spans(spans)
-            _PREFILL_SPANS[0] = spans
+        # prefill rows through the decode rows' key spans in batch-invariant mode (a token's bits
+        # then never depend on its chunking): set every call, not cached here, as each tier's
+        # library holds its own switch and a replayed graph or another backend may have set it
+        self.lib.hs_set_attn_prefill_spans(int(self.batch_invariant))
         self.lib.hs_attention(qc.data_ptr(), base, base + half, dst.data_ptr(), cu.data_ptr(), sl.data_ptr(),
                               bt.data_ptr(), bt.shape[1], meta.num_seqs, t, hq, kv_cache.shape[-2], d,
                               meta.block_size, int(meta.sliding_window or 0), float(scale), _CODES[q.dtype],
