@@ -408,11 +408,16 @@ def main(args: argparse.Namespace) -> int:
             except Exception as e:
                 rows[-1]["error"] = f"{type(e).__name__}: {e}"[:200]
             print(f"  {_short(rows[-1])}", flush=True)
-        if args.batch_mode == "interleaved":
+        # interleaved batching steps the rows that exist: with a quantized --batch-quants it waits
+        # for the quantized rows (run last), else its int8/int4 figures would silently be missing
+        late = any(q != "none" and q in args.batch_quants.split(",") for _, q in ours)
+        if args.batch_mode == "interleaved" and not late:
             run_batched_interleaved(model, args, rows)
         if args.llama_cpp:
             run_llama_cpp(Path(args.llama_cpp), model, args, threads, expert_fraction, rows)
         run_ours([o for o in ours if o[1] != "none"])
+        if args.batch_mode == "interleaved" and late:
+            run_batched_interleaved(model, args, rows)
     except _Stopped:
         rows.append({"engine": "(stopped)", "quant": "-", "error": "time limit reached: what is missing above and "
                      "every later row did not run"})

@@ -128,3 +128,25 @@ def test_interleaved_batched_steps_every_engine_in_turn(tmp_path):
     for r in rows:
         assert "error" not in r, r.get("error")
         assert r["batch"][3] > 0 and len(r["batch_step_ms"][3]) == 4
+
+
+@pytest.mark.parametrize("batch_quants,late", [("none", False), ("none,int8", True)])
+def test_interleaved_batch_sees_every_row_that_runs_batched(tmp_path, monkeypatch, batch_quants, late):
+    """--batch-quants int8 in the default interleaved mode: the int8 row (run after the 16-bit
+    rows and the peers) must exist when the engines are stepped together, or its batched figure
+    is silently missing; with 16-bit only, the batched figures come before the quantized rows."""
+    from halserve.bench import cpu, cpu_table
+
+    path = write_random(tmp_path / "m", TINY)
+    order, seen = [], []
+    monkeypatch.setattr(cpu, "read_bandwidth_gbs", lambda *a, **k: 10.0)
+    monkeypatch.setattr(cpu, "run_halserve", lambda m, b, q, a, row: order.append(f"{b} {q}"))
+    monkeypatch.setattr(cpu, "run_batched_interleaved", lambda m, a, rows: (
+        order.append("batched"), seen.append({(r["engine"], r["quant"]) for r in rows})))
+    monkeypatch.setattr(cpu_table, "cpu_tables", lambda *a, **k: "")
+    args = _args(model=path, backends="cpu_amx", quant="none,int8", batch="2", batch_quants=batch_quants)
+    args.no_hf = True
+    assert cpu.main(args) == 0
+    assert len(seen) == 1 and ("halserve cpu_amx", "none") in seen[0]
+    assert (("halserve cpu_amx", "int8") in seen[0]) == late
+    assert order == (["cpu_amx none", "cpu_amx int8", "batched"] if late else ["cpu_amx none", "batched", "cpu_amx int8"])
