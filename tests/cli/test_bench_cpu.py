@@ -149,4 +149,5 @@ def test_interleaved_batch_sees_every_row_that_runs_batched(tmp_path, monkeypatc
     assert cpu.main(args) == 0
     assert len(seen) == 1 and ("halserve cpu_amx", "none") in seen[0]
     assert (("halserve cpu_amx", "int8") in seen[0]) == late
-    assert order == (["cpu_amx none", "cpu_amx int8", "batched"] if late else ["cpu_amx none", "batched", "cpu_amx int8"])
+    want = ["cpu_amx none", "cpu_amx int8", "batched"] if late else ["cpu_amx none", "batched", "cpu_amx int8"]
+    assert order == want
