@@ -41,7 +41,10 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        seqs = self.seqs  # read for every touched request every step: n = 1 without a generator
+        if len(seqs) == 1:
+            return seqs[0].status is SeqStatus.FINISHED
+        return all(s.is_finished for s in seqs)
 
 
 class EngineCore:
@@ -284,7 +287,7 @@ class EngineCore:
         for req in touched.values():
             done = req.finished
             if done or req.output_kind != "final":  # nothing built for a request still running
-                outs.append(self._make_output(req))
+                outs.append(self._make_output(req, done))
             if done:
                 del self.requests[req.request_id]
         return outs
@@ -569,14 +572,14 @@ class EngineCore:
         """What ``s`` has that was not sent yet: its new token ids, text and logprobs. Text
         that may be the start of a stop string is held back until it is known not to be
         (stop strings are dealt with here alone; a consumer just concatenates)."""
-        from halserve.engine.tokenizer import partial_stop_len
-
         while len(req.sent) <= i:
             req.sent.append((0, 0, 0))
         n_tok, n_text, n_lp = req.sent[i]
         toks = s.token_ids[s.num_prompt_tokens + n_tok:s.num_tokens - s.num_pending]
         end = len(s.text)
         if s.finish_reason is None and s.params.stop:
+            from halserve.engine.tokenizer import partial_stop_len
+
             end -= partial_stop_len(s.text, s.params.stop)
         text = s.text[n_text:end] if end > n_text else ""
         lps = s.logprobs[n_lp:] if s.logprobs is not None else None
@@ -597,25 +600,32 @@ class EngineCore:
     def _decode_one(self, tok: int) -> str | None:
         return self.tokenizer.decode([tok], skip_special_tokens=False) if self.tokenizer else None
 
-    def _make_output(self, req: Request) -> RequestOutput:
+    def _make_output(self, req: Request, done: bool | None = None) -> RequestOutput:
+        """``done``: ``req.finished`` where the caller has it already."""
+        if done is None:
+            done = req.finished
+        seqs = req.seqs
         if req.output_kind == "delta":
-            outs = [self._delta(req, i, s) for i, s in enumerate(req.seqs)]
+            outs = [self._delta(req, i, s) for i, s in enumerate(seqs)]
         else:
             outs = [CompletionOutput(s.index, s.text, s.output_token_ids,
                                      s.cumulative_logprob if s.logprobs is not None else None,
                                      list(s.logprobs) if s.logprobs is not None else None,
                                      s.finish_reason, s.stop_reason) for s in req.seqs]
-        first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
-        cached = req.seqs[0].num_cached_tokens if req.seqs else 0
-        metrics = RequestMetrics(req.arrival_time, min(first) if first else None,
-                                 time.monotonic() if req.finished else None, cached)
-        plp = req.seqs[0].prompt_logprobs if req.seqs else None
+        if len(seqs) == 1:
+            first_time = seqs[0].first_token_time
+        else:
+            first = [s.first_token_time for s in seqs if s.first_token_time is not None]
+            first_time = min(first) if first else None
+        cached = seqs[0].num_cached_tokens if seqs else 0
+        metrics = RequestMetrics(req.arrival_time, first_time, time.monotonic() if done else None, cached)
+        plp = seqs[0].prompt_logprobs if seqs else None
         if plp is not None and req.output_kind == "delta":  # once, whole: not a copy every step
             if req.prompt_logprobs_sent or len(plp) < len(req.prompt_token_ids):
                 plp = None
             else:
                 req.prompt_logprobs_sent = True
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, done,
                              prompt_logprobs=list(plp) if plp is not None else None,
                              metrics=metrics, num_cached_tokens=cached)
 
