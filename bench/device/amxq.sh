@@ -20,7 +20,7 @@ echo "amxq: $(date -u +%H:%M:%S) threads=$THREADS commit=$(git rev-parse --short
 nproc; grep -o -w 'amx_int8\|avx512_vnni\|avx512_bf16' /proc/cpuinfo | sort | uniq -c
 echo "THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null) defrag $(cat /sys/kernel/mm/transparent_hugepage/defrag 2>/dev/null)"
 
-timeout ${GEMV_S:-60} python - "$OUT" "$THREADS" "${SET_MB:-512}" "${SHAPES:-1.1b,8b}" "${REPS:-3}" <<'EOF' 2>&1 | tee "$OUT/amxq.txt" || echo "amxq: GEMV timing failed or timed out (rc ${PIPESTATUS[0]})"
+timeout ${GEMV_S:-60} python3 - "$OUT" "$THREADS" "${SET_MB:-512}" "${SHAPES:-1.1b,8b}" "${REPS:-3}" <<'EOF' 2>&1 | tee "$OUT/amxq.txt" || echo "amxq: GEMV timing failed or timed out (rc ${PIPESTATUS[0]})"
 import dataclasses, json, os, sys, time
 import torch
 
@@ -202,7 +202,7 @@ b.lib.hs_set_qprefetch(2048)
 EOF
 
 echo "amxq: $(date -u +%H:%M:%S) decode step A/B (1.1B int8, 4 KiB vs 2 MiB pages, kernel modes)"
-timeout ${STEP_S:-60} python - "$THREADS" <<'EOF' 2>&1 | grep -v "capturing\|Loading" | tee "$OUT/amxq_step.txt" || echo "amxq: step A/B failed or timed out (rc ${PIPESTATUS[0]})"
+timeout ${STEP_S:-60} python3 - "$THREADS" <<'EOF' 2>&1 | grep -v "capturing\|Loading" | tee "$OUT/amxq_step.txt" || echo "amxq: step A/B failed or timed out (rc ${PIPESTATUS[0]})"
 import os, sys, time
 import torch
 
@@ -254,7 +254,7 @@ EOF
 
 echo "amxq: $(date -u +%H:%M:%S) tests"
 # this helper's tests first (fast), then the rest of the cpu_amx files
-timeout ${TEST_S:-30} python -m pytest -q tests/hal/test_cpu_amx_quant.py $(ls tests/hal/test_cpu_amx*.py | grep -v _quant) \
+timeout ${TEST_S:-30} python3 -m pytest -q tests/hal/test_cpu_amx_quant.py $(ls tests/hal/test_cpu_amx*.py | grep -v _quant) \
     -p no:cacheprovider > "$OUT/amxq_tests.txt" 2>&1
 echo "amxq: tests rc=$? ($(tail -1 "$OUT/amxq_tests.txt"))"
 echo "amxq: $(date -u +%H:%M:%S) done"
