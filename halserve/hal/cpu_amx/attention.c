@@ -86,7 +86,15 @@ typedef struct {
     const int32_t *tables;
     int max_blocks, Hk, D, bs, group, bf16, qbf16;
     float scale;
+    int *oom; /* set when a worker's scratch could not be had: hs_attention returns -3 */
 } attn_ctx;
+
+/* a span whose scratch could not be had: an empty state, the call reported out of memory */
+static void span_oom(const attn_ctx *c, float *m, float *l, float *acc) {
+    __atomic_store_n(c->oom, 1, __ATOMIC_RELAXED);
+    for (int g = 0; g < c->group; g++) m[g] = -INFINITY, l[g] = 0.f;
+    memset(acc, 0, (size_t)c->group * c->D * 4);
+}
 
 /* a worker's scratch for span(): one allocation per thread, grown, never shrunk (a malloc and
  * free of ~40 KB per work item cost as much as a short span's arithmetic) */
@@ -108,7 +116,10 @@ static void span(const attn_ctx *c, const int32_t *table, int h, const float *q,
                  float *m, float *l, float *acc) {
     int G = c->group, D = c->D;
     float *s = span_scratch(((size_t)G * SPAN + 2 * (size_t)D + (size_t)SPAN * D) * 4);
-    if (!s) abort(); /* tens of KB: a machine without them cannot run the model */
+    if (!s) {
+        span_oom(c, m, l, acc);
+        return;
+    }
     float *row = s + (size_t)G * SPAN, *keys = row + 2 * (size_t)D;
     float mx[G];
     for (int g = 0; g < G; g++) {
@@ -238,7 +249,10 @@ static void span_amx(const attn_ctx *c, const int32_t *table, int h, const bf16_
     size_t qb_n = (size_t)nk * 256, sc_n = 16 * (size_t)SPAN, t_n = 256, p_n = 16 * (size_t)SPAN / 2,
            vb_n = (size_t)(SPAN / 32) * nd16 * 256;
     uint32_t *qb = (uint32_t *)span_scratch((qb_n + sc_n + t_n + 2 * p_n + vb_n) * 4);
-    if (!qb) abort();
+    if (!qb) {
+        span_oom(c, m, l, acc);
+        return;
+    }
     float *s = (float *)(qb + qb_n), *to = s + sc_n;
     bf16_t *ph = (bf16_t *)(to + t_n), *pl = ph + 16 * SPAN;
     uint32_t *vb = (uint32_t *)(pl + 16 * SPAN);
@@ -463,16 +477,21 @@ static __attribute__((noinline)) void merge_write(const attn_ctx *c, void *out, 
     write_norm(c, out, t, Hq, h, L, o);
 }
 
-void hs_attention(const void *q, const void *kc, const void *vc, void *out, const int32_t *cu_q,
+int hs_attention(const void *q, const void *kc, const void *vc, void *out, const int32_t *cu_q,
                   const int32_t *seq_lens, const int32_t *tables, int max_blocks, int num_seqs,
                   int T, int Hq, int Hk, int D, int bs, int window, float scale, int qbf16,
                   int max_seqlen_k, int bf16) {
-    attn_ctx c = {kc, vc, tables, max_blocks, Hk, D, bs, Hq / Hk, bf16, qbf16, scale};
+    int oom = 0;
+    attn_ctx c = {kc, vc, tables, max_blocks, Hk, D, bs, Hq / Hk, bf16, qbf16, scale, &oom};
     int G = Hq / Hk;
     int32_t *tok = (int32_t *)malloc((size_t)T * 3 * 4 + 4);
+    int32_t *dec = (int32_t *)malloc((size_t)T * 4 + 4), *pre = (int32_t *)malloc((size_t)T * 4 + 4);
+    if (!tok || !dec || !pre) {
+        free(tok), free(dec), free(pre);
+        return -3;
+    }
     int32_t *tok_seq = tok, *tok_pos = tok + T, *tok_beg = tok + 2 * T;
     token_map(cu_q, seq_lens, num_seqs, window, tok_seq, tok_pos, tok_beg);
-    int32_t *dec = (int32_t *)malloc((size_t)T * 4 + 4), *pre = (int32_t *)malloc((size_t)T * 4 + 4);
     int nd = 0, np = 0, qend = num_seqs > 0 ? cu_q[num_seqs] : 0;
     /* query rows past the last sequence's (a padded graph's spare rows) belong to no sequence:
      * they read nothing and come out zero */
@@ -490,6 +509,10 @@ void hs_attention(const void *q, const void *kc, const void *vc, void *out, cons
      * empty items; a longer row adds no work to a shorter one) */
     size_t per = (size_t)G * (D + 2);
     int64_t *first = (int64_t *)malloc(((size_t)nd + 1) * 8);
+    if (!first) {
+        free(tok), free(dec), free(pre);
+        return -3;
+    }
     first[0] = 0;
     for (int d = 0; d < nd; d++) {
         int nsp = (tok_pos[dec[d]] + SPAN) / SPAN;
@@ -497,6 +520,10 @@ void hs_attention(const void *q, const void *kc, const void *vc, void *out, cons
     }
     int64_t items = first[nd];
     float *part = (float *)malloc((size_t)(items > 0 ? items : 1) * per * 4);
+    if (!part) { /* the decode rows' span states: a long context for many rows */
+        free(first), free(tok), free(dec), free(pre);
+        return -3;
+    }
     int64_t work = (int64_t)T * Hq * (max_seqlen_k > 0 ? max_seqlen_k : 1) * D * 2;
 #pragma omp parallel if ((hs_small_par && work >= PAR_WORK) || T >= 8)
     {
@@ -530,7 +557,10 @@ void hs_attention(const void *q, const void *kc, const void *vc, void *out, cons
                     free(pscratch);
                     pscratch = (float *)malloc(need);
                     pscratch_cap = pscratch ? need : 0;
-                    if (!pscratch) abort(); /* a few KB a span: a machine without them cannot run the model */
+                    if (!pscratch) {
+                        __atomic_store_n(&oom, 1, __ATOMIC_RELAXED);
+                        continue;
+                    }
                 }
                 for (int sp = 0; sp < nsp; sp++)
                     span_item(&c, table, h, qf, q, qoff, sp, tok_beg[t], tok_pos[t], pscratch + sp * per);
@@ -554,4 +584,5 @@ void hs_attention(const void *q, const void *kc, const void *vc, void *out, cons
     free(dec);
     free(pre);
     free(tok);
+    return oom ? -3 : 0;
 }

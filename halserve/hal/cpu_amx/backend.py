@@ -65,6 +65,13 @@ def sample_args(logits: torch.Tensor, params, out: torch.Tensor) -> tuple[tuple,
             *(t.data_ptr() for t in keep[1:]), f, out.data_ptr()), keep
 
 
+def _failed(op: str, rc: int, shape: str):
+    """A C kernel's error code as one line naming the op (-3: a scratch malloc failed)."""
+    if rc == -3:
+        raise MemoryError(f"cpu_amx {op} ({shape}): out of memory for the kernel's scratch")
+    raise RuntimeError(f"cpu_amx {op} ({shape}): the C kernel returned {rc}")
+
+
 class CpuAmxBackend(NativeBackend):
     name = "cpu_amx"
 
@@ -241,8 +248,10 @@ class CpuAmxBackend(NativeBackend):
         y = out if direct else torch.empty(m, n, dtype=x.dtype)
         xs = torch.empty(m) if kind == 4 else None
         bf16 = int(x.dtype == torch.bfloat16)
-        self.lib.hs_linear(xc.data_ptr(), bf16, m, k, wp, kind, sp, group, n, self._ptr(bf), y.data_ptr(), bf16,
-                           self._ptr(xs), ws)
+        rc = self.lib.hs_linear(xc.data_ptr(), bf16, m, k, wp, kind, sp, group, n, self._ptr(bf), y.data_ptr(),
+                                bf16, self._ptr(xs), ws)
+        if rc:
+            _failed("linear", rc, f"M={m} K={k} N={n}")
         return y if out is None or direct else out.copy_(y)
 
     def _linear_amx(self, x, w, wp, bias, out):
@@ -389,10 +398,13 @@ class CpuAmxBackend(NativeBackend):
         # then never depend on its chunking): set every call, not cached here, as each tier's
         # library holds its own switch and a replayed graph or another backend may have set it
         self.lib.hs_set_attn_prefill_spans(int(self.batch_invariant))
-        self.lib.hs_attention(qc.data_ptr(), base, base + half, dst.data_ptr(), cu.data_ptr(), sl.data_ptr(),
-                              bt.data_ptr(), bt.shape[1], meta.num_seqs, t, hq, kv_cache.shape[-2], d,
-                              meta.block_size, int(meta.sliding_window or 0), float(scale), _CODES[q.dtype],
-                              int(max(meta.seq_lens_host, default=0)), _CODES[kv_cache.dtype])
+        rc = self.lib.hs_attention(qc.data_ptr(), base, base + half, dst.data_ptr(), cu.data_ptr(), sl.data_ptr(),
+                                   bt.data_ptr(), bt.shape[1], meta.num_seqs, t, hq, kv_cache.shape[-2], d,
+                                   meta.block_size, int(meta.sliding_window or 0), float(scale), _CODES[q.dtype],
+                                   int(max(meta.seq_lens_host, default=0)), _CODES[kv_cache.dtype])
+        if rc:
+            _failed("attention", rc, f"{t} query rows, {meta.num_seqs} sequences, up to "
+                    f"{max(meta.seq_lens_host, default=0)} keys")
         if out is not None and dst is not out:
             out.copy_(dst)
             return out

@@ -19,15 +19,15 @@
  * rows) win (2-vCPU box: M = 16 1.5-2x slower one row at a time). Same bits either way. */
 #define SEQ_M 2
 extern int hs_qkernels;
-void hs_linear_i4x16(const void *x, int x_bf16, int M, int K, const uint8_t *w, const float *scales, int group,
-                     int N, const float *bias, void *y, int y_bf16);
+int hs_linear_i4x16(const void *x, int x_bf16, int M, int K, const uint8_t *w, const float *scales, int group,
+                    int N, const float *bias, void *y, int y_bf16);
 void hs_linear_i8_seq(const uint8_t *xb, const float *xs, int M, int K, const int8_t *w, const float *scale, int N,
                       const float *bias, void *y, int y_bf16, const int32_t *wsum);
 void hs_linear_w8a8_seq(const int8_t *xq, const uint8_t *xu, const float *xs, int M, int K, const int8_t *w,
                         const float *scale, int N, const float *bias, void *y, int y_bf16, const int32_t *wsum);
-void hs_linear_i8_amx(const uint8_t *xb, int64_t mstride, int np, const int8_t *xq, const float *xs, int M, int K,
-                      const int8_t *w, const float *scale, int N, const float *bias, void *y, int y_bf16,
-                      const int32_t *wsum);
+int hs_linear_i8_amx(const uint8_t *xb, int64_t mstride, int np, const int8_t *xq, const float *xs, int M, int K,
+                     const int8_t *w, const float *scale, int N, const float *bias, void *y, int y_bf16,
+                     const int32_t *wsum);
 
 static int ybf; /* set by hs_linear before the parallel region: y is bfloat16 */
 
@@ -477,7 +477,8 @@ const float *hs_x_as_f32(const void *x, int x_bf16, int64_t n) {
     if (n > xf_cap) {
         free(xf_buf);
         xf_buf = (float *)malloc((size_t)n * 4);
-        xf_cap = n;
+        xf_cap = xf_buf ? n : 0;
+        if (!xf_buf) return NULL; /* the caller returns -3: out of memory */
     }
     row_to_f32(x, 0, (int)n, 1, xf_buf);
     return xf_buf;
@@ -488,15 +489,12 @@ const float *hs_x_as_f32(const void *x, int x_bf16, int64_t n) {
  * layout (linear_q.c; scale then in that layout too). xs: M floats of scratch for
  * W8A8's token scales. wsum (int8 kinds, may be NULL): each row's sum over its first K & ~63
  * values, made once at pack time, saves the byte-dot kernels one instruction in three.
- * Returns 0, or -1 for an unknown kind. */
+ * Returns 0, -1 for an unknown kind, -3 out of memory for the activations' scratch. */
 int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, const float *scale,
               int group, int N, const float *bias, void *y, int y_bf16, float *xs,
               const int32_t *wsum) {
     ybf = y_bf16;
-    if (kind == 5) {
-        hs_linear_i4x16(x, x_bf16, M, K, (const uint8_t *)w, scale, group, N, bias, y, y_bf16);
-        return 0;
-    }
+    if (kind == 5) return hs_linear_i4x16(x, x_bf16, M, K, (const uint8_t *)w, scale, group, N, bias, y, y_bf16);
 #ifdef __AVX512BF16__
     if (kind == 1 && x_bf16) {
         hs_linear_bf16dot((const bf16_t *)x, M, K, (const bf16_t *)w, N, bias, (float *)y);
@@ -508,7 +506,8 @@ int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, 
         if ((int64_t)M * K > xp_cap) {
             free(xp_buf);
             xp_buf = (bf16_t *)malloc((size_t)M * K * 2);
-            xp_cap = (int64_t)M * K;
+            xp_cap = xp_buf ? (int64_t)M * K : 0;
+            if (!xp_buf) return -3;
         }
         const bf16_t *xb = (const bf16_t *)x;
         for (int64_t m = 0; m < M; m++)
@@ -530,19 +529,20 @@ int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, 
         if ((int64_t)M * K * 2 > xu_cap) {
             free(xu_buf);
             xu_buf = (uint8_t *)malloc((size_t)M * K * 2);
-            xu_cap = (int64_t)M * K * 2;
+            xu_cap = xu_buf ? (int64_t)M * K * 2 : 0;
+            if (!xu_buf) return -3;
         }
         if (M > xs16_cap) {
             free(xs16_buf);
             xs16_buf = (float *)malloc((size_t)M * 4);
-            xs16_cap = M;
+            xs16_cap = xs16_buf ? M : 0;
+            if (!xs16_buf) return -3;
         }
         i8_x16_planes((const bf16_t *)x, M, K, xu_buf, xs16_buf);
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__)
         if ((hs_qkernels & 2) && wsum && M > SEQ_M && M <= 16) {
-            hs_linear_i8_amx(xu_buf, 2 * (int64_t)K, 2, NULL, xs16_buf, M, K, (const int8_t *)w, scale, N, bias, y,
-                             y_bf16, wsum);
-            return 0;
+            return hs_linear_i8_amx(xu_buf, 2 * (int64_t)K, 2, NULL, xs16_buf, M, K, (const int8_t *)w, scale, N,
+                                    bias, y, y_bf16, wsum);
         }
 #endif
         if (hs_qkernels && wsum && M <= SEQ_M)
@@ -553,6 +553,7 @@ int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, 
     }
 #endif
     const float *xf = hs_x_as_f32(x, x_bf16, (int64_t)M * K);
+    if (!xf) return -3;
     switch (kind) {
     case 0:
     case 1:
@@ -568,14 +569,16 @@ int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, 
         if ((int64_t)M * K > xq_cap) {
             free(xq_buf);
             xq_buf = (int8_t *)malloc((size_t)M * K);
-            xq_cap = (int64_t)M * K;
+            xq_cap = xq_buf ? (int64_t)M * K : 0;
+            if (!xq_buf) return -3;
         }
         hs_quant_rows_i8(xf, M, K, xq_buf, xs);
 #ifdef __AVX512VNNI__
         if ((int64_t)M * K > xu_cap) {
             free(xu_buf);
             xu_buf = (uint8_t *)malloc((size_t)M * K);
-            xu_cap = (int64_t)M * K;
+            xu_cap = xu_buf ? (int64_t)M * K : 0;
+            if (!xu_buf) return -3;
         }
         int amx = 0;
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__)
@@ -585,7 +588,8 @@ int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, 
             int64_t mk = (int64_t)M * K;
             for (int64_t i = 0; i < mk; i++) xu_buf[i] = (uint8_t)xq_buf[i] ^ 0x80;
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__)
-            if (amx) hs_linear_i8_amx(xu_buf, K, 1, xq_buf, xs, M, K, (const int8_t *)w, scale, N, bias, y, y_bf16, wsum);
+            if (amx) return hs_linear_i8_amx(xu_buf, K, 1, xq_buf, xs, M, K, (const int8_t *)w, scale, N, bias, y,
+                                             y_bf16, wsum);
             else
 #endif
                 hs_linear_w8a8_seq(xq_buf, xu_buf, xs, M, K, (const int8_t *)w, scale, N, bias, y, y_bf16, wsum);

@@ -272,8 +272,8 @@ static void i4x16_block(const void *x, int x_bf16, int M, int K, const uint8_t *
 }
 
 /* y[M, N] = x[M, K] @ W^T (+ bias) for int4 x16 weights; K % group == 0, group % 8 == 0. */
-void hs_linear_i4x16(const void *x, int x_bf16, int M, int K, const uint8_t *w, const float *scales, int group,
-                     int N, const float *bias, void *y, int y_bf16) {
+int hs_linear_i4x16(const void *x, int x_bf16, int M, int K, const uint8_t *w, const float *scales, int group,
+                    int N, const float *bias, void *y, int y_bf16) {
     int nb = (N + 15) / 16;
 #ifdef __AVX512BF16__
     int xbf = x_bf16; /* the bf16 kernel reads bf16 x as it is */
@@ -281,6 +281,7 @@ void hs_linear_i4x16(const void *x, int x_bf16, int M, int K, const uint8_t *w, 
     int xbf = 0;
 #endif
     const void *xk = xbf ? x : (const void *)hs_x_as_f32(x, x_bf16, (int64_t)M * K);
+    if (!xk) return -3; /* out of memory for the float32 copy of x */
     q_run runs[Q_MAXT];
     int cb = q_chunk_rows((int64_t)(K / 8) * 64, nb), nc = (nb + cb - 1) / cb, T = q_runs(runs, nc), done = 0;
 #pragma omp parallel
@@ -291,6 +292,7 @@ void hs_linear_i4x16(const void *x, int x_bf16, int M, int K, const uint8_t *w, 
                 i4x16_block(xk, xbf, M, K, w, scales, group, N, bias, y, y_bf16, b);
         q_done(&done);
     }
+    return 0;
 }
 
 /* ---- int8 row-major, one row at a time ---------------------------------------------- */
@@ -423,15 +425,16 @@ typedef struct {
 static __thread uint8_t *bq_buf;
 static __thread int64_t bq_cap;
 
-void hs_linear_i8_amx(const uint8_t *xb, int64_t mstride, int np, const int8_t *xq, const float *xs, int M, int K,
-                      const int8_t *w, const float *scale, int N, const float *bias, void *y, int y_bf16,
-                      const int32_t *wsum) {
+int hs_linear_i8_amx(const uint8_t *xb, int64_t mstride, int np, const int8_t *xq, const float *xs, int M, int K,
+                     const int8_t *w, const float *scale, int N, const float *bias, void *y, int y_bf16,
+                     const int32_t *wsum) {
     int kv = K & ~63, ns = kv / 64, nb = N / 16, pf = qpf();
     int64_t need = (int64_t)np * ns * 1024;
     if (need > bq_cap) {
         free(bq_buf);
         bq_buf = (uint8_t *)aligned_alloc(64, (size_t)(need > 64 ? need : 64));
-        bq_cap = need;
+        bq_cap = bq_buf ? need : 0; /* (was need even on failure: the next call wrote to NULL) */
+        if (!bq_buf) return -3;
     }
     uint8_t *bq = bq_buf;
 #pragma omp parallel
@@ -533,5 +536,6 @@ void hs_linear_i8_amx(const uint8_t *xb, int64_t mstride, int np, const int8_t *
         }
         _tile_release();
     }
+    return 0;
 }
 #endif
