@@ -236,8 +236,27 @@ def test_quantized_weights_sit_on_huge_pages_with_their_values():
         x = torch.randn(1, w.shape[-1], generator=g).bfloat16()
         if w.dim() == 2:
             assert torch.equal(b.linear(x, huge), b.linear(x, plain)), scheme
-    small = b.pack_weight(torch.randn(64, 256, generator=g), "int8")
-    assert small.weight.data_ptr() % quant.HUGE_PAGE != 0 or small.weight.numel() < quant.HUGE_PAGE
+    small = torch.randn(64, 256, generator=g).to(torch.int8)  # under one huge page: left as it is
+    assert quant.on_huge_pages(small) is small
+
+
+def test_huge_pages_fall_back_to_torch_memory_when_no_mapping_is_had(monkeypatch):
+    """mmap failing (an address-space limit, ENOMEM) leaves the weight in torch's memory,
+    same values, the linear running: never an error at load."""
+    b = CpuAmxBackend()
+    g = torch.Generator().manual_seed(12)
+    w = torch.randn(1100, 2048, generator=g)
+
+    def no_map(*a, **kw):
+        raise OSError(12, "Cannot allocate memory")
+
+    plain = {s: b.pack_weight(w, s) for s in ("int8", "int4_g64")}  # on huge pages where offered
+    monkeypatch.setattr(quant.mmap, "mmap", no_map)
+    x = torch.randn(1, 2048, generator=g).bfloat16()
+    for scheme, ref in plain.items():
+        pw = b.pack_weight(w, scheme)
+        assert torch.equal(pw.weight, ref.weight), scheme
+        assert torch.equal(b.linear(x, pw), b.linear(x, ref)), scheme
 
 
 def test_int4_with_float16_activations_is_refused_by_name():

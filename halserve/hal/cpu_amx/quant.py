@@ -55,7 +55,10 @@ def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
         return t
     # private (a shared anonymous mapping is shmem, whose THP setting is another, usually
     # "never") and untouched: the advice applies at the first fault
-    m = mmap.mmap(-1, n + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
+    try:
+        m = mmap.mmap(-1, n + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
+    except (OSError, ValueError):  # no mapping to be had (address-space limit, ...): torch's memory
+        return t
     raw = torch.frombuffer(m, dtype=torch.uint8)
     off = -raw.data_ptr() % HUGE_PAGE
     try:
