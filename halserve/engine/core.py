@@ -538,7 +538,8 @@ class EngineCore:
         text_before = len(seq.text)
         if seq.detok is not None:
             seq.text += seq.detok.add(tok)
-        n_out = seq.num_output_tokens
+        n_tokens = len(seq.token_ids)
+        n_out = n_tokens - seq.num_prompt_tokens
         reason = stop = None
         if not p.ignore_eos and tok in self.eos_token_ids and n_out >= p.min_tokens:
             reason, stop = "stop", None
@@ -548,8 +549,8 @@ class EngineCore:
             reason, stop = "stop", hit
         elif p.max_tokens is not None and n_out >= p.max_tokens:
             reason = "length"
-        elif seq.num_tokens >= self.max_model_len or self.kv.blocks_needed(seq.num_tokens + 1) > self.kv.num_blocks:
-            reason = "length"  # the context is full (model limit, or the whole KV cache)
+        elif n_tokens >= self.max_model_len or n_tokens >= self.kv.num_blocks * self.kv.block_size:
+            reason = "length"  # the context is full (model limit, or the whole KV cache: no block for one more token)
         if reason is not None:
             if seq.detok is not None and not isinstance(stop, str):
                 seq.text += seq.detok.flush()  # release a held-back partial character
@@ -575,7 +576,8 @@ class EngineCore:
         while len(req.sent) <= i:
             req.sent.append((0, 0, 0))
         n_tok, n_text, n_lp = req.sent[i]
-        toks = s.token_ids[s.num_prompt_tokens + n_tok:s.num_tokens - s.num_pending]
+        ids = s.token_ids
+        toks = ids[s.num_prompt_tokens + n_tok:len(ids) - s.num_pending]
         end = len(s.text)
         if s.finish_reason is None and s.params.stop:
             from halserve.engine.tokenizer import partial_stop_len

@@ -32,7 +32,8 @@ class ScheduledSeq:
 
     @property
     def samples(self) -> bool:
-        return self.seq.num_computed_tokens + self.num_new_tokens - len(self.spec_token_ids) == self.seq.num_tokens
+        seq = self.seq  # read a few times a row every step: no nested property
+        return seq.num_computed_tokens + self.num_new_tokens - len(self.spec_token_ids) == len(seq.token_ids)
 
 
 @dataclass(slots=True)
@@ -205,7 +206,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: set[int] = set()
         # 1. running sequences: decodes first, then unfinished prefills, oldest first
-        order = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens != 1)
+        order = sorted(self.running, key=lambda s: len(s.token_ids) - s.num_computed_tokens != 1)
         for seq in order:
             if budget <= 0:
                 break
