@@ -193,6 +193,8 @@ def scenarios(arch: str):
         ("attention decode split-KV (B=4, ctx=2048, bf16)", attn(4, 1, 2048, False)),
         ("attention prefill + cached prefix (B=2, q=96, ctx=640, bf16)", attn(2, 96, 640, False)),
         ("attention batch-invariant (B=4, ctx=1024, bf16)", attn(4, 1, 1024, True)),
+        # chunk rows of batch-invariant mode loop over the decode spans in their program (another launch)
+        ("attention batch-invariant prefill rows (B=2, q=16, ctx=1024, bf16)", attn(2, 16, 1024, True)),
         ("linear batch-invariant persistent GEMM (M=16, 4096x4096, bf16)",
          lambda: M.persistent_matmul(rnd(16, H), rnd(H, H))),
         ("linear fp8 W8A8 per-token (M=256, N=4096, K=4096)", fp8_linear(256, H, H, "per_token")),
@@ -207,6 +209,9 @@ def scenarios(arch: str):
          lambda: FU.rotary_write_kv(torch.arange(8), rnd(8, HQ, D), rnd(8, HK, D), rnd(8, HK, D),
                                     torch.randn(4096, D, generator=g), True, rnd(2, 4, BS, HK, D), torch.arange(8),
                                     q_norm_weight=rnd(D), k_norm_weight=rnd(D))),
+        ("rotary_write_kv (T=8, 32/8 heads, D=128, bf16, Llama: no q/k norm)",
+         lambda: FU.rotary_write_kv(torch.arange(8), rnd(8, HQ, D), rnd(8, HK, D), rnd(8, HK, D),
+                                    torch.randn(4096, D, generator=g), True, rnd(2, 4, BS, HK, D), torch.arange(8))),
         ("silu_and_mul (T=8, I=14336, bf16)", lambda: E.silu_and_mul(rnd(8, 2 * I))),
         ("write_kv (T=8, 8 heads, D=128, bf16)",
          lambda: E.write_kv(rnd(8, HK, D), rnd(8, HK, D), rnd(2, 4, BS, HK, D), torch.arange(8))),
@@ -261,11 +266,12 @@ def run(arch: str, log=print) -> list[Compiled]:
         rec = Recorder()
         with forced_arch(arch, hip=True), rec.active():
             thunk()
-        seen = set()
+        seen = set()  # one compile per distinct launch: a kernel launched with other constexprs is another
         for fn, args, kwargs in rec.calls:
-            if fn.__name__ in seen:
+            key = (fn.__name__, tuple(sorted((k, v) for k, v in kwargs.items() if isinstance(v, (int, float, bool, str)))))
+            if key in seen:
                 continue
-            seen.add(fn.__name__)
+            seen.add(key)
             t = time.perf_counter()
             c = compile_for(arch, fn, args, kwargs, scen)
             log(f"[{arch}] {scen}: {c.kernel} {'ok' if c.ok else 'FAILED ' + c.error} "
