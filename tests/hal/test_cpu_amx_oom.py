@@ -1,6 +1,7 @@
-"""cpu_amx's C kernels out of memory: a scratch malloc that fails is a one-line MemoryError
-naming the op, never a segfault or an abort. A child process caps its address space
-(RLIMIT_AS) just above what it uses, then asks for more scratch than the cap leaves."""
+"""cpu_amx's C kernels out of memory (linear, attention, sample): a scratch malloc that fails
+is a one-line MemoryError naming the op, never a segfault or an abort. A child process caps
+its address space (RLIMIT_AS) just above what it uses, then asks for more scratch than the
+cap leaves."""
 from __future__ import annotations
 
 import subprocess
@@ -14,6 +15,7 @@ from tests.hal.test_cpu_amx import pytestmark  # noqa: F401 (the skip mark)
 _CHILD = r"""
 import resource, sys, torch
 from halserve.hal.cpu_amx.backend import CpuAmxBackend
+from halserve.hal.conformance import sampling_tensors
 from tests.hal.test_cpu_amx import _meta
 
 b = CpuAmxBackend()
@@ -25,12 +27,16 @@ hk, d, ctx = 8, 64, 1 << 22  # two decode rows over 4M keys: ~140 MB of span sta
 meta, _ = _meta([ctx, ctx], [1, 1])
 meta.block_tables = torch.zeros_like(meta.block_tables)  # every block is block 0: a tiny cache
 cache, q = torch.randn(2, 1, 16, hk, d), torch.randn(2, hk, d)
+v = 1 << 24  # 64 MB of logits: the sampler's row scratch needs 64 MB + its candidates more
+logits, greedy = torch.randn(1, v), sampling_tensors(1, 0.0)
+b.sample(torch.randn(1, 64), greedy)
 one, _ = _meta([40, 40], [1, 1])
 one.block_tables = torch.zeros_like(one.block_tables)
 b.attention(q, cache, one, 0.125)
 vm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize")) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + (48 << 20), resource.RLIM_INFINITY))
-for op, call in (("linear", lambda: b.linear(x, pw)), ("attention", lambda: b.attention(q, cache, meta, 0.125))):
+for op, call in (("linear", lambda: b.linear(x, pw)), ("attention", lambda: b.attention(q, cache, meta, 0.125)),
+                 ("sample", lambda: b.sample(logits, greedy))):
     try:
         call()
         print(op, "ran")
@@ -50,3 +56,4 @@ def test_scratch_out_of_memory_is_a_memory_error_naming_the_op():
     assert any(ln.startswith("linear MemoryError cpu_amx linear (M=1 K=16777216 N=1): out of memory")
                for ln in lines), r.stdout
     assert any(ln.startswith("attention MemoryError cpu_amx attention (2 query rows") for ln in lines), r.stdout
+    assert any(ln.startswith("sample MemoryError cpu_amx sample (1 rows of 16777216") for ln in lines), r.stdout

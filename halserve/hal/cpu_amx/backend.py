@@ -265,7 +265,7 @@ class CpuAmxBackend(NativeBackend):
         bf16 = int(x.dtype == torch.bfloat16)
         rc = self.lib.hs_gemm_amx(xc.data_ptr(), bf16, m, k, wp, w.out_features, self._ptr(bf), y.data_ptr(), bf16)
         if rc:
-            why = "out of memory for the packed activations" if rc == -3 else "this build has no AMX, or M outside 1..128"
+            why = "out of memory for its scratch" if rc == -3 else "this build has no AMX, or M outside 1..128"
             raise RuntimeError(f"cpu_amx AMX GEMM failed for M={m} K={k} N={w.out_features}: {why}")
         return y if out is None or direct else out.copy_(y)
 
@@ -414,7 +414,9 @@ class CpuAmxBackend(NativeBackend):
         direct = out is not None and out.dtype == torch.int64 and out.is_contiguous()
         y = out if direct else torch.empty(logits.shape[0], dtype=torch.int64)
         args, _keep = sample_args(logits, params, y)
-        self.lib.hs_sample(*args)
+        rc = self.lib.hs_sample(*args)
+        if rc:
+            _failed("sample", rc, f"{logits.shape[0]} rows of {logits.shape[-1]} logits")
         return y if out is None or direct else out.copy_(y)
 
     def moe(self, x: torch.Tensor, router_logits: torch.Tensor, w13: PackedWeight,

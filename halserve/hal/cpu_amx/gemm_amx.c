@@ -287,6 +287,7 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
     uint32_t *xh = (uint32_t *)xp_buf, *xl = x_bf16 ? NULL : xh + blk;
     int br = amx_rows ? amx_rows : M > 32 ? 16 : 32, nblk = (N + br - 1) / br;
     omp_set_schedule(amx_dyn ? omp_sched_dynamic : omp_sched_static, amx_dyn ? 1 : 0);
+    int oom = 0; /* a worker's N-tail buffer could not be had: -3 */
 #pragma omp parallel
     {
         config_tiles();
@@ -316,7 +317,10 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
             const bf16_t *src = w + (int64_t)(n0 + (nr & ~15)) * K;
             if (part) {
                 if (!pad) pad = (bf16_t *)malloc((size_t)16 * nkb * KB * 2);
-                if (!pad) abort(); /* 16 rows of K: a machine without them cannot run the model */
+                if (!pad) {
+                    __atomic_store_n(&oom, 1, __ATOMIC_RELAXED);
+                    continue;
+                }
                 memset(pad, 0, (size_t)16 * nkb * KB * 2);
                 for (int i = 0; i < part; i++) memcpy(pad + (int64_t)i * nkb * KB, src + (int64_t)i * K, (size_t)K * 2);
                 if (nr < 16) a0 = pad;
@@ -349,7 +353,7 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
         free(pad);
         _tile_release();
     }
-    return 0;
+    return oom ? -3 : 0;
 }
 #else
 void hs_set_amx_sched(int dynamic) { (void)dynamic; }

@@ -52,7 +52,7 @@ int hs_attention(P q, P kc, P vc, P out, P cu_q, P seq_lens, P tables, int max_b
 void hs_dequant_rows(P w, int kind, P scale, int group, int K, int n0, int n1, P dst, int bf16);
 int hs_moe(P x, int x_bf16, int T, int H, int I, int E, int topk, P ids, P tw, P w13, P s13, P ws13, P w2, P s2,
            P ws2, int kind, P out);
-void hs_sample(P logits, int lbf16, int64_t B, int64_t V, P temp, P top_k, P top_p, P min_p, P seeds, P steps,
+int hs_sample(P logits, int lbf16, int64_t B, int64_t V, P temp, P top_k, P top_p, P min_p, P seeds, P steps,
                int flags, P out);
 int hs_amx_request(void);
 void hs_set_threads(int n);

@@ -285,7 +285,8 @@ static int64_t sample_row(const void *logits, int lbf16, int64_t r, int64_t V, f
         free(c_buf);
         s_buf = (float *)malloc((size_t)V * 4);
         c_buf = (best_t *)malloc((size_t)V * sizeof(best_t));
-        s_cap = V;
+        s_cap = s_buf && c_buf ? V : 0;
+        if (!s_cap) return -1; /* no token is negative: hs_sample returns -3 */
     }
     const float *lg;
     if (lbf16) {
@@ -427,20 +428,23 @@ static int64_t sample_row(const void *logits, int lbf16, int64_t r, int64_t V, f
 /* logits [B, V] float32 (lbf16 = 0) or bfloat16 -> out [B] int64. Per-row parameters as
  * SamplingTensors holds them; flags carry its host hints (F_*). With F_ALL_GREEDY the
  * parameter pointers are not read (the caller may pass 0: no conversions for them). */
-void hs_sample(const void *logits, int lbf16, int64_t B, int64_t V, const float *temp, const int32_t *top_k,
-               const float *top_p, const float *min_p, const int64_t *seeds, const int64_t *steps, int flags,
-               int64_t *out) {
+int hs_sample(const void *logits, int lbf16, int64_t B, int64_t V, const float *temp, const int32_t *top_k,
+              const float *top_p, const float *min_p, const int64_t *seeds, const int64_t *steps, int flags,
+              int64_t *out) {
     int g = (flags & F_ALL_GREEDY) != 0;
     if (B == 1) {
         int par = V >= DRAW_PAR_MIN && omp_get_max_threads() > 1;
         out[0] = g ? sample_row(logits, lbf16, 0, V, 0.f, 0, 1.f, 0.f, 0, 0, flags, par)
                    : sample_row(logits, lbf16, 0, V, temp[0], top_k[0], top_p[0], min_p[0], seeds[0], steps[0],
                                 flags, par);
-        return;
+        return out[0] < 0 ? -3 : 0;
     }
 #pragma omp parallel for schedule(dynamic, 1) if (B * V >= ROWS_PAR_MIN)
     for (int64_t r = 0; r < B; r++)
         out[r] = g ? sample_row(logits, lbf16, r, V, 0.f, 0, 1.f, 0.f, 0, 0, flags, 0)
                    : sample_row(logits, lbf16, r, V, temp[r], top_k[r], top_p[r], min_p[r], seeds[r], steps[r],
                                 flags, 0);
+    for (int64_t r = 0; r < B; r++)
+        if (out[r] < 0) return -3;
+    return 0;
 }
