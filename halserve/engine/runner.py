@@ -285,15 +285,18 @@ class ModelRunner:
         b = min(x for x in self.graphs if x >= n)
         st, bs = self._static, self.block_size
         seqs = [s.seq for s in so.scheduled]
+        # a decode row's input is its last token (a placeholder under async scheduling: fed
+        # on the device), at position num_computed_tokens = num_tokens - 1
         ids = np.zeros(b, dtype=np.int64)
+        ids[:n] = [seq.token_ids[-1] for seq in seqs]
         pos = np.zeros(b, dtype=np.int64)
         pos[:n] = [seq.num_computed_tokens for seq in seqs]
-        ids[:n] = [seq.token_ids[p] for seq, p in zip(seqs, pos[:n].tolist())]
         tbl = self.tables.gather(seqs, b)
+        p = pos[:n]
         slots = np.full(b, -1, dtype=np.int64)
-        slots[:n] = tbl[np.arange(n), pos[:n] // bs].astype(np.int64) * bs + pos[:n] % bs
+        slots[:n] = tbl[np.arange(n), p // bs].astype(np.int64) * bs + p % bs
         lens = np.ones(b, dtype=np.int32)
-        lens[:n] = pos[:n] + 1
+        lens[:n] = p + 1
         views = self.staging.upload(ids, pos, slots, lens, tbl, *extra)
         # columns past the table's width keep stale but valid block ids: nothing reads past seq_lens
         for key, v in zip(("ids", "pos", "slots", "seq_lens"), views[:4]):
