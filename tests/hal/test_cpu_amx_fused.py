@@ -85,3 +85,15 @@ def test_supports_sends_other_caches_to_the_composite(amx):
                                 **spec)).startswith("native fallback")
     assert str(amx.supports("rotary_write_kv", dtype=torch.float16, kv_dtype=torch.float16,
                                 **spec)).startswith("native fallback")
+
+
+def test_norm_weights_of_the_wrong_size_are_refused_by_name(amx):
+    """The C kernel reads head_dim values of each norm weight: a shorter one was read past its
+    end (a longer one silently cut); now a one-line error naming it, nothing written."""
+    q, k, v, pos, cs, stack, slots = _inputs(torch.float32, 3, 4, 2, 64, 64, False)
+    cache, q0 = stack[0].clone(), q.clone()
+    for qn, kn, bad in ((32, 64, "q_norm_weight has 32"), (64, 65, "k_norm_weight has 65")):
+        with pytest.raises(ValueError, match=f"rotary_write_kv: {bad} values; the head size is 64"):
+            amx.rotary_write_kv(pos, q, k, v, cs, False, stack[0], slots, q_norm_weight=torch.ones(qn),
+                                k_norm_weight=torch.ones(kn))
+    assert torch.equal(stack[0], cache) and torch.equal(q, q0)

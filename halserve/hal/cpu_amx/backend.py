@@ -356,6 +356,9 @@ class CpuAmxBackend(NativeBackend):
             raise ValueError(f"rotary_write_kv: k is {k.dtype} and q {q.dtype}; cpu_amx takes one dtype for both")
         if (q_norm_weight is None) != (k_norm_weight is None):
             raise ValueError("rotary_write_kv: pass q_norm_weight and k_norm_weight together, or neither")
+        for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+            if w is not None and w.numel() != q.shape[-1]:  # C reads head_dim values of each
+                raise ValueError(f"rotary_write_kv: {name} has {w.numel()} values; the head size is {q.shape[-1]}")
         norm = dict(q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps)
         if not (q.is_contiguous() and k.is_contiguous() and kv_cache.is_contiguous()):
             # the engine's tensors are; other views go through contiguous copies, as in rotary
