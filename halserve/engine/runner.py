@@ -463,7 +463,8 @@ class ModelRunner:
         sch = so.scheduled
         rows_idx = [i for i, s in enumerate(sch) if s.samples]
         seqs = [sch[i].seq for i in rows_idx]
-        extra = (*_sampling_arrays(seqs), *self._feed(so, prev))
+        arrays, hints, processors = _sampling_state(seqs)
+        extra = (*arrays, *self._feed(so, prev))
         plp = None
         staged = self._stage_graph(so, extra)
         if staged is not None:
@@ -485,7 +486,7 @@ class ModelRunner:
             return PendingStep([], None, None, None, plp, None)
         want = [seq.params.logprobs for seq in seqs]
         raw = logits.clone() if any(k is not None for k in want) else None
-        tokens = sample(self.hal, logits, _staged_rows(seqs, seqs, views))
+        tokens = sample(self.hal, logits, _staged_rows(seqs, seqs, views, hints), processors)
         return self._queue_read([sch[i] for i in rows_idx], tokens, raw, want, plp)
 
     def _feed(self, so: SchedulerOutput, prev: "PendingStep | None") -> tuple[np.ndarray, np.ndarray]:
@@ -536,13 +537,15 @@ class StagedRows(list):
     __slots__ = ("tensors",)
 
 
-def sample(hal: Backend, logits: torch.Tensor, rows) -> torch.Tensor:
+def sample(hal: Backend, logits: torch.Tensor, rows, processors: bool | None = None) -> torch.Tensor:
     """The step's draw: logits processors where a row has any, then the HAL's ``sample``.
     ``rows``: ``StagedRows`` (launch) or ``SamplingRow``s (``sampling.sample`` builds the
-    tensors)."""
+    tensors). ``processors``: whether any row has one, where the caller knows already."""
     if not isinstance(rows, StagedRows):
         return sample_rows(hal, logits, rows)
-    if any(_needs_processors(seq) for seq in rows):
+    if processors is None:
+        processors = any(_needs_processors(seq) for seq in rows)
+    if processors:
         # the generated ids with the placeholders: min_tokens counts them as a synchronous
         # step would count their tokens (a penalty row never has one: _needs_host_tokens)
         apply_logits_processors(logits, [SamplingRow(seq.params, seq.seed, seq.num_output_tokens,
@@ -687,18 +690,36 @@ class _BlockTables:
             self.free.append(self.of.pop(sid)[0])
 
 
-def _sampling_arrays(seqs) -> tuple[np.ndarray, ...]:
-    """temperature, top_k, top_p, min_p, seed, step of each sampled row (as
-    ``sampling.build_sampling_tensors``: the seeded draw is keyed by tokens generated so far,
-    a placeholder counted, as its real token would be in a synchronous step)."""
-    n = len(seqs)
-    ps = [s.params for s in seqs]
-    return (np.fromiter((0.0 if p.greedy else p.temperature for p in ps), dtype=np.float32, count=n),
-            np.fromiter((p.top_k for p in ps), dtype=np.int32, count=n),
-            np.fromiter((p.top_p for p in ps), dtype=np.float32, count=n),
-            np.fromiter((p.min_p for p in ps), dtype=np.float32, count=n),
-            np.fromiter((s.seed for s in seqs), dtype=np.int64, count=n),
-            np.fromiter((s.num_output_tokens for s in seqs), dtype=np.int64, count=n))
+def _sampling_state(seqs) -> tuple[tuple[np.ndarray, ...], dict, bool]:
+    """One pass over the sampled rows (a few lists, not a generator a field; it runs every
+    step for every row): (temperature, top_k, top_p, min_p, seed, step arrays as
+    ``sampling.build_sampling_tensors`` builds them: the seeded draw is keyed by tokens
+    generated so far, a placeholder counted, as its real token would be in a synchronous
+    step), the sampler's hints (``_staged_rows``), whether any row has a logits processor."""
+    temps, top_k, top_p, min_p, seeds, steps = [], [], [], [], [], []
+    greedy = random = processors = False
+    for s in seqs:
+        p = s.params
+        n_out = len(s.token_ids) - s.num_prompt_tokens
+        if p.greedy:
+            greedy = True
+            temps.append(0.0)
+        else:
+            random = True
+            temps.append(p.temperature)
+        top_k.append(p.top_k)
+        top_p.append(p.top_p)
+        min_p.append(p.min_p)
+        seeds.append(s.seed)
+        steps.append(n_out)
+        if not processors and (p.needs_penalties or p.logit_bias or n_out < p.min_tokens):
+            processors = True
+    hints = dict(all_greedy=not random, all_random=not greedy, no_top_k=not any(top_k),
+                 no_top_p=all(x >= 1.0 for x in top_p), no_min_p=all(x <= 0.0 for x in min_p))
+    arrays = (np.array(temps, dtype=np.float32), np.array(top_k, dtype=np.int32),
+              np.array(top_p, dtype=np.float32), np.array(min_p, dtype=np.float32),
+              np.array(seeds, dtype=np.int64), np.array(steps, dtype=np.int64))
+    return arrays, hints, processors
 
 
 def _staged_draws(so: SchedulerOutput, rows_idx: list[int], views) -> "StagedRows | None":
@@ -713,18 +734,19 @@ def _staged_draws(so: SchedulerOutput, rows_idx: list[int], views) -> "StagedRow
     return _staged_rows(positions, seqs, views)
 
 
-def _staged_rows(rows, seqs, views) -> StagedRows:
+def _staged_rows(rows, seqs, views, hints: dict | None = None) -> StagedRows:
     """``rows`` (a sequence per sampled row) with the sampling tensors already uploaded
     (``views``: temperature, top-k, top-p, min-p, seeds, steps) and the host hints the
-    sampler takes from ``seqs``' parameters."""
+    sampler takes from ``seqs``' parameters (``hints``: as ``_sampling_state`` gave them)."""
     out = StagedRows(rows)
-    ps = [seq.params for seq in seqs]
+    if hints is None:
+        ps = [seq.params for seq in seqs]
+        hints = dict(all_greedy=all(p.greedy for p in ps), all_random=not any(p.greedy for p in ps),
+                     no_top_k=all(p.top_k == 0 for p in ps), no_top_p=all(p.top_p >= 1.0 for p in ps),
+                     no_min_p=all(p.min_p <= 0.0 for p in ps))
     temps, top_k, top_p, min_p, seeds, steps = views[:6]
-    out.tensors = SamplingTensors(
-        temperature=temps, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds, steps=steps,
-        all_greedy=all(p.greedy for p in ps), all_random=not any(p.greedy for p in ps),
-        no_top_k=all(p.top_k == 0 for p in ps), no_top_p=all(p.top_p >= 1.0 for p in ps),
-        no_min_p=all(p.min_p <= 0.0 for p in ps))
+    out.tensors = SamplingTensors(temperature=temps, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds,
+                                  steps=steps, **hints)
     return out
 
 
