@@ -425,12 +425,14 @@ class EngineCore:
         touched: dict[str, Request] = {}
         to_save: list = []
         j = 0
+        plp, spec, tokens, lps = result.prompt_logprobs, result.spec, result.tokens, result.logprobs
+        requests = self.requests
         for s in so.scheduled:
             seq = s.seq
-            if result.prompt_logprobs and seq.seq_id in result.prompt_logprobs:
-                self._add_prompt_logprobs(seq, *result.prompt_logprobs[seq.seq_id])
+            if plp and seq.seq_id in plp:
+                self._add_prompt_logprobs(seq, *plp[seq.seq_id])
             samples = s.samples  # read before num_computed_tokens moves: it derives from it
-            verified = result.spec.get(seq.seq_id) if result.spec else None
+            verified = spec.get(seq.seq_id) if spec else None
             if verified is not None:
                 j += 1
                 self._append_verified(s, verified, now, to_save)
@@ -442,9 +444,9 @@ class EngineCore:
                 to_save.extend(self.connector.blocks_to_save(seq, new))
             if not samples:
                 continue
-            self._append_token(seq, result.tokens[j], result.logprobs[j], now)
+            self._append_token(seq, tokens[j], lps[j], now)
             j += 1
-            touched[seq.request_id] = self.requests[seq.request_id]
+            touched[seq.request_id] = requests[seq.request_id]
         if self.proposer is not None:
             for s in so.scheduled:
                 if s.seq.is_finished:

@@ -316,10 +316,11 @@ class IncrementalDetokenizer:
     def _step(self, final: bool) -> str:
         if self.read_offset >= len(self.tokens):
             return ""
-        decode = self.tokenizer._decode_raw
+        decode = self.tokenizer._tk.decode  # as _decode_raw, without its frame (twice a token)
+        skip = self.skip_special_tokens
         window = self.tokens[self.prefix_offset:]
-        prefix_text = decode(self.tokens[self.prefix_offset:self.read_offset], self.skip_special_tokens)
-        new_text = decode(window, self.skip_special_tokens)
+        prefix_text = decode(window[:self.read_offset - self.prefix_offset], skip_special_tokens=skip)
+        new_text = decode(window, skip_special_tokens=skip)
         if not final and (len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd")):
             return ""
         if not new_text.startswith(prefix_text):
