@@ -279,8 +279,9 @@ def test_prefill_rows_through_decode_spans_have_decode_bits(dtype, window):
     span and past two; with the switch off (the default, one pass per prefill row) the bits
     past one span differ, so the check can fail. (The switch makes
     tests/engine/test_bi_chunking.py's cpu_amx case pass: its strict xfail goes with it.)
-    The backend sets the switch from its batch_invariant flag on every call, in each tier's
-    library: a value cached once per process left the second tier's library off."""
+    The backend passes its batch_invariant flag with every call (hs_attention's prefill_spans),
+    so the process-wide switch, stale here on purpose, is not read: a value cached once per
+    process left a second tier's library off, and two backends on two threads raced on it."""
     g = torch.Generator().manual_seed(21)
     hq, hk, d, chunk = 8, 2, 64, 6
     ctx = [50, 300, 140, 129]  # each sequence's last chunk of 6 query tokens ends at its context
@@ -290,7 +291,7 @@ def test_prefill_rows_through_decode_spans_have_decode_bits(dtype, window):
     for on in (1, 0):  # every tier in a row with one flag: each library's switch must be set
         for tier in RUNNABLE:
             b = backend(tier, batch_invariant=bool(on))
-            b.lib.hs_set_attn_prefill_spans(1 - on)  # stale, as another backend may leave it
+            b.lib.hs_set_attn_prefill_spans(1 - on)  # stale: as an A/B run or an old build left it
             pre = b.attention(q, cache, meta, 0.125)
             same = []
             for i, c in enumerate(ctx):

@@ -428,8 +428,10 @@ static void write_norm(const attn_ctx *c, void *out, int64_t t, int Hq, int h, c
     }
 }
 
-/* Prefill rows through the decode rows' spans (0: one pass over their keys; the backend sets
- * 1 in batch-invariant mode). On, a token's bits do not depend on whether it ran as a decode row or inside a prefill
+/* Prefill rows through the decode rows' spans (0: one pass over their keys; 1 in
+ * batch-invariant mode: hs_attention's prefill_spans, which the backend passes each call, so
+ * two backends in one process, on two threads, never see each other's; -1 there reads this
+ * switch, for A/B timing). On, a token's bits do not depend on whether it ran as a decode row or inside a prefill
  * chunk (batch-invariant mode's chunking and preemption: tests/engine/test_bi_chunking.py): both
  * compute the same 128-key spans from fresh states (span_item) and merge them with one function
  * (merge_write). Costs a partial state per span and a merge for each prefill token. */
@@ -480,8 +482,8 @@ static __attribute__((noinline)) void merge_write(const attn_ctx *c, void *out, 
 int hs_attention(const void *q, const void *kc, const void *vc, void *out, const int32_t *cu_q,
                   const int32_t *seq_lens, const int32_t *tables, int max_blocks, int num_seqs,
                   int T, int Hq, int Hk, int D, int bs, int window, float scale, int qbf16,
-                  int max_seqlen_k, int bf16) {
-    int oom = 0;
+                  int max_seqlen_k, int bf16, int prefill_spans) {
+    int oom = 0, spans = prefill_spans < 0 ? attn_prefill_spans : prefill_spans != 0;
     attn_ctx c = {kc, vc, tables, max_blocks, Hk, D, bs, Hq / Hk, bf16, qbf16, scale, &oom};
     int G = Hq / Hk;
     int32_t *tok = (int32_t *)malloc((size_t)T * 3 * 4 + 4);
@@ -550,7 +552,7 @@ int hs_attention(const void *q, const void *kc, const void *vc, void *out, const
             for (int g = 0; g < G; g++) row_to_f32(q, ((int64_t)t * Hq + h * G + g) * D, D, qbf16, qf + g * D);
             const int32_t *table = tables + (int64_t)i * max_blocks;
             int64_t qoff = ((int64_t)t * Hq + h * G) * D;
-            if (attn_prefill_spans) {
+            if (spans) {
                 int nsp = (tok_pos[t] + SPAN) / SPAN;
                 size_t need = (size_t)nsp * per * 4;
                 if (need > pscratch_cap) {

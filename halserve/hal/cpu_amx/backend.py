@@ -397,14 +397,13 @@ class CpuAmxBackend(NativeBackend):
         bt = _ready(meta.block_tables, torch.int32)
         t, hq, d = qc.shape
         base, half = kv_cache.data_ptr(), kv_cache.stride(0) * kv_cache.element_size()
-        # prefill rows through the decode rows' key spans in batch-invariant mode (a token's bits
-        # then never depend on its chunking): set every call, not cached here, as each tier's
-        # library holds its own switch and a replayed graph or another backend may have set it
-        self.lib.hs_set_attn_prefill_spans(int(self.batch_invariant))
         rc = self.lib.hs_attention(qc.data_ptr(), base, base + half, dst.data_ptr(), cu.data_ptr(), sl.data_ptr(),
                                    bt.data_ptr(), bt.shape[1], meta.num_seqs, t, hq, kv_cache.shape[-2], d,
                                    meta.block_size, int(meta.sliding_window or 0), float(scale), _CODES[q.dtype],
-                                   int(max(meta.seq_lens_host, default=0)), _CODES[kv_cache.dtype])
+                                   int(max(meta.seq_lens_host, default=0)), _CODES[kv_cache.dtype],
+                                   # prefill rows through the decode rows' key spans in
+                                   # batch-invariant mode: a token's bits never depend on its chunking
+                                   int(self.batch_invariant))
         if rc:
             _failed("attention", rc, f"{t} query rows, {meta.num_seqs} sequences, up to "
                     f"{max(meta.seq_lens_host, default=0)} keys")

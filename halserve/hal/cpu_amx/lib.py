@@ -48,7 +48,8 @@ void hs_write_kv(P key, P value, P kcache, P vcache, P slots, int T, int64_t row
 void hs_rotary_write_kv(P pos, P q, P k, P v, P cos_sin, P kcache, P vcache, P slots, int T, int Hq, int Hk, int D,
                         int rot, int is_neox, int bf16, P qw, P kw, int w_bf16, float eps);
 int hs_attention(P q, P kc, P vc, P out, P cu_q, P seq_lens, P tables, int max_blocks, int num_seqs, int T, int Hq,
-                  int Hk, int D, int bs, int window, float scale, int qbf16, int max_seqlen_k, int bf16);
+                  int Hk, int D, int bs, int window, float scale, int qbf16, int max_seqlen_k, int bf16,
+                  int prefill_spans);
 void hs_dequant_rows(P w, int kind, P scale, int group, int K, int n0, int n1, P dst, int bf16);
 int hs_moe(P x, int x_bf16, int T, int H, int I, int E, int topk, P ids, P tw, P w13, P s13, P ws13, P w2, P s2,
            P ws2, int kind, P out);
