@@ -277,3 +277,35 @@ def test_int4_with_float16_activations_is_refused_by_name():
     w2 = b.pack_weight(torch.randn(4, 128, 32, generator=g) * 0.1, "int4")
     with pytest.raises(OpRefused, match="int4 weights take float32 or bfloat16"):
         b.moe(x, torch.randn(3, 4, generator=g), w13, w2, MoeSpec(top_k=2))
+
+
+def test_linears_of_two_dtypes_on_two_threads_keep_their_own_output_dtype():
+    """hs_linear's kernels took y's dtype from one process-wide variable: a float32 call on
+    another Python thread (cffi lets go of the GIL) could make a bfloat16 call write float32
+    values, twice its output's bytes. Each thread's outputs stay its own bits and nothing is
+    written past a bfloat16 output (a guard behind it)."""
+    import threading
+
+    b = CpuAmxBackend()
+    g = torch.Generator().manual_seed(13)
+    n, k = 512, 256
+    pw = b.pack_weight(torch.randn(n, k, generator=g).bfloat16())
+    xs = {torch.bfloat16: torch.randn(1, k, generator=g).bfloat16(), torch.float32: torch.randn(1, k, generator=g)}
+    want = {dt: b.linear(x, pw) for dt, x in xs.items()}
+    bad: list = []
+
+    def run(dt):
+        buf = torch.full((2 * n,), 7.0, dtype=dt)
+        out = buf[:n].view(1, n)
+        for _ in range(400):
+            y = b.linear(xs[dt], pw, out=out)
+            if not (torch.equal(y, want[dt]) and (buf[n:] == 7.0).all()):
+                bad.append(dt)
+                return
+
+    threads = [threading.Thread(target=run, args=(dt,)) for dt in xs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad, bad

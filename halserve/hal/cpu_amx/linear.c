@@ -29,11 +29,12 @@ int hs_linear_i8_amx(const uint8_t *xb, int64_t mstride, int np, const int8_t *x
                      const int8_t *w, const float *scale, int N, const float *bias, void *y, int y_bf16,
                      const int32_t *wsum);
 
-static int ybf; /* set by hs_linear before the parallel region: y is bfloat16 */
-
-static inline void finish(void *y, int64_t m, int N, int n, float v, const float *bias) {
+/* y is bfloat16 (ybf: each kernel's own argument, not a global: two Python threads may run
+ * linears of two dtypes at once, and a bf16 y written as float32 runs past its end) */
+static inline void finish_(void *y, int64_t m, int N, int n, float v, const float *bias, int ybf) {
     store_f(y, m * N + n, bias ? v + bias[n] : v, ybf);
 }
+#define finish(y, m, N, n, v, bias) finish_(y, m, N, n, v, bias, ybf)
 
 /* software prefetch distance in bytes ahead of each weight row's stream (0: off); set
  * from Python so the perf tool can sweep it on the machine at hand */
@@ -50,7 +51,7 @@ int hs_qpf(void);
 #define PFQ(p) do { if (qd) _mm_prefetch((const char *)(p) + qd, _MM_HINT_T0); } while (0)
 
 static void hs_linear_f(const float *x, int M, int K, const void *w, int w_bf16, int N,
-                 const float *bias, float *y) {
+                 const float *bias, float *y, int ybf) {
     int nblk = (N + ROWS - 1) / ROWS;
 #pragma omp parallel for schedule(static)
     for (int b = 0; b < nblk; b++) {
@@ -131,7 +132,7 @@ static void hs_linear_f(const float *x, int M, int K, const void *w, int w_bf16,
 
 /* int8 weight-only: per-channel scale applied once per output after the dot. */
 static void hs_linear_i8(const float *x, int M, int K, const int8_t *w, const float *scale, int N,
-                  const float *bias, float *y) {
+                  const float *bias, float *y, int ybf) {
     int nblk = (N + ROWS - 1) / ROWS;
 #pragma omp parallel for schedule(static)
     for (int b = 0; b < nblk; b++) {
@@ -190,7 +191,7 @@ static void hs_quant_rows_i8(const float *x, int M, int K, int8_t *xq, float *xs
 
 /* W8A8: exact int32 dots (VNNI / madd), scaled once by token x channel. */
 static void hs_linear_w8a8(const int8_t *xq, const float *xs, int M, int K, const int8_t *w,
-                    const float *scale, int N, const float *bias, float *y) {
+                    const float *scale, int N, const float *bias, float *y, int ybf) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const int8_t *wr = w + (int64_t)n * K;
@@ -208,7 +209,7 @@ static void hs_linear_w8a8(const int8_t *xq, const float *xs, int M, int K, cons
  * carries value j (low nibble) and value j + 16 (high nibble), stored as q + 8, so both
  * halves meet contiguous x. One fp32 scale per group of ``group`` values. */
 static void hs_linear_i4(const float *x, int M, int K, const uint8_t *w, const float *scales, int group,
-                  int N, const float *bias, float *y) {
+                  int N, const float *bias, float *y, int ybf) {
     int ng = K / group, cpg = group / 32;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
@@ -262,7 +263,7 @@ static void hs_linear_i4(const float *x, int M, int K, const uint8_t *w, const f
  * the widening kernel's arithmetic with half the instructions (a pair of products per lane
  * per step). Only for bf16 x (a bf16 model's activations): fp32 x would be rounded. */
 static void hs_linear_bf16dot(const bf16_t *x, int M, int K, const bf16_t *w, int N, const float *bias,
-                              float *y) {
+                              float *y, int ybf) {
     int nblk = (N + ROWS - 1) / ROWS, kv = K & ~31;
 #pragma omp parallel for schedule(static)
     for (int b = 0; b < nblk; b++) {
@@ -298,7 +299,7 @@ static void hs_linear_bf16dot(const bf16_t *x, int M, int K, const bf16_t *w, in
  * values [0:16) and [32:48) of the 64, the high nibbles [16:32) and [48:64), so x is
  * permuted once per call (xp) to match. Four rows share every x load. Needs group % 64 == 0. */
 static void hs_linear_i4_bf16(const bf16_t *x, const bf16_t *xp, int M, int K, const uint8_t *w,
-                              const float *scales, int group, int N, const float *bias, float *y) {
+                              const float *scales, int group, int N, const float *bias, float *y, int ybf) {
     int nblk = (N + ROWS - 1) / ROWS, ng = K / group, ppg = group / 64;
     const __m512i lo4 = _mm512_set1_epi16(15);
     __m512i table;
@@ -353,7 +354,7 @@ static void hs_linear_i4_bf16(const bf16_t *x, const bf16_t *xp, int M, int K, c
  * kernel computes. */
 static void hs_linear_w8a8_vnni(const int8_t *xq, const float *xs, int M, int K, const int8_t *w,
                                 const float *scale, int N, const float *bias, float *y, uint8_t *xu,
-                                const int32_t *wsum) {
+                                const int32_t *wsum, int ybf) {
     int64_t mk = (int64_t)M * K;
     for (int64_t i = 0; i < mk; i++) xu[i] = (uint8_t)xq[i] ^ 0x80;
     int nblk = (N + ROWS - 1) / ROWS, kv = K & ~63, qd = hs_qpf();
@@ -418,7 +419,7 @@ static void i8_x16_planes(const bf16_t *x, int M, int K, uint8_t *xb, float *xs)
 }
 
 static void hs_linear_i8_x16(int M, int K, const int8_t *w, const float *scale, int N, const float *bias, float *y,
-                             const uint8_t *xb, const float *xs, const int32_t *wsum) {
+                             const uint8_t *xb, const float *xs, const int32_t *wsum, int ybf) {
     int nblk = (N + ROWS - 1) / ROWS, kv = K & ~63, qd = hs_qpf();
     const __m512i ones = _mm512_set1_epi8(1);
 #pragma omp parallel for schedule(static)
@@ -493,11 +494,10 @@ const float *hs_x_as_f32(const void *x, int x_bf16, int64_t n) {
 int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, const float *scale,
               int group, int N, const float *bias, void *y, int y_bf16, float *xs,
               const int32_t *wsum) {
-    ybf = y_bf16;
     if (kind == 5) return hs_linear_i4x16(x, x_bf16, M, K, (const uint8_t *)w, scale, group, N, bias, y, y_bf16);
 #ifdef __AVX512BF16__
     if (kind == 1 && x_bf16) {
-        hs_linear_bf16dot((const bf16_t *)x, M, K, (const bf16_t *)w, N, bias, (float *)y);
+        hs_linear_bf16dot((const bf16_t *)x, M, K, (const bf16_t *)w, N, bias, (float *)y, y_bf16);
         return 0;
     }
 #endif
@@ -520,7 +520,7 @@ int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, 
                     d[32 + i] = s[16 + i];
                     d[48 + i] = s[48 + i];
                 }
-        hs_linear_i4_bf16(xb, xp_buf, M, K, (const uint8_t *)w, scale, group, N, bias, (float *)y);
+        hs_linear_i4_bf16(xb, xp_buf, M, K, (const uint8_t *)w, scale, group, N, bias, (float *)y, y_bf16);
         return 0;
     }
 #endif
@@ -548,7 +548,7 @@ int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, 
         if (hs_qkernels && wsum && M <= SEQ_M)
             hs_linear_i8_seq(xu_buf, xs16_buf, M, K, (const int8_t *)w, scale, N, bias, y, y_bf16, wsum);
         else
-            hs_linear_i8_x16(M, K, (const int8_t *)w, scale, N, bias, (float *)y, xu_buf, xs16_buf, wsum);
+            hs_linear_i8_x16(M, K, (const int8_t *)w, scale, N, bias, (float *)y, xu_buf, xs16_buf, wsum, y_bf16);
         return 0;
     }
 #endif
@@ -557,13 +557,13 @@ int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, 
     switch (kind) {
     case 0:
     case 1:
-        hs_linear_f(xf, M, K, w, kind, N, bias, (float *)y);
+        hs_linear_f(xf, M, K, w, kind, N, bias, (float *)y, y_bf16);
         return 0;
     case 2:
-        hs_linear_i8(xf, M, K, (const int8_t *)w, scale, N, bias, (float *)y);
+        hs_linear_i8(xf, M, K, (const int8_t *)w, scale, N, bias, (float *)y, y_bf16);
         return 0;
     case 3:
-        hs_linear_i4(xf, M, K, (const uint8_t *)w, scale, group, N, bias, (float *)y);
+        hs_linear_i4(xf, M, K, (const uint8_t *)w, scale, group, N, bias, (float *)y, y_bf16);
         return 0;
     case 4:
         if ((int64_t)M * K > xq_cap) {
@@ -594,10 +594,10 @@ int hs_linear(const void *x, int x_bf16, int M, int K, const void *w, int kind, 
 #endif
                 hs_linear_w8a8_seq(xq_buf, xu_buf, xs, M, K, (const int8_t *)w, scale, N, bias, y, y_bf16, wsum);
         } else {
-            hs_linear_w8a8_vnni(xq_buf, xs, M, K, (const int8_t *)w, scale, N, bias, (float *)y, xu_buf, wsum);
+            hs_linear_w8a8_vnni(xq_buf, xs, M, K, (const int8_t *)w, scale, N, bias, (float *)y, xu_buf, wsum, y_bf16);
         }
 #else
-        hs_linear_w8a8(xq_buf, xs, M, K, (const int8_t *)w, scale, N, bias, (float *)y);
+        hs_linear_w8a8(xq_buf, xs, M, K, (const int8_t *)w, scale, N, bias, (float *)y, y_bf16);
 #endif
         return 0;
     }
