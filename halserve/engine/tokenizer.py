@@ -116,9 +116,6 @@ class Tokenizer:
         text = self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return _clean_up_spaces(text) if self.clean_up_tokenization_spaces else text
 
-    def _decode_raw(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
-        return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
-
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)
 
@@ -316,7 +313,7 @@ class IncrementalDetokenizer:
     def _step(self, final: bool) -> str:
         if self.read_offset >= len(self.tokens):
             return ""
-        decode = self.tokenizer._tk.decode  # as _decode_raw, without its frame (twice a token)
+        decode = self.tokenizer._tk.decode  # the Rust decode itself: no Python frame between (twice a token)
         skip = self.skip_special_tokens
         window = self.tokens[self.prefix_offset:]
         prefix_text = decode(window[:self.read_offset - self.prefix_offset], skip_special_tokens=skip)
