@@ -39,10 +39,10 @@ def _poison(monkeypatch):
 
     real = runner.sample
 
-    def sample(hal, logits, rows):
+    def sample(hal, logits, rows, *args, **kwargs):
         if any(r.params.seed == POISON_SEED for r in rows):
             raise RuntimeError("injected fault")
-        return real(hal, logits, rows)
+        return real(hal, logits, rows, *args, **kwargs)
 
     monkeypatch.setattr(runner, "sample", sample)
 
