@@ -213,3 +213,31 @@ def test_cuda_fallbacks_are_answers_not_code_paths():
     assert b.supports("write_kv", **spec_of("write_kv", key, val, kv, torch.arange(3))).startswith("native")
     b.write_kv(key, val, kv, torch.tensor([0, -1, 5]))
     assert b.native_ran["write_kv"] == 1
+
+
+def test_every_backend_op_takes_the_interface_keywords():
+    """A backend's op method accepts every keyword-only parameter the interface's op has (a
+    caller passing ``k_scale=1.0`` to a bf16 cache's write_kv must not get a TypeError from one
+    backend and not another)."""
+    import importlib
+    import inspect
+
+    from halserve.hal.interface import OPS, Backend
+    from halserve.hal.native import NativeBackend
+
+    checked = 0
+    for mod in ("halserve.hal.native", "halserve.hal.cpu_amx.backend", "halserve.hal.cuda.backend",
+                "halserve.hal.rocm.backend", "halserve.hal.riscv_rvv.backend"):
+        m = importlib.import_module(mod)
+        for cls in [c for c in vars(m).values() if isinstance(c, type) and issubclass(c, NativeBackend)
+                    and c.__module__ == mod]:
+            for op in OPS:
+                if op not in vars(cls):
+                    continue
+                want = {p.name for p in inspect.signature(getattr(Backend, op)).parameters.values()
+                        if p.kind == p.KEYWORD_ONLY}
+                have = inspect.signature(vars(cls)[op]).parameters
+                if not any(p.kind == p.VAR_KEYWORD for p in have.values()):
+                    assert want <= set(have), f"{cls.__name__}.{op} lacks {sorted(want - set(have))}"
+                checked += 1
+    assert checked > 20

@@ -333,7 +333,8 @@ class CpuAmxBackend(NativeBackend):
         return dst
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
+                 slot_mapping: torch.Tensor, *, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+        # k_scale / v_scale apply to fp8 caches only (interface.py), and supports() sends those to native
         if not kv_cache.is_contiguous():  # the engine's caches are; a view is written through a copy
             tmp = kv_cache.contiguous()
             self.write_kv(key, value, tmp, slot_mapping)
@@ -350,8 +351,9 @@ class CpuAmxBackend(NativeBackend):
 
     def rotary_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         cos_sin_cache: torch.Tensor, is_neox: bool, kv_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor, *, q_norm_weight: torch.Tensor | None = None,
-                        k_norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6) -> None:
+                        slot_mapping: torch.Tensor, *, k_scale: float = 1.0, v_scale: float = 1.0,
+                        q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+                        norm_eps: float = 1e-6) -> None:
         if k.dtype != q.dtype:  # supports() saw q's dtype only; the engine's q, k, v share one
             raise ValueError(f"rotary_write_kv: k is {k.dtype} and q {q.dtype}; cpu_amx takes one dtype for both")
         if (q_norm_weight is None) != (k_norm_weight is None):
@@ -385,7 +387,8 @@ class CpuAmxBackend(NativeBackend):
                                     _CODES[qw.dtype] if qw is not None else 0, float(norm_eps))
 
     def attention(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                  scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                  scale: float, out: torch.Tensor | None = None, *, k_scale: float = 1.0,
+                  v_scale: float = 1.0) -> torch.Tensor:
         kv_cache = _ready(kv_cache)
         qc = _ready(q)
         dst = out if out is not None and out.is_contiguous() else torch.empty_like(qc)

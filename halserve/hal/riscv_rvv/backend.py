@@ -196,7 +196,8 @@ class RvvBackend(NativeBackend):
                              f"got {tuple(kv_cache.shape)}")
         return kv_cache[0].numel()
 
-    def write_kv(self, key, value, kv_cache, slot_mapping):
+    def write_kv(self, key, value, kv_cache, slot_mapping, *, k_scale=1.0, v_scale=1.0):
+        # the scales apply to fp8 caches only (interface.py); supports() sends those to native
         t = key.shape[0]
         if t == 0:
             return
@@ -210,7 +211,7 @@ class RvvBackend(NativeBackend):
                              value.stride(0), self._p(kv_cache), self._code(kv_cache, "kv_cache"), half,
                              self._p(slots, "int64_t *"))
 
-    def attention(self, q, kv_cache, meta: AttentionMetadata, scale, out=None):
+    def attention(self, q, kv_cache, meta: AttentionMetadata, scale, out=None, *, k_scale=1.0, v_scale=1.0):
         t, hq, d = q.shape
         half = self._kv_layout(kv_cache)
         hk, bs = kv_cache.shape[3], kv_cache.shape[2]

@@ -157,23 +157,26 @@ class RocmBackend(CudaBackend):
             return CudaBackend.silu_and_mul(self, x, out)
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
+                 slot_mapping: torch.Tensor, *, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
         with forced_arch(self.arch):
-            return CudaBackend.write_kv(self, key, value, kv_cache, slot_mapping)
+            return CudaBackend.write_kv(self, key, value, kv_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
 
     def rotary_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         cos_sin_cache: torch.Tensor, is_neox: bool, kv_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor, *, q_norm_weight: "torch.Tensor | None" = None,
-                        k_norm_weight: "torch.Tensor | None" = None, norm_eps: float = 1e-6) -> None:
+                        slot_mapping: torch.Tensor, *, k_scale: float = 1.0, v_scale: float = 1.0,
+                        q_norm_weight: "torch.Tensor | None" = None, k_norm_weight: "torch.Tensor | None" = None,
+                        norm_eps: float = 1e-6) -> None:
         with forced_arch(self.arch):
             return CudaBackend.rotary_write_kv(self, positions, q, k, v, cos_sin_cache, is_neox, kv_cache,
-                                               slot_mapping, q_norm_weight=q_norm_weight,
-                                               k_norm_weight=k_norm_weight, norm_eps=norm_eps)
+                                               slot_mapping, k_scale=k_scale, v_scale=v_scale,
+                                               q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight,
+                                               norm_eps=norm_eps)
 
     def attention(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                  scale: float, out: "torch.Tensor | None" = None) -> torch.Tensor:
+                  scale: float, out: "torch.Tensor | None" = None, *, k_scale: float = 1.0,
+                  v_scale: float = 1.0) -> torch.Tensor:
         with forced_arch(self.arch):
-            return CudaBackend.attention(self, q, kv_cache, meta, scale, out)
+            return CudaBackend.attention(self, q, kv_cache, meta, scale, out, k_scale=k_scale, v_scale=v_scale)
 
     def moe(self, x: torch.Tensor, router_logits: torch.Tensor, w13: PackedWeight,
             w2: PackedWeight, spec: MoeSpec, out: "torch.Tensor | None" = None) -> torch.Tensor:
