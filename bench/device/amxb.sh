@@ -18,7 +18,7 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OF
   TRANSFORMERS_VERBOSITY=error HALSERVE_CACHE_DIR=${HALSERVE_CACHE_DIR:-/tmp/halserve-cache} CUDA_VISIBLE_DEVICES=
 T=${THREADS:-16}
 export OMP_NUM_THREADS=$T
-# the random 1.1B checkpoint (2.2 GB): the one cpugraph.sh leaves in the repo root (s4bench runs it
+# the random 1.1B checkpoint (2.2 GB): the one cpugraph.sh leaves in the repo root (s5bench runs it
 # first), else one written to RAM where there is room (writing it to disk costs seconds)
 WORK=""
 if [ -f cpu-1.1b-L22-V32000-random-bf16/config.json ]; then WORK=.

@@ -6,12 +6,7 @@
 #    greedy tokens + logprobs compared bit for bit;
 # 2. tests/hal/test_cpu_amx_graph.py (the AMX tier's kernels replayed).
 # Run from the repo root: bash bench/device/cpugraph.sh (about 90 s; the step limits add up to 150 s)
-set -uo pipefail
-OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-  TRANSFORMERS_VERBOSITY=error HALSERVE_CACHE_DIR=${HALSERVE_CACHE_DIR:-/tmp/halserve-cache} CUDA_VISIBLE_DEVICES=
-T=${THREADS:-16}
-. "$(dirname "$0")/step.sh"
+. "$(dirname "$0")/step.sh"; cpu_stage_env
 STEP_TAIL=12
 # the first step also compiles the amx tier's C library (cached in $HALSERVE_CACHE_DIR)
 step cpugraph_tiny 40 python3 bench/device/cpugraph.py --shapes tiny --threads "$T" --tokens 48 --repeats 5 \

@@ -10,13 +10,8 @@
 #    ACTIVE (spin for ever);
 # 4. cpu_amx conformance: the quick op cases and every sample case (the new C sampler).
 # Run from the repo root: bash bench/device/cpuperf.sh (about 90 s; the step limits add up to 141 s)
-set -uo pipefail
-OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-  TRANSFORMERS_VERBOSITY=error HALSERVE_CACHE_DIR=${HALSERVE_CACHE_DIR:-/tmp/halserve-cache} CUDA_VISIBLE_DEVICES=
+. "$(dirname "$0")/step.sh"; cpu_stage_env
 unset OMP_WAIT_POLICY GOMP_SPINCOUNT  # halserve's own default unless a step sets one
-T=${THREADS:-16}
-. "$(dirname "$0")/step.sh"
 STEP_TAIL=40
 # the first step also compiles the amx tier's C library (cached in $HALSERVE_CACHE_DIR)
 step cpuperf_ops 35 python3 -m halserve.hal.cpu_amx.perf --threads "$T" --ops --no-kernels --no-steps \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 20, session 4 (helper FP8), one H200, <= 220 s, fine on 4 cores (s4bench.sh's GPU lane):
+# Issue 20, session 4 (helper FP8), one H200, <= 220 s, fine on 4 cores (s5bench.sh's GPU lane):
 #   OUT=<dir> bash bench/device/fp8.sh
 # (Written for session 4's 22:40 sitting; no device was lent then: not run yet.)
 # 1. sweep of the session-4 skinny forms only (gemvr loop, in-kernel quantization in the
@@ -10,7 +10,7 @@
 #    batch-1 ms/token and batch 1/16/64/256 tok/s, the kernel tables of one decode step at
 #    batch 1 and 16;
 # 3. the GPU test of the winners on the 8B shapes (eager and replayed from graphs), if time is
-#    left (s4final.sh runs all of tests/gpu and the full conformance on the committed table).
+#    left (s5final.sh runs all of tests/gpu and the full conformance on the committed table).
 . "$(dirname "$0")/step.sh"
 stage_env
 git log --oneline -1 2>/dev/null | head -1

@@ -7,12 +7,7 @@
 #    tokens + logprobs compared (bench/fuse_cpu.py);
 # 3. the fused op's cpu_amx tests on the AMX tier.
 # Run from the repo root: bash bench/device/fuse_cpu.sh (the step limits add up to 150 s)
-set -uo pipefail
-OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-  TRANSFORMERS_VERBOSITY=error HALSERVE_CACHE_DIR=${HALSERVE_CACHE_DIR:-/tmp/halserve-cache} CUDA_VISIBLE_DEVICES=
-T=${THREADS:-16}
-. "$(dirname "$0")/step.sh"
+. "$(dirname "$0")/step.sh"; cpu_stage_env
 STEP_TAIL=24
 # the first step also compiles the amx tier's C library (cached in $HALSERVE_CACHE_DIR)
 step fuse_ops 30 python3 -m halserve.hal.cpu_amx.perf --ops --no-kernels --no-steps --threads "$T" \

@@ -5,11 +5,7 @@
 # (native); the CPU time a step less the stubbed model, the replays and the HAL's draw.
 # Compare with docs/performance.md "Session 5: host time at 16-64 rows" (this 2-vCPU box).
 # Run from the repo root: bash bench/device/host32.sh (CPU only; step limits add up to 240 s)
-set -uo pipefail
-OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-  TRANSFORMERS_VERBOSITY=error HALSERVE_CACHE_DIR=${HALSERVE_CACHE_DIR:-/tmp/halserve-cache} CUDA_VISIBLE_DEVICES=
-. "$(dirname "$0")/step.sh"
+. "$(dirname "$0")/step.sh"; cpu_stage_env
 STEP_TAIL=12
 step host32_graphs_native 100 python3 bench/engine_host.py --backend test_replay_graphs,native --reps 3
 step host32_cpu_amx 80 python3 bench/engine_host.py --backend cpu_amx --reps 3

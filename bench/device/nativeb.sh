@@ -6,12 +6,7 @@
 # 2. the 32-sequence figure the old way (--batch-mode sequential: each engine's own run, one
 #    after another), to see how far the two ways differ on a quiet host.
 # Run from the repo root: bash bench/device/nativeb.sh (about 5 minutes; the limits add up to 8.5)
-set -uo pipefail
-OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-  TRANSFORMERS_VERBOSITY=error HALSERVE_CACHE_DIR=${HALSERVE_CACHE_DIR:-/tmp/halserve-cache} CUDA_VISIBLE_DEVICES=
-T=${THREADS:-16}
-. "$(dirname "$0")/step.sh"
+. "$(dirname "$0")/step.sh"; cpu_stage_env
 STEP_TAIL=24
 step nativeb_interleaved 330 python3 -m halserve bench cpu --threads "$T" --shape 1.1b --backends native,cpu_amx \
   --quant none --input-len 16 --output-len 8 --batch 16,32,64 --batch-input-len 128 --batch-output-len 16 \

@@ -11,25 +11,10 @@
 # Each script runs under what is left of its lane's deadline. Logs in $OUT/<script>.log.
 set -uo pipefail
 OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
-D="$(dirname "$0")"
+. "$(dirname "$0")/step.sh"
 T0=$SECONDS
-run_lane() {  # run_lane CORES DEADLINE_S "script:limit" ...
-  local cores=$1 deadline=$2; shift 2
-  for spec in "$@"; do
-    local s=${spec%%:*} lim=${spec#*:} left
-    left=$((deadline - (SECONDS - T0)))
-    [ "$left" -lt "$lim" ] && lim=$left
-    if [ "$lim" -lt 20 ]; then echo "[$s] skipped: no time left" > "$OUT/$s.log"; continue; fi
-    mkdir -p "$OUT/$s"
-    echo "[$s] start +$((SECONDS - T0))s limit ${lim}s" > "$OUT/$s.log"
-    OUT="$OUT/$s" timeout -k 5 "$lim" taskset -c "$cores" bash "$D/$s.sh" >> "$OUT/$s.log" 2>&1
-    echo "[$s] rc=$? at +$((SECONDS - T0))s" >> "$OUT/$s.log"
-  done
-}
 ( export THREADS=12 OMP_NUM_THREADS=12 CUDA_VISIBLE_DEVICES= HALSERVE_CACHE_DIR=/tmp/halserve-cache-cpu
   run_lane 4-15 575 cpubench:250 amxb:140 amxq:150 ) &
 run_lane 0-3 575 fp8:200 spec:210 biatt:165
 wait
-for s in fp8 spec biatt cpubench amxb amxq; do
-  echo "=================== $s"; grep -v -i 'it/s\]\|graph/s\]\|warn' "$OUT/$s.log" 2>/dev/null | tail -n 30
-done
+show_lanes fp8 spec biatt cpubench amxb amxq

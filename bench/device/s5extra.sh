@@ -9,25 +9,10 @@
 #                         batched, interleaved beside HF; its sequential half is cut by the lane's limit).
 set -uo pipefail
 OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
-D="$(dirname "$0")"
+. "$(dirname "$0")/step.sh"
 T0=$SECONDS
-run_lane() {  # run_lane CORES DEADLINE_S "script:limit" ...
-  local cores=$1 deadline=$2; shift 2
-  for spec in "$@"; do
-    local s=${spec%%:*} lim=${spec#*:} left
-    left=$((deadline - (SECONDS - T0)))
-    [ "$left" -lt "$lim" ] && lim=$left
-    if [ "$lim" -lt 20 ]; then echo "[$s] skipped: no time left" > "$OUT/$s.log"; continue; fi
-    mkdir -p "$OUT/$s"
-    echo "[$s] start +$((SECONDS - T0))s limit ${lim}s" > "$OUT/$s.log"
-    OUT="$OUT/$s" timeout -k 5 "$lim" taskset -c "$cores" bash "$D/$s.sh" >> "$OUT/$s.log" 2>&1
-    echo "[$s] rc=$? at +$((SECONDS - T0))s" >> "$OUT/$s.log"
-  done
-}
 ( export THREADS=12 OMP_NUM_THREADS=12 CUDA_VISIBLE_DEVICES= HALSERVE_CACHE_DIR=/tmp/halserve-cache-cpu
   run_lane 4-15 490 fuse_cpu:150 amxmoe:120 nativeb:215 ) &
 run_lane 0-3 490 bichunk:125 fuse:150 host32:90
 wait
-for s in bichunk fuse host32 fuse_cpu amxmoe nativeb; do
-  echo "=================== $s"; grep -v -i 'it/s\]\|graph/s\]\|warn' "$OUT/$s.log" 2>/dev/null | tail -n 30
-done
+show_lanes bichunk fuse host32 fuse_cpu amxmoe nativeb

@@ -20,3 +20,38 @@ stage_env() {
     TRANSFORMERS_VERBOSITY=error
   unset TRITON_INTERPRET
 }
+
+# The CPU-only stages' set-up (`. step.sh; cpu_stage_env`): stage_env, no GPU, the C build cache,
+# and T = THREADS (default 16, the AMX host's cores).
+cpu_stage_env() {
+  stage_env
+  export HALSERVE_CACHE_DIR=${HALSERVE_CACHE_DIR:-/tmp/halserve-cache} CUDA_VISIBLE_DEVICES=
+  T=${THREADS:-16}
+}
+
+# The sittings' lanes (`. step.sh; T0=$SECONDS; run_lane CORES DEADLINE "stage:limit" ...`): each
+# stage bench/device/<stage>.sh pinned to CORES, under the smaller of its limit and what is left of
+# the lane's DEADLINE (seconds after T0), logged to $OUT/<stage>.log with its own $OUT/<stage>/.
+run_lane() {
+  local cores=$1 deadline=$2 d s lim left spec
+  d="$(dirname "${BASH_SOURCE[0]}")"
+  shift 2
+  for spec in "$@"; do
+    s=${spec%%:*} lim=${spec#*:}
+    left=$((deadline - (SECONDS - T0)))
+    [ "$left" -lt "$lim" ] && lim=$left
+    if [ "$lim" -lt 20 ]; then echo "[$s] skipped: no time left" > "$OUT/$s.log"; continue; fi
+    mkdir -p "$OUT/$s"
+    echo "[$s] start +$((SECONDS - T0))s limit ${lim}s" > "$OUT/$s.log"
+    OUT="$OUT/$s" timeout -k 5 "$lim" taskset -c "$cores" bash "$d/$s.sh" >> "$OUT/$s.log" 2>&1
+    echo "[$s] rc=$? at +$((SECONDS - T0))s" >> "$OUT/$s.log"
+  done
+}
+
+# show_lanes STAGE...: each stage log's last lines, progress bars and warnings left out
+show_lanes() {
+  local s
+  for s in "$@"; do
+    echo "=================== $s"; grep -v -i 'it/s\]\|graph/s\]\|warn' "$OUT/$s.log" 2>/dev/null | tail -n 30
+  done
+}
