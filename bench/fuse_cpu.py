@@ -12,15 +12,13 @@ logprobs. ``tiny`` (hidden 64, 22 layers) reads ~nothing a token: its step is ov
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "device"))
-from cpugraph import checkpoint  # noqa: E402  (the same random checkpoints, reused)
+from cpugraph import checkpoint, shape_main  # noqa: E402  (the same random checkpoints and driver)
 
 
 def split_op(hal):
@@ -112,35 +110,7 @@ def run_shape(shape: str, args, out: dict) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", default="tiny,1.1b")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--tokens", type=int, default=16)
-    p.add_argument("--input-len", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds of the four modes")
-    p.add_argument("--layers", type=int, default=0, help="override the shape's layer count (not tiny's)")
-    p.add_argument("--max-model-len", type=int, default=512)
-    p.add_argument("--work-dir", default="", help="checkpoints' folder (default: halserve bench cpu's)")
-    p.add_argument("--json", default="")
-    args = p.parse_args()
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not args.work_dir:
-        from halserve.bench.startup import DEFAULT_CKPT_DIR
-
-        args.work_dir = str(DEFAULT_CKPT_DIR.parent)
-    out: dict = {"threads": torch.get_num_threads()}
-    for shape in args.shapes.split(","):
-        try:
-            run_shape(shape, args, out)
-        except Exception as e:  # one shape's failure keeps the others' figures
-            out.setdefault(shape, {})["error"] = f"{type(e).__name__}: {e}"
-            print(f"{shape}: FAILED {type(e).__name__}: {e}", flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=1, default=str))
-    return 0
+    return shape_main(__doc__.splitlines()[0], run_shape, tokens=16, repeats=5, max_model_len=512)
 
 
 if __name__ == "__main__":

@@ -47,11 +47,13 @@ def compile_sm90(fn, args, kwargs) -> dict:
     """Compile one recorded launch for sm_90 with the specializations its launcher makes (ints
     == 1 as constexprs, multiples of 16 as divisible) and read back registers, local memory
     (spills), shared memory, 16-byte global loads, wgmma and the PDL wait. Also used by
-    bench/device/biatt_sm90.py."""
+    bench/device/biatt_sm90.py and bichunk_sm90.py."""
     kwargs = dict(kwargs)
     opts = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages", 3)}
     if kwargs.get("PDL"):
         opts["launch_pdl"] = True
+    if "enable_fp_fusion" in kwargs:  # a launch option (batch-invariant attention turns contraction off)
+        opts["enable_fp_fusion"] = kwargs.pop("enable_fp_fusion")
     bound = dict({p.name: a for p, a in zip(fn.params, args)}, **kwargs)
     sig, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
@@ -77,7 +79,8 @@ def compile_sm90(fn, args, kwargs) -> dict:
     ptx = kern.asm["ptx"]
     return dict(regs=get("REG"), local=get("LOCAL"), shared=kern.metadata.shared,
                 ld16=len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx)), pdl="griddepcontrol.wait" in ptx,
-                wgmma="wgmma" in ptx)
+                wgmma="wgmma" in ptx, mma="wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "none"),
+                fma_f32=len(re.findall(r"\bfma\.\w+\.f32\b", ptx)))
 
 
 def check_table() -> int:

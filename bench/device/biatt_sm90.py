@@ -26,19 +26,23 @@ from halserve.hal.triton import matmul as MM  # noqa: E402
 SM90_SHARED = 227 * 1024  # largest dynamic shared memory of one sm_90 block
 
 
+def attn_launch(qlens, ctx, bi, dtype=torch.bfloat16, window=None, graph=False):
+    """One attention call of the 8B's heads (32/8 x 128, block 16) over ``qlens`` query rows of
+    ``ctx`` keys each, zeros: a thunk to record its launches."""
+    HQ, HK, D, BS = 32, 8, 128, 16
+    B, T = len(qlens), sum(qlens)
+    nblk = (ctx + BS - 1) // BS
+    kv = torch.zeros(2, B * nblk, BS, HK, D, dtype=dtype)
+    bt = torch.arange(B * nblk, dtype=torch.int32).view(B, nblk)
+    cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
+    seq = torch.full((B,), ctx, dtype=torch.int32)
+    return lambda: AT.attention(torch.zeros(T, HQ, D, dtype=dtype), kv, cu, seq, bt, BS, max(qlens),
+                                None if graph else ctx, D ** -0.5, window, batch_invariant=bi, kv_len_bound=ctx)
+
+
 def scenarios():
     bf = torch.bfloat16
-    HQ, HK, D, BS = 32, 8, 128, 16
-
-    def attn(qlens, ctx, bi, dtype=bf, window=None, graph=False):
-        B, T = len(qlens), sum(qlens)
-        nblk = (ctx + BS - 1) // BS
-        kv = torch.zeros(2, B * nblk, BS, HK, D, dtype=dtype)
-        bt = torch.arange(B * nblk, dtype=torch.int32).view(B, nblk)
-        cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
-        seq = torch.full((B,), ctx, dtype=torch.int32)
-        return lambda: AT.attention(torch.zeros(T, HQ, D, dtype=dtype), kv, cu, seq, bt, BS, max(qlens),
-                                    None if graph else ctx, D ** -0.5, window, batch_invariant=bi, kv_len_bound=ctx)
+    attn = attn_launch
 
     def gemm(m, n, k, dtype=bf):
         return lambda: MM.persistent_matmul(torch.zeros(m, k, dtype=dtype), torch.zeros(n, k, dtype=dtype))

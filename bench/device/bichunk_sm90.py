@@ -18,34 +18,19 @@ Exit status 1 if a launch fails to compile, spills, or a claim does not hold.
 from __future__ import annotations
 
 import os
-import re
 import sys
-from unittest import mock
 
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 
 from bench import skinny_regs  # noqa: E402
+from bench.device.biatt_sm90 import attn_launch  # noqa: E402
 from halserve.hal.rocm.aot import Recorder  # noqa: E402
-from halserve.hal.triton import attention as AT  # noqa: E402
 from halserve.hal.triton import configs  # noqa: E402
 
 SM90_SHARED = 227 * 1024
-
-
-def _attn(qlens, ctx, dtype=torch.bfloat16, window=None, graph=False):
-    HQ, HK, D, BS = 32, 8, 128, 16
-    B, T = len(qlens), sum(qlens)
-    nblk = (ctx + BS - 1) // BS
-    kv = torch.zeros(2, B * nblk, BS, HK, D, dtype=dtype)
-    bt = torch.arange(B * nblk, dtype=torch.int32).view(B, nblk)
-    cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
-    seq = torch.full((B,), ctx, dtype=torch.int32)
-    return lambda: AT.attention(torch.zeros(T, HQ, D, dtype=dtype), kv, cu, seq, bt, BS, max(qlens),
-                                None if graph else ctx, D ** -0.5, window, batch_invariant=True, kv_len_bound=ctx)
 
 
 SCENARIOS = {
@@ -56,38 +41,19 @@ SCENARIOS = {
 }
 
 
-def _compile(fn, args, kwargs):
-    """skinny_regs.compile_sm90 with the launch's enable_fp_fusion passed to the compiler."""
-    fusion = kwargs.get("enable_fp_fusion", True)
-    real = triton.compile
-    ptx = {}
-
-    def comp(src, target=None, options=None):
-        k = real(src, target=target, options=dict(options or {}, enable_fp_fusion=fusion))
-        ptx["text"] = k.asm["ptx"]
-        return k
-
-    with mock.patch.object(skinny_regs.triton, "compile", comp):
-        r = skinny_regs.compile_sm90(fn, args, {k: v for k, v in kwargs.items() if k != "enable_fp_fusion"})
-    text = ptx["text"]
-    r["fma_f32"] = len(re.findall(r"\bfma\.\w+\.f32\b", text))
-    r["mma"] = "wgmma" if "wgmma" in text else ("mma.sync" if "mma.sync" in text else "none")
-    return r
-
-
 def main() -> int:
     configs._device_sms = lambda index=0: 132  # H200
     bad = 0
     for name, (qlens, ctx, kw) in SCENARIOS.items():
         rec = Recorder()
         with configs.forced_arch("sm90"), rec.active():
-            _attn(qlens, ctx, **kw)()
+            attn_launch(qlens, ctx, True, **kw)()
         tiles = {}
         for fn, args, kwargs in rec.calls:
             short = {c: kwargs.get(c) for c in ("BLOCK_M", "BLOCK_N", "BLOCK_Q", "FIXED_SPAN", "SPAN_LOOP", "BY_SEQ",
                                                 "num_warps", "num_stages", "enable_fp_fusion") if c in kwargs}
             try:
-                r = _compile(fn, args, kwargs)
+                r = skinny_regs.compile_sm90(fn, args, kwargs)
             except Exception as e:  # noqa: BLE001 - a failing compile is the result
                 bad += 1
                 print(f"BAD {name}: {fn.__name__} {short}: {type(e).__name__}: {e}"[:600], flush=True)

@@ -139,19 +139,22 @@ def run_shape(shape: str, args, out: dict) -> None:
     del llm, eng, runner, graphs
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def shape_main(description: str, run_shape, tokens: int, repeats: int, max_model_len: int, extra=None) -> int:
+    """The per-shape driver this bench and bench/fuse_cpu.py share: common flags (``extra(p)``
+    adds a script's own), threads, checkpoints' folder, ``run_shape(shape, args, out)`` per
+    shape (one's failure keeps the others' figures), the JSON after each."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--shapes", default="tiny,1.1b")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=tokens)
     p.add_argument("--input-len", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--max-num-seqs", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=repeats)
     p.add_argument("--layers", type=int, default=0, help="override the shape's layer count (not tiny's)")
-    # the graph's attention runs every key span up to this (empty ones skipped): a real length
-    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-model-len", type=int, default=max_model_len)
     p.add_argument("--work-dir", default="", help="checkpoints' folder (default: halserve bench cpu's)")
     p.add_argument("--json", default="")
+    if extra is not None:
+        extra(p)
     args = p.parse_args()
     import torch
 
@@ -171,6 +174,12 @@ def main() -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=1, default=str))
     return 0
+
+
+def main() -> int:
+    # the graph's attention runs every key span up to --max-model-len (empty ones skipped): a real length
+    return shape_main(__doc__.splitlines()[0], run_shape, tokens=32, repeats=3, max_model_len=4096,
+                      extra=lambda p: p.add_argument("--max-num-seqs", type=int, default=4))
 
 
 if __name__ == "__main__":
