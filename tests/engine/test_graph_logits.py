@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from halserve import LLM, SamplingParams, hal
-from halserve.hal.interface import Capabilities, ProbeResult
-from halserve.hal.native import NativeBackend
+from halserve.hal.interface import Capabilities
+from tests.engine.test_graphs import ReplayGraph, ReplayGraphBackend
 
 
 class _FreshGraph:
@@ -24,37 +24,22 @@ class _FreshGraph:
         return self.fn()  # new output tensors every time: nothing a late reader could lose
 
 
-class _PoisonGraph:
+class _PoisonGraph(ReplayGraph):
     outputs: list = []  # every captured step's output buffers (one pool)
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.output = None
 
     def replay(self):
         for t in _PoisonGraph.outputs:  # what this replay may overwrite before it writes
             t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
-        out = self.fn()
-        outs = out if isinstance(out, tuple) else (out,)
-        if self.output is None:
-            self.output = tuple(t.clone() for t in outs)
+        first = self.output is None
+        out = super().replay()
+        if first:
             _PoisonGraph.outputs.extend(self.output)
-        for mine, t in zip(self.output, outs):
-            mine.copy_(t)
-        return self.output if isinstance(out, tuple) else self.output[0]
+        return out
 
 
-class PoisonGraphs(NativeBackend):
+class PoisonGraphs(ReplayGraphBackend):
     name = "test_poison_graphs"
     async_device = False
-
-    @classmethod
-    def probe(cls) -> ProbeResult:
-        return ProbeResult(0, "test backend: only when forced")
-
-    @classmethod
-    def interpreter_ok(cls) -> bool:
-        return True
 
     @property
     def capabilities(self) -> Capabilities:

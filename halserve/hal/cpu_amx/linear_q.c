@@ -230,6 +230,15 @@ static void i4x16_f32_tile(const float *x, int K, const uint8_t *wb, const float
 }
 #endif
 
+/* one pass of mt rows through a tile kernel whose row count is a constant (its loops unroll) */
+#define I4X16_TILE(tile)                                           \
+    switch (mt) {                                                  \
+    case 4: tile(xm, K, wb, sb, group, mt, 4, out); break;         \
+    case 3: tile(xm, K, wb, sb, group, mt, 3, out); break;         \
+    case 2: tile(xm, K, wb, sb, group, mt, 2, out); break;         \
+    default: tile(xm, K, wb, sb, group, mt, 1, out); break;        \
+    }
+
 /* the M rows of one 16-row block b (MT_MAX activation rows a pass) */
 static void i4x16_block(const void *x, int x_bf16, int M, int K, const uint8_t *w, const float *scales, int group,
                         int N, const float *bias, void *y, int y_bf16, int b) {
@@ -242,12 +251,7 @@ static void i4x16_block(const void *x, int x_bf16, int M, int K, const uint8_t *
         for (int m0 = 0; m0 < M; m0 += MT_MAX) {
             int mt = M - m0 < MT_MAX ? M - m0 : MT_MAX;
             const bf16_t *xm = (const bf16_t *)x + (int64_t)m0 * K;
-            switch (mt) {
-            case 4: i4x16_bf16_tile(xm, K, wb, sb, group, mt, 4, out); break;
-            case 3: i4x16_bf16_tile(xm, K, wb, sb, group, mt, 3, out); break;
-            case 2: i4x16_bf16_tile(xm, K, wb, sb, group, mt, 2, out); break;
-            default: i4x16_bf16_tile(xm, K, wb, sb, group, mt, 1, out); break;
-            }
+            I4X16_TILE(i4x16_bf16_tile);
             for (int t = 0; t < mt; t++) put16(y, y_bf16, m0 + t, N, b, out[t], bias);
         }
         return;
@@ -261,12 +265,7 @@ static void i4x16_block(const void *x, int x_bf16, int M, int K, const uint8_t *
     for (int m0 = 0; m0 < M; m0 += step) {
         int mt = M - m0 < step ? M - m0 : step;
         const float *xm = (const float *)x + (int64_t)m0 * K;
-        switch (mt) {
-        case 4: i4x16_f32_tile(xm, K, wb, sb, group, mt, 4, out); break;
-        case 3: i4x16_f32_tile(xm, K, wb, sb, group, mt, 3, out); break;
-        case 2: i4x16_f32_tile(xm, K, wb, sb, group, mt, 2, out); break;
-        default: i4x16_f32_tile(xm, K, wb, sb, group, mt, 1, out); break;
-        }
+        I4X16_TILE(i4x16_f32_tile);
         for (int t = 0; t < mt; t++) put16(y, y_bf16, m0 + t, N, b, out[t], bias);
     }
 }
