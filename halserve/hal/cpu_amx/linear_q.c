@@ -109,6 +109,22 @@ static inline int q_chunk_rows(int64_t row_bytes, int N) {
     return r < 1 ? 1 : r;
 }
 
+/* for (i = 0; i < total; i++) { body }, the rows claimed in chunks of row_bytes-sized rows
+ * (q_chunk_rows / q_runs / q_claim / q_done): the loop of every claimed-chunk kernel */
+#define Q_CLAIMED_ROWS(row_bytes, total, i, ...)                                                      \
+    do {                                                                                             \
+        q_run q_r_[Q_MAXT];                                                                          \
+        int q_cr_ = q_chunk_rows((row_bytes), (total));                                              \
+        int q_T_ = q_runs(q_r_, ((total) + q_cr_ - 1) / q_cr_), q_d_ = 0;                            \
+        _Pragma("omp parallel")                                                                      \
+        {                                                                                            \
+            int q_cur_ = omp_get_thread_num() % q_T_;                                                \
+            for (int q_c_; (q_c_ = q_claim(q_r_, q_T_, &q_cur_)) >= 0;)                              \
+                for (int i = q_c_ * q_cr_; i < (total) && i < (q_c_ + 1) * q_cr_; i++) { __VA_ARGS__ } \
+            q_done(&q_d_);                                                                           \
+        }                                                                                            \
+    } while (0)
+
 static inline void put(void *y, int64_t i, float v, int ybf) {
     if (ybf) ((bf16_t *)y)[i] = f32_to_bf16(v);
     else ((float *)y)[i] = v;
@@ -281,16 +297,7 @@ int hs_linear_i4x16(const void *x, int x_bf16, int M, int K, const uint8_t *w, c
 #endif
     const void *xk = xbf ? x : (const void *)hs_x_as_f32(x, x_bf16, (int64_t)M * K);
     if (!xk) return -3; /* out of memory for the float32 copy of x */
-    q_run runs[Q_MAXT];
-    int cb = q_chunk_rows((int64_t)(K / 8) * 64, nb), nc = (nb + cb - 1) / cb, T = q_runs(runs, nc), done = 0;
-#pragma omp parallel
-    {
-        int cur = omp_get_thread_num() % T;
-        for (int c; (c = q_claim(runs, T, &cur)) >= 0;)
-            for (int b = c * cb; b < nb && b < (c + 1) * cb; b++)
-                i4x16_block(xk, xbf, M, K, w, scales, group, N, bias, y, y_bf16, b);
-        q_done(&done);
-    }
+    Q_CLAIMED_ROWS((int64_t)(K / 8) * 64, nb, b, i4x16_block(xk, xbf, M, K, w, scales, group, N, bias, y, y_bf16, b););
     return 0;
 }
 
@@ -356,53 +363,37 @@ INL void dot2_u8s8(const uint8_t *lo, const uint8_t *hi, const int8_t *w, int kv
 void hs_linear_i8_seq(const uint8_t *xb, const float *xs, int M, int K, const int8_t *w, const float *scale, int N,
                       const float *bias, void *y, int y_bf16, const int32_t *wsum) {
     int kv = K & ~63, pf = qpf();
-    q_run runs[Q_MAXT];
-    int cr = q_chunk_rows(K, N), nc = (N + cr - 1) / cr, T = q_runs(runs, nc), done = 0;
-#pragma omp parallel
-    {
-        int cur = omp_get_thread_num() % T;
-        for (int c; (c = q_claim(runs, T, &cur)) >= 0;)
-            for (int n = c * cr; n < N && n < (c + 1) * cr; n++) {
-                const int8_t *wr = w + (int64_t)n * K;
-                for (int m = 0; m < M; m++) {
-                    const uint8_t *lo = xb + (int64_t)m * 2 * K, *hi = lo + K;
-                    int32_t sl, sh;
-                    dot2_u8s8(lo, hi, wr, kv, m == 0 ? pf : 0, &sl, &sh);
-                    int64_t l = sl, h = (int64_t)sh - 128 * (int64_t)wsum[n];
-                    for (int k = kv; k < K; k++) {
-                        l += (int64_t)lo[k] * wr[k];
-                        h += (int64_t)((int)hi[k] - 128) * wr[k];
-                    }
-                    double dot = 256.0 * (double)h + (double)l;
-                    float v = (float)(dot * xs[m]) * scale[n];
-                    put(y, (int64_t)m * N + n, bias ? v + bias[n] : v, y_bf16);
-                }
+    Q_CLAIMED_ROWS(K, N, n, {
+        const int8_t *wr = w + (int64_t)n * K;
+        for (int m = 0; m < M; m++) {
+            const uint8_t *lo = xb + (int64_t)m * 2 * K, *hi = lo + K;
+            int32_t sl, sh;
+            dot2_u8s8(lo, hi, wr, kv, m == 0 ? pf : 0, &sl, &sh);
+            int64_t l = sl, h = (int64_t)sh - 128 * (int64_t)wsum[n];
+            for (int k = kv; k < K; k++) {
+                l += (int64_t)lo[k] * wr[k];
+                h += (int64_t)((int)hi[k] - 128) * wr[k];
             }
-        q_done(&done);
-    }
+            double dot = 256.0 * (double)h + (double)l;
+            float v = (float)(dot * xs[m]) * scale[n];
+            put(y, (int64_t)m * N + n, bias ? v + bias[n] : v, y_bf16);
+        }
+    });
 }
 
 /* W8A8: xu = xq ^ 0x80 (M K bytes), exact int32 dots less 128 x the row sum */
 void hs_linear_w8a8_seq(const int8_t *xq, const uint8_t *xu, const float *xs, int M, int K, const int8_t *w,
                         const float *scale, int N, const float *bias, void *y, int y_bf16, const int32_t *wsum) {
     int kv = K & ~63, pf = qpf();
-    q_run runs[Q_MAXT];
-    int cr = q_chunk_rows(K, N), nc = (N + cr - 1) / cr, T = q_runs(runs, nc), done = 0;
-#pragma omp parallel
-    {
-        int cur = omp_get_thread_num() % T;
-        for (int c; (c = q_claim(runs, T, &cur)) >= 0;)
-            for (int n = c * cr; n < N && n < (c + 1) * cr; n++) {
-                const int8_t *wr = w + (int64_t)n * K;
-                for (int m = 0; m < M; m++) {
-                    int32_t a = dot_u8s8(xu + (int64_t)m * K, wr, kv, m == 0 ? pf : 0) - 128 * wsum[n];
-                    for (int k = kv; k < K; k++) a += (int32_t)xq[(int64_t)m * K + k] * (int32_t)wr[k];
-                    float v = (float)a * xs[m] * scale[n];
-                    put(y, (int64_t)m * N + n, bias ? v + bias[n] : v, y_bf16);
-                }
-            }
-        q_done(&done);
-    }
+    Q_CLAIMED_ROWS(K, N, n, {
+        const int8_t *wr = w + (int64_t)n * K;
+        for (int m = 0; m < M; m++) {
+            int32_t a = dot_u8s8(xu + (int64_t)m * K, wr, kv, m == 0 ? pf : 0) - 128 * wsum[n];
+            for (int k = kv; k < K; k++) a += (int32_t)xq[(int64_t)m * K + k] * (int32_t)wr[k];
+            float v = (float)a * xs[m] * scale[n];
+            put(y, (int64_t)m * N + n, bias ? v + bias[n] : v, y_bf16);
+        }
+    });
 }
 #endif
 
