@@ -106,5 +106,5 @@ def test_an_expert_id_outside_the_weights_is_an_error():
     b = backend(RUNNABLE[0])
     w13, w2 = (b.pack_weight(w) for w in weights(torch.float32))
     x = torch.randn(2, H)
-    with pytest.raises(RuntimeError, match="expert id outside"):
+    with pytest.raises(IndexError, match=f"expert id {E} is outside the {E} experts"):
         call(b, x, torch.ones(2, 1), torch.tensor([[1], [E]]), w13, w2)

@@ -479,10 +479,35 @@ static __attribute__((noinline)) void merge_write(const attn_ctx *c, void *out, 
     write_norm(c, out, t, Hq, h, L, o);
 }
 
+/* The caller's indices, before anything is read through them: 0, or 1 + 4 * seq + what for
+ * the first bad sequence, what = 0: cu_seqlens_q does not start at 0, decreases or passes the
+ * T query rows; 1: a context shorter than its query; 2: a context past its block table's
+ * max_blocks * bs keys; 3: a block id the query reads outside [0, num_blocks). Only the blocks
+ * a query reads are checked (a sliding window's evicted ones are not): one compare a block. */
+static int check_indices(const int32_t *cu_q, const int32_t *seq_lens, const int32_t *tables, int max_blocks,
+                         int num_seqs, int T, int bs, int window, int num_blocks) {
+    if (num_seqs > 0 && cu_q[0] != 0) return 1;
+    for (int i = 0; i < num_seqs; i++) {
+        int q0 = cu_q[i], q1 = cu_q[i + 1], slen = seq_lens[i];
+        if (q1 < q0 || q1 > T) return 1 + 4 * i;
+        if (slen < q1 - q0) return 2 + 4 * i;
+        if (q1 == q0) continue; /* no query row: nothing read */
+        if ((int64_t)slen > (int64_t)max_blocks * bs) return 3 + 4 * i;
+        int p0 = slen - (q1 - q0), beg = window > 0 && p0 - window + 1 > 0 ? p0 - window + 1 : 0;
+        const int32_t *tb = tables + (int64_t)i * max_blocks;
+        for (int b = beg / bs; b <= (slen - 1) / bs; b++)
+            if ((uint32_t)tb[b] >= (uint32_t)num_blocks) return 4 + 4 * i;
+    }
+    return 0;
+}
+
+/* Returns 0, -3 out of memory, or check_indices' code (> 0: nothing computed, out untouched). */
 int hs_attention(const void *q, const void *kc, const void *vc, void *out, const int32_t *cu_q,
                   const int32_t *seq_lens, const int32_t *tables, int max_blocks, int num_seqs,
                   int T, int Hq, int Hk, int D, int bs, int window, float scale, int qbf16,
-                  int max_seqlen_k, int bf16, int prefill_spans) {
+                  int max_seqlen_k, int bf16, int prefill_spans, int num_blocks) {
+    int bad = check_indices(cu_q, seq_lens, tables, max_blocks, num_seqs, T, bs, window, num_blocks);
+    if (bad) return bad;
     int oom = 0, spans = prefill_spans < 0 ? attn_prefill_spans : prefill_spans != 0;
     attn_ctx c = {kc, vc, tables, max_blocks, Hk, D, bs, Hq / Hk, bf16, qbf16, scale, &oom};
     int G = Hq / Hk;

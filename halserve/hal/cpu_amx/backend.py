@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from halserve.hal.bounds import attention_error, position_error, slot_error
 from halserve.hal.cpu_amx import graph, prefill, quant
 from halserve.hal.cpu_amx.tiers import SCORES, choose
 from halserve.hal.interface import AttentionMetadata, Capabilities, MoeSpec, PackedWeight, ProbeResult
@@ -61,8 +62,20 @@ def sample_args(logits: torch.Tensor, params, out: torch.Tensor) -> tuple[tuple,
     keep = (lg, _ready(params.temperature, torch.float32), _ready(params.top_k, torch.int32),
             _ready(params.top_p, torch.float32), _ready(params.min_p, torch.float32),
             _ready(params.seeds, torch.int64), _ready(params.steps, torch.int64))
+    if min(t.numel() for t in keep[1:]) < lg.shape[0]:  # C reads one of each per logits row
+        raise ValueError(f"cpu_amx sample: {lg.shape[0]} rows of logits but sampling tensors of "
+                         f"{[t.numel() for t in keep[1:]]} values")
     return (lg.data_ptr(), int(lg.dtype == torch.bfloat16), lg.shape[0], lg.shape[1],
             *(t.data_ptr() for t in keep[1:]), f, out.data_ptr()), keep
+
+
+def _rot_dim(cs: torch.Tensor, q: torch.Tensor, op: str) -> int:
+    """The cos/sin table's rotary width, which C reads within each head: at most head_dim."""
+    rot = cs.shape[-1]
+    if rot > q.shape[-1] or rot % 2 or rot == 0:
+        raise ValueError(f"cpu_amx {op}: the cos/sin cache's width {rot} must be even, nonzero and at most the "
+                         f"head size {q.shape[-1]}")
+    return rot
 
 
 def _failed(op: str, rc: int, shape: str):
@@ -319,8 +332,11 @@ class CpuAmxBackend(NativeBackend):
             return None
         pos = _ready(positions, torch.int64)
         cs = _ready(cos_sin_cache, torch.float32)
-        self.lib.hs_rotary(pos.data_ptr(), q.data_ptr(), k.data_ptr(), cs.data_ptr(), q.shape[0], q.shape[1],
-                           k.shape[1], q.shape[2], cs.shape[-1], int(bool(is_neox)), _CODES[q.dtype])
+        rot = _rot_dim(cs, q, "rotary")
+        rows = cs.numel() // rot
+        if self.lib.hs_rotary(pos.data_ptr(), q.data_ptr(), k.data_ptr(), cs.data_ptr(), q.shape[0], q.shape[1],
+                              k.shape[1], q.shape[2], rot, int(bool(is_neox)), _CODES[q.dtype], rows):
+            raise position_error("cpu_amx rotary", pos, rows)
 
     def silu_and_mul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         xc = _ready(x)
@@ -347,7 +363,10 @@ class CpuAmxBackend(NativeBackend):
         slots = _ready(slot_mapping, torch.int64)
         row = k.shape[1] * k.shape[2] * k.element_size()
         base, half = kv_cache.data_ptr(), kv_cache.stride(0) * kv_cache.element_size()
-        self.lib.hs_write_kv(k.data_ptr(), v.data_ptr(), base, base + half, slots.data_ptr(), k.shape[0], row)
+        nslots = half // row  # whole rows in one half of the cache: C writes no byte past it
+        if self.lib.hs_write_kv(k.data_ptr(), v.data_ptr(), base, base + half, slots.data_ptr(), k.shape[0], row,
+                                nslots):
+            raise slot_error("cpu_amx write_kv", slots, nslots)
 
     def rotary_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         cos_sin_cache: torch.Tensor, is_neox: bool, kv_cache: torch.Tensor,
@@ -381,10 +400,15 @@ class CpuAmxBackend(NativeBackend):
                       for w in (q_norm_weight, k_norm_weight))
             if qw.dtype != kw.dtype:
                 qw, kw = qw.float(), kw.float()
-        self.lib.hs_rotary_write_kv(pos.data_ptr(), q.data_ptr(), k.data_ptr(), vc.data_ptr(), cs.data_ptr(), base,
-                                    base + half, slots.data_ptr(), q.shape[0], q.shape[1], k.shape[1], q.shape[2],
-                                    cs.shape[-1], int(bool(is_neox)), _CODES[q.dtype], self._ptr(qw), self._ptr(kw),
-                                    _CODES[qw.dtype] if qw is not None else 0, float(norm_eps))
+        rot = _rot_dim(cs, q, "rotary_write_kv")
+        rows, nslots = cs.numel() // rot, half // (k.shape[1] * k.shape[2] * k.element_size())
+        if self.lib.hs_rotary_write_kv(pos.data_ptr(), q.data_ptr(), k.data_ptr(), vc.data_ptr(), cs.data_ptr(), base,
+                                       base + half, slots.data_ptr(), q.shape[0], q.shape[1], k.shape[1], q.shape[2],
+                                       rot, int(bool(is_neox)), _CODES[q.dtype], self._ptr(qw), self._ptr(kw),
+                                       _CODES[qw.dtype] if qw is not None else 0, float(norm_eps), rows, nslots):
+            if bool(((pos < 0) | (pos >= rows)).any()):
+                raise position_error("cpu_amx rotary_write_kv", pos, rows)
+            raise slot_error("cpu_amx rotary_write_kv", slots, nslots)
 
     def attention(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                   scale: float, out: torch.Tensor | None = None, *, k_scale: float = 1.0,
@@ -399,14 +423,24 @@ class CpuAmxBackend(NativeBackend):
         sl = _ready(meta.seq_lens, torch.int32)
         bt = _ready(meta.block_tables, torch.int32)
         t, hq, d = qc.shape
+        n = meta.num_seqs
+        if kv_cache.shape[2] != meta.block_size or kv_cache.shape[-1] != d:  # C indexes the cache by them
+            raise ValueError(f"cpu_amx attention: the KV cache {tuple(kv_cache.shape)} does not hold blocks of "
+                             f"{meta.block_size} tokens (meta.block_size) of head size {d} (q's)")
+        if cu.shape[0] <= n or sl.shape[0] < n or bt.shape[0] < n:  # C reads n sequences' entries
+            raise ValueError(f"cpu_amx attention: {n} sequences (seq_lens_host) but cu_seqlens_q has "
+                             f"{cu.shape[0]} entries, seq_lens {sl.shape[0]}, block_tables {bt.shape[0]} rows")
         base, half = kv_cache.data_ptr(), kv_cache.stride(0) * kv_cache.element_size()
         rc = self.lib.hs_attention(qc.data_ptr(), base, base + half, dst.data_ptr(), cu.data_ptr(), sl.data_ptr(),
-                                   bt.data_ptr(), bt.shape[1], meta.num_seqs, t, hq, kv_cache.shape[-2], d,
+                                   bt.data_ptr(), bt.shape[1], n, t, hq, kv_cache.shape[-2], d,
                                    meta.block_size, int(meta.sliding_window or 0), float(scale), _CODES[q.dtype],
                                    int(max(meta.seq_lens_host, default=0)), _CODES[kv_cache.dtype],
                                    # prefill rows through the decode rows' key spans in
                                    # batch-invariant mode: a token's bits never depend on its chunking
-                                   int(self.batch_invariant))
+                                   int(self.batch_invariant), kv_cache.shape[1])
+        if rc > 0:
+            raise attention_error("cpu_amx attention", rc, cu, sl, bt, meta.block_size, int(meta.sliding_window or 0),
+                                  kv_cache.shape[1], t)
         if rc:
             _failed("attention", rc, f"{t} query rows, {meta.num_seqs} sequences, up to "
                     f"{max(meta.seq_lens_host, default=0)} keys")
@@ -486,9 +520,13 @@ class CpuAmxBackend(NativeBackend):
         rc = self.lib.hs_moe(xc.data_ptr(), int(x.dtype == torch.bfloat16), t, hdim, w2.weight.shape[-1],
                              w13.weight.shape[0], ids.shape[1], ids.data_ptr(), tw.data_ptr(), w13p, s13p, ws13p, w2p,
                              s2p, ws2p, kind, y.data_ptr())
+        if rc == -2:  # the ids come from route() over the router's width: a router wider than the weights
+            e = w13.weight.shape[0]
+            bad = ids[(ids < 0) | (ids >= e)]
+            raise IndexError(f"cpu_amx moe: expert id {int(bad[0]) if bad.numel() else '?'} is outside the "
+                             f"{e} experts of the weights (valid 0..{e - 1}): the router logits are wider than w13")
         if rc:
-            raise RuntimeError(f"cpu_amx moe kernel failed (code {rc}: -2 an expert id outside the weights, "
-                               "-3 out of memory)")
+            raise RuntimeError(f"cpu_amx moe kernel failed (code {rc}: -3 out of memory)")
         return y if out is None or direct else out.copy_(y)
 
     @staticmethod

@@ -42,14 +42,15 @@ int hs_get_qkernels(void);
 void hs_set_qprefetch(int bytes);
 void hs_set_small_parallel(int on);
 void hs_rms_norm(P x, P res, P w, int w_bf16, P y, P h_out, int T, int H, float eps, int bf16);
-void hs_rotary(P pos, P q, P k, P cos_sin, int T, int Hq, int Hk, int D, int rot, int is_neox, int bf16);
+int hs_rotary(P pos, P q, P k, P cos_sin, int T, int Hq, int Hk, int D, int rot, int is_neox, int bf16, int64_t npos);
 void hs_silu_and_mul(P x, P y, int T, int I, int bf16);
-void hs_write_kv(P key, P value, P kcache, P vcache, P slots, int T, int64_t row);
-void hs_rotary_write_kv(P pos, P q, P k, P v, P cos_sin, P kcache, P vcache, P slots, int T, int Hq, int Hk, int D,
-                        int rot, int is_neox, int bf16, P qw, P kw, int w_bf16, float eps);
+int hs_write_kv(P key, P value, P kcache, P vcache, P slots, int T, int64_t row, int64_t nslots);
+int hs_rotary_write_kv(P pos, P q, P k, P v, P cos_sin, P kcache, P vcache, P slots, int T, int Hq, int Hk, int D,
+                       int rot, int is_neox, int bf16, P qw, P kw, int w_bf16, float eps, int64_t npos,
+                       int64_t nslots);
 int hs_attention(P q, P kc, P vc, P out, P cu_q, P seq_lens, P tables, int max_blocks, int num_seqs, int T, int Hq,
                   int Hk, int D, int bs, int window, float scale, int qbf16, int max_seqlen_k, int bf16,
-                  int prefill_spans);
+                  int prefill_spans, int num_blocks);
 void hs_dequant_rows(P w, int kind, P scale, int group, int K, int n0, int n1, P dst, int bf16);
 int hs_moe(P x, int x_bf16, int T, int H, int I, int E, int topk, P ids, P tw, P w13, P s13, P ws13, P w2, P s2,
            P ws2, int kind, P out);

@@ -91,15 +91,22 @@ static inline void rot_row(void *base, int64_t off, const float *cs, int half, i
     }
 }
 
-void hs_rotary(const int64_t *pos, void *q, void *k, const float *cos_sin, int T, int Hq, int Hk,
-               int D, int rot, int is_neox, int bf16) {
-    int half = rot / 2;
-#pragma omp parallel for schedule(static) if (T >= PAR_ROWS)
+/* rotary over T tokens; a token whose position is outside [0, npos) (the cos/sin table's
+ * rows) is left as it is. Returns how many were. */
+int hs_rotary(const int64_t *pos, void *q, void *k, const float *cos_sin, int T, int Hq, int Hk,
+              int D, int rot, int is_neox, int bf16, int64_t npos) {
+    int half = rot / 2, bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad) if (T >= PAR_ROWS)
     for (int t = 0; t < T; t++) {
+        if ((uint64_t)pos[t] >= (uint64_t)npos) { /* negative too */
+            bad++;
+            continue;
+        }
         const float *cs = cos_sin + pos[t] * rot;
         for (int hh = 0; hh < Hq; hh++) rot_row(q, ((int64_t)t * Hq + hh) * D, cs, half, is_neox, bf16);
         for (int hh = 0; hh < Hk; hh++) rot_row(k, ((int64_t)t * Hk + hh) * D, cs, half, is_neox, bf16);
     }
+    return bad;
 }
 
 #define SILU_CHUNK 512 /* values per work item: chunks of a row when rows are few */
@@ -145,15 +152,23 @@ void hs_silu_and_mul(const void *x, void *y, int T, int I, int bf16) {
     }
 }
 
-/* key/value [T, row] -> cache[slot] for slot >= 0; ``row`` bytes per token (Hk * D * esize). */
-void hs_write_kv(const char *key, const char *value, char *kcache, char *vcache,
-                 const int64_t *slots, int T, int64_t row) {
+/* key/value [T, row] -> cache[slot] for 0 <= slot < nslots (``row`` bytes per token: Hk * D *
+ * esize); a negative slot is padding, skipped. A slot at or past nslots is skipped too and
+ * counted: the return value (the caller raises; one compare a row, nothing beside the copy). */
+int hs_write_kv(const char *key, const char *value, char *kcache, char *vcache,
+                const int64_t *slots, int T, int64_t row, int64_t nslots) {
+    int bad = 0;
     for (int t = 0; t < T; t++) {
         int64_t s = slots[t];
         if (s < 0) continue;
+        if (s >= nslots) {
+            bad++;
+            continue;
+        }
         memcpy(kcache + s * row, key + (int64_t)t * row, (size_t)row);
         memcpy(vcache + s * row, value + (int64_t)t * row, (size_t)row);
     }
+    return bad;
 }
 
 /* rotary then write_kv in one call (the engine's rotary_write_kv): each token's q and k heads
@@ -161,14 +176,21 @@ void hs_write_kv(const char *key, const char *value, char *kcache, char *vcache,
  * slot (skipped for -1); the same bytes the two calls leave. With qw, kw (Qwen3's per-head
  * norms, w_bf16 their dtype) each head row first goes through rms_row in place, as
  * hs_rms_norm over [T * heads, D] rows. One region over the tokens from PAR_ROWS; a decode
- * token runs on the calling thread, one FFI call a layer fewer (three with the norms). */
-void hs_rotary_write_kv(const int64_t *pos, void *q, void *k, const void *v, const float *cos_sin,
-                        char *kcache, char *vcache, const int64_t *slots, int T, int Hq, int Hk, int D,
-                        int rot, int is_neox, int bf16, const void *qw, const void *kw, int w_bf16, float eps) {
-    int half = rot / 2;
+ * token runs on the calling thread, one FFI call a layer fewer (three with the norms).
+ * A token whose position is outside [0, npos) is neither normed, rotated nor written, one
+ * whose slot is at or past nslots is not written: returns how many tokens were either. */
+int hs_rotary_write_kv(const int64_t *pos, void *q, void *k, const void *v, const float *cos_sin,
+                       char *kcache, char *vcache, const int64_t *slots, int T, int Hq, int Hk, int D,
+                       int rot, int is_neox, int bf16, const void *qw, const void *kw, int w_bf16, float eps,
+                       int64_t npos, int64_t nslots) {
+    int half = rot / 2, bad = 0;
     int64_t row = (int64_t)Hk * D * (bf16 ? 2 : 4);
-#pragma omp parallel for schedule(static) if (T >= PAR_ROWS)
+#pragma omp parallel for schedule(static) reduction(+ : bad) if (T >= PAR_ROWS)
     for (int t = 0; t < T; t++) {
+        if ((uint64_t)pos[t] >= (uint64_t)npos) {
+            bad++;
+            continue;
+        }
         const float *cs = cos_sin + pos[t] * rot;
         if (qw) {
             float *h = scratch_row(D);
@@ -181,7 +203,12 @@ void hs_rotary_write_kv(const int64_t *pos, void *q, void *k, const void *v, con
         for (int hh = 0; hh < Hk; hh++) rot_row(k, ((int64_t)t * Hk + hh) * D, cs, half, is_neox, bf16);
         int64_t s = slots[t];
         if (s < 0) continue;
+        if (s >= nslots) {
+            bad++;
+            continue;
+        }
         memcpy(kcache + s * row, (const char *)k + (int64_t)t * row, (size_t)row);
         memcpy(vcache + s * row, (const char *)v + (int64_t)t * row, (size_t)row);
     }
+    return bad;
 }

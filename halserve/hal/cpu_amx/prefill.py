@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from halserve.hal.bounds import attention_error
 from halserve.hal.interface import AttentionMetadata
 from halserve.hal.native import causal_mask
 
@@ -66,6 +67,20 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: "torch.Tenso
     return o[0].transpose(0, 1)
 
 
+def _check(meta: AttentionMetadata, i: int, qlen: int, slen: int, table: torch.Tensor, num_blocks: int) -> None:
+    """The C kernel's index check (bounds.attention_error's codes) for a sequence this path
+    gathers: every block of its context (two reductions over one table row a prefill)."""
+    bs = meta.block_size
+    nblk = -(-slen // bs)
+    what = 1 if slen < qlen else 2 if nblk > table.shape[0] else None
+    if what is None and nblk:
+        used = table[:nblk]
+        what = 3 if bool((used < 0).any()) or int(used.max()) >= num_blocks else None
+    if what is not None:
+        raise attention_error("cpu_amx attention", 1 + 4 * i + what, meta.cu_seqlens_q, meta.seq_lens,
+                              meta.block_tables, bs, int(meta.sliding_window or 0), num_blocks, -1)
+
+
 def attention(backend, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
               dst: torch.Tensor) -> torch.Tensor:
     """Fill ``dst`` [T, Hq, D] (contiguous): long sequences through ``_flash``, each run of
@@ -80,6 +95,7 @@ def attention(backend, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionM
         if _long(qlens[i], slens[i]):
             q0, q1, slen = starts[i], starts[i + 1], slens[i]
             table = meta.block_tables[i]
+            _check(meta, i, q1 - q0, slen, table, kv_cache.shape[1])
             k = _gather(kv_cache[0], table, slen, meta.block_size)
             v = _gather(kv_cache[1], table, slen, meta.block_size)
             dst[q0:q1] = _flash(q[q0:q1], k.to(q.dtype), v.to(q.dtype), _mask(q1 - q0, slen, window), scale)
