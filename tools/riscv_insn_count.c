@@ -43,12 +43,12 @@ int main(int argc, char **argv) {
     else if (!strcmp(op, "silu_and_mul")) hs_silu_and_mul(x, 0, T, H, 2 * H, y);
     else if (!strcmp(op, "rotary")) {
         int64_t pos[T] = {1, 7, 30, 99};
-        hs_rotary(pos, x, y, 0, T, HQ, HK, D, HQ * D, HK * D, rope, D, 1);
+        hs_rotary(pos, x, y, 0, T, HQ, HK, D, HQ * D, HK * D, rope, D, 1, 128);
     } else if (!strcmp(op, "write_kv")) {
         int64_t slots[T] = {3, 17, -1, 40};
-        hs_write_kv(x, y, 0, T, HK, D, HK * D, HK * D, cache, 0, half, slots);
+        hs_write_kv(x, y, 0, T, HK, D, HK * D, HK * D, cache, 0, half, slots, 8 * BS);
     } else if (!strcmp(op, "attention_decode")) {
-        hs_attention(q, 0, HQ * D, HQ, HK, D, cache, 0, half, BS, cu, lens, table, 8, 1, 0, 0.125f, o, 0, HQ * D);
+        hs_attention(q, 0, HQ * D, HQ, HK, D, cache, 0, half, BS, cu, lens, table, 8, 1, 0, 0.125f, o, 0, HQ * D, 1, 8);
     } else if (!strcmp(op, "moe")) {
         hs_moe(x, 0, 1, 128, lg, 8, w13, 0, NULL, w2, NULL, 64, 0, 2, 0, 1, 1, 1, NULL, 1.0f, y);
     } else if (!strcmp(op, "sample")) {

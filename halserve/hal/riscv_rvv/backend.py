@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from halserve.hal import cbuild
+from halserve.hal.bounds import attention_error, block_pair_error, position_error, slot_error
 from halserve.hal.interface import (
     OPS,
     AttentionMetadata,
@@ -121,6 +122,17 @@ class RvvBackend(NativeBackend):
         return torch.empty(shape, dtype=dtype)
 
     @staticmethod
+    def _check(rc: int, op: str, index_error) -> None:
+        """A kernel's status: > 0 an index outside its bound (skipped; ``index_error()`` words
+        it), -3 out of memory."""
+        if rc > 0:
+            raise index_error()
+        if rc == -3:
+            raise MemoryError(f"riscv_rvv {op}: out of memory for the kernel's row buffers")
+        if rc:
+            raise RuntimeError(f"riscv_rvv {op}: the C kernel returned {rc}")
+
+    @staticmethod
     def _finish(res: torch.Tensor, out: "torch.Tensor | None") -> torch.Tensor:
         if out is None or out is res:
             return res
@@ -178,10 +190,10 @@ class RvvBackend(NativeBackend):
         rot = cache.shape[-1]
         if rot % 2 or rot > d:
             raise ValueError(f"riscv_rvv rotary: rot_dim {rot} must be even and at most head_dim {d}")
-        if tq and int(pos.max()) >= cache.shape[0]:
-            raise ValueError(f"riscv_rvv rotary: position {int(pos.max())} beyond the table's {cache.shape[0]}")
-        self.lib.hs_rotary(self._p(pos, "int64_t *"), self._p(q), self._p(k), self._code(q, "q"), tq, hq, hk, d,
-                           q.stride(0), k.stride(0), self._p(cache, "float *"), rot, int(bool(is_neox)))
+        rows = cache.numel() // rot if rot else 0
+        rc = self.lib.hs_rotary(self._p(pos, "int64_t *"), self._p(q), self._p(k), self._code(q, "q"), tq, hq, hk, d,
+                                q.stride(0), k.stride(0), self._p(cache, "float *"), rot, int(bool(is_neox)), rows)
+        self._check(rc, "rotary", lambda: position_error("riscv_rvv rotary", pos, rows))
 
     def silu_and_mul(self, x, out=None):
         x2 = self._rows(x)
@@ -206,10 +218,15 @@ class RvvBackend(NativeBackend):
         key = key if key.stride(2) == 1 and key.stride(1) == d else key.contiguous()
         value = value.to(key.dtype)
         value = value if value.stride(2) == 1 and value.stride(1) == d else value.contiguous()
+        if key.shape[1:] != kv_cache.shape[3:] or value.shape != key.shape:
+            raise ValueError(f"riscv_rvv write_kv: key {tuple(key.shape)} and value {tuple(value.shape)} rows must be "
+                             f"the cache's [kv_heads, head_dim] = {tuple(kv_cache.shape[3:])}")
         slots = slot_mapping.to(torch.int64).contiguous()
-        self.lib.hs_write_kv(self._p(key), self._p(value), self._code(key, "key"), t, hk, d, key.stride(0),
-                             value.stride(0), self._p(kv_cache), self._code(kv_cache, "kv_cache"), half,
-                             self._p(slots, "int64_t *"))
+        nslots = kv_cache.shape[1] * kv_cache.shape[2]
+        rc = self.lib.hs_write_kv(self._p(key), self._p(value), self._code(key, "key"), t, hk, d, key.stride(0),
+                                  value.stride(0), self._p(kv_cache), self._code(kv_cache, "kv_cache"), half,
+                                  self._p(slots, "int64_t *"), nslots)
+        self._check(rc, "write_kv", lambda: slot_error("riscv_rvv write_kv", slots, nslots))
 
     def attention(self, q, kv_cache, meta: AttentionMetadata, scale, out=None, *, k_scale=1.0, v_scale=1.0):
         t, hq, d = q.shape
@@ -227,10 +244,19 @@ class RvvBackend(NativeBackend):
         tables = meta.block_tables.to(torch.int32).contiguous()
         nseq = lens.shape[0]
         window = meta.sliding_window or 0
-        self.lib.hs_attention(self._p(q), self._code(q, "q"), q.stride(0), hq, hk, d, self._p(kv_cache),
-                              self._code(kv_cache, "kv_cache"), half, bs, self._p(cu, "int32_t *"),
-                              self._p(lens, "int32_t *"), self._p(tables, "int32_t *"), tables.shape[-1],
-                              nseq, window, float(scale), self._p(o), self._code(o, "out"), o.stride(0))
+        if bs != meta.block_size or kv_cache.shape[4] != d:
+            raise ValueError(f"riscv_rvv attention: the KV cache {tuple(kv_cache.shape)} does not hold blocks of "
+                             f"{meta.block_size} tokens (meta.block_size) of head size {d} (q's)")
+        if cu.shape[0] <= nseq or tables.dim() != 2 or tables.shape[0] < nseq:  # C reads nseq sequences' entries
+            raise ValueError(f"riscv_rvv attention: {nseq} sequences (seq_lens) but cu_seqlens_q has {cu.shape[0]} "
+                             f"entries and block_tables is {tuple(tables.shape)}")
+        rc = self.lib.hs_attention(self._p(q), self._code(q, "q"), q.stride(0), hq, hk, d, self._p(kv_cache),
+                                   self._code(kv_cache, "kv_cache"), half, bs, self._p(cu, "int32_t *"),
+                                   self._p(lens, "int32_t *"), self._p(tables, "int32_t *"), tables.shape[-1],
+                                   nseq, window, float(scale), self._p(o), self._code(o, "out"), o.stride(0), t,
+                                   kv_cache.shape[1])
+        self._check(rc, "attention", lambda: attention_error("riscv_rvv attention", rc, cu, lens, tables, bs,
+                                                             int(window), kv_cache.shape[1], t))
         return self._finish(o, out)
 
     def moe(self, x, router_logits, w13, w2, spec: MoeSpec, out=None):
@@ -246,6 +272,13 @@ class RvvBackend(NativeBackend):
         b, sb, _ = self._weight(w2)
         if a.dtype != b.dtype:
             raise ValueError("riscv_rvv moe: w13 and w2 must have one dtype")
+        # C routes over the router's e columns and indexes the weights by what it picks
+        if a.shape[0] != e or b.shape[0] != e:
+            raise IndexError(f"riscv_rvv moe: the router has {e} experts but w13 holds {a.shape[0]} and w2 "
+                             f"{b.shape[0]}")
+        if not 1 <= spec.top_k <= e or groups > 256 or not 1 <= (spec.topk_group or 1) <= groups:
+            raise ValueError(f"riscv_rvv moe: top_k {spec.top_k} must be in 1..{e} experts, num_expert_group "
+                             f"{groups} at most 256 and topk_group {spec.topk_group} in 1..{groups}")
         inter = a.shape[1] // 2
         logits = router_logits.float().contiguous()
         bias = None if spec.correction_bias is None else spec.correction_bias.float().contiguous()
@@ -265,10 +298,14 @@ class RvvBackend(NativeBackend):
             raise ValueError(f"riscv_rvv: block copies need [2, blocks, ...] caches of one dtype with contiguous "
                              f"blocks, got {tuple(src.shape)} {src.dtype} -> {tuple(dst.shape)} {dst.dtype}")
         m = mapping.to(torch.int64).contiguous()
+        if m.dim() != 2 or m.shape[1] != 2:
+            raise ValueError(f"riscv_rvv: block_mapping must be [n, 2] (source, destination) pairs, got "
+                             f"{tuple(mapping.shape)}")
         es = src.element_size()
-        self.lib.hs_copy_blocks(self._p(src), self._p(dst), src.stride(0) * es, src.stride(1) * es,
-                                dst.stride(0) * es, dst.stride(1) * es, src[0, 0].numel() * es,
-                                self._p(m, "int64_t *"), m.shape[0])
+        rc = self.lib.hs_copy_blocks(self._p(src), self._p(dst), src.stride(0) * es, src.stride(1) * es,
+                                     dst.stride(0) * es, dst.stride(1) * es, src[0, 0].numel() * es,
+                                     self._p(m, "int64_t *"), m.shape[0], src.shape[1], dst.shape[1])
+        self._check(rc, "block copy", lambda: block_pair_error("riscv_rvv block copy", m, src.shape[1], dst.shape[1]))
 
     def swap_blocks(self, src, dst, block_mapping):
         if block_mapping.numel():
@@ -294,6 +331,8 @@ class RvvBackend(NativeBackend):
             topp = torch.ones_like(topp)
         if params.no_min_p:
             minp = torch.zeros_like(minp)
+        if min(t.numel() for t in (temp, topk, topp, minp, seeds, steps)) < bsz:  # C reads one a row
+            raise ValueError(f"riscv_rvv sample: {bsz} rows of logits but shorter sampling tensors")
         y = self._out(out, (bsz,), torch.int64)
         self.lib.hs_sample(self._p(lg, "float *"), bsz, v, self._p(temp, "float *"), self._p(topk, "int32_t *"),
                            self._p(topp, "float *"), self._p(minp, "float *"), self._p(seeds, "int64_t *"),

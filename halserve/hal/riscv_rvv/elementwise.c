@@ -66,14 +66,23 @@ static void rotate(char *p, int dt, const float *cs, int64_t rot, int neox, floa
     hs_store(o, p, dt, rot);
 }
 
-void hs_rotary(const int64_t *pos, void *q, void *k, int dt, int64_t t, int64_t hq, int64_t hk,
-               int64_t d, int64_t qst, int64_t kst, const float *cache, int64_t rot, int neox) {
+/* A token whose position is outside [0, npos) (the table's rows) is left as it is and counted:
+ * the return value (-3: a row buffer could not be had). */
+int hs_rotary(const int64_t *pos, void *q, void *k, int dt, int64_t t, int64_t hq, int64_t hk,
+              int64_t d, int64_t qst, int64_t kst, const float *cache, int64_t rot, int neox, int64_t npos) {
     size_t es = hs_esize(dt);
-#pragma omp parallel
+    int bad = 0, oom = 0;
+#pragma omp parallel reduction(+ : bad, oom)
     {
         float *buf = (float *)malloc((size_t)rot * 2 * sizeof(float));
+        oom += !buf;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < t; r++) {
+            if (!buf) continue;
+            if (pos[r] < 0 || pos[r] >= npos) {
+                bad++;
+                continue;
+            }
             const float *cs = cache + pos[r] * rot;
             for (int64_t hd = 0; hd < hq; hd++)
                 rotate((char *)q + (size_t)(r * qst + hd * d) * es, dt, cs, rot, neox, buf);
@@ -82,4 +91,5 @@ void hs_rotary(const int64_t *pos, void *q, void *k, int dt, int64_t t, int64_t 
         }
         free(buf);
     }
+    return oom ? -3 : bad;
 }

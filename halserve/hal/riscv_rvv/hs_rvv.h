@@ -19,20 +19,26 @@ void hs_linear(const void *x, int xdt, int64_t m, int64_t k, int64_t ldx,
 void hs_rms_norm(const void *x, const void *res, const void *w, int dt, int64_t t, int64_t h,
                  int64_t ldx, int64_t ldr, float eps, void *out, void *hout);
 void hs_silu_and_mul(const void *x, int dt, int64_t t, int64_t i, int64_t ldx, void *out);
-void hs_rotary(const int64_t *pos, void *q, void *k, int dt, int64_t t, int64_t hq, int64_t hk,
-               int64_t d, int64_t qst, int64_t kst, const float *cache, int64_t rot, int neox);
-void hs_write_kv(const void *key, const void *val, int sdt, int64_t t, int64_t hk, int64_t d,
-                 int64_t kst, int64_t vst, void *cache, int cdt, int64_t half, const int64_t *slots);
-void hs_attention(const void *q, int qdt, int64_t qst, int64_t hq, int64_t hk, int64_t d,
-                  const void *cache, int cdt, int64_t half, int64_t bs,
-                  const int32_t *cu_q, const int32_t *seq_lens, const int32_t *tables, int64_t max_blocks,
-                  int64_t nseq, int64_t window, float scale, void *out, int odt, int64_t ost);
+/* rotary, write_kv, attention, copy_blocks take the bounds of the indices they are passed
+ * (positions, slots, block ids, lengths) and skip what is outside: > 0 says what was
+ * (halserve/hal/bounds.py), -3 out of memory, 0 done */
+int hs_rotary(const int64_t *pos, void *q, void *k, int dt, int64_t t, int64_t hq, int64_t hk,
+              int64_t d, int64_t qst, int64_t kst, const float *cache, int64_t rot, int neox, int64_t npos);
+int hs_write_kv(const void *key, const void *val, int sdt, int64_t t, int64_t hk, int64_t d,
+                int64_t kst, int64_t vst, void *cache, int cdt, int64_t half, const int64_t *slots,
+                int64_t nslots);
+int hs_attention(const void *q, int qdt, int64_t qst, int64_t hq, int64_t hk, int64_t d,
+                 const void *cache, int cdt, int64_t half, int64_t bs,
+                 const int32_t *cu_q, const int32_t *seq_lens, const int32_t *tables, int64_t max_blocks,
+                 int64_t nseq, int64_t window, float scale, void *out, int odt, int64_t ost, int64_t rows,
+                 int64_t nblocks);
 void hs_moe(const void *x, int dt, int64_t t, int64_t h, const float *logits, int64_t e,
             const void *w13, int wdt, const float *s13, const void *w2, const float *s2, int64_t inter,
             int per_channel, int top_k, int scoring, int renorm, int groups, int topk_group,
             const float *bias, float routed_scale, void *out);
-void hs_copy_blocks(const void *src, void *dst, int64_t src_half, int64_t src_block, int64_t dst_half,
-                    int64_t dst_block, int64_t block_bytes, const int64_t *map, int64_t n);
+int hs_copy_blocks(const void *src, void *dst, int64_t src_half, int64_t src_block, int64_t dst_half,
+                   int64_t dst_block, int64_t block_bytes, const int64_t *map, int64_t n, int64_t src_blocks,
+                   int64_t dst_blocks);
 void hs_sample(const float *logits, int64_t b, int64_t v, const float *temp, const int32_t *top_k,
                const float *top_p, const float *min_p, const int64_t *seeds, const int64_t *steps,
                int64_t *out);
