@@ -86,6 +86,7 @@ class Timing(tuple):
     decode_s: float
     steps: int
     host_us: float
+    preemptions: int
 
 
 def _timed(llm, prompts, params) -> Timing:
@@ -99,6 +100,7 @@ def _timed(llm, prompts, params) -> Timing:
     clock = _step_clock(llm.engine)
     before = _spec_counts(llm)
     steps0, wall0, wait0 = llm.engine.steps_run, clock[0], llm.engine.runner.wait_seconds
+    pre0 = llm.engine.scheduler.num_preemptions
     t = time.perf_counter()
     outs = llm.generate(prompts, params)
     t = time.perf_counter() - t
@@ -106,6 +108,7 @@ def _timed(llm, prompts, params) -> Timing:
     out = Timing((t, [o.outputs[0].token_ids for o in outs], counts))
     out.decode_s = max(o.metrics.finished_time for o in outs) - max(o.metrics.first_token_time for o in outs)
     out.steps = llm.engine.steps_run - steps0
+    out.preemptions = llm.engine.scheduler.num_preemptions - pre0
     out.host_us = 1e6 * ((clock[0] - wall0) - (llm.engine.runner.wait_seconds - wait0)) / max(out.steps, 1)
     return out
 
@@ -382,12 +385,17 @@ def ngram(args, rows: list) -> None:
                    tokens_per_verify=(accepted + steps) / max(steps, 1),
                    mismatched_rows=sum(o != r for o, r in zip(outs, base[b][1])),
                    decode_speedup=base[b].decode_s / max(run.decode_s, 1e-9),
-                   plain_host_us_per_step=base[b].host_us, spec_host_us_per_step=run.host_us)
+                   plain_host_us_per_step=base[b].host_us, spec_host_us_per_step=run.host_us,
+                   plain_steps=base[b].steps, spec_steps=run.steps, plain_decode_s=base[b].decode_s,
+                   spec_decode_s=run.decode_s, plain_preemptions=base[b].preemptions,
+                   spec_preemptions=run.preemptions)
         rows.append(row)
         print(f"[spec] n-gram on Python, batch {b}: {row['speedup']:.2f}x plain (decode alone "
               f"{row['decode_speedup']:.2f}x), acceptance {row['acceptance']:.2f}, "
               f"{row['tokens_per_verify']:.2f} tokens/verify; host {run.host_us:.0f} us/step "
-              f"(plain {base[b].host_us:.0f})"
+              f"(plain {base[b].host_us:.0f}); steps {run.steps} (plain {base[b].steps}), decode "
+              f"{run.decode_s:.3f} s (plain {base[b].decode_s:.3f} s), "
+              f"preemptions {run.preemptions} (plain {base[b].preemptions})"
               + (f"; {row['mismatched_rows']} rows differ" if row["mismatched_rows"] else ""),
               flush=True)
 
