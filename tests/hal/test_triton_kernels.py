@@ -308,3 +308,26 @@ def test_skinny_matmul_rows_never_mix():
     full = skinny_matmul(x, w, cfg=cfg)
     for i in (0, 15, 16, 39):
         assert torch.equal(skinny_matmul(x[i:i + 1].contiguous(), w, cfg=cfg), full[i:i + 1])
+
+
+def test_write_kv_skips_slots_past_the_cache(cuda):
+    """GPU backends raise nothing for a slot past the cache (a check would cost a device sync)
+    but never write out of bounds: a K row at a slot past the end would land in the V half, a V
+    row past the tensor. The cache is the first two planes of a buffer of three, so a stray
+    write shows in the third. Both kernels that write the cache."""
+    hk, d, bs, nb, good = 2, 24, 4, 3, 7
+    key, val = torch.randn(3, hk, d, device=DEV), torch.randn(3, hk, d, device=DEV)
+    slots = torch.tensor([nb * bs, nb * bs + 5, good], device=DEV)  # two past the end, one good
+    cs = build_rope_cache(d, d, 64, 10000.0, None).to(DEV)
+    for fused in (False, True):
+        buf = torch.randn(3, nb, bs, hk, d, device=DEV)
+        before = buf.clone()
+        k = key.clone()
+        if fused:
+            q = torch.randn(3, 4, d, device=DEV)
+            cuda.rotary_write_kv(torch.tensor([1, 2, 3], device=DEV), q, k, val, cs, True, buf[:2], slots)
+        else:
+            cuda.write_kv(k, val, buf[:2], slots)
+        want = before.clone()
+        want[0].view(-1, hk, d)[good], want[1].view(-1, hk, d)[good] = k[2], val[2]
+        assert torch.equal(buf, want), f"fused={fused}"

@@ -200,7 +200,8 @@ def _write_kv_kernel(k_ptr, k_st, k_sh, v_ptr, v_st, v_sh, cache_ptr, v_off, slo
                      HK, D, k_inv, v_inv, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + row).to(tl.int64)
-    if slot >= 0:
+    # a slot past the cache (v_off elements a half) is skipped like -1: never a write out of bounds
+    if (slot >= 0) & (slot * HK * D < v_off):
         h = tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]
         mask = (h < HK) & (d < D)

@@ -105,7 +105,7 @@ def _rotary_write_kv_kernel(pos_ptr, q_ptr, q_st, q_sh, k_ptr, k_st, k_sh, v_ptr
         o, dst, mask = _rotated(k_ptr, row * k_st, heads, d, HK, D, k_sh, cs, HALF, ROT, kw_ptr, eps, NEOX, RNE,
                                 NORM)
         tl.store(dst, o.to(k_ptr.dtype.element_ty), mask=mask)
-        if slot >= 0:
+        if (slot >= 0) & (slot * HK * D < v_off):  # past the cache: skipped like -1, never out of bounds
             # cache [2, blocks, block_size, HK, D] contiguous: token slot s starts at s * HK * D
             at = cache_ptr + slot * HK * D + heads * D + d
             _store_kv(at, o, mask, k_inv, FP8)
