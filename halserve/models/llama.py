@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import torch
 
+from halserve.errors import ModelLoadError
 from halserve.hal.interface import AttentionMetadata, Backend
 from halserve.models.layers import MLP, Attention, Embedding, Linear, RMSNorm, RotaryEmbedding
 
@@ -25,11 +26,13 @@ def make_rotary(cfg: dict, hal: Backend, device) -> RotaryEmbedding:
     from halserve.hal.rope import rope_params_from_hf_config
 
     base, scaling = rope_params_from_hf_config(cfg)
-    head_dim = head_dim_of(cfg)
-    rope = cfg.get("rope_parameters") or {}
-    partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-    return RotaryEmbedding(hal, head_dim, int(head_dim * partial), cfg["max_position_embeddings"],
-                           base, scaling, is_neox=True, device=device)
+    head_dim = head_dim_of(cfg)  # the whole head rotates: checks.py refuses partial_rotary_factor
+    try:
+        return RotaryEmbedding(hal, head_dim, head_dim, cfg["max_position_embeddings"],
+                               base, scaling, is_neox=True, device=device)
+    except (ValueError, KeyError) as e:  # an unknown rope type, a missing rope parameter
+        what = f"rope parameter {e} is missing" if isinstance(e, KeyError) else str(e)
+        raise ModelLoadError(f"{(cfg.get('architectures') or ['model'])[0]}: {what}") from None
 
 
 class LlamaDecoderLayer:
