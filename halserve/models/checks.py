@@ -11,8 +11,13 @@ from halserve.errors import ModelLoadError
 
 # HF ACT2FN names that are exactly SiLU (the only gate activation hal.silu_and_mul computes)
 SILU_ACTS = ("silu", "swish")
-# options no supported family implements; refused whenever set to anything but null
-_UNSUPPORTED = ("attn_logit_softcapping", "final_logit_softcapping")
+# options of other families (Gemma 2's soft-capping and query scale, Granite's multipliers) that
+# no supported family implements -> the values that mean "off"
+_UNSUPPORTED = {
+    "attn_logit_softcapping": (None,), "final_logit_softcapping": (None,), "query_pre_attn_scalar": (None,),
+    "embedding_multiplier": (None, 1.0), "logits_scaling": (None, 1.0), "residual_multiplier": (None, 1.0),
+    "attention_multiplier": (None,),
+}
 # the config key(s) of the expert count (transformers 5 saves Qwen3-MoE's as num_local_experts)
 _MOE_EXPERTS = {"MixtralForCausalLM": ("num_local_experts",),
                 "Qwen3MoeForCausalLM": ("num_experts", "num_local_experts")}
@@ -29,11 +34,14 @@ def check_config(cfg: dict, arch: str, where: str) -> None:
     act = cfg.get("hidden_act", "silu")
     if act not in SILU_ACTS:
         refuse(f"hidden_act={act!r} is not supported; supported: {', '.join(SILU_ACTS)}")
-    for key in _UNSUPPORTED:
-        if cfg.get(key) is not None:
-            refuse(f"{key}={cfg[key]!r} is not supported (only null)")
+    for key, off in _UNSUPPORTED.items():
+        if cfg.get(key) not in off:
+            refuse(f"{key}={cfg[key]!r} is not supported (only {' or '.join(map(_json, off))})")
     rope = cfg.get("rope_parameters") or {}
-    for scope in [cfg, cfg.get("rope_scaling") or {}, rope, *(v for v in rope.values() if isinstance(v, dict))]:
+    nested = [v for v in rope.values() if isinstance(v, dict)]
+    if nested and any(v != nested[0] for v in nested):
+        refuse(f"rope_parameters differing per layer type ({', '.join(rope)}) are not supported (one rope for all)")
+    for scope in [cfg, cfg.get("rope_scaling") or {}, rope, *nested]:
         prf = scope.get("partial_rotary_factor")
         if prf is not None and float(prf) != 1.0:
             refuse(f"partial_rotary_factor={prf!r} is not supported (only 1.0: the whole head rotates)")
@@ -46,3 +54,7 @@ def check_config(cfg: dict, arch: str, where: str) -> None:
         k = cfg.get("num_experts_per_tok")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
             refuse(f"num_experts_per_tok={k!r} is not valid: must be an integer in 1..{experts_key} ({n})")
+
+
+def _json(v) -> str:
+    return "null" if v is None else repr(v)
