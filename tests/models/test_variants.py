@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -84,6 +85,13 @@ VARIANTS: dict[str, tuple[str, dict, dict, dict]] = {
                                        intermediate_size=200, vocab_size=448),
     "mixtral_hidden_80_inter_72": V("mixtral", hidden_size=80, intermediate_size=72, num_attention_heads=5,
                                     num_key_value_heads=1),
+    "qwen3_head_dim_128": V("qwen3", head_dim=128),
+    "llama_head_dim_256_mqa": V("llama", head_dim=256, num_key_value_heads=1),
+    "mistral_head_dim_96": V("mistral", head_dim=96, sliding_window=10, engine=dict(max_num_batched_tokens=9)),
+    "qwen2_head_dim_112": V("qwen2", head_dim=112),
+    "llama_head_dim_6": V("llama", head_dim=6),
+    "mixtral_head_dim_32": V("mixtral", head_dim=32),
+    "qwen3_moe_attention_bias_tied": V("qwen3_moe", attention_bias=True, tie_word_embeddings=True),
     "llama_biases": V("llama", attention_bias=True, mlp_bias=True),
     "llama_attention_bias_only": V("llama", attention_bias=True),
     "qwen3_attention_bias": V("qwen3", attention_bias=True),
@@ -117,6 +125,7 @@ VARIANTS: dict[str, tuple[str, dict, dict, dict]] = {
     "mixtral_top3": V("mixtral", num_experts_per_tok=3),
     "mixtral_8_experts_top2": V("mixtral", num_local_experts=8, num_experts_per_tok=2),
     "qwen3_moe_16_top8_norm": V("qwen3_moe", num_experts=16, num_experts_per_tok=8, norm_topk_prob=True),
+    "qwen3_moe_step_3_all_dense": V("qwen3_moe", decoder_sparse_step=3, mlp_only_layers=[]),
     "qwen3_moe_norm_topk": V("qwen3_moe", norm_topk_prob=True, mlp_only_layers=[]),
     "qwen3_moe_sparse_step_2": V("qwen3_moe", decoder_sparse_step=2, mlp_only_layers=[]),
     "qwen3_moe_top4_mlp_only_1": V("qwen3_moe", num_experts_per_tok=4, mlp_only_layers=[1]),
@@ -175,16 +184,19 @@ def prompts(path) -> list[list[int]]:
 
 def _ours(path, backend: str, **engine) -> list[list[int]]:
     llm = LLM(str(path), dtype="float32", backend=backend, enforce_eager=True, max_num_seqs=4, **engine)
+    assert llm.engine.hal.name == backend
     sp = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
     return [o.outputs[0].token_ids for o in llm.generate(prompts(path), sp)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_variant_matches_transformers(variant_path, variant, backend):
+def test_variant_matches_transformers(variant_path, variant, backend, caplog):
     path = variant_path(variant)
     ref = _hf_greedy(str(path))
-    got = _ours(path, backend, **VARIANTS[variant][3])
+    with caplog.at_level(logging.WARNING, logger="halserve.models.loader"):
+        got = _ours(path, backend, **VARIANTS[variant][3])
+    assert not [r for r in caplog.records if r.name == "halserve.models.loader"], "checkpoint tensors left unused"
     assert [tuple(t) for t in got] == list(ref)
     assert len({t for seq in ref for t in seq}) > 3, "degenerate checkpoint: greedy barely varies"
 
