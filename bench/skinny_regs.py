@@ -80,7 +80,8 @@ def compile_sm90(fn, args, kwargs) -> dict:
     return dict(regs=get("REG"), local=get("LOCAL"), shared=kern.metadata.shared,
                 ld16=len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx)), pdl="griddepcontrol.wait" in ptx,
                 wgmma="wgmma" in ptx, mma="wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "none"),
-                fma_f32=len(re.findall(r"\bfma\.\w+\.f32\b", ptx)))
+                fma_f32=len(re.findall(r"\bfma\.\w+\.f32\b", ptx)),
+                bar_sync=len(re.findall(r"\b(?:bar|barrier)\.sync\b", ptx)))
 
 
 def check_table() -> int:

@@ -4,8 +4,9 @@ A decode step of a 1B Llama runs ~20 small kernels per layer pair, each a few mi
 launch and tail for a few kilobytes of work (docs/performance.md, issue 20); this one takes
 the rotary and the KV scatter of a layer into one. Each head row of q and k is rotated in
 registers over its whole head dim (partner lane loaded beside it: j + rot/2 for neox, j ^ 1
-for gpt-j), stored back in place, and k's row, as just rounded to k's dtype, goes straight to
-the cache with v's: the same bytes ``rotary`` then ``write_kv`` leave (the arithmetic is
+for gpt-j), stored back in place after a barrier (the partner may live in another warp, whose
+load a store would otherwise race; the interpreter, one thread, never shows it), and k's row,
+as just rounded to k's dtype, goes straight to the cache with v's: the same bytes ``rotary`` then ``write_kv`` leave (the arithmetic is
 theirs, ``o1 = x1 cos - x2 sin``, ``o2 = x2 cos + x1 sin``; the fp8 store is write_kv's
 integer e4m3 rule).
 """
@@ -98,12 +99,15 @@ def _rotary_write_kv_kernel(pos_ptr, q_ptr, q_st, q_sh, k_ptr, k_st, k_sh, v_ptr
         heads = h0 + tl.arange(0, BLOCK_HQ)[:, None]
         o, dst, mask = _rotated(q_ptr, row * q_st, heads, d, HQ, D, q_sh, cs, HALF, ROT, qw_ptr, eps, NEOX, RNE,
                                 NORM)
+        # in place: another warp may still have to load this lane as its partner
+        tl.debug_barrier()
         tl.store(dst, o.to(q_ptr.dtype.element_ty), mask=mask)
     slot = tl.load(slot_ptr + row).to(tl.int64)
     for h0 in range(0, HK, BLOCK_HK):
         heads = h0 + tl.arange(0, BLOCK_HK)[:, None]
         o, dst, mask = _rotated(k_ptr, row * k_st, heads, d, HK, D, k_sh, cs, HALF, ROT, kw_ptr, eps, NEOX, RNE,
                                 NORM)
+        tl.debug_barrier()
         tl.store(dst, o.to(k_ptr.dtype.element_ty), mask=mask)
         if (slot >= 0) & (slot * HK * D < v_off):  # past the cache: skipped like -1, never out of bounds
             # cache [2, blocks, block_size, HK, D] contiguous: token slot s starts at s * HK * D
