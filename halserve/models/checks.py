@@ -26,6 +26,19 @@ _WINDOWED = ("MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qw
              "Qwen3MoeForCausalLM")
 
 
+# families whose config gates the window with use_sliding_window, false unless the config says true
+_USE_WINDOW_KEY = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+
+
+def configured_window(cfg: dict, arch: str | None = None) -> int | None:
+    """``sliding_window`` where the family applies it as transformers does: Qwen2/Qwen3/Qwen3-MoE
+    only with ``use_sliding_window`` true (their configs default it to false); others whenever set."""
+    arch = arch or (cfg.get("architectures") or [""])[0]
+    if arch in _USE_WINDOW_KEY and not cfg.get("use_sliding_window", False):
+        return None
+    return cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+
+
 def check_config(cfg: dict, arch: str, where: str) -> None:
     """Raise ModelLoadError for the first option in ``cfg`` the model code cannot honour."""
     def refuse(msg: str) -> None:
@@ -45,7 +58,7 @@ def check_config(cfg: dict, arch: str, where: str) -> None:
         prf = scope.get("partial_rotary_factor")
         if prf is not None and float(prf) != 1.0:
             refuse(f"partial_rotary_factor={prf!r} is not supported (only 1.0: the whole head rotates)")
-    if cfg.get("sliding_window") is not None and cfg.get("use_sliding_window", True) and arch not in _WINDOWED:
+    if configured_window(cfg, arch) is not None and arch not in _WINDOWED:
         refuse(f"sliding_window={cfg['sliding_window']!r} is not supported: transformers' {arch} attends to "
                f"the whole context; set it to null, or use a family with windows ({', '.join(_WINDOWED[:2])})")
     experts_key = next((k for k in _MOE_EXPERTS.get(arch, ()) if cfg.get(k)), None)

@@ -14,6 +14,7 @@ from dataclasses import replace
 import torch
 
 from halserve.errors import ModelLoadError
+from halserve.models.checks import configured_window
 from halserve.hal.interface import AttentionMetadata, Backend
 from halserve.models.layers import MLP, Attention, Embedding, Linear, RMSNorm, RotaryEmbedding
 
@@ -108,7 +109,7 @@ def layer_windows(cfg: dict) -> list[int | None]:
     window only the layers from ``max_window_layers`` on, or those ``layer_types`` names
     "sliding_attention"; other families window every layer."""
     n = cfg["num_hidden_layers"]
-    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+    window = configured_window(cfg)
     if window is None:
         return [None] * n
     if (cfg.get("architectures") or [""])[0] not in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):

@@ -18,7 +18,7 @@ import torch
 from halserve.errors import ModelLoadError
 from halserve.hal.interface import Backend
 from halserve.models import registry
-from halserve.models.checks import check_config
+from halserve.models.checks import check_config, configured_window
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,6 @@ def load_config(path, dtype="auto") -> ModelConfig:
     registry.resolve(archs[0])  # fail early, naming what is supported
     check_config(cfg, archs[0], str(root))  # options the model code cannot honour, by name
     gen = _read_json(root / "generation_config.json", required=False)
-    use_window = cfg.get("use_sliding_window", True)  # Qwen2/3 carry a window they do not use
     return ModelConfig(
         path=str(root),
         architecture=archs[0],
@@ -155,7 +154,7 @@ def load_config(path, dtype="auto") -> ModelConfig:
         vocab_size=cfg["vocab_size"],
         eos_token_ids=_ids(cfg.get("eos_token_id"), gen.get("eos_token_id")),
         bos_token_id=next(iter(_ids(cfg.get("bos_token_id"), gen.get("bos_token_id"))), None),
-        sliding_window=cfg.get("sliding_window") if use_window else None,
+        sliding_window=configured_window(cfg, archs[0]),
     )
 
 

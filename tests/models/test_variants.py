@@ -97,6 +97,9 @@ VARIANTS: dict[str, tuple[str, dict, dict, dict]] = {
     "qwen3_attention_bias": V("qwen3", attention_bias=True),
     "llama_kv_heads_absent": V("llama", num_key_value_heads=4, edit=dict(num_key_value_heads=None)),
     "mistral_head_dim_null": V("mistral", edit=dict(head_dim=None)),
+    # a window but no use_sliding_window key: Qwen's configs default it to false (no window)
+    "qwen2_window_without_use_key": V("qwen2", edit=dict(sliding_window=8, max_window_layers=0, use_sliding_window=None, layer_types=None)),
+    "qwen3_window_without_use_key": V("qwen3", edit=dict(sliding_window=8, max_window_layers=0, use_sliding_window=None, layer_types=None)),
     "llama_mqa": V("llama", num_key_value_heads=1),
     "llama_mha": V("llama", num_key_value_heads=4),
     "qwen3_gqa_8_to_2": V("qwen3", num_attention_heads=8, num_key_value_heads=2, head_dim=16),
