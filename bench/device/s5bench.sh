@@ -9,12 +9,10 @@
 #                         amxq.sh (int8/int4 GEMV A/B: huge pages, chunked rows).
 # s5final.sh checks correctness on the same code; s5extra.sh holds what did not fit.
 # Each script runs under what is left of its lane's deadline. Logs in $OUT/<script>.log.
-set -uo pipefail
-OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
 . "$(dirname "$0")/step.sh"
+stage_env
 T0=$SECONDS
-( export THREADS=12 OMP_NUM_THREADS=12 CUDA_VISIBLE_DEVICES= HALSERVE_CACHE_DIR=/tmp/halserve-cache-cpu
-  run_lane 4-15 575 cpubench:250 amxb:140 amxq:150 ) &
+cpu_lane 575 cpubench:250 amxb:140 amxq:150
 run_lane 0-3 575 fp8:200 spec:210 biatt:165
 wait
 show_lanes fp8 spec biatt cpubench amxb amxq

@@ -7,12 +7,10 @@
 #   CPU lane, cores 4-15: THREADS=12: fuse_cpu.sh (batch-1 decode, fused rotary_write_kv vs the two ops),
 #                         amxmoe.sh (fused MoE decode beside llama.cpp), nativeb.sh (native and cpu_amx
 #                         batched, interleaved beside HF; its sequential half is cut by the lane's limit).
-set -uo pipefail
-OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
 . "$(dirname "$0")/step.sh"
+stage_env
 T0=$SECONDS
-( export THREADS=12 OMP_NUM_THREADS=12 CUDA_VISIBLE_DEVICES= HALSERVE_CACHE_DIR=/tmp/halserve-cache-cpu
-  run_lane 4-15 490 fuse_cpu:150 amxmoe:120 nativeb:215 ) &
+cpu_lane 490 fuse_cpu:150 amxmoe:120 nativeb:215
 run_lane 0-3 490 bichunk:125 fuse:150 host32:90
 wait
 show_lanes bichunk fuse host32 fuse_cpu amxmoe nativeb

@@ -4,14 +4,13 @@
 #   GPU lanes (correctness only, sharing the GPU): cores 0-1 the speculative-decoding test files whole
 #     (spectests.sh, issue 21); cores 2-3 cuda conformance of the ops that write the cache, the two GPU
 #     test files that failed (test_cuda_backend, test_engine_gpu) with the fused-op tests, the engine tier;
-#   CPU lane, cores 4-15, THREADS=12: cpubench.sh (issue 22's table) then amxb.sh (16/64 sequences).
+#   CPU lane, cores 4-15, THREADS=12: cpubench.sh (issue 22's table), amxb.sh (16/64
+#     sequences), amxq.sh (int8/int4 GEMVs).
 # Logs in $OUT/<stage>.log; correctness only in the GPU lane, so its timing does not matter.
-set -uo pipefail
-OUT="${OUT:-$PWD/device_out}"; mkdir -p "$OUT"
 . "$(dirname "$0")/step.sh"
+stage_env
 T0=$SECONDS
-( export THREADS=12 OMP_NUM_THREADS=12 CUDA_VISIBLE_DEVICES= HALSERVE_CACHE_DIR=/tmp/halserve-cache-cpu
-  run_lane 4-15 550 cpubench:260 amxb:150 amxq:140 ) &
+cpu_lane 550 cpubench:260 amxb:150 amxq:140
 ( OMP_NUM_THREADS=2 run_lane 0-1 545 spectests:300 ) &
 OMP_NUM_THREADS=2 run_lane 2-3 545 s6gpu:545
 wait

@@ -48,6 +48,14 @@ run_lane() {
   done
 }
 
+# The sittings' CPU lane (`cpu_lane DEADLINE "stage:limit" ...`, in the background; `wait` for it):
+# cores 4-15 at 12 threads (llama.cpp and HF at the same 12 in its stages), no GPU, its own C build
+# cache, beside GPU lanes on cores 0-3.
+cpu_lane() {
+  ( export THREADS=12 OMP_NUM_THREADS=12 CUDA_VISIBLE_DEVICES= HALSERVE_CACHE_DIR=/tmp/halserve-cache-cpu
+    run_lane 4-15 "$@" ) &
+}
+
 # show_lanes STAGE...: each stage log's last lines, progress bars and warnings left out
 show_lanes() {
   local s
