@@ -221,12 +221,6 @@ static void span(const attn_ctx *c, const int32_t *table, int h, const float *q,
 static int attn_amx = 1;
 void hs_set_attn_amx(int on) { attn_amx = on != 0; }
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} attn_tilecfg;
-
 #define ACC_TILES 4 /* tiles 0..3: 4 x 16 output columns per pass over the span's keys */
 #define QK_STEP(T, K, U)                                                                 \
     if (U < nq) {                                                                        \
@@ -267,11 +261,7 @@ static void span_amx(const attn_ctx *c, const int32_t *table, int h, const bf16_
         l[g] = 0.f;
         for (int i = 0; i < D; i++) acc[g * D + i] = 0.f;
     }
-    attn_tilecfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
-    _tile_loadconfig(&cfg);
+    amx_config_tiles(8);
     const __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                            _mm512_set1_epi32(16));
     const __m512 sc = _mm512_set1_ps(c->scale);
@@ -299,12 +289,7 @@ static void span_amx(const attn_ctx *c, const int32_t *table, int h, const bf16_
                 QK_STEP(3, 7, 3)
             }
             for (int u = 0; u < nq; u++) {
-                switch (u) {
-                case 0: _tile_stored(0, to, 64); break;
-                case 1: _tile_stored(1, to, 64); break;
-                case 2: _tile_stored(2, to, 64); break;
-                default: _tile_stored(3, to, 64); break;
-                }
+                AMX_STORE_ACC(u, to)
                 int tt = t0 + u, valid = n - tt * 16 < 16 ? n - tt * 16 : 16;
                 __mmask16 k = (__mmask16)((1u << valid) - 1u);
                 for (int g = 0; g < G; g++) {
@@ -367,12 +352,7 @@ static void span_amx(const attn_ctx *c, const int32_t *table, int h, const bf16_
                 PV_STEP(3, 4, 3)
             }
             for (int dt = 0; dt < ndt; dt++) {
-                switch (dt) {
-                case 0: _tile_stored(0, to, 64); break;
-                case 1: _tile_stored(1, to, 64); break;
-                case 2: _tile_stored(2, to, 64); break;
-                default: _tile_stored(3, to, 64); break;
-                }
+                AMX_STORE_ACC(dt, to)
                 for (int g = 0; g < G; g++) {
                     float *ag = acc + g * D + (dt0 + dt) * 16;
                     _mm512_storeu_ps(ag, _mm512_fmadd_ps(_mm512_loadu_ps(ag), _mm512_set1_ps(corr[g]),

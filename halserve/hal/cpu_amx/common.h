@@ -103,4 +103,32 @@ static inline void row_from_f32(void *p, int64_t off, int n, int bf16, const flo
         memcpy((float *)p + off, src, (size_t)n * 4);
     }
 }
+
+#ifdef __AMX_TILE__
+#include <immintrin.h>
+/* The AMX kernels' tile set-up: tiles 0..n-1 of 16 rows x 64 bytes (palette 1), for this thread. */
+static inline void amx_config_tiles(int n) {
+    struct {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < n; t++) {
+        c.colsb[t] = 64;
+        c.rows[t] = 16;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* accumulator tile U (0..3; tile numbers are immediates) stored as 16 rows of 64 bytes at DST */
+#define AMX_STORE_ACC(U, DST)                          \
+    switch (U) {                                       \
+    case 0: _tile_stored(0, DST, 64); break;           \
+    case 1: _tile_stored(1, DST, 64); break;           \
+    case 2: _tile_stored(2, DST, 64); break;           \
+    default: _tile_stored(3, DST, 64); break;          \
+    }
+#endif
 #endif

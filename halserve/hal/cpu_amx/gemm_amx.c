@@ -25,22 +25,6 @@
 #define MC 16 /* x rows per tile */
 #define KB 32 /* k per tile step (16 pairs) */
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tilecfg;
-
-static void config_tiles(void) {
-    tilecfg c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        c.colsb[t] = 64;
-        c.rows[t] = 16;
-    }
-    _tile_loadconfig(&c);
-}
 
 /* x [M][K] (bf16 or the hi/lo split of fp32) -> B blocks [mc][kb][16 pairs][16 rows][2],
  * zero past M and K; a block is the 16 x 16 transpose of (row, pair) 32-bit units */
@@ -166,12 +150,7 @@ static void block4(const bf16_t *a0, int64_t lda, const bf16_t *tail, int kfull,
             }
         }
         for (int u = 0; u < cnt; u++) {
-            switch (u) {
-            case 0: _tile_stored(0, out, 64); break;
-            case 1: _tile_stored(1, out, 64); break;
-            case 2: _tile_stored(2, out, 64); break;
-            default: _tile_stored(3, out, 64); break;
-            }
+            AMX_STORE_ACC(u, out)
             /* out[i][j]: feature n0 + i, x row (mc + u) * 16 + j */
             for (int j = 0; j < MC; j++) {
                 int m = (mc + u) * MC + j;
@@ -290,7 +269,7 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
     int oom = 0; /* a worker's N-tail buffer could not be had: -3 */
 #pragma omp parallel
     {
-        config_tiles();
+        amx_config_tiles(8);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < (int64_t)nmc * nkb; b++) {
             int mc = (int)(b / nkb), kb = (int)(b % nkb);

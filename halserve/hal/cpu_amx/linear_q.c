@@ -406,12 +406,6 @@ void hs_linear_w8a8_seq(const int8_t *xq, const uint8_t *xu, const float *xs, in
  * integers the VPDPBUSD kernels make, so the outputs are theirs bit for bit (the K tail, the
  * N tail and the final float ops are the one-row code's). np byte planes (2: bf16 x as 16-bit
  * fixed point, 1: W8A8), plane p of activation row m at xb + m * mstride + p * K. */
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} q_tilecfg;
-
 static __thread uint8_t *bq_buf;
 static __thread int64_t bq_cap;
 
@@ -441,14 +435,7 @@ int hs_linear_i8_amx(const uint8_t *xb, int64_t mstride, int np, const int8_t *x
                     d[q * 16 + m] = v;
                 }
         }
-        q_tilecfg c;
-        memset(&c, 0, sizeof c);
-        c.palette = 1;
-        for (int t = 0; t < 5; t++) {
-            c.colsb[t] = 64;
-            c.rows[t] = 16;
-        }
-        _tile_loadconfig(&c);
+        amx_config_tiles(5);
         int32_t acc[2][16][16];
 #pragma omp for schedule(static)
         for (int b = 0; b <= nb; b++) {
