@@ -277,9 +277,8 @@ class CpuAmxBackend(NativeBackend):
         y = out if direct else torch.empty(m, w.out_features, dtype=x.dtype)
         bf16 = int(x.dtype == torch.bfloat16)
         rc = self.lib.hs_gemm_amx(xc.data_ptr(), bf16, m, k, wp, w.out_features, self._ptr(bf), y.data_ptr(), bf16)
-        if rc:
-            why = "out of memory for its scratch" if rc == -3 else "this build has no AMX, or M outside 1..128"
-            raise RuntimeError(f"cpu_amx AMX GEMM failed for M={m} K={k} N={w.out_features}: {why}")
+        if rc:  # (other codes: this build has no AMX, or M outside 1..128; supports() keeps both out)
+            _failed("AMX GEMM", rc, f"M={m} K={k} N={w.out_features}")
         return y if out is None or direct else out.copy_(y)
 
     def linear_call(self, x: torch.Tensor, w: PackedWeight):
@@ -526,7 +525,7 @@ class CpuAmxBackend(NativeBackend):
             raise IndexError(f"cpu_amx moe: expert id {int(bad[0]) if bad.numel() else '?'} is outside the "
                              f"{e} experts of the weights (valid 0..{e - 1}): the router logits are wider than w13")
         if rc:
-            raise RuntimeError(f"cpu_amx moe kernel failed (code {rc}: -3 out of memory)")
+            _failed("moe", rc, f"{t} tokens, {w13.weight.shape[0]} experts")
         return y if out is None or direct else out.copy_(y)
 
     @staticmethod
