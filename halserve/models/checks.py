@@ -24,10 +24,8 @@ _MOE_EXPERTS = {"MixtralForCausalLM": ("num_local_experts",),
 # families whose attention applies ``sliding_window`` (Llama's ignores it in transformers)
 _WINDOWED = ("MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
              "Qwen3MoeForCausalLM")
-
-
-# families whose config gates the window with use_sliding_window, false unless the config says true
-_USE_WINDOW_KEY = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+# of those, the ones whose config gates the window with use_sliding_window (false unless set true)
+_USE_WINDOW_KEY = _WINDOWED[2:]
 
 
 def configured_window(cfg: dict, arch: str | None = None) -> int | None:

@@ -14,8 +14,8 @@ from dataclasses import replace
 import torch
 
 from halserve.errors import ModelLoadError
-from halserve.models.checks import configured_window
 from halserve.hal.interface import AttentionMetadata, Backend
+from halserve.models.checks import configured_window
 from halserve.models.layers import MLP, Attention, Embedding, Linear, RMSNorm, RotaryEmbedding
 
 
