@@ -1,7 +1,7 @@
 """Compile the fused rotary + write_kv Triton kernel (hal/triton/fused.py) for sm_90 and for
 an AMD arch on a machine without a GPU, as the launcher calls it at the model shapes, and
-print registers, local memory (spills) and 16-byte loads (sm_90), VGPRs / spills (AMD).
-Exits 1 when a launch spills or fails to compile.
+print registers, local memory (spills), 16-byte loads and barriers (sm_90), VGPRs / spills
+(AMD). Exits 1 when a launch spills, has no barrier before its in-place stores, or fails to compile.
 
     python bench/fuse_regs.py [--arch gfx942]
 
@@ -73,8 +73,9 @@ def main() -> int:
             tag = f"{name:<28} {'neox' if neox else 'gptj'}"
             try:
                 r = compile_sm90(fn, a, kw)
-                bad += r["local"] != 0
-                print(f"sm_90  {tag}: regs {r['regs']}, local {r['local']} B, 16-byte loads {r['ld16']}", flush=True)
+                bad += r["local"] != 0 or r["bar_sync"] == 0  # no barrier: the in-place store races a partner's load
+                print(f"sm_90  {tag}: regs {r['regs']}, local {r['local']} B, 16-byte loads {r['ld16']}, "
+                      f"bar.sync {r['bar_sync']}", flush=True)
             except Exception as e:
                 bad += 1
                 print(f"sm_90  {tag}: FAILED {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
