@@ -712,10 +712,9 @@ def _sampling_state(seqs) -> tuple[tuple[np.ndarray, ...], dict, bool]:
         min_p.append(p.min_p)
         seeds.append(s.seed)
         steps.append(n_out)
-        if not processors and (p.needs_penalties or p.logit_bias or n_out < p.min_tokens):
+        if not processors and _params_need_processors(p, n_out):
             processors = True
-    hints = dict(all_greedy=not random, all_random=not greedy, no_top_k=not any(top_k),
-                 no_top_p=all(x >= 1.0 for x in top_p), no_min_p=all(x <= 0.0 for x in min_p))
+    hints = _sampler_hints(greedy, random, top_k, top_p, min_p)
     arrays = (np.array(temps, dtype=np.float32), np.array(top_k, dtype=np.int32),
               np.array(top_p, dtype=np.float32), np.array(min_p, dtype=np.float32),
               np.array(seeds, dtype=np.int64), np.array(steps, dtype=np.int64))
@@ -741,9 +740,8 @@ def _staged_rows(rows, seqs, views, hints: dict | None = None) -> StagedRows:
     out = StagedRows(rows)
     if hints is None:
         ps = [seq.params for seq in seqs]
-        hints = dict(all_greedy=all(p.greedy for p in ps), all_random=not any(p.greedy for p in ps),
-                     no_top_k=all(p.top_k == 0 for p in ps), no_top_p=all(p.top_p >= 1.0 for p in ps),
-                     no_min_p=all(p.min_p <= 0.0 for p in ps))
+        hints = _sampler_hints(any(p.greedy for p in ps), not all(p.greedy for p in ps), [p.top_k for p in ps],
+                               [p.top_p for p in ps], [p.min_p for p in ps])
     temps, top_k, top_p, min_p, seeds, steps = views[:6]
     out.tensors = SamplingTensors(temperature=temps, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds,
                                   steps=steps, **hints)
@@ -760,9 +758,19 @@ def _graph_logits(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype != torch.float32 else t
 
 
+def _sampler_hints(greedy: bool, random: bool, top_k, top_p, min_p) -> dict:
+    """SamplingTensors' host hints: whether any row is greedy / random, and the rows' top-k,
+    top-p, min-p values."""
+    return dict(all_greedy=not random, all_random=not greedy, no_top_k=not any(top_k),
+                no_top_p=all(x >= 1.0 for x in top_p), no_min_p=all(x <= 0.0 for x in min_p))
+
+
+def _params_need_processors(p, num_output_tokens: int) -> bool:
+    return bool(p.needs_penalties or p.logit_bias or num_output_tokens < p.min_tokens)
+
+
 def _needs_processors(seq) -> bool:
-    p = seq.params
-    return bool(p.needs_penalties or p.logit_bias or seq.num_output_tokens < p.min_tokens)
+    return _params_need_processors(seq.params, seq.num_output_tokens)
 
 
 def _row_ends(sch, rows_idx: list[int]) -> list[int]:
