@@ -153,14 +153,14 @@ def run_halserve(model: Path, backend: str, quant: str, args, row: dict) -> None
     from halserve import SamplingParams
     from halserve.bench.latency import weight_bytes_per_token
 
-    batches = _ints(args.batch) if quant in args.batch_quants.split(",") else []
+    # interleaved: run_batched_interleaved loads engines of its own for the batched figures
+    batched = quant in args.batch_quants.split(",") and args.batch_mode == "sequential"
+    batches = _ints(args.batch) if batched else []
     blen = args.batch_input_len or args.input_len
     t = time.perf_counter()
     llm = _llm(model, backend, quant, args, batches)
     eng = llm.engine
     load_s = time.perf_counter() - t
-    if args.batch_mode != "sequential":
-        batches = []
     vocab = eng.model_config.vocab_size
 
     ids = iter(range(1 << 30))

@@ -29,7 +29,6 @@ def _hf_stepper(model, dtype: str, prompts: list[list[int]]):
         with torch.no_grad():
             o = hf(state["next"], past_key_values=state["cache"], use_cache=True)
             state["next"] = o.logits[:, -1].argmax(-1, keepdim=True)
-    step.model = hf
     return step
 
 
