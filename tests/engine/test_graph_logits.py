@@ -67,7 +67,9 @@ def _params():
         SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, logprobs=3),
         SamplingParams(temperature=0.8, top_k=20, seed=7, max_tokens=14, ignore_eos=True, logprobs=2),
         SamplingParams(temperature=1.0, top_p=0.9, min_p=0.05, seed=3, max_tokens=5, ignore_eos=True),
-        # logits processors edit the sampled logits in place; logprobs are of the raw ones
+        # logits processors edit the sampled logits in place while logprobs are asked for (the
+        # reference runs the same runner code: this checks the graph read, not which logits
+        # logprobs come from)
         SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, repetition_penalty=1.5,
                        frequency_penalty=0.5, logprobs=1),
         SamplingParams(temperature=0.7, seed=11, max_tokens=16, min_tokens=10, n=2),
