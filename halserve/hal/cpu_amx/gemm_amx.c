@@ -82,6 +82,14 @@ void hs_set_amx_prefetch(int bytes, int flags) {
     amx_pf_next = (flags & 2) != 0;
 }
 
+/* 16 W rows from p, amx_pf bytes ahead along each row's stream, into L1 (or L2 only with amx_pf_l2) */
+static inline void prefetch_w(const bf16_t *p, int64_t lda) {
+    if (amx_pf_l2)
+        for (int i = 0; i < 16; i++) _mm_prefetch((const char *)(p + i * lda) + amx_pf, _MM_HINT_T1);
+    else
+        for (int i = 0; i < 16; i++) _mm_prefetch((const char *)(p + i * lda) + amx_pf, _MM_HINT_T0);
+}
+
 /* W rows per block: 32 (two W tiles share each x tile load), 16 (one W tile meets up to 4 x
  * chunks: block4), or 0 (default): 32 up to 32 rows of x, 16 above. With W in cache, one
  * thread: 16-row blocks beat 32 by 1.25x at 48 rows, 1.3x at 64, 2x at 128 (the 32-row block
@@ -130,12 +138,7 @@ static void block4(const bf16_t *a0, int64_t lda, const bf16_t *tail, int kfull,
             if (kb < kfull) {
                 p0 = a0 + kb * KB;
                 st = lda * 2;
-                if (mc == 0 && amx_pf) {
-                    if (amx_pf_l2)
-                        for (int i = 0; i < 16; i++) _mm_prefetch((const char *)(p0 + i * lda) + amx_pf, _MM_HINT_T1);
-                    else
-                        for (int i = 0; i < 16; i++) _mm_prefetch((const char *)(p0 + i * lda) + amx_pf, _MM_HINT_T0);
-                }
+                if (mc == 0 && amx_pf) prefetch_w(p0, lda);
             } else {
                 p0 = tail;
                 st = KB * 2;
@@ -192,17 +195,8 @@ static void block(const bf16_t *a0, const bf16_t *a1, int64_t lda, const bf16_t 
                 p1 = a1 ? a1 + kb * KB : NULL;
                 st = lda * 2;
                 if (mc == 0 && amx_pf) {
-                    if (amx_pf_l2) {
-                        for (int i = 0; i < 16; i++) {
-                            _mm_prefetch((const char *)(p0 + i * lda) + amx_pf, _MM_HINT_T1);
-                            if (p1) _mm_prefetch((const char *)(p1 + i * lda) + amx_pf, _MM_HINT_T1);
-                        }
-                    } else {
-                        for (int i = 0; i < 16; i++) {
-                            _mm_prefetch((const char *)(p0 + i * lda) + amx_pf, _MM_HINT_T0);
-                            if (p1) _mm_prefetch((const char *)(p1 + i * lda) + amx_pf, _MM_HINT_T0);
-                        }
-                    }
+                    prefetch_w(p0, lda);
+                    if (p1) prefetch_w(p1, lda);
                 }
             } else {
                 p0 = tail;
