@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     p.add_argument("--ms", default="1,2,4,8,16,32,64,128")
     p.add_argument("--prefetch", default="512,512:nb,1024:l2,1024:l2:nb,2048:l2:nb,512:r16,1024:l2:r16:nb",
                    help="comma list of W prefetch distances in bytes (':l2': into L2 only; ':nb': also the next "
-                   "block's first lines; ':r16': blocks of 16 W rows, else 32 (the default picks 16 above 32 rows of x))")
+                   "block's first lines; ':r16': blocks of 16 W rows, else 32 (the default: 16))")
     p.add_argument("--set-mb", type=int, default=1024)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--shapes", default="qkv,o,gate_up,down,lm_head")
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     out["layer"] = [{"m": m, "path": p_, "ms": v[0]} for (m, p_), v in layer.items()]
     if tier.name == "amx":
         lib.hs_set_amx_prefetch(512, 0)
-        lib.hs_set_amx_rows(0)  # the default: 32-row blocks up to 32 rows of x, 16 above
+        lib.hs_set_amx_rows(0)  # the default: 16-row blocks
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     return 0

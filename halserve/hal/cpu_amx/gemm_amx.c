@@ -7,7 +7,7 @@
  * of k as rows, 16 columns) is x transposed into the VNNI pair layout, which is small and
  * made once per call. The product tile is y^T: 16 output features x 16 rows of x.
  *
- * Work is split over blocks of 32 output features (16 when M > 32: hs_set_amx_rows) across
+ * Work is split over blocks of 16 output features (32 with hs_set_amx_rows(32)) across
  * the pool (W streamed once, a block at a time to whichever thread is free); within a 32-row
  * block, 2 W tiles x 2 x tiles feed 4 accumulators per 32-wide k step; a 16-row block's one W
  * tile feeds 4 x tiles (64 rows of x) per k step, so W is loaded once for up to 64 rows. The K tail (K % 32) and the N tail (N % 16) read from zero-padded
@@ -91,9 +91,12 @@ static inline void prefetch_w(const bf16_t *p, int64_t lda) {
 }
 
 /* W rows per block: 32 (two W tiles share each x tile load), 16 (one W tile meets up to 4 x
- * chunks: block4), or 0 (default): 32 up to 32 rows of x, 16 above. With W in cache, one
- * thread: 16-row blocks beat 32 by 1.25x at 48 rows, 1.3x at 64, 2x at 128 (the 32-row block
- * passes over its W again per further 32 rows); the perf sweep on the AMX host checks */
+ * chunks: block4), or 0 (default): 16. With W in cache, one thread: 16-row blocks beat 32 by
+ * 1.25x at 48 rows, 1.3x at 64, 2x at 128 (the 32-row block passes over its W again per further
+ * 32 rows). At 2..32 rows (the default was 32 there until session 7) the AMX host's kernel table
+ * (16 threads, 2026-12-05, bench/device/amxb_kernels.py) had 16-row blocks 5-21% faster on
+ * every 1.1B shape but two ties (twice the blocks to share among 16 threads); this 2-vCPU box,
+ * 1 GB of weights cycled: ties up to 16 rows, 2-8% faster at 32, 5-13% at 48. */
 static int amx_rows = 0;
 void hs_set_amx_rows(int rows) { amx_rows = rows == 16 || rows == 32 ? rows : 0; }
 
@@ -258,7 +261,7 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
         if (!xp_buf) return -3;
     }
     uint32_t *xh = (uint32_t *)xp_buf, *xl = x_bf16 ? NULL : xh + blk;
-    int br = amx_rows ? amx_rows : M > 32 ? 16 : 32, nblk = (N + br - 1) / br;
+    int br = amx_rows ? amx_rows : 16, nblk = (N + br - 1) / br;
     omp_set_schedule(amx_dyn ? omp_sched_dynamic : omp_sched_static, amx_dyn ? 1 : 0);
     int oom = 0; /* a worker's N-tail buffer could not be had: -3 */
 #pragma omp parallel
