@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 7's third sitting, GPU phase (s7g.sh, then s7p.sh: `lead.sh s7g:300 s7p:285`), after s7a/s7b: the GPU phase, then the CPU phase alone on the host.
+# Session 7's third sitting, GPU phase (s7g.sh, then s7p.sh: `lead.sh s7g:240 s7p:282`), after s7a/s7b: the GPU phase, then the CPU phase alone on the host.
 #  GPU (issue 20): (1, with S7_SWEEP=1) the fp8 skinny forms' sweep on the 8B shapes (bench/skinny_gemm.py --parts fp8_new);
 #   (2) the 8B end to end on the committed configs: bf16, fp8, both batch-invariant, batch 1 and 64 (the kernel table of a step at each), the
 #   batch-64 figure twice warmed (s7a's batch-invariant b64 run had a compile or first-path cost inside it:
@@ -14,7 +14,7 @@ stage_env
 T0=$SECONDS
 [ "${S7_SWEEP:-0}" = 1 ] && STEP_TAIL=20 step fp8_sweep 70 python3 bench/skinny_gemm.py --sweep --warm 4 --budget 34 \
     --parts fp8_new --json "$OUT/fp8_sweep.json" --emit-table "$OUT/fp8_table.json"
-STEP_TAIL=12 step e2e_8b 160 python3 bench/e2e_decode.py --preset llama-8b --variants bf16,bf16-bi,fp8,fp8-bi \
+STEP_TAIL=12 step e2e_8b 220 python3 bench/e2e_decode.py --preset llama-8b --variants bf16,bf16-bi,fp8,fp8-bi \
     --batches 64,1 --profile 2 --json "$OUT/e2e_8b.json"
 [ -s "$OUT/fp8_table.json" ] && HALSERVE_SKINNY_CONFIGS="$OUT/fp8_table.json" STEP_TAIL=8 step e2e_8b_sweep 60 \
     python3 bench/e2e_decode.py --preset llama-8b --variants fp8 --batches 1 --json "$OUT/e2e_8b_sweep.json"
