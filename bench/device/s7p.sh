@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Session 7's third sitting, CPU phase (after s7g.sh; see its header): 16 threads alone on the AMX host.
 . "$(dirname "$0")/step.sh"
-stage_env
-T0=$SECONDS
 cpu_stage_env
+T0=$SECONDS
 W=/dev/shm/s7c-work; mkdir -p $W
 PEER=/tmp/s7c-llamacpp; mkdir -p $PEER
 tar -xJf .carry/peers/llama.cpp-x86-64-amx.tar.xz -C $PEER && tar -xJf .carry/peers/converter.tar.xz -C $PEER || PEER=""

@@ -200,7 +200,7 @@ def run_halserve(model: Path, backend: str, quant: str, args, row: dict) -> None
     one = _prompts(vocab, 1, args.input_len)
     gen(one)(2)  # warm-up
     row.update(backend=eng.hal.name, weight_bytes=weight_bytes_per_token(eng.model), load_s=load_s,
-               describe=eng.hal.describe(), graphs=sorted(getattr(eng.runner, "graphs", {})))
+               describe=eng.hal.describe(), graphs=sorted(eng.runner.graphs))
     if getattr(eng.hal, "graph_refusal", None):  # why a decode bucket runs eagerly (a slow step's first suspect)
         row["last_graph_refusal"] = eng.hal.graph_refusal
     row["decode_tok_s"] = _decode_rate(gen(one), args.output_len, args.repeats)

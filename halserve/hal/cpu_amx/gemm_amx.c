@@ -25,7 +25,6 @@
 #define MC 16 /* x rows per tile */
 #define KB 32 /* k per tile step (16 pairs) */
 
-
 /* x [M][K] (bf16 or the hi/lo split of fp32) -> B blocks [mc][kb][16 pairs][16 rows][2],
  * zero past M and K; a block is the 16 x 16 transpose of (row, pair) 32-bit units */
 static void pack_block(const void *x, int x_bf16, int M, int K, int mc, int kb, uint32_t *hi, uint32_t *lo) {

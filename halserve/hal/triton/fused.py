@@ -6,9 +6,9 @@ the rotary and the KV scatter of a layer into one. Each head row of q and k is r
 registers over its whole head dim (partner lane loaded beside it: j + rot/2 for neox, j ^ 1
 for gpt-j), stored back in place after a barrier (the partner may live in another warp, whose
 load a store would otherwise race; the interpreter, one thread, never shows it), and k's row,
-as just rounded to k's dtype, goes straight to the cache with v's: the same bytes ``rotary`` then ``write_kv`` leave (the arithmetic is
-theirs, ``o1 = x1 cos - x2 sin``, ``o2 = x2 cos + x1 sin``; the fp8 store is write_kv's
-integer e4m3 rule).
+as just rounded to k's dtype, goes straight to the cache with v's: the same bytes ``rotary``
+then ``write_kv`` leave (the arithmetic is theirs, ``o1 = x1 cos - x2 sin``,
+``o2 = x2 cos + x1 sin``; the fp8 store is write_kv's integer e4m3 rule).
 """
 from __future__ import annotations
 
