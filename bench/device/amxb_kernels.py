@@ -23,11 +23,15 @@ def main(argv=None) -> int:
     p.add_argument("--ms", default="1,2,4,8,16,32,64,128")
     p.add_argument("--prefetch", default="512,512:nb,1024:l2,1024:l2:nb,2048:l2:nb,512:r16,1024:l2:r16:nb",
                    help="comma list of W prefetch distances in bytes (':l2': into L2 only; ':nb': also the next "
-                   "block's first lines; ':r16': blocks of 16 W rows, else 32 (the default: 16))")
+                   "block's first lines; ':seq' / ':seq2' / ':noseq': the whole next block (the one after) into L2 in "
+                   "address order while this one runs, or not (default: with 32-row blocks only); "
+                   "':r16': blocks of 16 W rows, else 32 (the default: gemm_amx.c's AMX_FEW_THREADS))")
     p.add_argument("--set-mb", type=int, default=1024)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--shapes", default="qkv,o,gate_up,down,lm_head")
     p.add_argument("--best", action="store_true", help="the fastest call, not the median (a shared, noisy box)")
+    p.add_argument("--huge", action="store_true", help="also time the AMX kernel with each weight copy on 2 MiB "
+                   "pages (cpu_amx.quant.on_huge_pages), path names ending ':huge'")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     import torch
@@ -35,6 +39,7 @@ def main(argv=None) -> int:
 
     from halserve.bench.cpu import read_bandwidth_gbs
     from halserve.hal.cpu_amx.perf import SHAPE_1B, linear_shapes
+    from halserve.hal.cpu_amx.quant import on_huge_pages
     from halserve.hal.cpu_amx.tiers import choose
 
     tier = choose()
@@ -51,6 +56,7 @@ def main(argv=None) -> int:
             continue
         copies = max(1, (a.set_mb << 20) // (n * k * 2))
         ws = [(torch.rand(n, k, generator=g) - 0.5).to(bf) for _ in range(copies)]
+        huge = {id(w): on_huge_pages(w) for w in ws} if a.huge else {}
         for m in [int(v) for v in a.ms.split(",") if v.strip()]:
             x = torch.randn(m, k, generator=g).to(bf)
             y = torch.empty(m, n, dtype=bf)
@@ -58,12 +64,17 @@ def main(argv=None) -> int:
                                                      y.data_ptr(), 1, 0, 0),
                      "onednn": lambda w: F.linear(x, w)}
             if tier.name == "amx":
-                for pf in pfs:
-                    def amx(w, pf=int(pf.split(":")[0]), fl=int(":l2" in pf) | 2 * int(":nb" in pf),
-                            rows=16 if ":r16" in pf else 32):
+                for pf in pfs + ([f"{v}:huge" for v in pfs] if a.huge else []):
+                    fl = (int(":l2" in pf) | 2 * int(":nb" in pf) | 4 * int(":seq" in pf and ":seq2" not in pf)
+                          | 8 * int(":seq2" in pf) | 16 * int(":noseq" in pf))
+
+                    def amx(w, pf=int(pf.split(":")[0]), fl=fl, rows=16 if ":r16" in pf else 32):
                         lib.hs_set_amx_prefetch(pf, fl)
                         lib.hs_set_amx_rows(rows)
                         return lib.hs_gemm_amx(x.data_ptr(), 1, m, k, w.data_ptr(), n, 0, y.data_ptr(), 1)
+
+                    if ":huge" in pf:
+                        amx = (lambda f: lambda w: f(huge[id(w)]))(amx)
 
                     paths[f"amx pf{pf}"] = amx
             ts: dict = {p_: [] for p_ in paths}
@@ -95,7 +106,7 @@ def main(argv=None) -> int:
     out["layer"] = [{"m": m, "path": p_, "ms": v[0]} for (m, p_), v in layer.items()]
     if tier.name == "amx":
         lib.hs_set_amx_prefetch(512, 0)
-        lib.hs_set_amx_rows(0)  # the default: 16-row blocks
+        lib.hs_set_amx_rows(0)  # the default (gemm_amx.c's AMX_FEW_THREADS)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -10,7 +10,7 @@ if [ -d .whl ]; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1; lscpu | grep -E 'Model name|^CPU\(s\)'; 
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1; lscpu | grep -E 'Model name|^CPU\(s\)|Thread\(s\) per core|Core\(s\) per socket|NUMA node|L2|L3'; 
   grep -o 'amx[a-z0-9_]*\|avx512_bf16' /proc/cpuinfo | sort -u | tr '\n' ' '; echo; gcc --version | head -1;
   python3 -c 'import torch, triton, transformers, cffi; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "cffi", cffi.__version__)'; } 2>&1 | tee /tmp/devout/env.txt
 t0=$SECONDS

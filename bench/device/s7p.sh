@@ -7,6 +7,7 @@ W=/dev/shm/s7c-work; mkdir -p $W
 PEER=/tmp/s7c-llamacpp; mkdir -p $PEER
 tar -xJf .carry/peers/llama.cpp-x86-64-amx.tar.xz -C $PEER && tar -xJf .carry/peers/converter.tar.xz -C $PEER || PEER=""
 B="python3 -m halserve.cli bench cpu --work-dir $W --backends cpu_amx --no-hf --batch 0 --ttft-len 0"
+STEP_TAIL=9 step q_threads 60 python3 bench/device/q_threads.py --threads 1,2,4,8,12,16 --set-mb 256 --reps 3
 STEP_TAIL=4 step int4_t16 40 $B --threads 16 --quant int4,int8 --output-len 32
 STEP_TAIL=4 step int4_t12 25 $B --threads 12 --quant int4 --output-len 32
 STEP_TAIL=4 step int4_t8 20 $B --threads 8 --quant int4 --output-len 32

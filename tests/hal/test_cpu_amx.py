@@ -217,6 +217,30 @@ def test_attention_decode_split_and_batch_invariance(tier, dtype):
             assert torch.equal(alone, out[i:i + 1]), (window, i)
 
 
+@pytest.mark.parametrize("tier", RUNNABLE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_many_decode_rows_match_each_row_alone(tier, dtype):
+    """Enough decode rows that a work item takes all kv heads of a row's span (hs_attention's
+    hpi; a row alone takes one head an item): every row bit-equal to itself alone, and the
+    batch within the NMSE bound of native. Contexts from 1 key to past two spans, TinyLlama's
+    head shape (8 query heads a kv head), a sliding window too."""
+    b, nat = backend(tier, batch_invariant=True), NativeBackend()
+    g = torch.Generator().manual_seed(11)
+    hq, hk, d = 16, 2, 64
+    ctx = [1, 16, 17, 129, 136, 255, 256, 257, 300, 520, 33, 144] * 6  # ~100 spans: all heads up to 25 threads
+    for window in (None, 100):
+        meta, nblk = _meta(ctx, [1] * len(ctx), window=window)
+        cache = torch.randn(2, nblk, 16, hk, d, generator=g).to(dtype)
+        q = torch.randn(len(ctx), hq, d, generator=g).to(dtype)
+        out = b.attention(q, cache, meta, 0.125)
+        ref = nat.attention(q.double().float(), cache.float(), meta, 0.125)
+        assert nmse(out, ref) < (1e-10 if dtype == torch.float32 else 3e-5)
+        for i in range(len(ctx)):
+            one, _ = _meta([ctx[i]], [1], window=window)
+            one.block_tables = meta.block_tables[i:i + 1]
+            assert torch.equal(b.attention(q[i:i + 1], cache, one, 0.125), out[i:i + 1]), (window, i)
+
+
 @pytest.mark.parametrize("tier", RUNNABLE[1:])
 def test_conformance_quick_cases_per_tier(tier):
     """The conformance suite's quick cases on each lower tier's build (tests/conformance

@@ -1,13 +1,14 @@
 /* Paged causal GQA attention over kv cache [2][blocks][bs][Hk][D].
  *
- * One work item = (query token, kv head, key span): the group of query heads sharing a
- * kv head is done together so each key and value row is read once for all of them.
- * Decode rows (a sequence with one query token) split their keys into fixed spans of
- * SPAN positions counted from position 0, so batch 1 fills every core; the spans' partial
- * softmax states are merged in span order. Prefill rows take their whole key range in one
+ * The group of query heads sharing a kv head is done together, so each key and value row is
+ * read once for all of them. Decode rows (a sequence with one query token) split their keys
+ * into fixed spans of SPAN positions counted from position 0, so batch 1 fills every core;
+ * the spans' partial softmax states are merged in span order. A decode work item is one
+ * row's span for one kv head or, with rows enough to fill the cores, for all of them. Prefill rows take their whole key range in one
  * item (there are tokens enough to fill the cores). A row's arithmetic depends only on its
  * own context, never on the batch: batch-invariant by construction. */
 #include "common.h"
+#include <omp.h>
 #include <stdlib.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -52,7 +53,11 @@ static inline float exp_shift_sum(float *s, int n, float mx) {
     return sum;
 }
 
-#define SPAN 128
+/* keys per decode span. 256 (128 until 2026-12-05): a batched decode's rows sit a little past
+ * a multiple of 128 (a 128-token prompt and its first tokens), and a span of a few keys cost
+ * about half a full one; this 2-vCPU box, 32 rows x 136 keys, one layer: 0.54-0.60 -> 0.49 ms
+ * (tests/hal: every span count and merge path is exercised at either size). */
+#define SPAN 256
 /* below this many multiply-adds (QK^T + PV) a call of few rows runs on the calling thread:
  * waking sleeping workers (OMP_WAIT_POLICY=PASSIVE) costs more than such a call's work */
 #define PAR_WORK (1 << 20)
@@ -209,8 +214,8 @@ static void span(const attn_ctx *c, const int32_t *table, int h, const float *q,
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 /* The same span on AMX tiles, for bf16 queries and cache (D % 32 == 0, a group of <= 16
- * heads, 16-key tiles inside one cache block): a decode row's item is 8 heads x <= 128 keys x
- * D, a few thousand cycles of AVX-512 FMAs but a few dozen tile products. Scores: one tile
+ * heads, 16-key tiles inside one cache block): a decode row's span is 8 heads x <= SPAN keys x
+ * D, many thousand cycles of AVX-512 FMAs but a few dozen tile products. Scores: one tile
  * of 16 keys x 16 heads = K (16 rows at the cache's key stride, as stored) times q^T in the
  * pair layout (packed once an item). Softmax as span() does, per head (tile columns gathered
  * into rows). P V: P's rows (heads) as the A tile, split into bf16 hi + lo (P = hi + lo to
@@ -220,6 +225,15 @@ static void span(const attn_ctx *c, const int32_t *table, int h, const float *q,
 #include <immintrin.h>
 static int attn_amx = 1;
 void hs_set_attn_amx(int on) { attn_amx = on != 0; }
+/* a thread's tiles are configured once per hs_attention call (LDTILECFG took ~10% of a short
+ * span's time when each item configured and released them), released at the region's end */
+static __thread int tiles_on;
+static inline void tiles_release(void) {
+    if (tiles_on) {
+        _tile_release();
+        tiles_on = 0;
+    }
+}
 
 #define ACC_TILES 4 /* tiles 0..3: 4 x 16 output columns per pass over the span's keys */
 #define QK_STEP(T, K, U)                                                                 \
@@ -233,6 +247,28 @@ void hs_set_attn_amx(int on) { attn_amx = on != 0; }
         _tile_dpbf16ps(T, 5, V);                                                         \
         _tile_dpbf16ps(T, 7, V);                                                         \
     }
+/* V rows [32 kc2, 32 kc2 + 32) of a span (key j at vc + koff[j / 16] + (j % 16) kstride) as key
+ * pairs, the PV tiles' B operand: vb[kc2][dt][r][c] = (v[2r][16 dt + c], v[2r + 1][16 dt + c]), zero
+ * past the span's n keys; one VPERMT2W per 16 columns */
+static inline void vpack(const bf16_t *vc, const int64_t *koff, int64_t kstride, int n, int D, int kc2, uint32_t *vb) {
+    const __m512i ilo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
+                                         5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0),
+                  ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));
+    int nd16 = D / 16;
+    for (int r = 0; r < 16; r++) {
+        int j0 = kc2 * 32 + 2 * r;
+        const bf16_t *va = NULL, *vb2 = NULL;
+        if (j0 < n) va = vc + koff[j0 >> 4] + (j0 & 15) * kstride;
+        if (j0 + 1 < n) vb2 = va + kstride; /* j0 even: the same 16-key group */
+        uint32_t *dst = vb + (int64_t)kc2 * nd16 * 256 + r * 16;
+        for (int hh = 0; hh < D / 32; hh++) {
+            __m512i a = va ? _mm512_loadu_si512((const void *)(va + hh * 32)) : _mm512_setzero_si512();
+            __m512i b = vb2 ? _mm512_loadu_si512((const void *)(vb2 + hh * 32)) : _mm512_setzero_si512();
+            _mm512_storeu_si512((void *)(dst + (2 * hh) * 256), _mm512_permutex2var_epi16(a, ilo, b));
+            _mm512_storeu_si512((void *)(dst + (2 * hh + 1) * 256), _mm512_permutex2var_epi16(a, ihi, b));
+        }
+    }
+}
 
 static void span_amx(const attn_ctx *c, const int32_t *table, int h, const bf16_t *q, int kbeg, int kend, float *m,
                      float *l, float *acc) {
@@ -251,32 +287,47 @@ static void span_amx(const attn_ctx *c, const int32_t *table, int h, const bf16_
     bf16_t *ph = (bf16_t *)(to + t_n), *pl = ph + 16 * SPAN;
     uint32_t *vb = (uint32_t *)(pl + 16 * SPAN);
     const uint32_t *q32 = (const uint32_t *)q;
+    /* q^T pairs: lane g of row r of step kk is head g's pair kk * 16 + r (zero past G) */
+    const __mmask16 gm = (__mmask16)((1u << G) - 1u);
+    const __m512i qidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(D / 2));
     for (int kk = 0; kk < nk; kk++)
         for (int r = 0; r < 16; r++)
-            for (int g = 0; g < 16; g++) qb[kk * 256 + r * 16 + g] = g < G ? q32[g * (D / 2) + kk * 16 + r] : 0u;
-    memset(ph, 0, (size_t)2 * 16 * SPAN * 2); /* rows G..15 stay zero */
+            _mm512_storeu_si512((void *)(qb + kk * 256 + r * 16),
+                                _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), gm, qidx, q32 + kk * 16 + r, 4));
+    /* P's rows G..15 stay zero (rows < G are written up to each span's 32-key step, all PV reads) */
+    memset(ph + G * SPAN, 0, (size_t)(16 - G) * SPAN * 2);
+    memset(pl + G * SPAN, 0, (size_t)(16 - G) * SPAN * 2);
     float mx[16], corr[16];
     for (int g = 0; g < G; g++) {
         m[g] = -INFINITY;
         l[g] = 0.f;
         for (int i = 0; i < D; i++) acc[g * D + i] = 0.f;
     }
-    amx_config_tiles(8);
+    if (!tiles_on) {
+        amx_config_tiles(8);
+        tiles_on = 1;
+    }
     const __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                            _mm512_set1_epi32(16));
     const __m512 sc = _mm512_set1_ps(c->scale);
     const bf16_t *kc = (const bf16_t *)c->kc, *vc = (const bf16_t *)c->vc;
     for (int b0 = kbeg; b0 < kend; b0 += SPAN) {
         int n = kend - b0 < SPAN ? kend - b0 : SPAN, nt = (n + 15) / 16, n32 = (n + 31) / 32;
-        for (int g = 0; g < G; g++) mx[g] = m[g];
+        /* element offset of each 16-key group's first key (b0 % 16 == 0 and bs % 16 == 0: a
+         * group never crosses a cache block); key j of group t is at + (j % 16) * kstride */
+        int64_t koff[SPAN / 16];
+        for (int t = 0; t < nt; t++) {
+            int p = b0 + t * 16;
+            koff[t] = (((int64_t)table[p / bs] * bs + p % bs) * c->Hk + h) * D;
+        }
+        __m512 mxv[16]; /* per head, the lane-wise max of its scores so far in this span */
+        for (int g = 0; g < G; g++) mxv[g] = _mm512_set1_ps(-INFINITY);
         /* scores, 4 key tiles at a time: 4 independent accumulator chains (tiles 0..3) */
         for (int t0 = 0; t0 < nt; t0 += 4) {
             int nq = nt - t0 < 4 ? nt - t0 : 4;
             const bf16_t *kr[4];
-            for (int u = 0; u < nq; u++) {
-                int p = b0 + (t0 + u) * 16;
-                kr[u] = kc + (((int64_t)table[p / bs] * bs + p % bs) * c->Hk + h) * D;
-            }
+            for (int u = 0; u < nq; u++) kr[u] = kc + koff[t0 + u];
             _tile_zero(0);
             _tile_zero(1);
             _tile_zero(2);
@@ -296,10 +347,11 @@ static void span_amx(const attn_ctx *c, const int32_t *table, int h, const bf16_
                     /* column g of the tile: head g's scores of the 16 keys */
                     __m512 v = _mm512_mul_ps(_mm512_i32gather_ps(col, to + g, 4), sc);
                     _mm512_mask_storeu_ps(s + g * SPAN + tt * 16, k, v);
-                    mx[g] = fmaxf(mx[g], _mm512_mask_reduce_max_ps(k, v));
+                    mxv[g] = _mm512_mask_max_ps(mxv[g], k, mxv[g], v);
                 }
             }
         }
+        for (int g = 0; g < G; g++) mx[g] = fmaxf(m[g], _mm512_reduce_max_ps(mxv[g]));
         for (int g = 0; g < G; g++) {
             corr[g] = m[g] == -INFINITY ? 0.f : expf(m[g] - mx[g]);
             m[g] = mx[g];
@@ -315,28 +367,7 @@ static void span_amx(const attn_ctx *c, const int32_t *table, int h, const bf16_
                 _mm256_storeu_si256((__m256i *)(pl + g * SPAN + j), hs_bf16x16_round(rest));
             }
         }
-        /* V as key pairs: vb[kc][dt][r][c] = (v[2r][dt*16 + c], v[2r + 1][dt*16 + c]) */
-        for (int kc2 = 0; kc2 < n32; kc2++)
-            for (int r = 0; r < 16; r++) {
-                int j0 = kc2 * 32 + 2 * r;
-                const bf16_t *va = NULL, *vb2 = NULL;
-                if (j0 < n) {
-                    int p = b0 + j0;
-                    va = vc + (((int64_t)table[p / bs] * bs + p % bs) * c->Hk + h) * D;
-                }
-                if (j0 + 1 < n) {
-                    int p = b0 + j0 + 1;
-                    vb2 = vc + (((int64_t)table[p / bs] * bs + p % bs) * c->Hk + h) * D;
-                }
-                for (int dt = 0; dt < nd16; dt++) {
-                    __m512i a = va ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(va + dt * 16)))
-                                   : _mm512_setzero_si512();
-                    __m512i b = vb2 ? _mm512_slli_epi32(
-                                          _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vb2 + dt * 16))), 16)
-                                    : _mm512_setzero_si512();
-                    _mm512_storeu_si512((void *)(vb + ((int64_t)kc2 * nd16 + dt) * 256 + r * 16), _mm512_or_si512(a, b));
-                }
-            }
+        for (int kc2 = 0; kc2 < n32; kc2++) vpack(vc, koff, kstride, n, D, kc2, vb);
         for (int dt0 = 0; dt0 < nd16; dt0 += ACC_TILES) {
             int ndt = nd16 - dt0 < ACC_TILES ? nd16 - dt0 : ACC_TILES;
             _tile_zero(0);
@@ -361,10 +392,10 @@ static void span_amx(const attn_ctx *c, const int32_t *table, int h, const bf16_
             }
         }
     }
-    _tile_release();
 }
 #else
 void hs_set_attn_amx(int on) { (void)on; }
+static inline void tiles_release(void) {}
 #endif
 
 /* span() for one item: on AMX tiles where they serve (bf16 q and cache; fixed per model, so a
@@ -525,8 +556,15 @@ int hs_attention(const void *q, const void *kc, const void *vc, void *out, const
         int nsp = (tok_pos[dec[d]] + SPAN) / SPAN;
         first[d + 1] = first[d] + (int64_t)Hk * nsp;
     }
-    int64_t items = first[nd];
-    float *part = (float *)malloc((size_t)(items > 0 ? items : 1) * per * 4);
+    int64_t states = first[nd];
+    /* A work item is one row's span for hpi kv heads: all of them where the rows' spans alone
+     * give every thread 4 items or more (each item then reads whole cache blocks, all heads'
+     * keys side by side, one sequential run; per head a 128-byte row in every Hk x D x 2 bytes),
+     * else one head (batch 1 fills the cores). Which heads share an item never changes a
+     * head's arithmetic. */
+    int hpi = (states / Hk >= 4 * (int64_t)omp_get_max_threads()) ? Hk : 1;
+    int64_t items = states / hpi; /* row d's items: [first[d] / hpi, first[d + 1] / hpi) */
+    float *part = (float *)malloc((size_t)(states > 0 ? states : 1) * per * 4);
     if (!part) { /* the decode rows' span states: a long context for many rows */
         free(first), free(tok), free(dec), free(pre);
         return -3;
@@ -539,16 +577,19 @@ int hs_attention(const void *q, const void *kc, const void *vc, void *out, const
             int lo = 0, hi = nd - 1; /* the decode row holding item it */
             while (lo < hi) {
                 int mid = (lo + hi + 1) / 2;
-                if (first[mid] <= it) lo = mid;
+                if (first[mid] / hpi <= it) lo = mid;
                 else hi = mid - 1;
             }
             int nsp = (int)((first[lo + 1] - first[lo]) / Hk);
-            int sp = (int)((it - first[lo]) % nsp), h = (int)((it - first[lo]) / nsp);
+            int64_t k = it - first[lo] / hpi; /* head group k / nsp, span k % nsp */
+            int sp = (int)(k % nsp), h0 = (int)(k / nsp) * hpi;
             int t = dec[lo], i = tok_seq[t];
             float qf[G * D];
-            for (int g = 0; g < G; g++) row_to_f32(q, ((int64_t)t * Hq + h * G + g) * D, D, qbf16, qf + g * D);
-            span_item(&c, tables + (int64_t)i * max_blocks, h, qf, q, ((int64_t)t * Hq + h * G) * D, sp, tok_beg[t],
-                      tok_pos[t], part + it * per);
+            for (int h = h0; h < h0 + hpi; h++) {
+                for (int g = 0; g < G; g++) row_to_f32(q, ((int64_t)t * Hq + h * G + g) * D, D, qbf16, qf + g * D);
+                span_item(&c, tables + (int64_t)i * max_blocks, h, qf, q, ((int64_t)t * Hq + h * G) * D, sp,
+                          tok_beg[t], tok_pos[t], part + (first[lo] + (int64_t)h * nsp + sp) * per);
+            }
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < (int64_t)np * Hk; it++) {
@@ -585,6 +626,7 @@ int hs_attention(const void *q, const void *kc, const void *vc, void *out, const
             int nsp = (int)((first[d + 1] - first[d]) / Hk);
             merge_write(&c, out, t, Hq, h, part + (first[d] + (int64_t)h * nsp) * per, nsp, per);
         }
+        tiles_release();
     }
     free(part);
     free(first);

@@ -7,7 +7,7 @@
  * of k as rows, 16 columns) is x transposed into the VNNI pair layout, which is small and
  * made once per call. The product tile is y^T: 16 output features x 16 rows of x.
  *
- * Work is split over blocks of 16 output features (32 with hs_set_amx_rows(32)) across
+ * Work is split over blocks of 16 output features (32 for pools of <= 4 threads: amx_rows) across
  * the pool (W streamed once, a block at a time to whichever thread is free); within a 32-row
  * block, 2 W tiles x 2 x tiles feed 4 accumulators per 32-wide k step; a 16-row block's one W
  * tile feeds 4 x tiles (64 rows of x) per k step, so W is loaded once for up to 64 rows. The K tail (K % 32) and the N tail (N % 16) read from zero-padded
@@ -71,14 +71,29 @@ static void pack_block(const void *x, int x_bf16, int M, int K, int mc, int kb, 
 
 /* software prefetch distance (bytes) ahead of each W row's stream on a block's first pass
  * (0: off); a block's 32 rows are 32 concurrent streams, as many as the L2 streamer tracks */
-static int amx_pf = 512, amx_pf_l2 = 0, amx_pf_next = 0;
+static int amx_pf = 512, amx_pf_l2 = 0, amx_pf_next = 0, amx_pf_seq = -1;
 /* flags 1: prefetch into L2 only (T1): no L1 fill buffer held per line, so a core can have
  * more lines in flight than its ~16 fill buffers allow; 2: also the next block's first
- * ``bytes`` of each row, at the start of a block */
+ * ``bytes`` of each row, at the start of a block; 4 / 8: the whole block this thread takes
+ * next (4) or the one after (8) into L2 in address order while this one runs (prefetch_next);
+ * 16: neither; none of 4, 8, 16 (the default): the next block with 32-row blocks, none with
+ * 16-row ones. 32-row blocks' 32 row streams outrun the L2 streamer; this 2-vCPU box
+ * (2 threads, 1 GB of 1.1B weights cycled, bench/device/amxb_kernels.py, 2026-12-05): 32-row
+ * blocks 3.39 -> 3.21 ms a layer at M = 32 with it, 16-row ones unchanged (3.36 / 3.38); the
+ * 32-sequence decode end to end 334 -> 351 tok/s. */
 void hs_set_amx_prefetch(int bytes, int flags) {
     amx_pf = bytes > 0 ? bytes : 0;
     amx_pf_l2 = (flags & 1) != 0;
     amx_pf_next = (flags & 2) != 0;
+    amx_pf_seq = (flags & 4) ? 1 : (flags & 8) ? 2 : (flags & 16) ? 0 : -1;
+}
+
+/* the next block's bytes [kb * step, (kb + 1) * step) into L2, in address order: spread over the
+ * current block's k steps, the next block arrives as one sequential stream (its rows are
+ * contiguous) while this one computes */
+static inline void prefetch_next(const char *nxt, int64_t nbytes, int kb, int step) {
+    int64_t o = (int64_t)kb * step, e = o + step < nbytes ? o + step : nbytes;
+    for (; o < e; o += 64) _mm_prefetch(nxt + o, _MM_HINT_T1);
 }
 
 /* 16 W rows from p, amx_pf bytes ahead along each row's stream, into L1 (or L2 only with amx_pf_l2) */
@@ -90,7 +105,7 @@ static inline void prefetch_w(const bf16_t *p, int64_t lda) {
 }
 
 /* W rows per block: 32 (two W tiles share each x tile load), 16 (one W tile meets up to 4 x
- * chunks: block4), or 0 (default): 16. With W in cache, one thread: 16-row blocks beat 32 by
+ * chunks: block4), or 0 (default: AMX_FEW_THREADS below). With W in cache, one thread: 16-row blocks beat 32 by
  * 1.25x at 48 rows, 1.3x at 64, 2x at 128 (the 32-row block passes over its W again per further
  * 32 rows). At 2..32 rows (the default was 32 there until session 7) the AMX host's kernel table
  * (16 threads, 2026-12-05, bench/device/amxb_kernels.py) had 16-row blocks 5-21% faster on
@@ -98,6 +113,13 @@ static inline void prefetch_w(const bf16_t *p, int64_t lda) {
  * 1 GB of weights cycled: ties up to 16 rows, 2-8% faster at 32, 5-13% at 48. */
 static int amx_rows = 0;
 void hs_set_amx_rows(int rows) { amx_rows = rows == 16 || rows == 32 ? rows : 0; }
+/* the default block rows: 32 (with the next block prefetched) for up to 32 rows of x on a pool
+ * of up to 4 threads, else 16. The two machines measured disagree and the pool size is what separates them: on
+ * the AMX host's 16 threads 16-row blocks were 5-21% faster (above); on this 2-vCPU box, 2
+ * threads, 32-row blocks with prefetch_next were 3-5% faster at M = 2..32 in the kernel
+ * table (a tie at 64) and the 32-sequence decode ran 351-360 tok/s against 329-338 with
+ * 16-row blocks (2026-12-05, bench/device/amx_ab.py, alternating). */
+#define AMX_FEW_THREADS 4
 
 /* the first popcount(k) lanes of v as bfloat16, rounded as f32_to_bf16 does */
 static inline void store_bf16x16_mask(bf16_t *p, __m512 v, __mmask16 k) {
@@ -123,7 +145,7 @@ void hs_set_amx_sched(int dynamic) { amx_dyn = dynamic != 0; }
 
 static void block4(const bf16_t *a0, int64_t lda, const bf16_t *tail, int kfull, int nkb, const uint32_t *xh,
                    const uint32_t *xl, int nmc, int n0, int nr, int M, int N, const float *bias, void *y,
-                   int y_bf16) {
+                   int y_bf16, const char *nxt, int64_t nxt_bytes) {
     float out[16 * 16];
     const __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                            _mm512_set1_epi32(16));
@@ -141,6 +163,7 @@ static void block4(const bf16_t *a0, int64_t lda, const bf16_t *tail, int kfull,
                 p0 = a0 + kb * KB;
                 st = lda * 2;
                 if (mc == 0 && amx_pf) prefetch_w(p0, lda);
+                if (mc == 0 && nxt) prefetch_next(nxt, nxt_bytes, kb, nr * 64);
             } else {
                 p0 = tail;
                 st = KB * 2;
@@ -177,9 +200,9 @@ static __thread int64_t xp_cap;
  * tail step from tail (32 rows x 32, zero-padded) when K % 32; all x chunks */
 static void block(const bf16_t *a0, const bf16_t *a1, int64_t lda, const bf16_t *tail, int kfull, int nkb,
                   const uint32_t *xh, const uint32_t *xl, int nmc, int n0, int nr, int M, int N, const float *bias,
-                  void *y, int y_bf16) {
+                  void *y, int y_bf16, const char *nxt, int64_t nxt_bytes) {
     if (!a1 && nmc > 2) {
-        block4(a0, lda, tail, kfull, nkb, xh, xl, nmc, n0, nr, M, N, bias, y, y_bf16);
+        block4(a0, lda, tail, kfull, nkb, xh, xl, nmc, n0, nr, M, N, bias, y, y_bf16, nxt, nxt_bytes);
         return;
     }
     float out[4][16 * 16];
@@ -200,6 +223,7 @@ static void block(const bf16_t *a0, const bf16_t *a1, int64_t lda, const bf16_t 
                     prefetch_w(p0, lda);
                     if (p1) prefetch_w(p1, lda);
                 }
+                if (mc == 0 && nxt) prefetch_next(nxt, nxt_bytes, kb, nr * 64);
             } else {
                 p0 = tail;
                 p1 = a1 ? tail + 16 * KB : NULL;
@@ -260,7 +284,9 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
         if (!xp_buf) return -3;
     }
     uint32_t *xh = (uint32_t *)xp_buf, *xl = x_bf16 ? NULL : xh + blk;
-    int br = amx_rows ? amx_rows : 16, nblk = (N + br - 1) / br;
+    int br = amx_rows ? amx_rows : (M <= 32 && omp_get_max_threads() <= AMX_FEW_THREADS ? 32 : 16);
+    int nblk = (N + br - 1) / br;
+    int seq = amx_pf_seq >= 0 ? amx_pf_seq : br == 32;
     omp_set_schedule(amx_dyn ? omp_sched_dynamic : omp_sched_static, amx_dyn ? 1 : 0);
     int oom = 0; /* a worker's N-tail buffer could not be had: -3 */
 #pragma omp parallel
@@ -283,6 +309,15 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
                 const char *nb = (const char *)(w + (int64_t)(n0 + br) * K);
                 for (int i = 0; i < nn; i++)
                     for (int off = 0; off < lim; off += 64) _mm_prefetch(nb + (int64_t)i * K * 2 + off, _MM_HINT_T1);
+            }
+            const char *nxt = NULL;
+            int64_t nxt_bytes = 0;
+            if (seq) { /* the block this thread most likely takes next (blocks go out in turn) */
+                int bn = b + seq * (amx_dyn ? omp_get_num_threads() : 1);
+                if (bn < nblk) {
+                    nxt = (const char *)(w + (int64_t)bn * br * K);
+                    nxt_bytes = (int64_t)(N - bn * br < br ? N - bn * br : br) * K * 2;
+                }
             }
             const bf16_t *a0 = w + (int64_t)n0 * K, *a1 = nr > 16 ? a0 + (int64_t)16 * K : NULL;
             int64_t lda = K;
@@ -317,12 +352,12 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
                 }
             }
             if (a0 == pad || a1 != pad || !part) {
-                block(a0, a1, lda, tail, kf, nkb, xh, xl, nmc, n0, nr, M, N, bias, y, y_bf16);
+                block(a0, a1, lda, tail, kf, nkb, xh, xl, nmc, n0, nr, M, N, bias, y, y_bf16, nxt, nxt_bytes);
             } else {
                 /* a0 from W (stride K, tail buffer), a1 from the pad (stride nkb * 32): two
                  * separate 16-row passes keep one stride per pass */
-                block(a0, NULL, K, tail, kfull, nkb, xh, xl, nmc, n0, 16, M, N, bias, y, y_bf16);
-                block(pad, NULL, nkb * KB, NULL, nkb, nkb, xh, xl, nmc, n0 + 16, nr - 16, M, N, bias, y, y_bf16);
+                block(a0, NULL, K, tail, kfull, nkb, xh, xl, nmc, n0, 16, M, N, bias, y, y_bf16, nxt, nxt_bytes);
+                block(pad, NULL, nkb * KB, NULL, nkb, nkb, xh, xl, nmc, n0 + 16, nr - 16, M, N, bias, y, y_bf16, NULL, 0);
             }
         }
         free(pad);
