@@ -4,9 +4,10 @@
  * read once for all of them. Decode rows (a sequence with one query token) split their keys
  * into fixed spans of SPAN positions counted from position 0, so batch 1 fills every core;
  * the spans' partial softmax states are merged in span order. A decode work item is one
- * row's span for one kv head or, with rows enough to fill the cores, for all of them. Prefill rows take their whole key range in one
- * item (there are tokens enough to fill the cores). A row's arithmetic depends only on its
- * own context, never on the batch: batch-invariant by construction. */
+ * row's span for one kv head or, with rows enough to fill the cores, for all of them.
+ * Prefill rows take their whole key range in one item per kv head (there are tokens enough
+ * to fill the cores). A row's arithmetic depends only on its own context, never on the
+ * batch: batch-invariant by construction. */
 #include "common.h"
 #include <omp.h>
 #include <stdlib.h>

@@ -7,11 +7,11 @@
  * of k as rows, 16 columns) is x transposed into the VNNI pair layout, which is small and
  * made once per call. The product tile is y^T: 16 output features x 16 rows of x.
  *
- * Work is split over blocks of 16 output features (32 for pools of <= 4 threads: amx_rows) across
- * the pool (W streamed once, a block at a time to whichever thread is free); within a 32-row
- * block, 2 W tiles x 2 x tiles feed 4 accumulators per 32-wide k step; a 16-row block's one W
- * tile feeds 4 x tiles (64 rows of x) per k step, so W is loaded once for up to 64 rows. The K tail (K % 32) and the N tail (N % 16) read from zero-padded
- * copies. fp32 x is split into hi + lo bf16 terms (x = hi + lo to ~2^-16 relative), each
+ * Work is split over blocks of 16 output features (32 on pools of <= 4 threads: amx_rows)
+ * across the pool (W streamed once, a block at a time to whichever thread is free); within a
+ * 32-row block, 2 W tiles x 2 x tiles feed 4 accumulators per 32-wide k step; a 16-row
+ * block's one W tile feeds 4 x tiles (64 rows of x) per k step, so W is loaded once for up to
+ * 64 rows. The K tail (K % 32) and the N tail (N % 16) read from zero-padded copies. fp32 x is split into hi + lo bf16 terms (x = hi + lo to ~2^-16 relative), each
  * meeting the same W tile, so an fp32 activation is not rounded to bf16.
  * Not batch-invariant (a row's sums depend on the tile schedule): batch-invariant mode
  * keeps the C GEMV kernels. Builds without AMX export the entry as a stub returning -1. */
@@ -105,20 +105,20 @@ static inline void prefetch_w(const bf16_t *p, int64_t lda) {
 }
 
 /* W rows per block: 32 (two W tiles share each x tile load), 16 (one W tile meets up to 4 x
- * chunks: block4), or 0 (default: AMX_FEW_THREADS below). With W in cache, one thread: 16-row blocks beat 32 by
- * 1.25x at 48 rows, 1.3x at 64, 2x at 128 (the 32-row block passes over its W again per further
- * 32 rows). At 2..32 rows (the default was 32 there until session 7) the AMX host's kernel table
+ * chunks: block4), or 0 (default: AMX_FEW_THREADS below). With W in cache, one thread:
+ * 16-row blocks beat 32 by 1.25x at 48 rows, 1.3x at 64, 2x at 128 (the 32-row block passes
+ * over its W again per further 32 rows). At 2..32 rows (the default was 32 there until session 7) the AMX host's kernel table
  * (16 threads, 2026-12-05, bench/device/amxb_kernels.py) had 16-row blocks 5-21% faster on
  * every 1.1B shape but two ties (twice the blocks to share among 16 threads); this 2-vCPU box,
  * 1 GB of weights cycled: ties up to 16 rows, 2-8% faster at 32, 5-13% at 48. */
 static int amx_rows = 0;
 void hs_set_amx_rows(int rows) { amx_rows = rows == 16 || rows == 32 ? rows : 0; }
 /* the default block rows: 32 (with the next block prefetched) for up to 32 rows of x on a pool
- * of up to 4 threads, else 16. The two machines measured disagree and the pool size is what separates them: on
- * the AMX host's 16 threads 16-row blocks were 5-21% faster (above); on this 2-vCPU box, 2
- * threads, 32-row blocks with prefetch_next were 3-5% faster at M = 2..32 in the kernel
- * table (a tie at 64) and the 32-sequence decode ran 351-360 tok/s against 329-338 with
- * 16-row blocks (2026-12-05, bench/device/amx_ab.py, alternating). */
+ * of up to 4 threads, else 16. The two machines measured disagree, and the pool size is what
+ * separates them: on the AMX host's 16 threads 16-row blocks were 5-21% faster (above); on
+ * this 2-vCPU box, 2 threads, 32-row blocks with prefetch_next were 3-5% faster at M = 2..32
+ * in the kernel table (a tie at 64) and the 32-sequence decode ran 351-360 tok/s against
+ * 329-338 with 16-row blocks (2026-12-05, bench/device/amx_ab.py, alternating). */
 #define AMX_FEW_THREADS 4
 
 /* the first popcount(k) lanes of v as bfloat16, rounded as f32_to_bf16 does */
@@ -357,7 +357,8 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
                 /* a0 from W (stride K, tail buffer), a1 from the pad (stride nkb * 32): two
                  * separate 16-row passes keep one stride per pass */
                 block(a0, NULL, K, tail, kfull, nkb, xh, xl, nmc, n0, 16, M, N, bias, y, y_bf16, nxt, nxt_bytes);
-                block(pad, NULL, nkb * KB, NULL, nkb, nkb, xh, xl, nmc, n0 + 16, nr - 16, M, N, bias, y, y_bf16, NULL, 0);
+                block(pad, NULL, nkb * KB, NULL, nkb, nkb, xh, xl, nmc, n0 + 16, nr - 16, M, N, bias, y, y_bf16,
+                      NULL, 0);
             }
         }
         free(pad);

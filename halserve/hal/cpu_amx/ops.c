@@ -22,6 +22,32 @@ static float *scratch_row(int n) {
 /* h = x + residual (rounded to the dtype, as the model stores it); y = h / rms(h) * w */
 static void rms_row(const void *x, const void *res, const void *w, int w_bf16, void *y, void *h_out,
                     int64_t off, int H, float eps, int bf16, float *h) {
+#ifdef __AVX512F__
+    if (bf16 && H % 16 == 0) {
+        /* bf16 rows 16 lanes at a time (the loops below convert value by value): the same
+         * roundings, the square sum in 16 lanes then added across. A 32 x 2048 norm with its
+         * residual, this 2-vCPU box: 29-38 -> 21-23 us on 2 threads, 46-48 -> 30-32 on 1 */
+        const bf16_t *xb = (const bf16_t *)x + off, *rb = res ? (const bf16_t *)res + off : NULL;
+        __m512 acc = _mm512_setzero_ps();
+        for (int i = 0; i < H; i += 16) {
+            __m512 a = hs_bf16x16_load(xb + i);
+            if (rb) {
+                __m256i hb = hs_bf16x16_round(_mm512_add_ps(a, hs_bf16x16_load(rb + i)));
+                _mm256_storeu_si256((__m256i *)((bf16_t *)h_out + off + i), hb);
+                a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hb), 16));
+            }
+            _mm512_storeu_ps(h + i, a);
+            acc = _mm512_fmadd_ps(a, a, acc);
+        }
+        __m512 r = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)H + eps));
+        bf16_t *yb = (bf16_t *)y + off;
+        for (int i = 0; i < H; i += 16) {
+            __m512 wv = w_bf16 ? hs_bf16x16_load((const bf16_t *)w + i) : _mm512_loadu_ps((const float *)w + i);
+            hs_bf16x16_store(yb + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(h + i), r), wv));
+        }
+        return;
+    }
+#endif
     row_to_f32(x, off, H, bf16, h);
     if (res) {
         for (int i = 0; i < H; i++) {
