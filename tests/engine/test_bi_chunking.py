@@ -12,8 +12,11 @@ from halserve import LLM, SamplingParams
 from tests.engine.test_engine import hf_greedy
 from tests.helpers.checkpoints import make_checkpoint
 
-# 140 tokens: past cpu_amx's 128-key span and two of native's 64-key spans
+# 140 tokens: past two of native's 64-key spans; 280: past cpu_amx's 256-key span (attention.c's
+# SPAN), so a row's spans are merged, inside chunks and as decode rows
 PROMPT = [(7 * i + 3) % 500 + 5 for i in range(140)]
+PROMPT_LONG = [(7 * i + 3) % 500 + 5 for i in range(280)]
+PROMPTS = {"native": PROMPT, "cpu_amx": PROMPT_LONG}
 OTHERS = [list(range(300, 311)), [9, 8, 7, 6, 5, 4, 3, 2, 1, 10, 11, 12, 13, 14, 15, 16, 17], [450, 451, 452]]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=3, prompt_logprobs=3)
 def _cpu_amx_runs() -> bool:
@@ -24,7 +27,7 @@ def _cpu_amx_runs() -> bool:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return str(make_checkpoint("llama", tmp_path_factory.mktemp("llama")))
+    return str(make_checkpoint("llama", tmp_path_factory.mktemp("llama"), max_position_embeddings=512))
 
 
 def _bits(out):
@@ -82,8 +85,11 @@ def check_chunking_and_preemption(path, backend, prompt=PROMPT, others=OTHERS, p
         pytest.mark.skipif(not _cpu_amx_runs(), reason="cpu_amx needs an x86-64 CPU with AVX2 and FMA")]),
 ])
 def test_a_request_has_the_same_bits_however_it_is_chunked_or_preempted(checkpoint, backend):
-    alone = check_chunking_and_preemption(checkpoint, backend, dtype="float32")
-    assert alone[1] == hf_greedy(checkpoint, [PROMPT], PARAMS.max_tokens)[0]  # and right
+    prompt = PROMPTS[backend]
+    # a pool that holds the prompt's request alone (its tokens' blocks + 3) but not beside the others
+    pool = -(-(len(prompt) + PARAMS.max_tokens) // 16) + 3
+    alone = check_chunking_and_preemption(checkpoint, backend, prompt=prompt, pool_blocks=pool, dtype="float32")
+    assert alone[1] == hf_greedy(checkpoint, [prompt], PARAMS.max_tokens)[0]  # and right
 
 
 def test_with_a_sliding_window(tmp_path):

@@ -232,14 +232,15 @@ def _attention_f64(q, cache, meta, scale):
 @pytest.mark.parametrize("hq,hk,d", [(32, 4, 64), (4, 4, 32), (16, 1, 128), (6, 2, 96)])
 def test_amx_attention_against_float64(hq, hk, d):
     """bf16 q and cache take the AMX tile span (hs_set_attn_amx; attention.c's span_amx):
-    groups of 1..16 heads, head sizes 32..128, decode rows of 1..300 keys (partial 16-key
-    tiles, 32-key P V steps and 128-key spans at every edge) and two short prefill rows, with
+    groups of 1..16 heads, head sizes 32..128, decode rows of 1..520 keys (partial 16-key
+    tiles, 32-key P V steps and the 256-key spans at every edge) and two short prefill rows, with
     the unused rows of every cache block NaN. Within the bf16 output's own rounding of the
     float64 truth (P is split hi + lo, so not rounded to bf16), as close as the AVX-512 span,
     and not its bits (the switch reaches the tiles)."""
     b = backend("amx")
     g = torch.Generator().manual_seed(5)
-    ctx = [1, 2, 15, 16, 17, 31, 32, 33, 127, 128, 129, 255, 256, 257, 300] + torch.randint(1, 300, (9,), generator=g).tolist()
+    ctx = ([1, 2, 15, 16, 17, 31, 32, 33, 127, 128, 129, 255, 256, 257, 300, 511, 512, 513, 520]
+           + torch.randint(1, 520, (9,), generator=g).tolist())
     ql = [1] * len(ctx)
     ctx += [40, 7]  # prefill rows: 5 and 7 query tokens
     ql += [5, 7]
@@ -275,16 +276,16 @@ def test_amx_attention_against_float64(hq, hk, d):
 @pytest.mark.parametrize("window", [None, 40])
 def test_prefill_rows_through_decode_spans_have_decode_bits(dtype, window):
     """Batch-invariant mode (hs_set_attn_prefill_spans(1)): a token computed inside a prefill
-    chunk gives the bits it gets as a decode row (both through the same 128-key spans and merge), at positions in one
-    span and past two; with the switch off (the default, one pass per prefill row) the bits
-    past one span differ, so the check can fail. (The switch makes
+    chunk gives the bits it gets as a decode row (both through the same SPAN-key spans and merge), at positions in one
+    span and past one or two; with the switch off (the default, one pass per prefill row) the
+    bits past one span differ, so the check can fail. (The switch makes
     tests/engine/test_bi_chunking.py's cpu_amx case pass: its strict xfail goes with it.)
     The backend passes its batch_invariant flag with every call (hs_attention's prefill_spans),
     so the process-wide switch, stale here on purpose, is not read: a value cached once per
     process left a second tier's library off, and two backends on two threads raced on it."""
     g = torch.Generator().manual_seed(21)
     hq, hk, d, chunk = 8, 2, 64, 6
-    ctx = [50, 300, 140, 129]  # each sequence's last chunk of 6 query tokens ends at its context
+    ctx = [50, 300, 140, 129, 530, 600]  # each sequence's last chunk of 6 query tokens ends at its context
     meta, nblk = _meta(ctx, [chunk] * len(ctx), window=window)
     cache = torch.randn(2, nblk, BLOCK_SIZE, hk, d, generator=g).to(dtype)
     q = torch.randn(chunk * len(ctx), hq, d, generator=g).to(dtype)
@@ -303,7 +304,7 @@ def test_prefill_rows_through_decode_spans_have_decode_bits(dtype, window):
             if on:
                 assert all(same), (tier, same)
             elif tier == "amx":  # (other tiers' bf16 rows can round alike either way)
-                assert not all(same), tier  # past 128 keys one pass rounds otherwise
+                assert not all(same), tier  # past a span's 256 keys one pass rounds otherwise
 
 
 def test_amx_gemm_fp32_inf_activations_match_torch(monkeypatch):

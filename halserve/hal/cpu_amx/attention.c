@@ -218,8 +218,8 @@ static void span(const attn_ctx *c, const int32_t *table, int h, const float *q,
  * heads, 16-key tiles inside one cache block): a decode row's span is 8 heads x <= SPAN keys x
  * D, many thousand cycles of AVX-512 FMAs but a few dozen tile products. Scores: one tile
  * of 16 keys x 16 heads = K (16 rows at the cache's key stride, as stored) times q^T in the
- * pair layout (packed once an item). Softmax as span() does, per head (tile columns gathered
- * into rows). P V: P's rows (heads) as the A tile, split into bf16 hi + lo (P = hi + lo to
+ * pair layout (packed once a span_amx call: one kv head). Softmax as span() does, per head
+ * (tile columns gathered into rows). P V: P's rows (heads) as the A tile, split into bf16 hi + lo (P = hi + lo to
  * ~2^-16, so the weights are not rounded to bf16), V as key pairs x 16 columns (two key
  * rows interleaved). Keys past the span's end are zero in P and V (a cache block's unused
  * rows may hold anything, NaN included). Each row's arithmetic depends only on its own keys. */
@@ -445,7 +445,7 @@ static void write_norm(const attn_ctx *c, void *out, int64_t t, int Hq, int h, c
  * two backends in one process, on two threads, never see each other's; -1 there reads this
  * switch, for A/B timing). On, a token's bits do not depend on whether it ran as a decode row or inside a prefill
  * chunk (batch-invariant mode's chunking and preemption: tests/engine/test_bi_chunking.py): both
- * compute the same 128-key spans from fresh states (span_item) and merge them with one function
+ * compute the same SPAN-key spans from fresh states (span_item) and merge them with one function
  * (merge_write). Costs a partial state per span and a merge for each prefill token. */
 static int attn_prefill_spans = 0;
 void hs_set_attn_prefill_spans(int on) { attn_prefill_spans = on != 0; }
@@ -560,7 +560,7 @@ int hs_attention(const void *q, const void *kc, const void *vc, void *out, const
     int64_t states = first[nd];
     /* A work item is one row's span for hpi kv heads: all of them where the rows' spans alone
      * give every thread 4 items or more (each item then reads whole cache blocks, all heads'
-     * keys side by side, one sequential run; per head a 128-byte row in every Hk x D x 2 bytes),
+     * keys side by side, one sequential run; per head a D x 2-byte row in every Hk x D x 2 bytes),
      * else one head (batch 1 fills the cores). Which heads share an item never changes a
      * head's arithmetic. */
     int hpi = (states / Hk >= 4 * (int64_t)omp_get_max_threads()) ? Hk : 1;

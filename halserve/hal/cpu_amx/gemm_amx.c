@@ -7,12 +7,13 @@
  * of k as rows, 16 columns) is x transposed into the VNNI pair layout, which is small and
  * made once per call. The product tile is y^T: 16 output features x 16 rows of x.
  *
- * Work is split over blocks of 16 output features (32 on pools of <= 4 threads: amx_rows)
- * across the pool (W streamed once, a block at a time to whichever thread is free); within a
- * 32-row block, 2 W tiles x 2 x tiles feed 4 accumulators per 32-wide k step; a 16-row
- * block's one W tile feeds 4 x tiles (64 rows of x) per k step, so W is loaded once for up to
- * 64 rows. The K tail (K % 32) and the N tail (N % 16) read from zero-padded copies. fp32 x is split into hi + lo bf16 terms (x = hi + lo to ~2^-16 relative), each
- * meeting the same W tile, so an fp32 activation is not rounded to bf16.
+ * Work is split over blocks of 16 output features (32 for M <= 32 on pools of <= 4 threads:
+ * amx_rows) across the pool (W streamed once, a block at a time to whichever thread is free);
+ * within a 32-row block, 2 W tiles x 2 x tiles feed 4 accumulators per 32-wide k step; a
+ * 16-row block's one W tile feeds 4 x tiles (64 rows of x) per k step, so W is loaded once for
+ * up to 64 rows. The K tail (K % 32) and the N tail (N % 16) read from zero-padded copies.
+ * fp32 x is split into hi + lo bf16 terms (x = hi + lo to ~2^-16 relative), each meeting the
+ * same W tile, so an fp32 activation is not rounded to bf16.
  * Not batch-invariant (a row's sums depend on the tile schedule): batch-invariant mode
  * keeps the C GEMV kernels. Builds without AMX export the entry as a stub returning -1. */
 #include "common.h"
@@ -89,8 +90,8 @@ void hs_set_amx_prefetch(int bytes, int flags) {
 }
 
 /* the next block's bytes [kb * step, (kb + 1) * step) into L2, in address order: spread over the
- * current block's k steps, the next block arrives as one sequential stream (its rows are
- * contiguous) while this one computes */
+ * current block's whole k steps, the next block (all but its last K % 32 columns' worth of
+ * bytes) arrives as one sequential stream (its rows are contiguous) while this one computes */
 static inline void prefetch_next(const char *nxt, int64_t nbytes, int kb, int step) {
     int64_t o = (int64_t)kb * step, e = o + step < nbytes ? o + step : nbytes;
     for (; o < e; o += 64) _mm_prefetch(nxt + o, _MM_HINT_T1);
