@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 7's third sitting, GPU phase (s7g.sh, then s7p.sh: `lead.sh s7g:240 s7p:282`), after s7a/s7b: the GPU phase, then the CPU phase alone on the host.
+# Session 7's third sitting, GPU phase (s7g.sh, then s7p.sh: `lead.sh s7g:240 s7p:340`), after s7a/s7b: the GPU phase, then the CPU phase alone on the host.
 #  GPU (issue 20): (1, with S7_SWEEP=1) the fp8 skinny forms' sweep on the 8B shapes (bench/skinny_gemm.py --parts fp8_new);
 #   (2) the 8B end to end on the committed configs: bf16, fp8, both batch-invariant, batch 1 and 64 (the kernel table of a step at each), the
 #   batch-64 figure twice warmed (s7a's batch-invariant b64 run had a compile or first-path cost inside it:

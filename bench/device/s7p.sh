@@ -13,11 +13,11 @@ STEP_TAIL=4 step int4_t12 25 $B --threads 12 --quant int4 --output-len 32
 STEP_TAIL=4 step int4_t8 20 $B --threads 8 --quant int4 --output-len 32
 HALSERVE_CPU_GRAPHS=0 STEP_TAIL=4 step int4_t16_eager 25 $B --threads 16 --quant int4 --output-len 32
 OMP_WAIT_POLICY=ACTIVE STEP_TAIL=4 step int4_t16_active 25 $B --threads 16 --quant int4,int8 --output-len 32
-left=$((${S7P_BUDGET:-280} - (SECONDS - T0)))
+left=$((${S7P_BUDGET:-335} - (SECONDS - T0)))
 lim8=$((left - 45)); [ $lim8 -gt 120 ] && lim8=120
 STEP_TAIL=14 step cpu_8b $lim8 $B --threads 16 --shape 8b --layers 4 --vocab 32000 --quant int8,int4 --input-len 32 \
     --output-len 16 ${PEER:+--llama-cpp $PEER} --gguf q8_0,q4_0 --json "$OUT/cpu_8b.json"
-left=$((${S7P_BUDGET:-280} - (SECONDS - T0)))
+left=$((${S7P_BUDGET:-335} - (SECONDS - T0)))
 [ $left -gt 25 ] && THREADS=16 SHAPES=1.1b GEMV_S=$((left - 5)) STEP_S=1 TEST_S=1 OUT="$OUT/amxq" timeout $((left - 2)) \
     bash bench/device/amxq.sh > "$OUT/amxq.log" 2>&1
 tail -n 30 "$OUT/amxq/amxq.txt" 2>/dev/null
