@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 22, next sitting (<= 250 s, CPU only, 16 threads alone): does batch-1 bf16 decode gain from the
+# Issue 22, next sitting (<= 270 s, CPU only, 16 threads alone): does batch-1 bf16 decode gain from the
 # AMX tile kernel at M = 1 (bench/device/amx_ab.py), and what do 16-row blocks (the default at 16
 # threads) give 16 and 64 sequences against 32-row blocks with and without the next block
 # prefetched (the default at <= 4 threads since session 8)? Runs alternate, same weights.
