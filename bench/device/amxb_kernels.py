@@ -23,8 +23,8 @@ def main(argv=None) -> int:
     p.add_argument("--ms", default="1,2,4,8,16,32,64,128")
     p.add_argument("--prefetch", default="512,512:nb,1024:l2,1024:l2:nb,2048:l2:nb,512:r16,1024:l2:r16:nb",
                    help="comma list of W prefetch distances in bytes (':l2': into L2 only; ':nb': also the next "
-                   "block's first lines; ':seq' / ':seq2' / ':noseq': the whole next block (the one after) into L2 in "
-                   "address order while this one runs, or not (default: with 32-row blocks only); "
+                   "block's first lines; ':seq' / ':noseq': the whole next block into L2 in address order while this "
+                   "one runs, or not (default: with 32-row blocks only); "
                    "':r16': blocks of 16 W rows, else 32 (the default: gemm_amx.c's AMX_FEW_THREADS))")
     p.add_argument("--set-mb", type=int, default=1024)
     p.add_argument("--reps", type=int, default=5)
@@ -65,8 +65,7 @@ def main(argv=None) -> int:
                      "onednn": lambda w: F.linear(x, w)}
             if tier.name == "amx":
                 for pf in pfs + ([f"{v}:huge" for v in pfs] if a.huge else []):
-                    fl = (int(":l2" in pf) | 2 * int(":nb" in pf) | 4 * int(":seq" in pf and ":seq2" not in pf)
-                          | 8 * int(":seq2" in pf) | 16 * int(":noseq" in pf))
+                    fl = int(":l2" in pf) | 2 * int(":nb" in pf) | 4 * int(":seq" in pf) | 16 * int(":noseq" in pf)
 
                     def amx(w, pf=int(pf.split(":")[0]), fl=fl, rows=16 if ":r16" in pf else 32):
                         lib.hs_set_amx_prefetch(pf, fl)

@@ -45,7 +45,7 @@ def _amx() -> CpuAmxBackend:
 def block_rows(request):
     """Every W block height the kernel offers (hs_set_amx_rows: 32 with 2 x tiles a W tile and
     passes again over the block for more x, 16 with up to 4 x tiles a W tile, 0 the default:
-    16 rows), the default put back after."""
+    32 rows up to 32 x rows on <= 4 threads, else 16), the default put back after."""
     lib = backend("amx").lib
     lib.hs_set_amx_rows(request.param)
     yield request.param

@@ -184,9 +184,9 @@ def test_disconnect_mid_stream_frees_kv(server):
     # sees the disconnect when the box is busy (then the request ends by length and nothing was
     # aborted). Such a try proves nothing either way, so it is tried again, at most 3 times.
     for _ in range(3):
-        aborted_before, length_before = _abort_count(server), _finished_count(server, "length")
+        aborted_before, length_before = _finished_count(server, "abort"), _finished_count(server, "length")
         _stream_then_leave(server)
-        if _abort_count(server) == aborted_before + 1:
+        if _finished_count(server, "abort") == aborted_before + 1:
             return
         assert _finished_count(server, "length") == length_before + 1, "the request neither aborted nor finished"
     pytest.fail("the request finished before the disconnect in 3 tries: the abort path was never reached")
@@ -220,10 +220,6 @@ def _stream_then_leave(server) -> None:
     # aborted or finished, its KV blocks are free and nothing runs
     assert metric(server, "halserve:kv_cache_usage_perc") == 0
     assert metric(server, "halserve:num_requests_running") == 0
-
-
-def _abort_count(server) -> float:
-    return _finished_count(server, "abort")
 
 
 def _finished_count(server, reason: str) -> float:

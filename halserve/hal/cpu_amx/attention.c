@@ -56,8 +56,9 @@ static inline float exp_shift_sum(float *s, int n, float mx) {
 
 /* keys per decode span. 256 (128 until 2026-12-05): a batched decode's rows sit a little past
  * a multiple of 128 (a 128-token prompt and its first tokens), and a span of a few keys cost
- * about half a full one; this 2-vCPU box, 32 rows x 136 keys, one layer: 0.54-0.60 -> 0.49 ms
- * (tests/hal: every span count and merge path is exercised at either size). */
+ * a good part of a full one; this 2-vCPU box, `bench/cpu_attention.py --threads 1 --layers 1
+ * --ctx 136` (32 rows x 136 keys): 0.64-0.66 ms with 128, 0.57-0.60 with 256 (tests/hal:
+ * every span count and merge path is exercised at either size). */
 #define SPAN 256
 /* below this many multiply-adds (QK^T + PV) a call of few rows runs on the calling thread:
  * waking sleeping workers (OMP_WAIT_POLICY=PASSIVE) costs more than such a call's work */
@@ -399,19 +400,20 @@ void hs_set_attn_amx(int on) { (void)on; }
 static inline void tiles_release(void) {}
 #endif
 
-/* span() for one item: on AMX tiles where they serve (bf16 q and cache; fixed per model, so a
- * row takes the same path whatever else is in the batch), else the AVX-512 / scalar one */
-static void span_any(const attn_ctx *c, const int32_t *table, int h, const float *qf, const void *q, int64_t qoff,
-                     int kbeg, int kend, float *m, float *l, float *acc) {
+/* span() for kv head h's query heads (q's G rows from element qoff): on AMX tiles where they
+ * serve (bf16 q and cache; fixed per model, so a row takes the same path whatever else is in
+ * the batch), else the AVX-512 / scalar one on q in float32 */
+static void span_any(const attn_ctx *c, const int32_t *table, int h, const void *q, int64_t qoff, int kbeg,
+                     int kend, float *m, float *l, float *acc) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
     if (attn_amx && c->bf16 && c->qbf16 && c->D % 32 == 0 && c->D <= 256 && c->group <= 16 && c->bs % 16 == 0 &&
         kbeg % 16 == 0) {
         span_amx(c, table, h, (const bf16_t *)q + qoff, kbeg, kend, m, l, acc);
         return;
     }
-#else
-    (void)q, (void)qoff;
 #endif
+    float qf[c->group * c->D];
+    row_to_f32(q, qoff, c->group * c->D, c->qbf16, qf);
     span(c, table, h, qf, kbeg, kend, m, l, acc);
 }
 
@@ -454,8 +456,8 @@ static __thread size_t pscratch_cap;
 
 /* span sp's partial state (m [G], l [G], acc [G][D] at pm) of the token at position pos whose
  * first visible key is beg: keys [sp * SPAN, sp * SPAN + SPAN) clipped to [beg, pos] */
-static void span_item(const attn_ctx *c, const int32_t *table, int h, const float *qf, const void *q, int64_t qoff,
-                      int sp, int beg, int pos, float *pm) {
+static void span_item(const attn_ctx *c, const int32_t *table, int h, const void *q, int64_t qoff, int sp, int beg,
+                      int pos, float *pm) {
     int G = c->group;
     float *pl = pm + G, *pa = pl + G;
     int s0 = sp * SPAN, s1 = s0 + SPAN;
@@ -465,7 +467,7 @@ static void span_item(const attn_ctx *c, const int32_t *table, int h, const floa
         for (int g = 0; g < G; g++) pm[g] = -INFINITY, pl[g] = 0.f;
         return;
     }
-    span_any(c, table, h, qf, q, qoff, s0, s1, pm, pl, pa);
+    span_any(c, table, h, q, qoff, s0, s1, pm, pl, pa);
 }
 
 /* a token's nsp span states (stride per floats) merged in span order and written out; one
@@ -585,18 +587,13 @@ int hs_attention(const void *q, const void *kc, const void *vc, void *out, const
             int64_t k = it - first[lo] / hpi; /* head group k / nsp, span k % nsp */
             int sp = (int)(k % nsp), h0 = (int)(k / nsp) * hpi;
             int t = dec[lo], i = tok_seq[t];
-            float qf[G * D];
-            for (int h = h0; h < h0 + hpi; h++) {
-                for (int g = 0; g < G; g++) row_to_f32(q, ((int64_t)t * Hq + h * G + g) * D, D, qbf16, qf + g * D);
-                span_item(&c, tables + (int64_t)i * max_blocks, h, qf, q, ((int64_t)t * Hq + h * G) * D, sp,
-                          tok_beg[t], tok_pos[t], part + (first[lo] + (int64_t)h * nsp + sp) * per);
-            }
+            for (int h = h0; h < h0 + hpi; h++)
+                span_item(&c, tables + (int64_t)i * max_blocks, h, q, ((int64_t)t * Hq + h * G) * D, sp, tok_beg[t],
+                          tok_pos[t], part + (first[lo] + (int64_t)h * nsp + sp) * per);
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < (int64_t)np * Hk; it++) {
             int h = (int)(it % Hk), t = pre[it / Hk], i = tok_seq[t];
-            float qf[G * D];
-            for (int g = 0; g < G; g++) row_to_f32(q, ((int64_t)t * Hq + h * G + g) * D, D, qbf16, qf + g * D);
             const int32_t *table = tables + (int64_t)i * max_blocks;
             int64_t qoff = ((int64_t)t * Hq + h * G) * D;
             if (spans) {
@@ -612,12 +609,12 @@ int hs_attention(const void *q, const void *kc, const void *vc, void *out, const
                     }
                 }
                 for (int sp = 0; sp < nsp; sp++)
-                    span_item(&c, table, h, qf, q, qoff, sp, tok_beg[t], tok_pos[t], pscratch + sp * per);
+                    span_item(&c, table, h, q, qoff, sp, tok_beg[t], tok_pos[t], pscratch + sp * per);
                 merge_write(&c, out, t, Hq, h, pscratch, nsp, per);
                 continue;
             }
             float ml[2 * G], acc[G * D];
-            span_any(&c, table, h, qf, q, qoff, tok_beg[t], tok_pos[t] + 1, ml, ml + G, acc);
+            span_any(&c, table, h, q, qoff, tok_beg[t], tok_pos[t] + 1, ml, ml + G, acc);
             write_norm(&c, out, t, Hq, h, ml + G, acc);
         }
         /* merge each decode row's spans in span order */

@@ -75,10 +75,9 @@ static void pack_block(const void *x, int x_bf16, int M, int K, int mc, int kb, 
 static int amx_pf = 512, amx_pf_l2 = 0, amx_pf_next = 0, amx_pf_seq = -1;
 /* flags 1: prefetch into L2 only (T1): no L1 fill buffer held per line, so a core can have
  * more lines in flight than its ~16 fill buffers allow; 2: also the next block's first
- * ``bytes`` of each row, at the start of a block; 4 / 8: the whole block this thread takes
- * next (4) or the one after (8) into L2 in address order while this one runs (prefetch_next);
- * 16: neither; none of 4, 8, 16 (the default): the next block with 32-row blocks, none with
- * 16-row ones. 32-row blocks' 32 row streams outrun the L2 streamer; this 2-vCPU box
+ * ``bytes`` of each row, at the start of a block; 4: the whole block this thread takes next
+ * into L2 in address order while this one runs (prefetch_next); 16: not that; neither 4 nor
+ * 16 (the default): prefetch_next with 32-row blocks, not with 16-row ones. 32-row blocks' 32 row streams outrun the L2 streamer; this 2-vCPU box
  * (2 threads, 1 GB of 1.1B weights cycled, bench/device/amxb_kernels.py, 2026-12-05): 32-row
  * blocks 3.39 -> 3.21 ms a layer at M = 32 with it, 16-row ones unchanged (3.36 / 3.38); the
  * 32-sequence decode end to end 334 -> 351 tok/s. */
@@ -86,7 +85,7 @@ void hs_set_amx_prefetch(int bytes, int flags) {
     amx_pf = bytes > 0 ? bytes : 0;
     amx_pf_l2 = (flags & 1) != 0;
     amx_pf_next = (flags & 2) != 0;
-    amx_pf_seq = (flags & 4) ? 1 : (flags & 8) ? 2 : (flags & 16) ? 0 : -1;
+    amx_pf_seq = (flags & 4) ? 1 : (flags & 16) ? 0 : -1;
 }
 
 /* the next block's bytes [kb * step, (kb + 1) * step) into L2, in address order: spread over the
@@ -108,10 +107,10 @@ static inline void prefetch_w(const bf16_t *p, int64_t lda) {
 /* W rows per block: 32 (two W tiles share each x tile load), 16 (one W tile meets up to 4 x
  * chunks: block4), or 0 (default: AMX_FEW_THREADS below). With W in cache, one thread:
  * 16-row blocks beat 32 by 1.25x at 48 rows, 1.3x at 64, 2x at 128 (the 32-row block passes
- * over its W again per further 32 rows). At 2..32 rows (the default was 32 there until session 7) the AMX host's kernel table
- * (16 threads, 2026-12-05, bench/device/amxb_kernels.py) had 16-row blocks 5-21% faster on
- * every 1.1B shape but two ties (twice the blocks to share among 16 threads); this 2-vCPU box,
- * 1 GB of weights cycled: ties up to 16 rows, 2-8% faster at 32, 5-13% at 48. */
+ * over its W again per further 32 rows). At 2..32 rows the AMX host's kernel table (16
+ * threads, 2026-12-05, bench/device/amxb_kernels.py) had 16-row blocks 5-21% faster on every
+ * 1.1B shape but two ties (twice the blocks to share among 16 threads); this 2-vCPU box, 1 GB
+ * of weights cycled, without prefetch_next: ties up to 16 rows, 2-8% faster at 32, 5-13% at 48. */
 static int amx_rows = 0;
 void hs_set_amx_rows(int rows) { amx_rows = rows == 16 || rows == 32 ? rows : 0; }
 /* the default block rows: 32 (with the next block prefetched) for up to 32 rows of x on a pool
@@ -314,7 +313,7 @@ int hs_gemm_amx(const void *x, int x_bf16, int M, int K, const bf16_t *w, int N,
             const char *nxt = NULL;
             int64_t nxt_bytes = 0;
             if (seq) { /* the block this thread most likely takes next (blocks go out in turn) */
-                int bn = b + seq * (amx_dyn ? omp_get_num_threads() : 1);
+                int bn = b + (amx_dyn ? omp_get_num_threads() : 1);
                 if (bn < nblk) {
                     nxt = (const char *)(w + (int64_t)bn * br * K);
                     nxt_bytes = (int64_t)(N - bn * br < br ? N - bn * br : br) * K * 2;

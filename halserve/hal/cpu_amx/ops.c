@@ -27,8 +27,9 @@ static void rms_row(const void *x, const void *res, const void *w, int w_bf16, v
         /* bf16 rows 16 lanes at a time (the loops below convert value by value): the same
          * roundings, the square sum in 16 lanes then added across (another order than the
          * loop's: a value may differ from it by one bf16 step; every row of every call takes
-         * this path, so batch invariance holds). A 32 x 2048 norm with its
-         * residual, this 2-vCPU box: 29-38 -> 21-23 us on 2 threads, 46-48 -> 30-32 on 1 */
+         * this path, so batch invariance holds). A 32 x 2048 norm with its residual, this
+         * 2-vCPU box (bench/cpu_small_ops.py): 29-38 -> 21-23 us on 2 threads, 46-48 -> 30-32
+         * on 1 */
         const bf16_t *xb = (const bf16_t *)x + off, *rb = res ? (const bf16_t *)res + off : NULL;
         __m512 acc = _mm512_setzero_ps();
         for (int i = 0; i < H; i += 16) {
