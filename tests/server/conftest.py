@@ -8,7 +8,8 @@ from tests.server.server_proc import API_KEY, MODEL_NAME, ServerProcess
 
 @pytest.fixture(scope="module")
 def tiny_model(checkpoint):
-    return checkpoint("llama")
+    # 4,096 positions: room for a request that is still generating seconds later (the disconnect test)
+    return checkpoint("llama", max_position_embeddings=4096)
 
 
 @pytest.fixture(scope="module")
