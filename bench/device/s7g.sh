@@ -19,4 +19,4 @@ STEP_TAIL=12 step e2e_8b 220 python3 bench/e2e_decode.py --preset llama-8b --var
 [ -s "$OUT/fp8_table.json" ] && HALSERVE_SKINNY_CONFIGS="$OUT/fp8_table.json" STEP_TAIL=8 step e2e_8b_sweep 60 \
     python3 bench/e2e_decode.py --preset llama-8b --variants fp8 --batches 1 --json "$OUT/e2e_8b_sweep.json"
 echo "--- GPU phase done at +$((SECONDS - T0)) s"
-rm -rf /dev/shm/halserve-bench
+[ "${S7G_KEEP:-0}" = 1 ] || rm -rf /dev/shm/halserve-bench
