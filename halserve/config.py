@@ -29,6 +29,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
     quantization: str | None = None  # None | one of QUANTIZATIONS
+    # the output projection (lm_head) in the same scheme (llama.cpp's Q8_0/Q4_0 files quantize it
+    # too; vLLM keeps it unquantized unless a checkpoint says otherwise): needs a quantization
+    quantize_lm_head: bool = False
     kv_cache_dtype: str = "auto"
     enforce_eager: bool = False
     batch_invariant: bool = False
@@ -62,6 +65,11 @@ class EngineConfig:
             raise ConfigError(f"kv_offload_disk_bytes={self.kv_offload_disk_bytes} must be a positive number of bytes")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"quantization={self.quantization!r} is not valid; use {', '.join(QUANTIZATIONS)}")
+        if self.quantize_lm_head not in (True, False):
+            raise ConfigError(f"quantize_lm_head={self.quantize_lm_head!r} must be true or false")
+        if self.quantize_lm_head and self.quantization is None:
+            raise ConfigError("quantize_lm_head=True needs a quantization (it puts the lm_head in that scheme); "
+                              "set quantization too, or leave quantize_lm_head off")
         if self.speculative_config is not None:
             from halserve.engine.spec.config import parse_speculative_config
 

@@ -24,6 +24,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
                    help="weights quantized at load; a backend that cannot run a scheme refuses it by name")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="the lm_head in the --quantization scheme too (as llama.cpp's Q8_0/Q4_0 files; default: "
+                        "logits from the unquantized lm_head, as vLLM)")
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="auto (the model dtype), or fp8 / fp8_e4m3: an e4m3 KV cache with per-layer scales "
                         "from the checkpoint, else 1.0 (half the KV memory; docs/kv_cache_fp8.md)")
@@ -47,7 +50,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
               gpu_memory_utilization=args.gpu_memory_utilization,
               enable_prefix_caching=args.enable_prefix_caching, backend=args.backend, seed=args.seed,
-              quantization=args.quantization, enforce_eager=args.enforce_eager,
+              quantization=args.quantization, quantize_lm_head=args.quantize_lm_head,
+              enforce_eager=args.enforce_eager,
               batch_invariant=args.batch_invariant, kv_cache_dtype=args.kv_cache_dtype)
     if getattr(args, "speculative_config", None):
         import json

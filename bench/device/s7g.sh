@@ -14,7 +14,7 @@ stage_env
 T0=$SECONDS
 [ "${S7_SWEEP:-0}" = 1 ] && STEP_TAIL=20 step fp8_sweep 70 python3 bench/skinny_gemm.py --sweep --warm 4 --budget 34 \
     --parts fp8_new --json "$OUT/fp8_sweep.json" --emit-table "$OUT/fp8_table.json"
-STEP_TAIL=12 step e2e_8b 220 python3 bench/e2e_decode.py --preset llama-8b --variants bf16,bf16-bi,fp8,fp8-bi \
+STEP_TAIL=12 step e2e_8b ${S7G_E2E_S:-220} python3 bench/e2e_decode.py --preset llama-8b --variants bf16,bf16-bi,fp8,fp8-bi \
     --batches 64,1 --profile 2 --json "$OUT/e2e_8b.json"
 [ -s "$OUT/fp8_table.json" ] && HALSERVE_SKINNY_CONFIGS="$OUT/fp8_table.json" STEP_TAIL=8 step e2e_8b_sweep 60 \
     python3 bench/e2e_decode.py --preset llama-8b --variants fp8 --batches 1 --json "$OUT/e2e_8b_sweep.json"

@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab", type=int, default=0, help="vocabulary of --shape (0: the shape's own)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--quant", default="none,int8,int4",
-                   help="comma list of halserve quantizations on cpu_amx (none, int8, int8_w8a8, int4...)")
+                   help="comma list of halserve quantizations on cpu_amx (none, int8, int8_w8a8, int4...); a "
+                        "'+lm_head' suffix (int8+lm_head) quantizes the lm_head too, as llama.cpp's Q8_0/Q4_0 files do")
     p.add_argument("--backends", default="cpu_amx,native")
     p.add_argument("--threads", type=int, default=None, help="threads for every engine (default: torch's)")
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens of the batch-1 decode")
@@ -140,7 +141,9 @@ def _llm(model: Path, backend: str, quant: str, args, batches: list[int]):
     # splits unevenly, one sequence starts a step late, and the timed steps end with a
     # half batch and a 1-row step: a weight read each for a few tokens (about 4% of the
     # figure at 2 threads), which is not the rate of n sequences decoding at once.
-    llm = LLM(str(model), backend=backend, dtype=args.dtype, quantization=None if quant == "none" else quant,
+    scheme, lm_head = quant.removesuffix("+lm_head"), quant.endswith("+lm_head")
+    llm = LLM(str(model), backend=backend, dtype=args.dtype, quantization=None if scheme == "none" else scheme,
+              quantize_lm_head=lm_head,
               max_num_seqs=max(batches + [1]), max_model_len=max_len, enable_prefix_caching=False,
               max_num_batched_tokens=max([2048, args.ttft_len] + [n * blen for n in batches]))
     return llm

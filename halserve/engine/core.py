@@ -60,6 +60,7 @@ class EngineCore:
         self.hal = backend or hal.select(config.backend, batch_invariant=config.batch_invariant)
         self.model, self.model_config = load_model(config.model, self.hal, dtype=config.dtype,
                                                    quantization=config.quantization,
+                                                   quantize_lm_head=config.quantize_lm_head,
                                                    kv_cache_dtype=config.kv_cache_dtype)
         mc = self.model_config
         self.tokenizer = Tokenizer.from_dir(config.tokenizer or config.model)

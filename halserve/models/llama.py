@@ -82,7 +82,8 @@ class LlamaForCausalLM:
             lm_head = self.embed_tokens.weight
         else:
             lm_head = w.get("lm_head.weight")
-        self.lm_head = Linear(hal, lm_head)  # logits stay unquantized, as in vLLM
+        # logits from the unquantized lm_head, as in vLLM, unless quantize_lm_head asked for the scheme
+        self.lm_head = Linear(hal, lm_head, scheme=w.lm_head_scheme)
 
     def make_mlp(self, cfg: dict, hal: Backend, w, layer: int, prefix: str):
         return dense_mlp(hal, w, prefix)

@@ -58,21 +58,26 @@ class ModelConfig:
             self.kv_dtype = self.dtype
 
 
-def load_model(path, hal: Backend, dtype="auto", quantization: str | None = None, kv_cache_dtype: str = "auto"):
+def load_model(path, hal: Backend, dtype="auto", quantization: str | None = None, kv_cache_dtype: str = "auto",
+               quantize_lm_head: bool = False):
     """Build the model in ``path`` on ``hal``; returns ``(model, ModelConfig)``.
 
     ``dtype``: 'auto' (the checkpoint's own dtype), a name like 'bfloat16', or a torch.dtype.
     ``quantization``: None or a name in ``_SCHEMES``; linear weights are quantized by
-    ``hal.pack_weight`` at load. ``kv_cache_dtype``: an EngineConfig value; with fp8 the
+    ``hal.pack_weight`` at load; the lm_head too with ``quantize_lm_head`` (refused without a
+    quantization), else it stays in the model dtype. ``kv_cache_dtype``: an EngineConfig value; with fp8 the
     per-layer KV scales are read from the checkpoint (``_kv_scales``) and set on each
     attention layer. Raises ModelLoadError for anything the user can fix.
     """
     start = time.perf_counter()
     config = load_config(path, dtype)
     scheme = _scheme(quantization, hal)
+    if quantize_lm_head and scheme == "none":
+        raise ModelLoadError("quantize_lm_head needs a quantization scheme (it puts the lm_head in that scheme)")
     model_cls = registry.resolve(config.architecture)
     root = Path(config.path)
-    weights = Weights(root, _weight_files(root), config.dtype, hal.device or "cpu", scheme)
+    weights = Weights(root, _weight_files(root), config.dtype, hal.device or "cpu", scheme,
+                      scheme if quantize_lm_head else "none")
     with torch.inference_mode():
         model = model_cls(config.hf_config, hal, weights)
     _kv_scales(model, weights, config, kv_cache_dtype, hal)
@@ -162,11 +167,13 @@ class Weights:
     """Lazy view of a checkpoint's tensors. ``get`` reads one tensor from the mmap, casts it
     to the model dtype and device, and records it as used."""
 
-    def __init__(self, root: Path, files: dict[str, Path], dtype: torch.dtype, device, scheme: str):
+    def __init__(self, root: Path, files: dict[str, Path], dtype: torch.dtype, device, scheme: str,
+                 lm_head_scheme: str = "none"):
         from safetensors import safe_open
 
         self.root = root
         self.dtype, self.device, self.scheme = dtype, torch.device(device), scheme
+        self.lm_head_scheme = lm_head_scheme  # the output projection's ("none": the model dtype)
         self._file_of = files
         self._handles = {f: safe_open(str(f), framework="pt", device="cpu") for f in set(files.values())}
         self._used: set[str] = set()

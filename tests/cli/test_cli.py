@@ -59,6 +59,7 @@ def test_generate_matches_llm(ckpt):
     (["generate", "{ckpt}", "--kv-offload-dir", "{ckpt}/kv", "--kv-offload-disk-size", "0"], "kv_offload_disk_bytes"),
     # a host backend has nothing to overlap a step with: asking for async scheduling is refused
     (["generate", "{ckpt}", "--backend", "native", "--async-scheduling", "--prompt", "x"], "async_scheduling"),
+    (["generate", "{ckpt}", "--quantize-lm-head", "--prompt", "x"], "quantize_lm_head"),  # without --quantization
 ])
 def test_errors_are_one_line(ckpt, args, needle):
     r = halserve(*[a.format(ckpt=ckpt) for a in args])
@@ -80,3 +81,5 @@ def test_offload_flags_map_to_engine_arguments(tmp_path):
     assert (kw["kv_offload_host_bytes"], kw["kv_offload_dir"], kw["kv_offload_disk_bytes"]) == (
         3 << 29, str(tmp_path), 1 << 28)
     assert "kv_offload_dir" not in engine_kwargs(p.parse_args(["m"]))
+    assert engine_kwargs(p.parse_args(["m", "--quantization", "int8", "--quantize-lm-head"]))["quantize_lm_head"] is True
+    assert engine_kwargs(p.parse_args(["m"]))["quantize_lm_head"] is False

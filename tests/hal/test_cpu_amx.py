@@ -285,6 +285,29 @@ def test_quantized_models_track_float(checkpoint, scheme, floor):
     assert cos.mean() > floor, (scheme, cos)
 
 
+@pytest.mark.parametrize("scheme,floor", [("int8", 0.99), ("int4_g32", 0.9)])
+def test_quantized_lm_head(checkpoint, scheme, floor):
+    """quantize_lm_head: the output projection runs this backend's kernel for the scheme at the
+    vocabulary's width, its logits the dequantized weight's (float64), and greedy decode still
+    tracks the float model."""
+    from halserve.hal.cpu_amx.quant import dequant_any
+
+    path = checkpoint("llama")
+    b = CpuAmxBackend()
+    ids = prompt()
+    ref, _ = run_greedy(*load_model(path, b), b, ids, 0)
+    model, cfg = load_model(path, b, quantization=scheme, quantize_lm_head=True)
+    w = model.lm_head.weight
+    assert w.scheme == scheme.split("_g")[0] and w.out_features == cfg.vocab_size
+    for rows in (1, 3):
+        h = torch.randn(rows, w.in_features, generator=torch.Generator().manual_seed(rows))
+        want = h.double() @ dequant_any(w, torch.float64).T
+        got = model.lm_head(h).double()
+        assert float(((got - want) ** 2).sum() / (want ** 2).sum()) < 1e-10
+    ours, _ = run_greedy(model, cfg, b, ids, 0)
+    assert torch.nn.functional.cosine_similarity(ours, ref, dim=-1).mean() > floor
+
+
 def test_schemes_a_backend_cannot_run_are_refused_by_name(checkpoint):
     path = checkpoint("llama")
     with pytest.raises(ModelLoadError, match="cannot run quantization 'int4'"):

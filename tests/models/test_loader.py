@@ -135,3 +135,40 @@ def test_checkpoint_fingerprint_follows_content_not_path(tmp_path):
     c = make_checkpoint("llama", tmp_path / "c", seed=1)  # same shapes, other weights
     assert checkpoint_fingerprint(a) == checkpoint_fingerprint(b)
     assert checkpoint_fingerprint(a) != checkpoint_fingerprint(c)
+
+
+def _nmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float(((a - b) ** 2).sum() / (b ** 2).sum())
+
+
+@pytest.mark.parametrize("preset", ["llama", "qwen3"])  # untied and tied lm_head
+def test_quantize_lm_head(checkpoint, preset):
+    """quantize_lm_head puts the output projection in the load's scheme: its logits are the
+    dequantized weight's (float64 reference), not the checkpoint's, and the other layers are
+    packed as without it. Off (the default), the lm_head keeps the model dtype."""
+    from halserve.hal.quant import dequant
+
+    path = checkpoint(preset)
+    hal = NativeBackend()
+    plain, _ = load_model(path, hal, quantization="int8")
+    quant, _ = load_model(path, hal, quantization="int8", quantize_lm_head=True)
+    assert plain.lm_head.weight.scheme == "none" and quant.lm_head.weight.scheme == "int8"
+    assert quant.layers[0].mlp.down.weight.scheme == plain.layers[0].mlp.down.weight.scheme == "int8"
+    h = torch.randn(5, plain.lm_head.weight.in_features, generator=torch.Generator().manual_seed(0))
+    w_ref = plain.lm_head.weight.weight.double()
+    ours, ref = quant.lm_head(h), h.double() @ dequant(quant.lm_head.weight, torch.float64).T
+    assert _nmse(ours, ref) < 1e-10
+    err = _nmse(ours, h.double() @ w_ref.T)  # int8 rounding of the weight shows in the logits
+    assert 1e-8 < err < 1e-3
+
+
+def test_quantize_lm_head_needs_a_scheme(checkpoint):
+    from halserve.config import ConfigError, EngineConfig
+
+    with pytest.raises(ModelLoadError, match="quantize_lm_head needs a quantization"):
+        load_model(checkpoint("llama"), NativeBackend(), quantize_lm_head=True)
+    with pytest.raises(ConfigError, match="quantize_lm_head=True needs a quantization"):
+        EngineConfig(model="m", quantize_lm_head=True)
+    with pytest.raises(ConfigError, match="must be true or false"):
+        EngineConfig(model="m", quantization="int8", quantize_lm_head="yes")

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Issue 22, session 9's CPU phase (<= 380 s, 16 threads alone on the AMX host; then the GPU phase:
+# `S7G_KEEP=1 lead.sh s9p:380 s7g:215`):
+#  (1) the 1.1B GEMVs alone per thread count, bf16/int8/int4 beside a read probe at each (q_threads.py):
+#      does int4 stop scaling where the others go on (s7's 1.1B int4 decode: 19 GB/s on 16 threads)?
+#  (2) the 1.1B batch-1 table at the bit widths, with and without the lm_head quantized (llama.cpp's
+#      Q8_0 file holds output.weight in Q8_0, its Q4_0 file in Q6_K: '+lm_head' reads what they read),
+#      beside llama.cpp Q8_0 / Q4_0 in the same run;
+#  (3) int4 again at 12 threads, with graphs off, with OMP spin;
+#  (4) the 8B shape's int8/int4 rows (+lm_head) beside llama.cpp Q8_0/Q4_0 (cut in session 7).
+. "$(dirname "$0")/step.sh"
+cpu_stage_env
+T0=$SECONDS
+W=/dev/shm/s9-work; mkdir -p $W
+PEER=/tmp/s9-llamacpp; mkdir -p $PEER
+tar -xJf .carry/peers/llama.cpp-x86-64-amx.tar.xz -C $PEER && tar -xJf .carry/peers/converter.tar.xz -C $PEER || PEER=""
+B="python3 -m halserve.cli bench cpu --work-dir $W --backends cpu_amx --no-hf --batch 0 --ttft-len 0"
+STEP_TAIL=9 step q_threads 55 python3 bench/device/q_threads.py --threads 1,2,4,8,12,16 --set-mb 768 --reps 2
+STEP_TAIL=14 step b1_1b 120 $B --threads $T --quant int8,int8+lm_head,int4,int4+lm_head --output-len 32 --repeats 2 \
+    ${PEER:+--llama-cpp $PEER} --gguf q8_0,q4_0 --json "$OUT/b1_1b.json"
+STEP_TAIL=4 step int4_t12 22 $B --threads 12 --quant int4 --output-len 32 --gguf none
+HALSERVE_CPU_GRAPHS=0 STEP_TAIL=4 step int4_t16_eager 22 $B --threads $T --quant int4 --output-len 32 --gguf none
+OMP_WAIT_POLICY=ACTIVE STEP_TAIL=4 step int4_t16_active 22 $B --threads $T --quant int4 --output-len 32 --gguf none
+left=$((${S9P_BUDGET:-375} - (SECONDS - T0)))
+STEP_TAIL=14 step cpu_8b $((left - 3)) $B --threads $T --shape 8b --layers 4 --vocab 32000 \
+    --quant int8,int8+lm_head,int4,int4+lm_head --input-len 32 --output-len 16 ${PEER:+--llama-cpp $PEER} \
+    --gguf q8_0,q4_0 --json "$OUT/cpu_8b.json"
+echo "--- done at +$((SECONDS - T0)) s"
+rm -rf $W
