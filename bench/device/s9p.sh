@@ -6,7 +6,9 @@
 #  (2) the 1.1B batch-1 table at the bit widths, with and without the lm_head quantized (llama.cpp's
 #      Q8_0 file holds output.weight in Q8_0, its Q4_0 file in Q6_K: '+lm_head' reads what they read),
 #      beside llama.cpp Q8_0 / Q4_0 in the same run;
-#  (3) int4 again at 12 threads, with graphs off, with OMP spin;
+#  (3) prefill-shaped bf16 GEMMs per thread count, oneDNN against the AMX kernel (gemm_threads.py: on this
+#      2-vCPU box 2 threads prefill 1024 tokens in 1.99 s, the host's 16 in 1.03 s, while llama.cpp's
+#      prefill gains 5.2x from 2 to 16 threads); int4 again at 16 threads with graphs off, with OMP spin;
 #  (4) the 8B shape's int8/int4 rows (+lm_head) beside llama.cpp Q8_0/Q4_0 (cut in session 7).
 . "$(dirname "$0")/step.sh"
 cpu_stage_env
@@ -18,7 +20,7 @@ B="python3 -m halserve.cli bench cpu --work-dir $W --backends cpu_amx --no-hf --
 STEP_TAIL=9 step q_threads 55 python3 bench/device/q_threads.py --threads 1,2,4,8,12,16 --set-mb 768 --reps 2
 STEP_TAIL=14 step b1_1b 120 $B --threads $T --quant int8,int8+lm_head,int4,int4+lm_head --output-len 32 --repeats 2 \
     ${PEER:+--llama-cpp $PEER} --gguf q8_0,q4_0 --json "$OUT/b1_1b.json"
-STEP_TAIL=4 step int4_t12 22 $B --threads 12 --quant int4 --output-len 32 --gguf none
+STEP_TAIL=9 step gemm_threads 25 python3 bench/device/gemm_threads.py --threads 2,4,8,16 --reps 2
 HALSERVE_CPU_GRAPHS=0 STEP_TAIL=4 step int4_t16_eager 22 $B --threads $T --quant int4 --output-len 32 --gguf none
 OMP_WAIT_POLICY=ACTIVE STEP_TAIL=4 step int4_t16_active 22 $B --threads $T --quant int4 --output-len 32 --gguf none
 left=$((${S9P_BUDGET:-375} - (SECONDS - T0)))
