@@ -1,14 +1,11 @@
 #!/usr/bin/env bash
-# Session 7's third sitting, GPU phase (s7g.sh, then s7p.sh: `lead.sh s7g:240 s7p:340`), after s7a/s7b: the GPU phase, then the CPU phase alone on the host.
-#  GPU (issue 20): (1, with S7_SWEEP=1) the fp8 skinny forms' sweep on the 8B shapes (bench/skinny_gemm.py --parts fp8_new);
-#   (2) the 8B end to end on the committed configs: bf16, fp8, both batch-invariant, batch 1 and 64 (the kernel table of a step at each), the
-#   batch-64 figure twice warmed (s7a's batch-invariant b64 run had a compile or first-path cost inside it:
-#   53 ms of prefill kernels and 7.5 ms a step, yet 2.6 s) and also cold (unseen prompts, prefill timed);
-#   (3) fp8 again on the sweep's table, if it wrote one.
-#  CPU, 16 threads, CUDA_VISIBLE_DEVICES= (issue 22): (4) why 1.1B int4 decode ran at 17% of the read
-#   roofline in s7b (int8 74%): the same run at 16 / 12 / 8 threads, with graphs off, with OMP spin;
-#   (5) the 8B shape's int8/int4 rows beside llama.cpp Q8_0/Q4_0 at 16 threads (cut in s7b);
-#   (6) the 1.1B int4/int8 GEMVs alone at 16 threads (amxq.sh's table, 1.1B shapes).
+# Issue 20's GPU phase (session 7's plan; run after the CPU phase: `S7G_KEEP=1 lead.sh s9p:373 s7g:212`):
+#  (1, with S7_SWEEP=1) the fp8 skinny forms' sweep on the 8B shapes (bench/skinny_gemm.py --parts fp8_new);
+#  (2) the 8B end to end on the committed configs: bf16, fp8, both batch-invariant, batch 1 and 64 (the kernel
+#   table of a step at each), the batch-64 figure twice warmed (s7a's batch-invariant b64 run had a compile or
+#   first-path cost inside it: 53 ms of prefill kernels and 7.5 ms a step, yet 2.6 s) and also cold (unseen
+#   prompts, prefill timed); (3) fp8 again on the sweep's table, if it wrote one. S7G_KEEP=1 leaves the
+#   checkpoint for s9g.sh; S7G_E2E_S sets (2)'s limit (220 s).
 . "$(dirname "$0")/step.sh"
 stage_env
 T0=$SECONDS

@@ -14,8 +14,7 @@
 cpu_stage_env
 T0=$SECONDS
 W=/dev/shm/s9-work; mkdir -p $W
-PEER=/tmp/s9-llamacpp; mkdir -p $PEER
-tar -xJf .carry/peers/llama.cpp-x86-64-amx.tar.xz -C $PEER && tar -xJf .carry/peers/converter.tar.xz -C $PEER || PEER=""
+PEER=$(peer_llamacpp /tmp/s9-llamacpp)
 B="python3 -m halserve.cli bench cpu --work-dir $W --backends cpu_amx --no-hf --batch 0 --ttft-len 0"
 STEP_TAIL=9 step q_threads 55 python3 bench/device/q_threads.py --threads 1,2,4,8,12,16 --set-mb 768 --reps 2
 STEP_TAIL=14 step b1_1b 120 $B --threads $T --quant int8,int8+lm_head,int4,int4+lm_head --output-len 32 --repeats 2 \
