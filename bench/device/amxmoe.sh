@@ -71,11 +71,7 @@ for scheme in ("none", "int8"):
     del layers
 EOF
 
-PEER=""
-if [ -f .carry/peers/llama.cpp-x86-64-amx.tar.xz ] && [ -f .carry/peers/converter.tar.xz ]; then
-  PEER=/tmp/amxmoe-llamacpp; mkdir -p $PEER
-  tar -xJf .carry/peers/llama.cpp-x86-64-amx.tar.xz -C $PEER && tar -xJf .carry/peers/converter.tar.xz -C $PEER || PEER=""
-fi
+PEER=$(peer_llamacpp /tmp/amxmoe-llamacpp)
 [ -z "$PEER" ] && echo "no llama.cpp peer (.carry/peers/ archives missing): llama.cpp row skipped"
 W=/tmp/amxmoe-work
 [ "$(df -BG --output=avail /dev/shm 2>/dev/null | tail -1 | tr -dc 0-9)" -gt 20 ] 2>/dev/null && W=/dev/shm/amxmoe-work

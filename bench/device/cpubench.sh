@@ -28,11 +28,7 @@ MD="$OUT/cpubench.md"
   echo; } > "$MD"
 cat "$MD"
 
-PEER=""
-if [ -f .carry/peers/llama.cpp-x86-64-amx.tar.xz ] && [ -f .carry/peers/converter.tar.xz ]; then
-  PEER=/tmp/cpubench-llamacpp; mkdir -p $PEER
-  tar -xJf .carry/peers/llama.cpp-x86-64-amx.tar.xz -C $PEER && tar -xJf .carry/peers/converter.tar.xz -C $PEER || PEER=""
-fi
+PEER=$(peer_llamacpp /tmp/cpubench-llamacpp)
 [ -z "$PEER" ] && echo "no llama.cpp peer (.carry/peers/ archives missing): llama.cpp rows skipped" | tee -a "$MD"
 # checkpoints and GGUF files in RAM (about 20 GB at most): writing ~15 GB to disk would take much of the budget
 W=/tmp/cpubench-work

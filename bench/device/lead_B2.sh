@@ -9,7 +9,7 @@ unset TRITON_INTERPRET
 . "$(dirname "$0")/step.sh"
 step engine_tier_cuda 75 python3 -m halserve conformance --engine --backend cuda
 step gpu_tests_rest 60 python3 -m pytest -q -p no:cacheprovider tests/gpu -k "pin_host or engine_gpu or graph"
-PEER=/tmp/llamacpp; mkdir -p $PEER && tar -xJf .carry/peers/llama.cpp-x86-64-amx.tar.xz -C $PEER && tar -xJf .carry/peers/converter.tar.xz -C $PEER || PEER=""
+PEER=$(peer_llamacpp /tmp/llamacpp)
 export CUDA_VISIBLE_DEVICES=
 step amx_probe 20 python3 -m halserve probe
 step amx_tests 60 python3 -m pytest -q -x -p no:cacheprovider tests/hal/test_cpu_amx.py

@@ -3,7 +3,7 @@ int8 and bf16 go on? (Issue 22: on the AMX host the 1.1B int4 decode ran at 19 G
 threads in sessions 4 and 7, slower than bf16 on a third of the bytes, while one core of the
 2-vCPU box streams ~10 GB/s of int4 and the 12-thread 8B int4 step read 70 GB/s.)
 
-    python bench/device/q_threads.py [--threads 1,2,4,8,12,16] [--set-mb 512] [--reps 5]
+    python bench/device/q_threads.py [--threads 1,2,4,8,12,16] [--set-mb 512] [--reps 5] [--names qkv,o,...]
 
 For each thread count and scheme (bf16, int8, int4): every 1.1B projection at M = 1, the C call
 alone (backend.linear_call) over enough copies of the packed weight that the set outgrows the
@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--schemes", default="none,int8,int4")
     p.add_argument("--set-mb", type=int, default=512)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--names", default="qkv,o,gate_up,down", help="projections of the 1.1B shape (also lm_head)")
     a = p.parse_args(argv)
     import torch
 
@@ -35,7 +36,8 @@ def main(argv=None) -> int:
     from halserve.hal.cpu_amx.perf import SHAPE_1B, linear_shapes
 
     b = CpuAmxBackend()
-    shapes = {k: v for k, v in linear_shapes(SHAPE_1B).items() if k != "lm_head"}
+    all_shapes = linear_shapes(SHAPE_1B)
+    shapes = {k: all_shapes[k] for k in a.names.split(",")}
     sets = {}
     for scheme in a.schemes.split(","):
         for name, (n, k) in shapes.items():

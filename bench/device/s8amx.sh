@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
-# Issue 22, next sitting (<= 310 s, CPU only, 16 threads alone): how do prefill-shaped bf16 GEMMs (oneDNN and the
-# AMX kernel) scale with threads there (gemm_threads.py)? Does batch-1 bf16 decode gain from the
+# Issue 22, next sitting (<= 270 s, CPU only, 16 threads alone): does batch-1 bf16 decode gain from the
 # AMX tile kernel at M = 1 (bench/device/amx_ab.py), and what do 16-row blocks (the default at 16
 # threads) give 16 and 64 sequences against 32-row blocks with and without the next block
 # prefetched (the default at <= 4 threads since session 8)? Runs alternate, same weights.
 . "$(dirname "$0")/step.sh"
 cpu_stage_env
 W=/dev/shm/s8amx-work; mkdir -p $W
-STEP_TAIL=9 step gemm_threads 50 python3 bench/device/gemm_threads.py --threads 1,4,8,12,16 --reps 2
 A="python3 bench/device/amx_ab.py bench cpu --work-dir $W --backends cpu_amx --threads $T --gguf none"
 for i in 1 2; do
   AMX_MIN_M=2 STEP_TAIL=3 step b1_gemv_$i 30 $A --quant none --no-hf --batch 0 --ttft-len 0 --output-len 32 --repeats 3

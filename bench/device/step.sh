@@ -67,6 +67,7 @@ show_lanes() {
 # The carried llama.cpp peer (`PEER=$(peer_llamacpp DIR)`): its AMX build and GGUF converter extracted
 # into DIR; prints DIR, or nothing where the archives are missing (the bench then runs without it).
 peer_llamacpp() {
-  mkdir -p "$1" && tar -xJf .carry/peers/llama.cpp-x86-64-amx.tar.xz -C "$1" \
-    && tar -xJf .carry/peers/converter.tar.xz -C "$1" && echo "$1"
+  [ -f .carry/peers/llama.cpp-x86-64-amx.tar.xz ] && [ -f .carry/peers/converter.tar.xz ] && mkdir -p "$1" \
+    && tar -xJf .carry/peers/llama.cpp-x86-64-amx.tar.xz -C "$1" && tar -xJf .carry/peers/converter.tar.xz -C "$1" \
+    && echo "$1"
 }

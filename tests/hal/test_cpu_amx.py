@@ -303,7 +303,7 @@ def test_quantized_lm_head(checkpoint, scheme, floor):
         h = torch.randn(rows, w.in_features, generator=torch.Generator().manual_seed(rows))
         want = h.double() @ dequant_any(w, torch.float64).T
         got = model.lm_head(h).double()
-        assert float(((got - want) ** 2).sum() / (want ** 2).sum()) < 1e-10
+        assert nmse(got, want) < 1e-10
     ours, _ = run_greedy(model, cfg, b, ids, 0)
     assert torch.nn.functional.cosine_similarity(ours, ref, dim=-1).mean() > floor
 

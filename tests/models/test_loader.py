@@ -137,17 +137,13 @@ def test_checkpoint_fingerprint_follows_content_not_path(tmp_path):
     assert checkpoint_fingerprint(a) != checkpoint_fingerprint(c)
 
 
-def _nmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float(((a - b) ** 2).sum() / (b ** 2).sum())
-
-
 @pytest.mark.parametrize("preset", ["llama", "qwen3"])  # untied and tied lm_head
 def test_quantize_lm_head(checkpoint, preset):
     """quantize_lm_head puts the output projection in the load's scheme: its logits are the
     dequantized weight's (float64 reference), not the checkpoint's, and the other layers are
     packed as without it. Off (the default), the lm_head keeps the model dtype."""
     from halserve.hal.quant import dequant
+    from halserve.hal.reference import nmse
 
     path = checkpoint(preset)
     hal = NativeBackend()
@@ -158,8 +154,8 @@ def test_quantize_lm_head(checkpoint, preset):
     h = torch.randn(5, plain.lm_head.weight.in_features, generator=torch.Generator().manual_seed(0))
     w_ref = plain.lm_head.weight.weight.double()
     ours, ref = quant.lm_head(h), h.double() @ dequant(quant.lm_head.weight, torch.float64).T
-    assert _nmse(ours, ref) < 1e-10
-    err = _nmse(ours, h.double() @ w_ref.T)  # int8 rounding of the weight shows in the logits
+    assert nmse(ours, ref) < 1e-10
+    err = nmse(ours, h.double() @ w_ref.T)  # int8 rounding of the weight shows in the logits
     assert 1e-8 < err < 1e-3
 
 
