@@ -6,4 +6,4 @@
 stage_env
 STEP_TAIL=10 step e2e_8b_b4_b16 ${S9G_S:-140} python3 bench/e2e_decode.py --preset llama-8b --variants bf16,fp8 \
     --batches 4,16 --profile 0 --json "$OUT/e2e_8b_b4_b16.json"
-rm -rf /dev/shm/halserve-bench
+[ "${S7G_KEEP:-0}" = 1 ] || rm -rf /dev/shm/halserve-bench  # S7G_KEEP=1: s10f.sh reuses it
