@@ -20,8 +20,10 @@ STEP_TAIL=9 step q_threads 55 python3 bench/device/q_threads.py --threads 1,2,4,
 STEP_TAIL=14 step b1_1b 120 $B --threads $T --quant int8,int8+lm_head,int4,int4+lm_head --output-len 32 --repeats 2 \
     ${PEER:+--llama-cpp $PEER} --gguf q8_0,q4_0 --json "$OUT/b1_1b.json"
 STEP_TAIL=9 step gemm_threads 25 python3 bench/device/gemm_threads.py --threads 2,4,8,16 --reps 2
-HALSERVE_CPU_GRAPHS=0 STEP_TAIL=4 step int4_t16_eager 22 $B --threads $T --quant int4 --output-len 32 --gguf none
-OMP_WAIT_POLICY=ACTIVE STEP_TAIL=4 step int4_t16_active 22 $B --threads $T --quant int4 --output-len 32 --gguf none
+if [ "${S9P_AB:-1}" = 1 ]; then  # S9P_AB=0: leave out the int4 graphs-off / OMP-spin runs (a short sitting)
+  HALSERVE_CPU_GRAPHS=0 STEP_TAIL=4 step int4_t16_eager 22 $B --threads $T --quant int4 --output-len 32 --gguf none
+  OMP_WAIT_POLICY=ACTIVE STEP_TAIL=4 step int4_t16_active 22 $B --threads $T --quant int4 --output-len 32 --gguf none
+fi
 left=$((${S9P_BUDGET:-375} - (SECONDS - T0)))
 STEP_TAIL=14 step cpu_8b $((left - 3)) $B --threads $T --shape 8b --layers 4 --vocab 32000 \
     --quant int8,int8+lm_head,int4,int4+lm_head --input-len 32 --output-len 16 ${PEER:+--llama-cpp $PEER} \
