@@ -14,12 +14,9 @@
 cpu_stage_env
 T0=$SECONDS
 W=/dev/shm/s9-work; mkdir -p $W
-PEER=$(peer_llamacpp /tmp/s9-llamacpp)
+. "$(dirname "$0")/s10q.sh"  # (1) and (3)'s GEMMs: q_threads, gemm_threads
+. "$(dirname "$0")/s10b.sh"  # (2): the 1.1B batch-1 table in $W; sets PEER
 B="python3 -m halserve.cli bench cpu --work-dir $W --backends cpu_amx --no-hf --batch 0 --ttft-len 0"
-STEP_TAIL=9 step q_threads 55 python3 bench/device/q_threads.py --threads 1,2,4,8,12,16 --set-mb 768 --reps 2
-STEP_TAIL=14 step b1_1b 120 $B --threads $T --quant int8,int8+lm_head,int4,int4+lm_head --output-len 32 --repeats 2 \
-    ${PEER:+--llama-cpp $PEER} --gguf q8_0,q4_0 --json "$OUT/b1_1b.json"
-STEP_TAIL=9 step gemm_threads 25 python3 bench/device/gemm_threads.py --threads 2,4,8,16 --reps 2
 if [ "${S9P_AB:-1}" = 1 ]; then  # S9P_AB=0: leave out the int4 graphs-off / OMP-spin runs (a short sitting)
   HALSERVE_CPU_GRAPHS=0 STEP_TAIL=4 step int4_t16_eager 22 $B --threads $T --quant int4 --output-len 32 --gguf none
   OMP_WAIT_POLICY=ACTIVE STEP_TAIL=4 step int4_t16_active 22 $B --threads $T --quant int4 --output-len 32 --gguf none
