@@ -58,12 +58,12 @@ def test_amx_gemm_against_float64(k, n, dtype, block_rows, monkeypatch):
     """Every M class of the tile schedule (one x tile, a pair, several pairs, ragged), N and K
     ragged against the 32 x 32 tiles; bf16 outputs within one bf16 step of the truth and
     nearly all equal to its own rounding, fp32 activations (hi + lo split) to ~fp32."""
-    monkeypatch.setattr(amx_backend, "AMX_MIN_M", 2)  # the kernel's own range, whatever the dispatch
+    monkeypatch.setattr(amx_backend, "AMX_MIN_M", 1)  # the kernel's own range, whatever the dispatch
     b = _amx()
     g = torch.Generator().manual_seed(k * 1000 + n)
     w = (torch.randn(n, k, generator=g) * k ** -0.5).bfloat16()
     pw = b.pack_weight(w)
-    for m in (2, 3, 15, 16, 17, 32, 33, 64, 100, 128):
+    for m in (1, 2, 3, 15, 16, 17, 32, 33, 64, 100, 128):
         x = torch.randn(m, k, generator=g).to(dtype)
         bias = None if m % 2 else torch.randn(n, generator=g).to(dtype)
         before = b.lib.calls
@@ -118,8 +118,8 @@ def test_amx_gemm_writes_into_out_and_reads_strided_x():
 
 
 def test_which_calls_reach_the_amx_kernel():
-    """bf16 weights with AMX_MIN_M..AMX_MAX_M rows only: one row stays on the GEMV, more rows on
-    oneDNN, fp32 and int8 weights on their kernels, batch-invariant mode on the C kernels
+    """bf16 weights with AMX_MIN_M..AMX_MAX_M rows only (from one row: batch-1 decode too), more
+    rows on oneDNN, fp32 and int8 weights on their kernels, batch-invariant mode on the C kernels
     (bitwise row-independent), and amx_gemm=False turns it off."""
     b = _amx()
     g = torch.Generator().manual_seed(4)
@@ -133,7 +133,7 @@ def test_which_calls_reach_the_amx_kernel():
         b.linear(torch.randn(m, 64, generator=g).to(dtype), pw)
         return b.lib.calls - before
 
-    assert lo >= 2 and [calls(bfw, m) for m in (1, lo - 1, lo, top, top + 1)] == [0, 0, 1, 1, 0]
+    assert lo == 1 and [calls(bfw, m) for m in (1, 2, top, top + 1)] == [1, 1, 1, 0]
     assert calls(bfw, mid, torch.float32) == 1
     assert calls(f32w, mid) == 0 and calls(i8w, mid) == 0
     b.amx_gemm = False

@@ -4,8 +4,8 @@ Which path runs where (``describe()`` says it at start-up):
 - linear, M <= SMALL_M (decode) or batch-invariant mode: the C kernels, split over N across
   one OpenMP pool (bf16/fp32 weights as stored; int8 weight-only; int8 W8A8 dynamic with
   exact int32 dots; int4 group-wise).
-- linear, bf16 weights, AMX_MIN_M..AMX_MAX_M rows (batched decode) on the AMX tier, unless
-  batch-invariant: the AMX tile kernel (gemm_amx.c), reading the weight as stored.
+- linear, bf16 weights, AMX_MIN_M..AMX_MAX_M rows (decode from batch 1 up) on the AMX tier,
+  unless batch-invariant: the AMX tile kernel (gemm_amx.c), reading the weight as stored.
 - linear, larger M (prefill, big batches): torch's oneDNN GEMM (F.linear), which reaches the
   AMX tiles for bf16 on AMX hosts (check ONEDNN_VERBOSE=1); int8/int4 weights are
   dequantized by a C pass into a kept buffer, a block of rows at a time (quant.linear_tiled).
@@ -33,7 +33,10 @@ from halserve.hal.native import NativeBackend, route
 
 SMALL_M = 8  # float weights: above this torch's oneDNN GEMM (AMX where present) wins
 SMALL_M_QUANT = 16  # quantized weights: the C kernel until dequantizing per call pays off
-AMX_MIN_M, AMX_MAX_M = 2, 128  # bf16 weights with this many rows on the AMX tier: the tile kernel (gemm_amx.c)
+# bf16 weights with this many rows on the AMX tier: the tile kernel (gemm_amx.c). From one row: on the
+# AMX host (16 threads, 1.1B bf16 batch 1, alternating with the C GEMV, session 11) 54.9 / 50.1 tok/s
+# against 47.8 / 46.7; on a 2-vCPU AMX box a tie (docs/performance.md)
+AMX_MIN_M, AMX_MAX_M = 1, 128
 MOE_SMALL_T = 8  # tokens (x E / (2 top_k) when larger) up to which every pair runs in one C region (moe.c)
 _CODES = {torch.float32: 0, torch.bfloat16: 1}
 _NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
