@@ -3,7 +3,8 @@
 #   (1) the 1B shape end to end (bf16 and fp8, batch 1 and 64, HF beside; the kernel table of a batch-1
 #       step: the captured step against its floor);
 #   (2) the cuda conformance, quick op cases;
-#   (3) the Triton kernel, fp8 KV-cache and GPU tests with what is left.
+#   (3) the Triton kernel, fp8 KV-cache and GPU tests with what is left (session 11: 96 s with warm Triton
+#       caches, more than the 181 s left here with cold ones: run lead_gputests.sh alone after it).
 . "$(dirname "$0")/step.sh"
 stage_env
 T0=$SECONDS
