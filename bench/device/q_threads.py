@@ -6,7 +6,8 @@ threads in sessions 4 and 7, slower than bf16 on a third of the bytes, while one
     python bench/device/q_threads.py [--threads 1,2,4,8,12,16] [--set-mb 512] [--reps 5] [--names qkv,o,...]
 
 For each thread count and scheme (bf16, int8, int4): every 1.1B projection at M = 1, the C call
-alone (backend.linear_call) over enough copies of the packed weight that the set outgrows the
+``linear`` makes, alone (backend.linear_call: bf16 on the AMX tier is the tile kernel since session 11,
+the C GEMV elsewhere) over enough copies of the packed weight that the set outgrows the
 L2s, best of ``reps``; GB/s of weight bytes, beside a torch-sum read probe at the same thread
 count. A scaling cliff at one count (int4 only) points at the kernel's thread split or at cores
 shared by two threads; a flat int4 line at every count points at its per-core rate."""

@@ -118,8 +118,8 @@ def test_amx_gemm_writes_into_out_and_reads_strided_x():
 
 
 def test_which_calls_reach_the_amx_kernel():
-    """bf16 weights with AMX_MIN_M..AMX_MAX_M rows only (from one row: batch-1 decode too), more
-    rows on oneDNN, fp32 and int8 weights on their kernels, batch-invariant mode on the C kernels
+    """bf16 weights with AMX_MIN_M..AMX_MAX_M rows only (from one row: batch-1 decode too), over
+    AMX_MAX_M rows on oneDNN, fp32 and int8 weights on their kernels, batch-invariant mode on the C kernels
     (bitwise row-independent), and amx_gemm=False turns it off."""
     b = _amx()
     g = torch.Generator().manual_seed(4)

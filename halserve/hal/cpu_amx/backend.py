@@ -250,8 +250,7 @@ class CpuAmxBackend(NativeBackend):
         _, kind, wp, sp, group, _, ws = self._plan(w)
         m, k = x.shape
         n = w.out_features
-        if (kind == 1 and AMX_MIN_M <= m <= AMX_MAX_M and self.amx_gemm and self.tier == "amx"
-                and not self.batch_invariant):
+        if self._takes_amx(kind, m):
             return self._linear_amx(x, w, wp, bias, out)
         small = SMALL_M if w.scheme == "none" else SMALL_M_QUANT
         if m > small and not self.batch_invariant and kind != 4:
@@ -270,8 +269,13 @@ class CpuAmxBackend(NativeBackend):
             _failed("linear", rc, f"M={m} K={k} N={n}")
         return y if out is None or direct else out.copy_(y)
 
+    def _takes_amx(self, kind: int, m: int) -> bool:
+        """Whether ``linear`` runs ``m`` rows on this weight kind through the AMX tile kernel."""
+        return (kind == 1 and AMX_MIN_M <= m <= AMX_MAX_M and self.amx_gemm and self.tier == "amx"
+                and not self.batch_invariant)
+
     def _linear_amx(self, x, w, wp, bias, out):
-        """bf16 weights, AMX_MIN_M..AMX_MAX_M rows (batched decode): the AMX tile kernel (gemm_amx.c),
+        """bf16 weights, AMX_MIN_M..AMX_MAX_M rows (decode, batch 1 up): the AMX tile kernel (gemm_amx.c),
         which reads the weight as stored, once for all rows."""
         xc = x if x.is_contiguous() else x.contiguous()
         m, k = xc.shape
@@ -285,15 +289,21 @@ class CpuAmxBackend(NativeBackend):
         return y if out is None or direct else out.copy_(y)
 
     def linear_call(self, x: torch.Tensor, w: PackedWeight):
-        """A closure that runs this weight's C kernel on ``x`` with every pointer made once
-        (the perf tool times the kernel alone with it: no dispatch, no Python conversions)."""
+        """A closure that runs the C kernel ``linear`` picks for this weight and ``x`` (the AMX tile
+        kernel or the GEMV) with every pointer made once (the perf tool times the kernel alone with
+        it: no dispatch, no Python conversions)."""
         _, kind, wp, sp, group, _, ws = self._plan(w)
         m, k = x.shape
         y = torch.empty(m, w.out_features, dtype=x.dtype)
         xs = torch.empty(m)
-        args = (x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, wp, kind, sp, group, w.out_features, 0,
-                y.data_ptr(), int(x.dtype == torch.bfloat16), xs.data_ptr(), ws)
-        fn = self.lib.hs_linear
+        bf16 = int(x.dtype == torch.bfloat16)
+        if self._takes_amx(kind, m):
+            args = (x.data_ptr(), bf16, m, k, wp, w.out_features, 0, y.data_ptr(), bf16)
+            fn = self.lib.hs_gemm_amx
+        else:
+            args = (x.data_ptr(), bf16, m, k, wp, kind, sp, group, w.out_features, 0, y.data_ptr(), bf16,
+                    xs.data_ptr(), ws)
+            fn = self.lib.hs_linear
         keep = (x, y, xs, w)
 
         def call():
